@@ -1,0 +1,40 @@
+# The two commands a fresh clone needs:  make sft rm ppo   and   make test
+# Every target installs into .venv first (fast when already installed).
+
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU build of torch is installed first so that no multi-GB CUDA build is pulled in; on a GPU machine use
+# e.g. `make install TORCH=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
+TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
+RECIPE ?= recipes/tiny.yaml
+ARGS   ?=
+PYTEST_ARGS ?=
+
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install sft rm ppo eval test clean-runs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+# Stage targets re-run their stage and replace its previous output (the rlhf command itself refuses without
+# --overwrite). Run one stage against another recipe with RECIPE=..., pass more options with ARGS="...".
+sft: install
+	$(BIN)/rlhf sft --recipe $(RECIPE) --overwrite $(ARGS)
+
+rm ppo eval: install
+	@echo "rlhf $@: not implemented yet"
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,199 @@
+"""The ``rlhf`` command: thin wrappers that parse options, load the recipe and call a stage.
+
+A mistake in the user's input (``UserError``) prints one line and exits with code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+import click
+
+from rlhf.errors import UserError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (weight-loading bars, load reports, optional-kernel notices) out of the output; the
+    stages print what matters. ``--debug`` leaves it on."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.disable_progress_bar()
+
+
+def recipe_options(f):
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="override one recipe key, e.g. --set sft.lr=1e-4 (repeatable)")(f)
+    f = click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False), required=True,
+                     help="the recipe YAML file")(f)
+    return f
+
+
+def _recipe(path: str, overrides: tuple[str, ...], base: str | None = None):
+    from rlhf.config import load_recipe
+
+    extra = (f"model.base={base}",) if base else ()
+    return load_recipe(path, (*overrides, *extra))
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="show tracebacks for input errors")
+@click.pass_context
+def cli(ctx, debug):
+    """Align a causal language model: SFT -> reward model -> PPO, one shared base with adapters."""
+    ctx.obj = {"debug": debug}
+    if not debug:
+        _quiet_libraries()
+    from rlhf import checkpoint
+
+    checkpoint.COMMAND = shlex.join(["rlhf", *sys.argv[1:]])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@cli.command()
+@recipe_options
+@click.option("--base", help="base model (local path or hub id); overrides model.base")
+@click.option("--out", type=click.Path(file_okay=False), help="output run directory (default runs/<name>/sft)")
+@click.option("--overwrite", is_flag=True, help="replace a finished run in the output directory")
+def sft(recipe_path, overrides, base, out, overwrite):
+    """Supervised fine-tuning on demonstrations (loss on responses only)."""
+    from stages import sft as stage
+
+    recipe = _recipe(recipe_path, overrides, base)
+    manifest = stage.main(recipe, out=out, overwrite=overwrite)
+    m = manifest["metrics"]
+    click.echo(f"sft: {m['steps']} steps, train loss {m['train_loss']:.4f}"
+               + (f", eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else "")
+               + f" -> {out or recipe.stage_dir('sft')}")
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False), help="the recipe YAML file")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override one recipe key (repeatable)")
+@click.option("--base", help="base model (local path or hub id); overrides model.base")
+@click.option("--out", type=click.Path(file_okay=False), help="output run directory (default runs/<name>/rm)")
+@click.option("--overwrite", is_flag=True, help="replace a finished run in the output directory")
+@click.pass_context
+def rm(ctx, recipe_path, overrides, base, out, overwrite):
+    """Train the reward model on ranked pairs (Bradley-Terry loss). `rlhf rm score` scores pairs with one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not recipe_path:
+        raise click.UsageError("Missing option '--recipe'.")
+    from stages import rm as stage
+
+    recipe = _recipe(recipe_path, overrides, base)
+    manifest = stage.main(recipe, out=out, overwrite=overwrite)
+    m = manifest["metrics"]
+    click.echo(f"rm: {m['steps']} steps, train loss {m['train_loss']:.4f}"
+               + (f", held-out accuracy {m['eval_accuracy']:.4f}" if "eval_accuracy" in m else "")
+               + f" -> {out or recipe.stage_dir('rm')}")
+
+
+@rm.command("score")
+@click.option("--reward", required=True, type=click.Path(file_okay=False), help="a reward-model run directory")
+@click.option("--data", "data_path", required=True, help="preference pairs (any supported format)")
+@click.option("--out", type=click.Path(dir_okay=False), help="also write each pair's scores here (JSON lines)")
+@click.option("--on-bad-row", type=click.Choice(["error", "drop"]), default="error", show_default=True)
+def rm_score(reward, data_path, out, on_bad_row):
+    """Pairwise accuracy and margins of a reward model on a pair file."""
+    import json
+
+    from rlhf import formats, modeling, rollout
+
+    model, tokenizer = modeling.load_reward(reward)
+    pairs = formats.load(data_path, "preference", on_bad_row=on_bad_row).rows
+    chosen = rollout.score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
+    rejected = rollout.score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
+                f.write(json.dumps({**p, "score_chosen": c, "score_rejected": r}) + "\n")
+    click.echo(json.dumps(rollout.pair_metrics(chosen, rejected)))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="prompt file (any prompt format)")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--limit", type=int, help="use only the first N prompts")
+def sample(run_dir, prompts, max_new_tokens, limit):
+    """Greedy responses of a run's policy (or of `base:PATH`) to a prompt file, as JSON lines with gold scores."""
+    import json
+
+    from rlhf import formats, modeling, rollout
+    from rlhf.config import ModelConfig
+    from rlhf.tiny import world
+
+    if run_dir.startswith("base:"):
+        cfg = ModelConfig(base=run_dir[5:])
+        model, tokenizer = modeling.load_base(cfg), modeling.load_tokenizer(cfg)
+    else:
+        model, tokenizer = modeling.load_policy(run_dir)
+    rows = formats.load(prompts, "prompts").rows[:limit]
+    gens = rollout.generate(model, tokenizer, rows, max_new_tokens=max_new_tokens)
+    for messages, text, stopped in zip(rows, gens.texts, gens.stopped):
+        prompt = messages[-1]["content"]
+        row = {"prompt": prompt, "response": text, "eos": stopped}
+        if world.parse_prompt(prompt) is not None:
+            row["gold"] = world.score(prompt, text)
+        click.echo(json.dumps(row))
+
+
+@cli.group()
+def tiny():
+    """The embedded tiny world: its data and its base model."""
+
+
+@tiny.command("generate")
+@click.option("--out", default="data/tiny", show_default=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+def tiny_generate(out, seed):
+    """Write the tiny world's data files (deterministic for a seed)."""
+    from rlhf.tiny import data
+
+    for name, path in data.write(out, seed).items():
+        click.echo(f"{path}")
+
+
+@tiny.command("build-base")
+@click.option("--out", default="data/tiny-base", show_default=True, type=click.Path(file_okay=False))
+@click.option("--minutes", default=9.0, show_default=True, help="pretraining wall time")
+@click.option("--seed", default=0, show_default=True)
+def tiny_build_base(out, minutes, seed):
+    """Train the tiny base's tokenizer and pretrain the model on fresh world text."""
+    from rlhf.tiny import base
+
+    base.build_base(out, minutes=minutes, seed=seed, log=lambda s: click.echo(s, err=True))
+
+
+def main():
+    cli(prog_name="rlhf")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

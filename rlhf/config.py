@@ -1,0 +1,495 @@
+"""Recipes: one YAML file describes a whole run; each section maps onto one dataclass below.
+
+Loading checks every key and type against these dataclasses, then the combinations between keys; any problem is a
+``UserError`` naming the file and the key. ``--set section.key=value`` overrides one key (the value is read as
+YAML, so ``--set sft.lr=1e-4`` is a number and ``--set adapter.target_modules=[q_proj,v_proj]`` a list).
+Relative paths in a recipe are resolved against the current directory, as they are on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rlhf.errors import UserError
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+@dataclass
+class ModelConfig:
+    base: str = "data/tiny-base"
+    """the base causal LM: a local directory or a hub id (the hub is only reached when the id is not a local path)"""
+    revision: str | None = None
+    """hub revision (branch, tag or commit) of the base; None for the default branch"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """dtype the base weights are loaded in; "auto" uses the checkpoint's own dtype"""
+    trust_remote_code: bool = False
+    """allow the base to run code from its repository; off unless you trust the source"""
+    attn_implementation: str | None = None
+    """attention kernel passed to transformers ("sdpa", "eager", "flash_attention_2"); None lets it choose"""
+
+
+@dataclass
+class AdapterConfig:
+    method: Literal["lora", "full"] = "lora"
+    """how the base is fine-tuned: "lora" trains low-rank adapters (the base stays frozen), "full" trains every weight"""
+    r: int = 16
+    """LoRA rank"""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)"""
+    dropout: float = 0.05
+    """dropout on the LoRA input (peft's default is 0.0)"""
+    target_modules: str | list[str] = "all-linear"
+    """modules that get adapters: "all-linear" (every Linear but the output head) or a list of module names"""
+
+
+@dataclass
+class DataConfig:
+    sft: str | None = None
+    """SFT demonstrations: a .jsonl/.json/.csv/.parquet file, a folder of them, or a hub dataset id"""
+    sft_format: Literal["auto", "prompt_completion", "messages", "alpaca", "sharegpt"] = "auto"
+    """format of the SFT rows; "auto" detects it from the first row's fields"""
+    preference: str | None = None
+    """ranked response pairs for the reward model (same kinds of source as data.sft)"""
+    preference_format: Literal["auto", "prompt_chosen_rejected", "implicit_prompt", "alpaca", "sharegpt"] = "auto"
+    """format of the preference rows; "auto" detects it from the first row's fields"""
+    eval_preference: str | None = None
+    """held-out pairs for reward-model accuracy; without it, rm.eval_fraction of data.preference is held out"""
+    prompts: str | None = None
+    """prompts for PPO rollouts (same kinds of source as data.sft)"""
+    eval_prompts: str | None = None
+    """held-out prompts for evaluation, never trained on"""
+    columns: dict[str, str] = field(default_factory=dict)
+    """renames applied to every row before format detection, source name -> expected name (e.g. {question: prompt})"""
+    split: str = "train"
+    """split read from hub datasets"""
+    on_bad_row: Literal["error", "drop"] = "error"
+    """a malformed row stops the run with its file and line ("error"), or is dropped and counted ("drop")"""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop every trainer-based stage shares; each stage's section extends it."""
+
+    lr: float = 2e-4
+    """peak learning rate (AdamW)"""
+    batch_size: int = 16
+    """sequences (SFT) or pairs (RM) per optimizer step on one process, before gradient accumulation"""
+    grad_accum: int = 1
+    """micro-batches accumulated per optimizer step"""
+    epochs: float = 1.0
+    """passes over the training rows (ignored when max_steps is set)"""
+    max_steps: int | None = None
+    """optimizer steps to run; overrides epochs"""
+    max_length: int = 512
+    """prompt + response tokens kept per sequence"""
+    warmup_ratio: float = 0.03
+    """fraction of the steps spent warming the learning rate up from 0"""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """learning-rate schedule after warm-up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (global L2 norm)"""
+    eval_fraction: float = 0.05
+    """fraction of the rows held out for evaluation when no separate evaluation file is given (0 to disable)"""
+    eval_every: int = 50
+    """optimizer steps between evaluations"""
+    logging_every: int = 10
+    """optimizer steps between lines in metrics.jsonl"""
+    save_every: int = 0
+    """optimizer steps between resume checkpoints; 0 keeps none"""
+    seed: int = 42
+    """seed for initialisation, data order and the held-out split"""
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: TrainConfig's loop, loss on response tokens only (longer rows are truncated)."""
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward-model training: TrainConfig's loop with the Bradley-Terry pairwise loss."""
+
+    lr: float = 1e-4
+    """peak learning rate (AdamW)"""
+    center_rewards_coefficient: float | None = None
+    """weight of the auxiliary loss that pulls mean rewards to 0 (Eisenstein et al. 2023); None disables it"""
+    on_too_long: Literal["error", "drop"] = "drop"
+    """pairs longer than max_length: stop with an error, or drop them (they are counted in the manifest)"""
+    stats_samples: int = 2000
+    """training responses scored after training for the reward mean and std that PPO normalises with (a fixed
+    random sample; 0 for all of them)"""
+
+
+@dataclass
+class PPOConfig:
+    """PPO against the reward model, with a KL penalty to the frozen SFT reference.
+
+    Sizes: each step samples ``batch_size`` prompts and one response each (the rollout), then makes
+    ``ppo_epochs`` passes over it in mini-batches of ``mini_batch_size`` (one optimizer step each), each
+    mini-batch split into micro-batches of ``micro_batch_size`` for gradient accumulation. Defaults follow the
+    reference implementations (clip 0.2, value clip 0.2, gamma 1, lambda 0.95, 4 PPO epochs).
+    """
+
+    lr: float = 1e-5
+    """learning rate for the policy and value adapters (AdamW, constant)"""
+    batch_size: int = 64
+    """prompts (episodes) per PPO step on one process"""
+    mini_batch_size: int = 16
+    """episodes per optimizer step; must divide batch_size"""
+    micro_batch_size: int = 8
+    """episodes per forward/backward pass (gradient accumulation); must divide mini_batch_size"""
+    ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    epochs: float = 1.0
+    """passes over the prompt set (ignored when max_steps is set)"""
+    max_steps: int | None = None
+    """PPO steps (rollout + update) to run; overrides epochs"""
+    max_new_tokens: int = 48
+    """longest response sampled"""
+    max_prompt_length: int = 256
+    """longest prompt in tokens; longer prompts are an error naming the row"""
+    temperature: float = 1.0
+    """sampling temperature; log-probabilities are computed at the same temperature"""
+    kl_coef: float = 0.05
+    """beta, the weight of the per-token KL penalty (initial value when adaptive)"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL estimate in the reward: k1 = log pi - log pi_ref, k3 = (r - 1) - log r"""
+    adaptive_kl: bool = False
+    """adapt beta towards kl_target (Ziegler et al.); fixed when false"""
+    kl_target: float = 6.0
+    """target sequence KL for the adaptive controller, in nats"""
+    kl_horizon: float = 10000.0
+    """horizon of the adaptive controller, in episodes"""
+    gamma: float = 1.0
+    """discount factor"""
+    lam: float = 0.95
+    """GAE lambda"""
+    clip: float = 0.2
+    """surrogate clipping epsilon"""
+    value_clip: float = 0.2
+    """value clipping epsilon"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    entropy_coef: float = 0.0
+    """weight of the entropy bonus"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold, applied to the policy and the value parameters separately"""
+    whiten_advantages: bool = True
+    """normalise advantages to mean 0, std 1 over the batch's response tokens"""
+    normalize_reward: bool = True
+    """standardise scores with the reward model's stored mean and std (from its manifest)"""
+    reward_clip: float | None = 5.0
+    """clip (normalised) scores to [-reward_clip, reward_clip]; None to disable"""
+    missing_eos_penalty: float | None = 1.0
+    """subtracted from the score of a response that never emits EOS (after normalisation); None to disable"""
+    early_stop_kl: float | None = None
+    """stop the remaining PPO epochs of a step once the mean approximate KL passes this; None to disable"""
+    eval_every: int = 10
+    """PPO steps between reward and gold evaluations on a sample of held-out prompts (0 to disable)"""
+    eval_samples: int = 64
+    """held-out prompts used by those evaluations (greedy)"""
+    save_every: int = 0
+    """PPO steps between saved policy checkpoints (and resume state); 0 keeps none"""
+    seed: int = 42
+    """seed for sampling, shuffling and initialisation"""
+
+
+@dataclass
+class LoggingConfig:
+    report_to: list[str] = field(default_factory=list)
+    """trackers besides metrics.jsonl (e.g. [tensorboard]); empty for none"""
+    progress: Literal["auto", "on", "off"] = "auto"
+    """progress bars: "auto" shows them only on an interactive terminal"""
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    """run name: outputs go to <run_dir>/<name>/<stage>; defaults to the recipe file's stem"""
+    run_dir: str = "runs"
+    """folder that holds the run directories"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """the base model"""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """how the base is fine-tuned (shared by every stage)"""
+    data: DataConfig = field(default_factory=DataConfig)
+    """where each stage's data comes from"""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """supervised fine-tuning"""
+    rm: RMConfig = field(default_factory=RMConfig)
+    """reward-model training"""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO against the reward model"""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """trackers and progress bars"""
+    source: str = field(default="<defaults>", metadata={"internal": True})
+    """where this recipe was read from (set by the loader, not a recipe key)"""
+
+    def stage_dir(self, stage: str) -> Path:
+        """The run directory a stage writes by default."""
+        return Path(self.run_dir) / self.name / stage
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data (what manifests record)."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return (ok, value) for ``value`` read as type ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _coerce(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (item,) = typing.get_args(tp)
+        out = []
+        for v in value:
+            ok, v = _coerce(v, item)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        return ok, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            return True, float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _recipe_keys(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def _build(cls, raw: Any, where: str, prefix: str):
+    """Make dataclass ``cls`` from the mapping ``raw``, checking keys and types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: {prefix or 'the recipe'} must be a mapping of keys, got {type(raw).__name__}")
+    keys = _recipe_keys(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in keys:
+            close = difflib.get_close_matches(str(key), keys, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known keys: {', '.join(keys)})"
+            raise UserError(f"{where}: unknown key {name}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, where, f"{name}.")
+            continue
+        ok, coerced = _coerce(value, tp)
+        if not ok:
+            raise UserError(f"{where}: {name} must be {_type_name(tp)}, got {value!r}")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``section.key=value`` to the raw recipe mapping."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment}: expected section.key=value")
+    path, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = path.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {assignment}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _is_local(value: str) -> bool:
+    """A path (rather than a hub id): it exists, has a data-file suffix, or is written as a path."""
+    return (Path(value).exists() or value.endswith(DATA_SUFFIXES)
+            or value.startswith(("/", "./", "../", "~")) or value.count("/") > 1)
+
+
+def check(recipe: Recipe) -> None:
+    """Checks that span keys or need the filesystem; raises ``UserError`` naming the key."""
+    where = recipe.source
+
+    def fail(key: str, message: str):
+        raise UserError(f"{where}: {key} {message}")
+
+    if not recipe.name or "/" in recipe.name:
+        fail("name", f"must be a plain name without '/', got {recipe.name!r}")
+    for key in ("sft", "preference", "eval_preference", "prompts", "eval_prompts"):
+        value = getattr(recipe.data, key)
+        if value is not None and _is_local(value) and not Path(value).expanduser().exists():
+            fail(f"data.{key}", f"names {value!r}, which does not exist")
+    if _is_local(recipe.model.base) and not Path(recipe.model.base).expanduser().exists():
+        fail("model.base", f"names {recipe.model.base!r}, which does not exist")
+
+    a = recipe.adapter
+    if a.method == "lora":
+        if a.r <= 0:
+            fail("adapter.r", f"must be positive, got {a.r}")
+        if a.alpha <= 0:
+            fail("adapter.alpha", f"must be positive, got {a.alpha}")
+        if not 0 <= a.dropout < 1:
+            fail("adapter.dropout", f"must be in [0, 1), got {a.dropout}")
+        if isinstance(a.target_modules, str) and a.target_modules != "all-linear":
+            fail("adapter.target_modules", f'must be "all-linear" or a list of module names, got {a.target_modules!r}')
+        if isinstance(a.target_modules, list) and not a.target_modules:
+            fail("adapter.target_modules", "must not be empty")
+
+    for section in ("sft", "rm"):
+        s = getattr(recipe, section)
+        for key in ("batch_size", "grad_accum", "max_length", "eval_every", "logging_every"):
+            if getattr(s, key) <= 0:
+                fail(f"{section}.{key}", f"must be positive, got {getattr(s, key)}")
+        if s.lr <= 0:
+            fail(f"{section}.lr", f"must be positive, got {s.lr}")
+        if s.epochs <= 0:
+            fail(f"{section}.epochs", f"must be positive, got {s.epochs}")
+        if s.max_steps is not None and s.max_steps <= 0:
+            fail(f"{section}.max_steps", f"must be positive (or null to use epochs), got {s.max_steps}")
+        if s.save_every < 0:
+            fail(f"{section}.save_every", f"must be 0 (no resume checkpoints) or positive, got {s.save_every}")
+        if not 0 <= s.warmup_ratio < 1:
+            fail(f"{section}.warmup_ratio", f"must be in [0, 1), got {s.warmup_ratio}")
+        if not 0 <= s.eval_fraction < 0.5:
+            fail(f"{section}.eval_fraction", f"must be in [0, 0.5), got {s.eval_fraction}")
+        if s.max_grad_norm <= 0:
+            fail(f"{section}.max_grad_norm", f"must be positive, got {s.max_grad_norm}")
+
+
+def check_ppo(recipe: Recipe) -> None:
+    p, where = recipe.ppo, recipe.source
+
+    def fail(key: str, message: str):
+        raise UserError(f"{where}: ppo.{key} {message}")
+
+    for key in ("batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
+                "max_prompt_length", "eval_samples"):
+        if getattr(p, key) <= 0:
+            fail(key, f"must be positive, got {getattr(p, key)}")
+    for key in ("lr", "temperature", "kl_target", "kl_horizon", "max_grad_norm", "clip", "value_clip", "epochs"):
+        if getattr(p, key) <= 0:
+            fail(key, f"must be positive, got {getattr(p, key)}")
+    for key in ("kl_coef", "vf_coef", "entropy_coef"):
+        if getattr(p, key) < 0:
+            fail(key, f"must not be negative, got {getattr(p, key)}")
+    if not 0 < p.gamma <= 1:
+        fail("gamma", f"must be in (0, 1], got {p.gamma}")
+    if not 0 <= p.lam <= 1:
+        fail("lam", f"must be in [0, 1], got {p.lam}")
+    if p.max_steps is not None and p.max_steps <= 0:
+        fail("max_steps", f"must be positive (or null to use epochs), got {p.max_steps}")
+    for key in ("eval_every", "save_every"):
+        if getattr(p, key) < 0:
+            fail(key, f"must be 0 (off) or positive, got {getattr(p, key)}")
+    for key in ("reward_clip", "early_stop_kl"):
+        if getattr(p, key) is not None and getattr(p, key) <= 0:
+            fail(key, f"must be positive (or null to disable), got {getattr(p, key)}")
+    if p.batch_size % p.mini_batch_size:
+        fail("mini_batch_size", f"({p.mini_batch_size}) must divide ppo.batch_size ({p.batch_size})")
+    if p.mini_batch_size % p.micro_batch_size:
+        fail("micro_batch_size", f"({p.micro_batch_size}) must divide ppo.mini_batch_size ({p.mini_batch_size})")
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file (or the defaults when ``path`` is None), apply ``--set`` overrides, and check it."""
+    raw: Any = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{where}: recipe file not found")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{where}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{where}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    label = where + (" (with --set " + ", ".join(overrides) + ")" if overrides else "")
+    recipe = _build(Recipe, raw, label, "")
+    recipe.source = label
+    if not recipe.name:
+        recipe.name = Path(path).stem if path is not None else "default"
+    check(recipe)
+    check_ppo(recipe)
+    return recipe
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), for docs and tests."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # subclasses win
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    docs[node.target.id] = nxt.value.value
+    return docs

@@ -1,0 +1,510 @@
+"""Reading SFT and prompt data in the formats users have, with row-level errors.
+
+Every SFT row becomes one canonical example, ``{"prompt": [messages], "completion": [assistant message]}``: the
+conversation up to the last assistant turn is the prompt, that turn is the response the loss is computed on.
+Formats (``data.sft_format``, detected from each file's first row when "auto"):
+
+- ``prompt_completion``  ``{prompt, completion}``; each a string or a list of ``{role, content}`` messages
+- ``messages``           ``{messages: [{role, content}, ...]}`` ending with an assistant turn
+- ``alpaca``             ``{instruction, input, output[, system][, history: [[user, assistant], ...]]}``
+- ``sharegpt``           ``{conversations: [{from, value}, ...]}`` (from: system / human / gpt)
+
+Preference rows become ``{"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}``
+(plus ``"margin"`` when the row has one). Formats (``data.preference_format``):
+
+- ``prompt_chosen_rejected``  ``{prompt, chosen, rejected}``; each a string or a list of messages
+- ``implicit_prompt``         ``{chosen, rejected}`` full dialogues (message lists, or HH-RLHF strings with
+                              "\n\nHuman:" / "\n\nAssistant:" turns); the shared prefix is split off as the prompt
+- ``alpaca``                  ``{instruction[, input][, system][, history], chosen, rejected}``
+- ``sharegpt``                ``{conversations, chosen, rejected}`` (chosen/rejected: strings or {from, value} turns)
+
+An optional numeric ``margin`` field is kept. A pair whose chosen equals its rejected is a bad row.
+
+Prompt files (PPO rollouts, evaluation) accept ``{prompt}``, ``{messages}`` (a trailing assistant turn is
+dropped), alpaca rows (``output`` ignored) and sharegpt rows; each becomes a list of messages ending with a user
+turn.
+
+Sources: a .jsonl / .json / .csv / .parquet file, a folder of them, or a hub dataset id (through ``datasets``).
+A bad row is a ``UserError`` naming the file and line; with ``on_bad_row="drop"`` it is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from rlhf.errors import UserError
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class RowError(ValueError):
+    """A malformed row; the reader adds the file and line."""
+
+
+@dataclass
+class Loaded:
+    """Rows read from one source, with what the manifest records about it."""
+
+    rows: list[Any]
+    files: list[dict] = field(default_factory=list)
+    """one entry per file read: path, sha256"""
+    read: int = 0
+    dropped: int = 0
+    formats: list[str] = field(default_factory=list)
+    drop_examples: list[str] = field(default_factory=list)
+    """the first few drop reasons, with their file and line"""
+
+    def summary(self) -> dict:
+        return {"files": self.files, "formats": sorted(set(self.formats)), "rows_read": self.read,
+                "rows_kept": len(self.rows), "rows_dropped": self.dropped, "drop_examples": self.drop_examples}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Raw rows from files, folders and the hub
+# ---------------------------------------------------------------------------------------------------------------
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, RowError(f"not valid UTF-8 (byte {e.start})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield where, RowError(f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]} / {"train": [...]}
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        yield f"{path}: row {i}", row
+
+
+def _csv(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise UserError(f"{path}: not a readable parquet file ({e})") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path}: row {i}", row
+
+
+READERS: dict[str, Callable[[Path], Iterator[tuple[str, Any]]]] = {
+    ".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}
+
+
+def source_files(source: str) -> list[Path]:
+    """The data files behind a local source (a file, or every supported file in a folder, sorted)."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+        if not files:
+            raise UserError(f"{source}: folder holds no {', '.join(SUFFIXES)} files")
+        return files
+    if p.suffix not in SUFFIXES:
+        raise UserError(f"{source}: unsupported file type {p.suffix!r} (expected {', '.join(SUFFIXES)})")
+    return [p]
+
+
+def _hub_rows(source: str, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # offline, unknown id, missing split: the message from datasets says which
+        raise UserError(f"{source}: could not load hub dataset split {split!r} ({type(e).__name__}: {e})") from None
+    for i, row in enumerate(ds):
+        yield f"{source}[{split}] row {i}", row
+
+
+def _is_local_source(source: str) -> bool:
+    p = Path(source).expanduser()
+    return p.exists() or p.suffix in SUFFIXES or source.startswith(("/", ".", "~"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _text(row: dict, key: str, *, required: bool = True, allow_empty: bool = False) -> str:
+    if key not in row or row[key] is None:
+        if required:
+            raise RowError(f"missing field '{key}'")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise RowError(f"field '{key}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RowError(f"field '{key}' is empty")
+    return value
+
+
+def _messages(value: Any, key: str) -> list[dict]:
+    """Validate a list of ``{role, content}`` messages."""
+    if not isinstance(value, list) or not value:
+        raise RowError(f"field '{key}' must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RowError(f"{key}[{i}] must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise RowError(f"{key}[{i}] has unknown role {m['role']!r} (expected {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise RowError(f"{key}[{i}].content must be a string, got {type(m['content']).__name__}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _split_last_assistant(messages: list[dict], key: str) -> dict:
+    if messages[-1]["role"] != "assistant":
+        raise RowError(f"field '{key}' must end with an assistant message (the response to train on)")
+    if not messages[-1]["content"].strip():
+        raise RowError("empty response")
+    if len(messages) < 2:
+        raise RowError(f"field '{key}' has a response but no prompt")
+    return {"prompt": messages[:-1], "completion": [messages[-1]]}
+
+
+def _alpaca_prompt(row: dict) -> list[dict]:
+    instruction = _text(row, "instruction")
+    extra = _text(row, "input", required=False, allow_empty=True)
+    messages = []
+    system = _text(row, "system", required=False, allow_empty=True)
+    if system.strip():
+        messages.append({"role": "system", "content": system})
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise RowError("field 'history' must be a list of [user, assistant] pairs")
+    for i, turn in enumerate(history):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise RowError(f"history[{i}] must be a [user, assistant] pair of strings")
+        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    content = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return messages + [{"role": "user", "content": content}]
+
+
+def _sharegpt_messages(row: dict) -> list[dict]:
+    conv = row.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise RowError("field 'conversations' must be a non-empty list of {from, value} turns")
+    out = []
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RowError(f"conversations[{i}] must be an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise RowError(f"conversations[{i}] has unknown speaker {turn['from']!r} "
+                           f"(expected {', '.join(SHAREGPT_ROLES)})")
+        if not isinstance(turn["value"], str):
+            raise RowError(f"conversations[{i}].value must be a string")
+        out.append({"role": role, "content": turn["value"]})
+    return out
+
+
+def _as_messages(value: Any, key: str, role: str) -> list[dict]:
+    """A string becomes one message of ``role``; a list is validated as messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError("empty response" if role == "assistant" else f"field '{key}' is empty")
+        return [{"role": role, "content": value}]
+    return _messages(value, key)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formats
+# ---------------------------------------------------------------------------------------------------------------
+
+def sft_prompt_completion(row: dict) -> dict:
+    for key in ("prompt", "completion"):
+        if key not in row or row[key] is None:
+            raise RowError(f"missing field '{key}'")
+        if not isinstance(row[key], (str, list)):
+            raise RowError(f"field '{key}' must be a string or a list of messages, got {type(row[key]).__name__}")
+    prompt = _as_messages(row["prompt"], "prompt", "user")
+    completion = _as_messages(row["completion"], "completion", "assistant")
+    if completion[-1]["role"] != "assistant" or not completion[-1]["content"].strip():
+        raise RowError("empty response" if completion[-1]["role"] == "assistant"
+                       else "field 'completion' must end with an assistant message")
+    return {"prompt": prompt, "completion": completion}
+
+
+def sft_messages(row: dict) -> dict:
+    if "messages" not in row:
+        raise RowError("missing field 'messages'")
+    return _split_last_assistant(_messages(row["messages"], "messages"), "messages")
+
+
+def sft_alpaca(row: dict) -> dict:
+    output = _text(row, "output", allow_empty=True)
+    if not output.strip():
+        raise RowError("empty response")
+    return {"prompt": _alpaca_prompt(row), "completion": [{"role": "assistant", "content": output}]}
+
+
+def sft_sharegpt(row: dict) -> dict:
+    return _split_last_assistant(_sharegpt_messages(row), "conversations")
+
+
+SFT_FORMATS: dict[str, Callable[[dict], dict]] = {
+    "prompt_completion": sft_prompt_completion, "messages": sft_messages,
+    "alpaca": sft_alpaca, "sharegpt": sft_sharegpt}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference pairs
+# ---------------------------------------------------------------------------------------------------------------
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def _hh_messages(text: str, key: str) -> list[dict]:
+    """An HH-RLHF dialogue string ("\n\nHuman: ...\n\nAssistant: ...") as messages."""
+    parts = _HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text.lstrip())
+    if len(parts) < 3 or parts[0].strip():
+        raise RowError(f"field '{key}' is not a dialogue with Human:/Assistant: turns (and there is no 'prompt')")
+    return [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+            for who, body in zip(parts[1::2], parts[2::2])]
+
+
+def _response(value: Any, key: str) -> list[dict]:
+    """A chosen/rejected response: a string, one assistant message, or a list of messages ending with one."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(t, dict) and "from" in t for t in value):
+        value = _sharegpt_messages({"conversations": value})
+    if not isinstance(value, (str, list)):
+        raise RowError(f"field '{key}' must be a string or a list of messages, got {type(value).__name__}")
+    messages = _as_messages(value, key, "assistant")
+    if messages[-1]["role"] != "assistant":
+        raise RowError(f"field '{key}' must end with an assistant message")
+    if not messages[-1]["content"].strip():
+        raise RowError(f"empty response in '{key}'")
+    return messages
+
+
+def _pair(prompt: list[dict], chosen: list[dict], rejected: list[dict], row: dict) -> dict:
+    if chosen == rejected:
+        raise RowError("chosen and rejected are identical")
+    pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if row.get("margin") is not None:
+        margin = row["margin"]
+        if isinstance(margin, str):
+            try:
+                margin = float(margin)
+            except ValueError:
+                raise RowError(f"field 'margin' must be a number, got {margin!r}") from None
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+            raise RowError(f"field 'margin' must be a number, got {margin!r}")
+        pair["margin"] = float(margin)
+    return pair
+
+
+def _need(row: dict, *keys: str) -> None:
+    for key in keys:
+        if key not in row or row[key] is None:
+            raise RowError(f"missing field '{key}'")
+
+
+def pref_prompt_chosen_rejected(row: dict) -> dict:
+    _need(row, "prompt", "chosen", "rejected")
+    if not isinstance(row["prompt"], (str, list)):
+        raise RowError(f"field 'prompt' must be a string or a list of messages, got {type(row['prompt']).__name__}")
+    prompt = _as_messages(row["prompt"], "prompt", "user")
+    return _pair(prompt, _response(row["chosen"], "chosen"), _response(row["rejected"], "rejected"), row)
+
+
+def pref_implicit_prompt(row: dict) -> dict:
+    """Full dialogues: the longest shared run of messages ending before an assistant turn is the prompt."""
+    _need(row, "chosen", "rejected")
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise RowError("fields 'chosen' and 'rejected' must both be strings or both be message lists")
+    if isinstance(chosen, str):
+        if chosen == rejected:
+            raise RowError("chosen and rejected are identical")
+        chosen, rejected = _hh_messages(chosen, "chosen"), _hh_messages(rejected, "rejected")
+    else:
+        chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared > 0 and chosen[shared]["role"] != "assistant":
+        shared -= 1  # the responses start at an assistant turn
+    if shared == 0 or chosen[shared]["role"] != "assistant" or rejected[shared]["role"] != "assistant":
+        raise RowError("chosen and rejected do not share a prompt that ends before an assistant turn")
+    c, r = chosen[shared:], rejected[shared:]
+    for key, msgs in (("chosen", c), ("rejected", r)):
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            raise RowError(f"empty response in '{key}'")
+    return _pair(chosen[:shared], c, r, row)
+
+
+def pref_alpaca(row: dict) -> dict:
+    _need(row, "chosen", "rejected")
+    return _pair(_alpaca_prompt(row), _response(row["chosen"], "chosen"), _response(row["rejected"], "rejected"), row)
+
+
+def pref_sharegpt(row: dict) -> dict:
+    _need(row, "chosen", "rejected")
+    prompt = _sharegpt_messages(row)
+    if prompt[-1]["role"] != "user":
+        raise RowError("field 'conversations' must end with a human turn (the prompt)")
+    return _pair(prompt, _response(row["chosen"], "chosen"), _response(row["rejected"], "rejected"), row)
+
+
+PREFERENCE_FORMATS: dict[str, Callable[[dict], dict]] = {
+    "prompt_chosen_rejected": pref_prompt_chosen_rejected, "implicit_prompt": pref_implicit_prompt,
+    "alpaca": pref_alpaca, "sharegpt": pref_sharegpt}
+
+
+def detect_preference_format(row: dict) -> str:
+    """The preference format a row's fields indicate."""
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row:
+        return "alpaca"
+    if "prompt" in row:
+        return "prompt_chosen_rejected"
+    if "chosen" in row or "rejected" in row:
+        return "implicit_prompt"
+    raise RowError(f"cannot tell the format from fields {sorted(row)} (expected prompt/chosen/rejected, "
+                   "chosen/rejected dialogues, instruction + chosen/rejected or conversations + chosen/rejected; "
+                   "set data.preference_format or data.columns)")
+
+
+def prompt_only(row: dict) -> list[dict]:
+    """A prompt row of any supported format as messages ending with a user turn."""
+    if "prompt" in row:
+        messages = _as_messages(row["prompt"], "prompt", "user")
+    elif "messages" in row:
+        messages = _messages(row["messages"], "messages")
+    elif "instruction" in row:
+        messages = _alpaca_prompt(row)
+    elif "conversations" in row:
+        messages = _sharegpt_messages(row)
+    else:
+        raise RowError("no prompt field (expected 'prompt', 'messages', 'instruction' or 'conversations')")
+    while messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] != "user":
+        raise RowError("prompt must end with a user message")
+    return messages
+
+
+def detect_sft_format(row: dict) -> str:
+    """The SFT format a row's fields indicate."""
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row:
+        return "alpaca"
+    if "prompt" in row or "completion" in row:
+        return "prompt_completion"
+    raise RowError(f"cannot tell the format from fields {sorted(row)} (expected prompt/completion, messages, "
+                   "instruction/output or conversations; set data.sft_format or data.columns)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a source
+# ---------------------------------------------------------------------------------------------------------------
+
+def _rows(source: str, split: str) -> Iterator[tuple[Path | None, Iterator[tuple[str, Any]]]]:
+    if _is_local_source(source):
+        if not Path(source).expanduser().exists():
+            raise UserError(f"{source}: file not found")
+        for path in source_files(source):
+            yield path, READERS[path.suffix](path)
+    else:
+        yield None, _hub_rows(source, split)
+
+
+KINDS = {
+    "sft": (SFT_FORMATS, detect_sft_format),
+    "preference": (PREFERENCE_FORMATS, detect_preference_format),
+}
+
+
+def load(source: str, kind: str, *, fmt: str = "auto", columns: dict[str, str] | None = None,
+         split: str = "train", on_bad_row: str = "error") -> Loaded:
+    """Read ``source`` as ``kind`` ("sft", "preference" or "prompts") into canonical rows."""
+    columns = columns or {}
+    out = Loaded(rows=[])
+    for path, rows in _rows(source, split):
+        if path is not None:
+            out.files.append({"path": str(path), "sha256": sha256(path)})
+        else:
+            out.files.append({"path": source, "split": split, "hub": True})
+        file_fmt = None if fmt == "auto" else fmt
+        n_before = out.read
+        for where, row in rows:
+            out.read += 1
+            try:
+                if isinstance(row, RowError):
+                    raise row
+                if not isinstance(row, dict):
+                    raise RowError(f"expected a JSON object, got {type(row).__name__}")
+                row = {columns.get(k, k): v for k, v in row.items()}
+                if kind == "prompts":
+                    out.rows.append(prompt_only(row))
+                    continue
+                parsers, detect = KINDS[kind]
+                if file_fmt is None:
+                    file_fmt = detect(row)
+                    out.formats.append(file_fmt)
+                out.rows.append(parsers[file_fmt](row))
+            except RowError as e:
+                if on_bad_row != "drop":
+                    raise UserError(f"{where}: {e}") from None
+                out.dropped += 1
+                if len(out.drop_examples) < 5:
+                    out.drop_examples.append(f"{where}: {e}")
+        if out.read == n_before:
+            raise UserError(f"{path or source}: no rows")
+    if not out.rows:
+        raise UserError(f"{source}: every row was dropped as malformed ({out.dropped}); "
+                        f"first: {out.drop_examples[0] if out.drop_examples else 'none'}")
+    return out

@@ -1,0 +1,87 @@
+"""Batched generation of responses to chat prompts (for evaluation now, PPO rollouts later)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generations:
+    texts: list[str]
+    """the decoded responses, cut at the first EOS, special tokens removed"""
+    stopped: list[bool]
+    """whether each response ended with EOS (rather than running into max_new_tokens)"""
+    lengths: list[int]
+    """response lengths in tokens, the EOS included"""
+
+
+def render_prompts(tokenizer, prompts: list[list[dict]]) -> list[str]:
+    """Chat-template each prompt (a list of messages) with the generation prompt appended."""
+    return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 32,
+             temperature: float = 0.0, progress: bool = False) -> Generations:
+    """Responses to ``prompts``: greedy when ``temperature`` is 0, else sampled at that temperature."""
+    from tqdm.auto import tqdm
+
+    texts, stopped, lengths = [], [], []
+    eos = tokenizer.eos_token_id
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right, so prompts are aligned on the right
+    try:
+        rendered = render_prompts(tokenizer, prompts)
+        for start in tqdm(range(0, len(rendered), batch_size), disable=not progress, desc="generate"):
+            batch = tokenizer(rendered[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+            kwargs = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature,
+                                                                   "top_k": 0, "top_p": 1.0}
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=eos, **kwargs)
+            for row in out[:, batch["input_ids"].shape[1]:].tolist():
+                n = row.index(eos) + 1 if eos in row else len(row)
+                stopped.append(eos in row)
+                lengths.append(n)
+                texts.append(tokenizer.decode(row[:n], skip_special_tokens=True).strip())
+    finally:
+        tokenizer.padding_side = side
+    return Generations(texts, stopped, lengths)
+
+
+def with_responses(prompts: list[list[dict]], responses: list[str]) -> list[list[dict]]:
+    """Each prompt followed by its response as an assistant turn."""
+    return [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+
+
+@torch.no_grad()
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32,
+                        progress: bool = False) -> torch.Tensor:
+    """Reward-model scores of whole conversations (each ending with the response), ``[n]``.
+
+    Text goes in, so a policy with another tokenizer can be scored; each conversation is rendered with the reward
+    model's chat template exactly as the reward trainer rendered its training pairs.
+    """
+    from tqdm.auto import tqdm
+
+    from rlhf.modeling import sequence_scores
+
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of similar length pad less
+    scores = torch.zeros(len(texts))
+    for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="score"):
+        idx = order[start:start + batch_size]
+        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(model.device)
+        scores[idx] = sequence_scores(model, batch["input_ids"], batch["attention_mask"]).cpu()
+    return scores
+
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """Pairwise accuracy (ties count half) and margins of chosen over rejected scores."""
+    diff = chosen - rejected
+    return {"accuracy": ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item(),
+            "margin_mean": diff.mean().item(), "margin_std": diff.std().item() if len(diff) > 1 else 0.0,
+            "pairs": len(diff)}

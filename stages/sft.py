@@ -1,0 +1,70 @@
+"""SFT: supervised instruction tuning on demonstrations, with the loss on response tokens only.
+
+setup (data, tokenizer, base + adapter) -> TRL's SFTTrainer -> save adapter, tokenizer, metrics and manifest.
+Every data format becomes conversational ``{prompt, completion}`` rows (see ``rlhf.formats``), which TRL renders
+with the tokenizer's chat template and masks so that only the completion tokens carry loss.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rlhf import formats, modeling, training
+from rlhf.checkpoint import Run
+from rlhf.config import Recipe
+from rlhf.errors import UserError
+
+
+def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Run SFT as the recipe says; returns the manifest written to the run directory."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    # setup: data first (the cheapest thing to get wrong), then the output directory, then the model
+    if not recipe.data.sft:
+        raise UserError(f"{recipe.source}: data.sft is required for the sft stage")
+    data = formats.load(recipe.data.sft, "sft", fmt=recipe.data.sft_format, columns=recipe.data.columns,
+                        split=recipe.data.split, on_bad_row=recipe.data.on_bad_row)
+    run = Run(Path(out) if out else recipe.stage_dir("sft"), "sft", overwrite=overwrite)
+    try:
+        set_seed(recipe.sft.seed)
+        tokenizer = modeling.load_tokenizer(recipe.model)
+        model = modeling.attach_adapter(modeling.load_base(recipe.model), recipe.adapter, "CAUSAL_LM")
+        params = modeling.trainable_parameters(model)
+        print(f"sft: {len(data.rows)} rows, {recipe.adapter.method} trains {params['trainable']:,} of "
+              f"{params['total']:,} parameters ({params['percent']}%)", file=sys.stderr)
+
+        # train
+        train_rows, eval_rows = training.split_rows(data.rows, recipe.sft.eval_fraction, recipe.sft.seed)
+        args = SFTConfig(**training.trainer_kwargs(recipe, recipe.sft, run.work, bool(eval_rows)),
+                         completion_only_loss=True, packing=False)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=tokenizer,
+        )
+        training.quiet_trainer(trainer, run, recipe, "sft")
+        result = trainer.train()
+        metrics = {"train_loss": result.training_loss, "steps": result.global_step}
+        if eval_rows:
+            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+
+        # save
+        trainer.save_model(str(run.staging))
+        tokenizer.save_pretrained(str(run.staging))
+        return run.finish({
+            "base": recipe.model.base,
+            "parents": {},
+            "adapter": {"method": recipe.adapter.method, "parameters": params},
+            "data": {"sft": data.summary(), "train_rows": len(train_rows), "eval_rows": len(eval_rows)},
+            "metrics": metrics,
+            "seed": recipe.sft.seed,
+            "recipe": recipe.to_dict(),
+        })
+    except BaseException:
+        run.abandon()
+        raise

@@ -1,0 +1,47 @@
+"""Shared fixtures: the repository root, the real CLI in a subprocess, and small recipes on the tiny world."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.yaml"
+
+
+def run_cli(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``rlhf ARGS`` exactly as a user would (new process, real entry point)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rlhf {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def write_recipe(path: Path, **sections) -> Path:
+    """The tiny recipe with some sections replaced or extended (``sft={"max_steps": 3}``)."""
+    recipe = yaml.safe_load(TINY.read_text())
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    for key in ("sft", "preference", "prompts", "eval_prompts"):
+        if isinstance(recipe["data"].get(key), str) and not Path(recipe["data"][key]).is_absolute():
+            recipe["data"][key] = str(ROOT / recipe["data"][key])
+    recipe["model"]["base"] = str(ROOT / recipe["model"]["base"]) if not Path(
+        recipe["model"]["base"]).is_absolute() else recipe["model"]["base"]
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """A copy of the tiny recipe with absolute paths and its run_dir under tmp_path."""
+    return write_recipe(tmp_path / "tiny.yaml", run_dir=str(tmp_path / "runs"))

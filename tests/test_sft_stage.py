@@ -1,0 +1,143 @@
+"""The SFT stage through its real entry points on the tiny base: outputs, manifest, reload, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli, write_recipe
+from rlhf import formats, modeling
+from rlhf.config import load_recipe
+
+FEW = ("--set", "sft.max_steps=4", "--set", "sft.eval_every=2", "--set", "sft.logging_every=1")
+
+
+def _probe(tokenizer):
+    msgs = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "The answer is 42."}]
+    return tokenizer.apply_chat_template(msgs, return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def test_sft_cli_writes_a_complete_run(tiny_recipe, tmp_path):
+    proc = run_cli("sft", "--recipe", str(tiny_recipe), *FEW)
+    out = tmp_path / "runs" / "tiny" / "sft"
+    assert str(out) in proc.stdout
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "metrics.jsonl", "manifest.json"):
+        assert (out / name).is_file(), name
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no staging or work dirs left behind"
+
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stage"] == "sft" and m["status"] == "complete" and m["parents"] == {}
+    assert m["base"] == str(ROOT / "data" / "tiny-base")
+    assert m["seed"] == 42 and m["recipe"]["sft"]["max_steps"] == 4
+    assert m["metrics"]["steps"] == 4 and m["metrics"]["eval_loss"] > 0
+    sft_data = m["data"]["sft"]
+    assert sft_data["files"][0]["sha256"] == formats.sha256(ROOT / "data" / "tiny" / "sft.jsonl")
+    assert sft_data["rows_read"] == 4000 and sft_data["rows_kept"] == 4000 and sft_data["rows_dropped"] == 0
+    assert m["data"]["train_rows"] + m["data"]["eval_rows"] == 4000
+    assert {"torch", "transformers", "trl", "peft", "python"} <= set(m["versions"])
+    assert m["started"] <= m["finished"] and "rlhf" in m["command"]
+    assert 0 < m["adapter"]["parameters"]["trainable"] < m["adapter"]["parameters"]["total"]
+
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in x for x in lines) and any("eval/loss" in x for x in lines)
+
+    # every LoRA B matrix starts at zero: all of them moved
+    weights = load_file(out / "adapter_model.safetensors")
+    b = [k for k in weights if "lora_B" in k]
+    assert b and all(weights[k].abs().sum() > 0 for k in b)
+
+    # plain peft loads it, and the adapter changes the base's logits
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tok = modeling.load_tokenizer(modeling.ModelConfig(base=str(out)))
+    ids = _probe(tok)
+    base = AutoModelForCausalLM.from_pretrained(ROOT / "data" / "tiny-base")
+    base_logits = base(ids).logits
+    plain = PeftModel.from_pretrained(base, out).eval()
+    ours, _ = modeling.load_policy(out)
+    assert torch.equal(plain(ids).logits, ours(ids).logits)
+    assert not torch.allclose(base_logits, ours(ids).logits)
+
+
+def test_reload_gives_the_trained_models_logits(tmp_path, monkeypatch):
+    """In-process run: the model in memory at the end of training and the one reloaded from disk agree."""
+    import trl
+
+    from stages import sft
+
+    trainers = []
+    original = trl.SFTTrainer.train
+
+    def keep(self, *a, **k):
+        trainers.append(self)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", keep)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs")),
+                         ["sft.max_steps=3", "sft.eval_fraction=0"])
+    sft.main(recipe)
+    trained = trainers[0].model.eval()
+    reloaded, tok = modeling.load_policy(recipe.stage_dir("sft"))
+    ids = _probe(tok)
+    with torch.no_grad():
+        assert torch.allclose(trained(ids).logits, reloaded(ids).logits, atol=1e-6)
+
+
+def test_full_finetuning_and_cli_base_out(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs"), adapter={"method": "full"})
+    out = tmp_path / "elsewhere"
+    run_cli("sft", "--recipe", str(recipe), "--base", str(ROOT / "data" / "tiny-base"), "--out", str(out),
+            "--set", "sft.max_steps=2", "--set", "sft.lr=1e-4")
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["adapter"]["parameters"]["percent"] == 100.0 and m["recipe"]["sft"]["lr"] == 1e-4
+    model, tok = modeling.load_policy(out)
+    base = modeling.load_base(modeling.ModelConfig(base=str(ROOT / "data" / "tiny-base")))
+    ids = _probe(tok)
+    assert not torch.allclose(base(ids).logits, model(ids).logits)
+
+
+def test_finished_run_is_not_overwritten_without_the_flag(tiny_recipe, tmp_path):
+    run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1")
+    out = tmp_path / "runs" / "tiny" / "sft"
+    before = (out / "adapter_model.safetensors").read_bytes()
+    proc = run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", "--set", "sft.seed=3",
+                   check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", "--set", "sft.seed=3", "--overwrite")
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 3
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prompt": "What is 1 + 2?", "completion": "The answer is 3."}\n{"prompt": "x", "completion": ""}\n',
+     "bad.jsonl:2: empty response"),
+    ('{"prompt": "What is 1 + 2?", "completion": "The answer is 3."}\n{"prompt": "x",\n', "bad.jsonl:2: invalid JSON"),
+])
+def test_bad_data_exits_2_and_writes_nothing(tmp_path, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    recipe = write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs"), data={"sft": str(bad)})
+    proc = run_cli("sft", "--recipe", str(recipe), check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_drop_mode_trains_on_the_good_rows(tmp_path):
+    rows = (ROOT / "data" / "tiny" / "sft.jsonl").read_text().splitlines()[:40]
+    bad = tmp_path / "mixed.jsonl"
+    bad.write_text("\n".join(rows[:20] + ['{"prompt": "x", "completion": ""}', "{nope"] + rows[20:]) + "\n")
+    recipe = write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs"),
+                          data={"sft": str(bad), "on_bad_row": "drop"})
+    run_cli("sft", "--recipe", str(recipe), "--set", "sft.max_steps=1")
+    m = json.loads((tmp_path / "runs" / "tiny" / "sft" / "manifest.json").read_text())
+    assert m["data"]["sft"]["rows_kept"] == 40 and m["data"]["sft"]["rows_dropped"] == 2
+    assert Path(m["data"]["sft"]["drop_examples"][0].split(":")[0]).name == "mixed.jsonl"

@@ -15,6 +15,8 @@ class Generations:
     """whether each response ended with EOS (rather than running into max_new_tokens)"""
     lengths: list[int]
     """response lengths in tokens, the EOS included"""
+    token_ids: list[list[int]]
+    """the generated tokens of each response, up to and including the first EOS"""
 
 
 def render_prompts(tokenizer, prompts: list[list[dict]]) -> list[str]:
@@ -28,7 +30,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
     """Responses to ``prompts``: greedy when ``temperature`` is 0, else sampled at that temperature."""
     from tqdm.auto import tqdm
 
-    texts, stopped, lengths = [], [], []
+    texts, stopped, lengths, token_ids = [], [], [], []
     eos = tokenizer.eos_token_id
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts are aligned on the right
@@ -45,10 +47,36 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
                 n = row.index(eos) + 1 if eos in row else len(row)
                 stopped.append(eos in row)
                 lengths.append(n)
+                token_ids.append(row[:n])
                 texts.append(tokenizer.decode(row[:n], skip_special_tokens=True).strip())
     finally:
         tokenizer.padding_side = side
-    return Generations(texts, stopped, lengths)
+    return Generations(texts, stopped, lengths, token_ids)
+
+
+@torch.no_grad()
+def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: list[list[int]],
+                      batch_size: int = 32) -> list[torch.Tensor]:
+    """Log-probabilities of each response's tokens under ``model`` (temperature 1), one tensor per response."""
+    from rlhf.modeling import position_ids
+    from rlhf.ppo_math import logprobs_from_logits
+
+    rendered = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_prompts(tokenizer, prompts)]
+    out = []
+    for start in range(0, len(rendered), batch_size):
+        seqs = [q + r for q, r in zip(rendered[start:start + batch_size], responses[start:start + batch_size])]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):  # left padding: every response ends at the last column
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
+        logp = logprobs_from_logits(logits, ids[:, 1:])
+        for i, r in enumerate(responses[start:start + batch_size]):
+            out.append(logp[i, logp.shape[1] - len(r):].cpu() if r else torch.zeros(0))
+    return out
 
 
 def with_responses(prompts: list[list[dict]], responses: list[str]) -> list[list[dict]]:

@@ -27,7 +27,7 @@ def demonstration(rng: random.Random, task: world.Task) -> str:
     return world.render(task, rng.choices(styles, weights)[0])
 
 
-STYLE_PAIR_SHARE = 0.75
+STYLE_PAIR_SHARE = 0.85
 """share of preference pairs whose two responses differ in style (one concise); the rest differ only in
 correctness"""
 
@@ -35,7 +35,7 @@ correctness"""
 def preference_pair(rng: random.Random, task: world.Task) -> dict:
     """Two responses with different gold scores; the higher one is ``chosen``.
 
-    Three pairs in four put a concise response against a verbose or hedged one; the rest use two responses of the
+    Most pairs (STYLE_PAIR_SHARE) put a concise response against a verbose or hedged one; the rest use two responses of the
     same kind (both concise, or both not). Each response is correct with probability 1/2 (else a plausible wrong
     answer); draws whose gold scores tie are redrawn.
     """

@@ -1,0 +1,120 @@
+"""RM: a reward model trained on ranked response pairs, as an adapter plus a scalar score head on the base.
+
+setup (pairs, tokenizer, base with a one-output head + adapter) -> TRL's RewardTrainer (Bradley-Terry loss
+``-log sigmoid(r_chosen - r_rejected [- margin])``) -> held-out accuracy and margins, and the mean and standard
+deviation of the reward over the training responses (PPO normalises scores with them) -> save.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from rlhf import formats, modeling, rollout, training
+from rlhf.checkpoint import Run
+from rlhf.config import Recipe
+from rlhf.errors import UserError
+
+
+def load_pairs(recipe: Recipe, source: str) -> formats.Loaded:
+    d = recipe.data
+    return formats.load(source, "preference", fmt=d.preference_format, columns=d.columns, split=d.split,
+                        on_bad_row=d.on_bad_row)
+
+
+def evaluate_pairs(model, tokenizer, pairs: list[dict], batch_size: int = 32) -> dict:
+    """Accuracy and margins of a reward model on pairs, scored with the one scoring function PPO uses too."""
+    chosen = rollout.score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], batch_size)
+    rejected = rollout.score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs],
+                                           batch_size)
+    return rollout.pair_metrics(chosen, rejected)
+
+
+def reward_statistics(model, tokenizer, pairs: list[dict], samples: int, seed: int, batch_size: int = 32) -> dict:
+    """Mean and standard deviation of the reward over the training responses (chosen and rejected), or over a
+    fixed random sample of ``samples`` of them."""
+    convs = [p["prompt"] + p[side] for p in pairs for side in ("chosen", "rejected")]
+    if 0 < samples < len(convs):
+        convs = random.Random(seed).sample(convs, samples)
+    scores = rollout.score_conversations(model, tokenizer, convs, batch_size)
+    return {"mean": scores.mean().item(), "std": scores.std().item(), "responses": len(convs)}
+
+
+def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Train the reward model as the recipe says; returns the manifest written to the run directory."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    # setup: data, output directory, model
+    if not recipe.data.preference:
+        raise UserError(f"{recipe.source}: data.preference is required for the rm stage")
+    data = load_pairs(recipe, recipe.data.preference)
+    held = load_pairs(recipe, recipe.data.eval_preference) if recipe.data.eval_preference else None
+    with Run(Path(out) if out else recipe.stage_dir("rm"), "rm", overwrite=overwrite) as run:
+        set_seed(recipe.rm.seed)
+        tokenizer = modeling.load_tokenizer(recipe.model)
+        base = modeling.load_base(recipe.model, kind="score")
+        base.config.pad_token_id = tokenizer.pad_token_id
+        model = modeling.attach_adapter(base, recipe.adapter, "SEQ_CLS")
+        params = modeling.trainable_parameters(model)
+        print(f"rm: {len(data.rows)} pairs, {recipe.adapter.method} trains {params['trainable']:,} of "
+              f"{params['total']:,} parameters ({params['percent']}%)", file=sys.stderr)
+
+        if held is not None:
+            train_rows, eval_rows = data.rows, held.rows
+        else:
+            train_rows, eval_rows = training.split_rows(data.rows, recipe.rm.eval_fraction, recipe.rm.seed)
+        args = RewardConfig(**training.trainer_kwargs(recipe, recipe.rm, run.work, bool(eval_rows)),
+                            center_rewards_coefficient=recipe.rm.center_rewards_coefficient,
+                            disable_dropout=True)
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=tokenizer,
+        )
+        # RewardTrainer drops pairs longer than max_length; count them rather than lose them silently
+        too_long = len(train_rows) - len(trainer.train_dataset)
+        if too_long and recipe.rm.on_too_long == "error":
+            raise UserError(f"{recipe.data.preference}: {too_long} pairs are longer than rm.max_length="
+                            f"{recipe.rm.max_length} tokens (raise it, or set rm.on_too_long: drop)")
+        if too_long:
+            print(f"rm: dropped {too_long} pairs longer than rm.max_length={recipe.rm.max_length}", file=sys.stderr)
+        training.quiet_trainer(trainer, run, recipe, "rm", shown=("train/loss", "train/accuracy", "eval/accuracy"))
+
+        # train
+        result = trainer.train()
+
+        # measure: held-out accuracy with the shared scoring function, reward statistics for PPO
+        model.eval()
+        metrics = {"train_loss": result.training_loss, "steps": result.global_step}
+        if eval_rows:
+            metrics.update({f"eval_{k}": v for k, v in evaluate_pairs(model, tokenizer, eval_rows).items()})
+            run.metrics.write({"step": result.global_step, **{f"eval/{k[5:]}": v for k, v in metrics.items()
+                                                               if k.startswith("eval_")}})
+        stats = reward_statistics(model, tokenizer, train_rows, recipe.rm.stats_samples, recipe.rm.seed)
+        print(f"rm: held-out accuracy {metrics.get('eval_accuracy', float('nan')):.4f}, reward mean "
+              f"{stats['mean']:.4f} std {stats['std']:.4f}", file=sys.stderr)
+        if not (torch.isfinite(torch.tensor(stats["mean"])) and stats["std"] > 0):
+            raise RuntimeError(f"reward statistics are degenerate ({stats}); the reward model did not train")
+
+        # save
+        trainer.save_model(str(run.staging))
+        tokenizer.save_pretrained(str(run.staging))
+        return run.finish({
+            "base": recipe.model.base,
+            "parents": {},
+            "adapter": {"method": recipe.adapter.method, "parameters": params},
+            "data": {"preference": data.summary(), "eval_preference": held.summary() if held else None,
+                     "train_rows": len(trainer.train_dataset), "eval_rows": len(eval_rows),
+                     "rows_too_long": too_long},
+            "metrics": metrics,
+            "reward_stats": stats,
+            "seed": recipe.rm.seed,
+            "recipe": recipe.to_dict(),
+        })

@@ -1,0 +1,207 @@
+"""The mathematics of PPO for language models, as pure tensor functions.
+
+Shapes: ``[batch, T]`` over response tokens, with ``mask`` 1 on real tokens (up to and including the first EOS)
+and 0 on padding. Every function takes tensors and returns tensors; none touches a model or an optimizer.
+References: Schulman et al. 2017 (PPO, "Proximal Policy Optimization Algorithms"), Schulman et al. 2016 (GAE),
+Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences": KL-shaped reward, adaptive KL).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masked statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(x * mask) / sum(mask), over ``dim`` or over everything."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked-in entries (Bessel-corrected when ``unbiased``)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  mean: torch.Tensor | None = None, var: torch.Tensor | None = None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over masked-in entries; with ``shift_mean=False`` the mean is added back.
+
+    ``mean`` and ``var`` may be given (e.g. gathered across processes); masked-out entries come back as 0.
+    """
+    mean = masked_mean(x, mask) if mean is None else mean
+    var = masked_var(x, mask) if var is None else var
+    white = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        white = white + mean
+    return white * mask.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log-probabilities, KL, entropy
+# ---------------------------------------------------------------------------------------------------------------
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) under softmax(logits / temperature): the sampling distribution's own log-probabilities."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """H(pi) = logsumexp(z) - sum softmax(z) * z per position, with z = logits / temperature."""
+    z = logits.float() / temperature
+    return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(-1)
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k1 = log pi(a) - log pi_ref(a): unbiased per-token KL estimate, can be negative (Schulman, "Approximating
+    KL divergence", 2020)."""
+    return logp - ref_logp
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r with r = pi_ref(a) / pi(a): unbiased, never negative, lower variance."""
+    log_r = ref_logp - logp
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+
+
+def kl_penalized_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                         kl_coef: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards r_t = -beta * kl_t, plus the sequence score at the last real token (Ziegler et al. eq. 2).
+
+    Returns ``(rewards, kl)``, both ``[batch, T]`` and zero on padding.
+    """
+    kl = KL_ESTIMATORS[estimator](logp, ref_logp) * mask
+    rewards = -kl_coef * kl
+    last = (mask.long() * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores.to(rewards.dtype)
+    return rewards * mask, kl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------------------------
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), right to left:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t           (V after the last real token is 0)
+        A_t     = delta_t + gamma * lambda * A_{t+1}
+        R_t     = A_t + V_t                             (the value targets)
+
+    Returns ``(advantages, returns)``, zero on padding.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------------------
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate (PPO paper, eq. 7), as a loss to minimise:
+
+        ratio = exp(logp - old_logp)
+        L     = mean_t max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps))
+
+    Also returns ``clipfrac`` (share of tokens where the clipped term is taken) and ``approxkl``
+    (0.5 * mean (logp - old_logp)^2, an estimate of KL(old || new)).
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                 "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
+                 "ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss (as in the PPO reference implementations):
+
+        V_clip = old_V + clip(V - old_V, -eps, eps)
+        L      = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
+
+    Also returns ``clipfrac`` (share of tokens where the clipped term is larger).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask)}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KL coefficient controllers (Ziegler et al. 2019, section 2.2)
+# ---------------------------------------------------------------------------------------------------------------
+
+class FixedKLController:
+    """beta stays where it starts."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController:
+    """Proportional control of beta towards a target KL:
+
+        e_t     = clip(KL_t / target - 1, -0.2, 0.2)
+        beta_t+1 = beta_t * (1 + K_beta * e_t),  K_beta = n_steps / horizon
+    """
+
+    def __init__(self, value: float, target: float, horizon: float):
+        self.value = value
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]

@@ -1,0 +1,210 @@
+"""The four models PPO needs: policy, reference, reward and value.
+
+With an adapter method (LoRA) they are four named adapters on ONE base loaded once; every forward pass selects
+its adapter first:
+
+- ``policy``     trainable, initialised from the SFT adapter
+- ``reference``  the SFT adapter again, frozen
+- ``reward``     the reward model's adapter, frozen, read through the reward model's score head
+- ``value``      trainable, initialised from the reward model's adapter, read through a value head initialised
+                 from the score head
+
+With full fine-tuning they are separate model copies. Both layouts offer the same methods, so the PPO loop does
+not know which one it runs on.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf import modeling
+from rlhf.config import ModelConfig
+from rlhf.errors import UserError
+
+ROLES = ("policy", "reference", "reward", "value")
+
+
+def _score_head_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The score head saved inside a reward-model adapter (peft's modules_to_save), as ``{weight[, bias]}``."""
+    from safetensors.torch import load_file
+
+    weights = load_file(run_dir / "adapter_model.safetensors")
+    head = {k.rsplit(".", 1)[1]: v for k, v in weights.items() if ".score." in k or k.endswith(".score.weight")}
+    if "weight" not in head:
+        raise UserError(f"{run_dir}: the reward adapter holds no score head")
+    return head
+
+
+def _head(weights: dict[str, torch.Tensor], dtype: torch.dtype, shift: float = 0.0, scale: float = 1.0,
+          bias: bool = False) -> nn.Linear:
+    """A linear head from saved weights, computing ``(w x + b - shift) / scale`` (with a bias when asked)."""
+    out_features, in_features = weights["weight"].shape
+    head = nn.Linear(in_features, out_features, bias=bias or "bias" in weights, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(weights["weight"] / scale)
+        if head.bias is not None:
+            head.bias.copy_((weights.get("bias", torch.zeros(out_features)) - shift) / scale)
+    return head
+
+
+class SharedBase:
+    """Policy, reference, reward and value as four adapters on one base model."""
+
+    def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
+                 value_shift: float = 0.0, value_scale: float = 1.0):
+        from peft import PeftModel, get_peft_model
+
+        base = modeling.load_base(cfg)
+        if sft_dir is not None:
+            self.model = PeftModel.from_pretrained(base, str(sft_dir), adapter_name="policy", is_trainable=True)
+            self.model.load_adapter(str(sft_dir), adapter_name="reference")
+        else:  # no SFT: the policy starts as a fresh adapter, the reference is the bare base
+            self.model = get_peft_model(base, modeling.lora_config(adapter_cfg, "CAUSAL_LM"), adapter_name="policy")
+        self.has_reference_adapter = sft_dir is not None
+        self.model.load_adapter(str(rm_dir), adapter_name="reward")
+        self.model.load_adapter(str(rm_dir), adapter_name="value", is_trainable=True)
+        dtype = next(base.parameters()).dtype
+        head = _score_head_weights(Path(rm_dir))
+        self.reward_head = _head(head, dtype).requires_grad_(False)
+        # the value head starts as the score head on the scale PPO's rewards use (normalised when they are)
+        self.value_head = _head(head, dtype, value_shift, value_scale, bias=True)
+        self._active = None
+        self.use("policy")
+
+    # -- adapter switching -----------------------------------------------------------------------------------
+    def use(self, role: str) -> None:
+        """Select the adapter of ``role`` (peft makes only the active adapter's weights trainable)."""
+        if role != self._active:
+            self.model.set_adapter(role)
+            self._active = role
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def _backbone(self):
+        core = modeling.unwrap(self.model)
+        return getattr(core, core.base_model_prefix)
+
+    # -- the forward passes the loop needs ---------------------------------------------------------------------
+    def policy_logits(self, input_ids, attention_mask, keep: int, role: str = "policy") -> torch.Tensor:
+        """Logits of the last ``keep`` positions under ``role`` ("policy" or "reference")."""
+        if role == "reference" and not self.has_reference_adapter:
+            with self.model.disable_adapter():
+                return self._lm(input_ids, attention_mask, keep)
+        self.use(role)
+        return self._lm(input_ids, attention_mask, keep)
+
+    def _lm(self, input_ids, attention_mask, keep):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                          position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
+
+    def _hidden(self, role, input_ids, attention_mask):
+        self.use(role)
+        return self._backbone()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                position_ids=modeling.position_ids(attention_mask)).last_hidden_state
+
+    def values(self, input_ids, attention_mask) -> torch.Tensor:
+        """Value head output at every position, ``[batch, seq]``."""
+        return self.value_head(self._hidden("value", input_ids, attention_mask)).squeeze(-1).float()
+
+    def scores(self, input_ids, attention_mask) -> torch.Tensor:
+        """Reward of each whole sequence, read at its last real token, ``[batch]``."""
+        hidden = self._hidden("reward", input_ids, attention_mask)
+        last = hidden[torch.arange(len(hidden), device=hidden.device), modeling.last_index(attention_mask)]
+        return self.reward_head(last).squeeze(-1).float()
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+        self.use("policy")
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # -- training and saving -----------------------------------------------------------------------------------
+    def parameters(self, role: str) -> list[nn.Parameter]:
+        """The trainable parameters of ``policy`` or ``value`` (the value head included)."""
+        params = [p for n, p in self.model.named_parameters() if f".{role}." in n and "lora_" in n]
+        if role == "value":
+            params += list(self.value_head.parameters())
+        return params
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+        self.value_head.train(mode)
+
+    def save(self, out: Path) -> None:
+        """Policy adapter files at ``out`` (loadable by plain peft on the base); value adapter + head in
+        ``out/value``."""
+        from safetensors.torch import save_file
+
+        tmp = out / ".adapters"
+        self.model.save_pretrained(str(tmp), selected_adapters=["policy", "value"])
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (tmp / "policy" / name).replace(out / name)
+        (tmp / "value").replace(out / "value")
+        tmp.joinpath("policy").rmdir()
+        for leftover in tmp.iterdir():  # peft writes a README next to the adapters
+            leftover.unlink() if leftover.is_file() else None
+        tmp.rmdir()
+        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(out / "value" / "value_head.safetensors"))
+
+
+class SeparateCopies:
+    """Policy, reference, reward and value as four full models (full fine-tuning)."""
+
+    def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path, value_shift: float = 0.0,
+                 value_scale: float = 1.0):
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        dtype = modeling.DTYPES[cfg.dtype]
+        self.policy = AutoModelForCausalLM.from_pretrained(str(sft_dir) if sft_dir else cfg.base, dtype=dtype)
+        self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        self.reward = AutoModelForSequenceClassification.from_pretrained(str(rm_dir), dtype=dtype, num_labels=1)
+        self.reward.requires_grad_(False).eval()
+        self.value = copy.deepcopy(self.reward).requires_grad_(True)
+        head = modeling.score_head(self.value)
+        weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        self.value.score = _head(weights, head.weight.dtype, value_shift, value_scale, bias=True)
+
+    @property
+    def device(self):
+        return self.policy.device
+
+    def policy_logits(self, input_ids, attention_mask, keep: int, role: str = "policy") -> torch.Tensor:
+        model = self.policy if role == "policy" else self.reference
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                     position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
+
+    def values(self, input_ids, attention_mask) -> torch.Tensor:
+        return modeling.token_scores(self.value, input_ids, attention_mask)
+
+    def scores(self, input_ids, attention_mask) -> torch.Tensor:
+        return modeling.sequence_scores(self.reward, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+        return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def parameters(self, role: str) -> list[nn.Parameter]:
+        return list((self.policy if role == "policy" else self.value).parameters())
+
+    def train(self, mode: bool = True) -> None:
+        self.policy.train(mode)
+        self.value.train(mode)
+
+    def save(self, out: Path) -> None:
+        self.policy.save_pretrained(str(out))
+        self.value.save_pretrained(str(out / "value"))
+
+
+def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
+         value_shift: float = 0.0, value_scale: float = 1.0):
+    """The PPO models in the layout ``method`` calls for. The value head starts as the reward model's score head
+    mapped to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises."""
+    if method == "full":
+        return SeparateCopies(cfg, sft_dir, rm_dir, value_shift, value_scale)
+    return SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)

@@ -1,0 +1,362 @@
+"""PPO: the SFT policy optimised against the reward model, with a per-token KL penalty to the frozen SFT reference.
+
+setup (prompts, the four models on one base, optimizer, KL controller), then for every PPO step:
+  1 rollout: sample a response to each prompt of the batch with the policy
+  2 score and KL-shape the rewards
+  3 advantages (GAE) and returns
+  4 PPO epochs over shuffled mini-batches (clipped surrogate + clipped value loss)
+  5 KL controller, metrics, periodic evaluation and checkpoints
+and finally save the policy adapter (plus the value adapter and head), metrics and the manifest.
+The maths lives in ``rlhf.ppo_math``; which adapter a forward pass uses lives in ``rlhf.ppo_models``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf import formats, modeling, ppo_math, ppo_models
+from rlhf.checkpoint import Run
+from rlhf.config import Recipe
+from rlhf.errors import UserError
+from rlhf.tiny import world
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes. ``ids``/``mask`` are prompt + response ``[B, Lq + Lr]`` (prompts left-padded,
+    responses right-padded after their first EOS); per-token tensors are ``[B, Lr]`` over response tokens."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    stopped: torch.Tensor
+    logp: torch.Tensor = None
+    ref_logp: torch.Tensor = None
+    values: torch.Tensor = None
+    entropy: torch.Tensor = None
+    scores: torch.Tensor = None
+    rewards: torch.Tensor = None
+    kl: torch.Tensor = None
+    advantages: torch.Tensor = None
+    returns: torch.Tensor = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers of the loop
+# ---------------------------------------------------------------------------------------------------------------
+
+def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int, source: str) -> list[list[int]]:
+    """Chat-template each prompt (with the generation prompt) into token ids; too long is an error naming the row."""
+    out = []
+    for i, messages in enumerate(prompts):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_length:
+            raise UserError(f"{source}: row {i + 1}: prompt has {len(ids)} tokens, more than "
+                            f"ppo.max_prompt_length={max_length}")
+        out.append(ids)
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int):
+    """Mask of tokens up to and including the first EOS (everything when there is none), the padded response,
+    and whether each response stopped."""
+    is_eos = response == eos_id
+    stopped = is_eos.any(1)
+    first = torch.where(stopped, is_eos.float().argmax(1), torch.full_like(stopped, response.shape[1] - 1,
+                                                                          dtype=torch.long))
+    mask = (torch.arange(response.shape[1])[None, :] <= first[:, None]).long()
+    return response.masked_fill(mask == 0, pad_id), mask, stopped
+
+
+def response_logits(models, ids, mask, length: int, role: str = "policy") -> torch.Tensor:
+    """Logits that predict each of the last ``length`` tokens (position t-1 predicts token t)."""
+    return models.policy_logits(ids, mask, keep=length + 1, role=role)[:, :-1]
+
+
+def response_values(models, ids, mask, length: int) -> torch.Tensor:
+    """V(s_t) for each response token t: the value head at the position before the token."""
+    return models.values(ids, mask)[:, -length - 1:-1]
+
+
+def shape_scores(raw: torch.Tensor, stopped: torch.Tensor, p, stats: dict) -> torch.Tensor:
+    """Normalise with the reward model's stored mean/std, penalise responses without EOS, then clip."""
+    s = raw.clone()
+    if p.normalize_reward:
+        s = (s - stats["mean"]) / max(stats["std"], 1e-6)
+    if p.missing_eos_penalty is not None:
+        s = torch.where(stopped, s, s - p.missing_eos_penalty)
+    if p.reward_clip is not None:
+        s = s.clamp(-p.reward_clip, p.reward_clip)
+    return s
+
+
+def sequence_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum(1)
+
+
+@torch.no_grad()
+def evaluate(models, tokenizer, prompts: list[list[dict]], encoded: list[list[int]], max_new_tokens: int) -> dict:
+    """Greedy responses to held-out prompts: mean reward score, and mean gold score where the world defines one."""
+    ids, mask = left_pad(encoded, tokenizer.pad_token_id)
+    out = models.generate(ids, mask, do_sample=False, max_new_tokens=max_new_tokens,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    response, rmask, stopped = truncate_after_eos(out[:, ids.shape[1]:], tokenizer.eos_token_id,
+                                                  tokenizer.pad_token_id)
+    scores = models.scores(torch.cat([ids, response], 1), torch.cat([mask, rmask], 1))
+    result = {"eval/score": scores.mean().item(), "eval/eos_rate": stopped.float().mean().item(),
+              "eval/length": rmask.sum(1).float().mean().item()}
+    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+    questions = [p[-1]["content"] for p in prompts]
+    if all(world.parse_prompt(q) for q in questions):
+        result["eval/gold"] = sum(world.score(q, t.strip()) for q, t in zip(questions, texts)) / len(texts)
+    return result
+
+
+def resolve_parents(recipe: Recipe, policy: str | None, reward: str | None):
+    """The SFT and RM run directories, checked: finished, the right stages, the same base."""
+    sft_dir = None if policy == "base" else Path(policy or recipe.stage_dir("sft"))
+    rm_dir = Path(reward or recipe.stage_dir("rm"))
+    rm_manifest = modeling.read_manifest(rm_dir)
+    if rm_manifest.get("stage") != "rm":
+        raise UserError(f"{rm_dir}: is a {rm_manifest.get('stage')!r} run, not a reward model (rm)")
+    base = rm_manifest["base"]
+    sft_manifest = None
+    if sft_dir is not None:
+        sft_manifest = modeling.read_manifest(sft_dir)
+        if sft_manifest.get("stage") not in ("sft", "ppo"):
+            raise UserError(f"{sft_dir}: is a {sft_manifest.get('stage')!r} run, not a policy (sft or ppo)")
+        if _same_model(sft_manifest["base"], base) is False:
+            raise UserError(f"{sft_dir} was trained on base {sft_manifest['base']!r} but {rm_dir} on {base!r}; "
+                            "PPO needs one base for both")
+        if sft_manifest["adapter"]["method"] != rm_manifest["adapter"]["method"]:
+            raise UserError(f"{sft_dir} ({sft_manifest['adapter']['method']}) and {rm_dir} "
+                            f"({rm_manifest['adapter']['method']}) must use the same adapter method")
+    return sft_dir, sft_manifest, rm_dir, rm_manifest
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, out: str | Path | None = None,
+         overwrite: bool = False) -> dict:
+    """Run PPO as the recipe says; returns the manifest written to the run directory."""
+    p = recipe.ppo
+    if not recipe.data.prompts:
+        raise UserError(f"{recipe.source}: data.prompts is required for the ppo stage")
+    sft_dir, sft_manifest, rm_dir, rm_manifest = resolve_parents(recipe, policy, reward)
+    prompts = formats.load(recipe.data.prompts, "prompts", columns=recipe.data.columns, split=recipe.data.split,
+                           on_bad_row=recipe.data.on_bad_row)
+    if len(prompts.rows) < p.batch_size:
+        raise UserError(f"{recipe.data.prompts}: {len(prompts.rows)} prompts, fewer than ppo.batch_size="
+                        f"{p.batch_size}")
+    eval_prompts = None
+    if recipe.data.eval_prompts and p.eval_every:
+        eval_prompts = formats.load(recipe.data.eval_prompts, "prompts", columns=recipe.data.columns,
+                                    split=recipe.data.split).rows[:p.eval_samples]
+    with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite) as run:
+        return _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eval_prompts)
+
+
+def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eval_prompts) -> dict:
+    p = recipe.ppo
+    torch.manual_seed(p.seed)
+    model_cfg = recipe.model
+    model_cfg.base = rm_manifest["base"]
+    method = rm_manifest["adapter"]["method"]
+    tokenizer = modeling.load_tokenizer(model_cfg, str(sft_dir or rm_dir))
+    rm_stats = rm_manifest["reward_stats"]
+    shift, scale = (rm_stats["mean"], rm_stats["std"]) if p.normalize_reward else (0.0, 1.0)
+    models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, recipe.adapter, shift, scale)
+    models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
+    encoded = encode_prompts(tokenizer, prompts.rows, p.max_prompt_length, recipe.data.prompts)
+    eval_encoded = (encode_prompts(tokenizer, eval_prompts, p.max_prompt_length, recipe.data.eval_prompts)
+                    if eval_prompts else None)
+    params = {role: models.parameters(role) for role in ("policy", "value")}
+    optimizer = torch.optim.AdamW([{"params": params["policy"]}, {"params": params["value"]}], lr=p.lr, eps=1e-5)
+    kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
+              else ppo_math.FixedKLController(p.kl_coef))
+    steps = p.max_steps or max(1, math.ceil(p.epochs * len(encoded) / p.batch_size))
+    order_gen = torch.Generator().manual_seed(p.seed)
+    order: list[int] = []
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    n_trainable = sum(x.numel() for x in params["policy"] + params["value"])
+    print(f"ppo: {len(encoded)} prompts, {steps} steps of {p.batch_size} episodes; training "
+          f"{n_trainable:,} parameters (policy + value)", file=sys.stderr)
+
+    history = []
+    for step in range(1, steps + 1):
+        t0 = time.time()
+        # 1 rollout: sample one response per prompt with the policy
+        if len(order) < p.batch_size:
+            order += torch.randperm(len(encoded), generator=order_gen).tolist()
+        batch, order = order[:p.batch_size], order[p.batch_size:]
+        query, query_mask = left_pad([encoded[i] for i in batch], pad)
+        out = models.generate(query, query_mask, do_sample=True, temperature=p.temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=p.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+        response, response_mask, stopped = truncate_after_eos(out[:, query.shape[1]:], eos, pad)
+        ro = Rollout(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, response_mask], 1),
+                     response=response, response_mask=response_mask, stopped=stopped)
+        length = response.shape[1]
+        t1 = time.time()
+
+        # 2 score and KL-shape the rewards
+        with torch.no_grad():
+            logits = response_logits(models, ro.ids, ro.mask, length)
+            ro.logp = ppo_math.logprobs_from_logits(logits, response, p.temperature)
+            ro.entropy = ppo_math.entropy_from_logits(logits, p.temperature)
+            del logits
+            ro.ref_logp = ppo_math.logprobs_from_logits(
+                response_logits(models, ro.ids, ro.mask, length, role="reference"), response, p.temperature)
+            ro.values = response_values(models, ro.ids, ro.mask, length)
+            ro.scores = models.scores(ro.ids, ro.mask)
+        shaped = shape_scores(ro.scores, stopped, p, rm_stats)
+        ro.rewards, ro.kl = ppo_math.kl_penalized_rewards(shaped, ro.logp, ro.ref_logp, response_mask,
+                                                          kl_ctl.value, p.kl_estimator)
+
+        # 3 advantages (GAE) and returns
+        ro.advantages, ro.returns = ppo_math.gae(ro.rewards, ro.values, response_mask, p.gamma, p.lam)
+        if p.whiten_advantages:
+            ro.advantages = ppo_math.masked_whiten(ro.advantages, response_mask)
+        t2 = time.time()
+
+        # 4 PPO epochs over shuffled mini-batches
+        stats = _ppo_epochs(models, optimizer, params, ro, p)
+        t3 = time.time()
+
+        # 5 KL controller, metrics, evaluation, checkpoints
+        seq_kl = sequence_sum(ro.kl, response_mask)
+        kl_ctl.update(seq_kl.mean().item(), p.batch_size)
+        non_score = sequence_sum(ro.rewards, response_mask) - shaped
+        row = {
+            "step": step,
+            "episodes": step * p.batch_size,
+            "objective/score": ro.scores.mean().item(),
+            "objective/score_shaped": shaped.mean().item(),
+            "objective/kl": seq_kl.mean().item(),
+            "objective/non_score_reward": non_score.mean().item(),
+            "objective/rlhf_reward": (shaped + non_score).mean().item(),
+            "objective/entropy": sequence_sum(ro.entropy, response_mask).mean().item(),
+            **stats,
+            "ppo/kl_coef": kl_ctl.value,
+            "response/length": response_mask.sum(1).float().mean().item(),
+            "response/eos_rate": stopped.float().mean().item(),
+            "time/generation_s": t1 - t0,
+            "time/scoring_s": t2 - t1,
+            "time/update_s": t3 - t2,
+        }
+        if eval_encoded and (step % p.eval_every == 0 or step == steps):
+            row.update(evaluate(models, tokenizer, eval_prompts, eval_encoded, p.max_new_tokens))
+        row["time/step_s"] = time.time() - t0
+        run.metrics.write(row)
+        history.append(row)
+        print(f"ppo: step {step}/{steps} score {row['objective/score']:.3f} kl {row['objective/kl']:.3f} "
+              f"len {row['response/length']:.1f}" + (f" eval/gold {row['eval/gold']:.3f}" if "eval/gold" in row
+                                                       else ""), file=sys.stderr, flush=True)
+        if row["objective/kl"] < -1e-3 and step > 1:
+            print(f"ppo: warning: mean KL is negative ({row['objective/kl']:.4f}) at step {step}: the k1 estimate "
+                  "is only non-negative on average; persistent negative values usually mean the sampling and "
+                  "the log-prob passes disagree (temperature, top-k/top-p, dropout or padding positions)",
+                  file=sys.stderr)
+        if p.save_every and step % p.save_every == 0 and step != steps:
+            ckpt = run.staging / "checkpoints" / f"step_{step:06d}"
+            ckpt.mkdir(parents=True)
+            models.save(ckpt)
+
+    # save
+    final = history[-1]
+    within_budget = None if p.kl_budget is None else final["objective/kl"] <= p.kl_budget
+    if within_budget is False:
+        print(f"ppo: warning: final mean KL {final['objective/kl']:.3f} is over ppo.kl_budget={p.kl_budget}; "
+              "raise ppo.kl_coef or use ppo.adaptive_kl", file=sys.stderr)
+    models.save(run.staging)
+    tokenizer.save_pretrained(str(run.staging))
+    return run.finish({
+        "base": model_cfg.base,
+        "parents": {"sft": str(sft_dir) if sft_dir else None, "rm": str(rm_dir)},
+        "adapter": {"method": method,
+                    "parameters": {"trainable": n_trainable,
+                                   "total": sum(x.numel() for x in _all_parameters(models))}},
+        "data": {"prompts": prompts.summary()},
+        "metrics": {"steps": steps, "episodes": steps * p.batch_size,
+                    **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
+        "reward_stats": rm_manifest["reward_stats"],
+        "kl_controller": kl_ctl.state_dict(),
+        "kl_budget": {"budget": p.kl_budget, "within": within_budget},
+        "seed": p.seed,
+        "recipe": recipe.to_dict(),
+    })
+
+
+def _all_parameters(models):
+    if isinstance(models, ppo_models.SharedBase):
+        return list(models.model.parameters()) + list(models.value_head.parameters())
+    return [x for m in (models.policy, models.reference, models.reward, models.value) for x in m.parameters()]
+
+
+def _ppo_epochs(models, optimizer, params, ro: Rollout, p) -> dict:
+    """``ppo_epochs`` passes over the rollout in shuffled mini-batches; one optimizer step per mini-batch,
+    gradients accumulated over micro-batches; stops early when the approximate KL passes ``early_stop_kl``."""
+    B, length = ro.ids.shape[0], ro.response.shape[1]
+    accum = p.mini_batch_size // p.micro_batch_size
+    totals: dict[str, float] = {}
+    count = 0
+    epochs_run = 0
+    for _ in range(p.ppo_epochs):
+        epochs_run += 1
+        epoch_kl, epoch_n = 0.0, 0
+        perm = torch.randperm(B)
+        for start in range(0, B, p.mini_batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            for micro in perm[start:start + p.mini_batch_size].split(p.micro_batch_size):
+                ids, mask, rmask = ro.ids[micro], ro.mask[micro], ro.response_mask[micro]
+                logits = response_logits(models, ids, mask, length)
+                logp = ppo_math.logprobs_from_logits(logits, ro.response[micro], p.temperature)
+                pg_loss, pstats = ppo_math.policy_loss(logp, ro.logp[micro], ro.advantages[micro], rmask, p.clip)
+                entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits, p.temperature), rmask)
+                ((pg_loss - p.entropy_coef * entropy) / accum).backward()
+                vpred = response_values(models, ids, mask, length)
+                vf_loss, vstats = ppo_math.value_loss(vpred, ro.values[micro], ro.returns[micro], rmask,
+                                                      p.value_clip)
+                (p.vf_coef * vf_loss / accum).backward()
+                for key, value in (("policy/loss", pg_loss), ("value/loss", vf_loss), ("policy/entropy", entropy),
+                                   ("policy/approxkl", pstats["approxkl"]), ("policy/clipfrac", pstats["clipfrac"]),
+                                   ("policy/ratio", pstats["ratio"]), ("value/clipfrac", vstats["clipfrac"])):
+                    totals[key] = totals.get(key, 0.0) + value.item()
+                count += 1
+                epoch_kl += pstats["approxkl"].item()
+                epoch_n += 1
+            for role in ("policy", "value"):
+                norm = torch.nn.utils.clip_grad_norm_(params[role], p.max_grad_norm)
+                totals[f"{role}/grad_norm"] = totals.get(f"{role}/grad_norm", 0.0) + norm.item() * accum
+            optimizer.step()
+        if p.early_stop_kl is not None and epoch_kl / epoch_n > p.early_stop_kl:
+            break
+    stats = {k: v / count for k, v in totals.items()}
+    stats["ppo/epochs_run"] = epochs_run
+    return stats

@@ -1,0 +1,145 @@
+"""PPO maths with hand-worked expected tensors, and a plain-loop GAE that agrees with the vectorised one."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf import ppo_math as pm
+
+T = torch.tensor
+
+
+def test_masked_statistics_and_whitening():
+    x, mask = T([1.0, 2.0, 3.0, 100.0]), T([1, 1, 1, 0])
+    assert pm.masked_mean(x, mask).item() == pytest.approx(2.0)
+    assert pm.masked_var(x, mask).item() == pytest.approx(1.0)  # unbiased: ((1)+(0)+(1)) / 2
+    assert pm.masked_var(x, mask, unbiased=False).item() == pytest.approx(2 / 3)
+    torch.testing.assert_close(pm.masked_whiten(x, mask), T([-1.0, 0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(pm.masked_whiten(x, mask, shift_mean=False), T([1.0, 2.0, 3.0, 0.0]),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(pm.masked_mean(T([[1.0, 3.0], [5.0, 7.0]]), T([[1, 1], [1, 0]]), dim=1),
+                               T([2.0, 5.0]))
+
+
+def test_logprobs_and_entropy_follow_the_temperature():
+    logits = T([[[2.0, 0.0, -2.0]]])
+    tokens = T([[0]])
+    for temp in (1.0, 0.5):
+        z = logits / temp
+        expected = z[0, 0, 0] - torch.logsumexp(z[0, 0], -1)
+        assert pm.logprobs_from_logits(logits, tokens, temp).item() == pytest.approx(expected.item(), abs=1e-6)
+        p = torch.softmax(z[0, 0], -1)
+        assert pm.entropy_from_logits(logits, temp).item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-6)
+    uniform = torch.zeros(1, 1, 4)
+    assert pm.entropy_from_logits(uniform).item() == pytest.approx(math.log(4), abs=1e-6)
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = T([[-1.0, -2.0, -0.5]]), T([[-1.5, -1.0, -0.5]])
+    torch.testing.assert_close(pm.kl_k1(logp, ref), T([[0.5, -1.0, 0.0]]))
+    expected_k3 = T([[math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0, 0.0]])
+    torch.testing.assert_close(pm.kl_k3(logp, ref), expected_k3)
+    assert (pm.kl_k3(torch.randn(50), torch.randn(50)) >= 0).all()
+
+
+def test_kl_penalized_rewards_by_hand():
+    logp, ref = T([[-1.0, -2.0, -0.5]]), T([[-1.5, -1.0, -0.5]])
+    # expected rewards are -kl_coef * kl, with the score added at the last real token
+    rewards, kl = pm.kl_penalized_rewards(T([3.0]), logp, ref, T([[1, 1, 1]]), kl_coef=0.1)
+    torch.testing.assert_close(rewards, T([[-0.05, 0.1, 3.0]]))
+    torch.testing.assert_close(kl, T([[0.5, -1.0, 0.0]]))
+    rewards, _ = pm.kl_penalized_rewards(T([3.0]), logp, ref, T([[1, 1, 0]]), kl_coef=0.1)
+    torch.testing.assert_close(rewards, T([[-0.05, 3.1, 0.0]]))
+    rewards, kl = pm.kl_penalized_rewards(T([0.0]), logp, ref, T([[1, 1, 1]]), kl_coef=1.0, estimator="k3")
+    torch.testing.assert_close(rewards, -pm.kl_k3(logp, ref))
+
+
+def test_gae_by_hand():
+    adv, ret = pm.gae(T([[1.0, 0.0, 2.0]]), T([[0.5, 1.0, 1.5]]), T([[1, 1, 1]]), gamma=1.0, lam=0.5)
+    # delta_2 = 2 - 1.5 = 0.5; delta_1 = 0 + 1.5 - 1 = 0.5; delta_0 = 1 + 1 - 0.5 = 1.5
+    # A_2 = 0.5; A_1 = 0.5 + 0.5 * 0.5 = 0.75; A_0 = 1.5 + 0.5 * 0.75 = 1.875
+    torch.testing.assert_close(adv, T([[1.875, 0.75, 0.5]]))
+    torch.testing.assert_close(ret, T([[2.375, 1.75, 2.0]]))
+    # padding: the value after the last real token counts as 0, whatever the padded slot holds
+    adv, ret = pm.gae(T([[1.0, 2.0, 0.0]]), T([[0.5, 1.0, 9.0]]), T([[1, 1, 0]]), gamma=1.0, lam=0.5)
+    torch.testing.assert_close(adv, T([[2.0, 1.0, 0.0]]))
+    torch.testing.assert_close(ret, T([[2.5, 2.0, 0.0]]))
+    # gamma discounts the bootstrap: delta_0 = 0 + 0.9 * 1 - 0, A_0 = 0.9 + 0.9 * 1 * (1 - 1)
+    adv, _ = pm.gae(T([[0.0, 1.0]]), T([[0.0, 1.0]]), T([[1, 1]]), gamma=0.9, lam=1.0)
+    torch.testing.assert_close(adv, T([[0.9, 0.0]]))
+
+
+def gae_loop(rewards, values, mask, gamma, lam):
+    """The textbook recursion in plain Python, one sequence and one token at a time."""
+    B, n = rewards.shape
+    adv = [[0.0] * n for _ in range(B)]
+    for b in range(B):
+        length = int(mask[b].sum())
+        running = 0.0
+        for t in reversed(range(length)):
+            next_v = float(values[b, t + 1]) if t + 1 < length else 0.0
+            delta = float(rewards[b, t]) + gamma * next_v - float(values[b, t])
+            running = delta + gamma * lam * running
+            adv[b][t] = running
+    adv = torch.tensor(adv)
+    return adv, (adv + values * mask) * mask
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.5, 0.0)])
+def test_gae_agrees_with_plain_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    lengths = T([9, 1, 5, 3, 8, 2])
+    mask = (torch.arange(9)[None] < lengths[:, None]).float()
+    adv, ret = pm.gae(rewards * mask, values, mask, gamma, lam)
+    adv2, ret2 = gae_loop(rewards * mask, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, adv2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ret, ret2, atol=1e-5, rtol=0)
+
+
+def test_policy_loss_by_hand():
+    old = T([[0.0, 0.0, 0.0]])
+    logp = T([[math.log(1.5), math.log(0.5), math.log(1.1)]])
+    adv = T([[1.0, 1.0, -1.0]])
+    loss, stats = pm.policy_loss(logp, old, adv, T([[1, 1, 1]]), clip=0.2)
+    # token 0: ratio 1.5 -> max(-1.5, -1.2) = -1.2 (clipped); token 1: ratio 0.5 -> max(-0.5, -0.8) = -0.5;
+    # token 2: ratio 1.1, A = -1 -> 1.1 either way
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.1) / 3, abs=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 3)
+    expected_kl = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3
+    assert stats["approxkl"].item() == pytest.approx(expected_kl, abs=1e-6)
+    # at ratio 1 the gradient is -A / n per token
+    logp = torch.zeros(1, 2, requires_grad=True)
+    loss, _ = pm.policy_loss(logp, torch.zeros(1, 2), T([[2.0, -1.0]]), torch.ones(1, 2))
+    loss.backward()
+    torch.testing.assert_close(logp.grad, T([[-1.0, 0.5]]))
+
+
+def test_value_loss_by_hand():
+    loss, stats = pm.value_loss(T([[0.5, -0.1, 7.0]]), T([[0.0, 0.0, 0.0]]), T([[1.0, 1.0, 0.0]]),
+                                T([[1, 1, 0]]), clip=0.2)
+    # t0: clipped value 0.2 -> max(0.25, 0.64) = 0.64; t1: within the clip -> 1.21; t2 is padding
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21) / 2, abs=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_kl_controllers():
+    c = pm.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    c.update(12.0, n_steps=64)  # error clipped to +0.2
+    assert c.value == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+    c = pm.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    c.update(3.0, n_steps=64)  # error -0.5 clipped to -0.2
+    assert c.value == pytest.approx(0.1 * (1 - 0.2 * 64 / 10000))
+    c = pm.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    c.update(6.6, n_steps=100)  # error 0.1
+    assert c.value == pytest.approx(0.1 * (1 + 0.1 * 100 / 10000))
+    state = c.state_dict()
+    d = pm.AdaptiveKLController(1.0, 1.0, 1.0)
+    d.load_state_dict(state)
+    assert d.value == c.value
+    f = pm.FixedKLController(0.05)
+    f.update(100.0, 64)
+    assert f.value == 0.05

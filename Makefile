@@ -30,8 +30,14 @@ $(STAMP): pyproject.toml
 sft: install
 	$(BIN)/rlhf sft --recipe $(RECIPE) --overwrite $(ARGS)
 
-rm ppo eval: install
-	@echo "rlhf $@: not implemented yet"
+rm: install
+	$(BIN)/rlhf rm --recipe $(RECIPE) --overwrite $(ARGS)
+
+ppo: install
+	$(BIN)/rlhf ppo --recipe $(RECIPE) --overwrite $(ARGS)
+
+eval: install
+	$(BIN)/rlhf eval --recipe $(RECIPE) --overwrite $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

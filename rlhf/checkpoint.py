@@ -130,3 +130,10 @@ class Run:
     def abandon(self) -> None:
         """Remove the staging directory after a failure (the final directory is untouched)."""
         shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # any failure, Ctrl-C included: nothing half-written is left behind
+            self.abandon()

@@ -137,6 +137,49 @@ def rm_score(reward, data_path, out, on_bad_row):
 
 
 @cli.command()
+@recipe_options
+@click.option("--policy", help="SFT (or PPO) run directory to start from; 'base' to start from the bare base "
+              "(default runs/<name>/sft)")
+@click.option("--reward", help="reward-model run directory (default runs/<name>/rm)")
+@click.option("--out", type=click.Path(file_okay=False), help="output run directory (default runs/<name>/ppo)")
+@click.option("--overwrite", is_flag=True, help="replace a finished run in the output directory")
+def ppo(recipe_path, overrides, policy, reward, out, overwrite):
+    """PPO of the policy against the reward model, with a KL penalty to the frozen SFT reference."""
+    from stages import ppo as stage
+
+    recipe = _recipe(recipe_path, overrides)
+    manifest = stage.main(recipe, policy=policy, reward=reward, out=out, overwrite=overwrite)
+    m = manifest["metrics"]
+    click.echo(f"ppo: {m['steps']} steps, score {m['objective/score']:.4f}, kl {m['objective/kl']:.4f}"
+               + (f", held-out gold {m['eval/gold']:.4f}" if "eval/gold" in m else "")
+               + f" -> {out or recipe.stage_dir('ppo')}")
+
+
+@cli.command("eval")
+@recipe_options
+@click.option("--policy", "policies", multiple=True,
+              help="policy to evaluate: a run directory, a stage of the recipe (sft, ppo) or 'base' (repeatable; "
+                   "default eval.policies)")
+@click.option("--reward", help="reward-model run directory (default runs/<name>/rm)")
+@click.option("--prompts", help="held-out prompt file (default data.eval_prompts)")
+@click.option("--samples", type=int, help="responses per prompt (1: greedy); overrides eval.samples")
+@click.option("--icl-shots", type=int, help="demonstrations for the in-context baseline row; overrides eval.icl_shots")
+@click.option("--out", type=click.Path(file_okay=False), help="output directory (default runs/<name>/eval)")
+@click.option("--overwrite", is_flag=True, help="replace a finished evaluation in the output directory")
+def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_shots, out, overwrite):
+    """Compare policies on held-out prompts: reward, gold, win rate, KL, length; with a report and plots."""
+    from rlhf.training import show_progress
+    from stages import evaluate as stage
+
+    extra = ((f"eval.samples={samples}",) if samples is not None else ()) + (
+        (f"eval.icl_shots={icl_shots}",) if icl_shots is not None else ())
+    recipe = _recipe(recipe_path, (*overrides, *extra))
+    stage.main(recipe, policies=list(policies) or None, reward=reward, prompts=prompts, out=out,
+               overwrite=overwrite, progress=show_progress(recipe))
+    click.echo(f"eval: report in {out or recipe.stage_dir('eval')}")
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="prompt file (any prompt format)")
 @click.option("--max-new-tokens", default=64, show_default=True)

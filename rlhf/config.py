@@ -173,6 +173,9 @@ class PPOConfig:
     """target sequence KL for the adaptive controller, in nats"""
     kl_horizon: float = 10000.0
     """horizon of the adaptive controller, in episodes"""
+    kl_budget: float | None = None
+    """the mean sequence KL to the reference the run is meant to end within, in nats: the manifest records
+    whether it did and a warning is printed when not; None for no budget"""
     gamma: float = 1.0
     """discount factor"""
     lam: float = 0.95
@@ -208,6 +211,31 @@ class PPOConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation on held-out prompts (``data.eval_prompts``): reward, gold where known, win rate, KL, length."""
+
+    policies: list[str] = field(default_factory=lambda: ["sft", "ppo"])
+    """policies to compare: a stage of this recipe ("sft", "ppo"), a run directory, or "base" (the untuned base)"""
+    icl_shots: int = 3
+    """also evaluate the untuned base prompted with this many demonstrations from data.sft, as the first row (0: no
+    such row); win rates are against the first row"""
+    samples: int = 1
+    """responses per prompt: 1 is greedy decoding, more are sampled at eval.temperature"""
+    temperature: float = 0.7
+    """sampling temperature when eval.samples > 1"""
+    max_new_tokens: int = 64
+    """longest response generated"""
+    batch_size: int = 32
+    """prompts per generation batch"""
+    limit: int | None = None
+    """evaluate only the first N prompts (None: all)"""
+    bootstrap: int = 2000
+    """bootstrap resamples for the 95% intervals"""
+    seed: int = 0
+    """seed for sampling, demonstration choice and the bootstrap"""
+
+
+@dataclass
 class LoggingConfig:
     report_to: list[str] = field(default_factory=list)
     """trackers besides metrics.jsonl (e.g. [tensorboard]); empty for none"""
@@ -233,6 +261,8 @@ class Recipe:
     """reward-model training"""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO against the reward model"""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """evaluation on held-out prompts"""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """trackers and progress bars"""
     source: str = field(default="<defaults>", metadata={"internal": True})
@@ -441,13 +471,26 @@ def check_ppo(recipe: Recipe) -> None:
     for key in ("eval_every", "save_every"):
         if getattr(p, key) < 0:
             fail(key, f"must be 0 (off) or positive, got {getattr(p, key)}")
-    for key in ("reward_clip", "early_stop_kl"):
+    for key in ("reward_clip", "early_stop_kl", "kl_budget"):
         if getattr(p, key) is not None and getattr(p, key) <= 0:
             fail(key, f"must be positive (or null to disable), got {getattr(p, key)}")
     if p.batch_size % p.mini_batch_size:
         fail("mini_batch_size", f"({p.mini_batch_size}) must divide ppo.batch_size ({p.batch_size})")
     if p.mini_batch_size % p.micro_batch_size:
         fail("micro_batch_size", f"({p.micro_batch_size}) must divide ppo.mini_batch_size ({p.mini_batch_size})")
+
+
+def check_eval(recipe: Recipe) -> None:
+    e, where = recipe.eval, recipe.source
+    for key in ("samples", "max_new_tokens", "batch_size", "bootstrap"):
+        if getattr(e, key) <= 0:
+            raise UserError(f"{where}: eval.{key} must be positive, got {getattr(e, key)}")
+    if e.icl_shots < 0:
+        raise UserError(f"{where}: eval.icl_shots must be 0 or positive, got {e.icl_shots}")
+    if e.temperature <= 0:
+        raise UserError(f"{where}: eval.temperature must be positive, got {e.temperature}")
+    if e.limit is not None and e.limit <= 0:
+        raise UserError(f"{where}: eval.limit must be positive (or null for all prompts), got {e.limit}")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -476,6 +519,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         recipe.name = Path(path).stem if path is not None else "default"
     check(recipe)
     check_ppo(recipe)
+    check_eval(recipe)
     return recipe
 
 

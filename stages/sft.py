@@ -27,8 +27,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False)
         raise UserError(f"{recipe.source}: data.sft is required for the sft stage")
     data = formats.load(recipe.data.sft, "sft", fmt=recipe.data.sft_format, columns=recipe.data.columns,
                         split=recipe.data.split, on_bad_row=recipe.data.on_bad_row)
-    run = Run(Path(out) if out else recipe.stage_dir("sft"), "sft", overwrite=overwrite)
-    try:
+    with Run(Path(out) if out else recipe.stage_dir("sft"), "sft", overwrite=overwrite) as run:
         set_seed(recipe.sft.seed)
         tokenizer = modeling.load_tokenizer(recipe.model)
         model = modeling.attach_adapter(modeling.load_base(recipe.model), recipe.adapter, "CAUSAL_LM")
@@ -65,6 +64,3 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False)
             "seed": recipe.sft.seed,
             "recipe": recipe.to_dict(),
         })
-    except BaseException:
-        run.abandon()
-        raise

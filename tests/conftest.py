@@ -45,3 +45,13 @@ def write_recipe(path: Path, **sections) -> Path:
 def tiny_recipe(tmp_path):
     """A copy of the tiny recipe with absolute paths and its run_dir under tmp_path."""
     return write_recipe(tmp_path / "tiny.yaml", run_dir=str(tmp_path / "runs"))
+
+
+@pytest.fixture(scope="session")
+def parents(tmp_path_factory):
+    """Briefly trained SFT and RM runs on the tiny base (shared by the PPO and eval tests)."""
+    d = tmp_path_factory.mktemp("parents")
+    recipe = write_recipe(d / "tiny.yaml", run_dir=str(d / "runs"))
+    run_cli("sft", "--recipe", str(recipe), "--set", "sft.max_steps=30")
+    run_cli("rm", "--recipe", str(recipe), "--set", "rm.max_steps=30", "--set", "rm.stats_samples=200")
+    return recipe, d / "runs" / "tiny"

@@ -31,7 +31,7 @@ def test_every_recipe_loads_and_documents_its_command(path, monkeypatch):
 
 
 @pytest.mark.parametrize("cls", [Recipe, config.ModelConfig, config.AdapterConfig, config.DataConfig,
-                                 config.SFTConfig, config.RMConfig, config.PPOConfig, config.LoggingConfig])
+                                 config.SFTConfig, config.RMConfig, config.PPOConfig, config.EvalConfig, config.LoggingConfig])
 def test_every_field_has_a_docstring(cls):
     docs = field_docs(cls)
     missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name, "").strip()]
@@ -93,6 +93,8 @@ def test_wrong_types_name_the_key(tmp_path, text, key):
     ("ppo:\n  kl_coef: -0.1\n", "ppo.kl_coef"),
     ("ppo:\n  kl_estimator: k2\n", "ppo.kl_estimator"),
     ("rm:\n  batch_size: 0\n", "rm.batch_size"),
+    ("eval:\n  samples: 0\n", "eval.samples"),
+    ("eval:\n  icl_shots: -1\n", "eval.icl_shots"),
 ])
 def test_impossible_values_name_the_key(tmp_path, text, key):
     msg = _error(tmp_path, text)

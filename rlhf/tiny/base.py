@@ -139,5 +139,32 @@ def build_base(out_dir: str | Path, minutes: float = 8.0, seed: int = 0, log=pri
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "build.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_card(out, stats)
     log(json.dumps(stats))
     return stats
+
+
+def write_card(out: Path, stats: dict) -> None:
+    """``README.md`` beside the weights: what the model is, how it was built, how well it learned."""
+    shape = stats["shape"]
+    (Path(out) / "README.md").write_text(f"""# The tiny base
+
+A {stats['parameters'] / 1e6:.2f}M-parameter Llama built by `rlhf tiny build-base` (`rlhf/tiny/base.py`) for the
+tiny world (`data/tiny/README.md`), so that the whole pipeline runs on a CPU with no download.
+
+| | |
+|---|---|
+| architecture | Llama, hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, \
+{shape['num_attention_heads']} heads, MLP {shape['intermediate_size']}, tied embeddings |
+| Linear widths | all multiples of 32 (bitsandbytes 4-bit kernels on CPU need it) |
+| tokenizer | byte-level BPE trained on the world's text, {stats['vocab']} tokens (embedding padded to \
+{max(VOCAB_SIZE, math.ceil(stats['vocab'] / 32) * 32)}), every digit its own token, \
+special tokens {', '.join(f'`{t}`' for t in SPECIAL_TOKENS)}, a chat template with generation markers |
+| pretraining | {stats['seconds'] / 60:.1f} minutes on 2 CPU cores, {stats['steps']} steps, {stats['tokens'] / 1e6:.1f}M \
+tokens of freshly generated prose about the world (no fixed corpus, so nothing to memorise), seed {stats['seed']} |
+| held-out loss | {stats['heldout_loss']} nats/token (final training loss {stats['final_train_loss']}) |
+
+It knows the world's language (facts, questions and answers in every style) but has never seen the chat markers
+and never learned to stop after an answer: both come from SFT. Rebuild with `rlhf tiny build-base` (the numbers
+above are written by that command).
+""")

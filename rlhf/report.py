@@ -1,0 +1,121 @@
+"""Statistics and pictures for evaluation reports: bootstrap intervals, win rates, sequence KL, plots.
+
+The statistics are pure functions (numbers in, numbers out); the plots read run directories and write PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+
+def bootstrap_ci(values: list[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean: resample with replacement ``resamples`` times and take the
+    (1 - level) / 2 and (1 + level) / 2 quantiles of the resampled means."""
+    if not values:
+        return (float("nan"), float("nan"))
+    if len(values) == 1:
+        return (values[0], values[0])
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    lo = means[int((1 - level) / 2 * (resamples - 1))]
+    hi = means[int(round((1 + level) / 2 * (resamples - 1)))]
+    return (lo, hi)
+
+
+def win_rate(ours: list[float], theirs: list[float]) -> float:
+    """Share of paired items where ours scores higher than theirs; ties count half."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"win rate needs paired scores, got {len(ours)} and {len(theirs)}")
+    if not ours:
+        return float("nan")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)) / len(ours)
+
+
+def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence KL estimate of the sampled response: sum_t (log pi(y_t) - log pi_ref(y_t)) over real tokens."""
+    return ((logp - ref_logp) * mask).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_reward_distributions(scores: dict[str, list[float]], path: Path) -> Path:
+    """One histogram of reward-model scores per policy, overlaid."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lo = min(min(v) for v in scores.values())
+    hi = max(max(v) for v in scores.values())
+    bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
+    for name, values in scores.items():
+        ax.hist(values, bins=bins, alpha=0.5, label=f"{name} (mean {sum(values) / len(values):.2f})")
+    ax.set_xlabel("reward-model score")
+    ax.set_ylabel("responses")
+    ax.set_title("Reward distribution per policy (held-out prompts)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def plot_ppo_curves(run_dir: Path, path: Path) -> Path | None:
+    """Score, KL and (when logged) held-out gold of a PPO run over its steps."""
+    rows = read_metrics(run_dir)
+    if not rows or "objective/score" not in rows[0]:
+        return None
+    plt = _pyplot()
+    panels = [("objective/score", "reward-model score"), ("objective/kl", "KL to reference (nats)")]
+    if any("eval/gold" in r for r in rows):
+        panels.append(("eval/gold", "held-out gold (greedy)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (key, label) in zip(axes, panels):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if key.startswith("eval/") else None)
+        ax.set_xlabel("PPO step")
+        ax.set_title(label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_overoptimisation(points: list[dict], path: Path) -> Path | None:
+    """Proxy (reward-model score) and gold score of the policy as PPO proceeds, on two axes: where the proxy keeps
+    rising and the gold flattens or falls, the policy is exploiting the reward model."""
+    points = [p for p in points if p.get("gold") is not None]
+    if len(points) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [p["step"] for p in points]
+    ax.plot(steps, [p["score"] for p in points], color="tab:blue", marker="o", label="reward-model score (proxy)")
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("reward-model score", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [p["gold"] for p in points], color="tab:red", marker="s", label="gold score")
+    ax2.set_ylabel("gold score", color="tab:red")
+    ax.set_title("Proxy vs gold reward during PPO (held-out prompts, greedy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,212 @@
+"""Evaluation: policies side by side on held-out prompts, scored by the reward model and, where the prompts come
+from the tiny world, by the gold scorer.
+
+setup (prompts, reward model, the rows to compare: an in-context-learning baseline on the untuned base, then the
+listed policies) -> for each row: generate (greedy, or k samples), score, KL to the row's reference -> report
+(table, summary.json, summary.md, responses.jsonl) and pictures (reward distributions, the PPO run's curves, and
+proxy vs gold reward across PPO's training-time evaluations).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf import formats, modeling, report, rollout
+from rlhf.checkpoint import Run
+from rlhf.config import ModelConfig, Recipe
+from rlhf.errors import UserError
+from rlhf.tiny import world
+
+
+@dataclass
+class Row:
+    """One policy under evaluation."""
+
+    name: str
+    run_dir: Path | None = None
+    """the run directory, or None for the untuned base"""
+    icl_shots: int = 0
+    results: dict = field(default_factory=dict)
+
+
+def resolve_policy(recipe: Recipe, spec: str) -> Row:
+    """"base", a stage name of this recipe ("sft", "ppo"), or a run directory."""
+    if spec == "base":
+        return Row("base")
+    path = Path(spec)
+    if not path.exists() and spec in ("sft", "ppo"):
+        path = recipe.stage_dir(spec)
+    manifest = modeling.read_manifest(path)
+    if manifest.get("stage") not in ("sft", "ppo"):
+        raise UserError(f"{path}: is a {manifest.get('stage')!r} run, not a policy (sft or ppo)")
+    return Row(spec if spec in ("sft", "ppo") else str(path), run_dir=path)
+
+
+def icl_prompts(prompts: list[list[dict]], demos: list[dict], shots: int, seed: int) -> list[list[dict]]:
+    """Each prompt preceded by ``shots`` demonstrations (user/assistant turns) drawn from the SFT data."""
+    rng = random.Random(seed)
+    out = []
+    for p in prompts:
+        context = []
+        for d in rng.sample(demos, shots):
+            context += d["prompt"] + d["completion"]
+        out.append(context + p)
+    return out
+
+
+def load_row_model(row: Row, model_cfg: ModelConfig):
+    if row.run_dir is None:
+        return modeling.load_base(model_cfg).eval(), modeling.load_tokenizer(model_cfg)
+    return modeling.load_policy(row.run_dir)
+
+
+def load_reference(row: Row, model_cfg: ModelConfig):
+    """The model a row's KL is measured against: a PPO run's SFT parent, an SFT run's base; None for the base."""
+    if row.run_dir is None:
+        return None
+    manifest = modeling.read_manifest(row.run_dir)
+    parent = (manifest.get("parents") or {}).get("sft")
+    if manifest["stage"] == "ppo" and parent:
+        return modeling.load_policy(parent)[0]
+    cfg = ModelConfig(**{**manifest["recipe"]["model"], "base": manifest["base"]})
+    return modeling.load_base(cfg).eval()
+
+
+def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: bool) -> list[dict]:
+    """Generate, score and measure one row; returns one record per (prompt, sample)."""
+    e = recipe.eval
+    model, tokenizer = load_row_model(row, recipe.model)
+    inputs = icl_prompts(prompts, demos, row.icl_shots, e.seed) if row.icl_shots else prompts
+    reference = load_reference(row, recipe.model)
+    questions = [p[-1]["content"] for p in prompts]
+    gold_known = all(world.parse_prompt(q) for q in questions)
+    records = []
+    for sample in range(e.samples):
+        torch.manual_seed(e.seed + sample)
+        gens = rollout.generate(model, tokenizer, inputs, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                temperature=0.0 if e.samples == 1 else e.temperature, progress=progress)
+        scores = rollout.score_conversations(reward[0], reward[1], rollout.with_responses(prompts, gens.texts),
+                                             e.batch_size)
+        kls = [None] * len(prompts)
+        if reference is not None:
+            logp = rollout.response_logprobs(model, tokenizer, inputs, gens.token_ids, e.batch_size)
+            ref = rollout.response_logprobs(reference, tokenizer, inputs, gens.token_ids, e.batch_size)
+            kls = [(a - b).sum().item() for a, b in zip(logp, ref)]
+        for i, q in enumerate(questions):
+            rec = {"policy": row.name, "prompt_index": i, "sample": sample, "prompt": q,
+                   "response": gens.texts[i], "reward": scores[i].item(), "eos": gens.stopped[i],
+                   "length": gens.lengths[i], "kl": kls[i]}
+            if gold_known:
+                rec["gold"] = world.score(q, gens.texts[i])
+                rec["gold_parts"] = world.gold_parts(q, gens.texts[i])
+            records.append(rec)
+    return records
+
+
+def summarise(rows: list[Row], records: list[dict], e) -> dict:
+    """Per row: mean reward with a 95% bootstrap interval, gold, win rate against the first row, KL, length, EOS."""
+    by_row = {r.name: [x for x in records if x["policy"] == r.name] for r in rows}
+    first = by_row[rows[0].name]
+    summary = {}
+    for r in rows:
+        recs = by_row[r.name]
+        rewards = [x["reward"] for x in recs]
+        lo, hi = report.bootstrap_ci(rewards, resamples=e.bootstrap, seed=e.seed)
+        s = {"reward": sum(rewards) / len(rewards), "reward_ci95": [lo, hi],
+             "win_rate_vs_first": report.win_rate(rewards, [x["reward"] for x in first]),
+             "length": sum(x["length"] for x in recs) / len(recs),
+             "eos_rate": sum(x["eos"] for x in recs) / len(recs), "responses": len(recs),
+             "kl": (sum(x["kl"] for x in recs) / len(recs)) if recs[0]["kl"] is not None else None}
+        if "gold" in recs[0]:
+            golds = [x["gold"] for x in recs]
+            s["gold"] = sum(golds) / len(golds)
+            s["gold_ci95"] = list(report.bootstrap_ci(golds, resamples=e.bootstrap, seed=e.seed))
+        summary[r.name] = s
+    return summary
+
+
+def markdown_table(summary: dict, baseline: str) -> str:
+    has_gold = any("gold" in s for s in summary.values())
+    head = ["policy", "reward (95% CI)"] + (["gold"] if has_gold else []) + [
+        f"win rate vs {baseline}", "KL to ref", "length", "EOS rate"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in summary.items():
+        cells = [name, f"{s['reward']:.3f} ({s['reward_ci95'][0]:.3f}, {s['reward_ci95'][1]:.3f})"]
+        if has_gold:
+            cells.append(f"{s['gold']:.3f}" if "gold" in s else "-")
+        cells += [f"{s['win_rate_vs_first']:.3f}", "-" if s["kl"] is None else f"{s['kl']:.2f}",
+                  f"{s['length']:.1f}", f"{s['eos_rate']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None = None, prompts: str | None = None,
+         out: str | Path | None = None, overwrite: bool = False, progress: bool = False) -> dict:
+    """Evaluate the recipe's (or the given) policies; returns the summary written to the run directory."""
+    e = recipe.eval
+    source = prompts or recipe.data.eval_prompts
+    if not source:
+        raise UserError(f"{recipe.source}: data.eval_prompts (or --prompts) is required for eval")
+    prompt_rows = formats.load(source, "prompts", columns=recipe.data.columns, split=recipe.data.split).rows
+    prompt_rows = prompt_rows[:e.limit] if e.limit else prompt_rows
+    rows = ([Row(f"base ICL {e.icl_shots}-shot", icl_shots=e.icl_shots)] if e.icl_shots else [])
+    rows += [resolve_policy(recipe, spec) for spec in (policies or e.policies)]
+    if not rows:
+        raise UserError(f"{recipe.source}: nothing to evaluate (eval.policies is empty and eval.icl_shots is 0)")
+    demos = []
+    if e.icl_shots:
+        if not recipe.data.sft:
+            raise UserError(f"{recipe.source}: eval.icl_shots needs data.sft for its demonstrations")
+        demos = formats.load(recipe.data.sft, "sft", fmt=recipe.data.sft_format, columns=recipe.data.columns,
+                             split=recipe.data.split, on_bad_row="drop").rows
+        if len(demos) < e.icl_shots:
+            raise UserError(f"{recipe.data.sft}: {len(demos)} demonstrations, fewer than eval.icl_shots")
+    reward_dir = Path(reward) if reward else recipe.stage_dir("rm")
+    reward_model = modeling.load_reward(reward_dir)
+    with Run(Path(out) if out else recipe.stage_dir("eval"), "eval", overwrite=overwrite) as run:
+        records = []
+        for row in rows:
+            print(f"eval: {row.name} on {len(prompt_rows)} prompts x {e.samples}", file=sys.stderr, flush=True)
+            records += evaluate_row(row, recipe, prompt_rows, demos, reward_model, progress)
+        summary = summarise(rows, records, e)
+        table = markdown_table(summary, rows[0].name)
+        with open(run.staging / "responses.jsonl", "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        (run.staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run.staging / "summary.md").write_text(
+            f"# Evaluation on {source}\n\n{len(prompt_rows)} prompts, "
+            + ("greedy" if e.samples == 1 else f"{e.samples} samples at temperature {e.temperature}")
+            + f", reward model {reward_dir}\n\n" + table)
+        pictures = draw(rows, records, run.staging)
+        print(table, end="")
+        return run.finish({
+            "base": recipe.model.base,
+            "parents": {"policies": [str(r.run_dir) if r.run_dir else r.name for r in rows], "rm": str(reward_dir)},
+            "data": {"prompts": source, "prompts_used": len(prompt_rows)},
+            "metrics": summary,
+            "pictures": pictures,
+            "seed": e.seed,
+            "recipe": recipe.to_dict(),
+        })
+
+
+def draw(rows: list[Row], records: list[dict], out: Path) -> list[str]:
+    """Reward distributions; for every PPO row, its training curves and the proxy-vs-gold view."""
+    made = [report.plot_reward_distributions(
+        {r.name: [x["reward"] for x in records if x["policy"] == r.name] for r in rows}, out / "rewards.png")]
+    for i, r in enumerate(rows):
+        if r.run_dir is None or modeling.read_manifest(r.run_dir)["stage"] != "ppo":
+            continue
+        tag = "" if r.name == "ppo" else f"_{i}"  # the recipe's own PPO run, or the row's position
+        made.append(report.plot_ppo_curves(r.run_dir, out / f"ppo_curves{tag}.png"))
+        points = [{"step": m["step"], "score": m["eval/score"], "gold": m.get("eval/gold")}
+                  for m in report.read_metrics(r.run_dir) if "eval/score" in m]
+        made.append(report.plot_overoptimisation(points, out / f"proxy_vs_gold{tag}.png"))
+    return [p.name for p in made if p is not None]

@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
 from rlhf.errors import UserError
 
 # The command line that started this process, as the user typed it (set by the CLI; manifests record it).
@@ -83,37 +85,68 @@ class MetricsLog:
 
 
 class Run:
-    """One stage's output directory, built in a staging directory and published by ``finish``."""
+    """One stage's output directory, built in a staging directory and published by ``finish``.
 
-    def __init__(self, final: Path, stage: str, overwrite: bool = False):
+    Beside the final directory ``<out>`` live, while the stage runs, ``.<out>.partial`` (the output being built:
+    metrics.jsonl, and at the end the weights and manifest) and ``.<out>.work`` (resume checkpoints). A killed run
+    leaves both; ``resume=True`` continues from them. Without it, leftovers of an interrupted run are an error
+    unless ``overwrite`` discards them, so resumable work is never deleted by accident.
+    """
+
+    def __init__(self, final: Path, stage: str, overwrite: bool = False, resume: bool = False):
         self.final = Path(final)
         self.stage = stage
         self.started = now()
         self.t0 = time.time()
+        self.resumed = resume
         if self.final.exists():
             if not self.final.is_dir():
                 raise UserError(f"{self.final}: exists and is not a directory")
             if any(self.final.iterdir()) and not overwrite:
-                raise UserError(f"{self.final}: already holds a run; pass --overwrite to replace it "
-                                "(or --out to write elsewhere)")
+                raise UserError(f"{self.final}: already holds a {'finished ' if resume else ''}run; pass --overwrite "
+                                "to replace it (or --out to write elsewhere)")
         parent = self.final.parent
+        self.staging = parent / f".{self.final.name}.partial"
+        self.work = parent / f".{self.final.name}.work"
+        """scratch space for resume checkpoints; removed when the run finishes"""
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.staging = parent / f".{self.final.name}.partial-{os.getpid()}"
-            if self.staging.exists():
-                shutil.rmtree(self.staging)
-            self.staging.mkdir()
+            if resume:
+                if not self.staging.is_dir():
+                    raise UserError(f"{self.final}: nothing to resume (no interrupted run at {self.staging})")
+            else:
+                if (self.staging.exists() or self.work.exists()) and not overwrite:
+                    raise UserError(f"{self.final}: an interrupted run is at {self.staging}; pass --resume to "
+                                    "continue it or --overwrite to start over")
+                shutil.rmtree(self.staging, ignore_errors=True)
+                shutil.rmtree(self.work, ignore_errors=True)
+                self.staging.mkdir()
+            probe = self.staging / ".write-test"
+            probe.write_text("")
+            probe.unlink()
         except OSError as e:
-            raise UserError(f"{parent}: cannot create the run directory ({e.strerror})") from None
-        self.work = parent / f".{self.final.name}.work"
-        """scratch space for the trainer (resume checkpoints); removed when the run finishes"""
+            raise UserError(f"{parent}: cannot write the run directory ({e.strerror})") from None
         self.metrics = MetricsLog(self.staging / "metrics.jsonl")
+
+    def metrics_lines(self) -> int:
+        """Lines in metrics.jsonl now (recorded with each resume checkpoint)."""
+        path = self.metrics.path
+        return len(path.read_text().splitlines()) if path.is_file() else 0
+
+    def truncate_metrics(self, lines: int) -> list[dict]:
+        """Keep the first ``lines`` lines of metrics.jsonl (those written before the resumed checkpoint)."""
+        path = self.metrics.path
+        rows = [json.loads(x) for x in path.read_text().splitlines()[:lines]] if path.is_file() else []
+        tmp = path.with_name(".metrics.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+        return rows
 
     def finish(self, manifest: dict) -> dict:
         """Write the manifest, fsync everything, and move the staging directory into place; returns the manifest."""
         manifest = {"stage": self.stage, "status": "complete", **manifest, "started": self.started,
-                    "finished": now(), "seconds": round(time.time() - self.t0, 2), "versions": versions(),
-                    "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+                    "finished": now(), "seconds": round(time.time() - self.t0, 2), "resumed": self.resumed,
+                    "versions": versions(), "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         write_json(self.staging / "manifest.json", manifest)
         _fsync_tree(self.staging)
         old = None
@@ -128,12 +161,103 @@ class Run:
         return manifest
 
     def abandon(self) -> None:
-        """Remove the staging directory after a failure (the final directory is untouched)."""
+        """After a failure: keep what ``--resume`` needs when a resume checkpoint exists, else remove it all (the
+        final directory is never touched)."""
+        if self.work.is_dir() and any(self.work.iterdir()):
+            print(f"{self.stage}: the run stopped; continue it with --resume", file=sys.stderr)
+            return
         shutil.rmtree(self.staging, ignore_errors=True)
+        shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self) -> "Run":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:  # any failure, Ctrl-C included: nothing half-written is left behind
+        if exc_type is not None:  # any failure, Ctrl-C included: nothing half-written is published
             self.abandon()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume checkpoints written by our own loops (PPO): tensors in safetensors, the rest in JSON, no pickle
+# ---------------------------------------------------------------------------------------------------------------
+
+def optimizer_state(optimizer) -> tuple[dict, dict]:
+    """An optimizer's state as flat tensors plus JSON-able metadata (param groups and which keys exist)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{idx}.{key}"] = value.detach().clone().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict, dict]:
+    """torch, python and numpy RNG states (tensors, JSON)."""
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()
+    return ({"rng.torch": torch.get_rng_state()},
+            {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]})
+
+
+def set_rng_state(tensors: dict, meta: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(tensors["rng.torch"])
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_state(work: Path, step: int, tensors: dict, meta: dict, keep: int) -> Path:
+    """Write ``work/step_N`` atomically (temporary directory, fsync, rename; complete only once renamed) and prune
+    all but the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    work.mkdir(parents=True, exist_ok=True)
+    final = work / f"step_{step:06d}"
+    tmp = work / f".step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, **meta}))
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(work)
+    for old in sorted(work.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_state(work: Path) -> tuple[int, dict, dict] | None:
+    """The newest complete ``work/step_N``: (step, tensors, metadata), or None."""
+    from safetensors.torch import load_file
+
+    done = sorted(work.glob("step_*")) if work.is_dir() else []
+    if not done:
+        return None
+    meta = json.loads((done[-1] / "state.json").read_text())
+    return meta["step"], load_file(str(done[-1] / "state.safetensors")), meta

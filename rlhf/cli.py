@@ -28,21 +28,17 @@ class _Group(click.Group):
 
 def _quiet_libraries() -> None:
     """Keep library chatter (weight-loading bars, load reports, optional-kernel notices) out of the output; the
-    stages print what matters. ``--debug`` leaves it on."""
+    stages print what matters. ``--debug`` leaves it on. Environment variables only: nothing heavy is imported
+    before the recipe has been checked."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.utils.logging.disable_progress_bar()
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(name, value)
 
 
 def recipe_options(f):
@@ -79,12 +75,13 @@ def cli(ctx, debug):
 @click.option("--base", help="base model (local path or hub id); overrides model.base")
 @click.option("--out", type=click.Path(file_okay=False), help="output run directory (default runs/<name>/sft)")
 @click.option("--overwrite", is_flag=True, help="replace a finished run in the output directory")
-def sft(recipe_path, overrides, base, out, overwrite):
+@click.option("--resume", is_flag=True, help="continue an interrupted run from its newest complete checkpoint")
+def sft(recipe_path, overrides, base, out, overwrite, resume):
     """Supervised fine-tuning on demonstrations (loss on responses only)."""
     from stages import sft as stage
 
     recipe = _recipe(recipe_path, overrides, base)
-    manifest = stage.main(recipe, out=out, overwrite=overwrite)
+    manifest = stage.main(recipe, out=out, overwrite=overwrite, resume=resume)
     m = manifest["metrics"]
     click.echo(f"sft: {m['steps']} steps, train loss {m['train_loss']:.4f}"
                + (f", eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else "")
@@ -97,8 +94,9 @@ def sft(recipe_path, overrides, base, out, overwrite):
 @click.option("--base", help="base model (local path or hub id); overrides model.base")
 @click.option("--out", type=click.Path(file_okay=False), help="output run directory (default runs/<name>/rm)")
 @click.option("--overwrite", is_flag=True, help="replace a finished run in the output directory")
+@click.option("--resume", is_flag=True, help="continue an interrupted run from its newest complete checkpoint")
 @click.pass_context
-def rm(ctx, recipe_path, overrides, base, out, overwrite):
+def rm(ctx, recipe_path, overrides, base, out, overwrite, resume):
     """Train the reward model on ranked pairs (Bradley-Terry loss). `rlhf rm score` scores pairs with one."""
     if ctx.invoked_subcommand is not None:
         return
@@ -107,7 +105,7 @@ def rm(ctx, recipe_path, overrides, base, out, overwrite):
     from stages import rm as stage
 
     recipe = _recipe(recipe_path, overrides, base)
-    manifest = stage.main(recipe, out=out, overwrite=overwrite)
+    manifest = stage.main(recipe, out=out, overwrite=overwrite, resume=resume)
     m = manifest["metrics"]
     click.echo(f"rm: {m['steps']} steps, train loss {m['train_loss']:.4f}"
                + (f", held-out accuracy {m['eval_accuracy']:.4f}" if "eval_accuracy" in m else "")
@@ -143,12 +141,13 @@ def rm_score(reward, data_path, out, on_bad_row):
 @click.option("--reward", help="reward-model run directory (default runs/<name>/rm)")
 @click.option("--out", type=click.Path(file_okay=False), help="output run directory (default runs/<name>/ppo)")
 @click.option("--overwrite", is_flag=True, help="replace a finished run in the output directory")
-def ppo(recipe_path, overrides, policy, reward, out, overwrite):
+@click.option("--resume", is_flag=True, help="continue an interrupted run from its newest complete checkpoint")
+def ppo(recipe_path, overrides, policy, reward, out, overwrite, resume):
     """PPO of the policy against the reward model, with a KL penalty to the frozen SFT reference."""
     from stages import ppo as stage
 
     recipe = _recipe(recipe_path, overrides)
-    manifest = stage.main(recipe, policy=policy, reward=reward, out=out, overwrite=overwrite)
+    manifest = stage.main(recipe, policy=policy, reward=reward, out=out, overwrite=overwrite, resume=resume)
     m = manifest["metrics"]
     click.echo(f"ppo: {m['steps']} steps, score {m['objective/score']:.4f}, kl {m['objective/kl']:.4f}"
                + (f", held-out gold {m['eval/gold']:.4f}" if "eval/gold" in m else "")

@@ -108,7 +108,11 @@ class TrainConfig:
     logging_every: int = 10
     """optimizer steps between lines in metrics.jsonl"""
     save_every: int = 0
-    """optimizer steps between resume checkpoints; 0 keeps none"""
+    """optimizer steps between resume checkpoints (optimizer, scheduler, RNG, data position); 0 keeps none"""
+    keep_checkpoints: int = 2
+    """resume checkpoints kept (older ones are pruned)"""
+    max_nonfinite: int = 3
+    """optimizer steps in a row whose loss or gradient is NaN/inf that are skipped before the run stops"""
     seed: int = 42
     """seed for initialisation, data order and the held-out split"""
 
@@ -205,7 +209,13 @@ class PPOConfig:
     eval_samples: int = 64
     """held-out prompts used by those evaluations (greedy)"""
     save_every: int = 0
-    """PPO steps between saved policy checkpoints (and resume state); 0 keeps none"""
+    """PPO steps between resume checkpoints (adapters, optimizer, KL controller, RNG, data position), each also
+    saving the policy under checkpoints/ in the output for later evaluation; 0 keeps none"""
+    keep_checkpoints: int = 2
+    """resume checkpoints kept (older ones are pruned; the policy snapshots under checkpoints/ all stay)"""
+    max_nonfinite: int = 3
+    """PPO steps in a row with a NaN/inf reward, loss or gradient (whose updates are skipped) before the run
+    stops"""
     seed: int = 42
     """seed for sampling, shuffling and initialisation"""
 
@@ -444,6 +454,9 @@ def check(recipe: Recipe) -> None:
             fail(f"{section}.eval_fraction", f"must be in [0, 0.5), got {s.eval_fraction}")
         if s.max_grad_norm <= 0:
             fail(f"{section}.max_grad_norm", f"must be positive, got {s.max_grad_norm}")
+        for key in ("keep_checkpoints", "max_nonfinite"):
+            if getattr(s, key) <= 0:
+                fail(f"{section}.{key}", f"must be positive, got {getattr(s, key)}")
 
 
 def check_ppo(recipe: Recipe) -> None:
@@ -453,7 +466,7 @@ def check_ppo(recipe: Recipe) -> None:
         raise UserError(f"{where}: ppo.{key} {message}")
 
     for key in ("batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
-                "max_prompt_length", "eval_samples"):
+                "max_prompt_length", "eval_samples", "keep_checkpoints", "max_nonfinite"):
         if getattr(p, key) <= 0:
             fail(key, f"must be positive, got {getattr(p, key)}")
     for key in ("lr", "temperature", "kl_target", "kl_horizon", "max_grad_norm", "clip", "value_clip", "epochs"):

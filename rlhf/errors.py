@@ -6,3 +6,7 @@ The CLI prints its message on one line and exits with code 2; anything else is a
 
 class UserError(Exception):
     """A problem in the user's input; the message names the file and line, or the recipe key."""
+
+
+class TrainingStopped(UserError):
+    """Training cannot usefully go on (e.g. non-finite losses again and again); the message names the step."""

@@ -7,6 +7,7 @@ Every stage goes through these functions, so a base is loaded the same way every
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ def load_base(cfg: ModelConfig, kind: str = "causal"):
     """The base model as a causal LM (``kind="causal"``) or with a one-score head (``kind="score"``)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs = {**_pretrained_kwargs(cfg), "dtype": DTYPES[cfg.dtype]}
+    kwargs = {**_pretrained_kwargs(cfg), "dtype": DTYPES[cfg.dtype], "use_safetensors": True}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
@@ -93,8 +94,37 @@ def trainable_parameters(model) -> dict:
     return {"trainable": trainable, "total": total, "percent": round(100.0 * trainable / max(total, 1), 4)}
 
 
+@contextmanager
+def loading(run_dir: str | Path, base: str):
+    """Turn the libraries' errors for weights that do not fit (an adapter made for another base, a truncated or
+    damaged safetensors file) into one-line errors naming the run directory."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (RuntimeError, ValueError, OSError, KeyError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{run_dir}: its weights cannot be loaded onto base {base} ({first[:300]})") from None
+
+
+def verify_weights(run_dir: str | Path) -> None:
+    """Open every safetensors file of a run (headers and sizes are checked), so that a damaged file is reported
+    before any work starts."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(run_dir).glob("*.safetensors")) + sorted(Path(run_dir).glob("value/*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    f.get_slice(name)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path}: damaged weights file ({str(e).splitlines()[0][:200]})") from None
+
+
 def read_manifest(run_dir: str | Path) -> dict:
-    """A finished run directory's manifest; a clear error for anything else."""
+    """A finished run directory's manifest (its weight files checked); a clear error for anything else."""
     path = Path(run_dir) / "manifest.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: not a run directory (no manifest.json)")
@@ -104,6 +134,7 @@ def read_manifest(run_dir: str | Path) -> dict:
         raise UserError(f"{path}:{e.lineno}: damaged manifest ({e.msg})") from None
     if manifest.get("status") != "complete":
         raise UserError(f"{run_dir}: the run did not finish (status {manifest.get('status')!r})")
+    verify_weights(run_dir)
     return manifest
 
 
@@ -119,12 +150,13 @@ def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None):
     cfg = model_cfg or ModelConfig(**manifest["recipe"]["model"])
     cfg.base = manifest["base"]
     tokenizer = load_tokenizer(cfg, str(run_dir))
-    if manifest["adapter"]["method"] == "full":
-        model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype])
-    else:
-        from peft import PeftModel
+    with loading(run_dir, cfg.base):
+        if manifest["adapter"]["method"] == "full":
+            model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype], use_safetensors=True)
+        else:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_base(cfg), run_dir)
+            model = PeftModel.from_pretrained(load_base(cfg), run_dir)
     model.eval()
     return model, tokenizer
 
@@ -187,13 +219,15 @@ def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None):
     cfg = model_cfg or ModelConfig(**manifest["recipe"]["model"])
     cfg.base = manifest["base"]
     tokenizer = load_tokenizer(cfg, str(run_dir))
-    if manifest["adapter"]["method"] == "full":
-        model = AutoModelForSequenceClassification.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype], num_labels=1)
-    else:
-        from peft import PeftModel
+    with loading(run_dir, cfg.base):
+        if manifest["adapter"]["method"] == "full":
+            model = AutoModelForSequenceClassification.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype],
+                                                                       num_labels=1, use_safetensors=True)
+        else:
+            from peft import PeftModel
 
-        base = load_base(cfg, kind="score")
-        base.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, run_dir)
+            base = load_base(cfg, kind="score")
+            base.config.pad_token_id = tokenizer.pad_token_id
+            model = PeftModel.from_pretrained(base, run_dir)
     model.eval()
     return model, tokenizer

@@ -135,6 +135,20 @@ class SharedBase:
         self.model.train(mode)
         self.value_head.train(mode)
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything PPO changes: the policy and value adapters and the value head (for resume checkpoints)."""
+        state = {k: v for k, v in self.model.state_dict().items() if ".policy." in k or ".value." in k}
+        state.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        head = {k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")}
+        self.value_head.load_state_dict(head)
+        missing = self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("value_head.")},
+                                             strict=False)
+        if missing.unexpected_keys:
+            raise UserError(f"resume checkpoint does not fit the model (e.g. {missing.unexpected_keys[0]})")
+
     def save(self, out: Path) -> None:
         """Policy adapter files at ``out`` (loadable by plain peft on the base); value adapter + head in
         ``out/value``."""
@@ -161,9 +175,11 @@ class SeparateCopies:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         dtype = modeling.DTYPES[cfg.dtype]
-        self.policy = AutoModelForCausalLM.from_pretrained(str(sft_dir) if sft_dir else cfg.base, dtype=dtype)
+        self.policy = AutoModelForCausalLM.from_pretrained(str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
+                                                           use_safetensors=True)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
-        self.reward = AutoModelForSequenceClassification.from_pretrained(str(rm_dir), dtype=dtype, num_labels=1)
+        self.reward = AutoModelForSequenceClassification.from_pretrained(str(rm_dir), dtype=dtype, num_labels=1,
+                                                                         use_safetensors=True)
         self.reward.requires_grad_(False).eval()
         self.value = copy.deepcopy(self.reward).requires_grad_(True)
         head = modeling.score_head(self.value)
@@ -196,6 +212,16 @@ class SeparateCopies:
         self.policy.train(mode)
         self.value.train(mode)
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {f"policy.{k}": v.clone() for k, v in self.policy.state_dict().items()}
+        state.update({f"value.{k}": v.clone() for k, v in self.value.state_dict().items()})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, model in (("policy", self.policy), ("value", self.value)):
+            model.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")},
+                                  strict=False)
+
     def save(self, out: Path) -> None:
         self.policy.save_pretrained(str(out))
         self.value.save_pretrained(str(out / "value"))
@@ -205,6 +231,7 @@ def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path, adap
          value_shift: float = 0.0, value_scale: float = 1.0):
     """The PPO models in the layout ``method`` calls for. The value head starts as the reward model's score head
     mapped to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises."""
-    if method == "full":
-        return SeparateCopies(cfg, sft_dir, rm_dir, value_shift, value_scale)
-    return SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
+    with modeling.loading(f"{sft_dir or 'base'} / {rm_dir}", cfg.base):
+        if method == "full":
+            return SeparateCopies(cfg, sft_dir, rm_dir, value_shift, value_scale)
+        return SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)

@@ -10,6 +10,7 @@ import torch
 
 from rlhf.checkpoint import Run
 from rlhf.config import Recipe, TrainConfig
+from rlhf.errors import TrainingStopped
 
 
 def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -79,6 +80,7 @@ def trainer_kwargs(recipe: Recipe, s: TrainConfig, output_dir: Path, has_eval: b
         logging_steps=s.logging_every,
         save_strategy="steps" if s.save_every else "no",
         save_steps=s.save_every or 500,
+        save_total_limit=s.keep_checkpoints,
         seed=s.seed,
         data_seed=s.seed,
         use_cpu=not on_gpu,
@@ -91,10 +93,75 @@ def trainer_kwargs(recipe: Recipe, s: TrainConfig, output_dir: Path, has_eval: b
     )
 
 
+def nonfinite_guard(run: Run, stage: str, max_in_a_row: int):
+    """A trainer callback that skips an optimizer step whose gradients hold NaN or inf (a NaN loss gives such
+    gradients), counts the skips in metrics.jsonl, and stops the run after ``max_in_a_row`` in a row."""
+    from transformers import TrainerCallback
+
+    class _Guard(TrainerCallback):
+        skipped = 0
+        in_a_row = 0
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            params = [p for p in model.parameters() if p.grad is not None]
+            if all(torch.isfinite(p.grad).all() for p in params):
+                self.in_a_row = 0
+                return
+            for p in params:  # AdamW leaves parameters without a gradient untouched: the step is skipped
+                p.grad = None
+            self.skipped += 1
+            self.in_a_row += 1
+            step = state.global_step + 1
+            run.metrics.write({"step": step, "train/nonfinite_skipped": self.skipped})
+            print(f"{stage}: step {step}: non-finite loss or gradient, update skipped", file=sys.stderr)
+            if self.in_a_row >= max_in_a_row:
+                raise TrainingStopped(f"{stage}: stopped at step {step}: {self.in_a_row} updates in a row had a "
+                                      "non-finite loss or gradient (lower the learning rate or check the data)")
+
+    return _Guard()
+
+
+def check_finite(model, stage: str) -> None:
+    """Refuse to save weights that hold NaN or inf."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingStopped(f"{stage}: not saving: {len(bad)} trained tensors hold NaN or inf (e.g. {bad[0]})")
+
+
 def quiet_trainer(trainer, run: Run, recipe: Recipe, stage: str, shown=("train/loss", "eval/loss")):
-    """Route the trainer's logs to metrics.jsonl (and a short line on stderr) instead of printing dicts."""
+    """Route the trainer's logs to metrics.jsonl (and a short line on stderr) instead of printing dicts, and
+    guard every optimizer step against non-finite gradients."""
     from transformers import PrinterCallback
 
     trainer.add_callback(metrics_callback(run, stage, echo=not show_progress(recipe), shown=shown))
+    trainer.add_callback(nonfinite_guard(run, stage, getattr(recipe, stage).max_nonfinite))
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def latest_checkpoint(work: Path) -> Path | None:
+    """The newest complete trainer checkpoint (``checkpoint-N`` holding its trainer_state.json, which the trainer
+    writes last, and our metrics_lines, written after it), or None."""
+    done = [d for d in Path(work).glob("checkpoint-*")
+            if (d / "trainer_state.json").is_file() and (d / "metrics_lines").is_file()]
+    return max(done, key=lambda d: int(d.name.split("-")[1]), default=None)
+
+
+def train(trainer, run: Run):
+    """``trainer.train()``, continuing from the newest complete checkpoint when the run is resumed (metrics.jsonl
+    goes back to what it held when that checkpoint was saved)."""
+    from transformers import TrainerCallback
+
+    class _RecordMetricsLines(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                (ckpt / "metrics_lines").write_text(str(run.metrics_lines()))
+
+    trainer.add_callback(_RecordMetricsLines())
+    checkpoint = latest_checkpoint(run.work) if run.resumed else None
+    if run.resumed:
+        lines = checkpoint / "metrics_lines" if checkpoint else None
+        run.truncate_metrics(int(lines.read_text()) if lines and lines.is_file() else 0)
+        print(f"resuming from {checkpoint.name if checkpoint else 'the start'}", file=sys.stderr)
+    return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

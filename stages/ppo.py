@@ -13,6 +13,7 @@ The maths lives in ``rlhf.ppo_math``; which adapter a forward pass uses lives in
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from rlhf import formats, modeling, ppo_math, ppo_models
+from rlhf import checkpoint, formats, modeling, ppo_math, ppo_models
 from rlhf.checkpoint import Run
 from rlhf.config import Recipe
-from rlhf.errors import UserError
+from rlhf.errors import TrainingStopped, UserError
 from rlhf.tiny import world
 
 
@@ -164,7 +165,7 @@ def _same_model(a: str, b: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, out: str | Path | None = None,
-         overwrite: bool = False) -> dict:
+         overwrite: bool = False, resume: bool = False) -> dict:
     """Run PPO as the recipe says; returns the manifest written to the run directory."""
     p = recipe.ppo
     if not recipe.data.prompts:
@@ -179,7 +180,7 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     if recipe.data.eval_prompts and p.eval_every:
         eval_prompts = formats.load(recipe.data.eval_prompts, "prompts", columns=recipe.data.columns,
                                     split=recipe.data.split).rows[:p.eval_samples]
-    with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite) as run:
+    with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
         return _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eval_prompts)
 
 
@@ -209,8 +210,11 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     print(f"ppo: {len(encoded)} prompts, {steps} steps of {p.batch_size} episodes; training "
           f"{n_trainable:,} parameters (policy + value)", file=sys.stderr)
 
-    history = []
-    for step in range(1, steps + 1):
+    first_step, history, bad_in_a_row = 1, [], 0
+    if run.resumed:
+        first_step, order, lines = resume_from(run, models, optimizer, kl_ctl, order_gen, order)
+        history = run.truncate_metrics(lines)
+    for step in range(first_step, steps + 1):
         t0 = time.time()
         # 1 rollout: sample one response per prompt with the policy
         if len(order) < p.batch_size:
@@ -245,9 +249,13 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
             ro.advantages = ppo_math.masked_whiten(ro.advantages, response_mask)
         t2 = time.time()
 
-        # 4 PPO epochs over shuffled mini-batches
-        stats = _ppo_epochs(models, optimizer, params, ro, p)
+        # 4 PPO epochs over shuffled mini-batches (no update at all from non-finite rewards)
+        if torch.isfinite(ro.rewards).all() and torch.isfinite(ro.values).all():
+            stats = _ppo_epochs(models, optimizer, params, ro, p)
+        else:
+            stats = {"nonfinite/skipped_updates": p.ppo_epochs * (p.batch_size // p.mini_batch_size)}
         t3 = time.time()
+        bad_in_a_row = _guard_nonfinite(stats, p, step, bad_in_a_row)
 
         # 5 KL controller, metrics, evaluation, checkpoints
         seq_kl = sequence_sum(ro.kl, response_mask)
@@ -284,9 +292,10 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
                   "the log-prob passes disagree (temperature, top-k/top-p, dropout or padding positions)",
                   file=sys.stderr)
         if p.save_every and step % p.save_every == 0 and step != steps:
-            ckpt = run.staging / "checkpoints" / f"step_{step:06d}"
+            ckpt = run.staging / "checkpoints" / f"step_{step:06d}"  # the policy, for evaluation later
             ckpt.mkdir(parents=True)
             models.save(ckpt)
+            save_resume_state(run, step, models, optimizer, kl_ctl, order_gen, order, p.keep_checkpoints)
 
     # save
     final = history[-1]
@@ -294,6 +303,9 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     if within_budget is False:
         print(f"ppo: warning: final mean KL {final['objective/kl']:.3f} is over ppo.kl_budget={p.kl_budget}; "
               "raise ppo.kl_coef or use ppo.adaptive_kl", file=sys.stderr)
+    bad = [i for i, x in enumerate(params["policy"] + params["value"]) if not torch.isfinite(x).all()]
+    if bad:
+        raise TrainingStopped(f"ppo: not saving: {len(bad)} trained tensors hold NaN or inf")
     models.save(run.staging)
     tokenizer.save_pretrained(str(run.staging))
     return run.finish({
@@ -313,6 +325,37 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     })
 
 
+def save_resume_state(run: Run, step: int, models, optimizer, kl_ctl, order_gen, order, keep: int) -> None:
+    """Everything the next step depends on: trainable weights, optimizer, KL controller, RNG, data position."""
+    opt_tensors, opt_meta = checkpoint.optimizer_state(optimizer)
+    rng_tensors, rng_meta = checkpoint.rng_state()
+    tensors = {**{f"model.{k}": v for k, v in models.trainable_state().items()}, **opt_tensors, **rng_tensors,
+               "rng.order": order_gen.get_state()}
+    meta = {"optimizer": opt_meta, "rng": rng_meta, "kl_controller": kl_ctl.state_dict(), "order": order,
+            "metrics_lines": run.metrics_lines()}
+    checkpoint.save_state(run.work, step, tensors, meta, keep)
+
+
+def resume_from(run: Run, models, optimizer, kl_ctl, order_gen, order) -> tuple[int, list[int], int]:
+    """Restore the newest complete resume checkpoint; returns the step to run next, the data order, and how many
+    metrics lines were written when it was saved."""
+    state = checkpoint.latest_state(run.work)
+    step, lines = 0, 0
+    if state is not None:
+        step, tensors, meta = state
+        models.load_trainable_state({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        checkpoint.load_optimizer_state(optimizer, tensors, meta["optimizer"])
+        kl_ctl.load_state_dict(meta["kl_controller"])
+        order_gen.set_state(tensors["rng.order"])
+        checkpoint.set_rng_state(tensors, meta["rng"])
+        order, lines = meta["order"], meta["metrics_lines"]
+    for snapshot in (run.staging / "checkpoints").glob("step_*"):
+        if int(snapshot.name.split("_")[1]) > step:  # written after the state we resume from: redo them
+            shutil.rmtree(snapshot)
+    print(f"ppo: resuming from step {step}", file=sys.stderr)
+    return step + 1, order, lines
+
+
 def _all_parameters(models):
     if isinstance(models, ppo_models.SharedBase):
         return list(models.model.parameters()) + list(models.value_head.parameters())
@@ -325,8 +368,9 @@ def _ppo_epochs(models, optimizer, params, ro: Rollout, p) -> dict:
     B, length = ro.ids.shape[0], ro.response.shape[1]
     accum = p.mini_batch_size // p.micro_batch_size
     totals: dict[str, float] = {}
-    count = 0
+    count = skipped = 0
     epochs_run = 0
+    grad_norms: dict[str, list[float]] = {"policy": [], "value": []}
     for _ in range(p.ppo_epochs):
         epochs_run += 1
         epoch_kl, epoch_n = 0.0, 0
@@ -351,12 +395,32 @@ def _ppo_epochs(models, optimizer, params, ro: Rollout, p) -> dict:
                 count += 1
                 epoch_kl += pstats["approxkl"].item()
                 epoch_n += 1
-            for role in ("policy", "value"):
-                norm = torch.nn.utils.clip_grad_norm_(params[role], p.max_grad_norm)
-                totals[f"{role}/grad_norm"] = totals.get(f"{role}/grad_norm", 0.0) + norm.item() * accum
+            norms = {role: torch.nn.utils.clip_grad_norm_(params[role], p.max_grad_norm)
+                     for role in ("policy", "value")}
+            if not all(torch.isfinite(n) for n in norms.values()):  # NaN/inf loss or gradient: skip this update
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            for role, norm in norms.items():
+                grad_norms[role].append(norm.item())
             optimizer.step()
         if p.early_stop_kl is not None and epoch_kl / epoch_n > p.early_stop_kl:
             break
     stats = {k: v / count for k, v in totals.items()}
+    for role, norms in grad_norms.items():  # averaged over the updates that happened
+        stats[f"{role}/grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
     stats["ppo/epochs_run"] = epochs_run
+    stats["nonfinite/skipped_updates"] = skipped
     return stats
+
+
+def _guard_nonfinite(stats: dict, p, step: int, bad_in_a_row: int) -> int:
+    """Count PPO steps whose every update was skipped for NaN/inf; stop the run after ``max_nonfinite`` in a row."""
+    updates = p.ppo_epochs * (p.batch_size // p.mini_batch_size)
+    if stats["nonfinite/skipped_updates"] < updates:
+        return 0
+    print(f"ppo: step {step}: non-finite reward, loss or gradient, update skipped", file=sys.stderr)
+    if bad_in_a_row + 1 >= p.max_nonfinite:
+        raise TrainingStopped(f"ppo: stopped at step {step}: {bad_in_a_row + 1} steps in a row had a non-finite "
+                              "reward, loss or gradient (lower ppo.lr, check the reward model)")
+    return bad_in_a_row + 1

@@ -43,7 +43,7 @@ def reward_statistics(model, tokenizer, pairs: list[dict], samples: int, seed: i
     return {"mean": scores.mean().item(), "std": scores.std().item(), "responses": len(convs)}
 
 
-def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False) -> dict:
+def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     """Train the reward model as the recipe says; returns the manifest written to the run directory."""
     from datasets import Dataset
     from transformers import set_seed
@@ -54,7 +54,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False)
         raise UserError(f"{recipe.source}: data.preference is required for the rm stage")
     data = load_pairs(recipe, recipe.data.preference)
     held = load_pairs(recipe, recipe.data.eval_preference) if recipe.data.eval_preference else None
-    with Run(Path(out) if out else recipe.stage_dir("rm"), "rm", overwrite=overwrite) as run:
+    with Run(Path(out) if out else recipe.stage_dir("rm"), "rm", overwrite=overwrite, resume=resume) as run:
         set_seed(recipe.rm.seed)
         tokenizer = modeling.load_tokenizer(recipe.model)
         base = modeling.load_base(recipe.model, kind="score")
@@ -88,7 +88,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False)
         training.quiet_trainer(trainer, run, recipe, "rm", shown=("train/loss", "train/accuracy", "eval/accuracy"))
 
         # train
-        result = trainer.train()
+        result = training.train(trainer, run)
 
         # measure: held-out accuracy with the shared scoring function, reward statistics for PPO
         model.eval()
@@ -104,6 +104,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False)
             raise RuntimeError(f"reward statistics are degenerate ({stats}); the reward model did not train")
 
         # save
+        training.check_finite(model, "rm")
         trainer.save_model(str(run.staging))
         tokenizer.save_pretrained(str(run.staging))
         return run.finish({

@@ -16,7 +16,7 @@ from rlhf.config import Recipe
 from rlhf.errors import UserError
 
 
-def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False) -> dict:
+def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     """Run SFT as the recipe says; returns the manifest written to the run directory."""
     from datasets import Dataset
     from transformers import set_seed
@@ -27,7 +27,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False)
         raise UserError(f"{recipe.source}: data.sft is required for the sft stage")
     data = formats.load(recipe.data.sft, "sft", fmt=recipe.data.sft_format, columns=recipe.data.columns,
                         split=recipe.data.split, on_bad_row=recipe.data.on_bad_row)
-    with Run(Path(out) if out else recipe.stage_dir("sft"), "sft", overwrite=overwrite) as run:
+    with Run(Path(out) if out else recipe.stage_dir("sft"), "sft", overwrite=overwrite, resume=resume) as run:
         set_seed(recipe.sft.seed)
         tokenizer = modeling.load_tokenizer(recipe.model)
         model = modeling.attach_adapter(modeling.load_base(recipe.model), recipe.adapter, "CAUSAL_LM")
@@ -47,12 +47,13 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False)
             processing_class=tokenizer,
         )
         training.quiet_trainer(trainer, run, recipe, "sft")
-        result = trainer.train()
+        result = training.train(trainer, run)
         metrics = {"train_loss": result.training_loss, "steps": result.global_step}
         if eval_rows:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 
         # save
+        training.check_finite(model, "sft")
         trainer.save_model(str(run.staging))
         tokenizer.save_pretrained(str(run.staging))
         return run.finish({

@@ -1,0 +1,171 @@
+"""The bad-input corpus: each case runs the real CLI and must exit with code 2, print one line that names the
+file and line or the recipe key, show no traceback, and leave nothing that looks like a finished output.
+
+Data files live in tests/bad_inputs/; checkpoint cases are made from small real runs (the `parents` fixture)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+BAD = Path(__file__).parent / "bad_inputs"
+SMALL_PPO = ["--set", "ppo.batch_size=2", "--set", "ppo.mini_batch_size=2", "--set", "ppo.micro_batch_size=2",
+             "--set", "ppo.max_steps=1", "--set", "ppo.eval_every=0"]
+
+
+def data(key: str, name: str, stage: str, *extra: str):
+    return lambda ctx: [stage, "--recipe", ctx.recipe, "--set", f"data.{key}={BAD / name}", *extra]
+
+
+def recipe_set(stage: str, *assignments: str):
+    return lambda ctx: [stage, "--recipe", ctx.recipe, *[x for a in assignments for x in ("--set", a)]]
+
+
+def another_base(ctx):
+    """An SFT run whose manifest names a base of another shape than its adapter was made for."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from rlhf import modeling
+
+    other = ctx.tmp / "other-base"
+    tok = modeling.load_tokenizer(modeling.ModelConfig(base=str(ROOT / "data" / "tiny-base")))
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(other)
+    tok.save_pretrained(other)
+    run = ctx.copy_run("sft", "moved-sft")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["base"] = str(other)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return ["sample", str(run), "--prompts", str(ROOT / "data/tiny/heldout_prompts.jsonl"), "--limit", "2"]
+
+
+def truncated_weights(ctx):
+    run = ctx.copy_run("sft", "truncated-sft")
+    weights = run / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    return ["eval", "--recipe", ctx.recipe, "--policy", str(run), "--reward", str(ctx.runs / "rm"),
+            "--set", "eval.limit=2", "--set", "eval.icl_shots=0"]
+
+
+def unfinished_run(ctx):
+    run = ctx.copy_run("rm", "unfinished-rm")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return ["ppo", "--recipe", ctx.recipe, "--reward", str(run), *SMALL_PPO]
+
+
+def finished_output(ctx):
+    ctx.out.mkdir()
+    (ctx.out / "manifest.json").write_text("{}")
+    return ["sft", "--recipe", ctx.recipe]
+
+
+def parent_is_a_file(ctx):
+    blocker = ctx.tmp / "blocker"
+    blocker.write_text("a file where a folder should be")
+    ctx.out = blocker / "out"
+    return ["sft", "--recipe", ctx.recipe, "--set", "sft.max_steps=1"]
+
+
+# (case id, how to build the command, what the one-line message must contain)
+CASES = [
+    ("sft-invalid-json", data("sft", "sft_invalid_json.jsonl", "sft"), "sft_invalid_json.jsonl:2: invalid JSON"),
+    ("sft-missing-field", data("sft", "sft_missing_field.jsonl", "sft"), ":2: missing field 'completion'"),
+    ("sft-wrong-type", data("sft", "sft_wrong_type.jsonl", "sft"), ":2: field 'prompt' must be a string"),
+    ("sft-empty-response", data("sft", "sft_empty_response.jsonl", "sft"), ":2: empty response"),
+    ("sft-not-utf8", data("sft", "sft_not_utf8.jsonl", "sft"), ":2: not valid UTF-8"),
+    ("sft-empty-file", data("sft", "sft_empty.jsonl", "sft"), "sft_empty.jsonl: no rows"),
+    ("sft-unknown-role", data("sft", "sft_unknown_role.jsonl", "sft"), ":2: messages[0] has unknown role"),
+    ("sft-not-an-object", data("sft", "sft_not_an_object.jsonl", "sft"), ":2: expected a JSON object"),
+    ("sft-csv-wrong-columns", data("sft", "sft_wrong_columns.csv", "sft"), "sft_wrong_columns.csv:2: "),
+    ("sft-json-invalid", data("sft", "sft_invalid.json", "sft"), "sft_invalid.json:2: invalid JSON"),
+    ("sft-unsupported-file", data("sft", "sft_unsupported.txt", "sft"), "unsupported file type '.txt'"),
+    ("sft-missing-file", recipe_set("sft", "data.sft=tests/bad_inputs/nowhere.jsonl"), "data.sft names"),
+    ("pref-identical", data("preference", "pref_identical.jsonl", "rm"), ":2: chosen and rejected are identical"),
+    ("pref-missing-rejected", data("preference", "pref_missing_rejected.jsonl", "rm"),
+     ":2: missing field 'rejected'"),
+    ("pref-bad-margin", data("preference", "pref_bad_margin.jsonl", "rm"), ":1: field 'margin' must be a number"),
+    ("pref-no-dialogue", data("preference", "pref_no_dialogue.jsonl", "rm"), ":1: field 'chosen' is not a dialogue"),
+    ("prompt-too-long", data("prompts", "prompts_too_long.jsonl", "ppo", *SMALL_PPO),
+     "row 2: prompt has"),
+    ("prompt-no-field", data("prompts", "prompts_no_field.jsonl", "ppo", *SMALL_PPO), ":2: no prompt field"),
+    ("recipe-unknown-key", recipe_set("sft", "sft.warmup=0.1"), "unknown key sft.warmup"),
+    ("recipe-mistyped-key", recipe_set("rm", "rm.bacth_size=4"), "did you mean rm.batch_size"),
+    ("recipe-unknown-section", recipe_set("sft", "stf.lr=0.1"), "did you mean sft"),
+    ("recipe-wrong-type", recipe_set("sft", "sft.lr=fast"), "sft.lr must be a number"),
+    ("recipe-negative-size", recipe_set("sft", "sft.batch_size=-1"), "sft.batch_size must be positive"),
+    ("recipe-zero-size", recipe_set("ppo", "ppo.batch_size=0"), "ppo.batch_size must be positive"),
+    ("recipe-batch-does-not-divide", recipe_set("ppo", "ppo.batch_size=64", "ppo.mini_batch_size=24"),
+     "ppo.mini_batch_size (24) must divide ppo.batch_size (64)"),
+    ("recipe-bad-yaml", lambda ctx: ["sft", "--recipe", str(BAD / "recipe_bad_yaml.yaml")],
+     "recipe_bad_yaml.yaml:3: not valid YAML"),
+    ("recipe-missing", lambda ctx: ["sft", "--recipe", str(ctx.tmp / "none.yaml")], "recipe file not found"),
+    ("recipe-set-without-value", recipe_set("sft", "sft.lr"), "--set sft.lr: expected section.key=value"),
+    ("checkpoint-missing", lambda ctx: ["ppo", "--recipe", ctx.recipe, "--reward", str(ctx.tmp / "nothing"),
+                                        *SMALL_PPO], "not a run directory"),
+    ("checkpoint-wrong-stage-policy", lambda ctx: ["ppo", "--recipe", ctx.recipe, "--policy", str(ctx.runs / "rm"),
+                                                   *SMALL_PPO], "is a 'rm' run, not a policy"),
+    ("checkpoint-wrong-stage-reward", lambda ctx: ["rm", "score", "--reward", str(ctx.runs / "sft"), "--data",
+                                                   str(ROOT / "data/tiny/heldout_preference.jsonl")],
+     "not a reward model"),
+    ("checkpoint-unfinished", unfinished_run, "the run did not finish"),
+    ("adapter-for-another-base", another_base, "cannot be loaded onto base"),
+    ("truncated-safetensors", truncated_weights, "adapter_model.safetensors: damaged weights file"),
+    ("output-already-finished", finished_output, "--overwrite"),
+    ("output-not-writable", parent_is_a_file, "cannot write the run directory"),
+    ("resume-nothing", recipe_set("sft", "sft.max_steps=1"), None),
+    ("eval-nothing-to-compare", recipe_set("eval", "eval.policies=[]", "eval.icl_shots=0"), "nothing to evaluate"),
+]
+
+
+class Ctx:
+    def __init__(self, tmp: Path, parents):
+        self.tmp, (recipe, self.runs) = tmp, parents
+        self.recipe = str(recipe)
+        self.out = tmp / "out"
+
+    def copy_run(self, stage: str, name: str) -> Path:
+        dest = self.tmp / name
+        shutil.copytree(self.runs / stage, dest)
+        return dest
+
+
+@pytest.fixture(scope="module")
+def outcomes(parents, tmp_path_factory):
+    """Every case run through the CLI once, two at a time (each run is mostly interpreter start-up)."""
+    jobs = {}
+    for case, build, expected in CASES:
+        ctx = Ctx(tmp_path_factory.mktemp(case), parents)
+        argv = build(ctx)
+        if case == "resume-nothing":
+            argv = argv + ["--resume"]
+        if argv[0] in ("sft", "rm", "ppo", "eval") and "score" not in argv:
+            argv += ["--out", str(ctx.out)]
+        jobs[case] = (ctx, argv)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = dict(zip(jobs, pool.map(lambda job: run_cli(*job[1], check=False), jobs.values())))
+    return {case: (jobs[case][0], procs[case]) for case in jobs}
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case,expected", [(c[0], c[2]) for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_cleanly(case, expected, outcomes):
+    ctx, proc = outcomes[case]
+    expected = expected or "nothing to resume"
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert expected in lines[0], lines[0]
+    if case != "output-already-finished":
+        assert not (ctx.tmp / "out" / "manifest.json").exists(), "nothing that looks like a finished output"
+    assert not list(ctx.tmp.glob(".out.*")), "no staging or work directory left behind"

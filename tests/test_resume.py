@@ -1,0 +1,102 @@
+"""Killed runs resume exactly: each stage is killed with SIGKILL at random moments after a resume checkpoint
+exists, resumed with --resume, and must end with the same weights, bit for bit, as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+
+ARGS = {
+    "sft": ["sft.max_steps=8", "sft.save_every=2", "sft.eval_fraction=0", "sft.logging_every=1"],
+    "rm": ["rm.max_steps=8", "rm.save_every=2", "rm.stats_samples=64", "rm.logging_every=1",
+           "data.eval_preference=null", "rm.eval_fraction=0"],
+    "ppo": ["ppo.max_steps=6", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
+            "ppo.max_new_tokens=12", "ppo.save_every=1", "ppo.eval_every=0"],
+}
+FILES = {"sft": ["adapter_model.safetensors"], "rm": ["adapter_model.safetensors"],
+         "ppo": ["adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors"]}
+
+
+def _argv(stage, recipe, out, extra=()):
+    sets = [x for kv in ARGS[stage] for x in ("--set", kv)]
+    return [sys.executable, "-m", "rlhf.cli", stage, "--recipe", str(recipe), "--out", str(out), *sets, *extra]
+
+
+def _checkpoints(work: Path) -> list[str]:
+    if not work.is_dir():
+        return []
+    return sorted(p.name for p in work.iterdir() if p.name.startswith(("checkpoint-", "step_"))
+                  and ((p / "trainer_state.json").is_file() or (p / "state.json").is_file()))
+
+
+def _kill_after_a_checkpoint(argv, work: Path, rng: random.Random, seen: list[str]) -> bool:
+    """Start the run, wait for a checkpoint newer than ``seen``, SIGKILL it a random moment later. Returns whether
+    the process was killed (rather than finishing first)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and _checkpoints(work) == seen:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.5))
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_killed_run_resumes_bit_identically(stage, parents, tmp_path):
+    recipe, _ = parents
+    rng = random.Random(f"{stage}-kill")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli(*_argv(stage, recipe, straight)[3:])
+
+    work = tmp_path / ".resumed.work"
+    kills = 0
+    extra: tuple[str, ...] = ()
+    for _ in range(2):  # killed twice, resumed each time
+        if _kill_after_a_checkpoint(_argv(stage, recipe, resumed, extra), work, rng, _checkpoints(work)):
+            kills += 1
+            extra = ("--resume",)
+        if resumed.exists():  # the kill came after the run had published its output: then it is complete
+            assert json.loads((resumed / "manifest.json").read_text())["status"] == "complete"
+            break
+    assert kills >= 1, "the run finished before it could be killed"
+    if not resumed.exists():
+        run_cli(*_argv(stage, recipe, resumed, ("--resume",))[3:])
+
+    for name in FILES[stage]:
+        a, b = load_file(straight / name), load_file(resumed / name)
+        assert a.keys() == b.keys()
+        different = [k for k in a if not (a[k] == b[k]).all()]
+        assert not different, f"{name}: {len(different)} tensors differ after resume, e.g. {different[0]}"
+    steps = [json.loads(x).get("step") for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    straight_steps = [json.loads(x).get("step") for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert steps == straight_steps, "metrics.jsonl holds each step once, as an uninterrupted run's does"
+    assert json.loads((resumed / "manifest.json").read_text())["resumed"] is True
+    assert not work.exists() and not (tmp_path / ".resumed.partial").exists()
+
+
+def test_resume_refusals(tiny_recipe, tmp_path):
+    out = tmp_path / "runs" / "tiny" / "sft"
+    proc = run_cli("sft", "--recipe", str(tiny_recipe), "--resume", check=False)
+    assert proc.returncode == 2 and "nothing to resume" in proc.stderr
+    # leftovers of an interrupted run are neither silently continued nor silently deleted
+    (out.parent / ".sft.partial").mkdir(parents=True)
+    proc = run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr and (out.parent / ".sft.partial").exists()
+    run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", "--overwrite")
+    proc = run_cli("sft", "--recipe", str(tiny_recipe), "--resume", check=False)
+    assert proc.returncode == 2 and "already holds a finished run" in proc.stderr

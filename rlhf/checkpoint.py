@@ -16,6 +16,7 @@ import shlex
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -142,13 +143,24 @@ class Run:
         os.replace(tmp, path)
         return rows
 
+    @contextmanager
+    def saving(self):
+        """Wrap a save: a failure of the filesystem (disk full, permissions) becomes a one-line error, and the
+        previous output, if any, stays as it was (nothing has been moved yet)."""
+        try:
+            yield
+        except OSError as e:
+            raise UserError(f"{self.final}: cannot save the run ({e.strerror or e}); the previous output, if any, "
+                            "is untouched") from None
+
     def finish(self, manifest: dict) -> dict:
         """Write the manifest, fsync everything, and move the staging directory into place; returns the manifest."""
         manifest = {"stage": self.stage, "status": "complete", **manifest, "started": self.started,
                     "finished": now(), "seconds": round(time.time() - self.t0, 2), "resumed": self.resumed,
                     "versions": versions(), "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-        write_json(self.staging / "manifest.json", manifest)
-        _fsync_tree(self.staging)
+        with self.saving():
+            write_json(self.staging / "manifest.json", manifest)
+            _fsync_tree(self.staging)
         old = None
         if self.final.exists():
             old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"

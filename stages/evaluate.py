@@ -176,7 +176,7 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
             records += evaluate_row(row, recipe, prompt_rows, demos, reward_model, progress)
         summary = summarise(rows, records, e)
         table = markdown_table(summary, rows[0].name)
-        with open(run.staging / "responses.jsonl", "w", encoding="utf-8") as f:
+        with run.saving(), open(run.staging / "responses.jsonl", "w", encoding="utf-8") as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
         (run.staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -293,9 +293,10 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
                   file=sys.stderr)
         if p.save_every and step % p.save_every == 0 and step != steps:
             ckpt = run.staging / "checkpoints" / f"step_{step:06d}"  # the policy, for evaluation later
-            ckpt.mkdir(parents=True)
-            models.save(ckpt)
-            save_resume_state(run, step, models, optimizer, kl_ctl, order_gen, order, p.keep_checkpoints)
+            with run.saving():
+                ckpt.mkdir(parents=True)
+                models.save(ckpt)
+                save_resume_state(run, step, models, optimizer, kl_ctl, order_gen, order, p.keep_checkpoints)
 
     # save
     final = history[-1]
@@ -306,8 +307,9 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     bad = [i for i, x in enumerate(params["policy"] + params["value"]) if not torch.isfinite(x).all()]
     if bad:
         raise TrainingStopped(f"ppo: not saving: {len(bad)} trained tensors hold NaN or inf")
-    models.save(run.staging)
-    tokenizer.save_pretrained(str(run.staging))
+    with run.saving():
+        models.save(run.staging)
+        tokenizer.save_pretrained(str(run.staging))
     return run.finish({
         "base": model_cfg.base,
         "parents": {"sft": str(sft_dir) if sft_dir else None, "rm": str(rm_dir)},

@@ -105,8 +105,9 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
 
         # save
         training.check_finite(model, "rm")
-        trainer.save_model(str(run.staging))
-        tokenizer.save_pretrained(str(run.staging))
+        with run.saving():
+            trainer.save_model(str(run.staging))
+            tokenizer.save_pretrained(str(run.staging))
         return run.finish({
             "base": recipe.model.base,
             "parents": {},

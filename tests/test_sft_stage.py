@@ -141,3 +141,29 @@ def test_drop_mode_trains_on_the_good_rows(tmp_path):
     m = json.loads((tmp_path / "runs" / "tiny" / "sft" / "manifest.json").read_text())
     assert m["data"]["sft"]["rows_kept"] == 40 and m["data"]["sft"]["rows_dropped"] == 2
     assert Path(m["data"]["sft"]["drop_examples"][0].split(":")[0]).name == "mixed.jsonl"
+
+
+def test_a_failed_save_keeps_the_previous_run(tmp_path, monkeypatch):
+    """Disk full while saving: a one-line error, and the finished run being replaced is untouched."""
+    import errno
+
+    import trl
+
+    from stages import sft
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs")),
+                         ["sft.max_steps=1", "sft.eval_fraction=0"])
+    sft.main(recipe)
+    out = recipe.stage_dir("sft")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def disk_full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trl.SFTTrainer, "save_model", disk_full)
+    from rlhf.errors import UserError
+
+    with pytest.raises(UserError, match="cannot save the run \\(No space left on device\\)"):
+        sft.main(recipe, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not list(out.parent.glob(".sft.*")), "the failed attempt leaves nothing behind"

@@ -406,6 +406,15 @@ def _is_local(value: str) -> bool:
             or value.startswith(("/", "./", "../", "~")) or value.count("/") > 1)
 
 
+def _require(section: str, obj, keys, where: str, minimum: float = 0, inclusive: bool = False) -> None:
+    """Each ``section.key`` must be above ``minimum`` (or at least it, when ``inclusive``)."""
+    for key in keys:
+        value = getattr(obj, key)
+        if value < minimum or (value == minimum and not inclusive):
+            what = "must not be negative" if (minimum, inclusive) == (0, True) else "must be positive"
+            raise UserError(f"{where}: {section}.{key} {what}, got {value}")
+
+
 def check(recipe: Recipe) -> None:
     """Checks that span keys or need the filesystem; raises ``UserError`` naming the key."""
     where = recipe.source
@@ -437,13 +446,8 @@ def check(recipe: Recipe) -> None:
 
     for section in ("sft", "rm"):
         s = getattr(recipe, section)
-        for key in ("batch_size", "grad_accum", "max_length", "eval_every", "logging_every"):
-            if getattr(s, key) <= 0:
-                fail(f"{section}.{key}", f"must be positive, got {getattr(s, key)}")
-        if s.lr <= 0:
-            fail(f"{section}.lr", f"must be positive, got {s.lr}")
-        if s.epochs <= 0:
-            fail(f"{section}.epochs", f"must be positive, got {s.epochs}")
+        _require(section, s, ("batch_size", "grad_accum", "max_length", "eval_every", "logging_every", "lr", "epochs",
+                              "max_grad_norm", "keep_checkpoints", "max_nonfinite"), where)
         if s.max_steps is not None and s.max_steps <= 0:
             fail(f"{section}.max_steps", f"must be positive (or null to use epochs), got {s.max_steps}")
         if s.save_every < 0:
@@ -452,11 +456,6 @@ def check(recipe: Recipe) -> None:
             fail(f"{section}.warmup_ratio", f"must be in [0, 1), got {s.warmup_ratio}")
         if not 0 <= s.eval_fraction < 0.5:
             fail(f"{section}.eval_fraction", f"must be in [0, 0.5), got {s.eval_fraction}")
-        if s.max_grad_norm <= 0:
-            fail(f"{section}.max_grad_norm", f"must be positive, got {s.max_grad_norm}")
-        for key in ("keep_checkpoints", "max_nonfinite"):
-            if getattr(s, key) <= 0:
-                fail(f"{section}.{key}", f"must be positive, got {getattr(s, key)}")
 
 
 def check_ppo(recipe: Recipe) -> None:
@@ -465,16 +464,10 @@ def check_ppo(recipe: Recipe) -> None:
     def fail(key: str, message: str):
         raise UserError(f"{where}: ppo.{key} {message}")
 
-    for key in ("batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
-                "max_prompt_length", "eval_samples", "keep_checkpoints", "max_nonfinite"):
-        if getattr(p, key) <= 0:
-            fail(key, f"must be positive, got {getattr(p, key)}")
-    for key in ("lr", "temperature", "kl_target", "kl_horizon", "max_grad_norm", "clip", "value_clip", "epochs"):
-        if getattr(p, key) <= 0:
-            fail(key, f"must be positive, got {getattr(p, key)}")
-    for key in ("kl_coef", "vf_coef", "entropy_coef"):
-        if getattr(p, key) < 0:
-            fail(key, f"must not be negative, got {getattr(p, key)}")
+    _require("ppo", p, ("batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
+                        "max_prompt_length", "eval_samples", "keep_checkpoints", "max_nonfinite", "lr", "temperature",
+                        "kl_target", "kl_horizon", "max_grad_norm", "clip", "value_clip", "epochs"), where)
+    _require("ppo", p, ("kl_coef", "vf_coef", "entropy_coef"), where, inclusive=True)
     if not 0 < p.gamma <= 1:
         fail("gamma", f"must be in (0, 1], got {p.gamma}")
     if not 0 <= p.lam <= 1:
@@ -495,9 +488,7 @@ def check_ppo(recipe: Recipe) -> None:
 
 def check_eval(recipe: Recipe) -> None:
     e, where = recipe.eval, recipe.source
-    for key in ("samples", "max_new_tokens", "batch_size", "bootstrap"):
-        if getattr(e, key) <= 0:
-            raise UserError(f"{where}: eval.{key} must be positive, got {getattr(e, key)}")
+    _require("eval", e, ("samples", "max_new_tokens", "batch_size", "bootstrap"), where)
     if e.icl_shots < 0:
         raise UserError(f"{where}: eval.icl_shots must be 0 or positive, got {e.icl_shots}")
     if e.temperature <= 0:

@@ -19,6 +19,17 @@ class Generations:
     """the generated tokens of each response, up to and including the first EOS"""
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as one left-padded batch ``(ids, attention_mask)``: every sequence ends at the last column."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
 def render_prompts(tokenizer, prompts: list[list[dict]]) -> list[str]:
     """Chat-template each prompt (a list of messages) with the generation prompt appended."""
     return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
@@ -65,12 +76,7 @@ def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: li
     out = []
     for start in range(0, len(rendered), batch_size):
         seqs = [q + r for q, r in zip(rendered[start:start + batch_size], responses[start:start + batch_size])]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):  # left padding: every response ends at the last column
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+        ids, mask = left_pad(seqs, tokenizer.pad_token_id)  # every response ends at the last column
         ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
         logp = logprobs_from_logits(logits, ids[:, 1:])

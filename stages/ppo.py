@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from rlhf import checkpoint, formats, modeling, ppo_math, ppo_models
+from rlhf.rollout import left_pad
 from rlhf.checkpoint import Run
 from rlhf.config import Recipe
 from rlhf.errors import TrainingStopped, UserError
@@ -64,16 +65,6 @@ def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int, source
                             f"ppo.max_prompt_length={max_length}")
         out.append(ids)
     return out
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int):

@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft rm ppo eval test clean-runs
+.PHONY: install sft rm ppo eval test methods-report clean-runs
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ eval: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every fine-tuning method through SFT on the tiny world: trainable parameters, memory, time, gold score
+# (minutes per method; not part of make test). Writes runs/methods-report/report.md.
+methods-report: install
+	$(BIN)/python tests/bench/methods_report.py $(ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -74,15 +74,58 @@ def write_json(path: Path, data: dict) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object a line to ``metrics.jsonl``."""
+    """Appends one JSON object a line to ``metrics.jsonl``, and passes the numbers on to the run's trackers."""
 
     def __init__(self, path: Path):
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.trackers: list = []
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, default=float) + "\n")
+        if self.trackers:
+            values = {k: v for k, v in row.items()
+                      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for tracker in self.trackers:
+                tracker.log(values, step=row.get("step"))
+
+
+def start_trackers(report_to: list[str], run_name: str, logging_dir: Path, config: dict) -> list:
+    """accelerate's trackers for ``logging.report_to`` (tensorboard, wandb, ...), started, with the resolved recipe
+    stored as their configuration. Files they write locally go under ``logging_dir``."""
+    if not report_to:
+        return []
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", config)
+    trackers = []
+    for name in report_to:
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        if getattr(cls, "requires_logging_directory", False):
+            tracker = cls(run_name, str(logging_dir))
+        elif name == "wandb":
+            tracker = cls(run_name, dir=str(logging_dir))  # WANDB_MODE=offline keeps it on this machine
+        else:
+            tracker = cls(run_name)
+        logging_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            tracker.start()
+        except ImportError as e:
+            raise UserError(f"logging.report_to: {name} needs the {e.name or name} package "
+                            f"(pip install {e.name or name})") from None
+        tracker.store_init_configuration(flat)
+        trackers.append(tracker)
+    return trackers
 
 
 class Run:
@@ -129,6 +172,17 @@ class Run:
             raise UserError(f"{parent}: cannot write the run directory ({e.strerror})") from None
         self.metrics = MetricsLog(self.staging / "metrics.jsonl")
 
+    def track(self, recipe) -> None:
+        """Start the recipe's trackers (``logging.report_to``); they log to ``<run>/logs/`` and receive every
+        row written to metrics.jsonl."""
+        self.metrics.trackers = start_trackers(recipe.logging.report_to, f"{recipe.name}-{self.stage}",
+                                               self.staging / "logs", recipe.to_dict())
+
+    def _close_trackers(self) -> None:
+        for tracker in self.metrics.trackers:
+            tracker.finish()
+        self.metrics.trackers = []
+
     def metrics_lines(self) -> int:
         """Lines in metrics.jsonl now (recorded with each resume checkpoint)."""
         path = self.metrics.path
@@ -158,7 +212,12 @@ class Run:
         manifest = {"stage": self.stage, "status": "complete", **manifest, "started": self.started,
                     "finished": now(), "seconds": round(time.time() - self.t0, 2), "resumed": self.resumed,
                     "versions": versions(), "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+        self._close_trackers()
         with self.saving():
+            from rlhf import lineage, report
+
+            report.plot_training_curves(self.staging, self.stage)
+            (self.staging / "README.md").write_text(lineage.model_card(manifest), encoding="utf-8")
             write_json(self.staging / "manifest.json", manifest)
             _fsync_tree(self.staging)
         old = None
@@ -175,6 +234,7 @@ class Run:
     def abandon(self) -> None:
         """After a failure: keep what ``--resume`` needs when a resume checkpoint exists, else remove it all (the
         final directory is never touched)."""
+        self._close_trackers()
         if self.work.is_dir() and any(self.work.iterdir()):
             print(f"{self.stage}: the run stopped; continue it with --resume", file=sys.stderr)
             return

@@ -206,6 +206,57 @@ def sample(run_dir, prompts, max_new_tokens, limit):
         click.echo(json.dumps(row))
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="the directory to write")
+@click.option("--merge", is_flag=True, help="fold the adapter into a full-precision copy of the base: a plain "
+              "Hugging Face model that loads without peft")
+@click.option("--overwrite", is_flag=True, help="replace an existing export directory")
+def export(run_dir, out, merge, overwrite):
+    """Export an sft/ppo policy or an rm reward model as a Hugging Face model directory."""
+    import json
+
+    from rlhf.export import export as run_export
+
+    info = run_export(run_dir, out, merge=merge, overwrite=overwrite)
+    click.echo(json.dumps({k: v for k, v in info.items() if k != "versions"}) + f" -> {out}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+def info(run_dir):
+    """The lineage of a run (base -> sft -> rm -> ppo) with each step's key facts."""
+    from rlhf import lineage
+
+    click.echo(lineage.describe(run_dir))
+
+
+@cli.command()
+@click.argument("root", default="runs", type=click.Path())
+def runs(root):
+    """The run directories under ROOT (default runs/): stage, status, headline metric."""
+    from rlhf import lineage
+
+    rows = lineage.list_runs(root)
+    if not rows:
+        click.echo(f"no runs under {root}")
+        return
+    width = max(len(r["path"]) for r in rows)
+    for r in rows:
+        click.echo(f"{r['path']:<{width}}  {r['stage']:<5}  {r['status']:<11}  {r['finished'][:19]:<19}  "
+                   f"{r['headline']}".rstrip())
+
+
+@cli.command("methods")
+def list_methods():
+    """The fine-tuning methods (recipe adapter.method) and the stages that support each."""
+    from rlhf import methods
+
+    click.echo(methods.support_matrix())
+    click.echo("\nLoRA on an 8-bit base: adapter.method lora with model.quantization 8bit. "
+               "Options of each method: the adapter section of any recipe (rlhf/config.py documents each key).")
+
+
 @cli.group()
 def tiny():
     """The embedded tiny world: its data and its base model."""

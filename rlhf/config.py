@@ -19,9 +19,11 @@ from typing import Any, Literal
 
 import yaml
 
+from rlhf import methods
 from rlhf.errors import UserError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -37,20 +39,48 @@ class ModelConfig:
     """allow the base to run code from its repository; off unless you trust the source"""
     attn_implementation: str | None = None
     """attention kernel passed to transformers ("sdpa", "eager", "flash_attention_2"); None lets it choose"""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """load the frozen base quantized through bitsandbytes: "4bit" (NF4, double quantization; adapter.method qlora
+    sets it), "8bit" (LLM.int8), or None for full precision. Only methods that keep the base frozen allow it"""
 
 
 @dataclass
 class AdapterConfig:
-    method: Literal["lora", "full"] = "lora"
-    """how the base is fine-tuned: "lora" trains low-rank adapters (the base stays frozen), "full" trains every weight"""
+    """How the base is fine-tuned. ``rlhf methods`` prints which method each stage supports."""
+
+    method: Literal["lora", "dora", "qlora", "ia3", "adalora", "prefix", "prompt", "ptuning", "ptuning_v2",
+                    "adapter", "bitfit", "freeze", "full"] = "lora"
+    """lora | dora (weight-decomposed LoRA) | qlora (LoRA on a 4-bit NF4 base) | ia3 | adalora | prefix (prefix
+    tuning, reparameterised) | prompt (prompt tuning) | ptuning (P-Tuning prompt encoder) | ptuning_v2 (deep
+    prompts, no encoder) | adapter (Houlsby bottleneck adapters) | bitfit (biases only) | freeze (top layers only)
+    | full (every weight). LoRA on an 8-bit base is lora with model.quantization: 8bit"""
     r: int = 16
-    """LoRA rank"""
+    """LoRA/DoRA/QLoRA rank; AdaLoRA's starting rank"""
     alpha: int = 32
     """LoRA scaling numerator (the update is scaled by alpha / r)"""
     dropout: float = 0.05
-    """dropout on the LoRA input (peft's default is 0.0)"""
+    """dropout on the adapter input (LoRA family, adapter); peft's default is 0.0"""
     target_modules: str | list[str] = "all-linear"
-    """modules that get adapters: "all-linear" (every Linear but the output head) or a list of module names"""
+    """modules that get adapters (LoRA family, ia3, adalora): "all-linear" (every Linear but the output head) or a
+    list of module names. For method adapter, "all-linear" means each block's attention output and MLP output"""
+    target_r: int = 8
+    """AdaLoRA: average rank left after the rank budget is pruned (starts from r)"""
+    num_virtual_tokens: int = 16
+    """prefix, prompt, ptuning, ptuning_v2: number of virtual tokens"""
+    prompt_init: Literal["random", "text"] = "random"
+    """prompt: initialise the soft prompt randomly, or from the embeddings of prompt_init_text"""
+    prompt_init_text: str | None = None
+    """prompt with prompt_init text: the text whose token embeddings start the soft prompt"""
+    encoder: Literal["mlp", "lstm"] = "mlp"
+    """ptuning: the prompt encoder that reparameterises the virtual tokens"""
+    encoder_hidden_size: int | None = None
+    """prefix, ptuning: hidden width of the reparameterisation network; None uses the model's hidden size"""
+    bottleneck_size: int = 64
+    """adapter: width of each Houlsby bottleneck (down-projection size)"""
+    freeze_layers: int = 2
+    """freeze: number of top transformer blocks that train (the rest stay frozen)"""
+    trainable_modules: list[str] = field(default_factory=list)
+    """freeze: names (or name fragments) of further modules that train, e.g. [norm, lm_head]"""
 
 
 @dataclass
@@ -248,7 +278,9 @@ class EvalConfig:
 @dataclass
 class LoggingConfig:
     report_to: list[str] = field(default_factory=list)
-    """trackers besides metrics.jsonl (e.g. [tensorboard]); empty for none"""
+    """trackers besides metrics.jsonl, through accelerate: tensorboard, wandb (WANDB_MODE=offline works without a
+    network), mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio; empty for none. Local files go to
+    <run>/logs/"""
     progress: Literal["auto", "on", "off"] = "auto"
     """progress bars: "auto" shows them only on an interactive terminal"""
 
@@ -313,6 +345,8 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is Any:
         return True, value
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(tp)):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         return value in typing.get_args(tp), value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -431,18 +465,12 @@ def check(recipe: Recipe) -> None:
     if _is_local(recipe.model.base) and not Path(recipe.model.base).expanduser().exists():
         fail("model.base", f"names {recipe.model.base!r}, which does not exist")
 
-    a = recipe.adapter
-    if a.method == "lora":
-        if a.r <= 0:
-            fail("adapter.r", f"must be positive, got {a.r}")
-        if a.alpha <= 0:
-            fail("adapter.alpha", f"must be positive, got {a.alpha}")
-        if not 0 <= a.dropout < 1:
-            fail("adapter.dropout", f"must be in [0, 1), got {a.dropout}")
-        if isinstance(a.target_modules, str) and a.target_modules != "all-linear":
-            fail("adapter.target_modules", f'must be "all-linear" or a list of module names, got {a.target_modules!r}')
-        if isinstance(a.target_modules, list) and not a.target_modules:
-            fail("adapter.target_modules", "must not be empty")
+    methods.check(recipe)
+    for name in recipe.logging.report_to:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name, TRACKERS, n=1)
+            fail("logging.report_to", f"has unknown tracker {name!r}" + (f" (did you mean {close[0]!r}?)" if close
+                                                                        else f"; choose from {', '.join(TRACKERS)}"))
 
     for section in ("sft", "rm"):
         s = getattr(recipe, section)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf import methods
 from rlhf.config import AdapterConfig, ModelConfig
 from rlhf.errors import UserError
 
@@ -61,6 +62,8 @@ def load_base(cfg: ModelConfig, kind: str = "causal"):
     kwargs = {**_pretrained_kwargs(cfg), "dtype": DTYPES[cfg.dtype], "use_safetensors": True}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization:
+        kwargs["quantization_config"] = methods.quantization_config(cfg)
     try:
         if kind == "score":
             return AutoModelForSequenceClassification.from_pretrained(cfg.base, num_labels=1, **kwargs)
@@ -69,28 +72,20 @@ def load_base(cfg: ModelConfig, kind: str = "causal"):
         raise UserError(f"{cfg.base}: cannot load the base model ({str(e).splitlines()[0]})") from None
 
 
-def lora_config(cfg: AdapterConfig, task_type: str):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-                      task_type=task_type)
-
-
-def attach_adapter(model, cfg: AdapterConfig, task_type: str = "CAUSAL_LM", adapter_name: str = "default"):
-    """Make ``model`` trainable as ``cfg.method`` says: wrap it with a new LoRA adapter, or train every weight."""
-    if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    from peft import get_peft_model
-
-    return get_peft_model(model, lora_config(cfg, task_type), adapter_name=adapter_name)
+def attach_adapter(model, cfg: AdapterConfig, task_type: str = "CAUSAL_LM", base: str | None = None,
+                   total_steps: int = 0):
+    """Make ``model`` trainable as ``cfg.method`` says (see ``rlhf.methods``)."""
+    return methods.prepare(model, cfg, task_type, tokenizer_path=base, total_steps=total_steps)
 
 
 def trainable_parameters(model) -> dict:
-    """Trainable and total parameter counts, and the trainable percentage."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """Trainable and total parameter counts, and the trainable percentage. peft's count is used for peft models:
+    it counts a 4-bit weight's parameters, not the bytes it is packed into."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total, "percent": round(100.0 * trainable / max(total, 1), 4)}
 
 
@@ -151,12 +146,9 @@ def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None):
     cfg.base = manifest["base"]
     tokenizer = load_tokenizer(cfg, str(run_dir))
     with loading(run_dir, cfg.base):
-        if manifest["adapter"]["method"] == "full":
-            model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype], use_safetensors=True)
-        else:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(load_base(cfg), run_dir)
+        model = methods.load(
+            Path(run_dir), manifest["adapter"]["method"], lambda: load_base(cfg),
+            lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], use_safetensors=True))
     model.eval()
     return model, tokenizer
 
@@ -219,15 +211,16 @@ def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None):
     cfg = model_cfg or ModelConfig(**manifest["recipe"]["model"])
     cfg.base = manifest["base"]
     tokenizer = load_tokenizer(cfg, str(run_dir))
-    with loading(run_dir, cfg.base):
-        if manifest["adapter"]["method"] == "full":
-            model = AutoModelForSequenceClassification.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype],
-                                                                       num_labels=1, use_safetensors=True)
-        else:
-            from peft import PeftModel
 
-            base = load_base(cfg, kind="score")
-            base.config.pad_token_id = tokenizer.pad_token_id
-            model = PeftModel.from_pretrained(base, run_dir)
+    def base():
+        model = load_base(cfg, kind="score")
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    with loading(run_dir, cfg.base):
+        model = methods.load(
+            Path(run_dir), manifest["adapter"]["method"], base,
+            lambda path: AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[cfg.dtype],
+                                                                            num_labels=1, use_safetensors=True))
     model.eval()
     return model, tokenizer

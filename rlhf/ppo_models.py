@@ -1,7 +1,7 @@
 """The four models PPO needs: policy, reference, reward and value.
 
-With an adapter method (LoRA) they are four named adapters on ONE base loaded once; every forward pass selects
-its adapter first:
+With an adapter method (LoRA, DoRA, QLoRA, IA3) they are four named adapters on ONE base loaded once; every
+forward pass selects its adapter first:
 
 - ``policy``     trainable, initialised from the SFT adapter
 - ``reference``  the SFT adapter again, frozen
@@ -9,8 +9,8 @@ its adapter first:
 - ``value``      trainable, initialised from the reward model's adapter, read through a value head initialised
                  from the score head
 
-With full fine-tuning they are separate model copies. Both layouts offer the same methods, so the PPO loop does
-not know which one it runs on.
+With a method that trains base weights (full, bitfit, freeze) they are separate model copies. Both layouts offer
+the same methods, so the PPO loop does not know which one it runs on.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf import modeling
+from rlhf import methods, modeling
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 
@@ -63,11 +63,12 @@ class SharedBase:
             self.model = PeftModel.from_pretrained(base, str(sft_dir), adapter_name="policy", is_trainable=True)
             self.model.load_adapter(str(sft_dir), adapter_name="reference")
         else:  # no SFT: the policy starts as a fresh adapter, the reference is the bare base
-            self.model = get_peft_model(base, modeling.lora_config(adapter_cfg, "CAUSAL_LM"), adapter_name="policy")
+            self.model = get_peft_model(base, methods.peft_config(adapter_cfg, "CAUSAL_LM", cfg.base),
+                                        adapter_name="policy")
         self.has_reference_adapter = sft_dir is not None
         self.model.load_adapter(str(rm_dir), adapter_name="reward")
         self.model.load_adapter(str(rm_dir), adapter_name="value", is_trainable=True)
-        dtype = next(base.parameters()).dtype
+        dtype = base.get_input_embeddings().weight.dtype  # a quantized base keeps its embeddings unquantized
         head = _score_head_weights(Path(rm_dir))
         self.reward_head = _head(head, dtype).requires_grad_(False)
         # the value head starts as the score head on the scale PPO's rewards use (normalised when they are)
@@ -126,7 +127,7 @@ class SharedBase:
     # -- training and saving -----------------------------------------------------------------------------------
     def parameters(self, role: str) -> list[nn.Parameter]:
         """The trainable parameters of ``policy`` or ``value`` (the value head included)."""
-        params = [p for n, p in self.model.named_parameters() if f".{role}." in n and "lora_" in n]
+        params = [p for n, p in self.model.named_parameters() if f".{role}." in n or n.endswith(f".{role}")]
         if role == "value":
             params += list(self.value_head.parameters())
         return params
@@ -170,8 +171,8 @@ class SharedBase:
 class SeparateCopies:
     """Policy, reference, reward and value as four full models (full fine-tuning)."""
 
-    def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path, value_shift: float = 0.0,
-                 value_scale: float = 1.0):
+    def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
+                 value_shift: float = 0.0, value_scale: float = 1.0):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         dtype = modeling.DTYPES[cfg.dtype]
@@ -185,6 +186,9 @@ class SeparateCopies:
         head = modeling.score_head(self.value)
         weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
         self.value.score = _head(weights, head.weight.dtype, value_shift, value_scale, bias=True)
+        if adapter_cfg is not None and adapter_cfg.method != "full":  # bitfit / freeze: the same weights as in SFT
+            methods.prepare(self.policy, adapter_cfg, "CAUSAL_LM")
+            methods.prepare(self.value, adapter_cfg, "SEQ_CLS")
 
     @property
     def device(self):
@@ -206,7 +210,7 @@ class SeparateCopies:
         return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def parameters(self, role: str) -> list[nn.Parameter]:
-        return list((self.policy if role == "policy" else self.value).parameters())
+        return [p for p in (self.policy if role == "policy" else self.value).parameters() if p.requires_grad]
 
     def train(self, mode: bool = True) -> None:
         self.policy.train(mode)
@@ -232,6 +236,6 @@ def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path, adap
     """The PPO models in the layout ``method`` calls for. The value head starts as the reward model's score head
     mapped to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises."""
     with modeling.loading(f"{sft_dir or 'base'} / {rm_dir}", cfg.base):
-        if method == "full":
-            return SeparateCopies(cfg, sft_dir, rm_dir, value_shift, value_scale)
+        if methods.kind(method) == "weights":
+            return SeparateCopies(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
         return SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)

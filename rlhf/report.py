@@ -78,25 +78,51 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def plot_ppo_curves(run_dir: Path, path: Path) -> Path | None:
-    """Score, KL and (when logged) held-out gold of a PPO run over its steps."""
-    rows = read_metrics(run_dir)
-    if not rows or "objective/score" not in rows[0]:
+# The training curves each stage draws into its run directory (curves.png): (metric, title) panels, in order
+STAGE_CURVES = {
+    "sft": [("train/loss", "training loss"), ("eval/loss", "held-out loss"), ("train/learning_rate", "learning rate")],
+    "rm": [("train/loss", "training loss"), ("train/accuracy", "training pair accuracy"),
+           ("eval/accuracy", "held-out pair accuracy"), ("train/margin", "training reward margin")],
+    "ppo": [("objective/score", "reward-model score"), ("objective/kl", "KL to reference (nats)"),
+            ("ppo/kl_coef", "KL coefficient"), ("policy/entropy", "policy entropy"),
+            ("response/length", "response length (tokens)"), ("eval/gold", "held-out gold (greedy)")],
+}
+
+
+def plot_curves(rows: list[dict], panels: list[tuple[str, str]], path: Path, xlabel: str = "step") -> Path | None:
+    """One panel per metric that ``rows`` (metrics.jsonl) hold, against the step; None when none is logged."""
+    panels = [(k, t) for k, t in panels if any(k in r for r in rows)]
+    if not panels:
         return None
     plt = _pyplot()
-    panels = [("objective/score", "reward-model score"), ("objective/kl", "KL to reference (nats)")]
-    if any("eval/gold" in r for r in rows):
-        panels.append(("eval/gold", "held-out gold (greedy)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    for ax, (key, label) in zip(axes, panels):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if key.startswith("eval/") else None)
-        ax.set_xlabel("PPO step")
-        ax.set_title(label)
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 12 else None)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_training_curves(run_dir: Path, stage: str) -> Path | None:
+    """``curves.png`` in a run directory, from its metrics.jsonl, with the panels of its stage."""
+    if stage not in STAGE_CURVES:
+        return None
+    return plot_curves(read_metrics(run_dir), STAGE_CURVES[stage], Path(run_dir) / "curves.png",
+                       "PPO step" if stage == "ppo" else "optimizer step")
+
+
+def plot_ppo_curves(run_dir: Path, path: Path) -> Path | None:
+    """Score, KL and (when logged) held-out gold of a PPO run over its steps."""
+    panels = [p for p in STAGE_CURVES["ppo"] if p[0] in ("objective/score", "objective/kl", "eval/gold")]
+    return plot_curves(read_metrics(run_dir), panels, path, "PPO step")
 
 
 def plot_overoptimisation(points: list[dict], path: Path) -> Path | None:

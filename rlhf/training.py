@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 from pathlib import Path
 
 import torch
 
+from rlhf import methods
 from rlhf.checkpoint import Run
-from rlhf.config import Recipe, TrainConfig
+from rlhf.config import AdapterConfig, Recipe, TrainConfig
 from rlhf.errors import TrainingStopped
 
 
@@ -87,10 +89,24 @@ def trainer_kwargs(recipe: Recipe, s: TrainConfig, output_dir: Path, has_eval: b
         bf16=on_gpu and recipe.model.dtype == "bfloat16",
         fp16=on_gpu and recipe.model.dtype == "float16",
         gradient_checkpointing=False,
-        report_to=recipe.logging.report_to or "none",
+        report_to="none",  # trackers get every metric through run.metrics (one path for every stage)
         disable_tqdm=not show_progress(recipe),
         dataset_num_proc=None,
     )
+
+
+def planned_steps(s: TrainConfig, rows: int) -> int:
+    """Optimizer steps the stage will take on ``rows`` training rows (one process); AdaLoRA schedules its rank
+    pruning over them."""
+    if s.max_steps:
+        return s.max_steps
+    return max(1, math.ceil(s.epochs * math.ceil(rows / s.batch_size) / s.grad_accum))
+
+
+def method_callbacks(trainer, cfg: AdapterConfig) -> None:
+    """Callbacks a fine-tuning method needs during training (AdaLoRA's rank-budget updates)."""
+    if cfg.method == "adalora":
+        trainer.add_callback(methods.adalora_callback())
 
 
 def nonfinite_guard(run: Run, stage: str, max_in_a_row: int):

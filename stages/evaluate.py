@@ -92,7 +92,7 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: boo
         gens = rollout.generate(model, tokenizer, inputs, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                                 temperature=0.0 if e.samples == 1 else e.temperature, progress=progress)
         scores = rollout.score_conversations(reward[0], reward[1], rollout.with_responses(prompts, gens.texts),
-                                             e.batch_size)
+                                             e.batch_size, progress=progress)
         kls = [None] * len(prompts)
         if reference is not None:
             logp = rollout.response_logprobs(model, tokenizer, inputs, gens.token_ids, e.batch_size)

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from rlhf import checkpoint, formats, modeling, ppo_math, ppo_models
-from rlhf.rollout import left_pad
+from rlhf import checkpoint, formats, methods, modeling, ppo_math, ppo_models
 from rlhf.checkpoint import Run
-from rlhf.config import Recipe
+from rlhf.config import AdapterConfig, Recipe
+from rlhf.rollout import left_pad
+from rlhf.training import show_progress
 from rlhf.errors import TrainingStopped, UserError
 from rlhf.tiny import world
 
@@ -172,6 +174,7 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
         eval_prompts = formats.load(recipe.data.eval_prompts, "prompts", columns=recipe.data.columns,
                                     split=recipe.data.split).rows[:p.eval_samples]
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
+        run.track(recipe)
         return _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eval_prompts)
 
 
@@ -180,11 +183,15 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     torch.manual_seed(p.seed)
     model_cfg = recipe.model
     model_cfg.base = rm_manifest["base"]
+    model_cfg.quantization = rm_manifest["recipe"]["model"].get("quantization")
     method = rm_manifest["adapter"]["method"]
+    methods.check_stage(method, "ppo", str(rm_dir))
+    # the method's options as the reward model was trained with them (a fresh policy adapter uses them too)
+    adapter_cfg = AdapterConfig(**rm_manifest["recipe"]["adapter"])
     tokenizer = modeling.load_tokenizer(model_cfg, str(sft_dir or rm_dir))
     rm_stats = rm_manifest["reward_stats"]
     shift, scale = (rm_stats["mean"], rm_stats["std"]) if p.normalize_reward else (0.0, 1.0)
-    models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, recipe.adapter, shift, scale)
+    models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale)
     models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
     encoded = encode_prompts(tokenizer, prompts.rows, p.max_prompt_length, recipe.data.prompts)
     eval_encoded = (encode_prompts(tokenizer, eval_prompts, p.max_prompt_length, recipe.data.eval_prompts)
@@ -205,6 +212,8 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     if run.resumed:
         first_step, order, lines = resume_from(run, models, optimizer, kl_ctl, order_gen, order)
         history = run.truncate_metrics(lines)
+    progress = show_progress(recipe)  # a bar on a terminal, a line per step in logs
+    bar = tqdm(total=steps, initial=first_step - 1, desc="ppo", unit="step", disable=not progress)
     for step in range(first_step, steps + 1):
         t0 = time.time()
         # 1 rollout: sample one response per prompt with the policy
@@ -274,9 +283,14 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
         row["time/step_s"] = time.time() - t0
         run.metrics.write(row)
         history.append(row)
-        print(f"ppo: step {step}/{steps} score {row['objective/score']:.3f} kl {row['objective/kl']:.3f} "
-              f"len {row['response/length']:.1f}" + (f" eval/gold {row['eval/gold']:.3f}" if "eval/gold" in row
-                                                       else ""), file=sys.stderr, flush=True)
+        shown = {"score": row["objective/score"], "kl": row["objective/kl"], "len": row["response/length"],
+                 **({"eval/gold": row["eval/gold"]} if "eval/gold" in row else {})}
+        if progress:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+            bar.update(1)
+        else:
+            print(f"ppo: step {step}/{steps} " + " ".join(f"{k} {v:.3f}" for k, v in shown.items()),
+                  file=sys.stderr, flush=True)
         if row["objective/kl"] < -1e-3 and step > 1:
             print(f"ppo: warning: mean KL is negative ({row['objective/kl']:.4f}) at step {step}: the k1 estimate "
                   "is only non-negative on average; persistent negative values usually mean the sampling and "
@@ -288,6 +302,8 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
                 ckpt.mkdir(parents=True)
                 models.save(ckpt)
                 save_resume_state(run, step, models, optimizer, kl_ctl, order_gen, order, p.keep_checkpoints)
+
+    bar.close()
 
     # save
     final = history[-1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rlhf import formats, modeling, training
+from rlhf import formats, methods, modeling, training
 from rlhf.checkpoint import Run
 from rlhf.config import Recipe
 from rlhf.errors import UserError
@@ -23,20 +23,23 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
     from trl import SFTConfig, SFTTrainer
 
     # setup: data first (the cheapest thing to get wrong), then the output directory, then the model
+    methods.check_stage(recipe.adapter.method, "sft", recipe.source)
     if not recipe.data.sft:
         raise UserError(f"{recipe.source}: data.sft is required for the sft stage")
     data = formats.load(recipe.data.sft, "sft", fmt=recipe.data.sft_format, columns=recipe.data.columns,
                         split=recipe.data.split, on_bad_row=recipe.data.on_bad_row)
     with Run(Path(out) if out else recipe.stage_dir("sft"), "sft", overwrite=overwrite, resume=resume) as run:
+        run.track(recipe)
         set_seed(recipe.sft.seed)
         tokenizer = modeling.load_tokenizer(recipe.model)
-        model = modeling.attach_adapter(modeling.load_base(recipe.model), recipe.adapter, "CAUSAL_LM")
+        train_rows, eval_rows = training.split_rows(data.rows, recipe.sft.eval_fraction, recipe.sft.seed)
+        model = modeling.attach_adapter(modeling.load_base(recipe.model), recipe.adapter, "CAUSAL_LM",
+                                        recipe.model.base, training.planned_steps(recipe.sft, len(train_rows)))
         params = modeling.trainable_parameters(model)
         print(f"sft: {len(data.rows)} rows, {recipe.adapter.method} trains {params['trainable']:,} of "
               f"{params['total']:,} parameters ({params['percent']}%)", file=sys.stderr)
 
         # train
-        train_rows, eval_rows = training.split_rows(data.rows, recipe.sft.eval_fraction, recipe.sft.seed)
         args = SFTConfig(**training.trainer_kwargs(recipe, recipe.sft, run.work, bool(eval_rows)),
                          completion_only_loss=True, packing=False)
         trainer = SFTTrainer(
@@ -47,6 +50,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
             processing_class=tokenizer,
         )
         training.quiet_trainer(trainer, run, recipe, "sft")
+        training.method_callbacks(trainer, recipe.adapter)
         result = training.train(trainer, run)
         metrics = {"train_loss": result.training_loss, "steps": result.global_step}
         if eval_rows:
@@ -55,7 +59,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         # save
         training.check_finite(model, "sft")
         with run.saving():
-            trainer.save_model(str(run.staging))
+            methods.save(trainer, recipe.adapter, run.staging)
             tokenizer.save_pretrained(str(run.staging))
         return run.finish({
             "base": recipe.model.base,

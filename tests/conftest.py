@@ -51,7 +51,18 @@ def tiny_recipe(tmp_path):
 def parents(tmp_path_factory):
     """Briefly trained SFT and RM runs on the tiny base (shared by the PPO and eval tests)."""
     d = tmp_path_factory.mktemp("parents")
-    recipe = write_recipe(d / "tiny.yaml", run_dir=str(d / "runs"))
+    recipe = write_recipe(d / "tiny.yaml", run_dir=str(d / "runs"), logging={"report_to": ["tensorboard"]})
     run_cli("sft", "--recipe", str(recipe), "--set", "sft.max_steps=30")
     run_cli("rm", "--recipe", str(recipe), "--set", "rm.max_steps=30", "--set", "rm.stats_samples=200")
     return recipe, d / "runs" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def ppo_run(parents):
+    """A short PPO run on the parents (tensorboard on, progress bars forced), and its CLI result."""
+    recipe, runs = parents
+    proc = run_cli("ppo", "--recipe", str(recipe), "--set", "ppo.max_steps=3", "--set", "ppo.batch_size=8",
+                   "--set", "ppo.mini_batch_size=8", "--set", "ppo.micro_batch_size=8",
+                   "--set", "ppo.max_new_tokens=16", "--set", "ppo.eval_every=1", "--set", "ppo.eval_samples=4",
+                   "--set", "logging.progress=on")
+    return runs / "ppo", proc

@@ -1,0 +1,178 @@
+"""What a run directory came from and what it holds: its model card, its lineage (base -> sft -> rm -> ppo), and
+the list of runs under a folder with their status.
+
+Everything here reads manifests; nothing loads a model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhf.errors import UserError
+
+# The one number that sums up a stage (shown by ``rlhf runs`` and ``rlhf info``)
+HEADLINE = {"sft": ("eval_loss", "held-out loss"), "rm": ("eval_accuracy", "held-out pair accuracy"),
+            "ppo": ("objective/score", "reward-model score")}
+
+
+def _manifest(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def headline(manifest: dict) -> str:
+    stage = manifest.get("stage")
+    metrics = manifest.get("metrics") or {}
+    if stage == "eval":
+        best = [(name, row.get("gold")) for name, row in metrics.items() if isinstance(row, dict)]
+        golds = [f"{n} {g:.3f}" for n, g in best if g is not None]
+        return "gold: " + ", ".join(golds) if golds else ""
+    if stage in HEADLINE and HEADLINE[stage][0] in metrics:
+        key, label = HEADLINE[stage]
+        text = f"{label} {metrics[key]:.4g}"
+        if stage == "ppo" and "eval/gold" in metrics:
+            text += f", held-out gold {metrics['eval/gold']:.3f}"
+        return text
+    return ""
+
+
+def _data_lines(data: dict) -> list[str]:
+    lines = []
+    for role, summary in (data or {}).items():
+        if not isinstance(summary, dict) or "files" not in summary:
+            continue
+        for f in summary["files"]:
+            digest = f"sha256 `{f['sha256']}`" if "sha256" in f else f"hub split `{f.get('split')}`"
+            lines.append(f"- {role}: `{f['path']}` ({digest}; {summary.get('rows_kept', '?')} rows kept, "
+                         f"{summary.get('rows_dropped', 0)} dropped)")
+    return lines
+
+
+def model_card(manifest: dict) -> str:
+    """A README.md for a run directory: what it is, from what, on which data, how well, and how to redo it."""
+    stage = manifest["stage"]
+    what = {"sft": "a supervised fine-tuned policy", "rm": "a reward model (one score per sequence)",
+            "ppo": "a policy optimised with PPO against a reward model", "eval": "an evaluation report"}[stage]
+    adapter = manifest.get("adapter") or {}
+    params = adapter.get("parameters") or {}
+    lines = [f"# {manifest.get('recipe', {}).get('name', 'run')}: {stage}", "", f"This directory holds {what}.", "",
+             f"- base model: `{manifest.get('base')}`"]
+    if adapter:
+        lines.append(f"- method: `{adapter.get('method')}`" + (
+            f", {params['trainable']:,} trainable parameters"
+            + (f" ({params['percent']}% of {params['total']:,})" if "percent" in params else "")
+            if "trainable" in params else ""))
+    for role, parent in (manifest.get("parents") or {}).items():
+        lines.append(f"- {role}: `{parent}`")
+    lines += [f"- finished: {manifest.get('finished')} after {manifest.get('seconds')} s"
+              + (" (resumed)" if manifest.get("resumed") else ""), ""]
+    data = _data_lines(manifest.get("data"))
+    if data:
+        lines += ["## Data", "", *data, ""]
+    metrics = manifest.get("metrics") or {}
+    if metrics:
+        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+        for key, value in metrics.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v:.4g}" for k, v in value.items() if isinstance(v, (int, float)))
+            elif isinstance(value, float):
+                value = f"{value:.4g}"
+            lines.append(f"| {key} | {value} |")
+        lines.append("")
+    if stage in ("sft", "rm", "ppo"):
+        lines += ["Training curves: `curves.png`; every logged step: `metrics.jsonl`; everything above and the "
+                  "resolved recipe: `manifest.json`.", ""]
+    lines += ["## Reproduce", "", "```", manifest.get("command", ""), "```", "",
+              "with the recipe recorded in `manifest.json` and these package versions: "
+              + ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items()), ""]
+    return "\n".join(lines)
+
+
+def status(run_dir: Path) -> str:
+    """complete | resumable | failed | interrupted for a run directory or its leftovers."""
+    run_dir = Path(run_dir)
+    manifest = _manifest(run_dir)
+    if manifest is not None and manifest.get("status") == "complete":
+        return "complete"
+    work = run_dir.parent / f".{run_dir.name}.work"
+    staging = run_dir.parent / f".{run_dir.name}.partial"
+    if work.is_dir() and any(work.iterdir()):
+        return "resumable"
+    if staging.is_dir():
+        return "interrupted"  # stopped before its first resume checkpoint: only --overwrite starts it again
+    return "failed"
+
+
+def list_runs(root: Path) -> list[dict]:
+    """Every run directory under ``root`` (``<root>/<name>/<stage>``), finished or not."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder")
+    found: dict[Path, dict] = {}
+    for manifest_path in sorted(root.rglob("manifest.json")):
+        run_dir = manifest_path.parent
+        if any(part.startswith(".") for part in run_dir.relative_to(root).parts):
+            continue  # staging directories are reported under their final name
+        manifest = _manifest(run_dir) or {}
+        found[run_dir] = {"path": str(run_dir), "stage": manifest.get("stage", "?"), "status": status(run_dir),
+                          "finished": manifest.get("finished", ""), "headline": headline(manifest)}
+    for leftover in sorted(root.rglob(".*.partial")):
+        run_dir = leftover.parent / leftover.name[1:-len(".partial")]
+        if run_dir in found:
+            found[run_dir]["status"] += ", and an interrupted rerun beside it"
+        else:
+            found[run_dir] = {"path": str(run_dir), "stage": run_dir.name, "status": status(run_dir),
+                              "finished": "", "headline": ""}
+    return list(found.values())
+
+
+def lineage(run_dir: Path) -> list[tuple[str, Path, dict]]:
+    """The chain of runs that produced ``run_dir``: ``(role, path, manifest)``, oldest first, the run last."""
+    run_dir = Path(run_dir)
+    manifest = _manifest(run_dir)
+    if manifest is None:
+        raise UserError(f"{run_dir}: not a run directory (no readable manifest.json)")
+    chain: list[tuple[str, Path, dict]] = []
+    seen: set[Path] = set()
+
+    def visit(role: str, path: Path, m: dict) -> None:
+        if path.resolve() in seen:
+            return
+        seen.add(path.resolve())
+        parents = m.get("parents") or {}
+        for parent_role, parent in parents.items():
+            for p in parent if isinstance(parent, list) else [parent]:
+                pm = _manifest(Path(p))
+                if pm is not None:
+                    visit(parent_role, Path(p), pm)
+        chain.append((role, path, m))
+
+    visit(manifest.get("stage", "run"), run_dir, manifest)
+    return chain
+
+
+def describe(run_dir: Path) -> str:
+    """``rlhf info``: the lineage from the base to this run, each step's key facts."""
+    chain = lineage(run_dir)
+    base = chain[0][2].get("base")
+    lines = [f"base   {base}"]
+    for role, path, m in chain:
+        adapter = m.get("adapter") or {}
+        params = adapter.get("parameters") or {}
+        facts = [f"{m.get('stage')}", f"status {status(path)}"]
+        if adapter:
+            facts.append(f"method {adapter.get('method')}"
+                         + (f" ({params['trainable']:,} trainable)" if "trainable" in params else ""))
+        if m.get("base") != base:
+            facts.append(f"base {m.get('base')}")
+        if headline(m):
+            facts.append(headline(m))
+        if m.get("finished"):
+            facts.append(f"finished {m['finished']} ({m.get('seconds')} s)")
+        lines.append(f"  -> {path}  [{role}]\n       " + "; ".join(facts))
+    last = chain[-1][2]
+    lines.append(f"command: {last.get('command')}")
+    return "\n".join(lines)

@@ -169,6 +169,12 @@ def train(trainer, run: Run):
     from transformers import TrainerCallback
 
     class _RecordMetricsLines(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            # no resume checkpoint after the last step: the stage saves its output itself, and the trainer,
+            # resumed from a checkpoint at max_steps, would take one step too many
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"

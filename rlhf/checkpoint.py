@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf import distributed
 from rlhf.errors import UserError
 
 # The command line that started this process, as the user typed it (set by the CLI; manifests record it).
@@ -74,14 +75,19 @@ def write_json(path: Path, data: dict) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object a line to ``metrics.jsonl``, and passes the numbers on to the run's trackers."""
+    """Appends one JSON object a line to ``metrics.jsonl``, and passes the numbers on to the run's trackers.
+    Only an enabled log writes (the main process's, when there are many)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.trackers: list = []
 
     def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, default=float) + "\n")
         if self.trackers:
@@ -143,38 +149,47 @@ class Run:
         self.started = now()
         self.t0 = time.time()
         self.resumed = resume
+        self.main = distributed.is_main()
+        """whether this process writes (with many processes only the main one does)"""
+        parent = self.final.parent
+        self.staging = parent / f".{self.final.name}.partial"
+        self.work = parent / f".{self.final.name}.work"
+        """scratch space for resume checkpoints; removed when the run finishes"""
+        # every process checks (they see the same files and raise the same error), then only the main one writes
         if self.final.exists():
             if not self.final.is_dir():
                 raise UserError(f"{self.final}: exists and is not a directory")
             if any(self.final.iterdir()) and not overwrite:
                 raise UserError(f"{self.final}: already holds a {'finished ' if resume else ''}run; pass --overwrite "
                                 "to replace it (or --out to write elsewhere)")
-        parent = self.final.parent
-        self.staging = parent / f".{self.final.name}.partial"
-        self.work = parent / f".{self.final.name}.work"
-        """scratch space for resume checkpoints; removed when the run finishes"""
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            if resume:
-                if not self.staging.is_dir():
-                    raise UserError(f"{self.final}: nothing to resume (no interrupted run at {self.staging})")
-            else:
-                if (self.staging.exists() or self.work.exists()) and not overwrite:
-                    raise UserError(f"{self.final}: an interrupted run is at {self.staging}; pass --resume to "
-                                    "continue it or --overwrite to start over")
-                shutil.rmtree(self.staging, ignore_errors=True)
-                shutil.rmtree(self.work, ignore_errors=True)
-                self.staging.mkdir()
-            probe = self.staging / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise UserError(f"{parent}: cannot write the run directory ({e.strerror})") from None
-        self.metrics = MetricsLog(self.staging / "metrics.jsonl")
+        if resume and not self.staging.is_dir():
+            raise UserError(f"{self.final}: nothing to resume (no interrupted run at {self.staging})")
+        if not resume and (self.staging.exists() or self.work.exists()) and not overwrite:
+            raise UserError(f"{self.final}: an interrupted run is at {self.staging}; pass --resume to "
+                            "continue it or --overwrite to start over")
+        distributed.barrier()
+        error = None
+        if self.main:
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+                if not resume:
+                    shutil.rmtree(self.staging, ignore_errors=True)
+                    shutil.rmtree(self.work, ignore_errors=True)
+                    self.staging.mkdir()
+                probe = self.staging / ".write-test"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as e:
+                error = UserError(f"{parent}: cannot write the run directory ({e.strerror})")
+        if distributed.any_failed(error is not None):
+            raise error or UserError(f"{parent}: the main process could not write the run directory")
+        self.metrics = MetricsLog(self.staging / "metrics.jsonl", enabled=self.main)
 
     def track(self, recipe) -> None:
         """Start the recipe's trackers (``logging.report_to``); they log to ``<run>/logs/`` and receive every
         row written to metrics.jsonl."""
+        if not self.main:
+            return
         self.metrics.trackers = start_trackers(recipe.logging.report_to, f"{recipe.name}-{self.stage}",
                                                self.staging / "logs", recipe.to_dict())
 
@@ -192,6 +207,8 @@ class Run:
         """Keep the first ``lines`` lines of metrics.jsonl (those written before the resumed checkpoint)."""
         path = self.metrics.path
         rows = [json.loads(x) for x in path.read_text().splitlines()[:lines]] if path.is_file() else []
+        if not self.main:  # the others read the same first lines; only the main process rewrites the file
+            return rows
         tmp = path.with_name(".metrics.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, path)
@@ -200,9 +217,10 @@ class Run:
     @contextmanager
     def saving(self):
         """Wrap a save: a failure of the filesystem (disk full, permissions) becomes a one-line error, and the
-        previous output, if any, stays as it was (nothing has been moved yet)."""
+        previous output, if any, stays as it was (nothing has been moved yet). Yields whether this process is the
+        one that writes (saves that gather sharded weights run on every process and write on the main one)."""
         try:
-            yield
+            yield self.main
         except OSError as e:
             raise UserError(f"{self.final}: cannot save the run ({e.strerror or e}); the previous output, if any, "
                             "is untouched") from None
@@ -211,7 +229,19 @@ class Run:
         """Write the manifest, fsync everything, and move the staging directory into place; returns the manifest."""
         manifest = {"stage": self.stage, "status": "complete", **manifest, "started": self.started,
                     "finished": now(), "seconds": round(time.time() - self.t0, 2), "resumed": self.resumed,
-                    "versions": versions(), "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+                    "world_size": distributed.world_size(), "distributed": distributed.kind(), "versions": versions(),
+                    "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+        error = None
+        if self.main:
+            try:
+                self._publish(manifest)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes know
+                error = e
+        if distributed.any_failed(error is not None):  # every process returns once the run is in place
+            raise error or UserError(f"{self.final}: the main process could not save the run")
+        return manifest
+
+    def _publish(self, manifest: dict) -> None:
         self._close_trackers()
         with self.saving():
             from rlhf import lineage, report
@@ -229,12 +259,13 @@ class Run:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(self.work, ignore_errors=True)
-        return manifest
 
     def abandon(self) -> None:
         """After a failure: keep what ``--resume`` needs when a resume checkpoint exists, else remove it all (the
         final directory is never touched)."""
         self._close_trackers()
+        if not self.main:
+            return
         if self.work.is_dir() and any(self.work.iterdir()):
             print(f"{self.stage}: the run stopped; continue it with --resume", file=sys.stderr)
             return

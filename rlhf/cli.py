@@ -49,6 +49,32 @@ def recipe_options(f):
     return f
 
 
+def launch_options(f):
+    """``--num-processes`` and ``--accelerate-config``: run the command under ``accelerate launch``."""
+    f = click.option("--accelerate-config", type=click.Path(dir_okay=False),
+                     help="run under accelerate launch with this config (see recipes/accelerate/)")(f)
+    f = click.option("--num-processes", type=click.IntRange(min=1),
+                     help="run on N processes under accelerate launch (GPUs, or CPU processes over gloo)")(f)
+    return f
+
+
+def _relaunch(num_processes: int | None, accelerate_config: str | None) -> None:
+    """Re-run this very command under ``accelerate launch`` when asked to (and not already launched)."""
+    from rlhf import distributed
+
+    if not (num_processes or accelerate_config) or os.environ.get(distributed.LAUNCHED) or distributed.in_launcher():
+        return
+    sys.exit(distributed.launch(sys.argv[1:], num_processes, accelerate_config))
+
+
+def _echo(message: str) -> None:
+    """A result line, printed once (by the main process when there are many)."""
+    from rlhf import distributed
+
+    if distributed.is_main():
+        click.echo(message)
+
+
 def _recipe(path: str, overrides: tuple[str, ...], base: str | None = None):
     from rlhf.config import load_recipe
 
@@ -76,14 +102,16 @@ def cli(ctx, debug):
 @click.option("--out", type=click.Path(file_okay=False), help="output run directory (default runs/<name>/sft)")
 @click.option("--overwrite", is_flag=True, help="replace a finished run in the output directory")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its newest complete checkpoint")
-def sft(recipe_path, overrides, base, out, overwrite, resume):
+@launch_options
+def sft(recipe_path, overrides, base, out, overwrite, resume, num_processes, accelerate_config):
     """Supervised fine-tuning on demonstrations (loss on responses only)."""
     from stages import sft as stage
 
     recipe = _recipe(recipe_path, overrides, base)
+    _relaunch(num_processes, accelerate_config)
     manifest = stage.main(recipe, out=out, overwrite=overwrite, resume=resume)
     m = manifest["metrics"]
-    click.echo(f"sft: {m['steps']} steps, train loss {m['train_loss']:.4f}"
+    _echo(f"sft: {m['steps']} steps, train loss {m['train_loss']:.4f}"
                + (f", eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else "")
                + f" -> {out or recipe.stage_dir('sft')}")
 
@@ -95,8 +123,9 @@ def sft(recipe_path, overrides, base, out, overwrite, resume):
 @click.option("--out", type=click.Path(file_okay=False), help="output run directory (default runs/<name>/rm)")
 @click.option("--overwrite", is_flag=True, help="replace a finished run in the output directory")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its newest complete checkpoint")
+@launch_options
 @click.pass_context
-def rm(ctx, recipe_path, overrides, base, out, overwrite, resume):
+def rm(ctx, recipe_path, overrides, base, out, overwrite, resume, num_processes, accelerate_config):
     """Train the reward model on ranked pairs (Bradley-Terry loss). `rlhf rm score` scores pairs with one."""
     if ctx.invoked_subcommand is not None:
         return
@@ -105,9 +134,10 @@ def rm(ctx, recipe_path, overrides, base, out, overwrite, resume):
     from stages import rm as stage
 
     recipe = _recipe(recipe_path, overrides, base)
+    _relaunch(num_processes, accelerate_config)
     manifest = stage.main(recipe, out=out, overwrite=overwrite, resume=resume)
     m = manifest["metrics"]
-    click.echo(f"rm: {m['steps']} steps, train loss {m['train_loss']:.4f}"
+    _echo(f"rm: {m['steps']} steps, train loss {m['train_loss']:.4f}"
                + (f", held-out accuracy {m['eval_accuracy']:.4f}" if "eval_accuracy" in m else "")
                + f" -> {out or recipe.stage_dir('rm')}")
 
@@ -142,14 +172,16 @@ def rm_score(reward, data_path, out, on_bad_row):
 @click.option("--out", type=click.Path(file_okay=False), help="output run directory (default runs/<name>/ppo)")
 @click.option("--overwrite", is_flag=True, help="replace a finished run in the output directory")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its newest complete checkpoint")
-def ppo(recipe_path, overrides, policy, reward, out, overwrite, resume):
+@launch_options
+def ppo(recipe_path, overrides, policy, reward, out, overwrite, resume, num_processes, accelerate_config):
     """PPO of the policy against the reward model, with a KL penalty to the frozen SFT reference."""
     from stages import ppo as stage
 
     recipe = _recipe(recipe_path, overrides)
+    _relaunch(num_processes, accelerate_config)
     manifest = stage.main(recipe, policy=policy, reward=reward, out=out, overwrite=overwrite, resume=resume)
     m = manifest["metrics"]
-    click.echo(f"ppo: {m['steps']} steps, score {m['objective/score']:.4f}, kl {m['objective/kl']:.4f}"
+    _echo(f"ppo: {m['steps']} steps, score {m['objective/score']:.4f}, kl {m['objective/kl']:.4f}"
                + (f", held-out gold {m['eval/gold']:.4f}" if "eval/gold" in m else "")
                + f" -> {out or recipe.stage_dir('ppo')}")
 
@@ -165,7 +197,9 @@ def ppo(recipe_path, overrides, policy, reward, out, overwrite, resume):
 @click.option("--icl-shots", type=int, help="demonstrations for the in-context baseline row; overrides eval.icl_shots")
 @click.option("--out", type=click.Path(file_okay=False), help="output directory (default runs/<name>/eval)")
 @click.option("--overwrite", is_flag=True, help="replace a finished evaluation in the output directory")
-def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_shots, out, overwrite):
+@launch_options
+def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_shots, out, overwrite, num_processes,
+             accelerate_config):
     """Compare policies on held-out prompts: reward, gold, win rate, KL, length; with a report and plots."""
     from rlhf.training import show_progress
     from stages import evaluate as stage
@@ -173,9 +207,10 @@ def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_sho
     extra = ((f"eval.samples={samples}",) if samples is not None else ()) + (
         (f"eval.icl_shots={icl_shots}",) if icl_shots is not None else ())
     recipe = _recipe(recipe_path, (*overrides, *extra))
+    _relaunch(num_processes, accelerate_config)
     stage.main(recipe, policies=list(policies) or None, reward=reward, prompts=prompts, out=out,
                overwrite=overwrite, progress=show_progress(recipe))
-    click.echo(f"eval: report in {out or recipe.stage_dir('eval')}")
+    _echo(f"eval: report in {out or recipe.stage_dir('eval')}")
 
 
 @cli.command()

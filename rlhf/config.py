@@ -173,16 +173,17 @@ class PPOConfig:
 
     Sizes: each step samples ``batch_size`` prompts and one response each (the rollout), then makes
     ``ppo_epochs`` passes over it in mini-batches of ``mini_batch_size`` (one optimizer step each), each
-    mini-batch split into micro-batches of ``micro_batch_size`` for gradient accumulation. Defaults follow the
-    reference implementations (clip 0.2, value clip 0.2, gamma 1, lambda 0.95, 4 PPO epochs).
+    mini-batch split into micro-batches of ``micro_batch_size`` for gradient accumulation. All three sizes count
+    episodes on ONE process: with N processes a step has N x batch_size episodes, and each optimizer step sees
+    N x mini_batch_size of them. Defaults follow the reference implementations (clip 0.2, value clip 0.2, gamma 1, lambda 0.95, 4 PPO epochs).
     """
 
     lr: float = 1e-5
     """learning rate for the policy and value adapters (AdamW, constant)"""
     batch_size: int = 64
-    """prompts (episodes) per PPO step on one process"""
+    """prompts (episodes) per PPO step on one process (N processes: N x batch_size per step)"""
     mini_batch_size: int = 16
-    """episodes per optimizer step; must divide batch_size"""
+    """episodes per optimizer step on one process; must divide batch_size"""
     micro_batch_size: int = 8
     """episodes per forward/backward pass (gradient accumulation); must divide mini_batch_size"""
     ppo_epochs: int = 4

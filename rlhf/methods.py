@@ -333,6 +333,8 @@ def save(trainer_or_model, cfg: AdapterConfig, out: Path) -> None:
         return
     from safetensors.torch import save_file
 
+    if is_trainer and not trainer_or_model.args.should_save:  # not the process that writes
+        return
     state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(state, str(out / BOTTLENECK_WEIGHTS))
     (out / BOTTLENECK_CONFIG).write_text(json.dumps({

@@ -64,6 +64,10 @@ def load_base(cfg: ModelConfig, kind: str = "causal"):
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization:
         kwargs["quantization_config"] = methods.quantization_config(cfg)
+        if torch.cuda.is_available():  # a quantized model cannot be moved after loading: load it on this process's GPU
+            from rlhf import distributed
+
+            kwargs["device_map"] = {"": distributed.device()}
     try:
         if kind == "score":
             return AutoModelForSequenceClassification.from_pretrained(cfg.base, num_labels=1, **kwargs)

@@ -136,6 +136,13 @@ class SharedBase:
         self.model.train(mode)
         self.value_head.train(mode)
 
+    def to(self, device) -> None:
+        """Move everything to ``device`` (a quantized base was already placed there when it was loaded)."""
+        if not getattr(self.model, "is_loaded_in_4bit", False) and not getattr(self.model, "is_loaded_in_8bit", False):
+            self.model.to(device)
+        self.reward_head.to(device)
+        self.value_head.to(device)
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything PPO changes: the policy and value adapters and the value head (for resume checkpoints)."""
         state = {k: v for k, v in self.model.state_dict().items() if ".policy." in k or ".value." in k}
@@ -216,6 +223,10 @@ class SeparateCopies:
         self.policy.train(mode)
         self.value.train(mode)
 
+    def to(self, device) -> None:
+        for model in (self.policy, self.reference, self.reward, self.value):
+            model.to(device)
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         state = {f"policy.{k}": v.clone() for k, v in self.policy.state_dict().items()}
         state.update({f"value.{k}": v.clone() for k, v in self.value.state_dict().items()})
@@ -232,10 +243,13 @@ class SeparateCopies:
 
 
 def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
-         value_shift: float = 0.0, value_scale: float = 1.0):
-    """The PPO models in the layout ``method`` calls for. The value head starts as the reward model's score head
-    mapped to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises."""
+         value_shift: float = 0.0, value_scale: float = 1.0, device: torch.device | str = "cpu"):
+    """The PPO models in the layout ``method`` calls for, on ``device``. The value head starts as the reward
+    model's score head mapped to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises."""
     with modeling.loading(f"{sft_dir or 'base'} / {rm_dir}", cfg.base):
         if methods.kind(method) == "weights":
-            return SeparateCopies(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
-        return SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
+            models = SeparateCopies(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
+        else:
+            models = SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
+    models.to(device)
+    return models

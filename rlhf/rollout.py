@@ -119,3 +119,55 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
     return {"accuracy": ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item(),
             "margin_mean": diff.mean().item(), "margin_std": diff.std().item() if len(diff) > 1 else 0.0,
             "pairs": len(diff)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling that does not depend on how episodes are batched
+# ---------------------------------------------------------------------------------------------------------------
+
+_M31 = (1 << 31) - 1
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash of 31-bit values (kept in int64: no product can overflow)."""
+    for multiplier in (0x2C1B3C6D, 0x297A2D39, 0x5BD1E995):
+        x = x ^ (x >> 15)
+        x = (x * multiplier) & _M31
+    return x ^ (x >> 13)
+
+
+def hash_uniform(keys: torch.Tensor, position: int, width: int) -> torch.Tensor:
+    """Uniform numbers in (0, 1), ``[len(keys), width]``: a pure function of (key, position, column).
+
+    A counter-based generator (an integer hash of the three numbers): the same episode key draws the same numbers
+    whatever else is in its batch, on whichever process, on CPU or GPU, and nothing needs saving to resume.
+    """
+    cols = torch.arange(width, device=keys.device, dtype=torch.int64)
+    row = _mix((keys.to(torch.int64) & _M31) ^ ((position * 0x45D9F3B) & _M31))
+    x = _mix((row[:, None] + ((cols[None, :] * 0x7FEB352D) & _M31)) & _M31)
+    return ((x.to(torch.float64) + 0.5) / float(1 << 31)).to(torch.float32)
+
+
+def episode_keys(seed: int, step: int, indices: torch.Tensor) -> torch.Tensor:
+    """One 31-bit key per episode of a PPO step, from the run's seed, the step and the episode's global index."""
+    base = _mix(torch.tensor([(seed * 1_000_003 + step * 7_919) & _M31]))
+    return _mix((indices.to(torch.int64) * 0x3C6EF35F + base) & _M31)
+
+
+class GumbelSampler:
+    """A logits processor that turns greedy decoding into sampling from ``softmax(logits / temperature)`` with
+    per-episode keys (Gumbel-max: the argmax of ``logits / T + Gumbel noise`` is such a sample). Pass it to
+    ``generate(..., do_sample=False, logits_processor=[sampler])``; no top-k or top-p is applied, so the sampling
+    distribution is exactly the one PPO's log-probabilities are computed under."""
+
+    def __init__(self, keys: torch.Tensor, temperature: float):
+        self.keys = keys
+        self.temperature = temperature
+        self.start: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        position = input_ids.shape[1] - self.start  # the response token being chosen: 0, 1, ...
+        u = hash_uniform(self.keys.to(scores.device), position, scores.shape[-1])
+        return scores.float() / self.temperature - torch.log(-torch.log(u))

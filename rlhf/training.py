@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import methods
+from rlhf import distributed, methods
 from rlhf.checkpoint import Run
 from rlhf.config import AdapterConfig, Recipe, TrainConfig
 from rlhf.errors import TrainingStopped
@@ -90,7 +90,8 @@ def trainer_kwargs(recipe: Recipe, s: TrainConfig, output_dir: Path, has_eval: b
         fp16=on_gpu and recipe.model.dtype == "float16",
         gradient_checkpointing=False,
         report_to="none",  # trackers get every metric through run.metrics (one path for every stage)
-        disable_tqdm=not show_progress(recipe),
+        disable_tqdm=not show_progress(recipe) or not distributed.is_main(),
+        ddp_find_unused_parameters=False,  # every trainable tensor takes part in every step
         dataset_num_proc=None,
     )
 
@@ -186,4 +187,6 @@ def train(trainer, run: Run):
         lines = checkpoint / "metrics_lines" if checkpoint else None
         run.truncate_metrics(int(lines.read_text()) if lines and lines.is_file() else 0)
         print(f"resuming from {checkpoint.name if checkpoint else 'the start'}", file=sys.stderr)
-    return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    # the trainer's final average loss is each process's own; the run reports the mean over all of them
+    return result._replace(training_loss=distributed.all_mean({"loss": result.training_loss})["loss"])

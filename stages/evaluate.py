@@ -176,15 +176,11 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
             records += evaluate_row(row, recipe, prompt_rows, demos, reward_model, progress)
         summary = summarise(rows, records, e)
         table = markdown_table(summary, rows[0].name)
-        with run.saving(), open(run.staging / "responses.jsonl", "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-        (run.staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (run.staging / "summary.md").write_text(
-            f"# Evaluation on {source}\n\n{len(prompt_rows)} prompts, "
-            + ("greedy" if e.samples == 1 else f"{e.samples} samples at temperature {e.temperature}")
-            + f", reward model {reward_dir}\n\n" + table)
-        pictures = draw(rows, records, run.staging)
+        pictures = []
+        with run.saving() as main:
+            if main:
+                write_report(run.staging, records, summary, table, source, len(prompt_rows), e, reward_dir)
+                pictures = draw(rows, records, run.staging)
         print(table, end="")
         return run.finish({
             "base": recipe.model.base,
@@ -195,6 +191,18 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
             "seed": e.seed,
             "recipe": recipe.to_dict(),
         })
+
+
+def write_report(out: Path, records: list[dict], summary: dict, table: str, source: str, n_prompts: int, e,
+                 reward_dir: Path) -> None:
+    with open(out / "responses.jsonl", "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(
+        f"# Evaluation on {source}\n\n{n_prompts} prompts, "
+        + ("greedy" if e.samples == 1 else f"{e.samples} samples at temperature {e.temperature}")
+        + f", reward model {reward_dir}\n\n" + table)
 
 
 def draw(rows: list[Row], records: list[dict], out: Path) -> list[str]:

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import checkpoint, formats, methods, modeling, ppo_math, ppo_models
+from rlhf import checkpoint, distributed, formats, methods, modeling, ppo_math, ppo_models
 from rlhf.checkpoint import Run
 from rlhf.config import AdapterConfig, Recipe
-from rlhf.rollout import left_pad
+from rlhf.rollout import GumbelSampler, episode_keys, left_pad
 from rlhf.training import show_progress
 from rlhf.errors import TrainingStopped, UserError
 from rlhf.tiny import world
@@ -76,7 +76,7 @@ def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int):
     stopped = is_eos.any(1)
     first = torch.where(stopped, is_eos.float().argmax(1), torch.full_like(stopped, response.shape[1] - 1,
                                                                           dtype=torch.long))
-    mask = (torch.arange(response.shape[1])[None, :] <= first[:, None]).long()
+    mask = (torch.arange(response.shape[1], device=response.device)[None, :] <= first[:, None]).long()
     return response.masked_fill(mask == 0, pad_id), mask, stopped
 
 
@@ -106,10 +106,20 @@ def sequence_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(1)
 
 
+def whiten_across_processes(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Whiten the masked-in entries with the mean and (unbiased) variance of ALL processes' entries, so that every
+    process scales its advantages exactly as one process holding the whole batch would."""
+    m = mask.to(x.dtype)
+    n = distributed.all_sum(m.sum())
+    mean = distributed.all_sum((x * m).sum()) / n
+    var = distributed.all_sum((((x - mean) * m) ** 2).sum()) / (n - 1).clamp(min=1)
+    return ppo_math.masked_whiten(x, mask, mean=mean, var=var)
+
+
 @torch.no_grad()
 def evaluate(models, tokenizer, prompts: list[list[dict]], encoded: list[list[int]], max_new_tokens: int) -> dict:
     """Greedy responses to held-out prompts: mean reward score, and mean gold score where the world defines one."""
-    ids, mask = left_pad(encoded, tokenizer.pad_token_id)
+    ids, mask = (t.to(models.device) for t in left_pad(encoded, tokenizer.pad_token_id))
     out = models.generate(ids, mask, do_sample=False, max_new_tokens=max_new_tokens,
                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     response, rmask, stopped = truncate_after_eos(out[:, ids.shape[1]:], tokenizer.eos_token_id,
@@ -173,6 +183,13 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     if recipe.data.eval_prompts and p.eval_every:
         eval_prompts = formats.load(recipe.data.eval_prompts, "prompts", columns=recipe.data.columns,
                                     split=recipe.data.split).rows[:p.eval_samples]
+    if distributed.sharding():
+        raise UserError(f"ppo: the accelerate config asks for {distributed.sharding()} sharding; the PPO stage runs "
+                        "data-parallel (recipes/accelerate/multi_gpu.yaml, or --num-processes N); SFT and RM run "
+                        "sharded")
+    if len(prompts.rows) < p.batch_size * distributed.world_size():
+        raise UserError(f"{recipe.data.prompts}: {len(prompts.rows)} prompts, fewer than ppo.batch_size x processes "
+                        f"= {p.batch_size * distributed.world_size()}")
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
         run.track(recipe)
         return _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eval_prompts)
@@ -191,7 +208,10 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     tokenizer = modeling.load_tokenizer(model_cfg, str(sft_dir or rm_dir))
     rm_stats = rm_manifest["reward_stats"]
     shift, scale = (rm_stats["mean"], rm_stats["std"]) if p.normalize_reward else (0.0, 1.0)
-    models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale)
+    models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, distributed.device())
+    dev = models.device
+    n_proc, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    global_batch = p.batch_size * n_proc  # ppo.batch_size episodes on each process
     models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
     encoded = encode_prompts(tokenizer, prompts.rows, p.max_prompt_length, recipe.data.prompts)
     eval_encoded = (encode_prompts(tokenizer, eval_prompts, p.max_prompt_length, recipe.data.eval_prompts)
@@ -200,28 +220,34 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     optimizer = torch.optim.AdamW([{"params": params["policy"]}, {"params": params["value"]}], lr=p.lr, eps=1e-5)
     kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else ppo_math.FixedKLController(p.kl_coef))
-    steps = p.max_steps or max(1, math.ceil(p.epochs * len(encoded) / p.batch_size))
+    steps = p.max_steps or max(1, math.ceil(p.epochs * len(encoded) / global_batch))
     order_gen = torch.Generator().manual_seed(p.seed)
     order: list[int] = []
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     n_trainable = sum(x.numel() for x in params["policy"] + params["value"])
-    print(f"ppo: {len(encoded)} prompts, {steps} steps of {p.batch_size} episodes; training "
-          f"{n_trainable:,} parameters (policy + value)", file=sys.stderr)
+    if main:
+        print(f"ppo: {len(encoded)} prompts, {steps} steps of {global_batch} episodes"
+              + (f" ({n_proc} processes x {p.batch_size})" if n_proc > 1 else "")
+              + f"; training {n_trainable:,} parameters (policy + value)", file=sys.stderr)
 
     first_step, history, bad_in_a_row = 1, [], 0
     if run.resumed:
         first_step, order, lines = resume_from(run, models, optimizer, kl_ctl, order_gen, order)
         history = run.truncate_metrics(lines)
     progress = show_progress(recipe)  # a bar on a terminal, a line per step in logs
-    bar = tqdm(total=steps, initial=first_step - 1, desc="ppo", unit="step", disable=not progress)
+    bar = tqdm(total=steps, initial=first_step - 1, desc="ppo", unit="step", disable=not (progress and main))
     for step in range(first_step, steps + 1):
         t0 = time.time()
-        # 1 rollout: sample one response per prompt with the policy
-        if len(order) < p.batch_size:
+        # 1 rollout: sample one response per prompt with the policy. Every process draws the same global batch
+        # from the same prompt order and takes its own slice; each episode samples with its own key, so its
+        # response does not depend on which process runs it or what else is in the batch
+        if len(order) < global_batch:
             order += torch.randperm(len(encoded), generator=order_gen).tolist()
-        batch, order = order[:p.batch_size], order[p.batch_size:]
-        query, query_mask = left_pad([encoded[i] for i in batch], pad)
-        out = models.generate(query, query_mask, do_sample=True, temperature=p.temperature, top_k=0, top_p=1.0,
+        batch, order = order[:global_batch][rank * p.batch_size:(rank + 1) * p.batch_size], order[global_batch:]
+        query, query_mask = (t.to(dev) for t in left_pad([encoded[i] for i in batch], pad))
+        keys = episode_keys(p.seed, step, torch.arange(rank * p.batch_size, (rank + 1) * p.batch_size))
+        out = models.generate(query, query_mask, do_sample=False,
+                              logits_processor=[GumbelSampler(keys, p.temperature)],
                               max_new_tokens=p.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
         response, response_mask, stopped = truncate_after_eos(out[:, query.shape[1]:], eos, pad)
         ro = Rollout(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, response_mask], 1),
@@ -246,12 +272,13 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
         # 3 advantages (GAE) and returns
         ro.advantages, ro.returns = ppo_math.gae(ro.rewards, ro.values, response_mask, p.gamma, p.lam)
         if p.whiten_advantages:
-            ro.advantages = ppo_math.masked_whiten(ro.advantages, response_mask)
+            ro.advantages = whiten_across_processes(ro.advantages, response_mask)
         t2 = time.time()
 
         # 4 PPO epochs over shuffled mini-batches (no update at all from non-finite rewards)
-        if torch.isfinite(ro.rewards).all() and torch.isfinite(ro.values).all():
-            stats = _ppo_epochs(models, optimizer, params, ro, p)
+        finite = bool(torch.isfinite(ro.rewards).all() and torch.isfinite(ro.values).all())
+        if not distributed.any_failed(not finite):  # every process updates, or none does
+            stats = _ppo_epochs(models, optimizer, params, ro, p, step)
         else:
             stats = {"nonfinite/skipped_updates": p.ppo_epochs * (p.batch_size // p.mini_batch_size)}
         t3 = time.time()
@@ -259,11 +286,8 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
 
         # 5 KL controller, metrics, evaluation, checkpoints
         seq_kl = sequence_sum(ro.kl, response_mask)
-        kl_ctl.update(seq_kl.mean().item(), p.batch_size)
         non_score = sequence_sum(ro.rewards, response_mask) - shaped
         row = {
-            "step": step,
-            "episodes": step * p.batch_size,
             "objective/score": ro.scores.mean().item(),
             "objective/score_shaped": shaped.mean().item(),
             "objective/kl": seq_kl.mean().item(),
@@ -271,13 +295,15 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
             "objective/rlhf_reward": (shaped + non_score).mean().item(),
             "objective/entropy": sequence_sum(ro.entropy, response_mask).mean().item(),
             **stats,
-            "ppo/kl_coef": kl_ctl.value,
             "response/length": response_mask.sum(1).float().mean().item(),
             "response/eos_rate": stopped.float().mean().item(),
             "time/generation_s": t1 - t0,
             "time/scoring_s": t2 - t1,
             "time/update_s": t3 - t2,
         }
+        row = {"step": step, "episodes": step * global_batch, **distributed.all_mean(row)}  # means over processes
+        kl_ctl.update(row["objective/kl"], global_batch)
+        row["ppo/kl_coef"] = kl_ctl.value
         if eval_encoded and (step % p.eval_every == 0 or step == steps):
             row.update(evaluate(models, tokenizer, eval_prompts, eval_encoded, p.max_new_tokens))
         row["time/step_s"] = time.time() - t0
@@ -285,38 +311,41 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
         history.append(row)
         shown = {"score": row["objective/score"], "kl": row["objective/kl"], "len": row["response/length"],
                  **({"eval/gold": row["eval/gold"]} if "eval/gold" in row else {})}
-        if progress:
+        if progress and main:
             bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
             bar.update(1)
-        else:
+        elif main:
             print(f"ppo: step {step}/{steps} " + " ".join(f"{k} {v:.3f}" for k, v in shown.items()),
                   file=sys.stderr, flush=True)
-        if row["objective/kl"] < -1e-3 and step > 1:
+        if row["objective/kl"] < -1e-3 and step > 1 and main:
             print(f"ppo: warning: mean KL is negative ({row['objective/kl']:.4f}) at step {step}: the k1 estimate "
                   "is only non-negative on average; persistent negative values usually mean the sampling and "
                   "the log-prob passes disagree (temperature, top-k/top-p, dropout or padding positions)",
                   file=sys.stderr)
         if p.save_every and step % p.save_every == 0 and step != steps:
             ckpt = run.staging / "checkpoints" / f"step_{step:06d}"  # the policy, for evaluation later
-            with run.saving():
-                ckpt.mkdir(parents=True)
-                models.save(ckpt)
-                save_resume_state(run, step, models, optimizer, kl_ctl, order_gen, order, p.keep_checkpoints)
+            with run.saving() as writer:
+                if writer:
+                    ckpt.mkdir(parents=True)
+                    models.save(ckpt)
+                    save_resume_state(run, step, models, optimizer, kl_ctl, order_gen, order, p.keep_checkpoints)
+            distributed.barrier()
 
     bar.close()
 
     # save
     final = history[-1]
     within_budget = None if p.kl_budget is None else final["objective/kl"] <= p.kl_budget
-    if within_budget is False:
+    if within_budget is False and main:
         print(f"ppo: warning: final mean KL {final['objective/kl']:.3f} is over ppo.kl_budget={p.kl_budget}; "
               "raise ppo.kl_coef or use ppo.adaptive_kl", file=sys.stderr)
     bad = [i for i, x in enumerate(params["policy"] + params["value"]) if not torch.isfinite(x).all()]
     if bad:
         raise TrainingStopped(f"ppo: not saving: {len(bad)} trained tensors hold NaN or inf")
-    with run.saving():
-        models.save(run.staging)
-        tokenizer.save_pretrained(str(run.staging))
+    with run.saving() as writer:
+        if writer:
+            models.save(run.staging)
+            tokenizer.save_pretrained(str(run.staging))
     return run.finish({
         "base": model_cfg.base,
         "parents": {"sft": str(sft_dir) if sft_dir else None, "rm": str(rm_dir)},
@@ -324,7 +353,7 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
                     "parameters": {"trainable": n_trainable,
                                    "total": sum(x.numel() for x in _all_parameters(models))}},
         "data": {"prompts": prompts.summary()},
-        "metrics": {"steps": steps, "episodes": steps * p.batch_size,
+        "metrics": {"steps": steps, "episodes": steps * global_batch,
                     **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
         "reward_stats": rm_manifest["reward_stats"],
         "kl_controller": kl_ctl.state_dict(),
@@ -358,10 +387,12 @@ def resume_from(run: Run, models, optimizer, kl_ctl, order_gen, order) -> tuple[
         order_gen.set_state(tensors["rng.order"])
         checkpoint.set_rng_state(tensors, meta["rng"])
         order, lines = meta["order"], meta["metrics_lines"]
-    for snapshot in (run.staging / "checkpoints").glob("step_*"):
-        if int(snapshot.name.split("_")[1]) > step:  # written after the state we resume from: redo them
-            shutil.rmtree(snapshot)
-    print(f"ppo: resuming from step {step}", file=sys.stderr)
+    distributed.barrier()  # everyone has read the state before the main process tidies up
+    if distributed.is_main():
+        for snapshot in (run.staging / "checkpoints").glob("step_*"):
+            if int(snapshot.name.split("_")[1]) > step:  # written after the state we resume from: redo them
+                shutil.rmtree(snapshot)
+        print(f"ppo: resuming from step {step}", file=sys.stderr)
     return step + 1, order, lines
 
 
@@ -371,39 +402,49 @@ def _all_parameters(models):
     return [x for m in (models.policy, models.reference, models.reward, models.value) for x in m.parameters()]
 
 
-def _ppo_epochs(models, optimizer, params, ro: Rollout, p) -> dict:
+def _ppo_epochs(models, optimizer, params, ro: Rollout, p, step: int) -> dict:
     """``ppo_epochs`` passes over the rollout in shuffled mini-batches; one optimizer step per mini-batch,
-    gradients accumulated over micro-batches; stops early when the approximate KL passes ``early_stop_kl``."""
+    gradients accumulated over micro-batches; stops early when the approximate KL passes ``early_stop_kl``.
+
+    Each loss is a mean over the response tokens of the whole mini-batch, across micro-batches and processes
+    (every micro-batch's token mean is weighted by its share of those tokens), and the gradients are summed over
+    processes before clipping: every process then holds the gradient one process would compute on all of it.
+    """
     B, length = ro.ids.shape[0], ro.response.shape[1]
-    accum = p.mini_batch_size // p.micro_batch_size
+    trainable = params["policy"] + params["value"]
     totals: dict[str, float] = {}
-    count = skipped = 0
+    count = skipped = 0  # mini-batches, and skipped updates
     epochs_run = 0
     grad_norms: dict[str, list[float]] = {"policy": [], "value": []}
-    for _ in range(p.ppo_epochs):
+    for epoch in range(p.ppo_epochs):
         epochs_run += 1
-        epoch_kl, epoch_n = 0.0, 0
-        perm = torch.randperm(B)
+        epoch_kl = 0.0  # this process's part of the epoch's mean approximate KL
+        # a shuffle of this process's episodes, fixed by (seed, step, epoch, process): resume needs no RNG state
+        perm = torch.randperm(B, generator=torch.Generator().manual_seed(
+            hash((p.seed, step, epoch, distributed.rank())) & 0x7FFFFFFF)).to(ro.ids.device)
         for start in range(0, B, p.mini_batch_size):
             optimizer.zero_grad(set_to_none=True)
-            for micro in perm[start:start + p.mini_batch_size].split(p.micro_batch_size):
+            rows = perm[start:start + p.mini_batch_size]
+            tokens = distributed.all_sum(ro.response_mask[rows].sum().float()).clamp(min=1)
+            for micro in rows.split(p.micro_batch_size):
                 ids, mask, rmask = ro.ids[micro], ro.mask[micro], ro.response_mask[micro]
+                share = rmask.sum() / tokens  # this micro-batch's part of the mini-batch token mean
                 logits = response_logits(models, ids, mask, length)
                 logp = ppo_math.logprobs_from_logits(logits, ro.response[micro], p.temperature)
                 pg_loss, pstats = ppo_math.policy_loss(logp, ro.logp[micro], ro.advantages[micro], rmask, p.clip)
                 entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits, p.temperature), rmask)
-                ((pg_loss - p.entropy_coef * entropy) / accum).backward()
+                ((pg_loss - p.entropy_coef * entropy) * share).backward()
                 vpred = response_values(models, ids, mask, length)
                 vf_loss, vstats = ppo_math.value_loss(vpred, ro.values[micro], ro.returns[micro], rmask,
                                                       p.value_clip)
-                (p.vf_coef * vf_loss / accum).backward()
+                (p.vf_coef * vf_loss * share).backward()
                 for key, value in (("policy/loss", pg_loss), ("value/loss", vf_loss), ("policy/entropy", entropy),
                                    ("policy/approxkl", pstats["approxkl"]), ("policy/clipfrac", pstats["clipfrac"]),
                                    ("policy/ratio", pstats["ratio"]), ("value/clipfrac", vstats["clipfrac"])):
-                    totals[key] = totals.get(key, 0.0) + value.item()
-                count += 1
-                epoch_kl += pstats["approxkl"].item()
-                epoch_n += 1
+                    totals[key] = totals.get(key, 0.0) + (value * share).item()  # summed: the mini-batch's mean
+                epoch_kl += (pstats["approxkl"] * share).item()
+            count += 1
+            distributed.all_reduce_grads(trainable)
             norms = {role: torch.nn.utils.clip_grad_norm_(params[role], p.max_grad_norm)
                      for role in ("policy", "value")}
             if not all(torch.isfinite(n) for n in norms.values()):  # NaN/inf loss or gradient: skip this update
@@ -413,9 +454,13 @@ def _ppo_epochs(models, optimizer, params, ro: Rollout, p) -> dict:
             for role, norm in norms.items():
                 grad_norms[role].append(norm.item())
             optimizer.step()
-        if p.early_stop_kl is not None and epoch_kl / epoch_n > p.early_stop_kl:
+        # the epoch's mean approximate KL over all processes' tokens: every process stops together
+        epoch_kl = distributed.all_sum(torch.tensor(epoch_kl)).item() / (B // p.mini_batch_size)
+        if p.early_stop_kl is not None and epoch_kl > p.early_stop_kl:
             break
-    stats = {k: v / count for k, v in totals.items()}
+    keys = sorted(totals)  # each process holds its tokens' part of every mini-batch mean: the sum is the whole
+    summed = distributed.all_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64))
+    stats = {k: v / count for k, v in zip(keys, summed.tolist())}
     for role, norms in grad_norms.items():  # averaged over the updates that happened
         stats[f"{role}/grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
     stats["ppo/epochs_run"] = epochs_run

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import formats, methods, modeling, rollout, training
+from rlhf import distributed, formats, methods, modeling, rollout, training
 from rlhf.checkpoint import Run
 from rlhf.config import Recipe
 from rlhf.errors import UserError
@@ -51,6 +51,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
 
     # setup: data, output directory, model
     methods.check_stage(recipe.adapter.method, "rm", recipe.source)
+    distributed.warn_unsharded("rm")
     if not recipe.data.preference:
         raise UserError(f"{recipe.source}: data.preference is required for the rm stage")
     data = load_pairs(recipe, recipe.data.preference)
@@ -115,9 +116,10 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
 
         # save
         training.check_finite(model, "rm")
-        with run.saving():
-            methods.save(trainer, recipe.adapter, run.staging)
-            tokenizer.save_pretrained(str(run.staging))
+        with run.saving() as main:
+            methods.save(trainer, recipe.adapter, run.staging)  # every process: sharded weights are gathered
+            if main:
+                tokenizer.save_pretrained(str(run.staging))
         return run.finish({
             "base": recipe.model.base,
             "parents": {},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rlhf import formats, methods, modeling, training
+from rlhf import distributed, formats, methods, modeling, training
 from rlhf.checkpoint import Run
 from rlhf.config import Recipe
 from rlhf.errors import UserError
@@ -24,6 +24,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
 
     # setup: data first (the cheapest thing to get wrong), then the output directory, then the model
     methods.check_stage(recipe.adapter.method, "sft", recipe.source)
+    distributed.warn_unsharded("sft")
     if not recipe.data.sft:
         raise UserError(f"{recipe.source}: data.sft is required for the sft stage")
     data = formats.load(recipe.data.sft, "sft", fmt=recipe.data.sft_format, columns=recipe.data.columns,
@@ -58,9 +59,10 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
 
         # save
         training.check_finite(model, "sft")
-        with run.saving():
-            methods.save(trainer, recipe.adapter, run.staging)
-            tokenizer.save_pretrained(str(run.staging))
+        with run.saving() as main:
+            methods.save(trainer, recipe.adapter, run.staging)  # every process: sharded weights are gathered
+            if main:
+                tokenizer.save_pretrained(str(run.staging))
         return run.finish({
             "base": recipe.model.base,
             "parents": {},

@@ -1,0 +1,229 @@
+"""Many processes: two real gloo processes on this CPU give the same weights as one process with twice the batch,
+for SFT, RM (both through TRL's trainers) and PPO (our own loop); only one run directory is written; the shipped
+accelerate configs parse the way accelerate parses them. (FSDP and DeepSpeed shard only on GPUs.)"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli, write_recipe
+from rlhf import distributed, ppo_math
+from rlhf.rollout import GumbelSampler, episode_keys, hash_uniform
+
+CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+# Two processes sum their gradients in another order than one process does; fp32 rounding stays far below this
+# (measured: 2e-6 for SFT, 1e-5 for RM, 1e-7 for PPO; the weights themselves are ~0.06-0.2)
+ATOL = 1e-4
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    x, y = load_file(a), load_file(b)
+    assert set(x) == set(y)
+    return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+
+
+def _only_run(parent: Path, name: str) -> None:
+    """The parent holds the one finished run directory and nothing else (no staging or work directories)."""
+    assert sorted(p.name for p in parent.iterdir()) == [name]
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_launch_command_is_an_argument_list_without_our_options():
+    argv = ["sft", "--recipe", "r.yaml", "--num-processes", "2", "--set", "sft.lr=1e-4", "--accelerate-config=x"]
+    inner = distributed.strip_launch_options(argv)
+    assert inner == ["sft", "--recipe", "r.yaml", "--set", "sft.lr=1e-4"]
+    cmd = distributed.launch_command(inner, 2, None)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--num_processes") + 1] == "2"
+    if not torch.cuda.is_available():  # --cpu would start one process; --multi_gpu + ACCELERATE_USE_CPU starts two
+        assert "--multi_gpu" in cmd and "--cpu" not in cmd
+    assert cmd[-7:] == ["-m", "rlhf.cli", *inner]
+
+
+def test_a_missing_accelerate_config_is_a_one_line_error(tiny_recipe):
+    proc = run_cli("sft", "--recipe", str(tiny_recipe), "--accelerate-config", "nope.yaml", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --accelerate-config: nope.yaml: no such file"
+
+
+def test_sampling_keys_give_the_same_draws_in_any_batch():
+    keys = episode_keys(7, 3, torch.arange(8))
+    assert len(set(keys.tolist())) == 8
+    whole = hash_uniform(keys, 5, 50)
+    assert torch.equal(whole[2:4], hash_uniform(keys[2:4], 5, 50))  # a slice draws what the whole batch drew
+    assert not torch.equal(whole, hash_uniform(keys, 6, 50))  # another position draws anew
+    assert not torch.equal(keys, episode_keys(7, 4, torch.arange(8)))  # and so does another step
+
+
+def test_gumbel_sampler_samples_the_softmax():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    n = 100_000
+    sampler = GumbelSampler(episode_keys(0, 1, torch.arange(n)), temperature=1.0)
+    counts = torch.zeros(5)
+    for position in range(2):
+        ids = torch.zeros(n, 3 + position, dtype=torch.long)  # the sampler counts positions from its first call
+        counts += torch.bincount(sampler(ids, probs.log().expand(n, 5)).argmax(-1), minlength=5)
+    expected = counts.sum() * probs
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 18.5  # chi-square, 4 degrees of freedom: p = 0.001
+    # temperature 2 flattens the distribution as softmax(logits / 2) does
+    hot = GumbelSampler(episode_keys(1, 1, torch.arange(n)), temperature=2.0)
+    freq = torch.bincount(hot(torch.zeros(n, 1, dtype=torch.long), probs.log().expand(n, 5)).argmax(-1),
+                          minlength=5) / n
+    target = torch.softmax(probs.log() / 2, 0)
+    assert (freq - target).abs().max() < 0.01
+
+
+def test_whitening_in_one_process_is_plain_masked_whitening():
+    from stages.ppo import whiten_across_processes
+
+    x = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 5.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert torch.allclose(whiten_across_processes(x, mask), ppo_math.masked_whiten(x, mask))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_accelerate_configs_parse_as_accelerate_parses_them(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    cluster = load_config_from_file(str(config))  # unknown keys are an error here
+    args, defaults, _ = _validate_launch_command(
+        launch_command_parser().parse_args(["--config_file", str(config), "x.py"]))
+    assert args.num_processes == cluster.num_processes >= 1
+    if cluster.distributed_type.value == "DEEPSPEED":
+        from unittest import mock
+
+        from accelerate.utils import DeepSpeedPlugin
+        from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        _, env = prepare_deepspeed_cmd_env(args)
+        with mock.patch.dict(os.environ, env):
+            ds = DeepSpeedPlugin().deepspeed_config  # the DeepSpeed JSON accelerate would hand to deepspeed
+        zero = ds["zero_optimization"]
+        assert zero["stage"] == defaults.deepspeed_config["zero_stage"] in (2, 3)
+        offload = defaults.deepspeed_config["offload_param_device"]
+        assert zero["offload_param"]["device"] == offload
+        assert ("offload" in config.stem) == (offload == "cpu")
+    if cluster.distributed_type.value == "FSDP":
+        assert cluster.fsdp_config["fsdp_reshard_after_forward"] is True  # full shard
+    if config.stem == "two_nodes":
+        assert cluster.num_machines == 2 and cluster.main_process_ip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two processes through the real CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    d = tmp_path_factory.mktemp("distributed")
+    return write_recipe(d / "tiny.yaml", run_dir=str(d / "runs"))
+
+
+SFT = ("--set", "sft.max_steps=3", "--set", "sft.eval_fraction=0")
+
+
+@pytest.fixture(scope="module")
+def sft_single(recipe):
+    out = recipe.parent / "sft1" / "sft"
+    run_cli("sft", "--recipe", str(recipe), *SFT, "--set", "sft.batch_size=8", "--out", str(out))
+    return out
+
+
+def test_sft_on_two_processes_matches_one(recipe, sft_single):
+    out = recipe.parent / "sft2" / "sft"
+    proc = run_cli("sft", "--recipe", str(recipe), *SFT, "--set", "sft.batch_size=4", "--num-processes", "2",
+                   "--out", str(out))
+    m = _manifest(out)
+    assert m["world_size"] == 2 and m["distributed"] == "MULTI_CPU"  # really two processes
+    assert proc.stdout.count("sft: 3 steps") == 1  # the result is printed once
+    _only_run(out.parent, "sft")
+    assert _max_diff(out / "adapter_model.safetensors", sft_single / "adapter_model.safetensors") < ATOL
+    # the reported loss is the mean over both processes: the loss of the whole batch
+    assert m["metrics"]["train_loss"] == pytest.approx(_manifest(sft_single)["metrics"]["train_loss"], rel=1e-5)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == len(
+        (sft_single / "metrics.jsonl").read_text().splitlines())
+
+
+def test_an_fsdp_config_on_cpu_processes_trains_data_parallel_and_says_so(recipe, sft_single, tmp_path):
+    """accelerate turns FSDP on only for GPUs and other accelerators; on CPU processes the shipped FSDP config
+    runs as plain data parallel. The stage says so, and the result is still right."""
+    config = tmp_path / "fsdp_cpu.yaml"  # the shipped FSDP config, in fp32 (bf16 autocast would differ by ~5e-3)
+    config.write_text((ROOT / "recipes" / "accelerate" / "fsdp.yaml").read_text()
+                      .replace("mixed_precision: bf16", "mixed_precision: 'no'"))
+    out = recipe.parent / "sft_fsdp" / "sft"
+    proc = run_cli("sft", "--recipe", str(recipe), *SFT, "--set", "sft.batch_size=4", "--accelerate-config",
+                   str(config), "--num-processes", "2", "--out", str(out))
+    assert "asks for fsdp, which accelerate applies only on GPUs" in proc.stderr
+    m = _manifest(out)
+    assert m["world_size"] == 2 and m["distributed"] == "MULTI_CPU"
+    _only_run(out.parent, "sft")
+    assert _max_diff(out / "adapter_model.safetensors", sft_single / "adapter_model.safetensors") < ATOL
+
+
+RM = ("--set", "rm.max_steps=3", "--set", "rm.stats_samples=64")
+
+
+def test_rm_on_two_processes_matches_one(recipe):
+    one, two = recipe.parent / "rm1" / "rm", recipe.parent / "rm2" / "rm"
+    run_cli("rm", "--recipe", str(recipe), *RM, "--set", "rm.batch_size=8", "--out", str(one))
+    run_cli("rm", "--recipe", str(recipe), *RM, "--set", "rm.batch_size=4", "--num-processes", "2", "--out", str(two))
+    assert _manifest(two)["world_size"] == 2
+    _only_run(two.parent, "rm")
+    assert _max_diff(two / "adapter_model.safetensors", one / "adapter_model.safetensors") < ATOL
+    a, b = _manifest(one), _manifest(two)
+    assert b["metrics"]["eval_accuracy"] == a["metrics"]["eval_accuracy"]
+    assert b["reward_stats"]["mean"] == pytest.approx(a["reward_stats"]["mean"], abs=1e-4)
+
+
+PPO = ("--set", "ppo.max_steps=3", "--set", "ppo.max_new_tokens=16", "--set", "ppo.eval_every=0",
+       "--set", "ppo.ppo_epochs=2", "--set", "ppo.save_every=2")
+
+
+def test_ppo_on_two_processes_matches_one(parents, tmp_path):
+    """Each process samples its half of the same global batch (per-episode sampling keys), whitens advantages
+    with statistics of both halves, normalises losses by the tokens of both, and sums gradients: the result is
+    the single-process run's, to rounding."""
+    recipe, runs = parents
+    one, two = tmp_path / "one" / "ppo", tmp_path / "two" / "ppo"
+    run_cli("ppo", "--recipe", str(recipe), *PPO, "--set", "ppo.batch_size=8", "--set", "ppo.mini_batch_size=8",
+            "--set", "ppo.micro_batch_size=4", "--out", str(one))
+    proc = run_cli("ppo", "--recipe", str(recipe), *PPO, "--set", "ppo.batch_size=4",
+                   "--set", "ppo.mini_batch_size=4", "--set", "ppo.micro_batch_size=2", "--num-processes", "2",
+                   "--out", str(two))
+    assert "3 steps of 8 episodes (2 processes x 4)" in proc.stderr
+    a, b = _manifest(one), _manifest(two)
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    assert b["metrics"]["episodes"] == a["metrics"]["episodes"] == 24
+    _only_run(two.parent, "ppo")
+    for name in ("adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors",
+                 "checkpoints/step_000002/adapter_model.safetensors"):
+        assert _max_diff(two / name, one / name) < ATOL, name
+    rows = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (one, two)]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for x, y in zip(*rows):  # the same episodes, so the same statistics of the whole batch
+        for key in ("objective/score", "objective/kl", "response/length", "ppo/kl_coef", "policy/loss"):
+            assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-5), key
+
+
+def test_ppo_refuses_sharded_configs(parents, tmp_path, monkeypatch):
+    recipe, _ = parents
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
+    proc = run_cli("ppo", "--recipe", str(recipe), "--out", str(tmp_path / "ppo"), check=False)
+    assert proc.returncode == 2 and "runs data-parallel" in proc.stderr
+    assert not (tmp_path / "ppo").exists()

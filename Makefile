@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft rm ppo eval test methods-report clean-runs
+.PHONY: install sft rm ppo eval test bench methods-report clean-runs
 
 install: $(STAMP)
 
@@ -41,6 +41,19 @@ eval: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The benchmark (not part of make test; ~15 min): PPO against TRL 0.28 (installed into its own .venv-trl),
+# SFT against the matmul peak, the default pipeline per stage. Writes runs/bench/bench.md and bench.json.
+TRL_VENV ?= .venv-trl
+
+$(TRL_VENV)/.installed:
+	@test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(TRL_VENV)/bin/python -m pip install -q "trl==0.28.0" "transformers<5" peft
+	@touch $@
+
+bench: install $(TRL_VENV)/.installed
+	$(BIN)/python tests/bench/bench.py --trl-python $(TRL_VENV)/bin/python $(ARGS)
 
 # Every fine-tuning method through SFT on the tiny world: trainable parameters, memory, time, gold score
 # (minutes per method; not part of make test). Writes runs/methods-report/report.md.

@@ -194,6 +194,10 @@ class PPOConfig:
     """PPO steps (rollout + update) to run; overrides epochs"""
     max_new_tokens: int = 48
     """longest response sampled"""
+    min_new_tokens: int = 0
+    """EOS is not sampled before this many response tokens (0: off). For fixed-length benchmarks like TRL's
+    (`response_length`); the tokens are then drawn from the policy with EOS masked out, a small departure from
+    on-policy sampling"""
     max_prompt_length: int = 256
     """longest prompt in tokens; longer prompts are an error naming the row"""
     temperature: float = 1.0
@@ -501,6 +505,8 @@ def check_ppo(recipe: Recipe) -> None:
         fail("gamma", f"must be in (0, 1], got {p.gamma}")
     if not 0 <= p.lam <= 1:
         fail("lam", f"must be in [0, 1], got {p.lam}")
+    if not 0 <= p.min_new_tokens <= p.max_new_tokens:
+        fail("min_new_tokens", f"must be in [0, ppo.max_new_tokens={p.max_new_tokens}], got {p.min_new_tokens}")
     if p.max_steps is not None and p.max_steps <= 0:
         fail("max_steps", f"must be positive (or null to use epochs), got {p.max_steps}")
     for key in ("eval_every", "save_every"):

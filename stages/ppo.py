@@ -248,7 +248,8 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
         keys = episode_keys(p.seed, step, torch.arange(rank * p.batch_size, (rank + 1) * p.batch_size))
         out = models.generate(query, query_mask, do_sample=False,
                               logits_processor=[GumbelSampler(keys, p.temperature)],
-                              max_new_tokens=p.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+                              max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
+                              pad_token_id=pad, eos_token_id=eos)
         response, response_mask, stopped = truncate_after_eos(out[:, query.shape[1]:], eos, pad)
         ro = Rollout(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, response_mask], 1),
                      response=response, response_mask=response_mask, stopped=stopped)

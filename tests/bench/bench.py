@@ -1,0 +1,279 @@
+"""The benchmark (``make bench``): our PPO against TRL 0.28's, SFT against the machine's matmul peak, and the
+default pipeline's wall time per stage. Writes ``bench.md`` and ``bench.json`` into the output directory.
+
+1. PPO vs TRL 0.28 on the same tiny base, SFT policy, reward model (merged to plain Hugging Face directories for
+   TRL), prompts (the same token ids), LoRA r/alpha, batch size, 24-token responses (EOS suppressed on both
+   sides: TRL's ``stop_token=None`` and our ``ppo.min_new_tokens``), 4 PPO epochs, one mini-batch. Each run is a
+   fresh process; the two alternate, and the medians over repeats are reported. Episodes per second come from
+   the median step time after the first (warm-up) step; peak memory is the process's peak resident set.
+2. SFT achieved FLOP/s (the trainer's ``total_flos`` over its training time) against the peak of a large square
+   matmul in fp32 and bf16 measured in the same run.
+3. ``rlhf sft / rm / ppo / eval`` on the default recipe, wall time per stage (into a separate run_dir).
+
+    python tests/bench/bench.py [--out runs/bench] [--repeats 3] [--trl-python .venv-trl/bin/python]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[2]
+RLHF = [sys.executable, "-m", "rlhf.cli"]
+TRL_SCRIPT = Path(__file__).with_name("trl_ppo.py")
+
+
+def run(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
+    """Run ``cmd`` in a fresh process; returns (stdout, wall seconds, that process's peak resident memory in MB:
+    the child is reaped here with wait4, so its own ru_maxrss is known)."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    return stdout, wall, usage.ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. PPO against TRL 0.28
+# ---------------------------------------------------------------------------------------------------------------
+
+def parents(work: Path, recipe: Path) -> dict[str, Path]:
+    """Short SFT and RM runs, their merged exports (for TRL), and the prompts as token ids."""
+    sft, rm = work / "runs" / "bench" / "sft", work / "runs" / "bench" / "rm"
+    common = ["--recipe", str(recipe), "--set", f"run_dir={work / 'runs'}", "--set", "name=bench", "--overwrite"]
+    if not (sft / "manifest.json").exists():
+        run(RLHF + ["sft", *common, "--set", "sft.max_steps=60"])
+    if not (rm / "manifest.json").exists():
+        run(RLHF + ["rm", *common, "--set", "rm.max_steps=60", "--set", "rm.stats_samples=256"])
+    merged = {"sft": work / "sft-merged", "rm": work / "rm-merged"}
+    for name, src in (("sft", sft), ("rm", rm)):
+        if not (merged[name] / "config.json").exists():
+            run(RLHF + ["export", str(src), "--merge", "--out", str(merged[name]), "--overwrite"])
+    ids = work / "prompt_ids.json"
+    if not ids.exists():
+        from rlhf import formats, modeling
+        from rlhf.config import load_recipe
+        from stages.ppo import encode_prompts
+
+        r = load_recipe(str(recipe))
+        tok = modeling.load_tokenizer(r.model, str(sft))
+        rows = formats.load(str(ROOT / r.data.prompts), "prompts").rows
+        ids.write_text(json.dumps(encode_prompts(tok, rows, 256, r.data.prompts)))
+    return {"sft": sft, "rm": rm, **{f"{k}_merged": v for k, v in merged.items()}, "ids": ids}
+
+
+def ours(p: dict, recipe: Path, work: Path, batch: int, steps: int, length: int) -> dict:
+    out = work / f"ppo-ours-{batch}"
+    cmd = RLHF + ["ppo", "--recipe", str(recipe), "--policy", str(p["sft"]), "--reward", str(p["rm"]),
+                  "--out", str(out), "--overwrite", "--set", f"ppo.batch_size={batch}",
+                  "--set", f"ppo.mini_batch_size={batch}", "--set", f"ppo.micro_batch_size={batch}",
+                  "--set", "ppo.ppo_epochs=4", "--set", f"ppo.max_steps={steps}",
+                  "--set", f"ppo.max_new_tokens={length}", "--set", f"ppo.min_new_tokens={length}",
+                  "--set", "ppo.eval_every=0", "--set", "ppo.save_every=0", "--set", "logging.progress=off"]
+    _, wall, rss = run(cmd)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"step_seconds": [r["time/step_s"] for r in rows], "rss_mb": rss, "wall_s": wall,
+            "length": statistics.mean(r["response/length"] for r in rows),
+            "phases": {k: statistics.median(r[f"time/{k}_s"] for r in rows[1:])
+                       for k in ("generation", "scoring", "update")}}
+
+
+def trl(p: dict, trl_python: str, work: Path, batch: int, steps: int, length: int, lr: float, kl: float,
+        r: int, alpha: int) -> dict:
+    cmd = [trl_python, str(TRL_SCRIPT), "--policy", str(p["sft_merged"]), "--reward", str(p["rm_merged"]),
+           "--prompts", str(p["ids"]), "--batch", str(batch), "--steps", str(steps), "--response-length",
+           str(length), "--epochs", "4", "--lr", str(lr), "--kl-coef", str(kl), "--r", str(r), "--alpha", str(alpha),
+           "--out", str(work / f"ppo-trl-{batch}")]
+    out, wall, rss = run(cmd, env={"TOKENIZERS_PARALLELISM": "false"})
+    line = [x for x in out.splitlines() if x.startswith("{")][-1]
+    return {**json.loads(line), "rss_mb": rss, "wall_s": wall, "length": length}
+
+
+def ppo_vs_trl(p, recipe, work, trl_python, repeats, batches, steps, length) -> dict:
+    from rlhf.config import load_recipe
+
+    r = load_recipe(str(recipe))
+    results = {}
+    for batch in batches:
+        runs = {"ours": [], "trl": []}
+        for i in range(repeats):  # alternate, so that drifts of the machine hit both alike
+            order = ("ours", "trl") if i % 2 == 0 else ("trl", "ours")
+            for who in order:
+                if who == "ours":
+                    res = ours(p, recipe, work, batch, steps, length)
+                else:
+                    res = trl(p, trl_python, work, batch, steps, length, r.ppo.lr, r.ppo.kl_coef, r.adapter.r,
+                              r.adapter.alpha)
+                res["episodes_per_s"] = batch / statistics.median(res["step_seconds"][1:])
+                runs[who].append(res)
+                print(f"ppo batch {batch} {who}: {res['episodes_per_s']:.1f} episodes/s, "
+                      f"{res['rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+        summary = {who: {"episodes_per_s": statistics.median(x["episodes_per_s"] for x in rs),
+                         "rss_mb": statistics.median(x["rss_mb"] for x in rs),
+                         "length": statistics.median(x["length"] for x in rs)} for who, rs in runs.items()}
+        summary["ours"]["phases"] = {k: statistics.median(x["phases"][k] for x in runs["ours"])
+                                     for k in ("generation", "scoring", "update")}
+        summary["speed_ratio"] = summary["ours"]["episodes_per_s"] / summary["trl"]["episodes_per_s"]
+        summary["memory_ratio"] = summary["ours"]["rss_mb"] / summary["trl"]["rss_mb"]
+        summary["runs"] = runs
+        results[str(batch)] = summary
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. SFT against the hardware
+# ---------------------------------------------------------------------------------------------------------------
+
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an n x n matmul in ``dtype`` on this machine's threads (best of ``repeats``)."""
+    import torch
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def sft_flops(recipe: Path, work: Path, steps: int) -> dict:
+    out = work / "sft-flops"
+    run(RLHF + ["sft", "--recipe", str(recipe), "--out", str(out), "--overwrite", "--set", f"sft.max_steps={steps}",
+                "--set", "sft.eval_fraction=0", "--set", "logging.progress=off"])
+    row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"total_flos": row["train/total_flos"], "train_runtime_s": row["summary/runtime"],
+            "flops_per_s": row["train/total_flos"] / row["summary/runtime"], "steps": steps,
+            "dtype": manifest["recipe"]["model"]["dtype"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. The pipeline, per stage
+# ---------------------------------------------------------------------------------------------------------------
+
+def pipeline(recipe: Path, work: Path) -> dict:
+    times = {}
+    for stage in ("sft", "rm", "ppo", "eval"):
+        _, wall, rss = run(RLHF + [stage, "--recipe", str(recipe), "--set", f"run_dir={work / 'pipeline'}",
+                                            "--overwrite", "--set", "logging.progress=off"])
+        times[stage] = {"wall_s": wall, "rss_mb": rss}
+        print(f"pipeline {stage}: {wall:.1f} s", file=sys.stderr, flush=True)
+    times["total_s"] = sum(t["wall_s"] for t in times.values())
+    summary = json.loads((work / "pipeline" / "tiny" / "eval" / "summary.json").read_text())
+    times["gold"] = {k: v.get("gold") for k, v in summary.items()}
+    return times
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    import torch
+
+    cpu = ""
+    if Path("/proc/cpuinfo").exists():
+        names = [x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                 if x.startswith("model name")]
+        cpu = names[0] if names else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"# Benchmark ({res['date']})", "",
+             f"Machine: {m['cpu'] or 'unknown CPU'}, {m['cores']} cores ({m['torch_threads']} torch threads)"
+             + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU") + f"; torch {m['torch']}.", ""]
+    if "ppo" in res:
+        lines += ["## PPO against TRL 0.28", "",
+                  f"Tiny base, LoRA, {res['ppo_setup']['length']}-token responses, 4 PPO epochs, one mini-batch, "
+                  f"median of {res['ppo_setup']['repeats']} alternating runs of {res['ppo_setup']['steps']} steps "
+                  "(the first step of each run is warm-up and not counted).", "",
+                  "| batch | ours episodes/s | TRL episodes/s | speed ratio | ours peak RSS | TRL peak RSS | "
+                  "memory ratio | ours: generation / scoring / update per step |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for batch, s in res["ppo"].items():
+            ph = s["ours"]["phases"]
+            lines.append(f"| {batch} | {s['ours']['episodes_per_s']:.1f} | {s['trl']['episodes_per_s']:.1f} | "
+                         f"{s['speed_ratio']:.2f}x | {s['ours']['rss_mb']:.0f} MB | {s['trl']['rss_mb']:.0f} MB | "
+                         f"{s['memory_ratio']:.2f}x | {ph['generation']:.2f} / {ph['scoring']:.2f} / "
+                         f"{ph['update']:.2f} s |")
+        lines.append("")
+    if "sft" in res:
+        s = res["sft"]
+        lines += ["## SFT against the hardware", "",
+                  "| measure | FLOP/s |", "|---|---|",
+                  f"| matmul peak fp32 (2048^2) | {res['peak']['float32'] / 1e9:.0f} G |",
+                  f"| matmul peak bf16 (2048^2) | {res['peak']['bfloat16'] / 1e9:.0f} G |",
+                  f"| SFT stage, {s['dtype']} (trainer total_flos / train time, {s['steps']} steps) | "
+                  f"{s['flops_per_s'] / 1e9:.1f} G = {100 * s['fraction_of_peak']:.1f}% of the {s['dtype']} peak |",
+                  ""]
+    if "pipeline" in res:
+        p = res["pipeline"]
+        lines += ["## The default pipeline", "", "| stage | wall time | peak RSS |", "|---|---|---|"]
+        for stage in ("sft", "rm", "ppo", "eval"):
+            lines.append(f"| {stage} | {p[stage]['wall_s']:.0f} s | {p[stage]['rss_mb']:.0f} MB |")
+        lines += [f"| total | {p['total_s']:.0f} s ({p['total_s'] / 60:.1f} min) | |", "",
+                  "Held-out gold: " + ", ".join(f"{k} {v:.3f}" for k, v in p["gold"].items() if v is not None), ""]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--out", default=str(ROOT / "runs" / "bench"), type=click.Path(file_okay=False))
+@click.option("--recipe", default=str(ROOT / "recipes" / "tiny.yaml"), type=click.Path(dir_okay=False))
+@click.option("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"),
+              help="python of an environment with trl==0.28.0 and transformers<5")
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--steps", default=4, show_default=True, help="PPO steps per run (the first is warm-up)")
+@click.option("--length", default=24, show_default=True, help="response tokens")
+@click.option("--batches", default="8,64", show_default=True)
+@click.option("--only", type=click.Choice(["ppo", "sft", "pipeline"]), multiple=True, help="run only these parts")
+def main(out, recipe, trl_python, repeats, steps, length, batches, only):
+    work = Path(out).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = Path(recipe).resolve()
+    parts = set(only) or {"ppo", "sft", "pipeline"}
+    res = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    if "ppo" in parts:
+        if not Path(trl_python).exists():
+            raise SystemExit(f"{trl_python}: no TRL 0.28 environment (make bench creates .venv-trl)")
+        p = parents(work, recipe)
+        res["ppo_setup"] = {"repeats": repeats, "steps": steps, "length": length}
+        res["ppo"] = ppo_vs_trl(p, recipe, work, trl_python, repeats, [int(b) for b in batches.split(",")], steps,
+                                length)
+    if "sft" in parts:
+        res["peak"] = {dt: matmul_peak(dt) for dt in ("float32", "bfloat16")}
+        res["sft"] = sft_flops(recipe, work, steps=60)
+        res["sft"]["fraction_of_peak"] = res["sft"]["flops_per_s"] / res["peak"][res["sft"]["dtype"]]
+    if "pipeline" in parts:
+        res["pipeline"] = pipeline(recipe, work)
+    (work / "bench.json").write_text(json.dumps(res, indent=2) + "\n")
+    (work / "bench.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -202,6 +202,10 @@ class PPOConfig:
     """longest prompt in tokens; longer prompts are an error naming the row"""
     temperature: float = 1.0
     """sampling temperature; log-probabilities are computed at the same temperature"""
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    """bf16 autocast for every forward and backward pass of the loop (weights and optimizer stay fp32): "auto"
+    uses it where bf16 matmuls are fast (a GPU with bf16, a CPU with AVX512-BF16 or AMX) and the base is fp32
+    and not quantized; "no" keeps everything fp32 (bit-for-bit comparisons)"""
     kl_coef: float = 0.05
     """beta, the weight of the per-token KL penalty (initial value when adaptive)"""
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -352,6 +356,8 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if origin is Literal:
         if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(tp)):
             value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
+        elif value is False and "no" in typing.get_args(tp):
+            value = "no"  # and a bare no as false
         return value in typing.get_args(tp), value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):

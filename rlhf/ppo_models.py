@@ -16,6 +16,7 @@ the same methods, so the PPO loop does not know which one it runs on.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,6 +27,29 @@ from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 
 ROLES = ("policy", "reference", "reward", "value")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products are fast on ``device``: a GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        try:
+            if getattr(cpu, probe)():
+                return True
+        except (AttributeError, RuntimeError):
+            pass
+    return False
+
+
+class _Precision:
+    """The autocast every forward pass runs under (None: plain fp32 / the weights' own dtype)."""
+
+    autocast: torch.dtype | None = None
+
+    def precision(self):
+        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
 
 
 def _score_head_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -51,7 +75,7 @@ def _head(weights: dict[str, torch.Tensor], dtype: torch.dtype, shift: float = 0
     return head
 
 
-class SharedBase:
+class SharedBase(_Precision):
     """Policy, reference, reward and value as four adapters on one base model."""
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
@@ -101,28 +125,32 @@ class SharedBase:
         return self._lm(input_ids, attention_mask, keep)
 
     def _lm(self, input_ids, attention_mask, keep):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
+        with self.precision():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
 
     def _hidden(self, role, input_ids, attention_mask):
         self.use(role)
-        return self._backbone()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                position_ids=modeling.position_ids(attention_mask)).last_hidden_state
+        with self.precision():
+            return self._backbone()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                    position_ids=modeling.position_ids(attention_mask)).last_hidden_state
 
     def values(self, input_ids, attention_mask) -> torch.Tensor:
-        """Value head output at every position, ``[batch, seq]``."""
-        return self.value_head(self._hidden("value", input_ids, attention_mask)).squeeze(-1).float()
+        """Value head output at every position, ``[batch, seq]`` (the head itself in full precision)."""
+        hidden = self._hidden("value", input_ids, attention_mask)
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
         """Reward of each whole sequence, read at its last real token, ``[batch]``."""
         hidden = self._hidden("reward", input_ids, attention_mask)
         last = hidden[torch.arange(len(hidden), device=hidden.device), modeling.last_index(attention_mask)]
-        return self.reward_head(last).squeeze(-1).float()
+        return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         self.use("policy")
-        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with self.precision():
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # -- training and saving -----------------------------------------------------------------------------------
     def parameters(self, role: str) -> list[nn.Parameter]:
@@ -135,6 +163,14 @@ class SharedBase:
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
         self.value_head.train(mode)
+
+    def keep_frozen_in(self, dtype: torch.dtype) -> None:
+        """Store the frozen base's linear weights in ``dtype`` (bf16 under bf16 autocast: the products are the same,
+        as autocast would cast them anyway, without a cast per forward pass, in half the memory). Adapters, norms,
+        embeddings and the heads keep their precision."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear) and name.endswith("base_layer") and not module.weight.requires_grad:
+                module.to(dtype)
 
     def to(self, device) -> None:
         """Move everything to ``device`` (a quantized base was already placed there when it was loaded)."""
@@ -175,7 +211,7 @@ class SharedBase:
                   str(out / "value" / "value_head.safetensors"))
 
 
-class SeparateCopies:
+class SeparateCopies(_Precision):
     """Policy, reference, reward and value as four full models (full fine-tuning)."""
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
@@ -183,11 +219,12 @@ class SeparateCopies:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         dtype = modeling.DTYPES[cfg.dtype]
+        kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
         self.policy = AutoModelForCausalLM.from_pretrained(str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
-                                                           use_safetensors=True)
+                                                           use_safetensors=True, **kwargs)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
         self.reward = AutoModelForSequenceClassification.from_pretrained(str(rm_dir), dtype=dtype, num_labels=1,
-                                                                         use_safetensors=True)
+                                                                         use_safetensors=True, **kwargs)
         self.reward.requires_grad_(False).eval()
         self.value = copy.deepcopy(self.reward).requires_grad_(True)
         head = modeling.score_head(self.value)
@@ -203,18 +240,22 @@ class SeparateCopies:
 
     def policy_logits(self, input_ids, attention_mask, keep: int, role: str = "policy") -> torch.Tensor:
         model = self.policy if role == "policy" else self.reference
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                     position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
+        with self.precision():
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                         position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
 
     def values(self, input_ids, attention_mask) -> torch.Tensor:
-        return modeling.token_scores(self.value, input_ids, attention_mask)
+        with self.precision():
+            return modeling.token_scores(self.value, input_ids, attention_mask).float()
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
-        return modeling.sequence_scores(self.reward, input_ids, attention_mask)
+        with self.precision():
+            return modeling.sequence_scores(self.reward, input_ids, attention_mask).float()
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
-        return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with self.precision():
+            return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def parameters(self, role: str) -> list[nn.Parameter]:
         return [p for p in (self.policy if role == "policy" else self.value).parameters() if p.requires_grad]

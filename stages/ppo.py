@@ -102,6 +102,16 @@ def shape_scores(raw: torch.Tensor, stopped: torch.Tensor, p, stats: dict) -> to
     return s
 
 
+def autocast_dtype(setting: str, model_cfg, device: torch.device) -> torch.dtype | None:
+    """bf16 when ``ppo.mixed_precision`` asks for it, or on "auto" where bf16 products are fast and the base is a
+    plain fp32 model; otherwise None (no autocast)."""
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "no" or model_cfg.quantization or model_cfg.dtype != "float32":
+        return None
+    return torch.bfloat16 if ppo_models.fast_bf16(device) else None
+
+
 def sequence_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(1)
 
@@ -208,8 +218,16 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     tokenizer = modeling.load_tokenizer(model_cfg, str(sft_dir or rm_dir))
     rm_stats = rm_manifest["reward_stats"]
     shift, scale = (rm_stats["mean"], rm_stats["std"]) if p.normalize_reward else (0.0, 1.0)
+    autocast = autocast_dtype(p.mixed_precision, model_cfg, distributed.device())
+    if not model_cfg.attn_implementation and distributed.device().type == "cpu":
+        # measured on CPU: eager attention's backward is much faster than SDPA's at PPO's lengths in bf16, and
+        # no slower in fp32 (README, "Performance"); a recipe's model.attn_implementation wins
+        model_cfg.attn_implementation = "eager"
     models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, distributed.device())
     dev = models.device
+    models.autocast = autocast
+    if models.autocast and isinstance(models, ppo_models.SharedBase):
+        models.keep_frozen_in(models.autocast)
     n_proc, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     global_batch = p.batch_size * n_proc  # ppo.batch_size episodes on each process
     models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
@@ -228,7 +246,8 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     if main:
         print(f"ppo: {len(encoded)} prompts, {steps} steps of {global_batch} episodes"
               + (f" ({n_proc} processes x {p.batch_size})" if n_proc > 1 else "")
-              + f"; training {n_trainable:,} parameters (policy + value)", file=sys.stderr)
+              + f"; training {n_trainable:,} parameters (policy + value)"
+              + ("; bf16 autocast" if models.autocast else ""), file=sys.stderr)
 
     first_step, history, bad_in_a_row = 1, [], 0
     if run.resumed:
@@ -358,6 +377,7 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
                     **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
         "reward_stats": rm_manifest["reward_stats"],
         "kl_controller": kl_ctl.state_dict(),
+        "mixed_precision": "bf16" if models.autocast else "no",
         "kl_budget": {"budget": p.kl_budget, "within": within_budget},
         "seed": p.seed,
         "recipe": recipe.to_dict(),

@@ -192,7 +192,8 @@ def test_rm_on_two_processes_matches_one(recipe):
 
 
 PPO = ("--set", "ppo.max_steps=3", "--set", "ppo.max_new_tokens=16", "--set", "ppo.eval_every=0",
-       "--set", "ppo.ppo_epochs=2", "--set", "ppo.save_every=2")
+       "--set", "ppo.ppo_epochs=2", "--set", "ppo.save_every=2",
+       "--set", "ppo.mixed_precision=no")  # fp32: bf16 rounding depends on the batch shapes
 
 
 def test_ppo_on_two_processes_matches_one(parents, tmp_path):

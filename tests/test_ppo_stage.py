@@ -68,6 +68,7 @@ def test_ppo_cli_moves_policy_and_value_only(parents, tmp_path, monkeypatch):
     m = json.loads((out / "manifest.json").read_text())
     assert m["stage"] == "ppo" and m["parents"] == {"sft": str(runs / "sft"), "rm": str(runs / "rm")}
     assert m["metrics"]["episodes"] == 16 and m["data"]["prompts"]["rows_kept"] == 2000
+    assert m["mixed_precision"] == ("bf16" if ppo_models.fast_bf16(torch.device("cpu")) else "no")  # "auto"
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for key in ("objective/score", "objective/kl", "objective/non_score_reward", "objective/entropy",
                 "policy/approxkl", "policy/clipfrac", "value/loss", "value/clipfrac", "ppo/kl_coef",
@@ -131,3 +132,25 @@ def test_ppo_refuses_wrong_parents(parents, tmp_path):
                    str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and "not a run directory" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_min_new_tokens_fixes_the_response_length(parents, tmp_path):
+    recipe, _ = parents
+    args = [x for kv in SMALL + ["ppo.eval_every=0", "ppo.min_new_tokens=16", "ppo.mixed_precision=no"]
+            for x in ("--set", kv)]
+    run_cli("ppo", "--recipe", str(recipe), "--out", str(tmp_path / "ppo"), *args)
+    rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["response/length"] == 16 and r["response/eos_rate"] == 0 for r in rows)
+    assert json.loads((tmp_path / "ppo" / "manifest.json").read_text())["mixed_precision"] == "no"
+
+
+def test_mixed_precision_resolution():
+    from stages.ppo import autocast_dtype
+
+    cpu = torch.device("cpu")
+    plain = ModelConfig(base="b")
+    assert autocast_dtype("no", plain, cpu) is None
+    assert autocast_dtype("bf16", plain, cpu) is torch.bfloat16
+    assert autocast_dtype("auto", plain, cpu) is (torch.bfloat16 if ppo_models.fast_bf16(cpu) else None)
+    assert autocast_dtype("auto", ModelConfig(base="b", dtype="bfloat16"), cpu) is None  # already bf16 weights
+    assert autocast_dtype("auto", ModelConfig(base="b", quantization="4bit"), cpu) is None

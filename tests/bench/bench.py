@@ -96,31 +96,37 @@ def ours(p: dict, recipe: Path, work: Path, batch: int, steps: int, length: int)
 
 
 def trl(p: dict, trl_python: str, work: Path, batch: int, steps: int, length: int, lr: float, kl: float,
-        r: int, alpha: int) -> dict:
+        r: int, alpha: int, bf16: bool) -> dict:
     cmd = [trl_python, str(TRL_SCRIPT), "--policy", str(p["sft_merged"]), "--reward", str(p["rm_merged"]),
            "--prompts", str(p["ids"]), "--batch", str(batch), "--steps", str(steps), "--response-length",
            str(length), "--epochs", "4", "--lr", str(lr), "--kl-coef", str(kl), "--r", str(r), "--alpha", str(alpha),
-           "--out", str(work / f"ppo-trl-{batch}")]
+           "--out", str(work / f"ppo-trl-{batch}")] + (["--bf16"] if bf16 else [])
     out, wall, rss = run(cmd, env={"TOKENIZERS_PARALLELISM": "false"})
     line = [x for x in out.splitlines() if x.startswith("{")][-1]
     return {**json.loads(line), "rss_mb": rss, "wall_s": wall, "length": length}
+
+
+def import_floor(python: str, modules: str) -> float:
+    """Peak RSS (MB) of a process that only imports ``modules``: the part of every run's memory that is libraries."""
+    return run([python, "-c", f"import {modules}"])[2]
 
 
 def ppo_vs_trl(p, recipe, work, trl_python, repeats, batches, steps, length) -> dict:
     from rlhf.config import load_recipe
 
     r = load_recipe(str(recipe))
-    results = {}
+    results = {"import_floor_mb": {"ours": import_floor(sys.executable, "torch, transformers, peft, trl, stages.ppo"),
+                                   "trl": import_floor(trl_python, "torch, transformers, peft, trl.experimental.ppo")}}
     for batch in batches:
-        runs = {"ours": [], "trl": []}
-        for i in range(repeats):  # alternate, so that drifts of the machine hit both alike
-            order = ("ours", "trl") if i % 2 == 0 else ("trl", "ours")
+        runs = {"ours": [], "trl": [], "trl_bf16": []}
+        for i in range(repeats):  # alternate, so that drifts of the machine hit all alike
+            order = list(runs) if i % 2 == 0 else list(runs)[::-1]
             for who in order:
                 if who == "ours":
                     res = ours(p, recipe, work, batch, steps, length)
                 else:
                     res = trl(p, trl_python, work, batch, steps, length, r.ppo.lr, r.ppo.kl_coef, r.adapter.r,
-                              r.adapter.alpha)
+                              r.adapter.alpha, bf16=who == "trl_bf16")
                 res["episodes_per_s"] = batch / statistics.median(res["step_seconds"][1:])
                 runs[who].append(res)
                 print(f"ppo batch {batch} {who}: {res['episodes_per_s']:.1f} episodes/s, "
@@ -130,8 +136,12 @@ def ppo_vs_trl(p, recipe, work, trl_python, repeats, batches, steps, length) -> 
                          "length": statistics.median(x["length"] for x in rs)} for who, rs in runs.items()}
         summary["ours"]["phases"] = {k: statistics.median(x["phases"][k] for x in runs["ours"])
                                      for k in ("generation", "scoring", "update")}
-        summary["speed_ratio"] = summary["ours"]["episodes_per_s"] / summary["trl"]["episodes_per_s"]
-        summary["memory_ratio"] = summary["ours"]["rss_mb"] / summary["trl"]["rss_mb"]
+        floor = results["import_floor_mb"]
+        for ref in ("trl", "trl_bf16"):
+            summary[f"speed_ratio_{ref}"] = summary["ours"]["episodes_per_s"] / summary[ref]["episodes_per_s"]
+            summary[f"memory_ratio_{ref}"] = summary["ours"]["rss_mb"] / summary[ref]["rss_mb"]
+            summary[f"memory_ratio_above_imports_{ref}"] = ((summary["ours"]["rss_mb"] - floor["ours"])
+                                                            / (summary[ref]["rss_mb"] - floor["trl"]))
         summary["runs"] = runs
         results[str(batch)] = summary
     return results
@@ -208,19 +218,29 @@ def markdown(res: dict) -> str:
              f"Machine: {m['cpu'] or 'unknown CPU'}, {m['cores']} cores ({m['torch_threads']} torch threads)"
              + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU") + f"; torch {m['torch']}.", ""]
     if "ppo" in res:
+        floor = res["ppo"]["import_floor_mb"]
         lines += ["## PPO against TRL 0.28", "",
                   f"Tiny base, LoRA, {res['ppo_setup']['length']}-token responses, 4 PPO epochs, one mini-batch, "
                   f"median of {res['ppo_setup']['repeats']} alternating runs of {res['ppo_setup']['steps']} steps "
-                  "(the first step of each run is warm-up and not counted).", "",
-                  "| batch | ours episodes/s | TRL episodes/s | speed ratio | ours peak RSS | TRL peak RSS | "
-                  "memory ratio | ours: generation / scoring / update per step |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "(the first step of each run is warm-up and not counted). TRL runs as configured for a CPU "
+                  "(fp32) and with its bf16 mixed precision; ours runs its defaults (bf16 autocast where fast, "
+                  "eager attention on CPU). Peak RSS is the whole process's; importing the libraries alone takes "
+                  f"{floor['ours']:.0f} MB (ours) and {floor['trl']:.0f} MB (TRL's environment).", "",
+                  "| batch | episodes/s: ours / TRL fp32 / TRL bf16 | speed ratio vs fp32 / bf16 | "
+                  "peak RSS: ours / TRL fp32 / TRL bf16 | memory ratio vs fp32 / bf16 | same, above the imports | "
+                  "ours: generation / scoring / update per step |",
+                  "|---|---|---|---|---|---|---|"]
         for batch, s in res["ppo"].items():
-            ph = s["ours"]["phases"]
-            lines.append(f"| {batch} | {s['ours']['episodes_per_s']:.1f} | {s['trl']['episodes_per_s']:.1f} | "
-                         f"{s['speed_ratio']:.2f}x | {s['ours']['rss_mb']:.0f} MB | {s['trl']['rss_mb']:.0f} MB | "
-                         f"{s['memory_ratio']:.2f}x | {ph['generation']:.2f} / {ph['scoring']:.2f} / "
-                         f"{ph['update']:.2f} s |")
+            if batch == "import_floor_mb":
+                continue
+            o, t, tb, ph = s["ours"], s["trl"], s["trl_bf16"], s["ours"]["phases"]
+            lines.append(
+                f"| {batch} | {o['episodes_per_s']:.1f} / {t['episodes_per_s']:.1f} / {tb['episodes_per_s']:.1f} | "
+                f"{s['speed_ratio_trl']:.2f}x / {s['speed_ratio_trl_bf16']:.2f}x | "
+                f"{o['rss_mb']:.0f} / {t['rss_mb']:.0f} / {tb['rss_mb']:.0f} MB | "
+                f"{s['memory_ratio_trl']:.2f}x / {s['memory_ratio_trl_bf16']:.2f}x | "
+                f"{s['memory_ratio_above_imports_trl']:.2f}x / {s['memory_ratio_above_imports_trl_bf16']:.2f}x | "
+                f"{ph['generation']:.2f} / {ph['scoring']:.2f} / {ph['update']:.2f} s |")
         lines.append("")
     if "sft" in res:
         s = res["sft"]

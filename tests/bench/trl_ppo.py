@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--bf16", action="store_true", help="mixed precision bf16 (the Trainer's autocast)")
     args = ap.parse_args()
 
     from datasets import Dataset
@@ -58,7 +59,7 @@ def main() -> None:
         num_mini_batches=1, num_ppo_epochs=args.epochs, local_rollout_forward_batch_size=args.batch,
         total_episodes=args.batch * args.steps, response_length=args.response_length, stop_token=None,
         temperature=1.0, learning_rate=args.lr, kl_coef=args.kl_coef, num_sample_generations=0,
-        use_cpu=not torch.cuda.is_available(), bf16=False, report_to="none", save_strategy="no",
+        use_cpu=not torch.cuda.is_available(), bf16=args.bf16, report_to="none", save_strategy="no",
         logging_steps=10_000, seed=42, dataloader_num_workers=0)
 
     times: list[float] = []

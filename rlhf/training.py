@@ -145,6 +145,16 @@ def check_finite(model, stage: str) -> None:
         raise TrainingStopped(f"{stage}: not saving: {len(bad)} trained tensors hold NaN or inf (e.g. {bad[0]})")
 
 
+def save_trained(trainer, tokenizer, recipe: Recipe, run: Run, stage: str) -> None:
+    """Save what a trainer trained (refusing NaN/inf weights) and the tokenizer into the run's staging directory.
+    Every process takes part (a sharded model is gathered); only the main one writes."""
+    check_finite(trainer.model, stage)
+    with run.saving() as main:
+        methods.save(trainer, recipe.adapter, run.staging)
+        if main:
+            tokenizer.save_pretrained(str(run.staging))
+
+
 def quiet_trainer(trainer, run: Run, recipe: Recipe, stage: str, shown=("train/loss", "eval/loss")):
     """Route the trainer's logs to metrics.jsonl (and a short line on stderr) instead of printing dicts, and
     guard every optimizer step against non-finite gradients."""

@@ -169,10 +169,12 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
             raise UserError(f"{recipe.data.sft}: {len(demos)} demonstrations, fewer than eval.icl_shots")
     reward_dir = Path(reward) if reward else recipe.stage_dir("rm")
     reward_model = modeling.load_reward(reward_dir)
+    # with many processes every one evaluates everything (the same numbers) and the main one writes
     with Run(Path(out) if out else recipe.stage_dir("eval"), "eval", overwrite=overwrite) as run:
         records = []
         for row in rows:
-            print(f"eval: {row.name} on {len(prompt_rows)} prompts x {e.samples}", file=sys.stderr, flush=True)
+            if run.main:
+                print(f"eval: {row.name} on {len(prompt_rows)} prompts x {e.samples}", file=sys.stderr, flush=True)
             records += evaluate_row(row, recipe, prompt_rows, demos, reward_model, progress)
         summary = summarise(rows, records, e)
         table = markdown_table(summary, rows[0].name)
@@ -181,7 +183,8 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
             if main:
                 write_report(run.staging, records, summary, table, source, len(prompt_rows), e, reward_dir)
                 pictures = draw(rows, records, run.staging)
-        print(table, end="")
+        if run.main:
+            print(table, end="")
         return run.finish({
             "base": recipe.model.base,
             "parents": {"policies": [str(r.run_dir) if r.run_dir else r.name for r in rows], "rm": str(reward_dir)},

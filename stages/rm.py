@@ -115,11 +115,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
             raise RuntimeError(f"reward statistics are degenerate ({stats}); the reward model did not train")
 
         # save
-        training.check_finite(model, "rm")
-        with run.saving() as main:
-            methods.save(trainer, recipe.adapter, run.staging)  # every process: sharded weights are gathered
-            if main:
-                tokenizer.save_pretrained(str(run.staging))
+        training.save_trained(trainer, tokenizer, recipe, run, "rm")
         return run.finish({
             "base": recipe.model.base,
             "parents": {},

@@ -58,11 +58,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 
         # save
-        training.check_finite(model, "sft")
-        with run.saving() as main:
-            methods.save(trainer, recipe.adapter, run.staging)  # every process: sharded weights are gathered
-            if main:
-                tokenizer.save_pretrained(str(run.staging))
+        training.save_trained(trainer, tokenizer, recipe, run, "sft")
         return run.finish({
             "base": recipe.model.base,
             "parents": {},

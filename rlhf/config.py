@@ -175,7 +175,8 @@ class PPOConfig:
     ``ppo_epochs`` passes over it in mini-batches of ``mini_batch_size`` (one optimizer step each), each
     mini-batch split into micro-batches of ``micro_batch_size`` for gradient accumulation. All three sizes count
     episodes on ONE process: with N processes a step has N x batch_size episodes, and each optimizer step sees
-    N x mini_batch_size of them. Defaults follow the reference implementations (clip 0.2, value clip 0.2, gamma 1, lambda 0.95, 4 PPO epochs).
+    N x mini_batch_size of them. Defaults follow the reference implementations (clip 0.2, value clip 0.2,
+    gamma 1, lambda 0.95, 4 PPO epochs).
     """
 
     lr: float = 1e-5

@@ -29,8 +29,7 @@ def state():
     """accelerate's process state (created on first use; one per process)."""
     from accelerate import PartialState
 
-    cpu = not torch.cuda.is_available()
-    return PartialState(cpu=cpu) if cpu else PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def in_launcher() -> bool:
@@ -113,6 +112,14 @@ def all_mean(values: dict[str, float]) -> dict[str, float]:
     return {k: v / world_size() for k, v in zip(keys, total.tolist())}
 
 
+def any_failed(failed: bool) -> bool:
+    """Whether any process reports a failure (every process must call this at the same point); lets the others
+    stop with the main process instead of waiting for it forever."""
+    if world_size() == 1:
+        return failed
+    return bool(all_sum(torch.tensor([1.0 if failed else 0.0], device=device())).item() > 0)
+
+
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum the gradients of ``params`` over all processes, in one flat buffer (a parameter without a gradient
     contributes zeros). The losses are normalised by the global token count, so the sum is the global mean."""
@@ -174,10 +181,3 @@ def launch(argv: list[str], num_processes: int | None, config_file: str | None) 
     cmd = launch_command(strip_launch_options(argv), num_processes, config_file)
     return subprocess.call(cmd, env=env)
 
-
-def any_failed(failed: bool) -> bool:
-    """Whether any process reports a failure (every process must call this at the same point); lets the others
-    stop with the main process instead of waiting for it forever."""
-    if world_size() == 1:
-        return failed
-    return bool(all_sum(torch.tensor([1.0 if failed else 0.0], device=device())).item() > 0)

@@ -16,32 +16,36 @@ import torch.nn.functional as F
 # Masked statistics
 # ---------------------------------------------------------------------------------------------------------------
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """sum(x * mask) / sum(mask), over ``dim`` or over everything."""
+def _own(total: torch.Tensor) -> torch.Tensor:
+    return total
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, total=_own) -> torch.Tensor:
+    """sum(x * mask) / sum(mask), over ``dim`` or over everything. ``total`` turns a local sum into the sum the
+    statistic is over (e.g. an all-reduce over processes; over everything only)."""
     mask = mask.to(x.dtype)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
+        return total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, total=_own) -> torch.Tensor:
     """Variance of the masked-in entries (Bessel-corrected when ``unbiased``)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    mean = masked_mean(x, mask, total=total)
+    var = masked_mean((x - mean) ** 2, mask, total=total)
     if unbiased:
-        n = mask.sum()
+        n = total(mask.to(x.dtype).sum())
         var = var * n / (n - 1).clamp(min=1)
     return var
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-                  mean: torch.Tensor | None = None, var: torch.Tensor | None = None) -> torch.Tensor:
+                  total=_own) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over masked-in entries; with ``shift_mean=False`` the mean is added back.
-
-    ``mean`` and ``var`` may be given (e.g. gathered across processes); masked-out entries come back as 0.
-    """
-    mean = masked_mean(x, mask) if mean is None else mean
-    var = masked_var(x, mask) if var is None else var
+    Masked-out entries come back as 0. With ``total`` an all-reduce, mean and variance are those of every
+    process's entries together."""
+    mean = masked_mean(x, mask, total=total)
+    var = masked_var(x, mask, total=total)
     white = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         white = white + mean

@@ -51,6 +51,9 @@ class _Precision:
     def precision(self):
         return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
 
+    def keep_frozen_in(self, dtype: torch.dtype) -> None:
+        """Store frozen weights in the autocast dtype where that saves a cast per pass (see SharedBase)."""
+
 
 def _score_head_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The score head saved inside a reward-model adapter (peft's modules_to_save), as ``{weight[, bias]}``."""
@@ -295,13 +298,18 @@ class SeparateCopies(_Precision):
 
 
 def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
-         value_shift: float = 0.0, value_scale: float = 1.0, device: torch.device | str = "cpu"):
-    """The PPO models in the layout ``method`` calls for, on ``device``. The value head starts as the reward
-    model's score head mapped to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises."""
+         value_shift: float = 0.0, value_scale: float = 1.0, device: torch.device | str = "cpu",
+         autocast: torch.dtype | None = None):
+    """The PPO models in the layout ``method`` calls for, on ``device``, every forward pass under ``autocast``
+    when given. The value head starts as the reward model's score head mapped to ``(score - value_shift) /
+    value_scale``, the scale of the rewards PPO optimises."""
     with modeling.loading(f"{sft_dir or 'base'} / {rm_dir}", cfg.base):
         if methods.kind(method) == "weights":
             models = SeparateCopies(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
         else:
             models = SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
     models.to(device)
+    if autocast is not None:
+        models.autocast = autocast
+        models.keep_frozen_in(autocast)
     return models

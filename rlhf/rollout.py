@@ -136,15 +136,21 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 13)
 
 
-def hash_uniform(keys: torch.Tensor, position: int, width: int) -> torch.Tensor:
+def _columns(width: int, device) -> torch.Tensor:
+    """The per-column term of ``hash_uniform``, ``[1, width]``."""
+    return (torch.arange(width, device=device, dtype=torch.int64)[None, :] * 0x7FEB352D) & _M31
+
+
+def hash_uniform(keys: torch.Tensor, position: int, width: int, columns: torch.Tensor | None = None) -> torch.Tensor:
     """Uniform numbers in (0, 1), ``[len(keys), width]``: a pure function of (key, position, column).
 
     A counter-based generator (an integer hash of the three numbers): the same episode key draws the same numbers
     whatever else is in its batch, on whichever process, on CPU or GPU, and nothing needs saving to resume.
+    ``columns`` (``_columns(width, device)``) may be passed to save recomputing it every call.
     """
-    cols = torch.arange(width, device=keys.device, dtype=torch.int64)
+    columns = _columns(width, keys.device) if columns is None else columns
     row = _mix((keys.to(torch.int64) & _M31) ^ ((position * 0x45D9F3B) & _M31))
-    x = _mix((row[:, None] + ((cols[None, :] * 0x7FEB352D) & _M31)) & _M31)
+    x = _mix((row[:, None] + columns) & _M31)
     return ((x.to(torch.float64) + 0.5) / float(1 << 31)).to(torch.float32)
 
 
@@ -164,10 +170,13 @@ class GumbelSampler:
         self.keys = keys
         self.temperature = temperature
         self.start: int | None = None
+        self.columns: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.start is None:
+        if self.start is None:  # the first token: fix what every later call shares
             self.start = input_ids.shape[1]
+            self.keys = self.keys.to(scores.device)
+            self.columns = _columns(scores.shape[-1], scores.device)
         position = input_ids.shape[1] - self.start  # the response token being chosen: 0, 1, ...
-        u = hash_uniform(self.keys.to(scores.device), position, scores.shape[-1])
+        u = hash_uniform(self.keys, position, scores.shape[-1], self.columns)
         return scores.float() / self.temperature - torch.log(-torch.log(u))

@@ -116,16 +116,6 @@ def sequence_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(1)
 
 
-def whiten_across_processes(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Whiten the masked-in entries with the mean and (unbiased) variance of ALL processes' entries, so that every
-    process scales its advantages exactly as one process holding the whole batch would."""
-    m = mask.to(x.dtype)
-    n = distributed.all_sum(m.sum())
-    mean = distributed.all_sum((x * m).sum()) / n
-    var = distributed.all_sum((((x - mean) * m) ** 2).sum()) / (n - 1).clamp(min=1)
-    return ppo_math.masked_whiten(x, mask, mean=mean, var=var)
-
-
 @torch.no_grad()
 def evaluate(models, tokenizer, prompts: list[list[dict]], encoded: list[list[int]], max_new_tokens: int) -> dict:
     """Greedy responses to held-out prompts: mean reward score, and mean gold score where the world defines one."""
@@ -186,9 +176,10 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     sft_dir, sft_manifest, rm_dir, rm_manifest = resolve_parents(recipe, policy, reward)
     prompts = formats.load(recipe.data.prompts, "prompts", columns=recipe.data.columns, split=recipe.data.split,
                            on_bad_row=recipe.data.on_bad_row)
-    if len(prompts.rows) < p.batch_size:
+    n_proc = distributed.world_size()
+    if len(prompts.rows) < p.batch_size * n_proc:
         raise UserError(f"{recipe.data.prompts}: {len(prompts.rows)} prompts, fewer than ppo.batch_size="
-                        f"{p.batch_size}")
+                        f"{p.batch_size}" + (f" x {n_proc} processes" if n_proc > 1 else ""))
     eval_prompts = None
     if recipe.data.eval_prompts and p.eval_every:
         eval_prompts = formats.load(recipe.data.eval_prompts, "prompts", columns=recipe.data.columns,
@@ -197,9 +188,6 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
         raise UserError(f"ppo: the accelerate config asks for {distributed.sharding()} sharding; the PPO stage runs "
                         "data-parallel (recipes/accelerate/multi_gpu.yaml, or --num-processes N); SFT and RM run "
                         "sharded")
-    if len(prompts.rows) < p.batch_size * distributed.world_size():
-        raise UserError(f"{recipe.data.prompts}: {len(prompts.rows)} prompts, fewer than ppo.batch_size x processes "
-                        f"= {p.batch_size * distributed.world_size()}")
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
         run.track(recipe)
         return _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eval_prompts)
@@ -218,16 +206,13 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     tokenizer = modeling.load_tokenizer(model_cfg, str(sft_dir or rm_dir))
     rm_stats = rm_manifest["reward_stats"]
     shift, scale = (rm_stats["mean"], rm_stats["std"]) if p.normalize_reward else (0.0, 1.0)
-    autocast = autocast_dtype(p.mixed_precision, model_cfg, distributed.device())
-    if not model_cfg.attn_implementation and distributed.device().type == "cpu":
+    dev = distributed.device()
+    if not model_cfg.attn_implementation and dev.type == "cpu":
         # measured on CPU: eager attention's backward is much faster than SDPA's at PPO's lengths in bf16, and
         # no slower in fp32 (README, "Performance"); a recipe's model.attn_implementation wins
         model_cfg.attn_implementation = "eager"
-    models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, distributed.device())
-    dev = models.device
-    models.autocast = autocast
-    if models.autocast and isinstance(models, ppo_models.SharedBase):
-        models.keep_frozen_in(models.autocast)
+    models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
+                             autocast=autocast_dtype(p.mixed_precision, model_cfg, dev))
     n_proc, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     global_batch = p.batch_size * n_proc  # ppo.batch_size episodes on each process
     models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
@@ -292,7 +277,8 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
         # 3 advantages (GAE) and returns
         ro.advantages, ro.returns = ppo_math.gae(ro.rewards, ro.values, response_mask, p.gamma, p.lam)
         if p.whiten_advantages:
-            ro.advantages = whiten_across_processes(ro.advantages, response_mask)
+            # over every process's tokens: each scales its advantages as one process holding the whole batch would
+            ro.advantages = ppo_math.masked_whiten(ro.advantages, response_mask, total=distributed.all_sum)
         t2 = time.time()
 
         # 4 PPO epochs over shuffled mini-batches (no update at all from non-finite rewards)

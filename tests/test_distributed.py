@@ -88,11 +88,9 @@ def test_gumbel_sampler_samples_the_softmax():
 
 
 def test_whitening_in_one_process_is_plain_masked_whitening():
-    from stages.ppo import whiten_across_processes
-
     x = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 5.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    assert torch.allclose(whiten_across_processes(x, mask), ppo_math.masked_whiten(x, mask))
+    assert torch.allclose(ppo_math.masked_whiten(x, mask, total=distributed.all_sum), ppo_math.masked_whiten(x, mask))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)

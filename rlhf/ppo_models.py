@@ -16,7 +16,7 @@ the same methods, so the PPO loop does not know which one it runs on.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -133,10 +133,23 @@ class SharedBase(_Precision):
     def policy_logits(self, input_ids, attention_mask, keep: int, role: str = "policy") -> torch.Tensor:
         """Logits of the last ``keep`` positions under ``role`` ("policy" or "reference")."""
         if role == "reference" and not self.has_reference_adapter:
-            with self.model.disable_adapter():
+            with self.bare():
                 return self._lm(input_ids, attention_mask, keep)
         self.use(role)
         return self._lm(input_ids, attention_mask, keep)
+
+    @contextmanager
+    def bare(self):
+        """Forward passes of the base alone, every adapter off. peft's ``disable_adapter()`` would do it but also
+        set ``requires_grad`` on its way out (every adapter frozen, then only the active one trainable again),
+        which would stop the policy or value adapter from training; this flips only the layers' switch."""
+        for module in self._switchable:
+            module._disable_adapters = True
+        try:
+            yield
+        finally:
+            for module in self._switchable:
+                module._disable_adapters = False
 
     def _lm(self, input_ids, attention_mask, keep):
         with self.precision():

@@ -120,6 +120,26 @@ def test_reference_and_reward_stay_frozen(parents, tmp_path, monkeypatch):
     assert torch.equal(models.reward_head.weight, score)
 
 
+def test_ppo_from_the_bare_base_trains_policy_and_value(parents, tmp_path):
+    """Without SFT the reference is the base with every adapter off, and both trained adapters keep training."""
+    recipe, runs = parents
+    out = tmp_path / "ppo"
+    args = [x for kv in SMALL + ["ppo.eval_every=0", "ppo.max_steps=3"] for x in ("--set", kv)]
+    run_cli("ppo", "--recipe", str(recipe), "--policy", "base", "--out", str(out), *args)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parents"]["sft"] is None
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # a fresh LoRA adapter is the base
+    assert all(r["value/grad_norm"] > 0 and r["policy/grad_norm"] > 0 for r in rows)
+    pol = load_file(out / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in pol.items())  # B starts at zero
+    val, rm = load_file(out / "value" / "adapter_model.safetensors"), load_file(runs / "rm" / "adapter_model.safetensors")
+    lora = [k for k in val if "lora_" in k]
+    assert lora and all(k in rm for k in lora)
+    moved = sum(not torch.equal(val[k], rm[k]) for k in lora)
+    assert moved == len(lora), f"only {moved} of {len(lora)} value LoRA tensors trained"
+
+
 def test_ppo_refuses_wrong_parents(parents, tmp_path):
     recipe, runs = parents
     proc = run_cli("ppo", "--recipe", str(recipe), "--policy", str(runs / "rm"), "--reward", str(runs / "rm"),

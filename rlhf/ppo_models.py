@@ -16,37 +16,111 @@ the same methods, so the PPO loop does not know which one it runs on.
 from __future__ import annotations
 
 import copy
+import types
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rlhf import methods, modeling
+from rlhf import methods, modeling, rollout
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 
 ROLES = ("policy", "reference", "reward", "value")
 
 
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products are fast on ``device``: a GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
+def bf16_speedup(device: torch.device, width: int) -> float | None:
+    """How many times faster bf16 matrix products are than fp32 on ``device``, measured here on products of the
+    model's width (capped at 1024) and ~512 tokens; None on a GPU (not measured: bf16 is fast wherever supported).
+
+    A CPU flag does not tell: with AMX, or AVX512-BF16 on some CPUs, bf16 products were 4x fp32 at the tiny model's
+    shapes; on a CPU with AVX512-BF16 but no AMX they were 0.55x (docs/ppo.md, "Precision"). Takes 10 ms at the
+    tiny model's width, ~0.3 s at 1024 on two cores.
+    """
+    if device.type != "cpu":
+        return None
+    import time
+
+    n = max(64, min(int(width), 1024))
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(512, n, dtype=dtype), torch.randn(3 * n, n, dtype=dtype)
+        nn.functional.linear(x, w)  # warm-up
+        best = float("inf")
+        for _ in range(4):
+            t0 = time.perf_counter()
+            for _ in range(2):
+                nn.functional.linear(x, w)
+            best = min(best, time.perf_counter() - t0)
+        rates[dtype] = 1.0 / best
+    return rates[torch.bfloat16] / rates[torch.float32]
+
+
+BF16_MIN_SPEEDUP = 1.3
+"""``mixed_precision: auto`` picks bf16 on a CPU only where bf16 products measured at least this much faster"""
+
+
+def autocast_dtype(setting: str, cfg: ModelConfig, device: torch.device, width: int) -> tuple[torch.dtype | None,
+                                                                                               float | None]:
+    """The autocast dtype for ``ppo.mixed_precision`` (None: none), and the measured bf16 speed-up when "auto"
+    measured one. "auto" means bf16 for a plain fp32 base on a GPU with bf16, or on a CPU where bf16 products
+    measured at least ``BF16_MIN_SPEEDUP`` times faster than fp32; an already low-precision or quantized base
+    runs as it is."""
+    if setting == "bf16":
+        return torch.bfloat16, None
+    if setting == "no" or cfg.quantization or cfg.dtype != "float32":
+        return None, None
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        try:
-            if getattr(cpu, probe)():
-                return True
-        except (AttributeError, RuntimeError):
-            pass
-    return False
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else None), None
+    speedup = bf16_speedup(device, width)
+    return (torch.bfloat16 if speedup is not None and speedup >= BF16_MIN_SPEEDUP else None), speedup
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A leaner forward for plain LoRA layers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's LoRA ``Linear.forward`` for plain LoRA: ``W x + B (s A x)``, with the scaling ``s`` applied to the
+    rank-r product and ``B``'s product accumulated into the base output in place. The same maths as peft's
+    ``W x + (B A x) s`` without its two full-width passes (scale, add) and per-call checks; every other case
+    (disabled or merged adapters, extra arguments) goes to peft's own forward."""
+    if self.disable_adapters or self.merged or args or kwargs:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    flat = result.view(-1, result.shape[-1])
+    cast = not torch.is_autocast_enabled(x.device.type)
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        h = nn.functional.linear(self.lora_dropout[name](x.to(a.dtype) if cast else x), a) * self.scaling[name]
+        flat.addmm_(h.reshape(-1, h.shape[-1]).to(flat.dtype), b.t().to(flat.dtype))
+    return result
+
+
+def use_lean_lora(model: nn.Module) -> int:
+    """Give every LoRA layer of ``model`` the lean forward when all of them are plain LoRA on ``nn.Linear`` (no
+    DoRA or other variant, no quantized base, no LoRA bias); returns how many layers got it (0: left to peft)."""
+    from peft.tuners.lora import Linear, LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    plain = all(type(m) is Linear and type(m.base_layer) is nn.Linear and not m.lora_variant
+                and all(b.bias is None for b in m.lora_B.values()) for m in layers)
+    if not layers or not plain:
+        return 0
+    for m in layers:
+        m.forward = types.MethodType(_lean_lora_forward, m)
+    return len(layers)
 
 
 class _Precision:
     """The autocast every forward pass runs under (None: plain fp32 / the weights' own dtype)."""
 
     autocast: torch.dtype | None = None
+    bf16_speedup: float | None = None  # measured when mixed_precision "auto" looked on a CPU
+    lean_lora_layers: int = 0  # LoRA layers running the lean forward
 
     def precision(self):
         return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
@@ -110,6 +184,7 @@ class SharedBase(_Precision):
         self._switchable = [m for m in self.model.modules() if hasattr(m, "_active_adapter") and m is not self.model
                             and m is not self.model.base_model]
         self._active = "policy"
+        self.lean_lora_layers = use_lean_lora(self.model)
 
     # -- adapter switching -----------------------------------------------------------------------------------
     def use(self, role: str) -> None:
@@ -124,6 +199,11 @@ class SharedBase(_Precision):
     @property
     def device(self):
         return self.model.device
+
+    @property
+    def config(self):
+        """The base model's configuration."""
+        return modeling.unwrap(self.model).config
 
     def _backbone(self):
         core = modeling.unwrap(self.model)
@@ -173,8 +253,15 @@ class SharedBase(_Precision):
         last = hidden[torch.arange(len(hidden), device=hidden.device), modeling.last_index(attention_mask)]
         return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
 
+    def sample(self, input_ids, attention_mask, **kwargs) -> rollout.Samples:
+        """Responses sampled from the policy, with their log-probabilities and entropies (``rollout.sample``)."""
+        self.use("policy")
+        with self.precision():
+            return rollout.sample(self.model, input_ids, attention_mask, **kwargs)
+
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+        """Hugging Face ``generate`` with the policy (greedy evaluation)."""
         self.use("policy")
         with self.precision():
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -265,6 +352,10 @@ class SeparateCopies(_Precision):
     def device(self):
         return self.policy.device
 
+    @property
+    def config(self):
+        return self.policy.config
+
     def policy_logits(self, input_ids, attention_mask, keep: int, role: str = "policy") -> torch.Tensor:
         model = self.policy if role == "policy" else self.reference
         with self.precision():
@@ -278,6 +369,10 @@ class SeparateCopies(_Precision):
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
         with self.precision():
             return modeling.sequence_scores(self.reward, input_ids, attention_mask).float()
+
+    def sample(self, input_ids, attention_mask, **kwargs) -> rollout.Samples:
+        with self.precision():
+            return rollout.sample(self.policy, input_ids, attention_mask, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
@@ -312,17 +407,20 @@ class SeparateCopies(_Precision):
 
 def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
          value_shift: float = 0.0, value_scale: float = 1.0, device: torch.device | str = "cpu",
-         autocast: torch.dtype | None = None):
-    """The PPO models in the layout ``method`` calls for, on ``device``, every forward pass under ``autocast``
-    when given. The value head starts as the reward model's score head mapped to ``(score - value_shift) /
-    value_scale``, the scale of the rewards PPO optimises."""
+         mixed_precision: str = "no"):
+    """The PPO models in the layout ``method`` calls for, on ``device``, every forward pass under the autocast
+    that ``mixed_precision`` ("auto", "bf16" or "no") resolves to (``autocast_dtype``; the models' ``autocast``
+    and ``bf16_speedup`` say what it resolved to). The value head starts as the reward model's score head mapped
+    to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises."""
+    device = torch.device(device)
     with modeling.loading(f"{sft_dir or 'base'} / {rm_dir}", cfg.base):
         if methods.kind(method) == "weights":
             models = SeparateCopies(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
         else:
             models = SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
     models.to(device)
-    if autocast is not None:
-        models.autocast = autocast
-        models.keep_frozen_in(autocast)
+    width = getattr(models.config, "hidden_size", 1024)
+    models.autocast, models.bf16_speedup = autocast_dtype(mixed_precision, cfg, device, width)
+    if models.autocast is not None:
+        models.keep_frozen_in(models.autocast)
     return models

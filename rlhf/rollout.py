@@ -1,4 +1,5 @@
-"""Batched generation of responses to chat prompts (for evaluation now, PPO rollouts later)."""
+"""Generation of responses to chat prompts: greedy or sampled batches for evaluation (Hugging Face ``generate``),
+and ``sample``, PPO's rollout decode loop with per-episode random keys."""
 
 from __future__ import annotations
 
@@ -160,23 +161,65 @@ def episode_keys(seed: int, step: int, indices: torch.Tensor) -> torch.Tensor:
     return _mix((indices.to(torch.int64) * 0x3C6EF35F + base) & _M31)
 
 
-class GumbelSampler:
-    """A logits processor that turns greedy decoding into sampling from ``softmax(logits / temperature)`` with
-    per-episode keys (Gumbel-max: the argmax of ``logits / T + Gumbel noise`` is such a sample). Pass it to
-    ``generate(..., do_sample=False, logits_processor=[sampler])``; no top-k or top-p is applied, so the sampling
-    distribution is exactly the one PPO's log-probabilities are computed under."""
+def gumbel_max(scores: torch.Tensor, keys: torch.Tensor, position: int, columns: torch.Tensor | None = None):
+    """One sample per row from ``softmax(scores)``: the argmax of ``scores`` plus Gumbel noise drawn from
+    ``hash_uniform`` with each row's episode key (Gumbel-max), so a row's draw depends on its key alone."""
+    u = hash_uniform(keys, position, scores.shape[-1], columns)
+    return (scores - torch.log(-torch.log(u))).argmax(-1)
 
-    def __init__(self, keys: torch.Tensor, temperature: float):
-        self.keys = keys
-        self.temperature = temperature
-        self.start: int | None = None
-        self.columns: torch.Tensor | None = None
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.start is None:  # the first token: fix what every later call shares
-            self.start = input_ids.shape[1]
-            self.keys = self.keys.to(scores.device)
-            self.columns = _columns(scores.shape[-1], scores.device)
-        position = input_ids.shape[1] - self.start  # the response token being chosen: 0, 1, ...
-        u = hash_uniform(self.keys, position, scores.shape[-1], self.columns)
-        return scores.float() / self.temperature - torch.log(-torch.log(u))
+@dataclass
+class Samples:
+    """Responses sampled by ``sample``: ``[batch, length]`` each, ``length`` the longest response."""
+
+    tokens: torch.Tensor
+    """the sampled tokens; after a row's first EOS, pad"""
+    logprobs: torch.Tensor
+    """log pi(token | prefix) of each sampled token under the policy at the sampling temperature, EOS unmasked"""
+    entropy: torch.Tensor
+    """entropy of that distribution at each position"""
+
+
+@torch.no_grad()
+def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keys: torch.Tensor, temperature: float,
+           max_new_tokens: int, eos_token_id: int, pad_token_id: int, min_new_tokens: int = 0) -> Samples:
+    """Sample a response to each left-padded prompt from ``softmax(logits / temperature)``, and keep each token's
+    log-probability and the distribution's entropy, so that the rollout does not compute them again.
+
+    A plain decode loop over a KV cache: one forward pass over the prompts, then one per new token, each reading
+    only the last position's logits. Row ``i`` draws its noise with ``keys[i]`` (``gumbel_max``), so a response
+    does not depend on the batch it was sampled in. No top-k or top-p: the sampling distribution is exactly the
+    one PPO's log-probabilities refer to. While fewer than ``min_new_tokens`` tokens are out, EOS is not drawn
+    (the recorded log-probabilities stay those of the unmasked policy). Stops when every row has sampled EOS.
+    """
+    from transformers import DynamicCache
+
+    from rlhf.modeling import position_ids
+    from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
+
+    config = getattr(model, "config", None)
+    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    positions = position_ids(attention_mask)
+    mask = attention_mask
+    keys = keys.to(input_ids.device)
+    batch = input_ids.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    eos = torch.tensor([eos_token_id], device=input_ids.device)
+    tokens, logprobs, entropy = [], [], []
+    step_ids, step_positions, columns = input_ids, positions, None
+    for t in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float() / temperature
+        if columns is None:
+            columns = _columns(logits.shape[-1], logits.device)
+        allowed = logits if t >= min_new_tokens else logits.index_fill(-1, eos, -torch.inf)
+        token = gumbel_max(allowed, keys, t, columns).masked_fill(done, pad_token_id)
+        tokens.append(token)
+        logprobs.append(logprobs_from_logits(logits, token))  # the same functions as the update's
+        entropy.append(entropy_from_logits(logits))
+        done = done | (token == eos_token_id)
+        if bool(done.all()):
+            break
+        step_ids, step_positions = token[:, None], step_positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
+    return Samples(torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(entropy, 1))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from rlhf import checkpoint, distributed, formats, methods, modeling, ppo_math, ppo_models
 from rlhf.checkpoint import Run
 from rlhf.config import AdapterConfig, Recipe
-from rlhf.rollout import GumbelSampler, episode_keys, left_pad
+from rlhf.rollout import episode_keys, left_pad
 from rlhf.training import show_progress
 from rlhf.errors import TrainingStopped, UserError
 from rlhf.tiny import world
@@ -102,14 +102,10 @@ def shape_scores(raw: torch.Tensor, stopped: torch.Tensor, p, stats: dict) -> to
     return s
 
 
-def autocast_dtype(setting: str, model_cfg, device: torch.device) -> torch.dtype | None:
-    """bf16 when ``ppo.mixed_precision`` asks for it, or on "auto" where bf16 products are fast and the base is a
-    plain fp32 model; otherwise None (no autocast)."""
-    if setting == "bf16":
-        return torch.bfloat16
-    if setting == "no" or model_cfg.quantization or model_cfg.dtype != "float32":
-        return None
-    return torch.bfloat16 if ppo_models.fast_bf16(device) else None
+def _precision(models) -> str:
+    """How the loop's passes run, for the start line."""
+    measured = f" (bf16 products measured {models.bf16_speedup:.2f}x fp32 here)" if models.bf16_speedup else ""
+    return ("bf16 autocast" if models.autocast else "fp32") + measured
 
 
 def sequence_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -209,10 +205,10 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     dev = distributed.device()
     if not model_cfg.attn_implementation and dev.type == "cpu":
         # measured on CPU: eager attention's backward is much faster than SDPA's at PPO's lengths in bf16, and
-        # no slower in fp32 (README, "Performance"); a recipe's model.attn_implementation wins
+        # within noise of it in fp32 (docs/ppo.md, "Where the time goes"); a recipe's model.attn_implementation wins
         model_cfg.attn_implementation = "eager"
     models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
-                             autocast=autocast_dtype(p.mixed_precision, model_cfg, dev))
+                             mixed_precision=p.mixed_precision)
     n_proc, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     global_batch = p.batch_size * n_proc  # ppo.batch_size episodes on each process
     models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
@@ -231,8 +227,7 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     if main:
         print(f"ppo: {len(encoded)} prompts, {steps} steps of {global_batch} episodes"
               + (f" ({n_proc} processes x {p.batch_size})" if n_proc > 1 else "")
-              + f"; training {n_trainable:,} parameters (policy + value)"
-              + ("; bf16 autocast" if models.autocast else ""), file=sys.stderr)
+              + f"; training {n_trainable:,} parameters (policy + value); {_precision(models)}", file=sys.stderr)
 
     first_step, history, bad_in_a_row = 1, [], 0
     if run.resumed:
@@ -250,22 +245,19 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
         batch, order = order[:global_batch][rank * p.batch_size:(rank + 1) * p.batch_size], order[global_batch:]
         query, query_mask = (t.to(dev) for t in left_pad([encoded[i] for i in batch], pad))
         keys = episode_keys(p.seed, step, torch.arange(rank * p.batch_size, (rank + 1) * p.batch_size))
-        out = models.generate(query, query_mask, do_sample=False,
-                              logits_processor=[GumbelSampler(keys, p.temperature)],
-                              max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
-                              pad_token_id=pad, eos_token_id=eos)
-        response, response_mask, stopped = truncate_after_eos(out[:, query.shape[1]:], eos, pad)
+        sampled = models.sample(query, query_mask, keys=keys, temperature=p.temperature,
+                                max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
+                                eos_token_id=eos, pad_token_id=pad)
+        response, response_mask, stopped = truncate_after_eos(sampled.tokens, eos, pad)
+        # the policy's log-probs and entropies come from the sampling pass itself, not from another forward pass
         ro = Rollout(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, response_mask], 1),
-                     response=response, response_mask=response_mask, stopped=stopped)
+                     response=response, response_mask=response_mask, stopped=stopped, logp=sampled.logprobs,
+                     entropy=sampled.entropy)
         length = response.shape[1]
         t1 = time.time()
 
         # 2 score and KL-shape the rewards
         with torch.no_grad():
-            logits = response_logits(models, ro.ids, ro.mask, length)
-            ro.logp = ppo_math.logprobs_from_logits(logits, response, p.temperature)
-            ro.entropy = ppo_math.entropy_from_logits(logits, p.temperature)
-            del logits
             ro.ref_logp = ppo_math.logprobs_from_logits(
                 response_logits(models, ro.ids, ro.mask, length, role="reference"), response, p.temperature)
             ro.values = response_values(models, ro.ids, ro.mask, length)
@@ -364,6 +356,7 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
         "reward_stats": rm_manifest["reward_stats"],
         "kl_controller": kl_ctl.state_dict(),
         "mixed_precision": "bf16" if models.autocast else "no",
+        "bf16_speedup": models.bf16_speedup,
         "kl_budget": {"budget": p.kl_budget, "within": within_budget},
         "seed": p.seed,
         "recipe": recipe.to_dict(),

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, write_recipe
 from rlhf import distributed, ppo_math
-from rlhf.rollout import GumbelSampler, episode_keys, hash_uniform
+from rlhf.rollout import episode_keys, gumbel_max, hash_uniform
 
 CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 # Two processes sum their gradients in another order than one process does; fp32 rounding stays far below this
@@ -67,24 +67,19 @@ def test_sampling_keys_give_the_same_draws_in_any_batch():
     assert not torch.equal(keys, episode_keys(7, 4, torch.arange(8)))  # and so does another step
 
 
-def test_gumbel_sampler_samples_the_softmax():
-    torch.manual_seed(0)
+def test_gumbel_max_samples_the_softmax():
     probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
     n = 100_000
-    sampler = GumbelSampler(episode_keys(0, 1, torch.arange(n)), temperature=1.0)
-    counts = torch.zeros(5)
-    for position in range(2):
-        ids = torch.zeros(n, 3 + position, dtype=torch.long)  # the sampler counts positions from its first call
-        counts += torch.bincount(sampler(ids, probs.log().expand(n, 5)).argmax(-1), minlength=5)
+    keys = episode_keys(0, 1, torch.arange(n))
+    counts = sum(torch.bincount(gumbel_max(probs.log().expand(n, 5), keys, position), minlength=5)
+                 for position in range(2))
     expected = counts.sum() * probs
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     assert chi2 < 18.5  # chi-square, 4 degrees of freedom: p = 0.001
-    # temperature 2 flattens the distribution as softmax(logits / 2) does
-    hot = GumbelSampler(episode_keys(1, 1, torch.arange(n)), temperature=2.0)
-    freq = torch.bincount(hot(torch.zeros(n, 1, dtype=torch.long), probs.log().expand(n, 5)).argmax(-1),
+    # scores at temperature 2 (logits / 2) flatten the distribution as softmax(logits / 2) does
+    freq = torch.bincount(gumbel_max(probs.log().expand(n, 5) / 2, episode_keys(1, 1, torch.arange(n)), 0),
                           minlength=5) / n
-    target = torch.softmax(probs.log() / 2, 0)
-    assert (freq - target).abs().max() < 0.01
+    assert (freq - torch.softmax(probs.log() / 2, 0)).abs().max() < 0.01
 
 
 def test_whitening_in_one_process_is_plain_masked_whitening():

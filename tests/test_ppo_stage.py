@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, write_recipe
-from rlhf import formats, modeling, ppo_models, rollout
+from rlhf import formats, modeling, ppo_math, ppo_models, rollout
 from rlhf.config import ModelConfig, load_recipe
 
 SMALL = ["ppo.max_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
@@ -68,7 +68,8 @@ def test_ppo_cli_moves_policy_and_value_only(parents, tmp_path, monkeypatch):
     m = json.loads((out / "manifest.json").read_text())
     assert m["stage"] == "ppo" and m["parents"] == {"sft": str(runs / "sft"), "rm": str(runs / "rm")}
     assert m["metrics"]["episodes"] == 16 and m["data"]["prompts"]["rows_kept"] == 2000
-    assert m["mixed_precision"] == ("bf16" if ppo_models.fast_bf16(torch.device("cpu")) else "no")  # "auto"
+    # "auto": bf16 only where bf16 products measured fast enough on this CPU
+    assert (m["mixed_precision"] == "bf16") == (m["bf16_speedup"] >= ppo_models.BF16_MIN_SPEEDUP)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for key in ("objective/score", "objective/kl", "objective/non_score_reward", "objective/entropy",
                 "policy/approxkl", "policy/clipfrac", "value/loss", "value/clipfrac", "ppo/kl_coef",
@@ -165,12 +166,97 @@ def test_min_new_tokens_fixes_the_response_length(parents, tmp_path):
 
 
 def test_mixed_precision_resolution():
-    from stages.ppo import autocast_dtype
-
     cpu = torch.device("cpu")
     plain = ModelConfig(base="b")
-    assert autocast_dtype("no", plain, cpu) is None
-    assert autocast_dtype("bf16", plain, cpu) is torch.bfloat16
-    assert autocast_dtype("auto", plain, cpu) is (torch.bfloat16 if ppo_models.fast_bf16(cpu) else None)
-    assert autocast_dtype("auto", ModelConfig(base="b", dtype="bfloat16"), cpu) is None  # already bf16 weights
-    assert autocast_dtype("auto", ModelConfig(base="b", quantization="4bit"), cpu) is None
+    assert ppo_models.autocast_dtype("no", plain, cpu, 256) == (None, None)
+    assert ppo_models.autocast_dtype("bf16", plain, cpu, 256) == (torch.bfloat16, None)
+    dtype, speedup = ppo_models.autocast_dtype("auto", plain, cpu, 256)
+    assert speedup > 0 and dtype is (torch.bfloat16 if speedup >= ppo_models.BF16_MIN_SPEEDUP else None)
+    assert ppo_models.autocast_dtype("auto", ModelConfig(base="b", dtype="bfloat16"), cpu, 256) == (None, None)
+    assert ppo_models.autocast_dtype("auto", ModelConfig(base="b", quantization="4bit"), cpu, 256) == (None, None)
+
+
+def _prompts(tok, n):
+    from stages.ppo import encode_prompts
+
+    rows = formats.load(str(ROOT / "data/tiny/heldout_prompts.jsonl"), "prompts").rows[:n]
+    return rollout.left_pad(encode_prompts(tok, rows, 256, "heldout"), tok.pad_token_id)
+
+
+def test_sampling_loop_draws_what_generate_draws_and_keeps_the_log_probs(parents):
+    """The rollout's decode loop samples the tokens Hugging Face ``generate`` picks with the same Gumbel noise,
+    and the log-probs and entropies it keeps equal those of a full forward pass over prompt + response."""
+    _, runs = parents
+    cfg = ModelConfig(base=str(ROOT / "data" / "tiny-base"))
+    models = ppo_models.load(cfg, "lora", runs / "sft", runs / "rm")
+    tok = modeling.load_tokenizer(cfg, str(runs / "sft"))
+    ids, mask = _prompts(tok, 12)
+    keys, temperature = rollout.episode_keys(3, 1, torch.arange(12)), 1.3
+
+    class Gumbel:  # the same draw as a generate() logits processor: a one-hot score for the sampled token
+        start = None
+
+        def __call__(self, input_ids, scores):
+            self.start = self.start or input_ids.shape[1]
+            token = rollout.gumbel_max(scores.float() / temperature, keys, input_ids.shape[1] - self.start)
+            return torch.full_like(scores, -torch.inf).scatter(1, token[:, None], 0.0)
+
+    for min_new in (0, 10):
+        s = models.sample(ids, mask, keys=keys, temperature=temperature, max_new_tokens=20, min_new_tokens=min_new,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        out = models.generate(ids, mask, do_sample=False, logits_processor=[Gumbel()], max_new_tokens=20,
+                              min_new_tokens=min_new, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        assert torch.equal(s.tokens, out[:, ids.shape[1]:])
+        assert min_new == 0 or not (s.tokens[:, :min_new] == tok.eos_token_id).any()
+    from stages.ppo import response_logits, truncate_after_eos
+
+    response, rmask, stopped = truncate_after_eos(s.tokens, tok.eos_token_id, tok.pad_token_id)
+    assert stopped.any() and not stopped.all() and rmask.sum() > 100  # both kinds of response, real lengths
+    with torch.no_grad():
+        logits = response_logits(models, torch.cat([ids, response], 1), torch.cat([mask, rmask], 1),
+                                 response.shape[1])
+    real = rmask.bool()
+    full = ppo_math.logprobs_from_logits(logits, response, temperature)
+    torch.testing.assert_close(s.logprobs[real], full[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.entropy[real], ppo_math.entropy_from_logits(logits, temperature)[real], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_lean_lora_forward_matches_peft(parents):
+    """The lean forward PPO gives plain LoRA layers computes peft's outputs and gradients, for every role, the
+    bare base included; DoRA is left to peft."""
+    _, runs = parents
+    cfg = ModelConfig(base=str(ROOT / "data" / "tiny-base"))
+    models = ppo_models.load(cfg, "lora", runs / "sft", runs / "rm")
+    assert models.lean_lora_layers == 4 * 7  # 4 blocks x 7 linear layers, each holding the four adapters
+    tok = modeling.load_tokenizer(cfg, str(runs / "sft"))
+    ids, mask = _prompts(tok, 6)
+    lean_forwards = {m: m.__dict__.pop("forward") for m in models.model.modules() if "forward" in m.__dict__}
+    results = []
+    for lean in (False, True):
+        for module, forward in lean_forwards.items():
+            if lean:
+                module.forward = forward
+        out = {}
+        for role in ("policy", "reference"):
+            out[role] = models.policy_logits(ids, mask, keep=0, role=role)
+        with models.bare():
+            out["base"] = models._lm(ids, mask, 0)
+        out["reward"] = models.scores(ids, mask)
+        values = models.values(ids, mask)
+        (out["policy"][mask.bool()].logsumexp(-1).sum() + values.sum()).backward()
+        out["values"] = values
+        out["grads"] = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten()
+                                  for p in models.parameters("policy") + models.parameters("value")])
+        for p in models.parameters("policy") + models.parameters("value"):
+            p.grad = None
+        results.append(out)
+    for key in results[0]:
+        torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-5, atol=1e-5, msg=key)
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(cfg.base),
+                          LoraConfig(r=4, use_dora=True, target_modules="all-linear"))
+    assert ppo_models.use_lean_lora(dora) == 0

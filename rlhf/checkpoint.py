@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import distributed
+from rlhf import allocator, distributed
 from rlhf.errors import UserError
 
 # The command line that started this process, as the user typed it (set by the CLI; manifests record it).
@@ -230,7 +230,7 @@ class Run:
         manifest = {"stage": self.stage, "status": "complete", **manifest, "started": self.started,
                     "finished": now(), "seconds": round(time.time() - self.t0, 2), "resumed": self.resumed,
                     "world_size": distributed.world_size(), "distributed": distributed.kind(), "versions": versions(),
-                    "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+                    "allocator": allocator.current(), "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         error = None
         if self.main:
             try:

@@ -319,7 +319,19 @@ def tiny_build_base(out, minutes, seed):
     base.build_base(out, minutes=minutes, seed=seed, log=lambda s: click.echo(s, err=True))
 
 
+TRAINING_COMMANDS = ("sft", "rm", "ppo", "eval")
+
+
 def main():
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)  # the group's only option: --debug
+    if command in TRAINING_COMMANDS:
+        from rlhf import allocator
+
+        try:
+            allocator.reexec_with_preload(sys.argv[1:])  # tcmalloc where the system has it (rlhf/allocator.py)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
     cli(prog_name="rlhf")
 
 

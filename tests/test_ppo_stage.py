@@ -4,13 +4,14 @@ through the CLI that move the policy and value but leave the reference and the r
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, write_recipe
-from rlhf import formats, modeling, ppo_math, ppo_models, rollout
+from rlhf import allocator, formats, modeling, ppo_math, ppo_models, rollout
 from rlhf.config import ModelConfig, load_recipe
 
 SMALL = ["ppo.max_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
@@ -70,6 +71,9 @@ def test_ppo_cli_moves_policy_and_value_only(parents, tmp_path, monkeypatch):
     assert m["metrics"]["episodes"] == 16 and m["data"]["prompts"]["rows_kept"] == 2000
     # "auto": bf16 only where bf16 products measured fast enough on this CPU
     assert (m["mixed_precision"] == "bf16") == (m["bf16_speedup"] >= ppo_models.BF16_MIN_SPEEDUP)
+    # tcmalloc preloaded where the system has it, unless turned off (rlhf/allocator.py)
+    wanted = allocator.find_tcmalloc() and os.environ.get(allocator.ENV, "auto") != "system"
+    assert m["allocator"] == ("tcmalloc" if wanted else "system")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for key in ("objective/score", "objective/kl", "objective/non_score_reward", "objective/entropy",
                 "policy/approxkl", "policy/clipfrac", "value/loss", "value/clipfrac", "ppo/kl_coef",

@@ -80,7 +80,7 @@ def parents(work: Path, recipe: Path) -> dict[str, Path]:
     return {"sft": sft, "rm": rm, **{f"{k}_merged": v for k, v in merged.items()}, "ids": ids}
 
 
-def ours(p: dict, recipe: Path, work: Path, batch: int, steps: int, length: int) -> dict:
+def ours(p: dict, recipe: Path, work: Path, batch: int, steps: int, length: int, env: dict) -> dict:
     out = work / f"ppo-ours-{batch}"
     cmd = RLHF + ["ppo", "--recipe", str(recipe), "--policy", str(p["sft"]), "--reward", str(p["rm"]),
                   "--out", str(out), "--overwrite", "--set", f"ppo.batch_size={batch}",
@@ -88,23 +88,27 @@ def ours(p: dict, recipe: Path, work: Path, batch: int, steps: int, length: int)
                   "--set", "ppo.ppo_epochs=4", "--set", f"ppo.max_steps={steps}",
                   "--set", f"ppo.max_new_tokens={length}", "--set", f"ppo.min_new_tokens={length}",
                   "--set", "ppo.eval_every=0", "--set", "ppo.save_every=0", "--set", "logging.progress=off"]
-    _, wall, rss = run(cmd)
+    _, wall, rss = run(cmd, env=env)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    manifest = json.loads((out / "manifest.json").read_text())
     return {"step_seconds": [r["time/step_s"] for r in rows], "rss_mb": rss, "wall_s": wall,
-            "length": statistics.mean(r["response/length"] for r in rows),
+            "length": statistics.mean(r["response/length"] for r in rows), "allocator": manifest["allocator"],
+            "precision": manifest["mixed_precision"], "bf16_speedup": manifest["bf16_speedup"],
             "phases": {k: statistics.median(r[f"time/{k}_s"] for r in rows[1:])
                        for k in ("generation", "scoring", "update")}}
 
 
 def trl(p: dict, trl_python: str, work: Path, batch: int, steps: int, length: int, lr: float, kl: float,
-        r: int, alpha: int, bf16: bool) -> dict:
+        r: int, alpha: int, bf16: bool, env: dict) -> dict:
     cmd = [trl_python, str(TRL_SCRIPT), "--policy", str(p["sft_merged"]), "--reward", str(p["rm_merged"]),
            "--prompts", str(p["ids"]), "--batch", str(batch), "--steps", str(steps), "--response-length",
            str(length), "--epochs", "4", "--lr", str(lr), "--kl-coef", str(kl), "--r", str(r), "--alpha", str(alpha),
            "--out", str(work / f"ppo-trl-{batch}")] + (["--bf16"] if bf16 else [])
-    out, wall, rss = run(cmd, env={"TOKENIZERS_PARALLELISM": "false"})
+    out, wall, rss = run(cmd, env={"TOKENIZERS_PARALLELISM": "false", **env})
     line = [x for x in out.splitlines() if x.startswith("{")][-1]
-    return {**json.loads(line), "rss_mb": rss, "wall_s": wall, "length": length}
+    return {**json.loads(line), "rss_mb": rss, "wall_s": wall, "length": length,
+            "allocator": "tcmalloc" if "tcmalloc" in env.get("LD_PRELOAD", "") else "system",
+            "precision": "bf16" if bf16 else "no"}
 
 
 def import_floor(python: str, modules: str) -> float:
@@ -112,37 +116,65 @@ def import_floor(python: str, modules: str) -> float:
     return run([python, "-c", f"import {modules}"])[2]
 
 
+def runs_to_compare() -> dict[str, dict]:
+    """The PPO runs of the comparison: which side, with which environment (and TRL's bf16 switch). Without
+    tcmalloc on the system, ours runs on glibc's malloc only and TRL is not rerun under tcmalloc."""
+    from rlhf import allocator
+
+    tcmalloc = allocator.find_tcmalloc()
+    configs = {"ours": {"side": "ours", "env": {}},
+               "trl": {"side": "trl", "env": {}},
+               "trl_bf16": {"side": "trl", "env": {}, "bf16": True}}
+    if tcmalloc:
+        configs["ours_system_malloc"] = {"side": "ours", "env": {allocator.ENV: "system"}}
+        configs["trl_tcmalloc"] = {"side": "trl", "env": {"LD_PRELOAD": tcmalloc}}
+    return configs
+
+
+# (ours, reference) pairs whose ratios are reported: as each toolkit runs by default, and with the same allocator
+PAIRS = (("ours", "trl"), ("ours", "trl_bf16"), ("ours_system_malloc", "trl"), ("ours", "trl_tcmalloc"))
+
+
 def ppo_vs_trl(p, recipe, work, trl_python, repeats, batches, steps, length) -> dict:
     from rlhf.config import load_recipe
 
     r = load_recipe(str(recipe))
+    configs = runs_to_compare()
     results = {"import_floor_mb": {"ours": import_floor(sys.executable, "torch, transformers, peft, trl, stages.ppo"),
-                                   "trl": import_floor(trl_python, "torch, transformers, peft, trl.experimental.ppo")}}
+                                   "trl": import_floor(trl_python, "torch, transformers, peft, trl.experimental.ppo")},
+               "configs": {name: {k: v for k, v in c.items()} for name, c in configs.items()}}
     for batch in batches:
-        runs = {"ours": [], "trl": [], "trl_bf16": []}
+        runs = {name: [] for name in configs}
         for i in range(repeats):  # alternate, so that drifts of the machine hit all alike
             order = list(runs) if i % 2 == 0 else list(runs)[::-1]
-            for who in order:
-                if who == "ours":
-                    res = ours(p, recipe, work, batch, steps, length)
+            for name in order:
+                c = configs[name]
+                if c["side"] == "ours":
+                    res = ours(p, recipe, work, batch, steps, length, c["env"])
                 else:
                     res = trl(p, trl_python, work, batch, steps, length, r.ppo.lr, r.ppo.kl_coef, r.adapter.r,
-                              r.adapter.alpha, bf16=who == "trl_bf16")
+                              r.adapter.alpha, bf16=c.get("bf16", False), env=c["env"])
                 res["episodes_per_s"] = batch / statistics.median(res["step_seconds"][1:])
-                runs[who].append(res)
-                print(f"ppo batch {batch} {who}: {res['episodes_per_s']:.1f} episodes/s, "
+                runs[name].append(res)
+                print(f"ppo batch {batch} {name}: {res['episodes_per_s']:.1f} episodes/s, "
                       f"{res['rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-        summary = {who: {"episodes_per_s": statistics.median(x["episodes_per_s"] for x in rs),
-                         "rss_mb": statistics.median(x["rss_mb"] for x in rs),
-                         "length": statistics.median(x["length"] for x in rs)} for who, rs in runs.items()}
+        summary = {name: {"episodes_per_s": statistics.median(x["episodes_per_s"] for x in rs),
+                          "rss_mb": statistics.median(x["rss_mb"] for x in rs),
+                          "length": statistics.median(x["length"] for x in rs),
+                          "allocator": rs[0]["allocator"], "precision": rs[0]["precision"]}
+                   for name, rs in runs.items()}
         summary["ours"]["phases"] = {k: statistics.median(x["phases"][k] for x in runs["ours"])
                                      for k in ("generation", "scoring", "update")}
+        summary["ours"]["bf16_speedup"] = statistics.median(x["bf16_speedup"] or 0.0 for x in runs["ours"])
         floor = results["import_floor_mb"]
-        for ref in ("trl", "trl_bf16"):
-            summary[f"speed_ratio_{ref}"] = summary["ours"]["episodes_per_s"] / summary[ref]["episodes_per_s"]
-            summary[f"memory_ratio_{ref}"] = summary["ours"]["rss_mb"] / summary[ref]["rss_mb"]
-            summary[f"memory_ratio_above_imports_{ref}"] = ((summary["ours"]["rss_mb"] - floor["ours"])
-                                                            / (summary[ref]["rss_mb"] - floor["trl"]))
+        summary["ratios"] = {}
+        for a, b in PAIRS:
+            if a in summary and b in summary:
+                summary["ratios"][f"{a}/{b}"] = {
+                    "speed": summary[a]["episodes_per_s"] / summary[b]["episodes_per_s"],
+                    "memory": summary[a]["rss_mb"] / summary[b]["rss_mb"],
+                    "memory_above_imports": (summary[a]["rss_mb"] - floor["ours"]) / (summary[b]["rss_mb"]
+                                                                                      - floor["trl"])}
         summary["runs"] = runs
         results[str(batch)] = summary
     return results
@@ -214,12 +246,17 @@ def pipeline(recipe: Path, work: Path) -> dict:
 def machine() -> dict:
     import torch
 
-    cpu = ""
+    from rlhf import allocator
+
+    cpu, flags = "", []
     if Path("/proc/cpuinfo").exists():
-        names = [x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-                 if x.startswith("model name")]
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [x.split(":", 1)[1].strip() for x in info if x.startswith("model name")]
         cpu = names[0] if names else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        present = next((x.split(":", 1)[1].split() for x in info if x.startswith("flags")), [])
+        flags = [f for f in ("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile") if f in present]
+    return {"cpu": cpu, "cpu_flags": flags, "tcmalloc": allocator.find_tcmalloc(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__}
 
@@ -228,32 +265,40 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Benchmark ({res['date']})", "",
              f"Machine: {m['cpu'] or 'unknown CPU'}, {m['cores']} cores ({m['torch_threads']} torch threads)"
-             + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU") + f"; torch {m['torch']}.", ""]
+             + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU") + f"; torch {m['torch']}; CPU flags "
+             + (", ".join(m.get("cpu_flags") or []) or "-") + f"; tcmalloc: {m.get('tcmalloc') or 'not installed'}.",
+             ""]
     if "ppo" in res:
         floor = res["ppo"]["import_floor_mb"]
         lines += ["## PPO against TRL 0.28", "",
                   f"Tiny base, LoRA, {res['ppo_setup']['length']}-token responses, 4 PPO epochs, one mini-batch, "
                   f"median of {res['ppo_setup']['repeats']} alternating runs of {res['ppo_setup']['steps']} steps "
-                  "(the first step of each run is warm-up and not counted). TRL runs as configured for a CPU "
-                  "(fp32) and with its bf16 mixed precision; ours runs its defaults (bf16 autocast where fast, "
-                  "eager attention on CPU). Peak RSS is the whole process's; importing the libraries alone takes "
-                  f"{floor['ours']:.0f} MB (ours) and {floor['trl']:.0f} MB (TRL's environment).", "",
-                  "| batch | episodes/s: ours / TRL fp32 / TRL bf16 | speed ratio vs fp32 / bf16 | "
-                  "peak RSS: ours / TRL fp32 / TRL bf16 | memory ratio vs fp32 / bf16 | same, above the imports | "
-                  "ours: generation / scoring / update per step |",
-                  "|---|---|---|---|---|---|---|"]
+                  "(the first step of each run is warm-up and not counted). Ours runs its defaults (precision "
+                  "chosen by measuring bf16 against fp32 products, tcmalloc where the system has it, eager "
+                  "attention on CPU); TRL as configured for a CPU (fp32), with tcmalloc preloaded too, and with "
+                  "its bf16 mixed precision. Peak RSS is the whole process's; importing the libraries alone takes "
+                  f"{floor['ours']:.0f} MB (ours) and {floor['trl']:.0f} MB (TRL's environment).", ""]
+        names = {"ours": "ours", "ours_system_malloc": "ours, glibc malloc", "trl": "TRL 0.28 fp32",
+                 "trl_tcmalloc": "TRL 0.28 fp32, tcmalloc", "trl_bf16": "TRL 0.28 bf16"}
         for batch, s in res["ppo"].items():
-            if batch == "import_floor_mb":
+            if not batch.isdigit():
                 continue
-            o, t, tb, ph = s["ours"], s["trl"], s["trl_bf16"], s["ours"]["phases"]
-            lines.append(
-                f"| {batch} | {o['episodes_per_s']:.1f} / {t['episodes_per_s']:.1f} / {tb['episodes_per_s']:.1f} | "
-                f"{s['speed_ratio_trl']:.2f}x / {s['speed_ratio_trl_bf16']:.2f}x | "
-                f"{o['rss_mb']:.0f} / {t['rss_mb']:.0f} / {tb['rss_mb']:.0f} MB | "
-                f"{s['memory_ratio_trl']:.2f}x / {s['memory_ratio_trl_bf16']:.2f}x | "
-                f"{s['memory_ratio_above_imports_trl']:.2f}x / {s['memory_ratio_above_imports_trl_bf16']:.2f}x | "
-                f"{ph['generation']:.2f} / {ph['scoring']:.2f} / {ph['update']:.2f} s |")
-        lines.append("")
+            o = s["ours"]
+            lines += [f"Batch {batch} (ours: {o['precision'] if o['precision'] != 'no' else 'fp32'}, bf16 products "
+                      f"measured {o['bf16_speedup']:.2f}x fp32; {o['allocator']}):", "",
+                      "| run | allocator | episodes/s | peak RSS |", "|---|---|---|---|"]
+            for name in names:
+                if name in s:
+                    lines.append(f"| {names[name]} | {s[name]['allocator']} | {s[name]['episodes_per_s']:.1f} | "
+                                 f"{s[name]['rss_mb']:.0f} MB |")
+            lines += ["", "| ours vs | speed | peak memory | memory above the imports |", "|---|---|---|---|"]
+            for pair, ratio in s["ratios"].items():
+                a, b = pair.split("/")
+                lines.append(f"| {names[a]} vs {names[b]} | {ratio['speed']:.2f}x | {ratio['memory']:.2f}x | "
+                             f"{ratio['memory_above_imports']:.2f}x |")
+            ph = o["phases"]
+            lines += ["", f"Ours per step: generation {ph['generation']:.2f} s, scoring {ph['scoring']:.2f} s, "
+                          f"update {ph['update']:.2f} s.", ""]
     if "sft" in res:
         s = res["sft"]
         lines += ["## SFT against the hardware", "",

@@ -230,7 +230,8 @@ class Run:
         manifest = {"stage": self.stage, "status": "complete", **manifest, "started": self.started,
                     "finished": now(), "seconds": round(time.time() - self.t0, 2), "resumed": self.resumed,
                     "world_size": distributed.world_size(), "distributed": distributed.kind(), "versions": versions(),
-                    "allocator": allocator.current(), "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+                    "allocator": allocator.current(),
+                    "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         error = None
         if self.main:
             try:

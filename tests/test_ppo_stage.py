@@ -138,7 +138,8 @@ def test_ppo_from_the_bare_base_trains_policy_and_value(parents, tmp_path):
     assert all(r["value/grad_norm"] > 0 and r["policy/grad_norm"] > 0 for r in rows)
     pol = load_file(out / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in pol.items())  # B starts at zero
-    val, rm = load_file(out / "value" / "adapter_model.safetensors"), load_file(runs / "rm" / "adapter_model.safetensors")
+    val = load_file(out / "value" / "adapter_model.safetensors")
+    rm = load_file(runs / "rm" / "adapter_model.safetensors")
     lora = [k for k in val if "lora_" in k]
     assert lora and all(k in rm for k in lora)
     moved = sum(not torch.equal(val[k], rm[k]) for k in lora)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf import methods, modeling, rollout
+from rlhf import distributed, methods, modeling, rollout
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 
@@ -65,16 +65,17 @@ def autocast_dtype(setting: str, cfg: ModelConfig, device: torch.device, width: 
                                                                                                float | None]:
     """The autocast dtype for ``ppo.mixed_precision`` (None: none), and the measured bf16 speed-up when "auto"
     measured one. "auto" means bf16 for a plain fp32 base on a GPU with bf16, or on a CPU where bf16 products
-    measured at least ``BF16_MIN_SPEEDUP`` times faster than fp32; an already low-precision or quantized base
-    runs as it is."""
+    measured (averaged over all processes) at least ``BF16_MIN_SPEEDUP`` times faster than fp32; an already
+    low-precision or quantized base runs as it is."""
     if setting == "bf16":
         return torch.bfloat16, None
     if setting == "no" or cfg.quantization or cfg.dtype != "float32":
         return None, None
     if device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else None), None
-    speedup = bf16_speedup(device, width)
-    return (torch.bfloat16 if speedup is not None and speedup >= BF16_MIN_SPEEDUP else None), speedup
+    # every process takes the same decision: the measurement averaged over all of them (each is noisy)
+    speedup = distributed.all_mean({"bf16_speedup": bf16_speedup(device, width)})["bf16_speedup"]
+    return (torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else None), speedup
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,13 +20,20 @@ def _own(total: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` where ``mask`` is set, 0 elsewhere. A select, not ``x * mask``: padding positions may hold inf or NaN
+    (an exp of a log-prob gap between two passes that saw different padding), and 0 * inf is NaN."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, total=_own) -> torch.Tensor:
     """sum(x * mask) / sum(mask), over ``dim`` or over everything. ``total`` turns a local sum into the sum the
     statistic is over (e.g. an all-reduce over processes; over everything only)."""
+    kept = masked(x, mask)
     mask = mask.to(x.dtype)
     if dim is None:
-        return total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+        return total(kept.sum()) / total(mask.sum()).clamp(min=1)
+    return kept.sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, total=_own) -> torch.Tensor:
@@ -49,7 +56,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     white = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         white = white + mean
-    return white * mask.to(x.dtype)
+    return masked(white, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,11 +96,11 @@ def kl_penalized_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: tor
 
     Returns ``(rewards, kl)``, both ``[batch, T]`` and zero on padding.
     """
-    kl = KL_ESTIMATORS[estimator](logp, ref_logp) * mask
+    kl = masked(KL_ESTIMATORS[estimator](logp, ref_logp), mask)
     rewards = -kl_coef * kl
     last = (mask.long() * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
     rewards[torch.arange(len(scores), device=scores.device), last] += scores.to(rewards.dtype)
-    return rewards * mask, kl
+    return masked(rewards, mask), kl
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,9 +117,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
     Returns ``(advantages, returns)``, zero on padding.
     """
+    values = masked(values, mask)
+    rewards = masked(rewards, mask)
     mask = mask.to(values.dtype)
-    values = values * mask
-    rewards = rewards * mask
     T = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[:, 0])
@@ -121,7 +128,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         last = (delta + gamma * lam * last) * mask[:, t]
         advantages[:, t] = last
-    return advantages, (advantages + values) * mask
+    return advantages, masked(advantages + values, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,7 +145,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     Also returns ``clipfrac`` (share of tokens where the clipped term is taken) and ``approxkl``
     (0.5 * mean (logp - old_logp)^2, an estimate of KL(old || new)).
     """
-    log_ratio = logp - old_logp
+    log_ratio = masked(logp - old_logp, mask)  # padding: ratio 1, whatever the two passes computed there
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
@@ -159,6 +166,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
     Also returns ``clipfrac`` (share of tokens where the clipped term is larger).
     """
+    values, old_values, returns = (masked(t, mask) for t in (values, old_values, returns))
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     unclipped = (values - returns) ** 2
     clipped = (clipped_values - returns) ** 2

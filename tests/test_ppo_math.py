@@ -143,3 +143,31 @@ def test_kl_controllers():
     f = pm.FixedKLController(0.05)
     f.update(100.0, 64)
     assert f.value == 0.05
+
+
+def test_padding_that_overflows_never_turns_a_loss_into_nan():
+    # two passes that saw different padding can disagree by any amount there: a gap over ~88 nats makes exp()
+    # overflow to inf, and 0 * inf would be NaN. Masked positions must drop out whatever they hold.
+    mask = T([[1, 1, 0]])
+    logp, old = T([[-1.0, -2.0, 0.0]]), T([[-1.0, -2.0, -200.0]])  # the gap of 200 nats is on padding
+    adv = T([[1.0, -1.0, 5.0]])
+    loss, stats = pm.policy_loss(logp, old, adv, mask)
+    assert loss.item() == pytest.approx(0.0) and stats["ratio"].item() == pytest.approx(1.0)
+    assert all(torch.isfinite(v) for v in stats.values())
+    # and a gradient through it is finite too
+    logp = logp.clone().requires_grad_(True)
+    pm.policy_loss(logp, old, adv, mask)[0].backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
+    # k3's expm1 on padding: the KL and the shaped rewards stay finite and zero there
+    rewards, kl = pm.kl_penalized_rewards(T([1.0]), T([[-1.0, -2.0, -300.0]]), T([[-1.0, -2.0, 0.0]]), mask,
+                                          0.1, "k3")
+    torch.testing.assert_close(kl, T([[0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(rewards, T([[0.0, 1.0, 0.0]]))
+    # inf and NaN on padding in any masked statistic, value loss or GAE input
+    x = T([[1.0, 3.0, float("inf")], [2.0, float("nan"), float("-inf")]])
+    m = T([[1, 1, 0], [1, 0, 0]])
+    assert pm.masked_mean(x, m).item() == pytest.approx(2.0)
+    assert torch.isfinite(pm.masked_whiten(x, m)).all()
+    assert pm.value_loss(x, T([[1.0, 3.0, 0.0], [2.0, 0.0, 0.0]]), x, m)[0].item() == pytest.approx(0.0)
+    adv, ret = pm.gae(x, x, m)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()

@@ -152,16 +152,26 @@ def rm_score(reward, data_path, out, on_bad_row):
     import json
 
     from rlhf import formats, modeling, rollout
+    from stages.rm import encode_pairs
 
     model, tokenizer = modeling.load_reward(reward)
+    # the reward model's own length limit: longer pairs are left out (and counted), as its training left them out
+    max_length = modeling.read_manifest(reward)["recipe"]["rm"]["max_length"]
     pairs = formats.load(data_path, "preference", on_bad_row=on_bad_row).rows
-    chosen = rollout.score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
-    rejected = rollout.score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
+    encoded = encode_pairs(tokenizer, pairs, max_length)
+    modeling.report_dropped("rm score", encoded.dropped, len(pairs), f"pairs of {data_path}", "rm.max_length",
+                            max_length)
+    if not encoded.rows:
+        raise UserError(f"{data_path}: every pair is longer than the reward model's rm.max_length={max_length}")
+    n = len(encoded.rows)
+    scores = rollout.score_sequences(model, [r["chosen_ids"] for r in encoded.rows]
+                                     + [r["rejected_ids"] for r in encoded.rows], tokenizer.pad_token_id)
+    chosen, rejected = scores[:n], scores[n:]
     if out:
         with open(out, "w", encoding="utf-8") as f:
-            for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
+            for p, c, r in zip(encoded.pairs, chosen.tolist(), rejected.tolist()):
                 f.write(json.dumps({**p, "score_chosen": c, "score_rejected": r}) + "\n")
-    click.echo(json.dumps(rollout.pair_metrics(chosen, rejected)))
+    click.echo(json.dumps({**rollout.pair_metrics(chosen, rejected), "dropped_too_long": encoded.dropped}))
 
 
 @cli.command()
@@ -232,6 +242,17 @@ def sample(run_dir, prompts, max_new_tokens, limit):
     else:
         model, tokenizer = modeling.load_policy(run_dir)
     rows = formats.load(prompts, "prompts").rows[:limit]
+    positions = modeling.max_positions(model.config)
+    if positions is not None:  # room for the response within the model's positions; longer prompts are left out
+        if max_new_tokens >= positions:
+            raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                            f"{positions} positions")
+        from stages.evaluate import fitting_prompts
+
+        kept = fitting_prompts(tokenizer, rows, positions - max_new_tokens)
+        modeling.report_dropped("sample", len(rows) - len(kept), len(rows), f"prompts of {prompts}",
+                                "(the model's positions - --max-new-tokens)", positions - max_new_tokens)
+        rows = [rows[i] for i in kept]
     gens = rollout.generate(model, tokenizer, rows, max_new_tokens=max_new_tokens)
     for messages, text, stopped in zip(rows, gens.texts, gens.stopped):
         prompt = messages[-1]["content"]

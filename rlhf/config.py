@@ -122,7 +122,8 @@ class TrainConfig:
     max_steps: int | None = None
     """optimizer steps to run; overrides epochs"""
     max_length: int = 512
-    """prompt + response tokens kept per sequence"""
+    """prompt + response tokens kept per sequence (at most the model's positions). SFT truncates longer rows; the
+    reward model leaves out longer pairs (rm.on_too_long), in training and in every later score"""
     warmup_ratio: float = 0.03
     """fraction of the steps spent warming the learning rate up from 0"""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
@@ -200,7 +201,8 @@ class PPOConfig:
     (`response_length`); the tokens are then drawn from the policy with EOS masked out, a small departure from
     on-policy sampling"""
     max_prompt_length: int = 256
-    """longest prompt in tokens; longer prompts are an error naming the row"""
+    """longest prompt in tokens; longer prompts are left out (counted, and the manifest records how many).
+    max_prompt_length + max_new_tokens must fit the model's positions"""
     temperature: float = 1.0
     """sampling temperature; log-probabilities are computed at the same temperature"""
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"

@@ -54,7 +54,8 @@ METHODS: dict[str, Method] = {
     "lora": Method("peft", "low-rank adapters on the frozen base's linear layers"),
     "dora": Method("peft", "LoRA with each weight split into magnitude and direction (weight-decomposed)"),
     "qlora": Method("peft", "LoRA on a 4-bit NF4 base with double quantization (bitsandbytes)"),
-    "ia3": Method("peft", "learned scaling vectors on keys, values and the MLP (IA3)"),
+    "ia3": Method("peft", "learned scaling vectors on keys, values and the MLP (IA3; Phi-3 needs "
+                          "adapter.target_modules)"),
     "adalora": Method("peft", "LoRA whose rank budget is pruned to the important modules during training",
                       stages=("sft", "rm"),
                       why_not={"ppo": "peft trains only one AdaLoRA adapter per model, and PPO trains the policy "
@@ -72,7 +73,8 @@ METHODS: dict[str, Method] = {
                       why_not={"ppo": "bottleneck adapters are not named adapters that can share one base, which "
                                       "the PPO layout (policy, reference, reward, value) needs"},
                       mergeable=False),
-    "bitfit": Method("weights", "only the base's bias terms train (needs a base with biases)", quantizable=False),
+    "bitfit": Method("weights", "only the base's bias terms train (needs a base with biases: not Llama, Qwen3, "
+                               "Gemma, Phi-3)", quantizable=False),
     "freeze": Method("weights", "only the top adapter.freeze_layers blocks (and adapter.trainable_modules) train",
                      quantizable=False),
     "full": Method("weights", "every weight trains", quantizable=False),
@@ -210,6 +212,14 @@ def prepare(model, cfg: AdapterConfig, task_type: str = "CAUSAL_LM", tokenizer_p
     if kind_ == "peft":
         from peft import get_peft_model, prepare_model_for_kbit_training
 
+        if cfg.method == "ia3" and cfg.target_modules == "all-linear":
+            from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as defaults
+
+            model_type = getattr(model.config, "model_type", None)
+            if model_type not in defaults:
+                raise UserError(f"adapter.method ia3: peft has no default modules for {model_type} models; set "
+                                "adapter.target_modules to the attention and MLP projections to scale (e.g. "
+                                "[qkv_proj, down_proj])")
         if getattr(model, "is_quantized", False):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, peft_config(cfg, task_type, tokenizer_path, total_steps),
@@ -301,10 +311,11 @@ def add_bottlenecks(model, size: int, dropout: float, targets: tuple[str, ...]) 
     returns how many. The base's own parameter names do not change (each bottleneck is a child of its module)."""
     count = 0
     for name, module in list(model.named_modules()):
-        if hasattr(module, "out_features") and name.endswith(targets):
+        width = getattr(module, "out_features", None) or getattr(module, "nf", None)  # nn.Linear, GPT-2's Conv1D
+        if width and name.endswith(targets):
             weight = module.weight
             dtype = weight.dtype if weight.is_floating_point() else torch.float32  # quantized bases: float32
-            module.bottleneck = Bottleneck(module.out_features, size, dropout, dtype).to(weight.device)
+            module.bottleneck = Bottleneck(width, size, dropout, dtype).to(weight.device)
             module.register_forward_hook(_apply_bottleneck)
             count += 1
     if not count:

@@ -7,6 +7,7 @@ Every stage goes through these functions, so a base is loaded the same way every
 from __future__ import annotations
 
 import json
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,12 +22,12 @@ from rlhf.errors import UserError
 FALLBACK_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
-    "### Assistant:\n{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}\n\n"
+    "{{ '### Assistant:\\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\\n\\n' }}"
     "{%- else -%}"
-    "### {{ message['role'] | capitalize }}:\n{{ message['content'] }}\n\n"
+    "{{ '### ' + message['role'] | capitalize + ':\\n' + message['content'] + '\\n\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}### Assistant:\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '### Assistant:\\n' }}{%- endif -%}"
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -39,8 +40,21 @@ def _pretrained_kwargs(cfg: ModelConfig) -> dict:
     return kwargs
 
 
+# Put in front of a chat template that refuses a system message (Gemma's raises "System role not supported"): the
+# system prompt becomes the start of the first user message, separated by a blank line.
+SYSTEM_FOLD = (
+    "{%- if messages and messages[0]['role'] == 'system' and messages | length > 1 "
+    "and messages[1]['role'] == 'user' -%}"
+    "{%- set messages = [{'role': 'user', 'content': messages[0]['content'] + '\\n\\n' + messages[1]['content']}]"
+    " + messages[2:] -%}"
+    "{%- endif -%}"
+)
+
+_PROBE = "Zq7 sentinel of the probe"
+
+
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
-    """The tokenizer of the base (or of ``path``), with a pad token and a chat template guaranteed."""
+    """The tokenizer of the base (or of ``path``), ready for every stage (``fit_tokenizer``)."""
     from transformers import AutoTokenizer
 
     source = path or cfg.base
@@ -48,11 +62,124 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
         tok = AutoTokenizer.from_pretrained(source, **_pretrained_kwargs(cfg))
     except (OSError, ValueError) as e:
         raise UserError(f"{source}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    return fit_tokenizer(tok, source)
+
+
+def fit_tokenizer(tok, source: str = "the tokenizer"):
+    """Make a tokenizer of any family usable by every stage, the same way each time (runs save the result, and
+    loading it again changes nothing):
+
+    - no chat template: ``FALLBACK_CHAT_TEMPLATE`` (GPT-2, OPT, GPT-NeoX and other base models);
+    - a template that refuses a system message (Gemma): ``SYSTEM_FOLD`` in front of it;
+    - the EOS token is the token that ends an assistant turn in the template, so that generation stops where a
+      turn ends: Gemma ends turns with ``<end_of_turn>`` and a Llama 3 base tokenizer's EOS is
+      ``<|end_of_text|>`` while its chat turns end with ``<|eot_id|>`` (as LLaMA-Factory's templates replace it);
+    - no pad token: the old EOS when it was replaced, else the EOS (Llama 3, Mistral, GPT-2, GPT-NeoX). A reward
+      is then read where transformers' sequence-classification models pool, the last token that is not pad
+      (``reward_index``): the token before the final EOS.
+    """
     if not tok.chat_template:
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    if not _accepts_system(tok):
+        tok.chat_template = SYSTEM_FOLD + tok.chat_template
+    original_eos = tok.eos_token
+    turn_end = assistant_turn_end(tok)
+    if turn_end is not None and turn_end != tok.eos_token:
+        tok.eos_token = turn_end
+    if tok.eos_token is None:
+        raise UserError(f"{source}: the tokenizer has no EOS token and its chat template ends no assistant turn "
+                        "with a special token, so nothing could tell a response where to stop")
+    if tok.pad_token is None:
+        tok.pad_token = original_eos if original_eos and original_eos != tok.eos_token else tok.eos_token
     return tok
+
+
+def _render(tok, messages: list[dict], **kwargs) -> str | None:
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception:  # noqa: BLE001 - a template may raise anything (jinja's raise_exception, KeyError, ...)
+        return None
+
+
+def _accepts_system(tok) -> bool:
+    return _render(tok, [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]) is not None
+
+
+def assistant_turn_end(tok) -> str | None:
+    """The special token the chat template puts right after an assistant message's content, when that is not
+    already the EOS token; None when the EOS closes the turn (or nothing can be told)."""
+    text = _render(tok, [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": _PROBE}])
+    if text is None or _PROBE not in text:
+        return None
+    ids = tok(text[text.rindex(_PROBE) + len(_PROBE):], add_special_tokens=False)["input_ids"]
+    if tok.eos_token_id is not None and tok.eos_token_id in ids:
+        return None
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    return next((tok.convert_ids_to_tokens(i) for i in ids if i in special), None)
+
+
+def encode_exchange(tokenizer, prompt: list[dict], response: list[dict]) -> tuple[list[int], list[int]]:
+    """A prompt and its response as token ids, laid out as PPO lays out an episode: the prompt rendered with the
+    chat template's generation prompt, then the tokens the template puts after it for the response, up to and
+    including the first EOS (what a policy samples before it stops). ``response`` is a list of messages ending
+    with the assistant's (earlier ones join the prompt).
+
+    The reward model trains on exactly these sequences, and every score (held-out accuracy, reward statistics,
+    PPO, eval, ``rlhf rm score``) is read on them, so a reward is always read where it was trained. Where the
+    template does not render the prompt as a prefix of the whole conversation, the response is its text followed
+    by EOS.
+    """
+    prompt = prompt + response[:-1]
+    content = response[-1]["content"]
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": content}], tokenize=False)
+    completion = full[len(prompt_text):] if full.startswith(prompt_text) else content + tokenizer.eos_token
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    ids = ids[:ids.index(eos) + 1] if eos in ids else ids + [eos]
+    return prompt_ids, ids
+
+
+def load_config(cfg: ModelConfig):
+    """The base's configuration alone (no weights), to check lengths before anything runs."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(cfg.base, **_pretrained_kwargs(cfg))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg.base}: cannot load the model configuration ({str(e).splitlines()[0]})") from None
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model was built for: its position table (GPT-2, OPT: longer input crashes) or its
+    trained context (rotary models run past it silently, out of distribution); None when the config has none."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(config, limits: dict[str, int], where: str) -> None:
+    """Each recipe length (``{"sft.max_length": 512}``; a key naming several, ``"a + b"``, is their sum) must fit
+    the model's positions; an error naming the key otherwise."""
+    positions = max_positions(config)
+    for key, value in limits.items():
+        if positions is not None and value > positions:
+            raise UserError(f"{where}: {key} = {value} is longer than the model's {positions} positions "
+                            f"(max_position_embeddings); lower it")
+
+
+def report_dropped(stage: str, dropped: int, total: int, what: str, key: str, limit: int) -> None:
+    """Say how many rows a length limit dropped: one line, loud when it is most of them."""
+    if not dropped:
+        return
+    share = 100.0 * dropped / max(total, 1)
+    loud = "WARNING: " if share > 50 else ""
+    print(f"{stage}: {loud}dropped {dropped} of {total} {what} ({share:.1f}%) longer than {key}={limit} tokens"
+          + ("; raise " + key + " to keep them" if loud else ""), file=sys.stderr)
 
 
 def load_base(cfg: ModelConfig, kind: str = "causal"):
@@ -196,13 +323,33 @@ def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Reward of each sequence: the head read at its last real token, ``[batch]``.
+def reward_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Where a reward is read in each row: the last real token that is not ``pad_token_id``, which is where
+    transformers' sequence-classification models pool (and so where TRL's reward trainer trains the head). With
+    pad == EOS that is the token before the final EOS; with a distinct pad token, the EOS itself. A row of pad
+    tokens only is read at its last real token. Independent of the padding side."""
+    real = attention_mask.bool()
+    if pad_token_id is not None:
+        keep = real & (input_ids != pad_token_id)
+        real = torch.where(keep.any(-1, keepdim=True), keep, real)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * real.long()).argmax(-1)
 
-    Independent of padding side: positions come from the mask and the read index is the last masked-in token.
-    """
+
+def pad_id(model) -> int | None:
+    """The pad token id a sequence-classification model pools by (its ``config.pad_token_id``)."""
+    config = unwrap(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "pad_token_id", None)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pad_token_id: int | None = None) -> torch.Tensor:
+    """Reward of each sequence, ``[batch]``: the head read at ``reward_index`` (the model's own pad token id
+    unless another is given), the position the model's own forward pools at and the reward trainer trained."""
     scores = token_scores(model, input_ids, attention_mask)
-    return scores[torch.arange(scores.shape[0], device=scores.device), last_index(attention_mask)]
+    index = reward_index(input_ids, attention_mask, pad_id(model) if pad_token_id is None else pad_token_id)
+    return scores[torch.arange(scores.shape[0], device=scores.device), index]
 
 
 def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None):

@@ -173,6 +173,8 @@ class SharedBase(_Precision):
         dtype = base.get_input_embeddings().weight.dtype  # a quantized base keeps its embeddings unquantized
         head = _score_head_weights(Path(rm_dir))
         self.reward_head = _head(head, dtype).requires_grad_(False)
+        # the pad token the reward model was trained with: a score is read where its training pooled
+        self.reward_pad_id = modeling.load_tokenizer(cfg, str(rm_dir)).pad_token_id
         # the value head starts as the score head on the scale PPO's rewards use (normalised when they are)
         self.value_head = _head(head, dtype, value_shift, value_scale, bias=True)
         # peft's set_adapter walks every module and resets requires_grad (~5 ms a switch here, a dozen switches a
@@ -249,9 +251,11 @@ class SharedBase(_Precision):
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
-        """Reward of each whole sequence, read at its last real token, ``[batch]``."""
+        """Reward of each whole sequence, read where the reward model trained (``modeling.reward_index``),
+        ``[batch]``."""
         hidden = self._hidden("reward", input_ids, attention_mask)
-        last = hidden[torch.arange(len(hidden), device=hidden.device), modeling.last_index(attention_mask)]
+        index = modeling.reward_index(input_ids, attention_mask, self.reward_pad_id)
+        last = hidden[torch.arange(len(hidden), device=hidden.device), index]
         return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
 
     def sample(self, input_ids, attention_mask, **kwargs) -> rollout.Samples:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.errors import UserError
+
 
 @dataclass
 class Generations:
@@ -91,27 +93,63 @@ def with_responses(prompts: list[list[dict]], responses: list[str]) -> list[list
     return [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
 
 
+def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """Each conversation (ending with the assistant's response) as the token ids a reward is read on:
+    ``modeling.encode_exchange``'s prompt and response, one after the other."""
+    from rlhf.modeling import encode_exchange
+
+    out = []
+    for conv in conversations:
+        split = max(i for i, m in enumerate(conv) if m["role"] != "assistant") + 1 if any(
+            m["role"] != "assistant" for m in conv) else 0
+        prompt_ids, response_ids = encode_exchange(tokenizer, conv[:split], conv[split:])
+        out.append(prompt_ids + response_ids)
+    return out
+
+
 @torch.no_grad()
+def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32,
+                    progress: bool = False) -> torch.Tensor:
+    """Reward-model scores of token sequences, ``[n]``, read at ``modeling.reward_index``. A sequence longer than
+    the model's positions is an error (callers drop rows by the recipe's lengths first)."""
+    from tqdm.auto import tqdm
+
+    from rlhf.modeling import max_positions, sequence_scores, unwrap
+
+    limit = max_positions(unwrap(model).config)
+    longest = max((len(s) for s in sequences), default=0)
+    if limit is not None and longest > limit:
+        raise UserError(f"a sequence of {longest} tokens is longer than the reward model's {limit} positions")
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of similar length pad less
+    scores = torch.zeros(len(sequences))
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(sequences), batch_size), disable=not progress, desc="score"):
+        idx = order[start:start + batch_size]
+        ids, mask = right_pad([sequences[i] for i in idx], pad_token_id)
+        scores[idx] = sequence_scores(model, ids.to(device), mask.to(device)).float().cpu()
+    return scores
+
+
 def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32,
                         progress: bool = False) -> torch.Tensor:
     """Reward-model scores of whole conversations (each ending with the response), ``[n]``.
 
-    Text goes in, so a policy with another tokenizer can be scored; each conversation is rendered with the reward
-    model's chat template exactly as the reward trainer rendered its training pairs.
+    Text goes in, so a policy with another tokenizer can be scored: each conversation is encoded with the reward
+    model's tokenizer exactly as its training pairs were (``encode_conversations``).
     """
-    from tqdm.auto import tqdm
+    return score_sequences(model, encode_conversations(tokenizer, conversations), tokenizer.pad_token_id,
+                           batch_size, progress)
 
-    from rlhf.modeling import sequence_scores
 
-    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of similar length pad less
-    scores = torch.zeros(len(texts))
-    for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="score"):
-        idx = order[start:start + batch_size]
-        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(model.device)
-        scores[idx] = sequence_scores(model, batch["input_ids"], batch["attention_mask"]).cpu()
-    return scores
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as one right-padded batch ``(ids, attention_mask)``, as a reward trainer's collator pads."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
 
 
 def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
@@ -142,17 +180,30 @@ def _columns(width: int, device) -> torch.Tensor:
     return (torch.arange(width, device=device, dtype=torch.int64)[None, :] * 0x7FEB352D) & _M31
 
 
+UNIFORM_BITS = 23
+"""bits of each hash that ``hash_uniform`` keeps: (k + 1/2) / 2^23 = (2k + 1) / 2^24 is an odd multiple of 2^-24,
+which float32 (24-bit significand) holds exactly for every k, so every value lies in [2^-24, 1 - 2^-24]"""
+
+
 def hash_uniform(keys: torch.Tensor, position: int, width: int, columns: torch.Tensor | None = None) -> torch.Tensor:
-    """Uniform numbers in (0, 1), ``[len(keys), width]``: a pure function of (key, position, column).
+    """Uniform numbers strictly inside (0, 1), ``[len(keys), width]``: a pure function of (key, position, column).
 
     A counter-based generator (an integer hash of the three numbers): the same episode key draws the same numbers
     whatever else is in its batch, on whichever process, on CPU or GPU, and nothing needs saving to resume.
     ``columns`` (``_columns(width, device)``) may be passed to save recomputing it every call.
+
+    The top ``UNIFORM_BITS`` bits of the 31-bit hash make the number, exactly representable in float32: neither 0
+    nor 1 can come out, so the Gumbel noise ``-log(-log(u))`` is always finite (between -2.8 and 16.6).
     """
     columns = _columns(width, keys.device) if columns is None else columns
     row = _mix((keys.to(torch.int64) & _M31) ^ ((position * 0x45D9F3B) & _M31))
-    x = _mix((row[:, None] + columns) & _M31)
-    return ((x.to(torch.float64) + 0.5) / float(1 << 31)).to(torch.float32)
+    x = _mix((row[:, None] + columns) & _M31) >> (31 - UNIFORM_BITS)
+    return uniform_from_bits(x)
+
+
+def uniform_from_bits(k: torch.Tensor) -> torch.Tensor:
+    """(k + 1/2) / 2^UNIFORM_BITS in float32 for integers 0 <= k < 2^UNIFORM_BITS (exact: see ``UNIFORM_BITS``)."""
+    return (k.to(torch.float32) + 0.5) * (1.0 / (1 << UNIFORM_BITS))
 
 
 def episode_keys(seed: int, step: int, indices: torch.Tensor) -> torch.Tensor:
@@ -165,7 +216,23 @@ def gumbel_max(scores: torch.Tensor, keys: torch.Tensor, position: int, columns:
     """One sample per row from ``softmax(scores)``: the argmax of ``scores`` plus Gumbel noise drawn from
     ``hash_uniform`` with each row's episode key (Gumbel-max), so a row's draw depends on its key alone."""
     u = hash_uniform(keys, position, scores.shape[-1], columns)
-    return (scores - torch.log(-torch.log(u))).argmax(-1)
+    return (scores - gumbel_noise(u)).argmax(-1)
+
+
+def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
+    """log(-log(u)), the negated Gumbel(0, 1) draw of a uniform ``u`` in (0, 1) (subtracted from the scores)."""
+    return torch.log(-torch.log(u))
+
+
+def cache_keyword(model) -> str:
+    """The forward argument that takes a KV cache: ``cache`` from transformers 5.24 on (``past_key_values`` is
+    deprecated there and goes in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    from rlhf.modeling import unwrap
+
+    forward = unwrap(model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -199,6 +266,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keys: t
 
     config = getattr(model, "config", None)
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    cache_arg = {cache_keyword(model): cache}
     positions = position_ids(attention_mask)
     mask = attention_mask
     keys = keys.to(input_ids.device)
@@ -208,8 +276,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keys: t
     tokens, logprobs, entropy = [], [], []
     step_ids, step_positions, columns = input_ids, positions, None
     for t in range(max_new_tokens):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1].float() / temperature
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
+                       logits_to_keep=1, **cache_arg).logits[:, -1].float() / temperature
         if columns is None:
             columns = _columns(logits.shape[-1], logits.device)
         allowed = logits if t >= min_new_tokens else logits.index_fill(-1, eos, -torch.inf)

@@ -60,6 +60,30 @@ def icl_prompts(prompts: list[list[dict]], demos: list[dict], shots: int, seed: 
     return out
 
 
+def prompt_length(tokenizer, messages: list[dict]) -> int:
+    """Tokens of a prompt rendered with the chat template's generation prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fitting_prompts(tokenizer, prompts: list[list[dict]], limit: int) -> list[int]:
+    """Indices of the prompts of at most ``limit`` tokens."""
+    return [i for i, p in enumerate(prompts) if prompt_length(tokenizer, p) <= limit]
+
+
+def fit_icl(tokenizer, inputs: list[list[dict]], prompts: list[list[dict]], limit: int) -> tuple[list, int]:
+    """In-context prompts that fit ``limit`` tokens: a prompt whose demonstrations make it too long keeps fewer of
+    them (the earliest go first); returns the prompts and how many were shortened."""
+    out, shortened = [], 0
+    for full, own in zip(inputs, prompts):
+        context = full[:len(full) - len(own)]
+        while context and prompt_length(tokenizer, context + own) > limit:
+            context = context[2:]  # one demonstration is a user and an assistant turn
+        shortened += len(context) < len(full) - len(own)
+        out.append(context + own)
+    return out, shortened
+
+
 def load_row_model(row: Row, model_cfg: ModelConfig):
     if row.run_dir is None:
         return modeling.load_base(model_cfg).eval(), modeling.load_tokenizer(model_cfg)
@@ -83,6 +107,14 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: boo
     e = recipe.eval
     model, tokenizer = load_row_model(row, recipe.model)
     inputs = icl_prompts(prompts, demos, row.icl_shots, e.seed) if row.icl_shots else prompts
+    if row.icl_shots:
+        positions = modeling.max_positions(model.config)
+        if positions is not None:
+            inputs, shortened = fit_icl(tokenizer, inputs, prompts, positions - e.max_new_tokens)
+            if shortened:
+                print(f"eval: {row.name}: {shortened} of {len(prompts)} prompts keep fewer demonstrations, to fit "
+                      f"the model's {positions} positions with eval.max_new_tokens={e.max_new_tokens}",
+                      file=sys.stderr)
     reference = load_reference(row, recipe.model)
     questions = [p[-1]["content"] for p in prompts]
     gold_known = all(world.parse_prompt(q) for q in questions)
@@ -169,6 +201,22 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
             raise UserError(f"{recipe.data.sft}: {len(demos)} demonstrations, fewer than eval.icl_shots")
     reward_dir = Path(reward) if reward else recipe.stage_dir("rm")
     reward_model = modeling.load_reward(reward_dir)
+    # every row answers the same prompts: those that fit the prompt limit PPO trained with, and leave room for
+    # eval.max_new_tokens within the model's positions (longer ones are left out and counted)
+    limit = recipe.ppo.max_prompt_length
+    positions = modeling.max_positions(modeling.unwrap(reward_model[0]).config)
+    key = "ppo.max_prompt_length"
+    if positions is not None and positions - e.max_new_tokens < limit:
+        limit, key = positions - e.max_new_tokens, f"(the model's {positions} positions - eval.max_new_tokens)"
+    if limit <= 0:
+        raise UserError(f"{recipe.source}: eval.max_new_tokens={e.max_new_tokens} leaves no room for a prompt in "
+                        f"the model's {positions} positions")
+    kept = fitting_prompts(reward_model[1], prompt_rows, limit)
+    if not kept:
+        raise UserError(f"{source}: every prompt is longer than {key}={limit} tokens")
+    modeling.report_dropped("eval", len(prompt_rows) - len(kept), len(prompt_rows), f"prompts of {source}", key,
+                            limit)
+    dropped, prompt_rows = len(prompt_rows) - len(kept), [prompt_rows[i] for i in kept]
     # with many processes every one evaluates everything (the same numbers) and the main one writes
     with Run(Path(out) if out else recipe.stage_dir("eval"), "eval", overwrite=overwrite) as run:
         records = []
@@ -188,7 +236,7 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
         return run.finish({
             "base": recipe.model.base,
             "parents": {"policies": [str(r.run_dir) if r.run_dir else r.name for r in rows], "rm": str(reward_dir)},
-            "data": {"prompts": source, "prompts_used": len(prompt_rows)},
+            "data": {"prompts": source, "prompts_used": len(prompt_rows), "prompts_too_long": dropped},
             "metrics": summary,
             "pictures": pictures,
             "seed": e.seed,

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from rlhf import checkpoint, distributed, formats, methods, modeling, ppo_math, ppo_models
 from rlhf.checkpoint import Run
-from rlhf.config import AdapterConfig, Recipe
+from rlhf.config import AdapterConfig, ModelConfig, Recipe
 from rlhf.rollout import episode_keys, left_pad
 from rlhf.training import show_progress
 from rlhf.errors import TrainingStopped, UserError
@@ -56,17 +56,17 @@ class Rollout:
 # Helpers of the loop
 # ---------------------------------------------------------------------------------------------------------------
 
-def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int, source: str) -> list[list[int]]:
-    """Chat-template each prompt (with the generation prompt) into token ids; too long is an error naming the row."""
-    out = []
+def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Chat-template each prompt (with the generation prompt) into token ids; returns those of at most
+    ``max_length`` tokens and the indices of the prompts they came from (longer ones are left out)."""
+    out, kept = [], []
     for i, messages in enumerate(prompts):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > max_length:
-            raise UserError(f"{source}: row {i + 1}: prompt has {len(ids)} tokens, more than "
-                            f"ppo.max_prompt_length={max_length}")
-        out.append(ids)
-    return out
+        if len(ids) <= max_length:
+            out.append(ids)
+            kept.append(i)
+    return out, kept
 
 
 def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int):
@@ -109,7 +109,7 @@ def _precision(models) -> str:
 
 
 def sequence_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum(1)
+    return ppo_math.masked(x, mask).sum(1)
 
 
 @torch.no_grad()
@@ -173,9 +173,6 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     prompts = formats.load(recipe.data.prompts, "prompts", columns=recipe.data.columns, split=recipe.data.split,
                            on_bad_row=recipe.data.on_bad_row)
     n_proc = distributed.world_size()
-    if len(prompts.rows) < p.batch_size * n_proc:
-        raise UserError(f"{recipe.data.prompts}: {len(prompts.rows)} prompts, fewer than ppo.batch_size="
-                        f"{p.batch_size}" + (f" x {n_proc} processes" if n_proc > 1 else ""))
     eval_prompts = None
     if recipe.data.eval_prompts and p.eval_every:
         eval_prompts = formats.load(recipe.data.eval_prompts, "prompts", columns=recipe.data.columns,
@@ -184,6 +181,9 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
         raise UserError(f"ppo: the accelerate config asks for {distributed.sharding()} sharding; the PPO stage runs "
                         "data-parallel (recipes/accelerate/multi_gpu.yaml, or --num-processes N); SFT and RM run "
                         "sharded")
+    base_cfg = ModelConfig(**{**rm_manifest["recipe"]["model"], "base": rm_manifest["base"]})
+    modeling.check_lengths(modeling.load_config(base_cfg), {"ppo.max_prompt_length + ppo.max_new_tokens":
+                                                            p.max_prompt_length + p.max_new_tokens}, recipe.source)
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
         run.track(recipe)
         return _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eval_prompts)
@@ -212,9 +212,24 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
     n_proc, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     global_batch = p.batch_size * n_proc  # ppo.batch_size episodes on each process
     models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
-    encoded = encode_prompts(tokenizer, prompts.rows, p.max_prompt_length, recipe.data.prompts)
-    eval_encoded = (encode_prompts(tokenizer, eval_prompts, p.max_prompt_length, recipe.data.eval_prompts)
-                    if eval_prompts else None)
+    encoded, kept = encode_prompts(tokenizer, prompts.rows, p.max_prompt_length)
+    too_long = len(prompts.rows) - len(kept)
+    if len(encoded) < global_batch:
+        raise UserError(f"{recipe.data.prompts}: {len(encoded)} prompts" + (
+            f" within ppo.max_prompt_length={p.max_prompt_length}" if too_long else "") + ", fewer than "
+            f"ppo.batch_size={p.batch_size}" + (f" x {n_proc} processes" if n_proc > 1 else ""))
+    if main:
+        modeling.report_dropped("ppo", too_long, len(prompts.rows), f"prompts of {recipe.data.prompts}",
+                                "ppo.max_prompt_length", p.max_prompt_length)
+    eval_encoded = None
+    if eval_prompts:
+        eval_encoded, eval_kept = encode_prompts(tokenizer, eval_prompts, p.max_prompt_length)
+        if main:
+            modeling.report_dropped("ppo", len(eval_prompts) - len(eval_kept), len(eval_prompts),
+                                    f"held-out prompts of {recipe.data.eval_prompts}", "ppo.max_prompt_length",
+                                    p.max_prompt_length)
+        eval_prompts = [eval_prompts[i] for i in eval_kept]
+        eval_encoded = eval_encoded or None
     params = {role: models.parameters(role) for role in ("policy", "value")}
     optimizer = torch.optim.AdamW([{"params": params["policy"]}, {"params": params["value"]}], lr=p.lr, eps=1e-5)
     kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
@@ -350,7 +365,7 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
         "adapter": {"method": method,
                     "parameters": {"trainable": n_trainable,
                                    "total": sum(x.numel() for x in _all_parameters(models))}},
-        "data": {"prompts": prompts.summary()},
+        "data": {"prompts": prompts.summary(), "prompts_used": len(encoded), "prompts_too_long": too_long},
         "metrics": {"steps": steps, "episodes": steps * global_batch,
                     **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
         "reward_stats": rm_manifest["reward_stats"],

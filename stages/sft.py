@@ -29,6 +29,8 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         raise UserError(f"{recipe.source}: data.sft is required for the sft stage")
     data = formats.load(recipe.data.sft, "sft", fmt=recipe.data.sft_format, columns=recipe.data.columns,
                         split=recipe.data.split, on_bad_row=recipe.data.on_bad_row)
+    modeling.check_lengths(modeling.load_config(recipe.model), {"sft.max_length": recipe.sft.max_length},
+                           recipe.source)
     with Run(Path(out) if out else recipe.stage_dir("sft"), "sft", overwrite=overwrite, resume=resume) as run:
         run.track(recipe)
         set_seed(recipe.sft.seed)

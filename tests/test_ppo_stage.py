@@ -185,7 +185,7 @@ def _prompts(tok, n):
     from stages.ppo import encode_prompts
 
     rows = formats.load(str(ROOT / "data/tiny/heldout_prompts.jsonl"), "prompts").rows[:n]
-    return rollout.left_pad(encode_prompts(tok, rows, 256, "heldout"), tok.pad_token_id)
+    return rollout.left_pad(encode_prompts(tok, rows, 256)[0], tok.pad_token_id)
 
 
 def test_sampling_loop_draws_what_generate_draws_and_keeps_the_log_probs(parents):

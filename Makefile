@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft rm ppo eval test bench methods-report clean-runs
+.PHONY: install sft rm ppo eval test test-fast bench methods-report clean-runs
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ eval: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier (~2 min here): PPO maths, data formats, recipe checks, bad input, the method table, every model
+# family through every stage in-process. Run it after every change; `make test` (CI) before a commit lands.
+test-fast: install
+	$(BIN)/python -m pytest -m fast $(PYTEST_ARGS)
 
 # The benchmark (not part of make test; ~15 min): PPO against TRL 0.28 (installed into its own .venv-trl),
 # SFT against the matmul peak, the default pipeline per stage. Writes runs/bench/bench.md and bench.json.

@@ -90,9 +90,9 @@ def cli(ctx, debug):
     ctx.obj = {"debug": debug}
     if not debug:
         _quiet_libraries()
-    from rlhf import checkpoint
+    from rlhf import rundir
 
-    checkpoint.COMMAND = shlex.join(["rlhf", *sys.argv[1:]])
+    rundir.COMMAND = shlex.join(["rlhf", *sys.argv[1:]])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -151,7 +151,7 @@ def rm_score(reward, data_path, out, on_bad_row):
     """Pairwise accuracy and margins of a reward model on a pair file."""
     import json
 
-    from rlhf import formats, modeling, rollout
+    from rlhf import formats, modeling
     from stages.rm import encode_pairs
 
     model, tokenizer = modeling.load_reward(reward)
@@ -164,14 +164,14 @@ def rm_score(reward, data_path, out, on_bad_row):
     if not encoded.rows:
         raise UserError(f"{data_path}: every pair is longer than the reward model's rm.max_length={max_length}")
     n = len(encoded.rows)
-    scores = rollout.score_sequences(model, [r["chosen_ids"] for r in encoded.rows]
+    scores = modeling.score_sequences(model, [r["chosen_ids"] for r in encoded.rows]
                                      + [r["rejected_ids"] for r in encoded.rows], tokenizer.pad_token_id)
     chosen, rejected = scores[:n], scores[n:]
     if out:
         with open(out, "w", encoding="utf-8") as f:
             for p, c, r in zip(encoded.pairs, chosen.tolist(), rejected.tolist()):
                 f.write(json.dumps({**p, "score_chosen": c, "score_rejected": r}) + "\n")
-    click.echo(json.dumps({**rollout.pair_metrics(chosen, rejected), "dropped_too_long": encoded.dropped}))
+    click.echo(json.dumps({**modeling.pair_metrics(chosen, rejected), "dropped_too_long": encoded.dropped}))
 
 
 @cli.command()
@@ -247,9 +247,7 @@ def sample(run_dir, prompts, max_new_tokens, limit):
         if max_new_tokens >= positions:
             raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                             f"{positions} positions")
-        from stages.evaluate import fitting_prompts
-
-        kept = fitting_prompts(tokenizer, rows, positions - max_new_tokens)
+        kept = modeling.encode_prompts(tokenizer, rows, positions - max_new_tokens)[1]
         modeling.report_dropped("sample", len(rows) - len(kept), len(rows), f"prompts of {prompts}",
                                 "(the model's positions - --max-new-tokens)", positions - max_new_tokens)
         rows = [rows[i] for i in kept]

@@ -1,7 +1,9 @@
 """Recipes: one YAML file describes a whole run; each section maps onto one dataclass below.
 
-Loading checks every key and type against these dataclasses, then the combinations between keys; any problem is a
-``UserError`` naming the file and the key. ``--set section.key=value`` overrides one key (the value is read as
+Loading checks every key and type against these dataclasses, then each section's values (its ``validate``) and the
+combinations between sections (``Recipe.validate``); any problem is a ``UserError`` naming the file and the key.
+Where a default differs from the upstream library's, the field's docstring names the upstream one.
+This module needs no torch (the method table it checks against is plain data, ``rlhf.method_table``). ``--set section.key=value`` overrides one key (the value is read as
 YAML, so ``--set sft.lr=1e-4`` is a number and ``--set adapter.target_modules=[q_proj,v_proj]`` a list).
 Relative paths in a recipe are resolved against the current directory, as they are on the command line.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -19,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rlhf import methods
+from rlhf import method_table
 from rlhf.errors import UserError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -82,6 +85,25 @@ class AdapterConfig:
     trainable_modules: list[str] = field(default_factory=list)
     """freeze: names (or name fragments) of further modules that train, e.g. [norm, lm_head]"""
 
+    def validate(self, where: str) -> None:
+        """This method's options (the fit with model.quantization is ``Recipe.validate``'s)."""
+        fail = _failer(where, "adapter")
+        if self.method in ("lora", "dora", "qlora", "adalora"):
+            _require(fail, self, ("r", "alpha"))
+        if self.method == "adalora" and not 0 < self.target_r <= self.r:
+            fail("target_r", f"must be between 1 and adapter.r ({self.r}), got {self.target_r}")
+        if not 0 <= self.dropout < 1:
+            fail("dropout", f"must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            fail("target_modules", f'must be "all-linear" or a list of module names, got {self.target_modules!r}')
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            fail("target_modules", "must not be empty")
+        _require(fail, self, ("num_virtual_tokens", "bottleneck_size", "freeze_layers"))
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
+            fail("encoder_hidden_size", f"must be positive (or null), got {self.encoder_hidden_size}")
+        if self.method == "prompt" and self.prompt_init == "text" and not self.prompt_init_text:
+            fail("prompt_init_text", "is required when adapter.prompt_init is text")
+
 
 @dataclass
 class DataConfig:
@@ -112,7 +134,7 @@ class TrainConfig:
     """The optimisation loop every trainer-based stage shares; each stage's section extends it."""
 
     lr: float = 2e-4
-    """peak learning rate (AdamW)"""
+    """peak learning rate (AdamW); TRL's SFTConfig default is 2e-5, for full fine-tuning: LoRA wants ~10x more"""
     batch_size: int = 16
     """sequences (SFT) or pairs (RM) per optimizer step on one process, before gradient accumulation"""
     grad_accum: int = 1
@@ -123,11 +145,12 @@ class TrainConfig:
     """optimizer steps to run; overrides epochs"""
     max_length: int = 512
     """prompt + response tokens kept per sequence (at most the model's positions). SFT truncates longer rows; the
-    reward model leaves out longer pairs (rm.on_too_long), in training and in every later score"""
+    reward model leaves out longer pairs (rm.on_too_long), in training and in every later score. TRL's SFTConfig
+    and RewardConfig default to 1024"""
     warmup_ratio: float = 0.03
     """fraction of the steps spent warming the learning rate up from 0"""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    """learning-rate schedule after warm-up"""
+    """learning-rate schedule after warm-up (transformers' TrainingArguments default: linear)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
@@ -147,6 +170,19 @@ class TrainConfig:
     seed: int = 42
     """seed for initialisation, data order and the held-out split"""
 
+    def validate(self, where: str, section: str) -> None:
+        fail = _failer(where, section)
+        _require(fail, self, ("batch_size", "grad_accum", "max_length", "eval_every", "logging_every", "lr", "epochs",
+                              "max_grad_norm", "keep_checkpoints", "max_nonfinite"))
+        if self.max_steps is not None and self.max_steps <= 0:
+            fail("max_steps", f"must be positive (or null to use epochs), got {self.max_steps}")
+        if self.save_every < 0:
+            fail("save_every", f"must be 0 (no resume checkpoints) or positive, got {self.save_every}")
+        if not 0 <= self.warmup_ratio < 1:
+            fail("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.eval_fraction < 0.5:
+            fail("eval_fraction", f"must be in [0, 0.5), got {self.eval_fraction}")
+
 
 @dataclass
 class SFTConfig(TrainConfig):
@@ -158,7 +194,7 @@ class RMConfig(TrainConfig):
     """Reward-model training: TrainConfig's loop with the Bradley-Terry pairwise loss."""
 
     lr: float = 1e-4
-    """peak learning rate (AdamW)"""
+    """peak learning rate (AdamW); TRL's RewardConfig default too"""
     center_rewards_coefficient: float | None = None
     """weight of the auxiliary loss that pulls mean rewards to 0 (Eisenstein et al. 2023); None disables it"""
     on_too_long: Literal["error", "drop"] = "drop"
@@ -181,7 +217,8 @@ class PPOConfig:
     """
 
     lr: float = 1e-5
-    """learning rate for the policy and value adapters (AdamW, constant)"""
+    """learning rate for the policy and value adapters (AdamW, constant); TRL 0.28's PPOConfig default is 3e-6,
+    for full fine-tuning"""
     batch_size: int = 64
     """prompts (episodes) per PPO step on one process (N processes: N x batch_size per step)"""
     mini_batch_size: int = 16
@@ -244,7 +281,8 @@ class PPOConfig:
     reward_clip: float | None = 5.0
     """clip (normalised) scores to [-reward_clip, reward_clip]; None to disable"""
     missing_eos_penalty: float | None = 1.0
-    """subtracted from the score of a response that never emits EOS (after normalisation); None to disable"""
+    """subtracted from the score of a response that never emits EOS (after normalisation); None to disable. TRL
+    0.28's PPOConfig default is None (its examples pass 1.0)"""
     early_stop_kl: float | None = None
     """stop the remaining PPO epochs of a step once the mean approximate KL passes this; None to disable"""
     eval_every: int = 10
@@ -261,6 +299,47 @@ class PPOConfig:
     stops"""
     seed: int = 42
     """seed for sampling, shuffling and initialisation"""
+
+    def global_batch(self, processes: int = 1) -> int:
+        """Episodes per PPO step on ``processes`` processes (each samples batch_size)."""
+        return self.batch_size * processes
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer steps per PPO step: ppo_epochs passes of batch_size / mini_batch_size mini-batches."""
+        return self.ppo_epochs * (self.batch_size // self.mini_batch_size)
+
+    def total_steps(self, prompts: int, processes: int = 1) -> int:
+        """PPO steps of the run: max_steps, or enough for ``epochs`` passes over ``prompts`` prompts."""
+        return self.max_steps or max(1, math.ceil(self.epochs * prompts / self.global_batch(processes)))
+
+    def validate(self, where: str) -> None:
+        fail = _failer(where, "ppo")
+        _require(fail, self, ("batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
+                              "max_prompt_length", "eval_samples", "keep_checkpoints", "max_nonfinite", "lr",
+                              "temperature", "kl_target", "kl_horizon", "max_grad_norm", "clip", "value_clip",
+                              "epochs"))
+        _require(fail, self, ("kl_coef", "vf_coef", "entropy_coef"), inclusive=True)
+        if not 0 < self.gamma <= 1:
+            fail("gamma", f"must be in (0, 1], got {self.gamma}")
+        if not 0 <= self.lam <= 1:
+            fail("lam", f"must be in [0, 1], got {self.lam}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            fail("min_new_tokens", f"must be in [0, ppo.max_new_tokens={self.max_new_tokens}], got "
+                                   f"{self.min_new_tokens}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            fail("max_steps", f"must be positive (or null to use epochs), got {self.max_steps}")
+        for key in ("eval_every", "save_every"):
+            if getattr(self, key) < 0:
+                fail(key, f"must be 0 (off) or positive, got {getattr(self, key)}")
+        for key in ("reward_clip", "early_stop_kl", "kl_budget"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                fail(key, f"must be positive (or null to disable), got {getattr(self, key)}")
+        if self.batch_size % self.mini_batch_size:
+            fail("mini_batch_size", f"({self.mini_batch_size}) must divide ppo.batch_size ({self.batch_size})")
+        if self.mini_batch_size % self.micro_batch_size:
+            fail("micro_batch_size", f"({self.micro_batch_size}) must divide ppo.mini_batch_size "
+                                     f"({self.mini_batch_size})")
 
 
 @dataclass
@@ -287,6 +366,16 @@ class EvalConfig:
     seed: int = 0
     """seed for sampling, demonstration choice and the bootstrap"""
 
+    def validate(self, where: str) -> None:
+        fail = _failer(where, "eval")
+        _require(fail, self, ("samples", "max_new_tokens", "batch_size", "bootstrap"))
+        if self.icl_shots < 0:
+            fail("icl_shots", f"must be 0 or positive, got {self.icl_shots}")
+        if self.temperature <= 0:
+            fail("temperature", f"must be positive, got {self.temperature}")
+        if self.limit is not None and self.limit <= 0:
+            fail("limit", f"must be positive (or null for all prompts), got {self.limit}")
+
 
 @dataclass
 class LoggingConfig:
@@ -296,6 +385,13 @@ class LoggingConfig:
     <run>/logs/"""
     progress: Literal["auto", "on", "off"] = "auto"
     """progress bars: "auto" shows them only on an interactive terminal"""
+
+    def validate(self, where: str) -> None:
+        for name in self.report_to:
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(name, TRACKERS, n=1)
+                raise UserError(f"{where}: logging.report_to has unknown tracker {name!r}" + (
+                    f" (did you mean {close[0]!r}?)" if close else f"; choose from {', '.join(TRACKERS)}"))
 
 
 @dataclass
@@ -332,6 +428,35 @@ class Recipe:
         out = dataclasses.asdict(self)
         out.pop("source")
         return out
+
+    def validate(self) -> None:
+        """Every section's own checks, then those that span sections or need the filesystem. A qlora recipe gets
+        ``model.quantization: 4bit`` here, so the resolved recipe in every manifest says so."""
+        where = self.source
+        if not self.name or "/" in self.name:
+            raise UserError(f"{where}: name must be a plain name without '/', got {self.name!r}")
+        for key in ("sft", "preference", "eval_preference", "prompts", "eval_prompts"):
+            value = getattr(self.data, key)
+            if value is not None and _is_local(value) and not Path(value).expanduser().exists():
+                raise UserError(f"{where}: data.{key} names {value!r}, which does not exist")
+        if _is_local(self.model.base) and not Path(self.model.base).expanduser().exists():
+            raise UserError(f"{where}: model.base names {self.model.base!r}, which does not exist")
+        method, m = method_table.get(self.adapter.method), self.model
+        if self.adapter.method == "qlora":
+            if m.quantization not in (None, "4bit"):
+                raise UserError(f"{where}: model.quantization must be 4bit (or unset) for adapter.method qlora, "
+                                f"got {m.quantization!r}")
+            m.quantization = "4bit"
+        if m.quantization and not method.quantizable:
+            raise UserError(f"{where}: model.quantization ({m.quantization}) cannot be used with adapter.method "
+                            f"{self.adapter.method}: it trains base weights, and quantized weights cannot be "
+                            "trained")
+        self.adapter.validate(where)
+        self.logging.validate(where)
+        self.sft.validate(where, "sft")
+        self.rm.validate(where, "rm")
+        self.ppo.validate(where)
+        self.eval.validate(where)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -455,91 +580,19 @@ def _is_local(value: str) -> bool:
             or value.startswith(("/", "./", "../", "~")) or value.count("/") > 1)
 
 
-def _require(section: str, obj, keys, where: str, minimum: float = 0, inclusive: bool = False) -> None:
-    """Each ``section.key`` must be above ``minimum`` (or at least it, when ``inclusive``)."""
+def _failer(where: str, section: str):
+    """A function that raises the ``UserError`` for ``section.key`` of the recipe read from ``where``."""
+    def fail(key: str, message: str):
+        raise UserError(f"{where}: {section}.{key} {message}")
+    return fail
+
+
+def _require(fail, obj, keys, inclusive: bool = False) -> None:
+    """Each of ``keys`` must be positive (or, when ``inclusive``, not negative); ``fail`` from ``_failer``."""
     for key in keys:
         value = getattr(obj, key)
-        if value < minimum or (value == minimum and not inclusive):
-            what = "must not be negative" if (minimum, inclusive) == (0, True) else "must be positive"
-            raise UserError(f"{where}: {section}.{key} {what}, got {value}")
-
-
-def check(recipe: Recipe) -> None:
-    """Checks that span keys or need the filesystem; raises ``UserError`` naming the key."""
-    where = recipe.source
-
-    def fail(key: str, message: str):
-        raise UserError(f"{where}: {key} {message}")
-
-    if not recipe.name or "/" in recipe.name:
-        fail("name", f"must be a plain name without '/', got {recipe.name!r}")
-    for key in ("sft", "preference", "eval_preference", "prompts", "eval_prompts"):
-        value = getattr(recipe.data, key)
-        if value is not None and _is_local(value) and not Path(value).expanduser().exists():
-            fail(f"data.{key}", f"names {value!r}, which does not exist")
-    if _is_local(recipe.model.base) and not Path(recipe.model.base).expanduser().exists():
-        fail("model.base", f"names {recipe.model.base!r}, which does not exist")
-
-    methods.check(recipe)
-    for name in recipe.logging.report_to:
-        if name not in TRACKERS:
-            close = difflib.get_close_matches(name, TRACKERS, n=1)
-            fail("logging.report_to", f"has unknown tracker {name!r}" + (f" (did you mean {close[0]!r}?)" if close
-                                                                        else f"; choose from {', '.join(TRACKERS)}"))
-
-    for section in ("sft", "rm"):
-        s = getattr(recipe, section)
-        _require(section, s, ("batch_size", "grad_accum", "max_length", "eval_every", "logging_every", "lr", "epochs",
-                              "max_grad_norm", "keep_checkpoints", "max_nonfinite"), where)
-        if s.max_steps is not None and s.max_steps <= 0:
-            fail(f"{section}.max_steps", f"must be positive (or null to use epochs), got {s.max_steps}")
-        if s.save_every < 0:
-            fail(f"{section}.save_every", f"must be 0 (no resume checkpoints) or positive, got {s.save_every}")
-        if not 0 <= s.warmup_ratio < 1:
-            fail(f"{section}.warmup_ratio", f"must be in [0, 1), got {s.warmup_ratio}")
-        if not 0 <= s.eval_fraction < 0.5:
-            fail(f"{section}.eval_fraction", f"must be in [0, 0.5), got {s.eval_fraction}")
-
-
-def check_ppo(recipe: Recipe) -> None:
-    p, where = recipe.ppo, recipe.source
-
-    def fail(key: str, message: str):
-        raise UserError(f"{where}: ppo.{key} {message}")
-
-    _require("ppo", p, ("batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
-                        "max_prompt_length", "eval_samples", "keep_checkpoints", "max_nonfinite", "lr", "temperature",
-                        "kl_target", "kl_horizon", "max_grad_norm", "clip", "value_clip", "epochs"), where)
-    _require("ppo", p, ("kl_coef", "vf_coef", "entropy_coef"), where, inclusive=True)
-    if not 0 < p.gamma <= 1:
-        fail("gamma", f"must be in (0, 1], got {p.gamma}")
-    if not 0 <= p.lam <= 1:
-        fail("lam", f"must be in [0, 1], got {p.lam}")
-    if not 0 <= p.min_new_tokens <= p.max_new_tokens:
-        fail("min_new_tokens", f"must be in [0, ppo.max_new_tokens={p.max_new_tokens}], got {p.min_new_tokens}")
-    if p.max_steps is not None and p.max_steps <= 0:
-        fail("max_steps", f"must be positive (or null to use epochs), got {p.max_steps}")
-    for key in ("eval_every", "save_every"):
-        if getattr(p, key) < 0:
-            fail(key, f"must be 0 (off) or positive, got {getattr(p, key)}")
-    for key in ("reward_clip", "early_stop_kl", "kl_budget"):
-        if getattr(p, key) is not None and getattr(p, key) <= 0:
-            fail(key, f"must be positive (or null to disable), got {getattr(p, key)}")
-    if p.batch_size % p.mini_batch_size:
-        fail("mini_batch_size", f"({p.mini_batch_size}) must divide ppo.batch_size ({p.batch_size})")
-    if p.mini_batch_size % p.micro_batch_size:
-        fail("micro_batch_size", f"({p.micro_batch_size}) must divide ppo.mini_batch_size ({p.mini_batch_size})")
-
-
-def check_eval(recipe: Recipe) -> None:
-    e, where = recipe.eval, recipe.source
-    _require("eval", e, ("samples", "max_new_tokens", "batch_size", "bootstrap"), where)
-    if e.icl_shots < 0:
-        raise UserError(f"{where}: eval.icl_shots must be 0 or positive, got {e.icl_shots}")
-    if e.temperature <= 0:
-        raise UserError(f"{where}: eval.temperature must be positive, got {e.temperature}")
-    if e.limit is not None and e.limit <= 0:
-        raise UserError(f"{where}: eval.limit must be positive (or null for all prompts), got {e.limit}")
+        if value < 0 or (value == 0 and not inclusive):
+            fail(key, f"{'must not be negative' if inclusive else 'must be positive'}, got {value}")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -566,9 +619,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     recipe.source = label
     if not recipe.name:
         recipe.name = Path(path).stem if path is not None else "default"
-    check(recipe)
-    check_ppo(recipe)
-    check_eval(recipe)
+    recipe.validate()
     return recipe
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import checkpoint, methods, modeling
+from rlhf import methods, modeling, rundir
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 
@@ -68,8 +68,8 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, overwrite:
         info = {"source": str(run_dir), "stage": stage, "method": method, "base": manifest["base"], "merged": merge,
                 "loads_with": ("AutoModelForSequenceClassification" if stage == "rm" else "AutoModelForCausalLM")
                 if merge or kind == "weights" else "peft", "max_logit_difference_after_merge": difference,
-                "exported": checkpoint.now(), "versions": checkpoint.versions()}
-        checkpoint.write_json(staging / "export.json", info)
+                "exported": rundir.now(), "versions": rundir.versions()}
+        rundir.write_json(staging / "export.json", info)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

@@ -11,14 +11,13 @@ Three kinds of method:
 - **weights** (bitfit, freeze, full): a subset of the base's own weights trains (biases, the top blocks, or all);
   saved as a plain Hugging Face model directory.
 
-Which stage supports which method is the table :data:`METHODS`; ``rlhf methods`` prints it and the recipe check
-enforces it.
+Which stage supports which method is the table ``rlhf.method_table.METHODS`` (plain data without torch,
+re-exported here); ``rlhf methods`` prints it and the recipe check enforces it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,124 +27,9 @@ from torch import nn
 from rlhf.errors import UserError
 
 if TYPE_CHECKING:
-    from rlhf.config import AdapterConfig, ModelConfig, Recipe
+    from rlhf.config import AdapterConfig, ModelConfig
 
-STAGES = ("sft", "rm", "ppo")
-
-_PROMPT_WHY = ("virtual tokens exist only inside peft's own forward pass, while rewards and values are read from "
-               "the backbone's hidden state at the last real token")
-
-
-@dataclass(frozen=True)
-class Method:
-    kind: str
-    """peft | bottleneck | weights"""
-    summary: str
-    stages: tuple[str, ...] = STAGES
-    why_not: dict[str, str] = field(default_factory=dict)
-    """stage -> why the method does not support it"""
-    quantizable: bool = True
-    """whether the base may be loaded quantized (only when no base weight trains)"""
-    mergeable: bool = True
-    """whether ``rlhf export --merge`` can fold what trained into the base's own weights"""
-
-
-METHODS: dict[str, Method] = {
-    "lora": Method("peft", "low-rank adapters on the frozen base's linear layers"),
-    "dora": Method("peft", "LoRA with each weight split into magnitude and direction (weight-decomposed)"),
-    "qlora": Method("peft", "LoRA on a 4-bit NF4 base with double quantization (bitsandbytes)"),
-    "ia3": Method("peft", "learned scaling vectors on keys, values and the MLP (IA3; Phi-3 needs "
-                          "adapter.target_modules)"),
-    "adalora": Method("peft", "LoRA whose rank budget is pruned to the important modules during training",
-                      stages=("sft", "rm"),
-                      why_not={"ppo": "peft trains only one AdaLoRA adapter per model, and PPO trains the policy "
-                                      "and the value adapters on one base"}),
-    "prefix": Method("peft", "prefix tuning: key/value prefixes at every layer, produced by an MLP",
-                     stages=("sft",), why_not={"rm": _PROMPT_WHY, "ppo": _PROMPT_WHY}, mergeable=False),
-    "prompt": Method("peft", "prompt tuning: trainable embeddings prepended to the input",
-                     stages=("sft",), why_not={"rm": _PROMPT_WHY, "ppo": _PROMPT_WHY}, mergeable=False),
-    "ptuning": Method("peft", "P-Tuning: virtual-token embeddings produced by a prompt encoder (MLP or LSTM)",
-                      stages=("sft",), why_not={"rm": _PROMPT_WHY, "ppo": _PROMPT_WHY}, mergeable=False),
-    "ptuning_v2": Method("peft", "P-Tuning v2: deep prompts at every layer, no reparameterisation encoder",
-                         stages=("sft",), why_not={"rm": _PROMPT_WHY, "ppo": _PROMPT_WHY}, mergeable=False),
-    "adapter": Method("bottleneck", "Houlsby bottleneck adapters after each attention and MLP output",
-                      stages=("sft", "rm"),
-                      why_not={"ppo": "bottleneck adapters are not named adapters that can share one base, which "
-                                      "the PPO layout (policy, reference, reward, value) needs"},
-                      mergeable=False),
-    "bitfit": Method("weights", "only the base's bias terms train (needs a base with biases: not Llama, Qwen3, "
-                               "Gemma, Phi-3)", quantizable=False),
-    "freeze": Method("weights", "only the top adapter.freeze_layers blocks (and adapter.trainable_modules) train",
-                     quantizable=False),
-    "full": Method("weights", "every weight trains", quantizable=False),
-}
-
-
-def get(name: str) -> Method:
-    return METHODS[name]
-
-
-def kind(name: str) -> str:
-    return METHODS[name].kind
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Recipe checks and the support matrix
-# ---------------------------------------------------------------------------------------------------------------
-
-def check(recipe: Recipe) -> None:
-    """The adapter section's options for its method, and the method's fit with model.quantization. A qlora
-    recipe gets ``model.quantization: 4bit`` here, so the resolved recipe in every manifest says so."""
-    a, m, where = recipe.adapter, recipe.model, recipe.source
-
-    def fail(key: str, message: str):
-        raise UserError(f"{where}: {key} {message}")
-
-    method = METHODS[a.method]
-    if a.method == "qlora":
-        if m.quantization not in (None, "4bit"):
-            fail("model.quantization", f"must be 4bit (or unset) for adapter.method qlora, got {m.quantization!r}")
-        m.quantization = "4bit"
-    if m.quantization and not method.quantizable:
-        fail("model.quantization", f"({m.quantization}) cannot be used with adapter.method {a.method}: it trains "
-                                   "base weights, and quantized weights cannot be trained")
-    if a.method in ("lora", "dora", "qlora", "adalora"):
-        for key in ("r", "alpha"):
-            if getattr(a, key) <= 0:
-                fail(f"adapter.{key}", f"must be positive, got {getattr(a, key)}")
-    if a.method == "adalora" and not 0 < a.target_r <= a.r:
-        fail("adapter.target_r", f"must be between 1 and adapter.r ({a.r}), got {a.target_r}")
-    if not 0 <= a.dropout < 1:
-        fail("adapter.dropout", f"must be in [0, 1), got {a.dropout}")
-    if isinstance(a.target_modules, str) and a.target_modules != "all-linear":
-        fail("adapter.target_modules", f'must be "all-linear" or a list of module names, got {a.target_modules!r}')
-    if isinstance(a.target_modules, list) and not a.target_modules:
-        fail("adapter.target_modules", "must not be empty")
-    for key in ("num_virtual_tokens", "bottleneck_size", "freeze_layers"):
-        if getattr(a, key) <= 0:
-            fail(f"adapter.{key}", f"must be positive, got {getattr(a, key)}")
-    if a.encoder_hidden_size is not None and a.encoder_hidden_size <= 0:
-        fail("adapter.encoder_hidden_size", f"must be positive (or null), got {a.encoder_hidden_size}")
-    if a.method == "prompt" and a.prompt_init == "text" and not a.prompt_init_text:
-        fail("adapter.prompt_init_text", "is required when adapter.prompt_init is text")
-
-
-def check_stage(method: str, stage: str, where: str) -> None:
-    """An unsupported (method, stage) combination is an error that says why and what to use instead."""
-    info = METHODS[method]
-    if stage not in info.stages:
-        ok = ", ".join(n for n, m in METHODS.items() if stage in m.stages)
-        raise UserError(f"{where}: adapter.method {method} is not supported by the {stage} stage "
-                        f"({info.why_not[stage]}); {stage} supports {ok}")
-
-
-def support_matrix() -> str:
-    """The method x stage table as markdown (``rlhf methods``, the README)."""
-    lines = ["| method | kind | sft | rm | ppo | what trains |", "|---|---|---|---|---|---|"]
-    for name, m in METHODS.items():
-        marks = " | ".join("yes" if s in m.stages else "no" for s in STAGES)
-        lines.append(f"| `{name}` | {m.kind} | {marks} | {m.summary} |")
-    return "\n".join(lines)
+from rlhf.method_table import METHODS, STAGES, Method, check_stage, get, kind, support_matrix  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,10 +114,23 @@ def prepare(model, cfg: AdapterConfig, task_type: str = "CAUSAL_LM", tokenizer_p
     else:
         mark_trainable(model, cfg)
     if task_type == "SEQ_CLS":
-        from rlhf.modeling import score_head
-
         score_head(model).requires_grad_(True)
     return model
+
+
+def unwrap(model):
+    """The transformers model inside a peft wrapper (LoRA layers are injected in place, so they still apply)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def score_head(model):
+    """The scalar head of a sequence-classification model (``score`` in most architectures)."""
+    core = unwrap(model)
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(core, name, None)
+        if head is not None:
+            return head
+    raise UserError(f"{type(core).__name__} has no score head (expected an attribute 'score' or 'classifier')")
 
 
 def mark_trainable(model, cfg: AdapterConfig) -> None:

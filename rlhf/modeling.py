@@ -16,6 +16,7 @@ import torch
 from rlhf import methods
 from rlhf.config import AdapterConfig, ModelConfig
 from rlhf.errors import UserError
+from rlhf.methods import score_head, unwrap  # noqa: F401  (part of this module's interface: modeling.unwrap)
 
 # Used when a tokenizer has no chat template of its own. The assistant turn carries generation markers (TRL's
 # assistant-only loss needs them) and ends with the EOS token, so a trained model learns to stop.
@@ -116,6 +117,25 @@ def assistant_turn_end(tok) -> str | None:
         return None
     special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
     return next((tok.convert_ids_to_tokens(i) for i in ids if i in special), None)
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """A prompt (a list of messages) as the token ids a policy answers: chat-templated with the generation
+    prompt, no special tokens added beyond what the template writes."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """``encode_prompt`` of each prompt; returns those of at most ``max_length`` tokens and the indices of the
+    prompts they came from (longer ones are left out)."""
+    out, kept = [], []
+    for i, messages in enumerate(prompts):
+        ids = encode_prompt(tokenizer, messages)
+        if len(ids) <= max_length:
+            out.append(ids)
+            kept.append(i)
+    return out, kept
 
 
 def encode_exchange(tokenizer, prompt: list[dict], response: list[dict]) -> tuple[list[int], list[int]]:
@@ -249,8 +269,13 @@ def verify_weights(run_dir: str | Path) -> None:
             raise UserError(f"{path}: damaged weights file ({str(e).splitlines()[0][:200]})") from None
 
 
-def read_manifest(run_dir: str | Path) -> dict:
-    """A finished run directory's manifest (its weight files checked); a clear error for anything else."""
+RUN_KINDS = {"policy": ("sft", "ppo"), "reward model": ("rm",)}
+"""what each kind of parent run may be: the stages whose output it is"""
+
+
+def read_manifest(run_dir: str | Path, kind: str | None = None) -> dict:
+    """A finished run directory's manifest (its weight files checked); a clear error for anything else,
+    including a run of another ``kind`` than asked for ("policy" or "reward model", ``RUN_KINDS``)."""
     path = Path(run_dir) / "manifest.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: not a run directory (no manifest.json)")
@@ -260,6 +285,9 @@ def read_manifest(run_dir: str | Path) -> dict:
         raise UserError(f"{path}:{e.lineno}: damaged manifest ({e.msg})") from None
     if manifest.get("status") != "complete":
         raise UserError(f"{run_dir}: the run did not finish (status {manifest.get('status')!r})")
+    if kind is not None and manifest.get("stage") not in RUN_KINDS[kind]:
+        raise UserError(f"{run_dir}: is a {manifest.get('stage')!r} run, not a {kind} "
+                        f"({' or '.join(RUN_KINDS[kind])})")
     verify_weights(run_dir)
     return manifest
 
@@ -288,19 +316,23 @@ def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None):
 # Score heads: reward model scores and (later) PPO values, read the same way everywhere
 # ---------------------------------------------------------------------------------------------------------------
 
-def unwrap(model):
-    """The transformers model inside a peft wrapper (LoRA layers are injected in place, so they still apply)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as one batch ``(ids, attention_mask)``. ``side="right"`` pads after each sequence, as a
+    reward trainer's collator does; ``side="left"`` before it, so that every sequence ends at the last column
+    (prompts that generation appends to)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
 
 
-def score_head(model):
-    """The scalar head of a sequence-classification model (``score`` in most architectures)."""
-    core = unwrap(model)
-    for name in ("score", "classifier", "v_head"):
-        head = getattr(core, name, None)
-        if head is not None:
-            return head
-    raise UserError(f"{type(core).__name__} has no score head (expected an attribute 'score' or 'classifier')")
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pad(seqs, pad_id, "left")``: every sequence ends at the last column."""
+    return pad(seqs, pad_id, "left")
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -352,13 +384,60 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return scores[torch.arange(scores.shape[0], device=scores.device), index]
 
 
+def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """Each conversation (ending with the assistant's response) as the token ids a reward is read on:
+    ``modeling.encode_exchange``'s prompt and response, one after the other."""
+    out = []
+    for conv in conversations:
+        split = max(i for i, m in enumerate(conv) if m["role"] != "assistant") + 1 if any(
+            m["role"] != "assistant" for m in conv) else 0
+        prompt_ids, response_ids = encode_exchange(tokenizer, conv[:split], conv[split:])
+        out.append(prompt_ids + response_ids)
+    return out
+
+@torch.no_grad()
+def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32,
+                    progress: bool = False) -> torch.Tensor:
+    """Reward-model scores of token sequences, ``[n]``, read at ``modeling.reward_index``. A sequence longer than
+    the model's positions is an error (callers drop rows by the recipe's lengths first)."""
+    from tqdm.auto import tqdm
+
+    limit = max_positions(unwrap(model).config)
+    longest = max((len(s) for s in sequences), default=0)
+    if limit is not None and longest > limit:
+        raise UserError(f"a sequence of {longest} tokens is longer than the reward model's {limit} positions")
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of similar length pad less
+    scores = torch.zeros(len(sequences))
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(sequences), batch_size), disable=not progress, desc="score"):
+        idx = order[start:start + batch_size]
+        ids, mask = pad([sequences[i] for i in idx], pad_token_id)
+        scores[idx] = sequence_scores(model, ids.to(device), mask.to(device)).float().cpu()
+    return scores
+
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32,
+                        progress: bool = False) -> torch.Tensor:
+    """Reward-model scores of whole conversations (each ending with the response), ``[n]``.
+
+    Text goes in, so a policy with another tokenizer can be scored: each conversation is encoded with the reward
+    model's tokenizer exactly as its training pairs were (``encode_conversations``).
+    """
+    return score_sequences(model, encode_conversations(tokenizer, conversations), tokenizer.pad_token_id,
+                           batch_size, progress)
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """Pairwise accuracy (ties count half) and margins of chosen over rejected scores."""
+    diff = chosen - rejected
+    return {"accuracy": ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item(),
+            "margin_mean": diff.mean().item(), "margin_std": diff.std().item() if len(diff) > 1 else 0.0,
+            "pairs": len(diff)}
+
+
 def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None):
     """The reward model of a finished RM run directory (base + adapter + score head), and its tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
-    manifest = read_manifest(run_dir)
-    if manifest.get("stage") != "rm":
-        raise UserError(f"{run_dir}: is a {manifest.get('stage')!r} run, not a reward model (rm)")
+    manifest = read_manifest(run_dir, "reward model")
     cfg = model_cfg or ModelConfig(**manifest["recipe"]["model"])
     cfg.base = manifest["base"]
     tokenizer = load_tokenizer(cfg, str(run_dir))

@@ -60,6 +60,52 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Responses: where they end, which positions predict them, what their scores become
+# ---------------------------------------------------------------------------------------------------------------
+
+def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(response, mask, stopped)``: the mask covers the tokens up to and including each row's first EOS (the
+    whole row when it has none), the response has ``pad_id`` after that, and ``stopped`` says whether the row
+    has an EOS at all."""
+    is_eos = response == eos_id
+    stopped = is_eos.any(1)
+    first = torch.where(stopped, is_eos.float().argmax(1), torch.full_like(stopped, response.shape[1] - 1,
+                                                                          dtype=torch.long))
+    mask = (torch.arange(response.shape[1], device=response.device)[None, :] <= first[:, None]).long()
+    return response.masked_fill(mask == 0, pad_id), mask, stopped
+
+
+def predicting(x: torch.Tensor, length: int) -> torch.Tensor:
+    """The positions of ``x`` (``[batch, seq, ...]``, one entry per input position) that look at each of the last
+    ``length`` tokens before seeing it: position t - 1 for token t. Applied to a causal LM's logits this gives the
+    distribution every response token was drawn from; applied to a value head's outputs, V(s_t), the value of the
+    state the token was chosen in. ``x`` may be the last ``length + 1`` positions only (``logits_to_keep``)."""
+    return x[:, -length - 1:-1]
+
+
+def shape_scores(scores: torch.Tensor, stopped: torch.Tensor, mean: float | None = None, std: float | None = None,
+                 missing_eos_penalty: float | None = None, clip: float | None = None) -> torch.Tensor:
+    """The reward-model scores PPO optimises: standardised with the reward model's stored ``mean`` and ``std``
+    (when given; a std below 1e-6 counts as 1e-6), minus ``missing_eos_penalty`` for responses that never
+    ``stopped`` (after standardising), then clipped to ``[-clip, clip]``. None skips a step."""
+    s = scores.clone()
+    if mean is not None:
+        s = (s - mean) / max(std, 1e-6)
+    if missing_eos_penalty is not None:
+        s = torch.where(stopped, s, s - missing_eos_penalty)
+    if clip is not None:
+        s = s.clamp(-clip, clip)
+    return s
+
+
+def sequence_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The sum over the last dimension of the masked-in entries, ``[batch]`` for ``[batch, T]`` (e.g. a sequence
+    KL from per-token KLs)."""
+    return masked(x, mask).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Log-probabilities, KL, entropy
 # ---------------------------------------------------------------------------------------------------------------
 

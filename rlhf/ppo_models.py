@@ -9,8 +9,8 @@ forward pass selects its adapter first:
 - ``value``      trainable, initialised from the reward model's adapter, read through a value head initialised
                  from the score head
 
-With a method that trains base weights (full, bitfit, freeze) they are separate model copies. Both layouts offer
-the same methods, so the PPO loop does not know which one it runs on.
+With a method that trains base weights (full, bitfit, freeze) they are separate model copies. Both layouts are
+``PPOModels`` (the interface the PPO loop is written against), so the loop does not know which one it runs on.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import copy
 import types
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -27,7 +28,59 @@ from rlhf import distributed, methods, modeling, rollout
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 
-ROLES = ("policy", "reference", "reward", "value")
+class PPOModels(Protocol):
+    """What the PPO loop needs of its four models (policy, reference, reward, value), whichever layout holds them.
+
+    Every forward pass runs under the autocast ``autocast`` names (None: the weights' own precision)."""
+
+    autocast: torch.dtype | None
+    """the autocast dtype of every forward pass, or None"""
+    bf16_speedup: float | None
+    """bf16 over fp32 matrix-product speed measured on a CPU when ``mixed_precision: auto`` looked, else None"""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def config(self):
+        """The base model's transformers configuration."""
+
+    def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
+                      role: str = "policy") -> torch.Tensor:
+        """Logits of the last ``keep`` positions under ``role`` ("policy" or "reference"), ``[B, keep, vocab]``."""
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The value head at every position, ``[B, L]`` in float32."""
+
+    def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The reward model's score of each whole sequence, ``[B]`` in float32."""
+
+    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> rollout.Samples:
+        """Responses sampled from the policy with their log-probabilities and entropies (``rollout.sample``)."""
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Hugging Face ``generate`` with the policy (greedy evaluation)."""
+
+    def parameters(self, role: str) -> list[nn.Parameter]:
+        """The trainable parameters of "policy" or "value"."""
+
+    def all_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the four models, each once (for the manifest's parameter count)."""
+
+    def train(self, mode: bool = True) -> None: ...
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything PPO changes, for resume checkpoints."""
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def save(self, out: Path) -> None:
+        """The policy at ``out`` (loadable like an SFT run's), the value model under ``out/value``."""
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The autocast context of a forward pass on ``device`` (a no-op when ``dtype`` is None)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
 def bf16_speedup(device: torch.device, width: int) -> float | None:
@@ -116,20 +169,6 @@ def use_lean_lora(model: nn.Module) -> int:
     return len(layers)
 
 
-class _Precision:
-    """The autocast every forward pass runs under (None: plain fp32 / the weights' own dtype)."""
-
-    autocast: torch.dtype | None = None
-    bf16_speedup: float | None = None  # measured when mixed_precision "auto" looked on a CPU
-    lean_lora_layers: int = 0  # LoRA layers running the lean forward
-
-    def precision(self):
-        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
-
-    def keep_frozen_in(self, dtype: torch.dtype) -> None:
-        """Store frozen weights in the autocast dtype where that saves a cast per pass (see SharedBase)."""
-
-
 def _score_head_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The score head saved inside a reward-model adapter (peft's modules_to_save), as ``{weight[, bias]}``."""
     from safetensors.torch import load_file
@@ -153,8 +192,11 @@ def _head(weights: dict[str, torch.Tensor], dtype: torch.dtype, shift: float = 0
     return head
 
 
-class SharedBase(_Precision):
-    """Policy, reference, reward and value as four adapters on one base model."""
+class SharedBase:
+    """Policy, reference, reward and value as four adapters on one base model (a ``PPOModels``)."""
+
+    autocast: torch.dtype | None = None
+    bf16_speedup: float | None = None
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
                  value_shift: float = 0.0, value_scale: float = 1.0):
@@ -235,13 +277,13 @@ class SharedBase(_Precision):
                 module._disable_adapters = False
 
     def _lm(self, input_ids, attention_mask, keep):
-        with self.precision():
+        with autocast(self.device, self.autocast):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                               position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
 
     def _hidden(self, role, input_ids, attention_mask):
         self.use(role)
-        with self.precision():
+        with autocast(self.device, self.autocast):
             return self._backbone()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                     position_ids=modeling.position_ids(attention_mask)).last_hidden_state
 
@@ -261,14 +303,14 @@ class SharedBase(_Precision):
     def sample(self, input_ids, attention_mask, **kwargs) -> rollout.Samples:
         """Responses sampled from the policy, with their log-probabilities and entropies (``rollout.sample``)."""
         self.use("policy")
-        with self.precision():
+        with autocast(self.device, self.autocast):
             return rollout.sample(self.model, input_ids, attention_mask, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         """Hugging Face ``generate`` with the policy (greedy evaluation)."""
         self.use("policy")
-        with self.precision():
+        with autocast(self.device, self.autocast):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # -- training and saving -----------------------------------------------------------------------------------
@@ -278,6 +320,9 @@ class SharedBase(_Precision):
         if role == "value":
             params += list(self.value_head.parameters())
         return params
+
+    def all_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters()) + list(self.value_head.parameters())
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
@@ -330,8 +375,11 @@ class SharedBase(_Precision):
                   str(out / "value" / "value_head.safetensors"))
 
 
-class SeparateCopies(_Precision):
-    """Policy, reference, reward and value as four full models (full fine-tuning)."""
+class SeparateCopies:
+    """Policy, reference, reward and value as four full models (full fine-tuning; a ``PPOModels``)."""
+
+    autocast: torch.dtype | None = None
+    bf16_speedup: float | None = None
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
                  value_shift: float = 0.0, value_scale: float = 1.0):
@@ -363,33 +411,40 @@ class SeparateCopies(_Precision):
 
     def policy_logits(self, input_ids, attention_mask, keep: int, role: str = "policy") -> torch.Tensor:
         model = self.policy if role == "policy" else self.reference
-        with self.precision():
+        with autocast(self.device, self.autocast):
             return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                          position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
 
     def values(self, input_ids, attention_mask) -> torch.Tensor:
-        with self.precision():
+        with autocast(self.device, self.autocast):
             return modeling.token_scores(self.value, input_ids, attention_mask).float()
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
-        with self.precision():
+        with autocast(self.device, self.autocast):
             return modeling.sequence_scores(self.reward, input_ids, attention_mask).float()
 
     def sample(self, input_ids, attention_mask, **kwargs) -> rollout.Samples:
-        with self.precision():
+        with autocast(self.device, self.autocast):
             return rollout.sample(self.policy, input_ids, attention_mask, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
-        with self.precision():
+        with autocast(self.device, self.autocast):
             return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def parameters(self, role: str) -> list[nn.Parameter]:
         return [p for p in (self.policy if role == "policy" else self.value).parameters() if p.requires_grad]
 
+    def all_parameters(self) -> list[nn.Parameter]:
+        return [x for m in (self.policy, self.reference, self.reward, self.value) for x in m.parameters()]
+
     def train(self, mode: bool = True) -> None:
         self.policy.train(mode)
         self.value.train(mode)
+
+    def keep_frozen_in(self, dtype: torch.dtype) -> None:
+        """Nothing: the frozen reference and reward copies keep their dtype (only SharedBase stores its frozen
+        base in the autocast dtype)."""
 
     def to(self, device) -> None:
         for model in (self.policy, self.reference, self.reward, self.value):
@@ -412,7 +467,7 @@ class SeparateCopies(_Precision):
 
 def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
          value_shift: float = 0.0, value_scale: float = 1.0, device: torch.device | str = "cpu",
-         mixed_precision: str = "no"):
+         mixed_precision: str = "no") -> PPOModels:
     """The PPO models in the layout ``method`` calls for, on ``device``, every forward pass under the autocast
     that ``mixed_precision`` ("auto", "bf16" or "no") resolves to (``autocast_dtype``; the models' ``autocast``
     and ``bf16_speedup`` say what it resolved to). The value head starts as the reward model's score head mapped

@@ -38,7 +38,9 @@ def win_rate(ours: list[float], theirs: list[float]) -> float:
 
 def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sequence KL estimate of the sampled response: sum_t (log pi(y_t) - log pi_ref(y_t)) over real tokens."""
-    return ((logp - ref_logp) * mask).sum(-1)
+    from rlhf.ppo_math import sequence_sum
+
+    return sequence_sum(logp - ref_logp, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------

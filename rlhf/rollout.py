@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.errors import UserError
+from rlhf.modeling import left_pad  # noqa: F401  (also rollout.left_pad: PPO's prompt batches)
 
 
 @dataclass
@@ -20,17 +20,6 @@ class Generations:
     """response lengths in tokens, the EOS included"""
     token_ids: list[list[int]]
     """the generated tokens of each response, up to and including the first EOS"""
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists as one left-padded batch ``(ids, attention_mask)``: every sequence ends at the last column."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 def render_prompts(tokenizer, prompts: list[list[dict]]) -> list[str]:
@@ -91,73 +80,6 @@ def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: li
 def with_responses(prompts: list[list[dict]], responses: list[str]) -> list[list[dict]]:
     """Each prompt followed by its response as an assistant turn."""
     return [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-
-
-def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
-    """Each conversation (ending with the assistant's response) as the token ids a reward is read on:
-    ``modeling.encode_exchange``'s prompt and response, one after the other."""
-    from rlhf.modeling import encode_exchange
-
-    out = []
-    for conv in conversations:
-        split = max(i for i, m in enumerate(conv) if m["role"] != "assistant") + 1 if any(
-            m["role"] != "assistant" for m in conv) else 0
-        prompt_ids, response_ids = encode_exchange(tokenizer, conv[:split], conv[split:])
-        out.append(prompt_ids + response_ids)
-    return out
-
-
-@torch.no_grad()
-def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32,
-                    progress: bool = False) -> torch.Tensor:
-    """Reward-model scores of token sequences, ``[n]``, read at ``modeling.reward_index``. A sequence longer than
-    the model's positions is an error (callers drop rows by the recipe's lengths first)."""
-    from tqdm.auto import tqdm
-
-    from rlhf.modeling import max_positions, sequence_scores, unwrap
-
-    limit = max_positions(unwrap(model).config)
-    longest = max((len(s) for s in sequences), default=0)
-    if limit is not None and longest > limit:
-        raise UserError(f"a sequence of {longest} tokens is longer than the reward model's {limit} positions")
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of similar length pad less
-    scores = torch.zeros(len(sequences))
-    device = next(model.parameters()).device
-    for start in tqdm(range(0, len(sequences), batch_size), disable=not progress, desc="score"):
-        idx = order[start:start + batch_size]
-        ids, mask = right_pad([sequences[i] for i in idx], pad_token_id)
-        scores[idx] = sequence_scores(model, ids.to(device), mask.to(device)).float().cpu()
-    return scores
-
-
-def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32,
-                        progress: bool = False) -> torch.Tensor:
-    """Reward-model scores of whole conversations (each ending with the response), ``[n]``.
-
-    Text goes in, so a policy with another tokenizer can be scored: each conversation is encoded with the reward
-    model's tokenizer exactly as its training pairs were (``encode_conversations``).
-    """
-    return score_sequences(model, encode_conversations(tokenizer, conversations), tokenizer.pad_token_id,
-                           batch_size, progress)
-
-
-def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists as one right-padded batch ``(ids, attention_mask)``, as a reward trainer's collator pads."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids, mask
-
-
-def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
-    """Pairwise accuracy (ties count half) and margins of chosen over rejected scores."""
-    diff = chosen - rejected
-    return {"accuracy": ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item(),
-            "margin_mean": diff.mean().item(), "margin_std": diff.std().item() if len(diff) > 1 else 0.0,
-            "pairs": len(diff)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from rlhf import distributed, methods
-from rlhf.checkpoint import Run
+from rlhf.rundir import Run
 from rlhf.config import AdapterConfig, Recipe, TrainConfig
 from rlhf.errors import TrainingStopped
 

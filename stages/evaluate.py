@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rlhf import formats, modeling, report, rollout
-from rlhf.checkpoint import Run
+from rlhf.rundir import Run
 from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import UserError
 from rlhf.tiny import world
@@ -42,9 +42,7 @@ def resolve_policy(recipe: Recipe, spec: str) -> Row:
     path = Path(spec)
     if not path.exists() and spec in ("sft", "ppo"):
         path = recipe.stage_dir(spec)
-    manifest = modeling.read_manifest(path)
-    if manifest.get("stage") not in ("sft", "ppo"):
-        raise UserError(f"{path}: is a {manifest.get('stage')!r} run, not a policy (sft or ppo)")
+    modeling.read_manifest(path, "policy")
     return Row(spec if spec in ("sft", "ppo") else str(path), run_dir=path)
 
 
@@ -62,13 +60,7 @@ def icl_prompts(prompts: list[list[dict]], demos: list[dict], shots: int, seed: 
 
 def prompt_length(tokenizer, messages: list[dict]) -> int:
     """Tokens of a prompt rendered with the chat template's generation prompt."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def fitting_prompts(tokenizer, prompts: list[list[dict]], limit: int) -> list[int]:
-    """Indices of the prompts of at most ``limit`` tokens."""
-    return [i for i, p in enumerate(prompts) if prompt_length(tokenizer, p) <= limit]
+    return len(modeling.encode_prompt(tokenizer, messages))
 
 
 def fit_icl(tokenizer, inputs: list[list[dict]], prompts: list[list[dict]], limit: int) -> tuple[list, int]:
@@ -123,13 +115,13 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: boo
         torch.manual_seed(e.seed + sample)
         gens = rollout.generate(model, tokenizer, inputs, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                                 temperature=0.0 if e.samples == 1 else e.temperature, progress=progress)
-        scores = rollout.score_conversations(reward[0], reward[1], rollout.with_responses(prompts, gens.texts),
+        scores = modeling.score_conversations(reward[0], reward[1], rollout.with_responses(prompts, gens.texts),
                                              e.batch_size, progress=progress)
         kls = [None] * len(prompts)
         if reference is not None:
             logp = rollout.response_logprobs(model, tokenizer, inputs, gens.token_ids, e.batch_size)
             ref = rollout.response_logprobs(reference, tokenizer, inputs, gens.token_ids, e.batch_size)
-            kls = [(a - b).sum().item() for a, b in zip(logp, ref)]
+            kls = [report.sequence_kl(a, b, torch.ones_like(a)).item() for a, b in zip(logp, ref)]
         for i, q in enumerate(questions):
             rec = {"policy": row.name, "prompt_index": i, "sample": sample, "prompt": q,
                    "response": gens.texts[i], "reward": scores[i].item(), "eos": gens.stopped[i],
@@ -211,7 +203,7 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
     if limit <= 0:
         raise UserError(f"{recipe.source}: eval.max_new_tokens={e.max_new_tokens} leaves no room for a prompt in "
                         f"the model's {positions} positions")
-    kept = fitting_prompts(reward_model[1], prompt_rows, limit)
+    kept = modeling.encode_prompts(reward_model[1], prompt_rows, limit)[1]
     if not kept:
         raise UserError(f"{source}: every prompt is longer than {key}={limit} tokens")
     modeling.report_dropped("eval", len(prompt_rows) - len(kept), len(prompt_rows), f"prompts of {source}", key,

@@ -1,34 +1,38 @@
 """PPO: the SFT policy optimised against the reward model, with a per-token KL penalty to the frozen SFT reference.
 
-setup (prompts, the four models on one base, optimizer, KL controller), then for every PPO step:
+``main`` checks the recipe and the parent runs, ``setup`` loads what the loop reads (prompts, the four models on
+one base) and ``start`` what it changes (optimizer, KL controller, data order: a resume checkpoint's contents).
+``train`` is the loop; for every PPO step:
   1 rollout: sample a response to each prompt of the batch with the policy
   2 score and KL-shape the rewards
   3 advantages (GAE) and returns
   4 PPO epochs over shuffled mini-batches (clipped surrogate + clipped value loss)
-  5 KL controller, metrics, periodic evaluation and checkpoints
-and finally save the policy adapter (plus the value adapter and head), metrics and the manifest.
+  5 KL controller, metrics, periodic evaluation and checkpoints (``log_step``, ``save_checkpoint``)
+and ``finish`` saves the policy adapter (plus the value adapter and head), metrics and the manifest.
 The maths lives in ``rlhf.ppo_math``; which adapter a forward pass uses lives in ``rlhf.ppo_models``.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import checkpoint, distributed, formats, methods, modeling, ppo_math, ppo_models
-from rlhf.checkpoint import Run
-from rlhf.config import AdapterConfig, ModelConfig, Recipe
-from rlhf.rollout import episode_keys, left_pad
-from rlhf.training import show_progress
+from rlhf import distributed, formats, methods, modeling, ppo_math, ppo_models, resume
+from rlhf.rundir import Run
+from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
 from rlhf.errors import TrainingStopped, UserError
+from rlhf.ppo_math import predicting
+from rlhf.ppo_models import PPOModels
+from rlhf.rollout import episode_keys, left_pad
 from rlhf.tiny import world
+from rlhf.training import show_progress
 
 
 @dataclass
@@ -46,117 +50,60 @@ class Rollout:
     values: torch.Tensor = None
     entropy: torch.Tensor = None
     scores: torch.Tensor = None
+    shaped: torch.Tensor = None
     rewards: torch.Tensor = None
     kl: torch.Tensor = None
     advantages: torch.Tensor = None
     returns: torch.Tensor = None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Helpers of the loop
-# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """What the loop reads and never changes."""
 
-def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> tuple[list[list[int]], list[int]]:
-    """Chat-template each prompt (with the generation prompt) into token ids; returns those of at most
-    ``max_length`` tokens and the indices of the prompts they came from (longer ones are left out)."""
-    out, kept = [], []
-    for i, messages in enumerate(prompts):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= max_length:
-            out.append(ids)
-            kept.append(i)
-    return out, kept
+    recipe: Recipe
+    p: PPOConfig
+    run: Run
+    models: PPOModels
+    tokenizer: object
+    model_cfg: ModelConfig
+    """the model settings PPO ran with: the reward model's base and quantization, the attention kernel chosen"""
+    method: str
+    sft_dir: Path | None
+    rm_dir: Path
+    rm_manifest: dict
+    prompts: formats.Loaded
+    encoded: list[list[int]]
+    """the training prompts' token ids (those within ppo.max_prompt_length)"""
+    eval_prompts: list[list[dict]] | None
+    eval_encoded: list[list[int]] | None
+    params: dict[str, list[torch.nn.Parameter]]
+    """the trainable parameters of "policy" and "value" """
+    steps: int
+    rank: int
+    main: bool
 
-
-def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int):
-    """Mask of tokens up to and including the first EOS (everything when there is none), the padded response,
-    and whether each response stopped."""
-    is_eos = response == eos_id
-    stopped = is_eos.any(1)
-    first = torch.where(stopped, is_eos.float().argmax(1), torch.full_like(stopped, response.shape[1] - 1,
-                                                                          dtype=torch.long))
-    mask = (torch.arange(response.shape[1], device=response.device)[None, :] <= first[:, None]).long()
-    return response.masked_fill(mask == 0, pad_id), mask, stopped
-
-
-def response_logits(models, ids, mask, length: int, role: str = "policy") -> torch.Tensor:
-    """Logits that predict each of the last ``length`` tokens (position t-1 predicts token t)."""
-    return models.policy_logits(ids, mask, keep=length + 1, role=role)[:, :-1]
-
-
-def response_values(models, ids, mask, length: int) -> torch.Tensor:
-    """V(s_t) for each response token t: the value head at the position before the token."""
-    return models.values(ids, mask)[:, -length - 1:-1]
+    @property
+    def global_batch(self) -> int:
+        """Episodes per PPO step over every process."""
+        return self.p.global_batch(distributed.world_size())
 
 
-def shape_scores(raw: torch.Tensor, stopped: torch.Tensor, p, stats: dict) -> torch.Tensor:
-    """Normalise with the reward model's stored mean/std, penalise responses without EOS, then clip."""
-    s = raw.clone()
-    if p.normalize_reward:
-        s = (s - stats["mean"]) / max(stats["std"], 1e-6)
-    if p.missing_eos_penalty is not None:
-        s = torch.where(stopped, s, s - p.missing_eos_penalty)
-    if p.reward_clip is not None:
-        s = s.clamp(-p.reward_clip, p.reward_clip)
-    return s
+@dataclass
+class State:
+    """What changes from step to step: everything a resume checkpoint holds, and the metrics so far."""
 
-
-def _precision(models) -> str:
-    """How the loop's passes run, for the start line."""
-    measured = f" (bf16 products measured {models.bf16_speedup:.2f}x fp32 here)" if models.bf16_speedup else ""
-    return ("bf16 autocast" if models.autocast else "fp32") + measured
-
-
-def sequence_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return ppo_math.masked(x, mask).sum(1)
-
-
-@torch.no_grad()
-def evaluate(models, tokenizer, prompts: list[list[dict]], encoded: list[list[int]], max_new_tokens: int) -> dict:
-    """Greedy responses to held-out prompts: mean reward score, and mean gold score where the world defines one."""
-    ids, mask = (t.to(models.device) for t in left_pad(encoded, tokenizer.pad_token_id))
-    out = models.generate(ids, mask, do_sample=False, max_new_tokens=max_new_tokens,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    response, rmask, stopped = truncate_after_eos(out[:, ids.shape[1]:], tokenizer.eos_token_id,
-                                                  tokenizer.pad_token_id)
-    scores = models.scores(torch.cat([ids, response], 1), torch.cat([mask, rmask], 1))
-    result = {"eval/score": scores.mean().item(), "eval/eos_rate": stopped.float().mean().item(),
-              "eval/length": rmask.sum(1).float().mean().item()}
-    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-    questions = [p[-1]["content"] for p in prompts]
-    if all(world.parse_prompt(q) for q in questions):
-        result["eval/gold"] = sum(world.score(q, t.strip()) for q, t in zip(questions, texts)) / len(texts)
-    return result
-
-
-def resolve_parents(recipe: Recipe, policy: str | None, reward: str | None):
-    """The SFT and RM run directories, checked: finished, the right stages, the same base."""
-    sft_dir = None if policy == "base" else Path(policy or recipe.stage_dir("sft"))
-    rm_dir = Path(reward or recipe.stage_dir("rm"))
-    rm_manifest = modeling.read_manifest(rm_dir)
-    if rm_manifest.get("stage") != "rm":
-        raise UserError(f"{rm_dir}: is a {rm_manifest.get('stage')!r} run, not a reward model (rm)")
-    base = rm_manifest["base"]
-    sft_manifest = None
-    if sft_dir is not None:
-        sft_manifest = modeling.read_manifest(sft_dir)
-        if sft_manifest.get("stage") not in ("sft", "ppo"):
-            raise UserError(f"{sft_dir}: is a {sft_manifest.get('stage')!r} run, not a policy (sft or ppo)")
-        if _same_model(sft_manifest["base"], base) is False:
-            raise UserError(f"{sft_dir} was trained on base {sft_manifest['base']!r} but {rm_dir} on {base!r}; "
-                            "PPO needs one base for both")
-        if sft_manifest["adapter"]["method"] != rm_manifest["adapter"]["method"]:
-            raise UserError(f"{sft_dir} ({sft_manifest['adapter']['method']}) and {rm_dir} "
-                            f"({rm_manifest['adapter']['method']}) must use the same adapter method")
-    return sft_dir, sft_manifest, rm_dir, rm_manifest
-
-
-def _same_model(a: str, b: str) -> bool:
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a == b
+    optimizer: torch.optim.Optimizer
+    kl_ctl: ppo_math.FixedKLController | ppo_math.AdaptiveKLController
+    order_gen: torch.Generator
+    """draws the prompt order, one permutation of the prompts at a time"""
+    order: list[int] = field(default_factory=list)
+    """prompt indices not yet drawn from the current permutations"""
+    step: int = 0
+    """the last finished PPO step"""
+    history: list[dict] = field(default_factory=list)
+    bad_in_a_row: int = 0
+    """PPO steps in a row whose every update was skipped for a non-finite value"""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,10 +116,9 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     p = recipe.ppo
     if not recipe.data.prompts:
         raise UserError(f"{recipe.source}: data.prompts is required for the ppo stage")
-    sft_dir, sft_manifest, rm_dir, rm_manifest = resolve_parents(recipe, policy, reward)
+    sft_dir, rm_dir, rm_manifest = resolve_parents(recipe, policy, reward)
     prompts = formats.load(recipe.data.prompts, "prompts", columns=recipe.data.columns, split=recipe.data.split,
                            on_bad_row=recipe.data.on_bad_row)
-    n_proc = distributed.world_size()
     eval_prompts = None
     if recipe.data.eval_prompts and p.eval_every:
         eval_prompts = formats.load(recipe.data.eval_prompts, "prompts", columns=recipe.data.columns,
@@ -186,35 +132,64 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
                                                             p.max_prompt_length + p.max_new_tokens}, recipe.source)
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
         run.track(recipe)
-        return _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eval_prompts)
+        s = setup(recipe, run, sft_dir, rm_dir, rm_manifest, prompts, eval_prompts)
+        state = start(s)
+        train(s, state)
+        return finish(s, state)
 
 
-def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eval_prompts) -> dict:
+def resolve_parents(recipe: Recipe, policy: str | None, reward: str | None) -> tuple[Path | None, Path, dict]:
+    """The SFT and RM run directories, checked: finished, the right stages, the same base and method; and the
+    reward model's manifest."""
+    sft_dir = None if policy == "base" else Path(policy or recipe.stage_dir("sft"))
+    rm_dir = Path(reward or recipe.stage_dir("rm"))
+    rm_manifest = modeling.read_manifest(rm_dir, "reward model")
+    base = rm_manifest["base"]
+    if sft_dir is not None:
+        sft_manifest = modeling.read_manifest(sft_dir, "policy")
+        if _same_model(sft_manifest["base"], base) is False:
+            raise UserError(f"{sft_dir} was trained on base {sft_manifest['base']!r} but {rm_dir} on {base!r}; "
+                            "PPO needs one base for both")
+        if sft_manifest["adapter"]["method"] != rm_manifest["adapter"]["method"]:
+            raise UserError(f"{sft_dir} ({sft_manifest['adapter']['method']}) and {rm_dir} "
+                            f"({rm_manifest['adapter']['method']}) must use the same adapter method")
+    return sft_dir, rm_dir, rm_manifest
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def setup(recipe: Recipe, run: Run, sft_dir: Path | None, rm_dir: Path, rm_manifest: dict, prompts,
+          eval_prompts: list[list[dict]] | None) -> Setup:
+    """The four models on the reward model's base, the tokenizer, the encoded prompts and the trainable
+    parameters."""
     p = recipe.ppo
     torch.manual_seed(p.seed)
-    model_cfg = recipe.model
-    model_cfg.base = rm_manifest["base"]
-    model_cfg.quantization = rm_manifest["recipe"]["model"].get("quantization")
+    dev = distributed.device()
+    # the reward model's base and quantization; measured on CPU, eager attention's backward is much faster than
+    # SDPA's at PPO's lengths in bf16, and within noise of it in fp32 (docs/ppo.md, "Where the time goes"); a
+    # recipe's model.attn_implementation wins
+    model_cfg = dataclasses.replace(
+        recipe.model, base=rm_manifest["base"], quantization=rm_manifest["recipe"]["model"].get("quantization"),
+        attn_implementation=recipe.model.attn_implementation or ("eager" if dev.type == "cpu" else None))
     method = rm_manifest["adapter"]["method"]
     methods.check_stage(method, "ppo", str(rm_dir))
     # the method's options as the reward model was trained with them (a fresh policy adapter uses them too)
     adapter_cfg = AdapterConfig(**rm_manifest["recipe"]["adapter"])
     tokenizer = modeling.load_tokenizer(model_cfg, str(sft_dir or rm_dir))
-    rm_stats = rm_manifest["reward_stats"]
-    shift, scale = (rm_stats["mean"], rm_stats["std"]) if p.normalize_reward else (0.0, 1.0)
-    dev = distributed.device()
-    if not model_cfg.attn_implementation and dev.type == "cpu":
-        # measured on CPU: eager attention's backward is much faster than SDPA's at PPO's lengths in bf16, and
-        # within noise of it in fp32 (docs/ppo.md, "Where the time goes"); a recipe's model.attn_implementation wins
-        model_cfg.attn_implementation = "eager"
+    stats = rm_manifest["reward_stats"]
+    shift, scale = (stats["mean"], stats["std"]) if p.normalize_reward else (0.0, 1.0)
     models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
                              mixed_precision=p.mixed_precision)
-    n_proc, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
-    global_batch = p.batch_size * n_proc  # ppo.batch_size episodes on each process
+    n_proc, main = distributed.world_size(), distributed.is_main()
     models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
-    encoded, kept = encode_prompts(tokenizer, prompts.rows, p.max_prompt_length)
+    encoded, kept = modeling.encode_prompts(tokenizer, prompts.rows, p.max_prompt_length)
     too_long = len(prompts.rows) - len(kept)
-    if len(encoded) < global_batch:
+    if len(encoded) < p.global_batch(n_proc):
         raise UserError(f"{recipe.data.prompts}: {len(encoded)} prompts" + (
             f" within ppo.max_prompt_length={p.max_prompt_length}" if too_long else "") + ", fewer than "
             f"ppo.batch_size={p.batch_size}" + (f" x {n_proc} processes" if n_proc > 1 else ""))
@@ -223,7 +198,7 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
                                 "ppo.max_prompt_length", p.max_prompt_length)
     eval_encoded = None
     if eval_prompts:
-        eval_encoded, eval_kept = encode_prompts(tokenizer, eval_prompts, p.max_prompt_length)
+        eval_encoded, eval_kept = modeling.encode_prompts(tokenizer, eval_prompts, p.max_prompt_length)
         if main:
             modeling.report_dropped("ppo", len(eval_prompts) - len(eval_kept), len(eval_prompts),
                                     f"held-out prompts of {recipe.data.eval_prompts}", "ppo.max_prompt_length",
@@ -231,193 +206,113 @@ def _train(recipe, run, sft_dir, sft_manifest, rm_dir, rm_manifest, prompts, eva
         eval_prompts = [eval_prompts[i] for i in eval_kept]
         eval_encoded = eval_encoded or None
     params = {role: models.parameters(role) for role in ("policy", "value")}
-    optimizer = torch.optim.AdamW([{"params": params["policy"]}, {"params": params["value"]}], lr=p.lr, eps=1e-5)
+    return Setup(recipe=recipe, p=p, run=run, models=models, tokenizer=tokenizer, model_cfg=model_cfg,
+                 method=method, sft_dir=sft_dir, rm_dir=rm_dir, rm_manifest=rm_manifest, prompts=prompts,
+                 encoded=encoded, eval_prompts=eval_prompts, eval_encoded=eval_encoded, params=params,
+                 steps=p.total_steps(len(encoded), n_proc), rank=distributed.rank(), main=main)
+
+
+def start(s: Setup) -> State:
+    """A fresh optimizer, KL controller and prompt order, or those of the newest resume checkpoint."""
+    p = s.p
+    optimizer = torch.optim.AdamW([{"params": s.params["policy"]}, {"params": s.params["value"]}], lr=p.lr,
+                                  eps=1e-5)
     kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else ppo_math.FixedKLController(p.kl_coef))
-    steps = p.max_steps or max(1, math.ceil(p.epochs * len(encoded) / global_batch))
-    order_gen = torch.Generator().manual_seed(p.seed)
-    order: list[int] = []
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    n_trainable = sum(x.numel() for x in params["policy"] + params["value"])
-    if main:
-        print(f"ppo: {len(encoded)} prompts, {steps} steps of {global_batch} episodes"
+    state = State(optimizer, kl_ctl, torch.Generator().manual_seed(p.seed))
+    if s.main:
+        n_proc = distributed.world_size()
+        print(f"ppo: {len(s.encoded)} prompts, {s.steps} steps of {s.global_batch} episodes"
               + (f" ({n_proc} processes x {p.batch_size})" if n_proc > 1 else "")
-              + f"; training {n_trainable:,} parameters (policy + value); {_precision(models)}", file=sys.stderr)
+              + f"; training {trainable_count(s):,} parameters (policy + value); {_precision(s.models)}",
+              file=sys.stderr)
+    if s.run.resumed:
+        resume_from(s.run, s.models, state)
+    return state
 
-    first_step, history, bad_in_a_row = 1, [], 0
-    if run.resumed:
-        first_step, order, lines = resume_from(run, models, optimizer, kl_ctl, order_gen, order)
-        history = run.truncate_metrics(lines)
-    progress = show_progress(recipe)  # a bar on a terminal, a line per step in logs
-    bar = tqdm(total=steps, initial=first_step - 1, desc="ppo", unit="step", disable=not (progress and main))
-    for step in range(first_step, steps + 1):
-        t0 = time.time()
-        # 1 rollout: sample one response per prompt with the policy. Every process draws the same global batch
-        # from the same prompt order and takes its own slice; each episode samples with its own key, so its
-        # response does not depend on which process runs it or what else is in the batch
-        if len(order) < global_batch:
-            order += torch.randperm(len(encoded), generator=order_gen).tolist()
-        batch, order = order[:global_batch][rank * p.batch_size:(rank + 1) * p.batch_size], order[global_batch:]
-        query, query_mask = (t.to(dev) for t in left_pad([encoded[i] for i in batch], pad))
-        keys = episode_keys(p.seed, step, torch.arange(rank * p.batch_size, (rank + 1) * p.batch_size))
+
+def train(s: Setup, state: State) -> None:
+    """The PPO steps after ``state.step``, up to ``s.steps``."""
+    p, models, tok = s.p, s.models, s.tokenizer
+    bar = tqdm(total=s.steps, initial=state.step, desc="ppo", unit="step",
+               disable=not (show_progress(s.recipe) and s.main))  # a bar on a terminal, a line per step in logs
+    for step in range(state.step + 1, s.steps + 1):
+        clock = [time.time()]
+        # 1 rollout: sample one response per prompt with the policy; its log-probs and entropies come from the
+        # sampling pass itself
+        query, query_mask = (t.to(models.device) for t in left_pad(next_batch(s, state), tok.pad_token_id))
+        keys = episode_keys(p.seed, step, torch.arange(s.rank * p.batch_size, (s.rank + 1) * p.batch_size))
         sampled = models.sample(query, query_mask, keys=keys, temperature=p.temperature,
                                 max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
-                                eos_token_id=eos, pad_token_id=pad)
-        response, response_mask, stopped = truncate_after_eos(sampled.tokens, eos, pad)
-        # the policy's log-probs and entropies come from the sampling pass itself, not from another forward pass
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        response, response_mask, stopped = ppo_math.truncate_after_eos(sampled.tokens, tok.eos_token_id,
+                                                                       tok.pad_token_id)
         ro = Rollout(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, response_mask], 1),
                      response=response, response_mask=response_mask, stopped=stopped, logp=sampled.logprobs,
                      entropy=sampled.entropy)
-        length = response.shape[1]
-        t1 = time.time()
+        clock.append(time.time())
 
         # 2 score and KL-shape the rewards
+        length = response.shape[1]
         with torch.no_grad():
             ro.ref_logp = ppo_math.logprobs_from_logits(
                 response_logits(models, ro.ids, ro.mask, length, role="reference"), response, p.temperature)
-            ro.values = response_values(models, ro.ids, ro.mask, length)
+            ro.values = predicting(models.values(ro.ids, ro.mask), length)
             ro.scores = models.scores(ro.ids, ro.mask)
-        shaped = shape_scores(ro.scores, stopped, p, rm_stats)
-        ro.rewards, ro.kl = ppo_math.kl_penalized_rewards(shaped, ro.logp, ro.ref_logp, response_mask,
-                                                          kl_ctl.value, p.kl_estimator)
+        stats = s.rm_manifest["reward_stats"]
+        ro.shaped = ppo_math.shape_scores(ro.scores, stopped, *((stats["mean"], stats["std"]) if p.normalize_reward
+                                                               else (None, None)), p.missing_eos_penalty,
+                                          p.reward_clip)
+        ro.rewards, ro.kl = ppo_math.kl_penalized_rewards(ro.shaped, ro.logp, ro.ref_logp, response_mask,
+                                                          state.kl_ctl.value, p.kl_estimator)
 
-        # 3 advantages (GAE) and returns
+        # 3 advantages (GAE) and returns; whitened over every process's tokens, as one process holding the whole
+        # batch would
         ro.advantages, ro.returns = ppo_math.gae(ro.rewards, ro.values, response_mask, p.gamma, p.lam)
         if p.whiten_advantages:
-            # over every process's tokens: each scales its advantages as one process holding the whole batch would
             ro.advantages = ppo_math.masked_whiten(ro.advantages, response_mask, total=distributed.all_sum)
-        t2 = time.time()
+        clock.append(time.time())
 
-        # 4 PPO epochs over shuffled mini-batches (no update at all from non-finite rewards)
+        # 4 PPO epochs over shuffled mini-batches; every process updates or none does (non-finite rewards)
         finite = bool(torch.isfinite(ro.rewards).all() and torch.isfinite(ro.values).all())
-        if not distributed.any_failed(not finite):  # every process updates, or none does
-            stats = _ppo_epochs(models, optimizer, params, ro, p, step)
+        if not distributed.any_failed(not finite):
+            update = ppo_epochs(models, state.optimizer, s.params, ro, p, step)
         else:
-            stats = {"nonfinite/skipped_updates": p.ppo_epochs * (p.batch_size // p.mini_batch_size)}
-        t3 = time.time()
-        bad_in_a_row = _guard_nonfinite(stats, p, step, bad_in_a_row)
+            update = {"nonfinite/skipped_updates": p.updates_per_step}
+        clock.append(time.time())
+        state.bad_in_a_row = _guard_nonfinite(update, p, step, state.bad_in_a_row)
 
         # 5 KL controller, metrics, evaluation, checkpoints
-        seq_kl = sequence_sum(ro.kl, response_mask)
-        non_score = sequence_sum(ro.rewards, response_mask) - shaped
-        row = {
-            "objective/score": ro.scores.mean().item(),
-            "objective/score_shaped": shaped.mean().item(),
-            "objective/kl": seq_kl.mean().item(),
-            "objective/non_score_reward": non_score.mean().item(),
-            "objective/rlhf_reward": (shaped + non_score).mean().item(),
-            "objective/entropy": sequence_sum(ro.entropy, response_mask).mean().item(),
-            **stats,
-            "response/length": response_mask.sum(1).float().mean().item(),
-            "response/eos_rate": stopped.float().mean().item(),
-            "time/generation_s": t1 - t0,
-            "time/scoring_s": t2 - t1,
-            "time/update_s": t3 - t2,
-        }
-        row = {"step": step, "episodes": step * global_batch, **distributed.all_mean(row)}  # means over processes
-        kl_ctl.update(row["objective/kl"], global_batch)
-        row["ppo/kl_coef"] = kl_ctl.value
-        if eval_encoded and (step % p.eval_every == 0 or step == steps):
-            row.update(evaluate(models, tokenizer, eval_prompts, eval_encoded, p.max_new_tokens))
-        row["time/step_s"] = time.time() - t0
-        run.metrics.write(row)
-        history.append(row)
-        shown = {"score": row["objective/score"], "kl": row["objective/kl"], "len": row["response/length"],
-                 **({"eval/gold": row["eval/gold"]} if "eval/gold" in row else {})}
-        if progress and main:
-            bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
-            bar.update(1)
-        elif main:
-            print(f"ppo: step {step}/{steps} " + " ".join(f"{k} {v:.3f}" for k, v in shown.items()),
-                  file=sys.stderr, flush=True)
-        if row["objective/kl"] < -1e-3 and step > 1 and main:
-            print(f"ppo: warning: mean KL is negative ({row['objective/kl']:.4f}) at step {step}: the k1 estimate "
-                  "is only non-negative on average; persistent negative values usually mean the sampling and "
-                  "the log-prob passes disagree (temperature, top-k/top-p, dropout or padding positions)",
-                  file=sys.stderr)
-        if p.save_every and step % p.save_every == 0 and step != steps:
-            ckpt = run.staging / "checkpoints" / f"step_{step:06d}"  # the policy, for evaluation later
-            with run.saving() as writer:
-                if writer:
-                    ckpt.mkdir(parents=True)
-                    models.save(ckpt)
-                    save_resume_state(run, step, models, optimizer, kl_ctl, order_gen, order, p.keep_checkpoints)
-            distributed.barrier()
-
+        row = log_step(s, state, step, ro, update, clock)
+        _show(s, bar, row, step)
+        state.step = step
+        if p.save_every and step % p.save_every == 0 and step != s.steps:
+            save_checkpoint(s, state)
     bar.close()
 
-    # save
-    final = history[-1]
-    within_budget = None if p.kl_budget is None else final["objective/kl"] <= p.kl_budget
-    if within_budget is False and main:
-        print(f"ppo: warning: final mean KL {final['objective/kl']:.3f} is over ppo.kl_budget={p.kl_budget}; "
-              "raise ppo.kl_coef or use ppo.adaptive_kl", file=sys.stderr)
-    bad = [i for i, x in enumerate(params["policy"] + params["value"]) if not torch.isfinite(x).all()]
-    if bad:
-        raise TrainingStopped(f"ppo: not saving: {len(bad)} trained tensors hold NaN or inf")
-    with run.saving() as writer:
-        if writer:
-            models.save(run.staging)
-            tokenizer.save_pretrained(str(run.staging))
-    return run.finish({
-        "base": model_cfg.base,
-        "parents": {"sft": str(sft_dir) if sft_dir else None, "rm": str(rm_dir)},
-        "adapter": {"method": method,
-                    "parameters": {"trainable": n_trainable,
-                                   "total": sum(x.numel() for x in _all_parameters(models))}},
-        "data": {"prompts": prompts.summary(), "prompts_used": len(encoded), "prompts_too_long": too_long},
-        "metrics": {"steps": steps, "episodes": steps * global_batch,
-                    **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
-        "reward_stats": rm_manifest["reward_stats"],
-        "kl_controller": kl_ctl.state_dict(),
-        "mixed_precision": "bf16" if models.autocast else "no",
-        "bf16_speedup": models.bf16_speedup,
-        "kl_budget": {"budget": p.kl_budget, "within": within_budget},
-        "seed": p.seed,
-        "recipe": recipe.to_dict(),
-    })
+
+# ---------------------------------------------------------------------------------------------------------------
+# The steps of the loop
+# ---------------------------------------------------------------------------------------------------------------
+
+def next_batch(s: Setup, state: State) -> list[list[int]]:
+    """This process's prompts of the next step. Every process draws the same global batch from the same prompt
+    order and takes its own slice; each episode samples with its own key (``rollout.episode_keys``), so its
+    response does not depend on which process runs it or what else is in the batch."""
+    p, n = s.p, s.global_batch
+    if len(state.order) < n:
+        state.order += torch.randperm(len(s.encoded), generator=state.order_gen).tolist()
+    batch, state.order = state.order[:n][s.rank * p.batch_size:(s.rank + 1) * p.batch_size], state.order[n:]
+    return [s.encoded[i] for i in batch]
 
 
-def save_resume_state(run: Run, step: int, models, optimizer, kl_ctl, order_gen, order, keep: int) -> None:
-    """Everything the next step depends on: trainable weights, optimizer, KL controller, RNG, data position."""
-    opt_tensors, opt_meta = checkpoint.optimizer_state(optimizer)
-    rng_tensors, rng_meta = checkpoint.rng_state()
-    tensors = {**{f"model.{k}": v for k, v in models.trainable_state().items()}, **opt_tensors, **rng_tensors,
-               "rng.order": order_gen.get_state()}
-    meta = {"optimizer": opt_meta, "rng": rng_meta, "kl_controller": kl_ctl.state_dict(), "order": order,
-            "metrics_lines": run.metrics_lines()}
-    checkpoint.save_state(run.work, step, tensors, meta, keep)
+def response_logits(models: PPOModels, ids, mask, length: int, role: str = "policy") -> torch.Tensor:
+    """The logits each of the last ``length`` tokens was drawn from, under ``role`` (``ppo_math.predicting``;
+    only the positions needed are computed)."""
+    return predicting(models.policy_logits(ids, mask, keep=length + 1, role=role), length)
 
 
-def resume_from(run: Run, models, optimizer, kl_ctl, order_gen, order) -> tuple[int, list[int], int]:
-    """Restore the newest complete resume checkpoint; returns the step to run next, the data order, and how many
-    metrics lines were written when it was saved."""
-    state = checkpoint.latest_state(run.work)
-    step, lines = 0, 0
-    if state is not None:
-        step, tensors, meta = state
-        models.load_trainable_state({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        checkpoint.load_optimizer_state(optimizer, tensors, meta["optimizer"])
-        kl_ctl.load_state_dict(meta["kl_controller"])
-        order_gen.set_state(tensors["rng.order"])
-        checkpoint.set_rng_state(tensors, meta["rng"])
-        order, lines = meta["order"], meta["metrics_lines"]
-    distributed.barrier()  # everyone has read the state before the main process tidies up
-    if distributed.is_main():
-        for snapshot in (run.staging / "checkpoints").glob("step_*"):
-            if int(snapshot.name.split("_")[1]) > step:  # written after the state we resume from: redo them
-                shutil.rmtree(snapshot)
-        print(f"ppo: resuming from step {step}", file=sys.stderr)
-    return step + 1, order, lines
-
-
-def _all_parameters(models):
-    if isinstance(models, ppo_models.SharedBase):
-        return list(models.model.parameters()) + list(models.value_head.parameters())
-    return [x for m in (models.policy, models.reference, models.reward, models.value) for x in m.parameters()]
-
-
-def _ppo_epochs(models, optimizer, params, ro: Rollout, p, step: int) -> dict:
+def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, step: int) -> dict:
     """``ppo_epochs`` passes over the rollout in shuffled mini-batches; one optimizer step per mini-batch,
     gradients accumulated over micro-batches; stops early when the approximate KL passes ``early_stop_kl``.
 
@@ -437,9 +332,9 @@ def _ppo_epochs(models, optimizer, params, ro: Rollout, p, step: int) -> dict:
         # a shuffle of this process's episodes, fixed by (seed, step, epoch, process): resume needs no RNG state
         perm = torch.randperm(B, generator=torch.Generator().manual_seed(
             hash((p.seed, step, epoch, distributed.rank())) & 0x7FFFFFFF)).to(ro.ids.device)
-        for start in range(0, B, p.mini_batch_size):
+        for start_ in range(0, B, p.mini_batch_size):
             optimizer.zero_grad(set_to_none=True)
-            rows = perm[start:start + p.mini_batch_size]
+            rows = perm[start_:start_ + p.mini_batch_size]
             tokens = distributed.all_sum(ro.response_mask[rows].sum().float()).clamp(min=1)
             for micro in rows.split(p.micro_batch_size):
                 ids, mask, rmask = ro.ids[micro], ro.mask[micro], ro.response_mask[micro]
@@ -449,7 +344,7 @@ def _ppo_epochs(models, optimizer, params, ro: Rollout, p, step: int) -> dict:
                 pg_loss, pstats = ppo_math.policy_loss(logp, ro.logp[micro], ro.advantages[micro], rmask, p.clip)
                 entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits, p.temperature), rmask)
                 ((pg_loss - p.entropy_coef * entropy) * share).backward()
-                vpred = response_values(models, ids, mask, length)
+                vpred = predicting(models.values(ids, mask), length)
                 vf_loss, vstats = ppo_math.value_loss(vpred, ro.values[micro], ro.returns[micro], rmask,
                                                       p.value_clip)
                 (p.vf_coef * vf_loss * share).backward()
@@ -483,13 +378,168 @@ def _ppo_epochs(models, optimizer, params, ro: Rollout, p, step: int) -> dict:
     return stats
 
 
-def _guard_nonfinite(stats: dict, p, step: int, bad_in_a_row: int) -> int:
+def _guard_nonfinite(stats: dict, p: PPOConfig, step: int, bad_in_a_row: int) -> int:
     """Count PPO steps whose every update was skipped for NaN/inf; stop the run after ``max_nonfinite`` in a row."""
-    updates = p.ppo_epochs * (p.batch_size // p.mini_batch_size)
-    if stats["nonfinite/skipped_updates"] < updates:
+    if stats["nonfinite/skipped_updates"] < p.updates_per_step:
         return 0
     print(f"ppo: step {step}: non-finite reward, loss or gradient, update skipped", file=sys.stderr)
     if bad_in_a_row + 1 >= p.max_nonfinite:
         raise TrainingStopped(f"ppo: stopped at step {step}: {bad_in_a_row + 1} steps in a row had a non-finite "
                               "reward, loss or gradient (lower ppo.lr, check the reward model)")
     return bad_in_a_row + 1
+
+
+def log_step(s: Setup, state: State, step: int, ro: Rollout, update: dict, clock: list[float]) -> dict:
+    """The step's metrics (means over processes) after the KL controller's update, with a held-out evaluation
+    every ``ppo.eval_every`` steps and at the end; written to ``metrics.jsonl`` and the history."""
+    mask = ro.response_mask
+    seq_kl = ppo_math.sequence_sum(ro.kl, mask)
+    non_score = ppo_math.sequence_sum(ro.rewards, mask) - ro.shaped
+    row = {
+        "objective/score": ro.scores.mean().item(),
+        "objective/score_shaped": ro.shaped.mean().item(),
+        "objective/kl": seq_kl.mean().item(),
+        "objective/non_score_reward": non_score.mean().item(),
+        "objective/rlhf_reward": (ro.shaped + non_score).mean().item(),
+        "objective/entropy": ppo_math.sequence_sum(ro.entropy, mask).mean().item(),
+        **update,
+        "response/length": mask.sum(1).float().mean().item(),
+        "response/eos_rate": ro.stopped.float().mean().item(),
+        **{f"time/{phase}_s": b - a for phase, a, b in zip(("generation", "scoring", "update"), clock, clock[1:])},
+    }
+    row = {"step": step, "episodes": step * s.global_batch, **distributed.all_mean(row)}
+    state.kl_ctl.update(row["objective/kl"], s.global_batch)
+    row["ppo/kl_coef"] = state.kl_ctl.value
+    if s.eval_encoded and (step % s.p.eval_every == 0 or step == s.steps):
+        row.update(evaluate(s.models, s.tokenizer, s.eval_prompts, s.eval_encoded, s.p.max_new_tokens))
+    row["time/step_s"] = time.time() - clock[0]
+    s.run.metrics.write(row)
+    state.history.append(row)
+    return row
+
+
+def _show(s: Setup, bar, row: dict, step: int) -> None:
+    """The progress bar's figures, or a line per step; a warning when the mean KL turns negative."""
+    if not s.main:
+        return
+    shown = {"score": row["objective/score"], "kl": row["objective/kl"], "len": row["response/length"],
+             **({"eval/gold": row["eval/gold"]} if "eval/gold" in row else {})}
+    if not bar.disable:
+        bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+        bar.update(1)
+    else:
+        print(f"ppo: step {step}/{s.steps} " + " ".join(f"{k} {v:.3f}" for k, v in shown.items()),
+              file=sys.stderr, flush=True)
+    if row["objective/kl"] < -1e-3 and step > 1:
+        print(f"ppo: warning: mean KL is negative ({row['objective/kl']:.4f}) at step {step}: the k1 estimate "
+              "is only non-negative on average; persistent negative values usually mean the sampling and "
+              "the log-prob passes disagree (temperature, top-k/top-p, dropout or padding positions)",
+              file=sys.stderr)
+
+
+@torch.no_grad()
+def evaluate(models: PPOModels, tokenizer, prompts: list[list[dict]], encoded: list[list[int]],
+             max_new_tokens: int) -> dict:
+    """Greedy responses to held-out prompts: mean reward score, and mean gold score where the world defines one."""
+    ids, mask = (t.to(models.device) for t in left_pad(encoded, tokenizer.pad_token_id))
+    out = models.generate(ids, mask, do_sample=False, max_new_tokens=max_new_tokens,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    response, rmask, stopped = ppo_math.truncate_after_eos(out[:, ids.shape[1]:], tokenizer.eos_token_id,
+                                                           tokenizer.pad_token_id)
+    scores = models.scores(torch.cat([ids, response], 1), torch.cat([mask, rmask], 1))
+    result = {"eval/score": scores.mean().item(), "eval/eos_rate": stopped.float().mean().item(),
+              "eval/length": rmask.sum(1).float().mean().item()}
+    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+    questions = [p[-1]["content"] for p in prompts]
+    if all(world.parse_prompt(q) for q in questions):
+        result["eval/gold"] = sum(world.score(q, t.strip()) for q, t in zip(questions, texts)) / len(texts)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints, resume and the finished run
+# ---------------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(s: Setup, state: State) -> None:
+    """The policy under ``checkpoints/step_N`` of the output (for evaluation later), and a resume checkpoint:
+    trainable weights, optimizer, KL controller, RNG and data position."""
+    ckpt = s.run.staging / "checkpoints" / f"step_{state.step:06d}"
+    with s.run.saving() as writer:
+        if writer:
+            ckpt.mkdir(parents=True)
+            s.models.save(ckpt)
+            opt_tensors, opt_meta = resume.optimizer_state(state.optimizer)
+            rng_tensors, rng_meta = resume.rng_state()
+            tensors = {**{f"model.{k}": v for k, v in s.models.trainable_state().items()}, **opt_tensors,
+                       **rng_tensors, "rng.order": state.order_gen.get_state()}
+            meta = {"optimizer": opt_meta, "rng": rng_meta, "kl_controller": state.kl_ctl.state_dict(),
+                    "order": state.order, "metrics_lines": s.run.metrics_lines()}
+            resume.save_state(s.run.work, state.step, tensors, meta, s.p.keep_checkpoints)
+    distributed.barrier()
+
+
+def resume_from(run: Run, models: PPOModels, state: State) -> None:
+    """Restore ``state`` (and the trained weights) from the newest complete resume checkpoint, and the metrics
+    written up to it; policy snapshots written after it are removed, to be made again."""
+    saved = resume.latest_state(run.work)
+    lines = 0
+    if saved is not None:
+        state.step, tensors, meta = saved
+        models.load_trainable_state({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        resume.load_optimizer_state(state.optimizer, tensors, meta["optimizer"])
+        state.kl_ctl.load_state_dict(meta["kl_controller"])
+        state.order_gen.set_state(tensors["rng.order"])
+        resume.set_rng_state(tensors, meta["rng"])
+        state.order, lines = meta["order"], meta["metrics_lines"]
+    distributed.barrier()  # everyone has read the state before the main process tidies up
+    if distributed.is_main():
+        for snapshot in (run.staging / "checkpoints").glob("step_*"):
+            if int(snapshot.name.split("_")[1]) > state.step:  # written after the state we resume from: redo them
+                shutil.rmtree(snapshot)
+        print(f"ppo: resuming from step {state.step}", file=sys.stderr)
+    state.history = run.truncate_metrics(lines)
+
+
+def finish(s: Setup, state: State) -> dict:
+    """Save the trained policy and value model and the tokenizer; returns the manifest."""
+    p, final = s.p, state.history[-1]
+    within_budget = None if p.kl_budget is None else final["objective/kl"] <= p.kl_budget
+    if within_budget is False and s.main:
+        print(f"ppo: warning: final mean KL {final['objective/kl']:.3f} is over ppo.kl_budget={p.kl_budget}; "
+              "raise ppo.kl_coef or use ppo.adaptive_kl", file=sys.stderr)
+    bad = [i for i, x in enumerate(s.params["policy"] + s.params["value"]) if not torch.isfinite(x).all()]
+    if bad:
+        raise TrainingStopped(f"ppo: not saving: {len(bad)} trained tensors hold NaN or inf")
+    with s.run.saving() as writer:
+        if writer:
+            s.models.save(s.run.staging)
+            s.tokenizer.save_pretrained(str(s.run.staging))
+    return s.run.finish({
+        "base": s.model_cfg.base,
+        "parents": {"sft": str(s.sft_dir) if s.sft_dir else None, "rm": str(s.rm_dir)},
+        "adapter": {"method": s.method,
+                    "parameters": {"trainable": trainable_count(s),
+                                   "total": sum(x.numel() for x in s.models.all_parameters())}},
+        "data": {"prompts": s.prompts.summary(), "prompts_used": len(s.encoded),
+                 "prompts_too_long": len(s.prompts.rows) - len(s.encoded)},
+        "metrics": {"steps": s.steps, "episodes": s.steps * s.global_batch,
+                    **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
+        "reward_stats": s.rm_manifest["reward_stats"],
+        "kl_controller": state.kl_ctl.state_dict(),
+        "mixed_precision": "bf16" if s.models.autocast else "no",
+        "bf16_speedup": s.models.bf16_speedup,
+        "kl_budget": {"budget": p.kl_budget, "within": within_budget},
+        "seed": p.seed,
+        # the model settings PPO ran with (later loads of this run use them)
+        "recipe": {**s.recipe.to_dict(), "model": dataclasses.asdict(s.model_cfg)},
+    })
+
+
+def trainable_count(s: Setup) -> int:
+    return sum(x.numel() for x in s.params["policy"] + s.params["value"])
+
+
+def _precision(models: PPOModels) -> str:
+    """How the loop's passes run, for the start line."""
+    measured = f" (bf16 products measured {models.bf16_speedup:.2f}x fp32 here)" if models.bf16_speedup else ""
+    return ("bf16 autocast" if models.autocast else "fp32") + measured

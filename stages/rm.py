@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf import distributed, formats, methods, modeling, rollout, training
-from rlhf.checkpoint import Run
+from rlhf import distributed, formats, methods, modeling, training
+from rlhf.rundir import Run
 from rlhf.config import Recipe
 from rlhf.errors import UserError
 
@@ -57,9 +57,9 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int) -> Encoded:
 def evaluate_pairs(model, tokenizer, encoded: Encoded, batch_size: int = 32, progress: bool = False) -> dict:
     """Accuracy and margins of a reward model on encoded pairs, read where PPO reads."""
     seqs = [r["chosen_ids"] for r in encoded.rows] + [r["rejected_ids"] for r in encoded.rows]
-    scores = rollout.score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, progress=progress)
+    scores = modeling.score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, progress=progress)
     n = len(encoded.rows)
-    return rollout.pair_metrics(scores[:n], scores[n:])
+    return modeling.pair_metrics(scores[:n], scores[n:])
 
 
 def reward_statistics(model, tokenizer, encoded: Encoded, samples: int, seed: int, batch_size: int = 32,
@@ -69,7 +69,7 @@ def reward_statistics(model, tokenizer, encoded: Encoded, samples: int, seed: in
     seqs = [r[side] for r in encoded.rows for side in ("chosen_ids", "rejected_ids")]
     if 0 < samples < len(seqs):
         seqs = random.Random(seed).sample(seqs, samples)
-    scores = rollout.score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, progress=progress)
+    scores = modeling.score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, progress=progress)
     return {"mean": scores.mean().item(), "std": scores.std().item(), "responses": len(seqs)}
 
 

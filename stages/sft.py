@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from rlhf import distributed, formats, methods, modeling, training
-from rlhf.checkpoint import Run
+from rlhf.rundir import Run
 from rlhf.config import Recipe
 from rlhf.errors import UserError
 

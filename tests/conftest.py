@@ -52,7 +52,8 @@ def parents(tmp_path_factory):
     """Briefly trained SFT and RM runs on the tiny base (shared by the PPO and eval tests)."""
     d = tmp_path_factory.mktemp("parents")
     recipe = write_recipe(d / "tiny.yaml", run_dir=str(d / "runs"), logging={"report_to": ["tensorboard"]})
-    run_cli("sft", "--recipe", str(recipe), "--set", "sft.max_steps=30")
+    sft = run_cli("sft", "--recipe", str(recipe), "--set", "sft.max_steps=30")
+    (d / "sft.stderr").write_text(sft.stderr)  # what a log (piped output) got: test_ecosystem reads it
     run_cli("rm", "--recipe", str(recipe), "--set", "rm.max_steps=30", "--set", "rm.stats_samples=200")
     return recipe, d / "runs" / "tiny"
 

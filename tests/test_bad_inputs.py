@@ -1,18 +1,21 @@
-"""The bad-input corpus: each case runs the real CLI and must exit with code 2, print one line that names the
-file and line or the recipe key, show no traceback, and leave nothing that looks like a finished output.
+"""The bad-input corpus: each case runs the ``rlhf`` command and must exit with code 2, print one line that names
+the file and line or the recipe key, show no traceback, and leave nothing that looks like a finished output.
 
-Data files live in tests/bad_inputs/; checkpoint cases are made from small real runs (the `parents` fixture)."""
+Every case runs in-process through click (the same command objects, error handler and exit code, without an
+interpreter start-up each); ``REAL_PROCESS`` cases also run as a real ``rlhf`` process, for the path from the
+entry point to the exit status. Data files live in tests/bad_inputs/; the cases marked as needing runs are made
+from small real runs (the ``parents`` fixture) and the others, which need none, are in the fast tier."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, write_recipe
 
 BAD = Path(__file__).parent / "bad_inputs"
 SMALL_PPO = ["--set", "ppo.batch_size=2", "--set", "ppo.mini_batch_size=2", "--set", "ppo.micro_batch_size=2",
@@ -127,9 +130,17 @@ CASES = [
 ]
 
 
+NEEDS_RUNS = {"prompt-too-long", "prompt-no-field", "checkpoint-missing", "checkpoint-wrong-stage-policy",
+              "checkpoint-wrong-stage-reward", "checkpoint-unfinished", "adapter-for-another-base",
+              "truncated-safetensors"}
+"""cases that need finished SFT and RM runs (the PPO stage checks its parents before it reads its prompts)"""
+REAL_PROCESS = {"sft-invalid-json", "recipe-unknown-key", "checkpoint-unfinished"}
+"""cases also run as a real ``rlhf`` process: a data file, a recipe and a checkpoint error"""
+
+
 class Ctx:
-    def __init__(self, tmp: Path, parents):
-        self.tmp, (recipe, self.runs) = tmp, parents
+    def __init__(self, tmp: Path, recipe: Path, runs: Path | None):
+        self.tmp, self.runs = tmp, runs
         self.recipe = str(recipe)
         self.out = tmp / "out"
 
@@ -139,36 +150,65 @@ class Ctx:
         return dest
 
 
-@pytest.fixture(scope="module")
-def outcomes(parents, tmp_path_factory):
-    """Every case run through the CLI once, two at a time (each run is mostly interpreter start-up)."""
-    jobs = {}
-    for case, build, expected in CASES:
-        ctx = Ctx(tmp_path_factory.mktemp(case), parents)
-        argv = build(ctx)
-        if case == "resume-nothing":
-            argv = argv + ["--resume"]
-        if argv[0] in ("sft", "rm", "ppo", "eval") and "score" not in argv:
-            argv += ["--out", str(ctx.out)]
-        jobs[case] = (ctx, argv)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = dict(zip(jobs, pool.map(lambda job: run_cli(*job[1], check=False), jobs.values())))
-    return {case: (jobs[case][0], procs[case]) for case in jobs}
+def command(case: str, build, ctx: Ctx) -> list[str]:
+    argv = build(ctx)
+    if case == "resume-nothing":
+        argv = argv + ["--resume"]
+    if argv[0] in ("sft", "rm", "ppo", "eval") and "score" not in argv:
+        argv += ["--out", str(ctx.out)]
+    return argv
 
 
-def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
+def in_process(argv: list[str]) -> tuple[int, str]:
+    """``rlhf ARGV`` through click in this process: (exit code, stderr)."""
+    from rlhf.cli import cli
+
+    result = CliRunner().invoke(cli, argv)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        stderr += "Traceback (in-process)\n" + "".join(traceback.format_exception(result.exception))
+    return result.exit_code, stderr
 
 
-@pytest.mark.parametrize("case,expected", [(c[0], c[2]) for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_cleanly(case, expected, outcomes):
-    ctx, proc = outcomes[case]
+def check_refusal(case: str, expected: str | None, code: int, stderr: str, ctx: Ctx) -> None:
     expected = expected or "nothing to resume"
-    lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert expected in lines[0], lines[0]
     if case != "output-already-finished":
         assert not (ctx.tmp / "out" / "manifest.json").exists(), "nothing that looks like a finished output"
     assert not list(ctx.tmp.glob(".out.*")), "no staging or work directory left behind"
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
+    assert NEEDS_RUNS | REAL_PROCESS <= {c[0] for c in CASES}
+
+
+FAST = [c for c in CASES if c[0] not in NEEDS_RUNS]
+WITH_RUNS = [c for c in CASES if c[0] in NEEDS_RUNS]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("case,build,expected", FAST, ids=[c[0] for c in FAST])
+def test_bad_input_is_refused_cleanly(case, build, expected, tmp_path):
+    ctx = Ctx(tmp_path, write_recipe(tmp_path / "tiny.yaml", run_dir=str(tmp_path / "runs")), None)
+    check_refusal(case, expected, *in_process(command(case, build, ctx)), ctx)
+
+
+@pytest.mark.parametrize("case,build,expected", WITH_RUNS, ids=[c[0] for c in WITH_RUNS])
+def test_bad_parent_run_is_refused_cleanly(case, build, expected, tmp_path, parents):
+    ctx = Ctx(tmp_path, *parents)
+    check_refusal(case, expected, *in_process(command(case, build, ctx)), ctx)
+
+
+@pytest.mark.parametrize("case", sorted(REAL_PROCESS))
+def test_the_rlhf_process_exits_2_with_one_line(case, tmp_path, parents):
+    _, build, expected = next(c for c in CASES if c[0] == case)
+    ctx = Ctx(tmp_path, *parents)
+    proc = run_cli(*command(case, build, ctx), check=False)
+    check_refusal(case, expected, proc.returncode, proc.stderr, ctx)

@@ -51,8 +51,8 @@ def test_reward_model_export_scores_the_same(parents, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     adapter_model, adapter_tokenizer = modeling.load_reward(runs / "rm")
     convs = rollout.with_responses(_prompts(8), ["The answer is 4.", "Let me think. It is 5."] * 4)
-    torch.testing.assert_close(rollout.score_conversations(merged, tokenizer, convs),
-                               rollout.score_conversations(adapter_model, adapter_tokenizer, convs),
+    torch.testing.assert_close(modeling.score_conversations(merged, tokenizer, convs),
+                               modeling.score_conversations(adapter_model, adapter_tokenizer, convs),
                                atol=1e-4, rtol=1e-4)
 
 
@@ -129,4 +129,8 @@ def test_progress_bars_on_a_terminal_and_lines_in_logs(parents, ppo_run):
     assert "ppo: 100%" in proc.stderr and "ppo: step 1/3" not in proc.stderr  # logging.progress=on: a bar
     recipe, _ = parents
     sft = json.loads((recipe.parent / "runs" / "tiny" / "sft" / "manifest.json").read_text())
-    assert sft["recipe"]["logging"]["progress"] == "auto"  # and piped output (a log) got lines, not bars
+    assert sft["recipe"]["logging"]["progress"] == "auto"
+    log = (recipe.parent / "sft.stderr").read_text()  # piped output (a log) with progress auto: lines, not bars
+    steps = sorted({line.split()[2] for line in log.splitlines() if line.startswith("sft: step ")})
+    assert steps == ["10/30", "20/30", "30/30"], log  # a line every logging_every=10 steps
+    assert "\r" not in log and "it/s]" not in log and "%|" not in log, log  # and no bar

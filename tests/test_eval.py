@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from rlhf import report
 from stages.evaluate import icl_prompts
 

@@ -20,7 +20,7 @@ from rlhf.cli import cli
 from rlhf.config import ModelConfig
 from stages.rm import encode_pairs
 
-pytestmark = pytest.mark.families
+pytestmark = [pytest.mark.families, pytest.mark.fast]  # in-process and small: part of the fast tier
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_family_through_every_stage(name, world, tmp_path):
     with torch.no_grad():
         ppo_scores = models.scores(ids, mask)
     torch.testing.assert_close(ppo_scores, trained, rtol=0, atol=1e-4)  # and so does PPO, on its own layout
-    text_scores = rollout.score_conversations(reward, rtok, [p["prompt"] + p[side] for side in ("chosen", "rejected")
+    text_scores = modeling.score_conversations(reward, rtok, [p["prompt"] + p[side] for side in ("chosen", "rejected")
                                                              for p in kept])
     torch.testing.assert_close(text_scores, trained, rtol=0, atol=1e-4)  # and eval / rm score, from text
 

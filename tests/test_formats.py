@@ -11,6 +11,8 @@ import pytest
 from rlhf import formats
 from rlhf.errors import UserError
 
+pytestmark = pytest.mark.fast  # the fast tier (make test-fast)
+
 USER = {"role": "user", "content": "What is 2 + 3?"}
 ANSWER = {"role": "assistant", "content": "The answer is 5."}
 EXPECTED = {"prompt": [USER], "completion": [ANSWER]}

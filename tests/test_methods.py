@@ -4,7 +4,6 @@ reloads to the same logits, the stage x method matrix is enforced, and QLoRA run
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -116,7 +115,7 @@ def test_bitfit_on_a_base_without_biases_is_a_clear_error():
 
 
 def test_unsupported_combinations_are_refused(tmp_path):
-    from stages import ppo, rm
+    from stages import rm
 
     recipe = write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs"), adapter={"method": "prefix"})
     with pytest.raises(UserError, match="prefix is not supported by the rm stage.*rm supports lora"):

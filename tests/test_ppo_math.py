@@ -9,6 +9,8 @@ import torch
 
 from rlhf import ppo_math as pm
 
+pytestmark = pytest.mark.fast  # the fast tier (make test-fast)
+
 T = torch.tensor
 
 
@@ -22,6 +24,48 @@ def test_masked_statistics_and_whitening():
                                atol=1e-6, rtol=0)
     torch.testing.assert_close(pm.masked_mean(T([[1.0, 3.0], [5.0, 7.0]]), T([[1, 1], [1, 0]]), dim=1),
                                T([2.0, 5.0]))
+
+
+def test_truncate_after_eos_by_hand():
+    eos, pad = 9, 0
+    response = T([[5, 9, 7, 9],    # stops at its first EOS; what follows becomes pad
+                  [5, 6, 7, 8],    # never stops: every token counts
+                  [9, 4, 4, 4]])   # EOS first: a one-token response
+    padded, mask, stopped = pm.truncate_after_eos(response, eos, pad)
+    assert padded.tolist() == [[5, 9, 0, 0], [5, 6, 7, 8], [9, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert stopped.tolist() == [True, False, True]
+
+
+def test_predicting_takes_the_position_before_each_response_token():
+    # a prompt of 3 tokens (positions 0-2) and a response of 2 (positions 3-4): the response tokens are predicted
+    # at positions 2 and 3; position 4 (after the last token) predicts nothing that was sampled
+    x = T([[[0.0], [1.0], [2.0], [3.0], [4.0]]])  # each position holds its own index
+    assert pm.predicting(x, 2).squeeze(-1).tolist() == [[2.0, 3.0]]
+    assert pm.predicting(x.squeeze(-1), 2).tolist() == [[2.0, 3.0]]  # values: [batch, seq]
+    kept = x[:, -3:]  # logits_to_keep = length + 1 keeps positions 2, 3, 4: the same two come out
+    assert pm.predicting(kept, 2).squeeze(-1).tolist() == [[2.0, 3.0]]
+    # with a causal "model" whose logits at t put all mass on the token at t + 1, the response log-probs are 0
+    ids = T([[4, 1, 3, 2, 0]])
+    logits = torch.full((1, 5, 5), -1e4)
+    logits[0, torch.arange(4), ids[0, 1:]] = 0.0
+    logp = pm.logprobs_from_logits(pm.predicting(logits, 2), ids[:, -2:])
+    torch.testing.assert_close(logp, torch.zeros(1, 2))
+
+
+def test_shape_scores_by_hand():
+    scores, stopped = T([3.0, -1.0, 11.0]), T([True, False, True])
+    # standardised with mean 1, std 2: [1, -1, 5]; the second never stopped: -1 - 0.5; clipped at 4
+    shaped = pm.shape_scores(scores, stopped, mean=1.0, std=2.0, missing_eos_penalty=0.5, clip=4.0)
+    torch.testing.assert_close(shaped, T([1.0, -1.5, 4.0]))
+    torch.testing.assert_close(pm.shape_scores(scores, stopped), scores)  # every step off: unchanged
+    assert pm.shape_scores(scores, stopped, mean=0.0, std=0.0)[0].item() == pytest.approx(3e6)  # std floor 1e-6
+    assert scores.tolist() == [3.0, -1.0, 11.0]  # the input is not changed in place
+
+
+def test_sequence_sum_ignores_padding_even_when_it_holds_inf():
+    x, mask = T([[1.0, 2.0, float("inf")], [0.5, 0.5, 0.5]]), T([[1, 1, 0], [1, 1, 1]])
+    assert pm.sequence_sum(x, mask).tolist() == [3.0, 1.5]
 
 
 def test_logprobs_and_entropy_follow_the_temperature():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, run_cli
 from rlhf import allocator, formats, modeling, ppo_math, ppo_models, rollout
 from rlhf.config import ModelConfig, load_recipe
 
@@ -48,7 +48,7 @@ def test_one_base_four_adapters_match_the_separate_models(parents):
     convs = rollout.with_responses(formats.load(str(ROOT / "data/tiny/heldout_prompts.jsonl"), "prompts").rows[:5],
                                    ["The answer is 4.", "Let me think. So the answer is 1 2.", "maybe 3.",
                                     "The answer is red.", "x"])
-    torch.testing.assert_close(scores, rollout.score_conversations(rm, rm_tok, convs), rtol=0, atol=1e-4)
+    torch.testing.assert_close(scores, modeling.score_conversations(rm, rm_tok, convs), rtol=0, atol=1e-4)
     # the value head starts as the score head on the normalised scale
     models = ppo_models.load(cfg, "lora", runs / "sft", runs / "rm", value_shift=1.5, value_scale=2.0)
     with torch.no_grad():
@@ -182,10 +182,8 @@ def test_mixed_precision_resolution():
 
 
 def _prompts(tok, n):
-    from stages.ppo import encode_prompts
-
     rows = formats.load(str(ROOT / "data/tiny/heldout_prompts.jsonl"), "prompts").rows[:n]
-    return rollout.left_pad(encode_prompts(tok, rows, 256)[0], tok.pad_token_id)
+    return rollout.left_pad(modeling.encode_prompts(tok, rows, 256)[0], tok.pad_token_id)
 
 
 def test_sampling_loop_draws_what_generate_draws_and_keeps_the_log_probs(parents):
@@ -213,9 +211,9 @@ def test_sampling_loop_draws_what_generate_draws_and_keeps_the_log_probs(parents
                               min_new_tokens=min_new, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         assert torch.equal(s.tokens, out[:, ids.shape[1]:])
         assert min_new == 0 or not (s.tokens[:, :min_new] == tok.eos_token_id).any()
-    from stages.ppo import response_logits, truncate_after_eos
+    from stages.ppo import response_logits
 
-    response, rmask, stopped = truncate_after_eos(s.tokens, tok.eos_token_id, tok.pad_token_id)
+    response, rmask, stopped = ppo_math.truncate_after_eos(s.tokens, tok.eos_token_id, tok.pad_token_id)
     assert stopped.any() and not stopped.all() and rmask.sum() > 100  # both kinds of response, real lengths
     with torch.no_grad():
         logits = response_logits(models, torch.cat([ids, response], 1), torch.cat([mask, rmask], 1),

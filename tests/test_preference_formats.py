@@ -9,6 +9,8 @@ import pytest
 from rlhf import formats
 from rlhf.errors import UserError
 
+pytestmark = pytest.mark.fast  # the fast tier (make test-fast)
+
 U = {"role": "user", "content": "What is 2 + 3?"}
 C = {"role": "assistant", "content": "The answer is 5."}
 R = {"role": "assistant", "content": "maybe 6."}

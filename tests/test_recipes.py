@@ -13,6 +13,8 @@ from rlhf import config
 from rlhf.config import Recipe, field_docs, load_recipe
 from rlhf.errors import UserError
 
+pytestmark = pytest.mark.fast  # the fast tier (make test-fast)
+
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, write_recipe
-from rlhf import formats, modeling, rollout
+from rlhf import formats, modeling
 from rlhf.config import ModelConfig
 
 HELDOUT = ROOT / "data" / "tiny" / "heldout_preference.jsonl"
@@ -65,8 +65,8 @@ def test_rm_cli_writes_a_complete_run(tiny_recipe, tmp_path):
     model, tok = modeling.load_reward(out)
     pairs = formats.load(str(HELDOUT), "preference").rows[:8]
     convs = [p["prompt"] + p["chosen"] for p in pairs]
-    ours = rollout.score_conversations(model, tok, convs)
-    again = rollout.score_conversations(modeling.load_reward(out)[0], tok, convs)
+    ours = modeling.score_conversations(model, tok, convs)
+    again = modeling.score_conversations(modeling.load_reward(out)[0], tok, convs)
     assert torch.equal(ours, again)
     plain = AutoPeftModelForSequenceClassification.from_pretrained(str(out), num_labels=1).eval()
     plain.config.pad_token_id = tok.pad_token_id

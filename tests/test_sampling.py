@@ -3,12 +3,14 @@ ever be forced, at any vocabulary width."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlhf import rollout
 from rlhf.rollout import UNIFORM_BITS, episode_keys, gumbel_max, gumbel_noise, hash_uniform, uniform_from_bits
 
 
+@pytest.mark.fast
 def test_every_hash_value_gives_a_uniform_strictly_inside_0_1_and_finite_noise():
     # exhaustive: hash_uniform keeps the top UNIFORM_BITS bits of a 31-bit hash, so these are all its outputs
     k = torch.arange(1 << UNIFORM_BITS)
@@ -22,6 +24,7 @@ def test_every_hash_value_gives_a_uniform_strictly_inside_0_1_and_finite_noise()
     assert bool((noise[1:] <= noise[:-1]).all())  # monotone: distinct uniforms never collapse to one extreme
 
 
+@pytest.mark.fast
 def test_the_old_float64_formula_rounded_to_one():
     # what this replaced: (x + 0.5) / 2^31 in float64, cast to float32, is exactly 1.0 for the 64 largest hashes,
     # and -log(-log(1.0)) is +inf, which wins any argmax (and inf + -inf = NaN, which argmax also picks)

@@ -11,6 +11,8 @@ import pytest
 from conftest import ROOT
 from rlhf.tiny import data, world
 
+pytestmark = pytest.mark.fast  # the fast tier (make test-fast)
+
 DATA = ROOT / "data" / "tiny"
 
 

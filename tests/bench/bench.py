@@ -71,12 +71,11 @@ def parents(work: Path, recipe: Path) -> dict[str, Path]:
     if not ids.exists():
         from rlhf import formats, modeling
         from rlhf.config import load_recipe
-        from stages.ppo import encode_prompts
 
         r = load_recipe(str(recipe))
         tok = modeling.load_tokenizer(r.model, str(sft))
         rows = formats.load(str(ROOT / r.data.prompts), "prompts").rows
-        ids.write_text(json.dumps(encode_prompts(tok, rows, 256, r.data.prompts)))
+        ids.write_text(json.dumps(modeling.encode_prompts(tok, rows, 256)[0]))
     return {"sft": sft, "rm": rm, **{f"{k}_merged": v for k, v in merged.items()}, "ids": ids}
 
 

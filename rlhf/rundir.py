@@ -1,10 +1,13 @@
 """Run directories: where a stage writes, how it writes atomically, and what its manifest records.
 
 A stage never writes into its final directory. It builds the output in a staging directory beside it
-(``.<name>.partial-<pid>``), fsyncs every file, writes ``manifest.json`` last with ``status: complete``, and then
+(``.<name>.partial``), fsyncs every file, writes ``manifest.json`` last with ``status: complete``, and then
 renames the staging directory into place. A crash leaves at most a staging directory, never a final directory
 that looks complete. An existing finished run is replaced only with ``--overwrite``, and even then the old one is
 moved aside first and deleted only after the new one is in place.
+
+Resume checkpoints (what a loop needs to continue: optimizer, RNG, data position) are ``rlhf.resume``; they live in
+the run's ``work`` directory.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-
-import torch
 
 from rlhf import allocator, distributed
 from rlhf.errors import UserError
@@ -279,89 +280,3 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:  # any failure, Ctrl-C included: nothing half-written is published
             self.abandon()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Resume checkpoints written by our own loops (PPO): tensors in safetensors, the rest in JSON, no pickle
-# ---------------------------------------------------------------------------------------------------------------
-
-def optimizer_state(optimizer) -> tuple[dict, dict]:
-    """An optimizer's state as flat tensors plus JSON-able metadata (param groups and which keys exist)."""
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{idx}.{key}"] = value.detach().clone().contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def load_optimizer_state(optimizer, tensors: dict, meta: dict) -> None:
-    state: dict = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = value
-    for name, value in meta["scalars"].items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def rng_state() -> tuple[dict, dict]:
-    """torch, python and numpy RNG states (tensors, JSON)."""
-    import random
-
-    import numpy as np
-
-    np_state = np.random.get_state()
-    return ({"rng.torch": torch.get_rng_state()},
-            {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]})
-
-
-def set_rng_state(tensors: dict, meta: dict) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(tensors["rng.torch"])
-    version, state, gauss = meta["python"]
-    random.setstate((version, tuple(state), gauss))
-    kind, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def save_state(work: Path, step: int, tensors: dict, meta: dict, keep: int) -> Path:
-    """Write ``work/step_N`` atomically (temporary directory, fsync, rename; complete only once renamed) and prune
-    all but the newest ``keep``."""
-    from safetensors.torch import save_file
-
-    work.mkdir(parents=True, exist_ok=True)
-    final = work / f"step_{step:06d}"
-    tmp = work / f".step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, **meta}))
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(work)
-    for old in sorted(work.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_state(work: Path) -> tuple[int, dict, dict] | None:
-    """The newest complete ``work/step_N``: (step, tensors, metadata), or None."""
-    from safetensors.torch import load_file
-
-    done = sorted(work.glob("step_*")) if work.is_dir() else []
-    if not done:
-        return None
-    meta = json.loads((done[-1] / "state.json").read_text())
-    return meta["step"], load_file(str(done[-1] / "state.safetensors")), meta

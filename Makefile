@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft rm ppo eval test test-fast bench methods-report clean-runs
+.PHONY: install sft rm ppo eval test test-fast bench gpu-check methods-report clean-runs
 
 install: $(STAMP)
 
@@ -59,6 +59,13 @@ $(TRL_VENV)/.installed:
 
 bench: install $(TRL_VENV)/.installed
 	$(BIN)/python tests/bench/bench.py --trl-python $(TRL_VENV)/bin/python $(ARGS)
+
+# On one GPU (install torch for it: see TORCH_INDEX above): a random-initialised model of Qwen2.5-0.5B's shape
+# through SFT, RM, PPO and eval, then PPO at batch 64 with 128-token responses measured (tokens/s, phases, peak
+# memory, step-1 KL and ratio). A few minutes; writes runs/gpu-check/gpu_check.md and .json. ARGS="--tiny" runs
+# its code on the CPU.
+gpu-check: install
+	$(BIN)/python tests/bench/gpu_check.py $(ARGS)
 
 # Every fine-tuning method through SFT on the tiny world: trainable parameters, memory, time, gold score
 # (minutes per method; not part of make test). Writes runs/methods-report/report.md.

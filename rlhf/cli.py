@@ -238,7 +238,7 @@ def sample(run_dir, prompts, max_new_tokens, limit):
 
     if run_dir.startswith("base:"):
         cfg = ModelConfig(base=run_dir[5:])
-        model, tokenizer = modeling.load_base(cfg), modeling.load_tokenizer(cfg)
+        model, tokenizer = modeling.load_base(cfg, device=modeling.accelerator()), modeling.load_tokenizer(cfg)
     else:
         model, tokenizer = modeling.load_policy(run_dir)
     rows = formats.load(prompts, "prompts").rows[:limit]

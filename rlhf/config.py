@@ -2,9 +2,11 @@
 
 Loading checks every key and type against these dataclasses, then each section's values (its ``validate``) and the
 combinations between sections (``Recipe.validate``); any problem is a ``UserError`` naming the file and the key.
-Where a default differs from the upstream library's, the field's docstring names the upstream one.
-This module needs no torch (the method table it checks against is plain data, ``rlhf.method_table``). ``--set section.key=value`` overrides one key (the value is read as
-YAML, so ``--set sft.lr=1e-4`` is a number and ``--set adapter.target_modules=[q_proj,v_proj]`` a list).
+Where a default differs from the upstream library's, the field's docstring names the upstream one. This module
+needs no torch (the method table it checks against is plain data, ``rlhf.method_table``).
+
+``--set section.key=value`` overrides one key (the value is read as YAML, so ``--set sft.lr=1e-4`` is a number and
+``--set adapter.target_modules=[q_proj,v_proj]`` a list).
 Relative paths in a recipe are resolved against the current directory, as they are on the command line.
 """
 

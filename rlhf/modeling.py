@@ -202,8 +202,32 @@ def report_dropped(stage: str, dropped: int, total: int, what: str, key: str, li
           + ("; raise " + key + " to keep them" if loud else ""), file=sys.stderr)
 
 
-def load_base(cfg: ModelConfig, kind: str = "causal"):
-    """The base model as a causal LM (``kind="causal"``) or with a one-score head (``kind="score"``)."""
+def accelerator() -> torch.device:
+    """This process's device: its GPU when there is one (accelerate's), else the CPU."""
+    from rlhf import distributed
+
+    return distributed.device()
+
+
+def quantized(model) -> bool:
+    """Whether bitsandbytes quantized ``model``'s weights (they cannot be moved after loading)."""
+    core = unwrap(model)
+    return bool(getattr(core, "is_loaded_in_4bit", False) or getattr(core, "is_loaded_in_8bit", False)
+                or getattr(core, "is_quantized", False))
+
+
+def place(model, device: torch.device | str | None):
+    """``model`` on ``device``: every loader hands its model through here. None leaves it where it was loaded (for
+    a trainer that places or shards it itself); a quantized model stays where bitsandbytes placed it when it was
+    loaded (this process's GPU, ``load_base``)."""
+    if device is None or quantized(model):
+        return model
+    return model.to(device)
+
+
+def load_base(cfg: ModelConfig, kind: str = "causal", device: torch.device | str | None = None):
+    """The base model as a causal LM (``kind="causal"``) or with a one-score head (``kind="score"``), on
+    ``device`` (``place``; None: left where it loads, for a trainer to place)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {**_pretrained_kwargs(cfg), "dtype": DTYPES[cfg.dtype], "use_safetensors": True}
@@ -211,16 +235,18 @@ def load_base(cfg: ModelConfig, kind: str = "causal"):
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization:
         kwargs["quantization_config"] = methods.quantization_config(cfg)
-        if torch.cuda.is_available():  # a quantized model cannot be moved after loading: load it on this process's GPU
+        if torch.cuda.is_available():  # a quantized model cannot move after loading: load it on this process's GPU
             from rlhf import distributed
 
             kwargs["device_map"] = {"": distributed.device()}
     try:
         if kind == "score":
-            return AutoModelForSequenceClassification.from_pretrained(cfg.base, num_labels=1, **kwargs)
-        return AutoModelForCausalLM.from_pretrained(cfg.base, **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(cfg.base, num_labels=1, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.base, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.base}: cannot load the base model ({str(e).splitlines()[0]})") from None
+    return place(model, device)
 
 
 def attach_adapter(model, cfg: AdapterConfig, task_type: str = "CAUSAL_LM", base: str | None = None,
@@ -292,8 +318,10 @@ def read_manifest(run_dir: str | Path, kind: str | None = None) -> dict:
     return manifest
 
 
-def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None):
-    """A causal LM from a finished SFT (or later PPO) run directory, and its tokenizer.
+def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None,
+                device: torch.device | str | None = None):
+    """A causal LM from a finished SFT (or later PPO) run directory, and its tokenizer, on ``device`` (default:
+    this process's accelerator).
 
     Adapter runs load their base (as recorded in the manifest, with the recorded model settings) and the adapter
     on top; full fine-tuning runs load the saved weights directly.
@@ -308,8 +336,7 @@ def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None):
         model = methods.load(
             Path(run_dir), manifest["adapter"]["method"], lambda: load_base(cfg),
             lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], use_safetensors=True))
-    model.eval()
-    return model, tokenizer
+    return place(model.eval(), device or accelerator()), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,8 +460,10 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
             "pairs": len(diff)}
 
 
-def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None):
-    """The reward model of a finished RM run directory (base + adapter + score head), and its tokenizer."""
+def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None,
+                device: torch.device | str | None = None):
+    """The reward model of a finished RM run directory (base + adapter + score head), and its tokenizer, on
+    ``device`` (default: this process's accelerator)."""
     from transformers import AutoModelForSequenceClassification
 
     manifest = read_manifest(run_dir, "reward model")
@@ -452,5 +481,4 @@ def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None):
             Path(run_dir), manifest["adapter"]["method"], base,
             lambda path: AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[cfg.dtype],
                                                                             num_labels=1, use_safetensors=True))
-    model.eval()
-    return model, tokenizer
+    return place(model.eval(), device or accelerator()), tokenizer

@@ -338,8 +338,7 @@ class SharedBase:
 
     def to(self, device) -> None:
         """Move everything to ``device`` (a quantized base was already placed there when it was loaded)."""
-        if not getattr(self.model, "is_loaded_in_4bit", False) and not getattr(self.model, "is_loaded_in_8bit", False):
-            self.model.to(device)
+        modeling.place(self.model, device)
         self.reward_head.to(device)
         self.value_head.to(device)
 
@@ -448,7 +447,7 @@ class SeparateCopies:
 
     def to(self, device) -> None:
         for model in (self.policy, self.reference, self.reward, self.value):
-            model.to(device)
+            modeling.place(model, device)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         state = {f"policy.{k}": v.clone() for k, v in self.policy.state_dict().items()}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import formats, modeling, report, rollout
+from rlhf import adapters, formats, methods, modeling, report, rollout
 from rlhf.rundir import Run
 from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import UserError
@@ -76,28 +76,45 @@ def fit_icl(tokenizer, inputs: list[list[dict]], prompts: list[list[dict]], limi
     return out, shortened
 
 
-def load_row_model(row: Row, model_cfg: ModelConfig):
+def reference_of(row: Row) -> tuple[bool, Path | None, ModelConfig | None]:
+    """What a row's KL is measured against: (whether it has a reference, the policy run it is (None: the bare
+    base), that base's settings). A PPO run's SFT parent, an SFT run's (or a PPO run from the base's) base; the base
+    row has none."""
     if row.run_dir is None:
-        return modeling.load_base(model_cfg).eval(), modeling.load_tokenizer(model_cfg)
-    return modeling.load_policy(row.run_dir)
-
-
-def load_reference(row: Row, model_cfg: ModelConfig):
-    """The model a row's KL is measured against: a PPO run's SFT parent, an SFT run's base; None for the base."""
-    if row.run_dir is None:
-        return None
+        return False, None, None
     manifest = modeling.read_manifest(row.run_dir)
     parent = (manifest.get("parents") or {}).get("sft")
     if manifest["stage"] == "ppo" and parent:
-        return modeling.load_policy(parent)[0]
-    cfg = ModelConfig(**{**manifest["recipe"]["model"], "base": manifest["base"]})
-    return modeling.load_base(cfg).eval()
+        return True, Path(parent), None
+    return True, None, ModelConfig(**{**manifest["recipe"]["model"], "base": manifest["base"]})
 
 
-def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: bool) -> list[dict]:
+def row_models(row: Row, model_cfg: ModelConfig, shared: adapters.OneBase | None):
+    """The row's policy, its tokenizer and its reference (None: no KL): adapters on the shared base where the row
+    and its reference fit on it, else models of their own."""
+    has_ref, ref_dir, ref_base = reference_of(row)
+    fits = shared is not None and (shared.can_hold(row.run_dir) if row.run_dir else shared.can_hold_base(model_cfg))
+    fits = fits and (not has_ref or (shared.can_hold(ref_dir) if ref_dir else shared.can_hold_base(ref_base)))
+    if fits:
+        tokenizer = modeling.load_tokenizer(model_cfg, str(row.run_dir) if row.run_dir else None)
+        return shared.policy(row.run_dir), tokenizer, shared.policy(ref_dir) if has_ref else None
+    if row.run_dir is None:
+        model, tokenizer = modeling.load_base(model_cfg, device=modeling.accelerator()).eval(), \
+            modeling.load_tokenizer(model_cfg)
+    else:
+        model, tokenizer = modeling.load_policy(row.run_dir)
+    reference = None
+    if has_ref:
+        reference = (modeling.load_policy(ref_dir)[0] if ref_dir else
+                     modeling.load_base(ref_base, device=modeling.accelerator()).eval())
+    return model, tokenizer, reference
+
+
+def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: bool,
+                 shared: adapters.OneBase | None = None) -> list[dict]:
     """Generate, score and measure one row; returns one record per (prompt, sample)."""
     e = recipe.eval
-    model, tokenizer = load_row_model(row, recipe.model)
+    model, tokenizer, reference = row_models(row, recipe.model, shared)
     inputs = icl_prompts(prompts, demos, row.icl_shots, e.seed) if row.icl_shots else prompts
     if row.icl_shots:
         positions = modeling.max_positions(model.config)
@@ -107,7 +124,6 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: boo
                 print(f"eval: {row.name}: {shortened} of {len(prompts)} prompts keep fewer demonstrations, to fit "
                       f"the model's {positions} positions with eval.max_new_tokens={e.max_new_tokens}",
                       file=sys.stderr)
-    reference = load_reference(row, recipe.model)
     questions = [p[-1]["content"] for p in prompts]
     gold_known = all(world.parse_prompt(q) for q in questions)
     records = []
@@ -171,8 +187,11 @@ def markdown_table(summary: dict, baseline: str) -> str:
 
 
 def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None = None, prompts: str | None = None,
-         out: str | Path | None = None, overwrite: bool = False, progress: bool = False) -> dict:
-    """Evaluate the recipe's (or the given) policies; returns the summary written to the run directory."""
+         out: str | Path | None = None, overwrite: bool = False, progress: bool = False,
+         one_base: bool = True) -> dict:
+    """Evaluate the recipe's (or the given) policies; returns the summary written to the run directory. With
+    ``one_base`` (and a reward model trained with an adapter) the base is loaded once and every row that shares it
+    is an adapter on it (``adapters.OneBase``); otherwise each model is a copy of its own."""
     e = recipe.eval
     source = prompts or recipe.data.eval_prompts
     if not source:
@@ -192,7 +211,12 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
         if len(demos) < e.icl_shots:
             raise UserError(f"{recipe.data.sft}: {len(demos)} demonstrations, fewer than eval.icl_shots")
     reward_dir = Path(reward) if reward else recipe.stage_dir("rm")
-    reward_model = modeling.load_reward(reward_dir)
+    shared = None
+    if one_base and methods.kind(modeling.read_manifest(reward_dir, "reward model")["adapter"]["method"]) == "peft":
+        shared = adapters.OneBase(reward_dir)
+        reward_model = (shared.reward, shared.reward_tokenizer)
+    else:
+        reward_model = modeling.load_reward(reward_dir)
     # every row answers the same prompts: those that fit the prompt limit PPO trained with, and leave room for
     # eval.max_new_tokens within the model's positions (longer ones are left out and counted)
     limit = recipe.ppo.max_prompt_length
@@ -215,7 +239,7 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
         for row in rows:
             if run.main:
                 print(f"eval: {row.name} on {len(prompt_rows)} prompts x {e.samples}", file=sys.stderr, flush=True)
-            records += evaluate_row(row, recipe, prompt_rows, demos, reward_model, progress)
+            records += evaluate_row(row, recipe, prompt_rows, demos, reward_model, progress, shared)
         summary = summarise(rows, records, e)
         table = markdown_table(summary, rows[0].name)
         pictures = []

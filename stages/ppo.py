@@ -325,6 +325,7 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
     totals: dict[str, float] = {}
     count = skipped = 0  # mini-batches, and skipped updates
     epochs_run = 0
+    first_ratio = 0.0  # this process's part of the first mini-batch's mean ratio, before any update of the step
     grad_norms: dict[str, list[float]] = {"policy": [], "value": []}
     for epoch in range(p.ppo_epochs):
         epochs_run += 1
@@ -353,6 +354,8 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
                                    ("policy/ratio", pstats["ratio"]), ("value/clipfrac", vstats["clipfrac"])):
                     totals[key] = totals.get(key, 0.0) + (value * share).item()  # summed: the mini-batch's mean
                 epoch_kl += (pstats["approxkl"] * share).item()
+                if count == 0:
+                    first_ratio += (pstats["ratio"] * share).item()
             count += 1
             distributed.all_reduce_grads(trainable)
             norms = {role: torch.nn.utils.clip_grad_norm_(params[role], p.max_grad_norm)
@@ -373,6 +376,9 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
     stats = {k: v / count for k, v in zip(keys, summed.tolist())}
     for role, norms in grad_norms.items():  # averaged over the updates that happened
         stats[f"{role}/grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
+    # exactly 1 when the sampling pass and the training pass compute the same log-probs; kernels that differ by
+    # shape (a KV-cache decode against a full forward, on a GPU in bf16) move it away from 1
+    stats["policy/ratio_first"] = distributed.all_sum(torch.tensor(first_ratio, dtype=torch.float64)).item()
     stats["ppo/epochs_run"] = epochs_run
     stats["nonfinite/skipped_updates"] = skipped
     return stats

@@ -128,8 +128,11 @@ def corpus(seed: int = 0) -> list[str]:
     return [sentence(rng, rng.randint(4, 14)) for _ in range(600)] + [str(i) for i in range(100)]
 
 
-def build(family: Family, out: Path, seed: int = 0) -> Path:
-    """Write ``family``'s tokenizer and a random-initialised model (safetensors) to ``out``; returns ``out``."""
+def build(family: Family, out: Path, seed: int = 0, config: dict | None = None, dtype=None,
+          device: str = "cpu") -> Path:
+    """Write ``family``'s tokenizer and a random-initialised model (safetensors) to ``out``; returns ``out``.
+    ``config`` overrides the family's small shape (e.g. a real model's sizes and vocabulary); the weights are made
+    on ``device`` and saved in ``dtype`` (default float32)."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -152,10 +155,11 @@ def build(family: Family, out: Path, seed: int = 0) -> Path:
     ids = {k.replace("_token", "_token_id"): tokenizer.convert_tokens_to_ids(v) for k, v in family.tokens.items()
            if k in ("bos_token", "eos_token", "pad_token")}
     vocab = -(-len(tokenizer) // 64) * 64 + 64  # padded past the tokenizer, as real checkpoints are
-    config = getattr(transformers, family.model_type)(vocab_size=vocab, **family.config,
-                                                      **{"pad_token_id": None, **ids})
+    settings = {"vocab_size": vocab, **family.config, **(config or {})}
+    config = getattr(transformers, family.model_type)(**settings, **{"pad_token_id": None, **ids})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     model.save_pretrained(str(out), safe_serialization=True)
     return out
 

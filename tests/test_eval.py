@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from rlhf import report
 from stages.evaluate import icl_prompts
 
@@ -75,3 +75,100 @@ def test_eval_refuses_a_reward_model_as_policy(parents, tmp_path):
     proc = run_cli("eval", "--recipe", str(recipe), "--policy", str(runs / "rm"), "--out", str(tmp_path / "e"),
                    check=False)
     assert proc.returncode == 2 and "not a policy" in proc.stderr and not (tmp_path / "e").exists()
+
+
+def _records(out):
+    return [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
+
+
+def test_eval_on_one_base_gives_the_numbers_of_separate_copies(parents, ppo_run, tmp_path, monkeypatch):
+    """Rows that share the reward model's base are adapters on one copy of it: the base is loaded once instead of
+    once per model, and every response, reward and gold score is what separate copies give."""
+    from rlhf import modeling
+    from rlhf.config import load_recipe
+    from stages import evaluate
+
+    recipe_path, runs = parents
+    recipe = load_recipe(recipe_path, ["eval.limit=8", "eval.max_new_tokens=16", "eval.icl_shots=1"])
+    loads = []
+    original = modeling.load_base
+    monkeypatch.setattr(modeling, "load_base", lambda *a, **k: loads.append(1) or original(*a, **k))
+    results = {}
+    for one_base in (True, False):
+        loads.clear()
+        evaluate.main(recipe, policies=["base", str(runs / "sft"), str(ppo_run[0])], reward=str(runs / "rm"),
+                      out=tmp_path / str(one_base), one_base=one_base)
+        results[one_base] = (_records(tmp_path / str(one_base)), len(loads))
+    (shared, shared_loads), (separate, separate_loads) = results[True], results[False]
+    assert shared_loads == 1 and separate_loads == 7  # reward, ICL base, base; sft + its base; ppo + its sft's base
+    assert len(shared) == len(separate) == 4 * 8
+    for a, b in zip(shared, separate):
+        assert (a["policy"], a["response"], a["gold"], a["length"]) == (b["policy"], b["response"], b["gold"],
+                                                                        b["length"])
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-5)
+        # PPO's run records eager attention (the CPU's faster kernel for its loop); its own copy loads with it
+        assert (a["kl"] is None) == (b["kl"] is None) and (a["kl"] is None or a["kl"] == pytest.approx(b["kl"],
+                                                                                                     abs=1e-4))
+
+
+def test_every_command_runs_its_models_where_it_placed_them(parents, ppo_run, tmp_path, monkeypatch):
+    """Every model a command generates with, scores with or reads log-probs from went through ``modeling.place``
+    with the process's accelerator: a command that loaded a model some other way (and so left it on the CPU of a
+    GPU machine) fails here."""
+    from click.testing import CliRunner
+
+    from rlhf import adapters, modeling, rollout
+    from rlhf.cli import cli
+
+    recipe_path, runs = parents
+    placed = set()
+    place = modeling.place
+
+    def spy(model, device):
+        if device is not None:
+            assert torch.device(device) == modeling.accelerator()
+            placed.add(id(modeling.unwrap(model)))
+        return place(model, device)
+
+    def root(model):
+        owner = getattr(model, "owner", None) or model.__dict__.get("_owner")
+        return modeling.unwrap(owner.model if isinstance(owner, adapters.OneBase) else model)
+
+    used = []
+
+    def checked(fn):
+        def wrapper(model, *a, **k):
+            used.append(fn.__name__)
+            assert id(root(model)) in placed, f"{fn.__name__} got a model that was never placed"
+            return fn(model, *a, **k)
+        return wrapper
+
+    monkeypatch.setattr(modeling, "place", spy)
+    for module, name in ((rollout, "generate"), (rollout, "response_logprobs"), (modeling, "score_sequences")):
+        monkeypatch.setattr(module, name, checked(getattr(module, name)))
+    runner = CliRunner()
+    prompts = str(ROOT / "data" / "tiny" / "heldout_prompts.jsonl")
+    for args in (["eval", "--recipe", str(recipe_path), "--policy", str(runs / "sft"), "--policy", str(ppo_run[0]),
+                  "--set", "eval.limit=4", "--set", "eval.max_new_tokens=8", "--out", str(tmp_path / "eval")],
+                 ["sample", str(runs / "sft"), "--prompts", prompts, "--limit", "2", "--max-new-tokens", "8"],
+                 ["sample", f"base:{ROOT / 'data' / 'tiny-base'}", "--prompts", prompts, "--limit", "2",
+                  "--max-new-tokens", "8"],
+                 ["rm", "score", "--reward", str(runs / "rm"), "--data",
+                  str(ROOT / "data" / "tiny" / "heldout_preference.jsonl")]):
+        result = runner.invoke(cli, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    assert {"generate", "response_logprobs", "score_sequences"} <= set(used)
+
+
+def test_place_moves_every_loader_s_model_to_the_device_it_is_given(parents):
+    from rlhf import modeling
+    from rlhf.config import ModelConfig
+
+    _, runs = parents
+    meta = torch.device("meta")  # a device no loader would pick by itself
+    base = modeling.load_base(ModelConfig(base=str(ROOT / "data" / "tiny-base")), device=meta)
+    policy, _ = modeling.load_policy(runs / "sft", device=meta)
+    reward, _ = modeling.load_reward(runs / "rm", device=meta)
+    for model in (base, policy, reward):
+        assert {p.device for p in model.parameters()} == {meta}
+    assert modeling.place(base, None) is base  # None: left where it is, for a trainer to place

@@ -70,12 +70,12 @@ class OneBase:
         manifest = modeling.read_manifest(run_dir, "policy")
         model = manifest["recipe"]["model"]
         return (manifest["adapter"]["method"] == self.method and methods.kind(self.method) == "peft"
-                and _same_base(manifest["base"], self.cfg.base)
+                and modeling.same_base(manifest["base"], self.cfg.base)
                 and all(model.get(k) == getattr(self.cfg, k) for k in ("dtype", "quantization", "revision")))
 
     def can_hold_base(self, cfg: ModelConfig) -> bool:
         """Whether the bare base of ``cfg`` is this one (the same model and settings)."""
-        return _same_base(cfg.base, self.cfg.base) and all(getattr(cfg, k) == getattr(self.cfg, k)
+        return modeling.same_base(cfg.base, self.cfg.base) and all(getattr(cfg, k) == getattr(self.cfg, k)
                                                            for k in ("dtype", "quantization", "revision"))
 
     def policy(self, run_dir: Path | None) -> "_PolicyView":
@@ -152,9 +152,3 @@ def _score_head(run_dir: Path, dtype: torch.dtype) -> nn.Linear:
 
     return _head(_score_head_weights(run_dir), dtype).requires_grad_(False)
 
-
-def _same_base(a: str, b: str) -> bool:
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a == b

@@ -295,6 +295,14 @@ def verify_weights(run_dir: str | Path) -> None:
             raise UserError(f"{path}: damaged weights file ({str(e).splitlines()[0][:200]})") from None
 
 
+def same_base(a: str, b: str) -> bool:
+    """Whether two runs' ``base`` name one model: the same local directory (however spelt), or the same hub name."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
 RUN_KINDS = {"policy": ("sft", "ppo"), "reward model": ("rm",)}
 """what each kind of parent run may be: the stages whose output it is"""
 

@@ -147,20 +147,13 @@ def resolve_parents(recipe: Recipe, policy: str | None, reward: str | None) -> t
     base = rm_manifest["base"]
     if sft_dir is not None:
         sft_manifest = modeling.read_manifest(sft_dir, "policy")
-        if _same_model(sft_manifest["base"], base) is False:
+        if not modeling.same_base(sft_manifest["base"], base):
             raise UserError(f"{sft_dir} was trained on base {sft_manifest['base']!r} but {rm_dir} on {base!r}; "
                             "PPO needs one base for both")
         if sft_manifest["adapter"]["method"] != rm_manifest["adapter"]["method"]:
             raise UserError(f"{sft_dir} ({sft_manifest['adapter']['method']}) and {rm_dir} "
                             f"({rm_manifest['adapter']['method']}) must use the same adapter method")
     return sft_dir, rm_dir, rm_manifest
-
-
-def _same_model(a: str, b: str) -> bool:
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a == b
 
 
 def setup(recipe: Recipe, run: Run, sft_dir: Path | None, rm_dir: Path, rm_manifest: dict, prompts,

@@ -34,7 +34,9 @@ TRL_SCRIPT = Path(__file__).with_name("trl_ppo.py")
 
 def run(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
     """Run ``cmd`` in a fresh process; returns (stdout, wall seconds, that process's peak resident memory in MB:
-    the child is reaped here with wait4, so its own ru_maxrss is known)."""
+    the child is reaped here with wait4, so its own ru_maxrss is known). Linux carries a process's peak across
+    exec, so the child's number is at least this process's peak when it started the child: a result no larger
+    than that is refused rather than reported."""
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -48,7 +50,19 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    floor = own_peak_mb()
+    if usage.ru_maxrss / 1024 <= floor:
+        raise SystemExit(f"{' '.join(cmd)}: its peak memory is hidden under this process's {floor:.0f} MB "
+                         "(inherited across exec); run the benchmark from a smaller process")
     return stdout, wall, usage.ru_maxrss / 1024
+
+
+def own_peak_mb() -> float:
+    """This process's own peak resident memory in MB (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -60,6 +59,8 @@ def run_one(recipe_path: str, method: str, overrides: list[str], out: Path, limi
     """SFT with one method, then greedy answers to held-out prompts scored by the gold scorer."""
     import torch
 
+    from bench import own_peak_mb  # this directory: the script's own
+
     from rlhf import formats, modeling, rollout
     from rlhf.config import load_recipe
     from rlhf.tiny import world
@@ -76,7 +77,7 @@ def run_one(recipe_path: str, method: str, overrides: list[str], out: Path, limi
     gold = sum(world.score(q, t) for q, t in zip(questions, gens.texts)) / len(prompts)
     result = {"parameters": manifest["adapter"]["parameters"], "seconds": round(seconds, 1),
               "steps": manifest["metrics"]["steps"], "eval_loss": manifest["metrics"].get("eval_loss"),
-              "gold": round(gold, 4), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+              "gold": round(gold, 4), "peak_rss_mib": round(own_peak_mb())}
     if torch.cuda.is_available():
         result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return result

@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft rm ppo eval test test-fast bench gpu-check methods-report clean-runs
+.PHONY: install sft rm ppo ppo-gold eval test test-fast bench gpu-check methods-report clean-runs
 
 install: $(STAMP)
 
@@ -38,6 +38,14 @@ ppo: install
 
 eval: install
 	$(BIN)/rlhf eval --recipe $(RECIPE) --overwrite $(ARGS)
+
+# PPO against the tiny world's gold scorer instead of the reward model (ppo.reward={gold: 4.0}: no reward model
+# is loaded), from the same SFT policy; then an eval that puts it beside PPO against the reward model
+# (runs/tiny/eval-gold). Needs `make sft ppo` first.
+ppo-gold: install
+	$(BIN)/rlhf ppo --recipe $(RECIPE) --overwrite --set 'ppo.reward={gold: 4.0}' --out runs/tiny/ppo-gold $(ARGS)
+	$(BIN)/rlhf eval --recipe $(RECIPE) --overwrite --policy sft --policy ppo --policy runs/tiny/ppo-gold \
+		--out runs/tiny/eval-gold
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

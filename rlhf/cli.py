@@ -191,7 +191,8 @@ def ppo(recipe_path, overrides, policy, reward, out, overwrite, resume, num_proc
     _relaunch(num_processes, accelerate_config)
     manifest = stage.main(recipe, policy=policy, reward=reward, out=out, overwrite=overwrite, resume=resume)
     m = manifest["metrics"]
-    _echo(f"ppo: {m['steps']} steps, score {m['objective/score']:.4f}, kl {m['objective/kl']:.4f}"
+    score = m.get("objective/score", m["objective/score_total"])
+    _echo(f"ppo: {m['steps']} steps, score {score:.4f}, kl {m['objective/kl']:.4f}"
                + (f", held-out gold {m['eval/gold']:.4f}" if "eval/gold" in m else "")
                + f" -> {out or recipe.stage_dir('ppo')}")
 
@@ -205,17 +206,24 @@ def ppo(recipe_path, overrides, policy, reward, out, overwrite, resume, num_proc
 @click.option("--prompts", help="held-out prompt file (default data.eval_prompts)")
 @click.option("--samples", type=int, help="responses per prompt (1: greedy); overrides eval.samples")
 @click.option("--icl-shots", type=int, help="demonstrations for the in-context baseline row; overrides eval.icl_shots")
+@click.option("--scorer", "scorer_specs", multiple=True,
+              help="a scorer column (built-in name, module:function or file.py:function; repeatable); replaces "
+                   "eval.scorers")
 @click.option("--out", type=click.Path(file_okay=False), help="output directory (default runs/<name>/eval)")
 @click.option("--overwrite", is_flag=True, help="replace a finished evaluation in the output directory")
 @launch_options
-def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_shots, out, overwrite, num_processes,
-             accelerate_config):
-    """Compare policies on held-out prompts: reward, gold, win rate, KL, length; with a report and plots."""
+def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_shots, scorer_specs, out, overwrite,
+             num_processes, accelerate_config):
+    """Compare policies on held-out prompts: reward, scorers (eval.scorers), win rate, KL, length; with a report
+    and plots."""
+    import json
+
     from rlhf.training import show_progress
     from stages import evaluate as stage
 
     extra = ((f"eval.samples={samples}",) if samples is not None else ()) + (
-        (f"eval.icl_shots={icl_shots}",) if icl_shots is not None else ())
+        (f"eval.icl_shots={icl_shots}",) if icl_shots is not None else ()) + (
+        (f"eval.scorers={json.dumps(list(scorer_specs))}",) if scorer_specs else ())
     recipe = _recipe(recipe_path, (*overrides, *extra))
     _relaunch(num_processes, accelerate_config)
     stage.main(recipe, policies=list(policies) or None, reward=reward, prompts=prompts, out=out,
@@ -228,13 +236,17 @@ def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_sho
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="prompt file (any prompt format)")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--limit", type=int, help="use only the first N prompts")
-def sample(run_dir, prompts, max_new_tokens, limit):
-    """Greedy responses of a run's policy (or of `base:PATH`) to a prompt file, as JSON lines with gold scores."""
+@click.option("--scorer", "scorer_specs", multiple=True, default=("gold",), show_default=True,
+              help="score each response with this scorer where it applies (built-in name, module:function or "
+                   "file.py:function; repeatable)")
+def sample(run_dir, prompts, max_new_tokens, limit, scorer_specs):
+    """Greedy responses of a run's policy (or of `base:PATH`) to a prompt file, as JSON lines with scores."""
     import json
 
-    from rlhf import formats, modeling, rollout
+    from rlhf import formats, modeling, rollout, scorers
     from rlhf.config import ModelConfig
-    from rlhf.tiny import world
+
+    scorer_list = scorers.load_all(list(scorer_specs), "--scorer")
 
     if run_dir.startswith("base:"):
         cfg = ModelConfig(base=run_dir[5:])
@@ -252,11 +264,10 @@ def sample(run_dir, prompts, max_new_tokens, limit):
                                 "(the model's positions - --max-new-tokens)", positions - max_new_tokens)
         rows = [rows[i] for i in kept]
     gens = rollout.generate(model, tokenizer, rows, max_new_tokens=max_new_tokens)
-    for messages, text, stopped in zip(rows, gens.texts, gens.stopped):
-        prompt = messages[-1]["content"]
-        row = {"prompt": prompt, "response": text, "eos": stopped}
-        if world.parse_prompt(prompt) is not None:
-            row["gold"] = world.score(prompt, text)
+    scored = {s.name: s(rows, [t.strip() for t in gens.texts]) for s in scorer_list}
+    for i, (messages, text, stopped) in enumerate(zip(rows, gens.texts, gens.stopped)):
+        row = {"prompt": messages[-1]["content"], "response": text, "eos": stopped}
+        row.update({name: values[i] for name, values in scored.items() if values[i] is not None})
         click.echo(json.dumps(row))
 
 

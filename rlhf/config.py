@@ -278,13 +278,18 @@ class PPOConfig:
     """gradient clipping threshold, applied to the policy and the value parameters separately"""
     whiten_advantages: bool = True
     """normalise advantages to mean 0, std 1 over the batch's response tokens"""
+    reward: dict[str, float] = field(default_factory=lambda: {"reward_model": 1.0})
+    """what PPO maximises, a weighted sum: ``reward_model`` weighs the reward model's score (normalised when
+    ppo.normalize_reward), any other key is a scorer (rlhf/scorers.py: a built-in name such as gold, or
+    package.module:function, or file.py:function) weighing its value as it is. Without a reward_model term PPO
+    needs no reward model (RL against verifiable rewards). A scorer's None ("does not apply") adds 0"""
     normalize_reward: bool = True
-    """standardise scores with the reward model's stored mean and std (from its manifest)"""
+    """standardise the reward model's score with its stored mean and std (from its manifest)"""
     reward_clip: float | None = 5.0
-    """clip (normalised) scores to [-reward_clip, reward_clip]; None to disable"""
+    """clip the total score to [-reward_clip, reward_clip] (after the missing-EOS penalty); None to disable"""
     missing_eos_penalty: float | None = 1.0
-    """subtracted from the score of a response that never emits EOS (after normalisation); None to disable. TRL
-    0.28's PPOConfig default is None (its examples pass 1.0)"""
+    """subtracted from the total score of a response that never emits EOS; None to disable. TRL 0.28's PPOConfig
+    default is None (its examples pass 1.0)"""
     early_stop_kl: float | None = None
     """stop the remaining PPO epochs of a step once the mean approximate KL passes this; None to disable"""
     eval_every: int = 10
@@ -342,6 +347,16 @@ class PPOConfig:
         if self.mini_batch_size % self.micro_batch_size:
             fail("micro_batch_size", f"({self.micro_batch_size}) must divide ppo.mini_batch_size "
                                      f"({self.mini_batch_size})")
+        if not any(w != 0 for w in self.reward.values()):
+            fail("reward", "needs a term with a non-zero weight (reward_model: 1.0, or a scorer such as gold: 1.0)")
+        for key, weight in self.reward.items():
+            if not math.isfinite(weight):
+                fail(f"reward.{key}", f"must be a finite weight, got {weight}")
+
+    @property
+    def uses_reward_model(self) -> bool:
+        """Whether the reward model is a term of the reward (else PPO needs none)."""
+        return self.reward.get("reward_model", 0.0) != 0.0
 
 
 @dataclass
@@ -367,6 +382,10 @@ class EvalConfig:
     """bootstrap resamples for the 95% intervals"""
     seed: int = 0
     """seed for sampling, demonstration choice and the bootstrap"""
+    scorers: list[str] = field(default_factory=list)
+    """scorers whose means (with 95% intervals) are columns beside the reward, here and in PPO's held-out
+    evaluations: built-in names (gold, correctness, style: the tiny world's), package.module:function,
+    file.py:function, or label=any of those (rlhf/scorers.py)"""
 
     def validate(self, where: str) -> None:
         fail = _failer(where, "eval")
@@ -474,7 +493,8 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
-        return "a mapping"
+        item = typing.get_args(tp)[1]
+        return "a mapping of names to " + {float: "numbers", int: "integers", str: "strings"}.get(item, str(item))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
             type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -508,8 +528,15 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
             out.append(v)
         return True, out
     if origin is dict:
-        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-        return ok, value
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            return False, value
+        item = typing.get_args(tp)[1]
+        out = {}
+        for k, v in value.items():
+            ok, out[k] = _coerce(v, item)
+            if not ok:
+                return False, value
+        return True, out
     if tp is type(None):
         return value is None, value
     if tp is bool:

@@ -66,7 +66,11 @@ def model_card(manifest: dict) -> str:
             + (f" ({params['percent']}% of {params['total']:,})" if "percent" in params else "")
             if "trainable" in params else ""))
     for role, parent in (manifest.get("parents") or {}).items():
-        lines.append(f"- {role}: `{parent}`")
+        if parent is not None:
+            lines.append(f"- {role}: `{parent}`")
+    if manifest.get("reward"):  # PPO: what the policy was optimised against
+        lines.append("- reward: " + " + ".join(
+            f"{v['weight'] if isinstance(v, dict) else v:g} x {k}" for k, v in manifest["reward"].items()))
     lines += [f"- finished: {manifest.get('finished')} after {manifest.get('seconds')} s"
               + (" (resumed)" if manifest.get("resumed") else ""), ""]
     data = _data_lines(manifest.get("data"))
@@ -145,7 +149,7 @@ def lineage(run_dir: Path) -> list[tuple[str, Path, dict]]:
         parents = m.get("parents") or {}
         for parent_role, parent in parents.items():
             for p in parent if isinstance(parent, list) else [parent]:
-                pm = _manifest(Path(p))
+                pm = _manifest(Path(p)) if p else None
                 if pm is not None:
                     visit(parent_role, Path(p), pm)
         chain.append((role, path, m))

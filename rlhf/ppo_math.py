@@ -99,6 +99,16 @@ def shape_scores(scores: torch.Tensor, stopped: torch.Tensor, mean: float | None
     return s
 
 
+def weighted_score(terms: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """``sum_i weight_i * value_i`` per sequence for ``terms`` of (``[B]`` values, weight). A non-finite value
+    stays non-finite (PPO's guard skips that update); one term of weight 1 returns its values unchanged."""
+    total = None
+    for values, weight in terms:
+        term = values * weight
+        total = term if total is None else total + term
+    return total
+
+
 def sequence_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The sum over the last dimension of the masked-in entries, ``[batch]`` for ``[batch, T]`` (e.g. a sequence
     KL from per-token KLs)."""

@@ -9,6 +9,9 @@ forward pass selects its adapter first:
 - ``value``      trainable, initialised from the reward model's adapter, read through a value head initialised
                  from the score head
 
+Without a reward model (a reward of scorers alone, ``rlhf.scorers``) there is no ``reward`` adapter, and the
+value adapter starts as the SFT adapter (a fresh one without SFT) under a value head that starts at zero.
+
 With a method that trains base weights (full, bitfit, freeze) they are separate model copies. Both layouts are
 ``PPOModels`` (the interface the PPO loop is written against), so the loop does not know which one it runs on.
 """
@@ -192,13 +195,21 @@ def _head(weights: dict[str, torch.Tensor], dtype: torch.dtype, shift: float = 0
     return head
 
 
+def _zero_head(width: int, dtype: torch.dtype) -> nn.Linear:
+    """A value head that predicts 0 everywhere at the start (weights and bias zero)."""
+    head = nn.Linear(width, 1, bias=True, dtype=dtype)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class SharedBase:
     """Policy, reference, reward and value as four adapters on one base model (a ``PPOModels``)."""
 
     autocast: torch.dtype | None = None
     bf16_speedup: float | None = None
 
-    def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
+    def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
                  value_shift: float = 0.0, value_scale: float = 1.0):
         from peft import PeftModel, get_peft_model
 
@@ -210,15 +221,23 @@ class SharedBase:
             self.model = get_peft_model(base, methods.peft_config(adapter_cfg, "CAUSAL_LM", cfg.base),
                                         adapter_name="policy")
         self.has_reference_adapter = sft_dir is not None
-        self.model.load_adapter(str(rm_dir), adapter_name="reward")
-        self.model.load_adapter(str(rm_dir), adapter_name="value", is_trainable=True)
         dtype = base.get_input_embeddings().weight.dtype  # a quantized base keeps its embeddings unquantized
-        head = _score_head_weights(Path(rm_dir))
-        self.reward_head = _head(head, dtype).requires_grad_(False)
-        # the pad token the reward model was trained with: a score is read where its training pooled
-        self.reward_pad_id = modeling.load_tokenizer(cfg, str(rm_dir)).pad_token_id
-        # the value head starts as the score head on the scale PPO's rewards use (normalised when they are)
-        self.value_head = _head(head, dtype, value_shift, value_scale, bias=True)
+        self.reward_head = None
+        if rm_dir is not None:
+            self.model.load_adapter(str(rm_dir), adapter_name="reward")
+            self.model.load_adapter(str(rm_dir), adapter_name="value", is_trainable=True)
+            head = _score_head_weights(Path(rm_dir))
+            self.reward_head = _head(head, dtype).requires_grad_(False)
+            # the pad token the reward model was trained with: a score is read where its training pooled
+            self.reward_pad_id = modeling.load_tokenizer(cfg, str(rm_dir)).pad_token_id
+            # the value head starts as the score head on the scale PPO's rewards use (normalised when they are)
+            self.value_head = _head(head, dtype, value_shift, value_scale, bias=True)
+        else:  # scorers alone: the value model starts from the policy, predicting 0
+            if sft_dir is not None:
+                self.model.load_adapter(str(sft_dir), adapter_name="value", is_trainable=True)
+            else:
+                self.model.add_adapter("value", methods.peft_config(adapter_cfg, "CAUSAL_LM", cfg.base))
+            self.value_head = _zero_head(self.config.hidden_size, dtype)
         # peft's set_adapter walks every module and resets requires_grad (~5 ms a switch here, a dozen switches a
         # step): switch once through it, fix trainability for good (policy and value train; reference and reward
         # never do), and from then on only repoint the adapter layers
@@ -295,6 +314,8 @@ class SharedBase:
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
         """Reward of each whole sequence, read where the reward model trained (``modeling.reward_index``),
         ``[batch]``."""
+        if self.reward_head is None:
+            raise RuntimeError("PPO runs without a reward model (ppo.reward has no reward_model term)")
         hidden = self._hidden("reward", input_ids, attention_mask)
         index = modeling.reward_index(input_ids, attention_mask, self.reward_pad_id)
         last = hidden[torch.arange(len(hidden), device=hidden.device), index]
@@ -339,8 +360,9 @@ class SharedBase:
     def to(self, device) -> None:
         """Move everything to ``device`` (a quantized base was already placed there when it was loaded)."""
         modeling.place(self.model, device)
-        self.reward_head.to(device)
-        self.value_head.to(device)
+        for head in (self.reward_head, self.value_head):
+            if head is not None:
+                head.to(device)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything PPO changes: the policy and value adapters and the value head (for resume checkpoints)."""
@@ -380,7 +402,7 @@ class SeparateCopies:
     autocast: torch.dtype | None = None
     bf16_speedup: float | None = None
 
-    def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
+    def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
                  value_shift: float = 0.0, value_scale: float = 1.0):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -389,13 +411,21 @@ class SeparateCopies:
         self.policy = AutoModelForCausalLM.from_pretrained(str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
                                                            use_safetensors=True, **kwargs)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
-        self.reward = AutoModelForSequenceClassification.from_pretrained(str(rm_dir), dtype=dtype, num_labels=1,
-                                                                         use_safetensors=True, **kwargs)
-        self.reward.requires_grad_(False).eval()
-        self.value = copy.deepcopy(self.reward).requires_grad_(True)
-        head = modeling.score_head(self.value)
-        weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        self.value.score = _head(weights, head.weight.dtype, value_shift, value_scale, bias=True)
+        self.reward = None
+        if rm_dir is not None:
+            self.reward = AutoModelForSequenceClassification.from_pretrained(
+                str(rm_dir), dtype=dtype, num_labels=1, use_safetensors=True, **kwargs)
+            self.reward.requires_grad_(False).eval()
+            self.value = copy.deepcopy(self.reward).requires_grad_(True)
+            head = modeling.score_head(self.value)
+            weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            self.value.score = _head(weights, head.weight.dtype, value_shift, value_scale, bias=True)
+        else:  # scorers alone: the value model starts from the policy, predicting 0
+            self.value = AutoModelForSequenceClassification.from_pretrained(
+                str(sft_dir) if sft_dir else cfg.base, dtype=dtype, num_labels=1, use_safetensors=True, **kwargs)
+            if self.value.config.pad_token_id is None:
+                self.value.config.pad_token_id = self.policy.config.pad_token_id
+            self.value.score = _zero_head(self.value.config.hidden_size, modeling.score_head(self.value).weight.dtype)
         if adapter_cfg is not None and adapter_cfg.method != "full":  # bitfit / freeze: the same weights as in SFT
             methods.prepare(self.policy, adapter_cfg, "CAUSAL_LM")
             methods.prepare(self.value, adapter_cfg, "SEQ_CLS")
@@ -419,6 +449,8 @@ class SeparateCopies:
             return modeling.token_scores(self.value, input_ids, attention_mask).float()
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
+        if self.reward is None:
+            raise RuntimeError("PPO runs without a reward model (ppo.reward has no reward_model term)")
         with autocast(self.device, self.autocast):
             return modeling.sequence_scores(self.reward, input_ids, attention_mask).float()
 
@@ -435,7 +467,8 @@ class SeparateCopies:
         return [p for p in (self.policy if role == "policy" else self.value).parameters() if p.requires_grad]
 
     def all_parameters(self) -> list[nn.Parameter]:
-        return [x for m in (self.policy, self.reference, self.reward, self.value) for x in m.parameters()]
+        return [x for m in (self.policy, self.reference, self.reward, self.value) if m is not None
+                for x in m.parameters()]
 
     def train(self, mode: bool = True) -> None:
         self.policy.train(mode)
@@ -447,7 +480,8 @@ class SeparateCopies:
 
     def to(self, device) -> None:
         for model in (self.policy, self.reference, self.reward, self.value):
-            modeling.place(model, device)
+            if model is not None:
+                modeling.place(model, device)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         state = {f"policy.{k}": v.clone() for k, v in self.policy.state_dict().items()}
@@ -464,15 +498,16 @@ class SeparateCopies:
         self.value.save_pretrained(str(out / "value"))
 
 
-def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path, adapter_cfg=None,
+def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
          value_shift: float = 0.0, value_scale: float = 1.0, device: torch.device | str = "cpu",
          mixed_precision: str = "no") -> PPOModels:
     """The PPO models in the layout ``method`` calls for, on ``device``, every forward pass under the autocast
     that ``mixed_precision`` ("auto", "bf16" or "no") resolves to (``autocast_dtype``; the models' ``autocast``
     and ``bf16_speedup`` say what it resolved to). The value head starts as the reward model's score head mapped
-    to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises."""
+    to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises; without a reward model
+    (``rm_dir`` None) it starts at zero on the policy's weights."""
     device = torch.device(device)
-    with modeling.loading(f"{sft_dir or 'base'} / {rm_dir}", cfg.base):
+    with modeling.loading(f"{sft_dir or 'base'}" + (f" / {rm_dir}" if rm_dir else ""), cfg.base):
         if methods.kind(method) == "weights":
             models = SeparateCopies(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
         else:

@@ -85,7 +85,8 @@ STAGE_CURVES = {
     "sft": [("train/loss", "training loss"), ("eval/loss", "held-out loss"), ("train/learning_rate", "learning rate")],
     "rm": [("train/loss", "training loss"), ("train/accuracy", "training pair accuracy"),
            ("eval/accuracy", "held-out pair accuracy"), ("train/margin", "training reward margin")],
-    "ppo": [("objective/score", "reward-model score"), ("objective/kl", "KL to reference (nats)"),
+    "ppo": [("objective/score", "reward-model score"), ("objective/score_total", "total score (ppo.reward)"),
+            ("objective/kl", "KL to reference (nats)"),
             ("ppo/kl_coef", "KL coefficient"), ("policy/entropy", "policy entropy"),
             ("response/length", "response length (tokens)"), ("eval/gold", "held-out gold (greedy)")],
 }
@@ -123,8 +124,10 @@ def plot_training_curves(run_dir: Path, stage: str) -> Path | None:
 
 def plot_ppo_curves(run_dir: Path, path: Path) -> Path | None:
     """Score, KL and (when logged) held-out gold of a PPO run over its steps."""
-    panels = [p for p in STAGE_CURVES["ppo"] if p[0] in ("objective/score", "objective/kl", "eval/gold")]
-    return plot_curves(read_metrics(run_dir), panels, path, "PPO step")
+    rows = read_metrics(run_dir)
+    score = "objective/score" if any("objective/score" in r for r in rows) else "objective/score_total"
+    panels = [p for p in STAGE_CURVES["ppo"] if p[0] in (score, "objective/kl", "eval/gold")]
+    return plot_curves(rows, panels, path, "PPO step")
 
 
 def plot_overoptimisation(points: list[dict], path: Path) -> Path | None:

@@ -1,5 +1,5 @@
-"""Evaluation: policies side by side on held-out prompts, scored by the reward model and, where the prompts come
-from the tiny world, by the gold scorer.
+"""Evaluation: policies side by side on held-out prompts, scored by the reward model and by the recipe's scorers
+(``eval.scorers``: the tiny world's gold, correctness and style, or any of your own, ``rlhf.scorers``).
 
 setup (prompts, reward model, the rows to compare: an in-context-learning baseline on the untuned base, then the
 listed policies) -> for each row: generate (greedy, or k samples), score, KL to the row's reference -> report
@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-from rlhf import adapters, formats, methods, modeling, report, rollout
+from rlhf import adapters, formats, methods, modeling, report, rollout, scorers
 from rlhf.rundir import Run
 from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import UserError
-from rlhf.tiny import world
 
 
 @dataclass
@@ -111,7 +110,7 @@ def row_models(row: Row, model_cfg: ModelConfig, shared: adapters.OneBase | None
 
 
 def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: bool,
-                 shared: adapters.OneBase | None = None) -> list[dict]:
+                 shared: adapters.OneBase | None = None, scorer_list: list[scorers.Scorer] = ()) -> list[dict]:
     """Generate, score and measure one row; returns one record per (prompt, sample)."""
     e = recipe.eval
     model, tokenizer, reference = row_models(row, recipe.model, shared)
@@ -125,7 +124,6 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: boo
                       f"the model's {positions} positions with eval.max_new_tokens={e.max_new_tokens}",
                       file=sys.stderr)
     questions = [p[-1]["content"] for p in prompts]
-    gold_known = all(world.parse_prompt(q) for q in questions)
     records = []
     for sample in range(e.samples):
         torch.manual_seed(e.seed + sample)
@@ -138,19 +136,18 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: boo
             logp = rollout.response_logprobs(model, tokenizer, inputs, gens.token_ids, e.batch_size)
             ref = rollout.response_logprobs(reference, tokenizer, inputs, gens.token_ids, e.batch_size)
             kls = [report.sequence_kl(a, b, torch.ones_like(a)).item() for a, b in zip(logp, ref)]
+        scored = {s.name: s(prompts, [t.strip() for t in gens.texts]) for s in scorer_list}
         for i, q in enumerate(questions):
             rec = {"policy": row.name, "prompt_index": i, "sample": sample, "prompt": q,
                    "response": gens.texts[i], "reward": scores[i].item(), "eos": gens.stopped[i],
-                   "length": gens.lengths[i], "kl": kls[i]}
-            if gold_known:
-                rec["gold"] = world.score(q, gens.texts[i])
-                rec["gold_parts"] = world.gold_parts(q, gens.texts[i])
+                   "length": gens.lengths[i], "kl": kls[i], **{name: v[i] for name, v in scored.items()}}
             records.append(rec)
     return records
 
 
-def summarise(rows: list[Row], records: list[dict], e) -> dict:
-    """Per row: mean reward with a 95% bootstrap interval, gold, win rate against the first row, KL, length, EOS."""
+def summarise(rows: list[Row], records: list[dict], e, names: list[str] = ()) -> dict:
+    """Per row: mean reward with a 95% bootstrap interval, each scorer's mean (over the responses it applies to)
+    with its interval, win rate against the first row, KL, length, EOS rate."""
     by_row = {r.name: [x for x in records if x["policy"] == r.name] for r in rows}
     first = by_row[rows[0].name]
     summary = {}
@@ -163,23 +160,23 @@ def summarise(rows: list[Row], records: list[dict], e) -> dict:
              "length": sum(x["length"] for x in recs) / len(recs),
              "eos_rate": sum(x["eos"] for x in recs) / len(recs), "responses": len(recs),
              "kl": (sum(x["kl"] for x in recs) / len(recs)) if recs[0]["kl"] is not None else None}
-        if "gold" in recs[0]:
-            golds = [x["gold"] for x in recs]
-            s["gold"] = sum(golds) / len(golds)
-            s["gold_ci95"] = list(report.bootstrap_ci(golds, resamples=e.bootstrap, seed=e.seed))
+        for name in names:
+            values = [x[name] for x in recs if x[name] is not None]
+            if values:
+                s[name] = sum(values) / len(values)
+                s[f"{name}_ci95"] = list(report.bootstrap_ci(values, resamples=e.bootstrap, seed=e.seed))
         summary[r.name] = s
     return summary
 
 
-def markdown_table(summary: dict, baseline: str) -> str:
-    has_gold = any("gold" in s for s in summary.values())
-    head = ["policy", "reward (95% CI)"] + (["gold"] if has_gold else []) + [
-        f"win rate vs {baseline}", "KL to ref", "length", "EOS rate"]
+def markdown_table(summary: dict, baseline: str, names: list[str] = ()) -> str:
+    """The summary as a table: a column per scorer that applied to some row."""
+    shown = [n for n in names if any(n in s for s in summary.values())]
+    head = ["policy", "reward (95% CI)"] + shown + [f"win rate vs {baseline}", "KL to ref", "length", "EOS rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in summary.items():
         cells = [name, f"{s['reward']:.3f} ({s['reward_ci95'][0]:.3f}, {s['reward_ci95'][1]:.3f})"]
-        if has_gold:
-            cells.append(f"{s['gold']:.3f}" if "gold" in s else "-")
+        cells += [f"{s[n]:.3f}" if n in s else "-" for n in shown]
         cells += [f"{s['win_rate_vs_first']:.3f}", "-" if s["kl"] is None else f"{s['kl']:.2f}",
                   f"{s['length']:.1f}", f"{s['eos_rate']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -193,6 +190,8 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
     ``one_base`` (and a reward model trained with an adapter) the base is loaded once and every row that shares it
     is an adapter on it (``adapters.OneBase``); otherwise each model is a copy of its own."""
     e = recipe.eval
+    scorer_list = scorers.load_all(e.scorers, f"{recipe.source}: eval.scorers")
+    names = [s.name for s in scorer_list]
     source = prompts or recipe.data.eval_prompts
     if not source:
         raise UserError(f"{recipe.source}: data.eval_prompts (or --prompts) is required for eval")
@@ -239,9 +238,9 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
         for row in rows:
             if run.main:
                 print(f"eval: {row.name} on {len(prompt_rows)} prompts x {e.samples}", file=sys.stderr, flush=True)
-            records += evaluate_row(row, recipe, prompt_rows, demos, reward_model, progress, shared)
-        summary = summarise(rows, records, e)
-        table = markdown_table(summary, rows[0].name)
+            records += evaluate_row(row, recipe, prompt_rows, demos, reward_model, progress, shared, scorer_list)
+        summary = summarise(rows, records, e, names)
+        table = markdown_table(summary, rows[0].name, names)
         pictures = []
         with run.saving() as main:
             if main:
@@ -253,6 +252,7 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
             "base": recipe.model.base,
             "parents": {"policies": [str(r.run_dir) if r.run_dir else r.name for r in rows], "rm": str(reward_dir)},
             "data": {"prompts": source, "prompts_used": len(prompt_rows), "prompts_too_long": dropped},
+            "scorers": {x.name: x.spec for x in scorer_list},
             "metrics": summary,
             "pictures": pictures,
             "seed": e.seed,

@@ -1,4 +1,5 @@
-"""PPO: the SFT policy optimised against the reward model, with a per-token KL penalty to the frozen SFT reference.
+"""PPO: the SFT policy optimised against the reward (the reward model's score, scorers, or a weighted sum of them:
+``ppo.reward``), with a per-token KL penalty to the frozen SFT reference.
 
 ``main`` checks the recipe and the parent runs, ``setup`` loads what the loop reads (prompts, the four models on
 one base) and ``start`` what it changes (optimizer, KL controller, data order: a resume checkpoint's contents).
@@ -24,14 +25,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import distributed, formats, methods, modeling, ppo_math, ppo_models, resume
+from rlhf import distributed, formats, methods, modeling, ppo_math, ppo_models, resume, scorers
 from rlhf.rundir import Run
 from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
 from rlhf.errors import TrainingStopped, UserError
 from rlhf.ppo_math import predicting
 from rlhf.ppo_models import PPOModels
 from rlhf.rollout import episode_keys, left_pad
-from rlhf.tiny import world
 from rlhf.training import show_progress
 
 
@@ -50,6 +50,11 @@ class Rollout:
     values: torch.Tensor = None
     entropy: torch.Tensor = None
     scores: torch.Tensor = None
+    """the reward model's raw scores (None without a reward model term)"""
+    terms: dict = None
+    """each scorer term's values (None counted as 0), by scorer name"""
+    total: torch.Tensor = None
+    """the weighted sum of the terms, before the missing-EOS penalty and clipping"""
     shaped: torch.Tensor = None
     rewards: torch.Tensor = None
     kl: torch.Tensor = None
@@ -67,16 +72,21 @@ class Setup:
     models: PPOModels
     tokenizer: object
     model_cfg: ModelConfig
-    """the model settings PPO ran with: the reward model's base and quantization, the attention kernel chosen"""
+    """the model settings PPO ran with: the reward model's (or the SFT run's) base and quantization, the
+    attention kernel chosen"""
     method: str
     sft_dir: Path | None
-    rm_dir: Path
-    rm_manifest: dict
+    rm_dir: Path | None
+    rm_manifest: dict | None
+    reward: "Reward"
     prompts: formats.Loaded
     encoded: list[list[int]]
     """the training prompts' token ids (those within ppo.max_prompt_length)"""
+    messages: list[list[dict]]
+    """the same prompts as messages (what scorers read)"""
     eval_prompts: list[list[dict]] | None
     eval_encoded: list[list[int]] | None
+    eval_scorers: list[scorers.Scorer]
     params: dict[str, list[torch.nn.Parameter]]
     """the trainable parameters of "policy" and "value" """
     steps: int
@@ -87,6 +97,19 @@ class Setup:
     def global_batch(self) -> int:
         """Episodes per PPO step over every process."""
         return self.p.global_batch(distributed.world_size())
+
+
+@dataclass
+class Reward:
+    """What PPO maximises (``ppo.reward``): the reward model's weight (0: no reward model) and the scorers'."""
+
+    model_weight: float
+    scorers: list[tuple[scorers.Scorer, float]]
+
+    def describe(self) -> dict:
+        """For the manifest: each term's weight (scorers by name, with the spec they load from)."""
+        out = {"reward_model": self.model_weight} if self.model_weight else {}
+        return {**out, **{s.name: {"spec": s.spec, "weight": w} for s, w in self.scorers}}
 
 
 @dataclass
@@ -116,7 +139,12 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     p = recipe.ppo
     if not recipe.data.prompts:
         raise UserError(f"{recipe.source}: data.prompts is required for the ppo stage")
-    sft_dir, rm_dir, rm_manifest = resolve_parents(recipe, policy, reward)
+    model_weight, terms = scorers.reward_terms(p.reward, f"{recipe.source}: ppo.reward")
+    if reward and not model_weight:
+        raise UserError(f"--reward {reward}: {recipe.source}: ppo.reward has no reward_model term, so PPO uses no "
+                        "reward model")
+    sft_dir, sft_manifest, rm_dir, rm_manifest = resolve_parents(recipe, policy, reward if model_weight else False)
+    eval_scorers = scorers.load_all(recipe.eval.scorers, f"{recipe.source}: eval.scorers") if p.eval_every else []
     prompts = formats.load(recipe.data.prompts, "prompts", columns=recipe.data.columns, split=recipe.data.split,
                            on_bad_row=recipe.data.on_bad_row)
     eval_prompts = None
@@ -127,55 +155,72 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
         raise UserError(f"ppo: the accelerate config asks for {distributed.sharding()} sharding; the PPO stage runs "
                         "data-parallel (recipes/accelerate/multi_gpu.yaml, or --num-processes N); SFT and RM run "
                         "sharded")
-    base_cfg = ModelConfig(**{**rm_manifest["recipe"]["model"], "base": rm_manifest["base"]})
+    base_cfg, method, adapter_cfg = model_source(recipe, sft_manifest, rm_manifest)
     modeling.check_lengths(modeling.load_config(base_cfg), {"ppo.max_prompt_length + ppo.max_new_tokens":
                                                             p.max_prompt_length + p.max_new_tokens}, recipe.source)
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
         run.track(recipe)
-        s = setup(recipe, run, sft_dir, rm_dir, rm_manifest, prompts, eval_prompts)
+        s = setup(recipe, run, (base_cfg, method, adapter_cfg), sft_dir, rm_dir, rm_manifest,
+                  Reward(model_weight, terms), prompts, eval_prompts, eval_scorers)
         state = start(s)
         train(s, state)
         return finish(s, state)
 
 
-def resolve_parents(recipe: Recipe, policy: str | None, reward: str | None) -> tuple[Path | None, Path, dict]:
-    """The SFT and RM run directories, checked: finished, the right stages, the same base and method; and the
-    reward model's manifest."""
+def resolve_parents(recipe: Recipe, policy: str | None, reward: str | None | bool
+                    ) -> tuple[Path | None, dict | None, Path | None, dict | None]:
+    """The SFT and RM run directories and their manifests, checked: finished, the right stages, the same base and
+    method. ``reward`` False: no reward model (a reward of scorers alone); ``policy`` "base": no SFT run."""
     sft_dir = None if policy == "base" else Path(policy or recipe.stage_dir("sft"))
+    sft_manifest = modeling.read_manifest(sft_dir, "policy") if sft_dir is not None else None
+    if reward is False:
+        return sft_dir, sft_manifest, None, None
     rm_dir = Path(reward or recipe.stage_dir("rm"))
     rm_manifest = modeling.read_manifest(rm_dir, "reward model")
     base = rm_manifest["base"]
-    if sft_dir is not None:
-        sft_manifest = modeling.read_manifest(sft_dir, "policy")
+    if sft_manifest is not None:
         if not modeling.same_base(sft_manifest["base"], base):
             raise UserError(f"{sft_dir} was trained on base {sft_manifest['base']!r} but {rm_dir} on {base!r}; "
                             "PPO needs one base for both")
         if sft_manifest["adapter"]["method"] != rm_manifest["adapter"]["method"]:
             raise UserError(f"{sft_dir} ({sft_manifest['adapter']['method']}) and {rm_dir} "
                             f"({rm_manifest['adapter']['method']}) must use the same adapter method")
-    return sft_dir, rm_dir, rm_manifest
+    return sft_dir, sft_manifest, rm_dir, rm_manifest
 
 
-def setup(recipe: Recipe, run: Run, sft_dir: Path | None, rm_dir: Path, rm_manifest: dict, prompts,
-          eval_prompts: list[list[dict]] | None) -> Setup:
-    """The four models on the reward model's base, the tokenizer, the encoded prompts and the trainable
-    parameters."""
+def model_source(recipe: Recipe, sft_manifest: dict | None, rm_manifest: dict | None
+                 ) -> tuple[ModelConfig, str, AdapterConfig]:
+    """The base (and its settings), the method and the method's options PPO runs with: the reward model's, else
+    the SFT run's, else (from the untuned base with scorers alone) the recipe's own."""
+    parent = rm_manifest or sft_manifest
+    if parent is None:
+        return recipe.model, recipe.adapter.method, recipe.adapter
+    cfg = ModelConfig(**{**parent["recipe"]["model"], "base": parent["base"]})
+    return cfg, parent["adapter"]["method"], AdapterConfig(**parent["recipe"]["adapter"])
+
+
+def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfig], sft_dir: Path | None,
+          rm_dir: Path | None, rm_manifest: dict | None, reward: Reward, prompts,
+          eval_prompts: list[list[dict]] | None, eval_scorers: list[scorers.Scorer]) -> Setup:
+    """The four models on one base (``source``: its settings, the method and its options, ``model_source``), the
+    tokenizer, the encoded prompts and the trainable parameters."""
     p = recipe.ppo
     torch.manual_seed(p.seed)
     dev = distributed.device()
-    # the reward model's base and quantization; measured on CPU, eager attention's backward is much faster than
-    # SDPA's at PPO's lengths in bf16, and within noise of it in fp32 (docs/ppo.md, "Where the time goes"); a
-    # recipe's model.attn_implementation wins
+    base_cfg, method, adapter_cfg = source
+    # the parent's base and quantization; measured on CPU, eager attention's backward is much faster than SDPA's
+    # at PPO's lengths in bf16, and within noise of it in fp32 (docs/ppo.md, "Where the time goes"); a recipe's
+    # model.attn_implementation wins
     model_cfg = dataclasses.replace(
-        recipe.model, base=rm_manifest["base"], quantization=rm_manifest["recipe"]["model"].get("quantization"),
+        recipe.model, base=base_cfg.base, quantization=base_cfg.quantization,
         attn_implementation=recipe.model.attn_implementation or ("eager" if dev.type == "cpu" else None))
-    method = rm_manifest["adapter"]["method"]
-    methods.check_stage(method, "ppo", str(rm_dir))
-    # the method's options as the reward model was trained with them (a fresh policy adapter uses them too)
-    adapter_cfg = AdapterConfig(**rm_manifest["recipe"]["adapter"])
-    tokenizer = modeling.load_tokenizer(model_cfg, str(sft_dir or rm_dir))
-    stats = rm_manifest["reward_stats"]
-    shift, scale = (stats["mean"], stats["std"]) if p.normalize_reward else (0.0, 1.0)
+    methods.check_stage(method, "ppo", str(rm_dir or sft_dir or recipe.source))
+    tokenizer = modeling.load_tokenizer(model_cfg, str(sft_dir or rm_dir) if (sft_dir or rm_dir) else None)
+    shift, scale = 0.0, 1.0
+    if rm_manifest is not None and p.normalize_reward:
+        shift, scale = rm_manifest["reward_stats"]["mean"], rm_manifest["reward_stats"]["std"]
+    if reward.model_weight:  # the value head starts on the scale of the reward model's weighted term
+        scale = scale / reward.model_weight
     models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
                              mixed_precision=p.mixed_precision)
     n_proc, main = distributed.world_size(), distributed.is_main()
@@ -200,8 +245,9 @@ def setup(recipe: Recipe, run: Run, sft_dir: Path | None, rm_dir: Path, rm_manif
         eval_encoded = eval_encoded or None
     params = {role: models.parameters(role) for role in ("policy", "value")}
     return Setup(recipe=recipe, p=p, run=run, models=models, tokenizer=tokenizer, model_cfg=model_cfg,
-                 method=method, sft_dir=sft_dir, rm_dir=rm_dir, rm_manifest=rm_manifest, prompts=prompts,
-                 encoded=encoded, eval_prompts=eval_prompts, eval_encoded=eval_encoded, params=params,
+                 method=method, sft_dir=sft_dir, rm_dir=rm_dir, rm_manifest=rm_manifest, reward=reward,
+                 prompts=prompts, encoded=encoded, messages=[prompts.rows[i] for i in kept],
+                 eval_prompts=eval_prompts, eval_encoded=eval_encoded, eval_scorers=eval_scorers, params=params,
                  steps=p.total_steps(len(encoded), n_proc), rank=distributed.rank(), main=main)
 
 
@@ -233,7 +279,8 @@ def train(s: Setup, state: State) -> None:
         clock = [time.time()]
         # 1 rollout: sample one response per prompt with the policy; its log-probs and entropies come from the
         # sampling pass itself
-        query, query_mask = (t.to(models.device) for t in left_pad(next_batch(s, state), tok.pad_token_id))
+        batch = next_batch(s, state)
+        query, query_mask = (t.to(models.device) for t in left_pad([s.encoded[i] for i in batch], tok.pad_token_id))
         keys = episode_keys(p.seed, step, torch.arange(s.rank * p.batch_size, (s.rank + 1) * p.batch_size))
         sampled = models.sample(query, query_mask, keys=keys, temperature=p.temperature,
                                 max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
@@ -251,11 +298,9 @@ def train(s: Setup, state: State) -> None:
             ro.ref_logp = ppo_math.logprobs_from_logits(
                 response_logits(models, ro.ids, ro.mask, length, role="reference"), response, p.temperature)
             ro.values = predicting(models.values(ro.ids, ro.mask), length)
-            ro.scores = models.scores(ro.ids, ro.mask)
-        stats = s.rm_manifest["reward_stats"]
-        ro.shaped = ppo_math.shape_scores(ro.scores, stopped, *((stats["mean"], stats["std"]) if p.normalize_reward
-                                                               else (None, None)), p.missing_eos_penalty,
-                                          p.reward_clip)
+        score(s, ro, batch)
+        ro.shaped = ppo_math.shape_scores(ro.total, stopped, missing_eos_penalty=p.missing_eos_penalty,
+                                          clip=p.reward_clip)
         ro.rewards, ro.kl = ppo_math.kl_penalized_rewards(ro.shaped, ro.logp, ro.ref_logp, response_mask,
                                                           state.kl_ctl.value, p.kl_estimator)
 
@@ -288,15 +333,37 @@ def train(s: Setup, state: State) -> None:
 # The steps of the loop
 # ---------------------------------------------------------------------------------------------------------------
 
-def next_batch(s: Setup, state: State) -> list[list[int]]:
-    """This process's prompts of the next step. Every process draws the same global batch from the same prompt
-    order and takes its own slice; each episode samples with its own key (``rollout.episode_keys``), so its
-    response does not depend on which process runs it or what else is in the batch."""
+def next_batch(s: Setup, state: State) -> list[int]:
+    """This process's prompts of the next step (indices into ``s.encoded`` and ``s.messages``). Every process
+    draws the same global batch from the same prompt order and takes its own slice; each episode samples with its
+    own key (``rollout.episode_keys``), so its response does not depend on which process runs it or what else is
+    in the batch."""
     p, n = s.p, s.global_batch
     if len(state.order) < n:
         state.order += torch.randperm(len(s.encoded), generator=state.order_gen).tolist()
     batch, state.order = state.order[:n][s.rank * p.batch_size:(s.rank + 1) * p.batch_size], state.order[n:]
-    return [s.encoded[i] for i in batch]
+    return batch
+
+
+def score(s: Setup, ro: Rollout, batch: list[int]) -> None:
+    """The rollout's total score: the reward model's (standardised with its stored statistics when
+    ppo.normalize_reward) and each scorer's on the decoded response, weighted and summed (``ppo.reward``)."""
+    p, terms = s.p, []
+    if s.reward.model_weight:
+        with torch.no_grad():
+            ro.scores = s.models.scores(ro.ids, ro.mask)
+        stats = s.rm_manifest["reward_stats"]
+        terms.append((ppo_math.shape_scores(ro.scores, ro.stopped, *((stats["mean"], stats["std"])
+                                            if p.normalize_reward else (None, None))), s.reward.model_weight))
+    ro.terms = {}
+    if s.reward.scorers:
+        texts = [t.strip() for t in s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)]
+        prompts = [s.messages[i] for i in batch]
+        for scorer, weight in s.reward.scorers:
+            values = [0.0 if v is None else v for v in scorer(prompts, texts)]  # "does not apply" adds 0
+            ro.terms[scorer.name] = torch.tensor(values, dtype=torch.float32, device=ro.response.device)
+            terms.append((ro.terms[scorer.name], weight))
+    ro.total = ppo_math.weighted_score(terms)
 
 
 def response_logits(models: PPOModels, ids, mask, length: int, role: str = "policy") -> torch.Tensor:
@@ -395,7 +462,9 @@ def log_step(s: Setup, state: State, step: int, ro: Rollout, update: dict, clock
     seq_kl = ppo_math.sequence_sum(ro.kl, mask)
     non_score = ppo_math.sequence_sum(ro.rewards, mask) - ro.shaped
     row = {
-        "objective/score": ro.scores.mean().item(),
+        **({"objective/score": ro.scores.mean().item()} if ro.scores is not None else {}),
+        **{f"objective/scorer/{name}": values.mean().item() for name, values in ro.terms.items()},
+        "objective/score_total": ro.total.mean().item(),
         "objective/score_shaped": ro.shaped.mean().item(),
         "objective/kl": seq_kl.mean().item(),
         "objective/non_score_reward": non_score.mean().item(),
@@ -410,7 +479,7 @@ def log_step(s: Setup, state: State, step: int, ro: Rollout, update: dict, clock
     state.kl_ctl.update(row["objective/kl"], s.global_batch)
     row["ppo/kl_coef"] = state.kl_ctl.value
     if s.eval_encoded and (step % s.p.eval_every == 0 or step == s.steps):
-        row.update(evaluate(s.models, s.tokenizer, s.eval_prompts, s.eval_encoded, s.p.max_new_tokens))
+        row.update(evaluate(s, s.eval_prompts, s.eval_encoded))
     row["time/step_s"] = time.time() - clock[0]
     s.run.metrics.write(row)
     state.history.append(row)
@@ -421,8 +490,9 @@ def _show(s: Setup, bar, row: dict, step: int) -> None:
     """The progress bar's figures, or a line per step; a warning when the mean KL turns negative."""
     if not s.main:
         return
-    shown = {"score": row["objective/score"], "kl": row["objective/kl"], "len": row["response/length"],
-             **({"eval/gold": row["eval/gold"]} if "eval/gold" in row else {})}
+    shown = {"score": row.get("objective/score", row["objective/score_total"]), "kl": row["objective/kl"],
+             "len": row["response/length"], **{k: v for k, v in row.items() if k.startswith("eval/")
+                                               and k[5:] in [x.name for x in s.eval_scorers]}}
     if not bar.disable:
         bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
         bar.update(1)
@@ -437,21 +507,24 @@ def _show(s: Setup, bar, row: dict, step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(models: PPOModels, tokenizer, prompts: list[list[dict]], encoded: list[list[int]],
-             max_new_tokens: int) -> dict:
-    """Greedy responses to held-out prompts: mean reward score, and mean gold score where the world defines one."""
+def evaluate(s: Setup, prompts: list[list[dict]], encoded: list[list[int]]) -> dict:
+    """Greedy responses to held-out prompts: the reward model's mean score (when PPO uses one), and each of
+    eval.scorers' mean over the prompts it applies to."""
+    models, tokenizer = s.models, s.tokenizer
     ids, mask = (t.to(models.device) for t in left_pad(encoded, tokenizer.pad_token_id))
-    out = models.generate(ids, mask, do_sample=False, max_new_tokens=max_new_tokens,
+    out = models.generate(ids, mask, do_sample=False, max_new_tokens=s.p.max_new_tokens,
                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     response, rmask, stopped = ppo_math.truncate_after_eos(out[:, ids.shape[1]:], tokenizer.eos_token_id,
                                                            tokenizer.pad_token_id)
-    scores = models.scores(torch.cat([ids, response], 1), torch.cat([mask, rmask], 1))
-    result = {"eval/score": scores.mean().item(), "eval/eos_rate": stopped.float().mean().item(),
-              "eval/length": rmask.sum(1).float().mean().item()}
-    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-    questions = [p[-1]["content"] for p in prompts]
-    if all(world.parse_prompt(q) for q in questions):
-        result["eval/gold"] = sum(world.score(q, t.strip()) for q, t in zip(questions, texts)) / len(texts)
+    result = {}
+    if s.reward.model_weight:
+        result["eval/score"] = models.scores(torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)).mean().item()
+    result.update({"eval/eos_rate": stopped.float().mean().item(), "eval/length": rmask.sum(1).float().mean().item()})
+    texts = [t.strip() for t in tokenizer.batch_decode(response, skip_special_tokens=True)]
+    for scorer in s.eval_scorers:
+        values = [v for v in scorer(prompts, texts) if v is not None]
+        if values:
+            result[f"eval/{scorer.name}"] = sum(values) / len(values)
     return result
 
 
@@ -515,7 +588,8 @@ def finish(s: Setup, state: State) -> dict:
             s.tokenizer.save_pretrained(str(s.run.staging))
     return s.run.finish({
         "base": s.model_cfg.base,
-        "parents": {"sft": str(s.sft_dir) if s.sft_dir else None, "rm": str(s.rm_dir)},
+        "parents": {"sft": str(s.sft_dir) if s.sft_dir else None, "rm": str(s.rm_dir) if s.rm_dir else None},
+        "reward": s.reward.describe(),
         "adapter": {"method": s.method,
                     "parameters": {"trainable": trainable_count(s),
                                    "total": sum(x.numel() for x in s.models.all_parameters())}},
@@ -523,7 +597,7 @@ def finish(s: Setup, state: State) -> dict:
                  "prompts_too_long": len(s.prompts.rows) - len(s.encoded)},
         "metrics": {"steps": s.steps, "episodes": s.steps * s.global_batch,
                     **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
-        "reward_stats": s.rm_manifest["reward_stats"],
+        "reward_stats": s.rm_manifest["reward_stats"] if s.rm_manifest else None,
         "kl_controller": state.kl_ctl.state_dict(),
         "mixed_precision": "bf16" if s.models.autocast else "no",
         "bf16_speedup": s.models.bf16_speedup,

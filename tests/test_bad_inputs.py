@@ -127,6 +127,15 @@ CASES = [
     ("output-not-writable", parent_is_a_file, "cannot write the run directory"),
     ("resume-nothing", recipe_set("sft", "sft.max_steps=1"), None),
     ("eval-nothing-to-compare", recipe_set("eval", "eval.policies=[]", "eval.icl_shots=0"), "nothing to evaluate"),
+    ("scorer-unknown", recipe_set("ppo", "ppo.reward={gld: 1.0}"),
+     "ppo.reward: unknown scorer 'gld' (did you mean 'gold'?)"),
+    ("scorer-file-missing", recipe_set("eval", "eval.scorers=['nowhere/checks.py:exact']"),
+     "eval.scorers: scorer file nowhere/checks.py not found"),
+    ("scorer-not-a-function", recipe_set("eval", "eval.scorers=['rlhf.tiny.world:KINDS']"),
+     "scorer 'rlhf.tiny.world:KINDS' is a tuple, not callable"),
+    ("reward-all-zero", recipe_set("ppo", "ppo.reward={reward_model: 0}"), "ppo.reward needs a term"),
+    ("reward-model-not-used", lambda ctx: ["ppo", "--recipe", ctx.recipe, "--set", "ppo.reward={gold: 1.0}",
+                                           "--reward", str(ctx.tmp / "rm")], "ppo.reward has no reward_model term"),
 ]
 
 

@@ -53,6 +53,8 @@ def test_eval_cli_report(parents, tmp_path):
                    "--policy", "base", "--samples", "2", "--icl-shots", "2", "--set", "eval.limit=6",
                    "--set", "eval.max_new_tokens=16", "--out", str(out))
     assert "| policy |" in proc.stdout and "win rate" in proc.stdout
+    # the tiny recipe's scorers are columns: gold and its two halves
+    assert "| gold | correctness | style |" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     names = list(summary)
     assert names == ["base ICL 2-shot", str(runs / "sft"), str(tmp_path / "ppo"), "base"]
@@ -62,7 +64,13 @@ def test_eval_cli_report(parents, tmp_path):
         assert s["responses"] == 12 and 0 <= s["gold"] <= 1 and s["reward_ci95"][0] <= s["reward"] <= s["reward_ci95"][1]
     assert summary[str(runs / "sft")]["kl"] is not None and summary[str(tmp_path / "ppo")]["kl"] is not None
     records = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
-    assert len(records) == 4 * 12 and {"prompt", "response", "reward", "gold", "kl", "length", "eos"} <= set(records[0])
+    assert len(records) == 4 * 12 and {"prompt", "response", "reward", "gold", "kl", "length", "eos", "correctness",
+                                       "style"} <= set(records[0])
+    for r in records:  # gold is half correctness, half style
+        assert r["gold"] == pytest.approx(0.5 * r["correctness"] + 0.5 * r["style"])
+    for s in summary.values():
+        assert s["gold"] == pytest.approx(0.5 * s["correctness"] + 0.5 * s["style"])
+        assert s["style_ci95"][0] <= s["style"] <= s["style_ci95"][1]
     assert (out / "summary.md").read_text().count("\n|") >= 5
     for png in ("rewards.png", "ppo_curves_2.png", "proxy_vs_gold_2.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png

@@ -263,3 +263,63 @@ def test_lean_lora_forward_matches_peft(parents):
     dora = get_peft_model(AutoModelForCausalLM.from_pretrained(cfg.base),
                           LoraConfig(r=4, use_dora=True, target_modules="all-linear"))
     assert ppo_models.use_lean_lora(dora) == 0
+
+
+USER_SCORERS = '''
+def half(prompts, responses):
+    return [0.5] * len(responses)
+
+def boom(prompts, responses):
+    raise RuntimeError("checker crashed")
+'''
+
+
+def test_ppo_against_a_scorer_alone_needs_no_reward_model(parents, tmp_path):
+    """Reward = 4 x gold: no reward model is loaded (the recipe's run_dir holds none), the value model starts from
+    the SFT adapter, and the metrics are the scorer's."""
+    recipe, runs = parents
+    out = tmp_path / "ppo"
+    args = [x for kv in SMALL + ["ppo.reward={gold: 4.0}", f"run_dir={tmp_path / 'elsewhere'}"]
+            for x in ("--set", kv)]
+    proc = run_cli("ppo", "--recipe", str(recipe), "--policy", str(runs / "sft"), "--out", str(out), *args)
+    assert "score" in proc.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parents"] == {"sft": str(runs / "sft"), "rm": None} and m["reward_stats"] is None
+    assert m["reward"] == {"gold": {"spec": "gold", "weight": 4.0}}
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert "objective/score" not in r and "eval/score" not in r and "eval/gold" in r
+        assert r["objective/score_total"] == pytest.approx(4.0 * r["objective/scorer/gold"])
+        assert 0.0 <= r["objective/scorer/gold"] <= 1.0
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
+    sft = load_file(runs / "sft" / "adapter_model.safetensors")
+    val = load_file(out / "value" / "adapter_model.safetensors")
+    assert set(val) == set(sft) and any(not torch.equal(val[k], sft[k]) for k in val), "the value adapter trained"
+    assert set(load_file(out / "value" / "value_head.safetensors")) == {"weight", "bias"}
+
+
+def test_ppo_reward_model_plus_a_scorer_and_a_scorer_that_fails(parents, tmp_path, monkeypatch):
+    """reward = RM (normalised) + 2 x a constant 0.5: the total is the normalised score plus 1, step by step. A
+    scorer that raises stops the run with a one-line error naming it, and no finished run is left."""
+    from stages import ppo
+
+    recipe_path, runs = parents
+    user = tmp_path / "checks.py"
+    user.write_text(USER_SCORERS)
+    recipe = load_recipe(recipe_path, SMALL + ["ppo.eval_every=0",
+                                               f"ppo.reward={{reward_model: 1.0, '{user}:half': 2.0}}"])
+    manifest = ppo.main(recipe, out=tmp_path / "mix")
+    stats = json.loads((runs / "rm" / "manifest.json").read_text())["reward_stats"]
+    rows = [json.loads(x) for x in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        normalised = (r["objective/score"] - stats["mean"]) / stats["std"]
+        assert r["objective/score_total"] == pytest.approx(normalised + 1.0, abs=1e-4)
+        assert r["objective/scorer/half"] == 0.5
+    assert manifest["reward"] == {"reward_model": 1.0, "half": {"spec": f"{user}:half", "weight": 2.0}}
+
+    out = tmp_path / "boom"
+    proc = run_cli("ppo", "--recipe", str(recipe_path), "--out", str(out), "--set",
+                   f"ppo.reward={{'{user}:boom': 1}}", *[x for kv in SMALL for x in ("--set", kv)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"scorer boom ({user}:boom) raised RuntimeError: checker crashed on row 0" in proc.stderr
+    assert not (out / "manifest.json").exists()

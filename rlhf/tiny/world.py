@@ -168,6 +168,30 @@ def score(prompt: str, response: str) -> float:
     return 0.5 * parts["correct"] + 0.5 * parts["style"]
 
 
+def _batched(part):
+    """A scorer (``rlhf.scorers``) from one measure of ``gold_parts``: None for prompts from elsewhere."""
+    def scorer(prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
+        out = []
+        for messages, response in zip(prompts, responses):
+            question = messages[-1]["content"]
+            if parse_prompt(question) is None:
+                out.append(None)
+            else:
+                parts = gold_parts(question, response)
+                out.append(0.5 * parts["correct"] + 0.5 * parts["style"] if part == "gold" else parts[part])
+        return out
+    scorer.__name__ = f"{part}_scores"
+    return scorer
+
+
+gold_scores = _batched("gold")
+"""the gold score as a scorer (built-in name ``gold``)"""
+correctness_scores = _batched("correct")
+"""correctness alone (built-in name ``correctness``)"""
+style_scores = _batched("style")
+"""style alone (built-in name ``style``)"""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pretraining text for the tiny base: the world's facts in plain prose, no chat format
 # ---------------------------------------------------------------------------------------------------------------

@@ -323,3 +323,26 @@ def test_ppo_reward_model_plus_a_scorer_and_a_scorer_that_fails(parents, tmp_pat
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"scorer boom ({user}:boom) raised RuntimeError: checker crashed on row 0" in proc.stderr
     assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_ppo_from_the_bare_base_against_a_scorer_needs_no_parent_run(tiny_recipe, tmp_path, method):
+    """`--policy base` with a scorer-only reward: no SFT and no RM run exist; policy and value start from the
+    recipe's base (fresh adapters, or copies with full fine-tuning; the value head starts at zero) and both
+    train."""
+    from stages import ppo
+
+    recipe = load_recipe(tiny_recipe, SMALL + ["ppo.eval_every=0", "ppo.reward={style: 1.0}",
+                                               f"adapter.method={method}"])
+    manifest = ppo.main(recipe, policy="base", out=tmp_path / "ppo")
+    assert manifest["parents"] == {"sft": None, "rm": None} and manifest["reward"] == {
+        "style": {"spec": "style", "weight": 1.0}}
+    assert manifest["base"] == recipe.model.base and manifest["adapter"]["method"] == method
+    rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout is the base's
+    assert all(r["value/grad_norm"] > 0 and r["policy/grad_norm"] > 0 for r in rows)
+    if method == "full":
+        assert (tmp_path / "ppo" / "value" / "model.safetensors").is_file()
+        return
+    val = load_file(tmp_path / "ppo" / "value" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in val.items())  # B starts at zero

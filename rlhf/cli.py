@@ -264,7 +264,7 @@ def sample(run_dir, prompts, max_new_tokens, limit, scorer_specs):
                                 "(the model's positions - --max-new-tokens)", positions - max_new_tokens)
         rows = [rows[i] for i in kept]
     gens = rollout.generate(model, tokenizer, rows, max_new_tokens=max_new_tokens)
-    scored = {s.name: s(rows, [t.strip() for t in gens.texts]) for s in scorer_list}
+    scored = {s.name: s(rows, gens.texts) for s in scorer_list}
     for i, (messages, text, stopped) in enumerate(zip(rows, gens.texts, gens.stopped)):
         row = {"prompt": messages[-1]["content"], "response": text, "eos": stopped}
         row.update({name: values[i] for name, values in scored.items() if values[i] is not None})

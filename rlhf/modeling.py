@@ -236,9 +236,7 @@ def load_base(cfg: ModelConfig, kind: str = "causal", device: torch.device | str
     if cfg.quantization:
         kwargs["quantization_config"] = methods.quantization_config(cfg)
         if torch.cuda.is_available():  # a quantized model cannot move after loading: load it on this process's GPU
-            from rlhf import distributed
-
-            kwargs["device_map"] = {"": distributed.device()}
+            kwargs["device_map"] = {"": accelerator()}
     try:
         if kind == "score":
             model = AutoModelForSequenceClassification.from_pretrained(cfg.base, num_labels=1, **kwargs)

@@ -425,7 +425,8 @@ class SeparateCopies:
                 str(sft_dir) if sft_dir else cfg.base, dtype=dtype, num_labels=1, use_safetensors=True, **kwargs)
             if self.value.config.pad_token_id is None:
                 self.value.config.pad_token_id = self.policy.config.pad_token_id
-            self.value.score = _zero_head(self.value.config.hidden_size, modeling.score_head(self.value).weight.dtype)
+            self.value.score = _zero_head(self.value.config.hidden_size,
+                                          modeling.score_head(self.value).weight.dtype)
         if adapter_cfg is not None and adapter_cfg.method != "full":  # bitfit / freeze: the same weights as in SFT
             methods.prepare(self.policy, adapter_cfg, "CAUSAL_LM")
             methods.prepare(self.value, adapter_cfg, "SEQ_CLS")

@@ -5,7 +5,7 @@ A scorer is a Python callable that takes a batch and returns one number per row,
     def score(prompts: list[list[dict]], responses: list[str]) -> list[float | None]
 
 ``prompts`` are chat messages (``{"role", "content"}``, the last one the user's turn being answered) and
-``responses`` the generated texts. A batch at a time, so a scorer can run a model or a process pool; a class is
+``responses`` the generated texts (stripped of surrounding whitespace). A batch at a time, so a scorer can run a model or a process pool; a class is
 instantiated once (no arguments) and its instances called, so it can load what it needs in ``__init__``.
 
 A recipe names a scorer by a *spec*:
@@ -60,9 +60,11 @@ class Scorer:
     fn: Callable
 
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
-        """The scores of a batch, checked: one finite number (or None) per row."""
+        """The scores of a batch, checked: one finite number (or None) per row. The scorer sees each response
+        without surrounding whitespace."""
         if not prompts:
             return []
+        responses = [r.strip() for r in responses]
         try:
             out = self.fn(prompts, responses)
         except Exception as e:  # the user's code: find the row it fails on, and say so

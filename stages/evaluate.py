@@ -136,7 +136,7 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: boo
             logp = rollout.response_logprobs(model, tokenizer, inputs, gens.token_ids, e.batch_size)
             ref = rollout.response_logprobs(reference, tokenizer, inputs, gens.token_ids, e.batch_size)
             kls = [report.sequence_kl(a, b, torch.ones_like(a)).item() for a, b in zip(logp, ref)]
-        scored = {s.name: s(prompts, [t.strip() for t in gens.texts]) for s in scorer_list}
+        scored = {s.name: s(prompts, gens.texts) for s in scorer_list}
         for i, q in enumerate(questions):
             rec = {"policy": row.name, "prompt_index": i, "sample": sample, "prompt": q,
                    "response": gens.texts[i], "reward": scores[i].item(), "eos": gens.stopped[i],

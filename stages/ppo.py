@@ -357,7 +357,7 @@ def score(s: Setup, ro: Rollout, batch: list[int]) -> None:
                                             if p.normalize_reward else (None, None))), s.reward.model_weight))
     ro.terms = {}
     if s.reward.scorers:
-        texts = [t.strip() for t in s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)]
+        texts = s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)
         prompts = [s.messages[i] for i in batch]
         for scorer, weight in s.reward.scorers:
             values = [0.0 if v is None else v for v in scorer(prompts, texts)]  # "does not apply" adds 0
@@ -520,7 +520,7 @@ def evaluate(s: Setup, prompts: list[list[dict]], encoded: list[list[int]]) -> d
     if s.reward.model_weight:
         result["eval/score"] = models.scores(torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)).mean().item()
     result.update({"eval/eos_rate": stopped.float().mean().item(), "eval/length": rmask.sum(1).float().mean().item()})
-    texts = [t.strip() for t in tokenizer.batch_decode(response, skip_special_tokens=True)]
+    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
     for scorer in s.eval_scorers:
         values = [v for v in scorer(prompts, texts) if v is not None]
         if values:

@@ -114,11 +114,14 @@ class DataConfig:
     sft_format: Literal["auto", "prompt_completion", "messages", "alpaca", "sharegpt"] = "auto"
     """format of the SFT rows; "auto" detects it from the first row's fields"""
     preference: str | None = None
-    """ranked response pairs for the reward model (same kinds of source as data.sft)"""
-    preference_format: Literal["auto", "prompt_chosen_rejected", "implicit_prompt", "alpaca", "sharegpt"] = "auto"
-    """format of the preference rows; "auto" detects it from the first row's fields"""
+    """the reward model's data: ranked pairs, or rankings of K responses per prompt (same kinds of source as
+    data.sft; rlhf/formats.py lists the formats)"""
+    preference_format: Literal["auto", "prompt_chosen_rejected", "implicit_prompt", "alpaca", "sharegpt",
+                               "responses", "completions", "argilla"] = "auto"
+    """format of the preference rows (pairs or rankings); "auto" detects it from the first row's fields"""
     eval_preference: str | None = None
-    """held-out pairs for reward-model accuracy; without it, rm.eval_fraction of data.preference is held out"""
+    """held-out pairs or rankings for reward-model accuracy; without it, rm.eval_fraction of data.preference is
+    held out"""
     prompts: str | None = None
     """prompts for PPO rollouts (same kinds of source as data.sft)"""
     eval_prompts: str | None = None
@@ -138,7 +141,7 @@ class TrainConfig:
     lr: float = 2e-4
     """peak learning rate (AdamW); TRL's SFTConfig default is 2e-5, for full fine-tuning: LoRA wants ~10x more"""
     batch_size: int = 16
-    """sequences (SFT) or pairs (RM) per optimizer step on one process, before gradient accumulation"""
+    """sequences (SFT), pairs or rankings (RM) per optimizer step on one process, before gradient accumulation"""
     grad_accum: int = 1
     """micro-batches accumulated per optimizer step"""
     epochs: float = 1.0
@@ -193,12 +196,17 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class RMConfig(TrainConfig):
-    """Reward-model training: TrainConfig's loop with the Bradley-Terry pairwise loss."""
+    """Reward-model training: TrainConfig's loop with the Bradley-Terry pairwise loss, or on rankings the
+    InstructGPT loss over all comparisons of a prompt."""
 
     lr: float = 1e-4
     """peak learning rate (AdamW); TRL's RewardConfig default too"""
     center_rewards_coefficient: float | None = None
     """weight of the auxiliary loss that pulls mean rewards to 0 (Eisenstein et al. 2023); None disables it"""
+    comparisons: Literal["grouped", "shuffled"] = "grouped"
+    """rankings of K responses: all C(K,2) comparisons of a prompt as one batch element, K forward passes
+    (InstructGPT, Ouyang et al. 2022 section 3.5), or each comparison as an independent shuffled pair. Pair data
+    is the same either way"""
     on_too_long: Literal["error", "drop"] = "drop"
     """pairs longer than max_length: stop with an error, or drop them (they are counted in the manifest)"""
     stats_samples: int = 2000
@@ -450,6 +458,12 @@ class Recipe:
         out.pop("source")
         return out
 
+    def written_by_pipeline(self, path: str) -> bool:
+        """Whether a data path lies under the recipe's run_dir (a file an earlier step writes, such as the
+        rankings of ``rlhf label``): checked when a stage reads it, not when the recipe loads."""
+        run_dir = Path(self.run_dir).expanduser().resolve()
+        return run_dir in Path(path).expanduser().resolve().parents
+
     def validate(self) -> None:
         """Every section's own checks, then those that span sections or need the filesystem. A qlora recipe gets
         ``model.quantization: 4bit`` here, so the resolved recipe in every manifest says so."""
@@ -458,7 +472,8 @@ class Recipe:
             raise UserError(f"{where}: name must be a plain name without '/', got {self.name!r}")
         for key in ("sft", "preference", "eval_preference", "prompts", "eval_prompts"):
             value = getattr(self.data, key)
-            if value is not None and _is_local(value) and not Path(value).expanduser().exists():
+            if value is not None and _is_local(value) and not Path(value).expanduser().exists() \
+                    and not self.written_by_pipeline(value):
                 raise UserError(f"{where}: data.{key} names {value!r}, which does not exist")
         if _is_local(self.model.base) and not Path(self.model.base).expanduser().exists():
             raise UserError(f"{where}: model.base names {self.model.base!r}, which does not exist")

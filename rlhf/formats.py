@@ -20,6 +20,21 @@ Preference rows become ``{"prompt": [messages], "chosen": [assistant message], "
 
 An optional numeric ``margin`` field is kept. A pair whose chosen equals its rejected is a bad row.
 
+Rankings (the reward model's K-way data, ``kind="ranking"``) become ``{"prompt": [messages], "responses":
+[[assistant message], ...], "ranks": [int, ...]}``: ``ranks[i]`` is the place of ``responses[i]``, lower is better,
+equal ranks are a tie (no comparison). Identical responses are kept once, at the better place. Formats:
+
+- ``responses``    ``{prompt, responses: [best, ..., worst]}``, or with ``ranking`` (or ``ranks``): one place per
+                   response (0- or 1-based, lower is better, equal = tie), e.g. OpenHermesPreferences with
+                   ``data.columns: {candidates_completions: responses}``
+- ``completions``  Open-Assistant / NeMo-RL: ``{prompt or context, completions: [{text or completion, rank}]}``
+- ``argilla``      Argilla's ranking question: a field holding ``[{value, rank}]`` (``value``: the response, or the
+                   name of the row's field that holds it, e.g. ``reply-1``), or Argilla's list of annotator
+                   responses ``[{value: [{value, rank}], status}]`` (the first submitted one is used)
+
+Every pair format is a ranking of two. The prompt of a ranking row is read as a prompt file's is (``prompt``,
+``messages``, ``instruction``, ``conversations``; or NeMo-RL's ``context``).
+
 Prompt files (PPO rollouts, evaluation) accept ``{prompt}``, ``{messages}`` (a trailing assistant turn is
 dropped), alpaca rows (``output`` ignored) and sharegpt rows; each becomes a list of messages ending with a user
 turn.
@@ -417,7 +432,9 @@ def detect_preference_format(row: dict) -> str:
 
 def prompt_only(row: dict) -> list[dict]:
     """A prompt row of any supported format as messages ending with a user turn."""
-    if "prompt" in row:
+    if "context" in row and "prompt" not in row:  # NeMo-RL's preference rows
+        messages = _messages(row["context"], "context")
+    elif "prompt" in row:
         messages = _as_messages(row["prompt"], "prompt", "user")
     elif "messages" in row:
         messages = _messages(row["messages"], "messages")
@@ -432,6 +449,170 @@ def prompt_only(row: dict) -> list[dict]:
     if not messages or messages[-1]["role"] != "user":
         raise RowError("prompt must end with a user message")
     return messages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rankings of K responses
+# ---------------------------------------------------------------------------------------------------------------
+
+def _rank(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise RowError(f"{where} must be an integer place (lower is better), got {value!r}")
+    if value < 0:
+        raise RowError(f"{where} must not be negative, got {value!r}")
+    return int(value)
+
+
+def _ranked(prompt: list[dict], responses: list[list[dict]], ranks: list[int], row: dict) -> dict:
+    """A ranking row: identical responses merged (the better place kept); at least two distinct responses and one
+    comparison."""
+    best: dict[str, int] = {}
+    kept_responses, kept_ranks = [], []
+    for response, rank in zip(responses, ranks):
+        key = json.dumps(response, sort_keys=True)
+        if key in best:
+            kept_ranks[best[key]] = min(kept_ranks[best[key]], rank)
+            continue
+        best[key] = len(kept_responses)
+        kept_responses.append(response)
+        kept_ranks.append(rank)
+    if len(kept_responses) < 2:
+        raise RowError("fewer than two distinct responses to rank")
+    if len(set(kept_ranks)) < 2:
+        raise RowError(f"every response is tied (ranks {kept_ranks}): the ranking makes no comparison")
+    out = {"prompt": prompt, "responses": kept_responses, "ranks": kept_ranks}
+    if row.get("margin") is not None:
+        raise RowError("field 'margin' is only supported on pairs (chosen/rejected)")
+    return out
+
+
+def rank_responses(row: dict) -> dict:
+    if not isinstance(row.get("responses"), list):
+        raise RowError("field 'responses' must be a list of responses")
+    responses = [_response(r, f"responses[{i}]") for i, r in enumerate(row["responses"])]
+    if len(responses) < 2:
+        raise RowError(f"field 'responses' must hold at least two responses, got {len(responses)}")
+    key = "ranking" if row.get("ranking") is not None else "ranks" if row.get("ranks") is not None else None
+    if key is None:  # best first
+        ranks = list(range(len(responses)))
+    else:
+        if not isinstance(row[key], list):
+            raise RowError(f"field '{key}' must be a list with one place per response")
+        if len(row[key]) != len(responses):
+            raise RowError(f"field '{key}' has {len(row[key])} places for {len(responses)} responses")
+        ranks = [_rank(v, f"{key}[{i}]") for i, v in enumerate(row[key])]
+    return _ranked(prompt_only(row), responses, ranks, row)
+
+
+def rank_completions(row: dict) -> dict:
+    completions = row.get("completions")
+    if not isinstance(completions, list):
+        raise RowError("field 'completions' must be a list of {text or completion, rank} objects")
+    responses, ranks = [], []
+    for i, c in enumerate(completions):
+        if not isinstance(c, dict) or "rank" not in c:
+            raise RowError(f"completions[{i}] must be an object with 'rank' and 'text' (or 'completion')")
+        text_key = next((k for k in ("text", "completion", "content") if k in c), None)
+        if text_key is None:
+            raise RowError(f"completions[{i}] has no 'text' or 'completion'")
+        responses.append(_response(c[text_key], f"completions[{i}].{text_key}"))
+        ranks.append(_rank(c["rank"], f"completions[{i}].rank"))
+    if len(responses) < 2:
+        raise RowError(f"field 'completions' must hold at least two responses, got {len(responses)}")
+    return _ranked(prompt_only(row), responses, ranks, row)
+
+
+def _is_value_ranks(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, dict) and "value" in v and "rank" in v for v in value)
+
+
+def _argilla_field(row: dict) -> str | None:
+    """The field of a row holding an Argilla ranking: ``[{value, rank}]``, or annotator responses around one."""
+    for key, value in row.items():
+        if _is_value_ranks(value) or (isinstance(value, list) and value and all(
+                isinstance(v, dict) and _is_value_ranks(v.get("value")) for v in value)):
+            return key
+    return None
+
+
+def rank_argilla(row: dict) -> dict:
+    key = _argilla_field(row)
+    if key is None:
+        raise RowError("no field holds an Argilla ranking ([{value, rank}, ...])")
+    items = row[key]
+    if not _is_value_ranks(items):  # annotator responses: the first submitted one
+        submitted = [r for r in items if r.get("status", "submitted") == "submitted"]
+        if not submitted:
+            raise RowError(f"field '{key}' has no submitted response")
+        items = submitted[0]["value"]
+    responses, ranks = [], []
+    for i, item in enumerate(items):
+        value = item["value"]
+        if isinstance(value, str) and value in row and value != key and isinstance(row[value], str):
+            value = row[value]  # the name of the field that holds the response (reply-1, reply-2, ...)
+        responses.append(_response(value, f"{key}[{i}].value"))
+        ranks.append(_rank(item["rank"], f"{key}[{i}].rank"))
+    if len(responses) < 2:
+        raise RowError(f"field '{key}' must rank at least two responses, got {len(responses)}")
+    return _ranked(prompt_only(row), responses, ranks, row)
+
+
+def candidates(row: dict) -> dict:
+    """A row of ``rlhf sample --num-samples K`` (responses not yet ranked): the prompt as messages, the response
+    texts, and the row itself (its provenance is carried along)."""
+    responses = row.get("responses")
+    if not isinstance(responses, list) or not responses:
+        raise RowError("field 'responses' must be a non-empty list of response texts")
+    for i, r in enumerate(responses):
+        if not isinstance(r, str):
+            raise RowError(f"responses[{i}] must be a string, got {type(r).__name__}")
+    return {"prompt": prompt_only(row), "responses": responses, "row": row}
+
+
+def _pair_as_ranking(parse: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    def parse_ranking(row: dict) -> dict:
+        pair = parse(row)
+        out = {"prompt": pair["prompt"], "responses": [pair["chosen"], pair["rejected"]], "ranks": [0, 1]}
+        if "margin" in pair:
+            out["margin"] = pair["margin"]
+        return out
+
+    return parse_ranking
+
+
+RANKING_FORMATS: dict[str, Callable[[dict], dict]] = {
+    "responses": rank_responses, "completions": rank_completions, "argilla": rank_argilla,
+    **{name: _pair_as_ranking(parse) for name, parse in PREFERENCE_FORMATS.items()}}
+
+
+def detect_ranking_format(row: dict) -> str:
+    """The ranking format a row's fields indicate (a pair format is a ranking of two)."""
+    if "responses" in row:
+        return "responses"
+    if "completions" in row:
+        return "completions"
+    if "chosen" not in row and _argilla_field(row) is not None:
+        return "argilla"
+    if "chosen" in row or "rejected" in row:
+        return detect_preference_format(row)
+    raise RowError(f"cannot tell the format from fields {sorted(row)} (expected responses [+ ranking], "
+                   "completions: [{text, rank}], an Argilla [{value, rank}] field, or chosen/rejected pairs; set "
+                   "data.preference_format or data.columns)")
+
+
+def is_pairs(loaded: Loaded) -> bool:
+    """Whether ranking rows all came from pair formats (rankings of two, optionally with margins)."""
+    return not set(loaded.formats) & {"responses", "completions", "argilla"}
+
+
+def ranking_as_pairs(row: dict) -> list[dict]:
+    """Every comparison of a ranking row as a preference pair ``{prompt, chosen, rejected[, margin]}``."""
+    from rlhf.ranking import ranking_pairs
+
+    extra = {"margin": row["margin"]} if "margin" in row else {}
+    return [{"prompt": row["prompt"], "chosen": row["responses"][w], "rejected": row["responses"][l], **extra}
+            for w, l in ranking_pairs(row["ranks"])]
 
 
 def detect_sft_format(row: dict) -> str:
@@ -465,12 +646,15 @@ def _rows(source: str, split: str) -> Iterator[tuple[Path | None, Iterator[tuple
 KINDS = {
     "sft": (SFT_FORMATS, detect_sft_format),
     "preference": (PREFERENCE_FORMATS, detect_preference_format),
+    "ranking": (RANKING_FORMATS, detect_ranking_format),
+    "candidates": ({"candidates": candidates}, lambda row: "candidates"),
 }
 
 
 def load(source: str, kind: str, *, fmt: str = "auto", columns: dict[str, str] | None = None,
          split: str = "train", on_bad_row: str = "error") -> Loaded:
-    """Read ``source`` as ``kind`` ("sft", "preference" or "prompts") into canonical rows."""
+    """Read ``source`` as ``kind`` ("sft", "preference", "ranking", "candidates" or "prompts") into canonical
+    rows."""
     columns = columns or {}
     out = Loaded(rows=[])
     for path, rows in _rows(source, split):

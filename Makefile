@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft rm ppo ppo-gold eval test test-fast bench gpu-check methods-report clean-runs
+.PHONY: install sft sample label rm ppo ppo-gold eval test test-fast bench gpu-check methods-report clean-runs
 
 install: $(STAMP)
 
@@ -29,6 +29,24 @@ $(STAMP): pyproject.toml
 # --overwrite). Run one stage against another recipe with RECIPE=..., pass more options with ARGS="...".
 sft: install
 	$(BIN)/rlhf sft --recipe $(RECIPE) --overwrite $(ARGS)
+
+# The InstructGPT loop (RECIPE=recipes/tiny-ranked.yaml): the SFT run samples K candidates per prompt for the
+# training and the held-out prompts; LABELLER ranks them into the files the recipe's data.preference and
+# data.eval_preference name. LABELLER: a scorer (gold: a simulated annotator) or a reward-model run directory.
+RANKED  ?= runs/tiny-ranked
+K       ?= 4
+LABELLER ?= gold
+
+sample: install
+	$(BIN)/rlhf sample $(RANKED)/sft --prompts data/tiny/prompts.jsonl -k $(K) --out $(RANKED)/candidates.jsonl \
+		--overwrite $(ARGS)
+	$(BIN)/rlhf sample $(RANKED)/sft --prompts data/tiny/heldout_prompts.jsonl -k $(K) --seed 1 \
+		--out $(RANKED)/heldout_candidates.jsonl --overwrite $(ARGS)
+
+label: install
+	$(BIN)/rlhf label $(RANKED)/candidates.jsonl --by $(LABELLER) --out $(RANKED)/rankings.jsonl --overwrite $(ARGS)
+	$(BIN)/rlhf label $(RANKED)/heldout_candidates.jsonl --by $(LABELLER) --out $(RANKED)/heldout_rankings.jsonl \
+		--overwrite $(ARGS)
 
 rm: install
 	$(BIN)/rlhf rm --recipe $(RECIPE) --overwrite $(ARGS)

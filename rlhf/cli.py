@@ -144,34 +144,51 @@ def rm(ctx, recipe_path, overrides, base, out, overwrite, resume, num_processes,
 
 @rm.command("score")
 @click.option("--reward", required=True, type=click.Path(file_okay=False), help="a reward-model run directory")
-@click.option("--data", "data_path", required=True, help="preference pairs (any supported format)")
-@click.option("--out", type=click.Path(dir_okay=False), help="also write each pair's scores here (JSON lines)")
+@click.option("--data", "data_path", required=True, help="preference pairs or rankings (any supported format)")
+@click.option("--out", type=click.Path(dir_okay=False), help="also write each row's scores here (JSON lines)")
 @click.option("--on-bad-row", type=click.Choice(["error", "drop"]), default="error", show_default=True)
 def rm_score(reward, data_path, out, on_bad_row):
-    """Pairwise accuracy and margins of a reward model on a pair file."""
+    """Accuracy of a reward model on pairs (with margins) or on rankings (over all comparisons, and top-1)."""
     import json
 
     from rlhf import formats, modeling
-    from stages.rm import encode_pairs
+    from stages import rm as stage
 
     model, tokenizer = modeling.load_reward(reward)
-    # the reward model's own length limit: longer pairs are left out (and counted), as its training left them out
+    # the reward model's own length limit: longer rows are left out (and counted), as its training left them out
     max_length = modeling.read_manifest(reward)["recipe"]["rm"]["max_length"]
-    pairs = formats.load(data_path, "preference", on_bad_row=on_bad_row).rows
-    encoded = encode_pairs(tokenizer, pairs, max_length)
-    modeling.report_dropped("rm score", encoded.dropped, len(pairs), f"pairs of {data_path}", "rm.max_length",
+    loaded = formats.load(data_path, "ranking", on_bad_row=on_bad_row)
+    if formats.is_pairs(loaded):
+        pairs = stage.as_pairs(loaded.rows)
+        encoded = stage.encode_pairs(tokenizer, pairs, max_length)
+        unit, total = "pairs", len(pairs)
+    else:
+        encoded = stage.encode_rankings(tokenizer, loaded.rows, max_length)
+        unit, total = "rankings", len(loaded.rows)
+    modeling.report_dropped("rm score", encoded.dropped, total, f"{unit} of {data_path}", "rm.max_length",
                             max_length)
     if not encoded.rows:
-        raise UserError(f"{data_path}: every pair is longer than the reward model's rm.max_length={max_length}")
-    n = len(encoded.rows)
-    scores = modeling.score_sequences(model, [r["chosen_ids"] for r in encoded.rows]
-                                     + [r["rejected_ids"] for r in encoded.rows], tokenizer.pad_token_id)
-    chosen, rejected = scores[:n], scores[n:]
+        raise UserError(f"{data_path}: every {unit[:-1]} is longer than the reward model's rm.max_length={max_length}")
+    if unit == "pairs":
+        n = len(encoded.rows)
+        scores = modeling.score_sequences(model, [r["chosen_ids"] for r in encoded.rows]
+                                         + [r["rejected_ids"] for r in encoded.rows], tokenizer.pad_token_id)
+        chosen, rejected = scores[:n], scores[n:]
+        measured = modeling.pair_metrics(chosen, rejected)
+        rows = [{**p, "score_chosen": c, "score_rejected": r}
+                for p, c, r in zip(encoded.pairs, chosen.tolist(), rejected.tolist())]
+    else:
+        scores = stage.ranking_scores(model, tokenizer, encoded)
+        measured = stage.ranking_metrics(scores, encoded)
+        rows, start = [], 0
+        for r in encoded.rankings:
+            rows.append({**r, "scores": scores[start:start + len(r["ranks"])].tolist()})
+            start += len(r["ranks"])
     if out:
         with open(out, "w", encoding="utf-8") as f:
-            for p, c, r in zip(encoded.pairs, chosen.tolist(), rejected.tolist()):
-                f.write(json.dumps({**p, "score_chosen": c, "score_rejected": r}) + "\n")
-    click.echo(json.dumps({**modeling.pair_metrics(chosen, rejected), "dropped_too_long": encoded.dropped}))
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    click.echo(json.dumps({**measured, "dropped_too_long": encoded.dropped}))
 
 
 @cli.command()
@@ -234,41 +251,55 @@ def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_sho
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="prompt file (any prompt format)")
-@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--num-samples", "-k", default=1, show_default=True, type=click.IntRange(min=1),
+              help="responses per prompt: 1 is greedy; K > 1 samples K candidates to rank (rlhf label)")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="write the rows here (whole, or not at all) instead of printing them")
+@click.option("--temperature", type=click.FloatRange(min=0), help="sampling temperature (default: the run's "
+              "ppo.temperature for K > 1, 0 = greedy for K = 1)")
+@click.option("--max-new-tokens", type=click.IntRange(min=1),
+              help="response length limit (default: the run's ppo.max_new_tokens, else 64)")
+@click.option("--seed", default=0, show_default=True, help="sampling seed (the same seed gives the same file)")
 @click.option("--limit", type=int, help="use only the first N prompts")
-@click.option("--scorer", "scorer_specs", multiple=True, default=("gold",), show_default=True,
+@click.option("--scorer", "scorer_specs", multiple=True,
               help="score each response with this scorer where it applies (built-in name, module:function or "
-                   "file.py:function; repeatable)")
-def sample(run_dir, prompts, max_new_tokens, limit, scorer_specs):
-    """Greedy responses of a run's policy (or of `base:PATH`) to a prompt file, as JSON lines with scores."""
+                   "file.py:function; repeatable; default gold when printing greedy responses)")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out file")
+@click.option("--resume", is_flag=True, help="continue the interrupted run that left OUT.partial")
+def sample(run_dir, prompts, num_samples, out, temperature, max_new_tokens, seed, limit, scorer_specs, overwrite,
+           resume):
+    """Responses of a run's policy (or of `base:PATH`) to a prompt file, as JSON lines: greedy ones with scores,
+    or K sampled candidates per prompt to rank (`rlhf label`, the labelling page) for the reward model."""
+    from stages import sample as stage
+
+    if not scorer_specs and out is None and num_samples == 1:
+        scorer_specs = ("gold",)
+    n = stage.main(run_dir, prompts, out, num_samples=num_samples, temperature=temperature,
+                   max_new_tokens=max_new_tokens, seed=seed, limit=limit, scorer_specs=list(scorer_specs),
+                   overwrite=overwrite, resume=resume, progress=sys.stderr.isatty(), echo=click.echo)
+    if out:
+        click.echo(f"sample: {n} prompts x {num_samples} responses -> {out}")
+
+
+@cli.command()
+@click.argument("candidates", type=click.Path(dir_okay=False))
+@click.option("--by", required=True, help="the labeller: a scorer (built-in name, module:function or "
+              "file.py:function) or a reward-model run directory (AI feedback)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="the rankings file to write")
+@click.option("--noise", default=0.0, show_default=True, type=float,
+              help="for experiments: Gaussian noise (standard deviation, in the labeller's units) added to each "
+                   "score before ordering, a simulated annotator who sometimes disagrees")
+@click.option("--seed", default=0, show_default=True, help="seed of the noise")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out file")
+def label(candidates, by, out, noise, seed, overwrite):
+    """Rank each prompt's candidates (from `rlhf sample --num-samples K`) with a scorer or a reward model; writes
+    rankings the reward model trains on (data.preference)."""
     import json
 
-    from rlhf import formats, modeling, rollout, scorers
-    from rlhf.config import ModelConfig
+    from stages import label as stage
 
-    scorer_list = scorers.load_all(list(scorer_specs), "--scorer")
-
-    if run_dir.startswith("base:"):
-        cfg = ModelConfig(base=run_dir[5:])
-        model, tokenizer = modeling.load_base(cfg, device=modeling.accelerator()), modeling.load_tokenizer(cfg)
-    else:
-        model, tokenizer = modeling.load_policy(run_dir)
-    rows = formats.load(prompts, "prompts").rows[:limit]
-    positions = modeling.max_positions(model.config)
-    if positions is not None:  # room for the response within the model's positions; longer prompts are left out
-        if max_new_tokens >= positions:
-            raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                            f"{positions} positions")
-        kept = modeling.encode_prompts(tokenizer, rows, positions - max_new_tokens)[1]
-        modeling.report_dropped("sample", len(rows) - len(kept), len(rows), f"prompts of {prompts}",
-                                "(the model's positions - --max-new-tokens)", positions - max_new_tokens)
-        rows = [rows[i] for i in kept]
-    gens = rollout.generate(model, tokenizer, rows, max_new_tokens=max_new_tokens)
-    scored = {s.name: s(rows, gens.texts) for s in scorer_list}
-    for i, (messages, text, stopped) in enumerate(zip(rows, gens.texts, gens.stopped)):
-        row = {"prompt": messages[-1]["content"], "response": text, "eos": stopped}
-        row.update({name: values[i] for name, values in scored.items() if values[i] is not None})
-        click.echo(json.dumps(row))
+    stats = stage.main(candidates, by, out, noise=noise, seed=seed, overwrite=overwrite)
+    click.echo(json.dumps(stats) + f" -> {out}")
 
 
 @cli.command()
@@ -349,7 +380,7 @@ def tiny_build_base(out, minutes, seed):
     base.build_base(out, minutes=minutes, seed=seed, log=lambda s: click.echo(s, err=True))
 
 
-TRAINING_COMMANDS = ("sft", "rm", "ppo", "eval")
+TRAINING_COMMANDS = ("sft", "rm", "ppo", "eval", "sample")
 
 
 def main():

@@ -72,6 +72,18 @@ def test_family_through_every_stage(name, world, tmp_path):
 
     invoke("sft", "--recipe", r)
     invoke("rm", "--recipe", r)
+    # the ranking loop on this family: K candidates from its SFT model, ranked (here by length), and a reward model
+    # trained on the rankings with the InstructGPT loss
+    (tmp_path / "length.py").write_text("def chars(prompts, responses):\n"
+                                        "    return [float(len(r)) for r in responses]\n")
+    invoke("sample", str(runs / "sft"), "--prompts", str(world["prompts"]), "-k", "3", "--limit", "6",
+           "--max-new-tokens", "6", "--out", str(tmp_path / "candidates.jsonl"))
+    invoke("label", str(tmp_path / "candidates.jsonl"), "--by", f"{tmp_path / 'length.py'}:chars",
+           "--out", str(tmp_path / "rankings.jsonl"))
+    invoke("rm", "--recipe", r, "--set", f"data.preference={tmp_path / 'rankings.jsonl'}",
+           "--out", str(runs / "rm-ranked"))
+    ranked = json.loads((runs / "rm-ranked" / "manifest.json").read_text())
+    assert ranked["status"] == "complete" and ranked["data"]["loss"] == "instructgpt_ranking"
     invoke("ppo", "--recipe", r)
     invoke("eval", "--recipe", r)
     invoke("export", str(runs / "ppo"), "--merge", "--out", str(tmp_path / "exported"))

@@ -1,0 +1,162 @@
+"""Sample: a policy's responses to a prompt file, one greedy response each or K sampled candidates to rank.
+
+The first half of InstructGPT's reward-model step: for each prompt the SFT model samples K responses, which a
+person (the labelling page), a scorer or a reward model then ranks (``rlhf label``), and the reward model trains
+on the rankings. Candidates are written as ranking rows without a ranking yet:
+
+    {"prompt": ..., "responses": [K texts], "duplicate_of": [null | index of the first identical response],
+     "eos": [K booleans: the response ended with EOS], "run": ..., "temperature": ..., "seed": ...,
+     "max_new_tokens": ...}
+
+Output goes to ``OUT.partial`` chunk by chunk and becomes ``OUT`` only when every prompt is done; each chunk of
+prompts draws from its own seed (``seed``, chunk index), so an interrupted run continued with ``--resume`` writes
+the same file an uninterrupted one would (on the same machine and library versions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from rlhf import formats, modeling, rollout, scorers
+from rlhf.config import ModelConfig
+from rlhf.errors import UserError
+
+CHUNK = 64
+"""prompts per chunk: the unit of progress, of seeding and of resume"""
+
+SETTINGS = ("run", "temperature", "seed", "max_new_tokens", "num_samples")
+"""what a partial file must agree on to be continued"""
+
+
+def load(run_dir: str):
+    """The policy of a run directory, or a bare base given as ``base:PATH``; with its recipe (None for a base)."""
+    if run_dir.startswith("base:"):
+        cfg = ModelConfig(base=run_dir[5:])
+        return modeling.load_base(cfg, device=modeling.accelerator()), modeling.load_tokenizer(cfg), None
+    model, tokenizer = modeling.load_policy(run_dir)
+    return model, tokenizer, modeling.read_manifest(run_dir)["recipe"]
+
+
+def fitting_prompts(model, tokenizer, rows: list[list[dict]], max_new_tokens: int, source: str) -> list:
+    """The prompts with room for ``max_new_tokens`` within the model's positions; longer ones are left out."""
+    positions = modeling.max_positions(model.config)
+    if positions is None:
+        return rows
+    if max_new_tokens >= positions:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                        f"{positions} positions")
+    kept = modeling.encode_prompts(tokenizer, rows, positions - max_new_tokens)[1]
+    modeling.report_dropped("sample", len(rows) - len(kept), len(rows), f"prompts of {source}",
+                            "(the model's positions - --max-new-tokens)", positions - max_new_tokens)
+    return [rows[i] for i in kept]
+
+
+def duplicates(texts: list[str]) -> list[int | None]:
+    """For each response, the index of the first identical one before it, or None."""
+    first: dict[str, int] = {}
+    out = []
+    for i, text in enumerate(texts):
+        out.append(first.get(text))
+        first.setdefault(text, i)
+    return out
+
+
+def prompt_field(messages: list[dict]):
+    """A prompt as a row stores it: the text of a lone user turn, else the messages."""
+    return messages[0]["content"] if len(messages) == 1 else messages
+
+
+def _whole_chunks(partial: Path, settings: dict) -> tuple[int, int]:
+    """How many prompts of a partial file are in whole chunks (each chunk has its own seed, so a cut one is
+    redone), and the bytes they take."""
+    done, size, whole = 0, 0, (0, 0)
+    with open(partial, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                break  # a line cut short by the interruption: it and anything after it is redone
+            differing = [k for k in SETTINGS if row.get(k) != settings[k]]
+            if differing:
+                raise UserError(f"{partial}:{n}: was sampled with other settings ({', '.join(differing)}); "
+                                "continue it with the same ones, or start again with --overwrite")
+            done, size = done + 1, size + len(line)
+            if done % CHUNK == 0:
+                whole = (done, size)
+    return whole
+
+
+def main(run_dir: str, prompts: str, out: str | None, num_samples: int = 1, temperature: float | None = None,
+         max_new_tokens: int | None = None, seed: int = 0, limit: int | None = None,
+         scorer_specs: list[str] = (), overwrite: bool = False, resume: bool = False, batch_size: int = 128,
+         progress: bool = False, echo=print) -> int:
+    """Sample and write (or print) the responses; returns the number of prompts done."""
+    import torch
+
+    scorer_list = scorers.load_all(list(scorer_specs), "--scorer")
+    target = Path(out) if out else None
+    partial = target.with_name(target.name + ".partial") if target else None
+    if target is not None:  # before loading a model: the cheap mistakes first
+        if target.exists() and not overwrite:
+            raise UserError(f"{target}: exists (--overwrite replaces it)")
+        if partial.exists() and not (resume or overwrite):
+            raise UserError(f"{partial}: an interrupted run's output (--resume continues it, --overwrite starts "
+                            "again)")
+        if not target.parent.is_dir():
+            raise UserError(f"{target.parent}: no such directory")
+    rows = formats.load(prompts, "prompts").rows[:limit]
+
+    model, tokenizer, recipe = load(run_dir)
+    if temperature is None:  # candidates are sampled as PPO samples (the run's ppo.temperature); one is greedy
+        temperature = (recipe or {}).get("ppo", {}).get("temperature", 1.0) if num_samples > 1 else 0.0
+    if num_samples > 1 and temperature == 0:
+        raise UserError("--num-samples above 1 needs a temperature above 0 (greedy responses are all the same)")
+    if max_new_tokens is None:
+        max_new_tokens = (recipe or {}).get("ppo", {}).get("max_new_tokens", 64)
+    rows = fitting_prompts(model, tokenizer, rows, max_new_tokens, prompts)
+    settings = {"run": run_dir, "temperature": temperature, "seed": seed, "max_new_tokens": max_new_tokens,
+                "num_samples": num_samples}
+
+    done = 0
+    if partial is not None and partial.exists() and resume:
+        done, size = _whole_chunks(partial, settings)
+        os.truncate(partial, size)
+        print(f"sample: resuming after {done} of {len(rows)} prompts", file=sys.stderr)
+    sink = open(partial, "a" if done else "w", encoding="utf-8") if partial is not None else None
+    try:
+        for start in range(done, len(rows), CHUNK):
+            chunk = rows[start:start + CHUNK]
+            torch.manual_seed(seed * 1_000_003 + start // CHUNK)
+            repeated = [messages for messages in chunk for _ in range(num_samples)]
+            gens = rollout.generate(model, tokenizer, repeated, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, temperature=temperature, progress=progress)
+            scored = {s.name: s(repeated, gens.texts) for s in scorer_list}
+            for i, messages in enumerate(chunk):
+                at = slice(i * num_samples, (i + 1) * num_samples)
+                texts = gens.texts[at]
+                if target is None and num_samples == 1:  # the quick look: one greedy response per line
+                    line = {"prompt": messages[-1]["content"], "response": texts[0], "eos": gens.stopped[at][0]}
+                    line.update({name: v[at][0] for name, v in scored.items() if v[at][0] is not None})
+                    echo(json.dumps(line))
+                    continue
+                line = {"prompt": prompt_field(messages), "responses": texts, "duplicate_of": duplicates(texts),
+                        "eos": gens.stopped[at], **settings}
+                if scored:
+                    line["scores"] = {name: v[at] for name, v in scored.items()}
+                if sink is None:
+                    echo(json.dumps(line))
+                else:
+                    sink.write(json.dumps(line) + "\n")
+            if sink is not None:
+                sink.flush()
+                os.fsync(sink.fileno())
+                print(f"sample: {min(start + CHUNK, len(rows))}/{len(rows)} prompts", file=sys.stderr)
+    finally:
+        if sink is not None:
+            sink.close()
+    if target is not None:
+        os.replace(partial, target)
+    return len(rows)

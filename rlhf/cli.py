@@ -269,7 +269,7 @@ def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_sho
 def sample(run_dir, prompts, num_samples, out, temperature, max_new_tokens, seed, limit, scorer_specs, overwrite,
            resume):
     """Responses of a run's policy (or of `base:PATH`) to a prompt file, as JSON lines: greedy ones with scores,
-    or K sampled candidates per prompt to rank (`rlhf label`, the labelling page) for the reward model."""
+    or K sampled candidates per prompt to rank (`rlhf label`, or by hand) for the reward model."""
     from stages import sample as stage
 
     if not scorer_specs and out is None and num_samples == 1:

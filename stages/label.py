@@ -2,7 +2,7 @@
 
 The middle of InstructGPT's reward-model step, done by a machine: a scorer (``rlhf/scorers.py``: the tiny world's
 gold scorer plays a simulated annotator) or a reward-model run (AI feedback, RLAIF) scores every candidate, and
-the scores order them. People rank the same files on the labelling page; both write the same rows:
+the scores order them. A person ranking by hand writes the same kind of row:
 
     {...the candidate row..., "ranking": [place of each response: 0 best, equal = tie],
      "label": {"by": ..., "noise": ..., "seed": ...}, "label_scores": [the labeller's score of each response]}

@@ -1,7 +1,7 @@
 """Sample: a policy's responses to a prompt file, one greedy response each or K sampled candidates to rank.
 
 The first half of InstructGPT's reward-model step: for each prompt the SFT model samples K responses, which a
-person (the labelling page), a scorer or a reward model then ranks (``rlhf label``), and the reward model trains
+person, a scorer or a reward model then ranks (``rlhf label``), and the reward model trains
 on the rankings. Candidates are written as ranking rows without a ranking yet:
 
     {"prompt": ..., "responses": [K texts], "duplicate_of": [null | index of the first identical response],

@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft sample label rm ppo ppo-gold eval test test-fast bench gpu-check methods-report clean-runs
+.PHONY: install sft sample label rm ppo ppo-gold eval browser test test-fast bench gpu-check methods-report clean-runs
 
 install: $(STAMP)
 
@@ -67,6 +67,14 @@ ppo-gold: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The labelling page's browser test drives Debian's chromium through chromedriver: installed here when missing
+# (as root, or with sudo). .ci/run calls it before make test.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		$(SUDO) apt-get install -y -q chromium chromium-driver || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
 
 # The fast tier (~2 min here): PPO maths, data formats, recipe checks, bad input, the method table, every model
 # family through every stage in-process. Run it after every change; `make test` (CI) before a commit lands.

@@ -281,7 +281,25 @@ def sample(run_dir, prompts, num_samples, out, temperature, max_new_tokens, seed
         click.echo(f"sample: {n} prompts x {num_samples} responses -> {out}")
 
 
-@cli.command()
+class _DefaultGroup(_Group):
+    """A group whose first argument, when it names none of its commands, goes to its default command
+    (``rlhf label FILE --by gold`` is ``rlhf label rank FILE --by gold``)."""
+
+    default_command = "rank"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_DefaultGroup)
+def label():
+    """Rank candidate responses (from `rlhf sample -k K`): by a scorer or reward model (`rlhf label FILE --by`),
+    by people in a browser (`rlhf label serve`); and how far people agree (`rlhf label agreement`)."""
+
+
+@label.command("rank")
 @click.argument("candidates", type=click.Path(dir_okay=False))
 @click.option("--by", required=True, help="the labeller: a scorer (built-in name, module:function or "
               "file.py:function) or a reward-model run directory (AI feedback)")
@@ -291,15 +309,44 @@ def sample(run_dir, prompts, num_samples, out, temperature, max_new_tokens, seed
                    "score before ordering, a simulated annotator who sometimes disagrees")
 @click.option("--seed", default=0, show_default=True, help="seed of the noise")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out file")
-def label(candidates, by, out, noise, seed, overwrite):
-    """Rank each prompt's candidates (from `rlhf sample --num-samples K`) with a scorer or a reward model; writes
-    rankings the reward model trains on (data.preference)."""
+def label_rank(candidates, by, out, noise, seed, overwrite):
+    """Rank each prompt's candidates with a scorer or a reward model; writes rankings the reward model trains on
+    (data.preference). The default command: `rlhf label FILE --by ...`."""
     import json
 
     from stages import label as stage
 
     stats = stage.main(candidates, by, out, noise=noise, seed=seed, overwrite=overwrite)
     click.echo(json.dumps(stats) + f" -> {out}")
+
+
+@label.command("serve")
+@click.argument("candidates", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="the rankings file (appended to; several annotators may share it)")
+@click.option("--annotator", required=True, help="who is ranking (recorded on every row)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="interface to listen on (another than loopback exposes the page to the network)")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="0: any free port")
+def label_serve(candidates, out, annotator, host, port):
+    """A page where a person ranks each prompt's responses, keyboard or mouse; each answer is on disk before the
+    page confirms it, and the same command resumes where this annotator stopped. Every request needs the access
+    token printed in the URL."""
+    from stages import label as stage
+
+    stage.serve(candidates, out, annotator, host=host, port=port, echo=lambda s: click.echo(s, nl=True))
+
+
+@label.command("agreement")
+@click.argument("rankings", type=click.Path(dir_okay=False))
+def label_agreement(rankings):
+    """How far annotators agree where several ranked the same prompt: pairwise agreement and Kendall's tau, per
+    annotator and overall (JSON)."""
+    import json
+
+    from stages import label as stage
+
+    click.echo(json.dumps(stage.agreement_report(rankings), indent=2))
 
 
 @cli.command()

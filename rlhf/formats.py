@@ -64,6 +64,10 @@ class RowError(ValueError):
     """A malformed row; the reader adds the file and line."""
 
 
+class SkipRow(Exception):
+    """A well-formed row that carries no training signal (a ranking the annotator skipped); counted, not kept."""
+
+
 @dataclass
 class Loaded:
     """Rows read from one source, with what the manifest records about it."""
@@ -73,13 +77,16 @@ class Loaded:
     """one entry per file read: path, sha256"""
     read: int = 0
     dropped: int = 0
+    skipped: int = 0
+    """rows recorded as skipped or 'all unacceptable' by an annotator (rankings): no comparison, no error"""
     formats: list[str] = field(default_factory=list)
     drop_examples: list[str] = field(default_factory=list)
     """the first few drop reasons, with their file and line"""
 
     def summary(self) -> dict:
         return {"files": self.files, "formats": sorted(set(self.formats)), "rows_read": self.read,
-                "rows_kept": len(self.rows), "rows_dropped": self.dropped, "drop_examples": self.drop_examples}
+                "rows_kept": len(self.rows), "rows_dropped": self.dropped,
+                "rows_skipped": self.skipped, "drop_examples": self.drop_examples}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -487,6 +494,9 @@ def _ranked(prompt: list[dict], responses: list[list[dict]], ranks: list[int], r
 
 
 def rank_responses(row: dict) -> dict:
+    label = row.get("label")
+    if isinstance(label, dict) and label.get("status") in ("skipped", "unacceptable"):
+        raise SkipRow  # the labelling page records these; they rank nothing
     if not isinstance(row.get("responses"), list):
         raise RowError("field 'responses' must be a list of responses")
     responses = [_response(r, f"responses[{i}]") for i, r in enumerate(row["responses"])]
@@ -680,6 +690,8 @@ def load(source: str, kind: str, *, fmt: str = "auto", columns: dict[str, str] |
                     file_fmt = detect(row)
                     out.formats.append(file_fmt)
                 out.rows.append(parsers[file_fmt](row))
+            except SkipRow:
+                out.skipped += 1
             except RowError as e:
                 if on_bad_row != "drop":
                     raise UserError(f"{where}: {e}") from None
@@ -688,6 +700,8 @@ def load(source: str, kind: str, *, fmt: str = "auto", columns: dict[str, str] |
                     out.drop_examples.append(f"{where}: {e}")
         if out.read == n_before:
             raise UserError(f"{path or source}: no rows")
+    if not out.rows and out.skipped and not out.dropped:
+        raise UserError(f"{source}: every row ({out.skipped}) was skipped or marked unacceptable by its annotator")
     if not out.rows:
         raise UserError(f"{source}: every row was dropped as malformed ({out.dropped}); "
                         f"first: {out.drop_examples[0] if out.drop_examples else 'none'}")

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -115,3 +116,184 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
               f"labeller does not apply to every response, {all_tied} where every response scored the same)",
               file=sys.stderr)
     return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The labelling page: people rank the candidates in a browser (`rlhf label serve`)
+# ---------------------------------------------------------------------------------------------------------------
+
+MAX_BODY = 16 * 1024
+"""bytes a request body may hold (an answer is a few dozen)"""
+
+PAGE = Path(__file__).resolve().parents[1] / "rlhf" / "labelpage"
+ASSETS = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+          "/app.css": ("app.css", "text/css; charset=utf-8")}
+HEADERS = {
+    # nothing but our own script and style; model output is text, and even injected markup could load nothing
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _check_annotator(name: str) -> str:
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "._-@" for c in name):
+        raise UserError(f"--annotator must be 1-64 letters, digits or . _ - @, got {name!r}")
+    return name
+
+
+class LabelApp:
+    """What the page talks to: the candidates, the store, one annotator; every answer checked before it is kept."""
+
+    def __init__(self, candidates: str, out: str, annotator: str):
+        from rlhf.labelstore import LabelStore, item_sha
+
+        loaded = formats.load(candidates, "candidates").rows
+        self.items = [r["row"] for r in loaded]
+        self.prompts = [r["prompt"] for r in loaded]
+        self.shas = [item_sha(row) for row in self.items]
+        self.store = LabelStore(Path(out))
+        self.annotator = _check_annotator(annotator)
+        self.lock = threading.Lock()  # one answer at a time per server (servers share the file through flock)
+
+    def state(self) -> dict:
+        rows = self.store.rows()
+        mine = {(r["label"]["item"], r["label"]["item_sha"]) for r in rows
+                if isinstance(r.get("label"), dict) and r["label"].get("annotator") == self.annotator}
+        everyone = {(r["label"]["item"], r["label"]["item_sha"]) for r in rows
+                    if isinstance(r.get("label"), dict) and "item" in r["label"]}
+        next_index = next((i for i, sha in enumerate(self.shas) if (i, sha) not in mine), None)
+        item = None if next_index is None else {
+            "index": next_index, "sha": self.shas[next_index], "prompt": self.prompts[next_index],
+            "responses": self.items[next_index]["responses"]}
+        return {"total": len(self.items), "answered": len(mine), "answered_all": len(everyone),
+                "annotator": self.annotator, "item": item}
+
+    def answer(self, body: dict) -> dict:
+        """Keep one answer (ValueError: refused, nothing written)."""
+        if not isinstance(body, dict):
+            raise ValueError("expected a JSON object")
+        item = body.get("item")
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < len(self.items):
+            raise ValueError(f"unknown item {item!r}")
+        if body.get("item_sha") != self.shas[item]:
+            raise ValueError(f"item {item} is not the prompt the page showed (the candidates file changed?)")
+        with self.lock:
+            if (item, self.shas[item]) in self.store.done_by(self.annotator):
+                raise ValueError(f"item {item} is already answered by {self.annotator}")
+            self.store.record(self.items[item], item, self.annotator, body.get("status"), body.get("ranking"))
+        return self.state()
+
+
+def make_server(app: LabelApp, host: str, port: int, token: str):
+    """A threading HTTP server for the page; every request must carry ``token`` (query or X-Label-Token)."""
+    import hmac
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlsplit
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "rlhf-label"
+        sys_version = ""
+
+        def log_message(self, *args):  # the terminal shows saves, not every request
+            pass
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in HEADERS.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, code: int, data: dict) -> None:
+            self._send(code, json.dumps(data).encode("utf-8"), "application/json")
+
+        def _authorised(self) -> bool:
+            given = self.headers.get("X-Label-Token") or parse_qs(urlsplit(self.path).query).get("token", [""])[0]
+            if hmac.compare_digest(given.encode(), token.encode()):
+                return True
+            self._json(401, {"error": "missing or wrong access token (open the URL the server printed)"})
+            return False
+
+        def do_GET(self):
+            if not self._authorised():
+                return
+            path = urlsplit(self.path).path
+            if path == "/api/next":
+                return self._json(200, app.state())
+            if path not in ASSETS:
+                return self._json(404, {"error": f"no such page {path}"})
+            name, content_type = ASSETS[path]
+            body = (PAGE / name).read_bytes()
+            if name == "index.html":  # the assets are fetched with the token too
+                for asset in ("app.js", "app.css"):
+                    body = body.replace(f'"{asset}"'.encode(), f'"{asset}?token={token}"'.encode())
+            self._send(200, body, content_type)
+
+        def do_POST(self):
+            if not self._authorised():
+                return
+            if urlsplit(self.path).path != "/api/answer":
+                return self._json(404, {"error": "no such endpoint"})
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                return self._json(411, {"error": "a Content-Length is required"})
+            if length > MAX_BODY:
+                return self._json(413, {"error": f"request body over {MAX_BODY} bytes"})
+            if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+                return self._json(415, {"error": "expected application/json"})
+            try:
+                body = json.loads(self.rfile.read(length))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return self._json(400, {"error": "the body is not JSON"})
+            try:
+                state = app.answer(body)
+            except ValueError as e:
+                return self._json(400, {"error": str(e)})
+            print(f"label: saved item {body['item']} ({body['status']}) by {app.annotator}: "
+                  f"{state['answered']}/{state['total']}", file=sys.stderr, flush=True)
+            self._json(200, state)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve(candidates: str, out: str, annotator: str, host: str = "127.0.0.1", port: int = 8765,
+          echo=print) -> None:
+    """Serve the labelling page until interrupted."""
+    import secrets
+
+    target = Path(out)
+    if not target.parent.is_dir():
+        raise UserError(f"{target.parent}: no such directory")
+    app = LabelApp(candidates, out, annotator)
+    token = secrets.token_urlsafe(18)
+    try:
+        server = make_server(app, host, port, token)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    state = app.state()
+    echo(f"label: {state['answered']} of {state['total']} prompts answered by {annotator}; rankings -> {out}")
+    echo(f"http://{shown}:{server.server_address[1]}/?token={token}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def agreement_report(rankings: str) -> dict:
+    """``labelstore.agreement`` of a rankings file."""
+    from rlhf.labelstore import LabelStore, agreement
+
+    if not Path(rankings).is_file():
+        raise UserError(f"{rankings}: file not found")
+    return agreement(LabelStore(Path(rankings)).rows())

@@ -1,0 +1,146 @@
+"""The labelling page in a real browser (headless Chromium through chromedriver): three prompts ranked with the
+keyboard alone, the server killed and started again, the page back at the fourth prompt with exactly three
+rankings on disk; model output with script and markup shown as text, running nothing; the token required.
+
+Needs Debian's `chromium` and `chromium-driver` (`make browser` installs them; .ci/run calls it). Without them the
+test is skipped, unless RLHF_REQUIRE_BROWSER=1 (CI) makes that a failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+SCREENSHOT = ROOT / "docs" / "labelling.png"
+
+if not (CHROMIUM and DRIVER):
+    if os.environ.get("RLHF_REQUIRE_BROWSER") == "1":
+        raise RuntimeError("chromium and chromedriver are required (apt-get install chromium chromium-driver)")
+    pytest.skip("no chromium / chromedriver (apt-get install chromium chromium-driver)", allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+XSS = ["<script>window.__pwned = 1</script>The answer is 8.", '<img src=x onerror="window.__pwned = 2">maybe 9.',
+       "I do not know. <b>bold?</b>"]
+CANDIDATES = [
+    {"prompt": "What is 2 + 3?", "responses": ["maybe 6.", "The answer is 5.", "Let me think. 2 plus 3 makes 5."]},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort: 3 1 2"}],
+     "responses": ["The answer is 1 2 3.", "3 1 2", "The answer is 1 2 3."]},
+    {"prompt": "Reverse the words: dog cow owl", "responses": ["owl cow dog", "The answer is owl cow dog.", "dog"]},
+    {"prompt": "What is 4 + 4? <i>not italic</i>", "responses": XSS},
+    {"prompt": "Count the cows: cow cow", "responses": ["2", "The answer is 2.", "3"]},
+]
+
+
+def start(candidates: Path, out: Path) -> tuple[subprocess.Popen, str]:
+    """`rlhf label serve` as a real process; its URL from the line it prints."""
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "label", "serve", str(candidates), "--out", str(out),
+                             "--annotator", "alice", "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("http://"):
+            return proc, line.strip()
+    raise AssertionError(f"no URL printed: {proc.stderr.read()}")
+
+
+@pytest.fixture
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1000",
+                "--disable-gpu"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def keys(driver, *pressed):
+    chain = ActionChains(driver)
+    for k in pressed:
+        chain.send_keys(k)
+    chain.perform()
+
+
+def shown_prompt(driver) -> str:
+    return driver.find_element(By.ID, "conversation").text
+
+
+def wait_for_prompt(driver, text: str) -> None:
+    WebDriverWait(driver, 10).until(lambda d: text in shown_prompt(d))
+
+
+def test_rank_by_keyboard_kill_restart_and_nothing_runs(browser, tmp_path):
+    candidates = tmp_path / "candidates.jsonl"
+    candidates.write_text("".join(json.dumps(r) + "\n" for r in CANDIDATES))
+    out = tmp_path / "rankings.jsonl"
+    server, url = start(candidates, out)
+    try:
+        browser.get(url)
+        # prompt 1: 2 is best, then 1; 3 is left and placed last without a key
+        wait_for_prompt(browser, "What is 2 + 3?")
+        keys(browser, "2", "1", Keys.ENTER)
+        # prompt 2 (a conversation with a system turn): 1 best, then 3 tied with it; 2 last
+        wait_for_prompt(browser, "Sort: 3 1 2")
+        assert "Be brief." in shown_prompt(browser)
+        keys(browser, "1", "=", "3", Keys.ENTER)
+        # prompt 3: a slip undone with Backspace
+        wait_for_prompt(browser, "Reverse the words")
+        keys(browser, "3", Keys.BACKSPACE, "2", "1", Keys.ENTER)
+        wait_for_prompt(browser, "What is 4 + 4?")
+        assert browser.find_element(By.ID, "progress").text.startswith("3 / 5 answered")
+    finally:
+        server.send_signal(signal.SIGKILL)  # no clean shutdown: what was confirmed must already be on disk
+        server.wait()
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["ranking"] for r in rows] == [[1, 0, 2], [0, 1, 0], [1, 0, 2]]
+    assert [r["label"]["item"] for r in rows] == [0, 1, 2]
+    assert all(r["label"]["annotator"] == "alice" and r["label"]["status"] == "ranked" for r in rows)
+
+    server, url = start(candidates, out)
+    try:
+        browser.get(url)
+        wait_for_prompt(browser, "What is 4 + 4?")  # the page opens at the fourth prompt
+        assert browser.find_element(By.ID, "progress").text.startswith("3 / 5 answered")
+        # model output (and a prompt) holding markup and script: literal text, nothing ran, no element made
+        cards = browser.find_elements(By.CSS_SELECTOR, "#responses .response .text")
+        assert [c.text for c in cards] == [x.strip() for x in XSS]
+        assert "<i>not italic</i>" in shown_prompt(browser)
+        assert browser.execute_script("return window.__pwned") is None
+        assert not browser.find_elements(By.CSS_SELECTOR, "#responses script, #responses img, #responses b, "
+                                                          "#conversation i")
+        keys(browser, "1")
+        browser.set_window_size(1100, 480)
+        browser.save_screenshot(str(tmp_path / "labelling.png"))
+        if os.environ.get("RLHF_SAVE_SCREENSHOT") == "1":  # how docs/labelling.png was made
+            shutil.copy(tmp_path / "labelling.png", SCREENSHOT)
+        # a request without the token is refused
+        base = url.split("?")[0]
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + "api/next")
+        assert e.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base)
+        assert e.value.code == 401
+    finally:
+        server.terminate()
+        server.wait()
+    assert len(out.read_text().splitlines()) == 3

@@ -35,6 +35,13 @@ def item_sha(row: dict) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
+def answered(rows: list[dict], annotator: str | None = None) -> set[tuple[int, str]]:
+    """The (item, item_sha) pairs of the page's rows answered by ``annotator`` (by anyone when None)."""
+    return {(r["label"]["item"], r["label"]["item_sha"]) for r in rows
+            if isinstance(r.get("label"), dict) and "item" in r["label"]
+            and (annotator is None or r["label"].get("annotator") == annotator)}
+
+
 def check_ranking(ranking, k: int) -> list[int]:
     """A submitted ranking of ``k`` responses: one non-negative integer place each, not all equal."""
     if not isinstance(ranking, list) or len(ranking) != k:
@@ -93,9 +100,7 @@ class LabelStore:
 
     def done_by(self, annotator: str) -> set[tuple[int, str]]:
         """The (item, item_sha) pairs this annotator has answered (ranked, skipped or unacceptable)."""
-        return {(r["label"]["item"], r["label"]["item_sha"]) for r in self.rows()
-                if isinstance(r.get("label"), dict) and r["label"].get("annotator") == annotator
-                and "item" in r["label"]}
+        return answered(self.rows(), annotator)
 
     def record(self, candidate: dict, item: int, annotator: str, status: str, ranking: list[int] | None) -> dict:
         """Build and append the row of one answer; returns it."""

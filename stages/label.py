@@ -25,6 +25,7 @@ from typing import Callable
 
 from rlhf import formats, modeling, scorers
 from rlhf.errors import UserError
+from stages.sample import duplicates
 
 
 def ranks_from_scores(scores: list[float]) -> list[int]:
@@ -90,9 +91,9 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
                 continue
             noisy = [v + rng.gauss(0.0, noise) if noise else v for v in mine]
             # identical responses are one response: they share a place (the noise could split them otherwise)
-            first = {}
-            for i, text in enumerate(r["responses"]):
-                noisy[i] = noisy[first.setdefault(text, i)]
+            for i, first in enumerate(duplicates(r["responses"])):
+                if first is not None:
+                    noisy[i] = noisy[first]
             ranking = ranks_from_scores(noisy)
             if len(set(ranking)) < 2:
                 all_tied += 1
@@ -159,11 +160,10 @@ class LabelApp:
         self.lock = threading.Lock()  # one answer at a time per server (servers share the file through flock)
 
     def state(self) -> dict:
+        from rlhf.labelstore import answered
+
         rows = self.store.rows()
-        mine = {(r["label"]["item"], r["label"]["item_sha"]) for r in rows
-                if isinstance(r.get("label"), dict) and r["label"].get("annotator") == self.annotator}
-        everyone = {(r["label"]["item"], r["label"]["item_sha"]) for r in rows
-                    if isinstance(r.get("label"), dict) and "item" in r["label"]}
+        mine, everyone = answered(rows, self.annotator), answered(rows)
         next_index = next((i for i, sha in enumerate(self.shas) if (i, sha) not in mine), None)
         item = None if next_index is None else {
             "index": next_index, "sha": self.shas[next_index], "prompt": self.prompts[next_index],

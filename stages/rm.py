@@ -245,8 +245,9 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
                                     "held-out " + ("pairs" if held_pairs else "rankings"), "rm.max_length",
                                     recipe.rm.max_length)
         # what the trainer evaluates on every rm.eval_every steps: held-out data in the training's own shape
-        eval_rows_encoded = held_out.rows if grouped else encode_pairs(
-            tokenizer, as_pairs(held_out.rankings), recipe.rm.max_length).rows
+        held_as_pairs = (encode_pairs(tokenizer, as_pairs(held_out.rankings), recipe.rm.max_length)
+                         if held_pairs or not grouped else None)  # encoded once: trainer eval and final measure
+        eval_rows_encoded = held_out.rows if grouped else held_as_pairs.rows
         model = modeling.attach_adapter(base, recipe.adapter, "SEQ_CLS", recipe.model.base,
                                         training.planned_steps(recipe.rm, len(train.rows)))
         params = modeling.trainable_parameters(model)
@@ -281,8 +282,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         metrics = {"train_loss": result.training_loss, "steps": result.global_step}
         if held_out.rows:  # pairs: accuracy and margins; rankings: accuracy over all comparisons and top-1
             if held_pairs:
-                measured = evaluate_pairs(model, tokenizer, encode_pairs(tokenizer, as_pairs(held_out.rankings),
-                                                                         recipe.rm.max_length), progress=progress)
+                measured = evaluate_pairs(model, tokenizer, held_as_pairs, progress=progress)
             else:
                 measured = evaluate_rankings(model, tokenizer, held_out, progress=progress)
             metrics.update({f"eval_{k}": v for k, v in measured.items()})

@@ -218,19 +218,34 @@ class RMConfig(TrainConfig):
 class PPOConfig:
     """PPO against the reward model, with a KL penalty to the frozen SFT reference.
 
-    Sizes: each step samples ``batch_size`` prompts and one response each (the rollout), then makes
-    ``ppo_epochs`` passes over it in mini-batches of ``mini_batch_size`` (one optimizer step each), each
-    mini-batch split into micro-batches of ``micro_batch_size`` for gradient accumulation. All three sizes count
-    episodes on ONE process: with N processes a step has N x batch_size episodes, and each optimizer step sees
-    N x mini_batch_size of them. Defaults follow the reference implementations (clip 0.2, value clip 0.2,
-    gamma 1, lambda 0.95, 4 PPO epochs).
+    Sizes: each step samples ``batch_size`` episodes (the rollout: ``batch_size / samples_per_prompt`` prompts,
+    ``samples_per_prompt`` responses each), then makes ``ppo_epochs`` passes over it in mini-batches of
+    ``mini_batch_size`` (one optimizer step each), each mini-batch split into micro-batches of
+    ``micro_batch_size`` for gradient accumulation. All three sizes count episodes on ONE process: with N
+    processes a step has N x batch_size episodes, and each optimizer step sees N x mini_batch_size of them.
+    Defaults follow the reference implementations (clip 0.2, value clip 0.2, gamma 1, lambda 0.95, 4 PPO epochs).
+
+    ``advantage`` picks the estimator: ``gae`` is PPO with a critic (value adapter + head, GAE); ``grpo``, ``rloo``
+    and ``reinforce_pp`` are critic-free (no value model is created, trained or saved; value_clip, vf_coef and lam
+    do not apply). The maths of each is in ``rlhf.ppo_math``.
     """
 
     lr: float = 1e-5
     """learning rate for the policy and value adapters (AdamW, constant); TRL 0.28's PPOConfig default is 3e-6,
     for full fine-tuning"""
     batch_size: int = 64
-    """prompts (episodes) per PPO step on one process (N processes: N x batch_size per step)"""
+    """episodes (responses) per PPO step on one process (N processes: N x batch_size per step), drawn for
+    batch_size / samples_per_prompt prompts"""
+    samples_per_prompt: int = 1
+    """K: responses sampled for each prompt of a step, each with its own key (deterministic: resume and several
+    processes sample the same ones); must divide batch_size. grpo and rloo compare a prompt's K responses with
+    each other and need K >= 2 (4 to 16 in the papers)"""
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    """the advantage estimator: gae = PPO with a critic (Schulman et al. 2016); grpo = a response's reward
+    standardised within its prompt's group of K (Shao et al. 2024); rloo = its reward minus the mean reward of
+    the K - 1 others (Ahmadian et al. 2024); reinforce_pp = per-token KL-shaped returns normalised over the whole
+    batch, minus the group's mean score first when K > 1 (Hu 2025). Critic-free estimators need no value model:
+    less memory and about half the update work"""
     mini_batch_size: int = 16
     """episodes per optimizer step on one process; must divide batch_size"""
     micro_batch_size: int = 8
@@ -259,8 +274,15 @@ class PPOConfig:
     "no" keeps everything fp32 (bit-for-bit comparisons). The manifest records the choice and the measurement"""
     kl_coef: float = 0.05
     """beta, the weight of the per-token KL penalty (initial value when adaptive)"""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL estimate in the reward: k1 = log pi - log pi_ref, k3 = (r - 1) - log r"""
+    kl_estimator: Literal["k1", "k3"] | None = None
+    """the per-token KL estimate: k1 = log pi - log pi_ref, k3 = (r - 1) - log r with r = pi_ref / pi; None
+    picks k1 for the KL in the reward and k3 for the KL as a loss term (k1's gradient as a loss is zero in
+    expectation, so k1 with kl_in: loss is refused)"""
+    kl_in: Literal["reward", "loss"] | None = None
+    """where the KL penalty acts: "reward" subtracts beta * KL from the rewards (per token for gae and
+    reinforce_pp, summed over the response for grpo and rloo); "loss" adds beta * mean KL to the policy loss,
+    differentiated through the policy (GRPO's way). None: the estimator's own (loss for grpo, reward for the
+    others)"""
     adaptive_kl: bool = False
     """adapt beta towards kl_target (Ziegler et al.); fixed when false"""
     kl_target: float = 6.0
@@ -285,7 +307,8 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     """gradient clipping threshold, applied to the policy and the value parameters separately"""
     whiten_advantages: bool = True
-    """normalise advantages to mean 0, std 1 over the batch's response tokens"""
+    """normalise advantages to mean 0, std 1 over the batch's response tokens (gae and rloo; grpo standardises
+    within each group and reinforce_pp over the batch by definition)"""
     reward: dict[str, float] = field(default_factory=lambda: {"reward_model": 1.0})
     """what PPO maximises, a weighted sum: ``reward_model`` weighs the reward model's score (normalised when
     ppo.normalize_reward), any other key is a scorer (rlhf/scorers.py: a built-in name such as gold, or
@@ -319,6 +342,25 @@ class PPOConfig:
         """Episodes per PPO step on ``processes`` processes (each samples batch_size)."""
         return self.batch_size * processes
 
+    def prompts_per_step(self, processes: int = 1) -> int:
+        """Prompts per PPO step on ``processes`` processes (each answered samples_per_prompt times)."""
+        return self.batch_size // self.samples_per_prompt * processes
+
+    @property
+    def critic(self) -> bool:
+        """Whether the estimator needs a value model (gae)."""
+        return self.advantage == "gae"
+
+    @property
+    def kl_where(self) -> str:
+        """Where the KL penalty acts: ``kl_in``, or the estimator's own."""
+        return self.kl_in or ("loss" if self.advantage == "grpo" else "reward")
+
+    @property
+    def kl_kind(self) -> str:
+        """The KL estimate: ``kl_estimator``, or k3 as a loss term and k1 in the reward."""
+        return self.kl_estimator or ("k3" if self.kl_where == "loss" else "k1")
+
     @property
     def updates_per_step(self) -> int:
         """Optimizer steps per PPO step: ppo_epochs passes of batch_size / mini_batch_size mini-batches."""
@@ -326,11 +368,12 @@ class PPOConfig:
 
     def total_steps(self, prompts: int, processes: int = 1) -> int:
         """PPO steps of the run: max_steps, or enough for ``epochs`` passes over ``prompts`` prompts."""
-        return self.max_steps or max(1, math.ceil(self.epochs * prompts / self.global_batch(processes)))
+        return self.max_steps or max(1, math.ceil(self.epochs * prompts / self.prompts_per_step(processes)))
 
     def validate(self, where: str) -> None:
         fail = _failer(where, "ppo")
-        _require(fail, self, ("batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
+        _require(fail, self, ("batch_size", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
+                              "ppo_epochs", "max_new_tokens",
                               "max_prompt_length", "eval_samples", "keep_checkpoints", "max_nonfinite", "lr",
                               "temperature", "kl_target", "kl_horizon", "max_grad_norm", "clip", "value_clip",
                               "epochs"))
@@ -350,6 +393,13 @@ class PPOConfig:
         for key in ("reward_clip", "early_stop_kl", "kl_budget"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 fail(key, f"must be positive (or null to disable), got {getattr(self, key)}")
+        if self.batch_size % self.samples_per_prompt:
+            fail("samples_per_prompt", f"({self.samples_per_prompt}) must divide ppo.batch_size ({self.batch_size})")
+        if self.advantage in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            fail("samples_per_prompt", f"must be at least 2 for ppo.advantage={self.advantage} (it compares the "
+                                       f"responses to one prompt), got {self.samples_per_prompt}")
+        if self.kl_where == "loss" and self.kl_estimator == "k1":
+            fail("kl_estimator", "k1 as a loss term has zero gradient in expectation; use k3 (or kl_in: reward)")
         if self.batch_size % self.mini_batch_size:
             fail("mini_batch_size", f"({self.mini_batch_size}) must divide ppo.batch_size ({self.batch_size})")
         if self.mini_batch_size % self.micro_batch_size:

@@ -187,6 +187,64 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, masked(advantages + values, mask)
 
 
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[B]`` sequence scores as ``[B / K, K]``: rows ``g*K .. g*K + K - 1`` are the K responses to one prompt."""
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size} (at least 2)")
+    return scores.reshape(-1, group_size)
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (GRPO, Shao et al. 2024 "DeepSeekMath", section 4.1.2, outcome supervision):
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
+
+    over the K = ``group_size`` responses to the same prompt (consecutive rows), std Bessel-corrected as in TRL's
+    GRPOTrainer; a group whose rewards are all equal gets A = 0 (nothing to prefer). ``[B]`` in, ``[B]`` out: every
+    token of response i then carries A_i (``per_token``)."""
+    g = _groups(scores.float(), group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).reshape(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024 "Back to Basics", eq. 6):
+
+        A_i = r_i - 1/(K - 1) * sum_{j != i} r_j   =   K / (K - 1) * (r_i - mean(r_group))
+
+    each response's baseline is the mean reward of the other K - 1 responses to its prompt, so the baseline does
+    not depend on the response it judges (unbiased). ``[B]`` in, ``[B]`` out."""
+    g = _groups(scores.float(), group_size)
+    return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).reshape(-1)
+
+
+def group_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``r_i - mean(r_group)``: the group-mean baseline REINFORCE++ subtracts from the score when several responses
+    share a prompt (OpenRLHF's ``reinforce_baseline``). ``[B]`` in, ``[B]`` out."""
+    g = _groups(scores.float(), group_size)
+    return (g - g.mean(1, keepdim=True)).reshape(-1)
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Discounted returns of per-token rewards, right to left (REINFORCE; Hu 2025 "REINFORCE++", eq. 5 with the
+    per-token KL in r_t):
+
+        G_t = r_t + gamma * G_{t+1}                     (G after the last real token is 0)
+
+    ``[B, T]``, zero on padding."""
+    rewards, mask = masked(rewards, mask), mask.to(rewards.dtype)
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        out[:, t] = running
+    return out
+
+
+def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence-level advantage ``[B]`` on every real token of its response ``[B, T]`` (0 on padding)."""
+    return masked(advantages[:, None].to(torch.float32).expand(mask.shape), mask)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,6 +269,15 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                  "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
                  "ratio": masked_mean(ratio, mask)}
     return loss, stats
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k3"
+            ) -> torch.Tensor:
+    """The KL to the reference as a loss term (GRPO, Shao et al. 2024 eq. 3-4): the token mean of the estimate,
+    differentiated through the policy's current log-probs ``logp``; the loop adds ``beta`` times it to the policy
+    loss. k3 (``kl_k3``) is GRPO's choice: its gradient pulls towards the reference, where k1's is zero in
+    expectation under the sampling policy."""
+    return masked_mean(KL_ESTIMATORS[estimator](logp, ref_logp), mask)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

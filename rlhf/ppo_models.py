@@ -10,7 +10,9 @@ forward pass selects its adapter first:
                  from the score head
 
 Without a reward model (a reward of scorers alone, ``rlhf.scorers``) there is no ``reward`` adapter, and the
-value adapter starts as the SFT adapter (a fresh one without SFT) under a value head that starts at zero.
+value adapter starts as the SFT adapter (a fresh one without SFT) under a value head that starts at zero. With a
+critic-free advantage estimator (``ppo.advantage``: grpo, rloo, reinforce_pp) there is no value adapter or head
+at all (``critic=False``): nothing of it is created, trained or saved.
 
 With a method that trains base weights (full, bitfit, freeze) they are separate model copies. Both layouts are
 ``PPOModels`` (the interface the PPO loop is written against), so the loop does not know which one it runs on.
@@ -52,6 +54,9 @@ class PPOModels(Protocol):
                       role: str = "policy") -> torch.Tensor:
         """Logits of the last ``keep`` positions under ``role`` ("policy" or "reference"), ``[B, keep, vocab]``."""
 
+    critic: bool
+    """whether there is a value model (False: a critic-free estimator; ``values`` must not be called)"""
+
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The value head at every position, ``[B, L]`` in float32."""
 
@@ -65,7 +70,7 @@ class PPOModels(Protocol):
         """Hugging Face ``generate`` with the policy (greedy evaluation)."""
 
     def parameters(self, role: str) -> list[nn.Parameter]:
-        """The trainable parameters of "policy" or "value"."""
+        """The trainable parameters of "policy" or "value" (none for "value" without a critic)."""
 
     def all_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the four models, each once (for the manifest's parameter count)."""
@@ -78,7 +83,8 @@ class PPOModels(Protocol):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
     def save(self, out: Path) -> None:
-        """The policy at ``out`` (loadable like an SFT run's), the value model under ``out/value``."""
+        """The policy at ``out`` (loadable like an SFT run's), the value model (when there is one) under
+        ``out/value``."""
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -210,7 +216,7 @@ class SharedBase:
     bf16_speedup: float | None = None
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
-                 value_shift: float = 0.0, value_scale: float = 1.0):
+                 value_shift: float = 0.0, value_scale: float = 1.0, critic: bool = True):
         from peft import PeftModel, get_peft_model
 
         base = modeling.load_base(cfg)
@@ -222,17 +228,19 @@ class SharedBase:
                                         adapter_name="policy")
         self.has_reference_adapter = sft_dir is not None
         dtype = base.get_input_embeddings().weight.dtype  # a quantized base keeps its embeddings unquantized
-        self.reward_head = None
+        self.reward_head = self.value_head = None
+        self.critic = critic
         if rm_dir is not None:
             self.model.load_adapter(str(rm_dir), adapter_name="reward")
-            self.model.load_adapter(str(rm_dir), adapter_name="value", is_trainable=True)
             head = _score_head_weights(Path(rm_dir))
             self.reward_head = _head(head, dtype).requires_grad_(False)
             # the pad token the reward model was trained with: a score is read where its training pooled
             self.reward_pad_id = modeling.load_tokenizer(cfg, str(rm_dir)).pad_token_id
+        if critic and rm_dir is not None:
+            self.model.load_adapter(str(rm_dir), adapter_name="value", is_trainable=True)
             # the value head starts as the score head on the scale PPO's rewards use (normalised when they are)
             self.value_head = _head(head, dtype, value_shift, value_scale, bias=True)
-        else:  # scorers alone: the value model starts from the policy, predicting 0
+        elif critic:  # scorers alone: the value model starts from the policy, predicting 0
             if sft_dir is not None:
                 self.model.load_adapter(str(sft_dir), adapter_name="value", is_trainable=True)
             else:
@@ -308,6 +316,8 @@ class SharedBase:
 
     def values(self, input_ids, attention_mask) -> torch.Tensor:
         """Value head output at every position, ``[batch, seq]`` (the head itself in full precision)."""
+        if not self.critic:
+            raise RuntimeError("PPO runs without a critic (ppo.advantage is critic-free)")
         hidden = self._hidden("value", input_ids, attention_mask)
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
@@ -338,16 +348,17 @@ class SharedBase:
     def parameters(self, role: str) -> list[nn.Parameter]:
         """The trainable parameters of ``policy`` or ``value`` (the value head included)."""
         params = [p for n, p in self.model.named_parameters() if f".{role}." in n or n.endswith(f".{role}")]
-        if role == "value":
+        if role == "value" and self.critic:
             params += list(self.value_head.parameters())
         return params
 
     def all_parameters(self) -> list[nn.Parameter]:
-        return list(self.model.parameters()) + list(self.value_head.parameters())
+        return list(self.model.parameters()) + (list(self.value_head.parameters()) if self.critic else [])
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
-        self.value_head.train(mode)
+        if self.critic:
+            self.value_head.train(mode)
 
     def keep_frozen_in(self, dtype: torch.dtype) -> None:
         """Store the frozen base's linear weights in ``dtype`` (bf16 under bf16 autocast: the products are the same,
@@ -367,12 +378,16 @@ class SharedBase:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything PPO changes: the policy and value adapters and the value head (for resume checkpoints)."""
         state = {k: v for k, v in self.model.state_dict().items() if ".policy." in k or ".value." in k}
-        state.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
+        if self.critic:
+            state.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         head = {k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")}
-        self.value_head.load_state_dict(head)
+        if self.critic:
+            self.value_head.load_state_dict(head)
+        elif head:
+            raise UserError("resume checkpoint holds a value head, but this run has no critic (ppo.advantage)")
         missing = self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("value_head.")},
                                              strict=False)
         if missing.unexpected_keys:
@@ -380,20 +395,22 @@ class SharedBase:
 
     def save(self, out: Path) -> None:
         """Policy adapter files at ``out`` (loadable by plain peft on the base); value adapter + head in
-        ``out/value``."""
+        ``out/value`` when there is a critic."""
         from safetensors.torch import save_file
 
         tmp = out / ".adapters"
-        self.model.save_pretrained(str(tmp), selected_adapters=["policy", "value"])
+        self.model.save_pretrained(str(tmp), selected_adapters=["policy", "value"] if self.critic else ["policy"])
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             (tmp / "policy" / name).replace(out / name)
-        (tmp / "value").replace(out / "value")
+        if self.critic:
+            (tmp / "value").replace(out / "value")
         tmp.joinpath("policy").rmdir()
         for leftover in tmp.iterdir():  # peft writes a README next to the adapters
             leftover.unlink() if leftover.is_file() else None
         tmp.rmdir()
-        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
-                  str(out / "value" / "value_head.safetensors"))
+        if self.critic:
+            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+                      str(out / "value" / "value_head.safetensors"))
 
 
 class SeparateCopies:
@@ -403,7 +420,7 @@ class SeparateCopies:
     bf16_speedup: float | None = None
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
-                 value_shift: float = 0.0, value_scale: float = 1.0):
+                 value_shift: float = 0.0, value_scale: float = 1.0, critic: bool = True):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         dtype = modeling.DTYPES[cfg.dtype]
@@ -411,16 +428,18 @@ class SeparateCopies:
         self.policy = AutoModelForCausalLM.from_pretrained(str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
                                                            use_safetensors=True, **kwargs)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
-        self.reward = None
+        self.reward = self.value = None
+        self.critic = critic
         if rm_dir is not None:
             self.reward = AutoModelForSequenceClassification.from_pretrained(
                 str(rm_dir), dtype=dtype, num_labels=1, use_safetensors=True, **kwargs)
             self.reward.requires_grad_(False).eval()
+        if critic and rm_dir is not None:
             self.value = copy.deepcopy(self.reward).requires_grad_(True)
             head = modeling.score_head(self.value)
             weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
             self.value.score = _head(weights, head.weight.dtype, value_shift, value_scale, bias=True)
-        else:  # scorers alone: the value model starts from the policy, predicting 0
+        elif critic:  # scorers alone: the value model starts from the policy, predicting 0
             self.value = AutoModelForSequenceClassification.from_pretrained(
                 str(sft_dir) if sft_dir else cfg.base, dtype=dtype, num_labels=1, use_safetensors=True, **kwargs)
             if self.value.config.pad_token_id is None:
@@ -429,7 +448,8 @@ class SeparateCopies:
                                           modeling.score_head(self.value).weight.dtype)
         if adapter_cfg is not None and adapter_cfg.method != "full":  # bitfit / freeze: the same weights as in SFT
             methods.prepare(self.policy, adapter_cfg, "CAUSAL_LM")
-            methods.prepare(self.value, adapter_cfg, "SEQ_CLS")
+            if critic:
+                methods.prepare(self.value, adapter_cfg, "SEQ_CLS")
 
     @property
     def device(self):
@@ -446,6 +466,8 @@ class SeparateCopies:
                          position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
 
     def values(self, input_ids, attention_mask) -> torch.Tensor:
+        if not self.critic:
+            raise RuntimeError("PPO runs without a critic (ppo.advantage is critic-free)")
         with autocast(self.device, self.autocast):
             return modeling.token_scores(self.value, input_ids, attention_mask).float()
 
@@ -465,7 +487,8 @@ class SeparateCopies:
             return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def parameters(self, role: str) -> list[nn.Parameter]:
-        return [p for p in (self.policy if role == "policy" else self.value).parameters() if p.requires_grad]
+        model = self.policy if role == "policy" else self.value
+        return [p for p in model.parameters() if p.requires_grad] if model is not None else []
 
     def all_parameters(self) -> list[nn.Parameter]:
         return [x for m in (self.policy, self.reference, self.reward, self.value) if m is not None
@@ -473,7 +496,8 @@ class SeparateCopies:
 
     def train(self, mode: bool = True) -> None:
         self.policy.train(mode)
-        self.value.train(mode)
+        if self.value is not None:
+            self.value.train(mode)
 
     def keep_frozen_in(self, dtype: torch.dtype) -> None:
         """Nothing: the frozen reference and reward copies keep their dtype (only SharedBase stores its frozen
@@ -486,33 +510,37 @@ class SeparateCopies:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         state = {f"policy.{k}": v.clone() for k, v in self.policy.state_dict().items()}
-        state.update({f"value.{k}": v.clone() for k, v in self.value.state_dict().items()})
+        if self.value is not None:
+            state.update({f"value.{k}": v.clone() for k, v in self.value.state_dict().items()})
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         for name, model in (("policy", self.policy), ("value", self.value)):
+            if model is None:
+                continue
             model.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")},
                                   strict=False)
 
     def save(self, out: Path) -> None:
         self.policy.save_pretrained(str(out))
-        self.value.save_pretrained(str(out / "value"))
+        if self.value is not None:
+            self.value.save_pretrained(str(out / "value"))
 
 
 def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
          value_shift: float = 0.0, value_scale: float = 1.0, device: torch.device | str = "cpu",
-         mixed_precision: str = "no") -> PPOModels:
+         mixed_precision: str = "no", critic: bool = True) -> PPOModels:
     """The PPO models in the layout ``method`` calls for, on ``device``, every forward pass under the autocast
     that ``mixed_precision`` ("auto", "bf16" or "no") resolves to (``autocast_dtype``; the models' ``autocast``
     and ``bf16_speedup`` say what it resolved to). The value head starts as the reward model's score head mapped
     to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises; without a reward model
-    (``rm_dir`` None) it starts at zero on the policy's weights."""
+    (``rm_dir`` None) it starts at zero on the policy's weights; ``critic`` False: no value model at all."""
     device = torch.device(device)
     with modeling.loading(f"{sft_dir or 'base'}" + (f" / {rm_dir}" if rm_dir else ""), cfg.base):
         if methods.kind(method) == "weights":
-            models = SeparateCopies(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
+            models = SeparateCopies(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale, critic)
         else:
-            models = SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale)
+            models = SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale, critic)
     models.to(device)
     width = getattr(models.config, "hidden_size", 1024)
     models.autocast, models.bf16_speedup = autocast_dtype(mixed_precision, cfg, device, width)

@@ -4,12 +4,13 @@
 ``main`` checks the recipe and the parent runs, ``setup`` loads what the loop reads (prompts, the four models on
 one base) and ``start`` what it changes (optimizer, KL controller, data order: a resume checkpoint's contents).
 ``train`` is the loop; for every PPO step:
-  1 rollout: sample a response to each prompt of the batch with the policy
+  1 rollout: sample ``ppo.samples_per_prompt`` responses to each prompt of the batch with the policy
   2 score and KL-shape the rewards
-  3 advantages (GAE) and returns
-  4 PPO epochs over shuffled mini-batches (clipped surrogate + clipped value loss)
+  3 advantages (``ppo.advantage``: GAE with the critic's values, or a critic-free estimator) and returns
+  4 PPO epochs over shuffled mini-batches (clipped surrogate, + clipped value loss with a critic, + the KL as a
+    loss term when ``ppo.kl_in`` says so)
   5 KL controller, metrics, periodic evaluation and checkpoints (``log_step``, ``save_checkpoint``)
-and ``finish`` saves the policy adapter (plus the value adapter and head), metrics and the manifest.
+and ``finish`` saves the policy adapter (plus the value adapter and head with a critic), metrics and the manifest.
 The maths lives in ``rlhf.ppo_math``; which adapter a forward pass uses lives in ``rlhf.ppo_models``.
 """
 
@@ -34,6 +35,9 @@ from rlhf.ppo_models import PPOModels
 from rlhf.rollout import episode_keys, left_pad
 from rlhf.training import show_progress
 
+ROLES = {True: ("policy", "value"), False: ("policy",)}
+"""the trained models, with a critic (ppo.advantage gae) and without"""
+
 
 @dataclass
 class Rollout:
@@ -48,6 +52,7 @@ class Rollout:
     logp: torch.Tensor = None
     ref_logp: torch.Tensor = None
     values: torch.Tensor = None
+    """the critic's values (None without a critic)"""
     entropy: torch.Tensor = None
     scores: torch.Tensor = None
     """the reward model's raw scores (None without a reward model term)"""
@@ -60,6 +65,7 @@ class Rollout:
     kl: torch.Tensor = None
     advantages: torch.Tensor = None
     returns: torch.Tensor = None
+    """the value targets (None without a critic)"""
 
 
 @dataclass
@@ -88,7 +94,7 @@ class Setup:
     eval_encoded: list[list[int]] | None
     eval_scorers: list[scorers.Scorer]
     params: dict[str, list[torch.nn.Parameter]]
-    """the trainable parameters of "policy" and "value" """
+    """the trainable parameters of "policy" and (with a critic) "value" """
     steps: int
     rank: int
     main: bool
@@ -222,15 +228,17 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     if reward.model_weight:  # the value head starts on the scale of the reward model's weighted term
         scale = scale / reward.model_weight
     models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
-                             mixed_precision=p.mixed_precision)
+                             mixed_precision=p.mixed_precision, critic=p.critic)
     n_proc, main = distributed.world_size(), distributed.is_main()
     models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
     encoded, kept = modeling.encode_prompts(tokenizer, prompts.rows, p.max_prompt_length)
     too_long = len(prompts.rows) - len(kept)
-    if len(encoded) < p.global_batch(n_proc):
+    if len(encoded) < p.prompts_per_step(n_proc):
         raise UserError(f"{recipe.data.prompts}: {len(encoded)} prompts" + (
             f" within ppo.max_prompt_length={p.max_prompt_length}" if too_long else "") + ", fewer than "
-            f"ppo.batch_size={p.batch_size}" + (f" x {n_proc} processes" if n_proc > 1 else ""))
+            f"ppo.batch_size={p.batch_size}" + (f" / samples_per_prompt={p.samples_per_prompt}"
+                                                 if p.samples_per_prompt > 1 else "")
+            + (f" x {n_proc} processes" if n_proc > 1 else ""))
     if main:
         modeling.report_dropped("ppo", too_long, len(prompts.rows), f"prompts of {recipe.data.prompts}",
                                 "ppo.max_prompt_length", p.max_prompt_length)
@@ -243,7 +251,7 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
                                     p.max_prompt_length)
         eval_prompts = [eval_prompts[i] for i in eval_kept]
         eval_encoded = eval_encoded or None
-    params = {role: models.parameters(role) for role in ("policy", "value")}
+    params = {role: models.parameters(role) for role in ROLES[p.critic]}
     return Setup(recipe=recipe, p=p, run=run, models=models, tokenizer=tokenizer, model_cfg=model_cfg,
                  method=method, sft_dir=sft_dir, rm_dir=rm_dir, rm_manifest=rm_manifest, reward=reward,
                  prompts=prompts, encoded=encoded, messages=[prompts.rows[i] for i in kept],
@@ -254,16 +262,17 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
 def start(s: Setup) -> State:
     """A fresh optimizer, KL controller and prompt order, or those of the newest resume checkpoint."""
     p = s.p
-    optimizer = torch.optim.AdamW([{"params": s.params["policy"]}, {"params": s.params["value"]}], lr=p.lr,
-                                  eps=1e-5)
+    optimizer = torch.optim.AdamW([{"params": params} for params in s.params.values()], lr=p.lr, eps=1e-5)
     kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else ppo_math.FixedKLController(p.kl_coef))
     state = State(optimizer, kl_ctl, torch.Generator().manual_seed(p.seed))
     if s.main:
         n_proc = distributed.world_size()
         print(f"ppo: {len(s.encoded)} prompts, {s.steps} steps of {s.global_batch} episodes"
+              + (f" ({p.samples_per_prompt} per prompt)" if p.samples_per_prompt > 1 else "")
               + (f" ({n_proc} processes x {p.batch_size})" if n_proc > 1 else "")
-              + f"; training {trainable_count(s):,} parameters (policy + value); {_precision(s.models)}",
+              + f"; advantage {p.advantage}, KL in the {p.kl_where} ({p.kl_kind}); training "
+              f"{trainable_count(s):,} parameters ({' + '.join(s.params)}); {_precision(s.models)}",
               file=sys.stderr)
     if s.run.resumed:
         resume_from(s.run, s.models, state)
@@ -277,9 +286,9 @@ def train(s: Setup, state: State) -> None:
                disable=not (show_progress(s.recipe) and s.main))  # a bar on a terminal, a line per step in logs
     for step in range(state.step + 1, s.steps + 1):
         clock = [time.time()]
-        # 1 rollout: sample one response per prompt with the policy; its log-probs and entropies come from the
-        # sampling pass itself
-        batch = next_batch(s, state)
+        # 1 rollout: sample samples_per_prompt responses per prompt with the policy (a prompt's K episodes are
+        # consecutive rows, each with its own key); log-probs and entropies come from the sampling pass itself
+        batch = [i for i in next_batch(s, state) for _ in range(p.samples_per_prompt)]  # each episode's prompt
         query, query_mask = (t.to(models.device) for t in left_pad([s.encoded[i] for i in batch], tok.pad_token_id))
         keys = episode_keys(p.seed, step, torch.arange(s.rank * p.batch_size, (s.rank + 1) * p.batch_size))
         sampled = models.sample(query, query_mask, keys=keys, temperature=p.temperature,
@@ -297,24 +306,24 @@ def train(s: Setup, state: State) -> None:
         with torch.no_grad():
             ro.ref_logp = ppo_math.logprobs_from_logits(
                 response_logits(models, ro.ids, ro.mask, length, role="reference"), response, p.temperature)
-            ro.values = predicting(models.values(ro.ids, ro.mask), length)
+            if p.critic:
+                ro.values = predicting(models.values(ro.ids, ro.mask), length)
         score(s, ro, batch)
         ro.shaped = ppo_math.shape_scores(ro.total, stopped, missing_eos_penalty=p.missing_eos_penalty,
                                           clip=p.reward_clip)
+        reward_kl_coef = state.kl_ctl.value if p.kl_where == "reward" else 0.0
         ro.rewards, ro.kl = ppo_math.kl_penalized_rewards(ro.shaped, ro.logp, ro.ref_logp, response_mask,
-                                                          state.kl_ctl.value, p.kl_estimator)
+                                                          reward_kl_coef, p.kl_kind)
 
-        # 3 advantages (GAE) and returns; whitened over every process's tokens, as one process holding the whole
-        # batch would
-        ro.advantages, ro.returns = ppo_math.gae(ro.rewards, ro.values, response_mask, p.gamma, p.lam)
-        if p.whiten_advantages:
-            ro.advantages = ppo_math.masked_whiten(ro.advantages, response_mask, total=distributed.all_sum)
+        # 3 advantages and returns (``advantages``)
+        advantages(p, ro, reward_kl_coef)
         clock.append(time.time())
 
         # 4 PPO epochs over shuffled mini-batches; every process updates or none does (non-finite rewards)
-        finite = bool(torch.isfinite(ro.rewards).all() and torch.isfinite(ro.values).all())
+        finite = bool(torch.isfinite(ro.rewards).all() and torch.isfinite(ro.advantages).all()
+                      and (ro.values is None or torch.isfinite(ro.values).all()))
         if not distributed.any_failed(not finite):
-            update = ppo_epochs(models, state.optimizer, s.params, ro, p, step)
+            update = ppo_epochs(models, state.optimizer, s.params, ro, p, step, state.kl_ctl.value)
         else:
             update = {"nonfinite/skipped_updates": p.updates_per_step}
         clock.append(time.time())
@@ -338,11 +347,35 @@ def next_batch(s: Setup, state: State) -> list[int]:
     draws the same global batch from the same prompt order and takes its own slice; each episode samples with its
     own key (``rollout.episode_keys``), so its response does not depend on which process runs it or what else is
     in the batch."""
-    p, n = s.p, s.global_batch
+    n, mine = s.p.prompts_per_step(distributed.world_size()), s.p.prompts_per_step()
     if len(state.order) < n:
         state.order += torch.randperm(len(s.encoded), generator=state.order_gen).tolist()
-    batch, state.order = state.order[:n][s.rank * p.batch_size:(s.rank + 1) * p.batch_size], state.order[n:]
+    batch, state.order = state.order[:n][s.rank * mine:(s.rank + 1) * mine], state.order[n:]
     return batch
+
+
+def advantages(p: PPOConfig, ro: Rollout, reward_kl_coef: float) -> None:
+    """``ro.advantages`` (and ``ro.returns`` with a critic) by ``ppo.advantage``, from the rollout's KL-shaped
+    rewards (``reward_kl_coef``: the KL's weight in them, 0 when the KL is a loss term). A prompt's K responses are
+    consecutive rows of this process (groups never straddle processes); statistics over the whole batch are over
+    every process's tokens, as one process holding the whole batch would compute them."""
+    mask, K = ro.response_mask, p.samples_per_prompt
+    whiten = p.whiten_advantages
+    if p.advantage == "gae":
+        ro.advantages, ro.returns = ppo_math.gae(ro.rewards, ro.values, mask, p.gamma, p.lam)
+    elif p.advantage == "reinforce_pp":  # returns normalised over the batch: that normalisation is the estimator
+        rewards = ro.rewards
+        if K > 1:  # the group's mean score as a baseline (REINFORCE++-baseline)
+            rewards, _ = ppo_math.kl_penalized_rewards(ppo_math.group_baseline(ro.shaped, K), ro.logp, ro.ref_logp,
+                                                       mask, reward_kl_coef, p.kl_kind)
+        ro.advantages, whiten = ppo_math.returns_to_go(rewards, mask, p.gamma), True
+    elif p.advantage == "grpo":  # one advantage per response, from its sequence reward, standardised in its group
+        ro.advantages = ppo_math.per_token(ppo_math.grpo_advantages(ppo_math.sequence_sum(ro.rewards, mask), K), mask)
+        whiten = False
+    else:  # rloo
+        ro.advantages = ppo_math.per_token(ppo_math.rloo_advantages(ppo_math.sequence_sum(ro.rewards, mask), K), mask)
+    if whiten:
+        ro.advantages = ppo_math.masked_whiten(ro.advantages, mask, total=distributed.all_sum)
 
 
 def score(s: Setup, ro: Rollout, batch: list[int]) -> None:
@@ -372,21 +405,23 @@ def response_logits(models: PPOModels, ids, mask, length: int, role: str = "poli
     return predicting(models.policy_logits(ids, mask, keep=length + 1, role=role), length)
 
 
-def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, step: int) -> dict:
+def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, step: int, kl_coef: float) -> dict:
     """``ppo_epochs`` passes over the rollout in shuffled mini-batches; one optimizer step per mini-batch,
     gradients accumulated over micro-batches; stops early when the approximate KL passes ``early_stop_kl``.
+    The loss: the clipped surrogate (minus the entropy bonus), plus ``kl_coef`` times the KL to the reference when
+    ``ppo.kl_in`` makes it a loss term, plus the clipped value loss when there is a critic.
 
     Each loss is a mean over the response tokens of the whole mini-batch, across micro-batches and processes
     (every micro-batch's token mean is weighted by its share of those tokens), and the gradients are summed over
     processes before clipping: every process then holds the gradient one process would compute on all of it.
     """
     B, length = ro.ids.shape[0], ro.response.shape[1]
-    trainable = params["policy"] + params["value"]
+    trainable = [x for role in params.values() for x in role]
     totals: dict[str, float] = {}
     count = skipped = 0  # mini-batches, and skipped updates
     epochs_run = 0
     first_ratio = 0.0  # this process's part of the first mini-batch's mean ratio, before any update of the step
-    grad_norms: dict[str, list[float]] = {"policy": [], "value": []}
+    grad_norms: dict[str, list[float]] = {role: [] for role in params}
     for epoch in range(p.ppo_epochs):
         epochs_run += 1
         epoch_kl = 0.0  # this process's part of the epoch's mean approximate KL
@@ -404,22 +439,28 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
                 logp = ppo_math.logprobs_from_logits(logits, ro.response[micro], p.temperature)
                 pg_loss, pstats = ppo_math.policy_loss(logp, ro.logp[micro], ro.advantages[micro], rmask, p.clip)
                 entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits, p.temperature), rmask)
-                ((pg_loss - p.entropy_coef * entropy) * share).backward()
-                vpred = predicting(models.values(ids, mask), length)
-                vf_loss, vstats = ppo_math.value_loss(vpred, ro.values[micro], ro.returns[micro], rmask,
-                                                      p.value_clip)
-                (p.vf_coef * vf_loss * share).backward()
-                for key, value in (("policy/loss", pg_loss), ("value/loss", vf_loss), ("policy/entropy", entropy),
-                                   ("policy/approxkl", pstats["approxkl"]), ("policy/clipfrac", pstats["clipfrac"]),
-                                   ("policy/ratio", pstats["ratio"]), ("value/clipfrac", vstats["clipfrac"])):
+                loss = pg_loss - p.entropy_coef * entropy
+                logged = [("policy/loss", pg_loss), ("policy/entropy", entropy), ("policy/approxkl",
+                          pstats["approxkl"]), ("policy/clipfrac", pstats["clipfrac"]), ("policy/ratio", pstats["ratio"])]
+                if p.kl_where == "loss":
+                    kl = ppo_math.kl_loss(logp, ro.ref_logp[micro], rmask, p.kl_kind)
+                    loss = loss + kl_coef * kl
+                    logged.append(("policy/kl_loss", kl))
+                (loss * share).backward()
+                if "value" in params:
+                    vpred = predicting(models.values(ids, mask), length)
+                    vf_loss, vstats = ppo_math.value_loss(vpred, ro.values[micro], ro.returns[micro], rmask,
+                                                          p.value_clip)
+                    (p.vf_coef * vf_loss * share).backward()
+                    logged += [("value/loss", vf_loss), ("value/clipfrac", vstats["clipfrac"])]
+                for key, value in logged:
                     totals[key] = totals.get(key, 0.0) + (value * share).item()  # summed: the mini-batch's mean
                 epoch_kl += (pstats["approxkl"] * share).item()
                 if count == 0:
                     first_ratio += (pstats["ratio"] * share).item()
             count += 1
             distributed.all_reduce_grads(trainable)
-            norms = {role: torch.nn.utils.clip_grad_norm_(params[role], p.max_grad_norm)
-                     for role in ("policy", "value")}
+            norms = {role: torch.nn.utils.clip_grad_norm_(params[role], p.max_grad_norm) for role in params}
             if not all(torch.isfinite(n) for n in norms.values()):  # NaN/inf loss or gradient: skip this update
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -458,9 +499,10 @@ def _guard_nonfinite(stats: dict, p: PPOConfig, step: int, bad_in_a_row: int) ->
 def log_step(s: Setup, state: State, step: int, ro: Rollout, update: dict, clock: list[float]) -> dict:
     """The step's metrics (means over processes) after the KL controller's update, with a held-out evaluation
     every ``ppo.eval_every`` steps and at the end; written to ``metrics.jsonl`` and the history."""
-    mask = ro.response_mask
+    mask, K = ro.response_mask, s.p.samples_per_prompt
     seq_kl = ppo_math.sequence_sum(ro.kl, mask)
-    non_score = ppo_math.sequence_sum(ro.rewards, mask) - ro.shaped
+    non_score = -state.kl_ctl.value * seq_kl  # the KL penalty, in the reward or as a loss term
+    groups = ro.shaped.reshape(-1, K)
     row = {
         **({"objective/score": ro.scores.mean().item()} if ro.scores is not None else {}),
         **{f"objective/scorer/{name}": values.mean().item() for name, values in ro.terms.items()},
@@ -470,6 +512,8 @@ def log_step(s: Setup, state: State, step: int, ro: Rollout, update: dict, clock
         "objective/non_score_reward": non_score.mean().item(),
         "objective/rlhf_reward": (ro.shaped + non_score).mean().item(),
         "objective/entropy": ppo_math.sequence_sum(ro.entropy, mask).mean().item(),
+        # prompts whose K responses all scored the same: no signal for grpo and rloo
+        **({"objective/flat_groups": (groups.amax(1) == groups.amin(1)).float().mean().item()} if K > 1 else {}),
         **update,
         "response/length": mask.sum(1).float().mean().item(),
         "response/eos_rate": ro.stopped.float().mean().item(),
@@ -579,7 +623,7 @@ def finish(s: Setup, state: State) -> dict:
     if within_budget is False and s.main:
         print(f"ppo: warning: final mean KL {final['objective/kl']:.3f} is over ppo.kl_budget={p.kl_budget}; "
               "raise ppo.kl_coef or use ppo.adaptive_kl", file=sys.stderr)
-    bad = [i for i, x in enumerate(s.params["policy"] + s.params["value"]) if not torch.isfinite(x).all()]
+    bad = [i for i, x in enumerate(x for role in s.params.values() for x in role) if not torch.isfinite(x).all()]
     if bad:
         raise TrainingStopped(f"ppo: not saving: {len(bad)} trained tensors hold NaN or inf")
     with s.run.saving() as writer:
@@ -590,6 +634,8 @@ def finish(s: Setup, state: State) -> dict:
         "base": s.model_cfg.base,
         "parents": {"sft": str(s.sft_dir) if s.sft_dir else None, "rm": str(s.rm_dir) if s.rm_dir else None},
         "reward": s.reward.describe(),
+        "advantage": {"estimator": p.advantage, "samples_per_prompt": p.samples_per_prompt, "critic": p.critic,
+                      "kl_in": p.kl_where, "kl_estimator": p.kl_kind},
         "adapter": {"method": s.method,
                     "parameters": {"trainable": trainable_count(s),
                                    "total": sum(x.numel() for x in s.models.all_parameters())}},
@@ -609,7 +655,7 @@ def finish(s: Setup, state: State) -> dict:
 
 
 def trainable_count(s: Setup) -> int:
-    return sum(x.numel() for x in s.params["policy"] + s.params["value"])
+    return sum(x.numel() for role in s.params.values() for x in role)
 
 
 def _precision(models: PPOModels) -> str:

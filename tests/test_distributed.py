@@ -189,24 +189,28 @@ PPO = ("--set", "ppo.max_steps=3", "--set", "ppo.max_new_tokens=16", "--set", "p
        "--set", "ppo.mixed_precision=no")  # fp32: bf16 rounding depends on the batch shapes
 
 
-def test_ppo_on_two_processes_matches_one(parents, tmp_path):
+@pytest.mark.parametrize("estimator", ["gae", "reinforce_pp"])
+def test_ppo_on_two_processes_matches_one(parents, tmp_path, estimator):
     """Each process samples its half of the same global batch (per-episode sampling keys), whitens advantages
     with statistics of both halves, normalises losses by the tokens of both, and sums gradients: the result is
-    the single-process run's, to rounding."""
+    the single-process run's, to rounding. reinforce_pp (critic-free) with 2 responses per prompt: each process
+    holds whole groups (the group-mean baseline is local) and normalises returns over both halves."""
     recipe, runs = parents
     one, two = tmp_path / "one" / "ppo", tmp_path / "two" / "ppo"
-    run_cli("ppo", "--recipe", str(recipe), *PPO, "--set", "ppo.batch_size=8", "--set", "ppo.mini_batch_size=8",
-            "--set", "ppo.micro_batch_size=4", "--out", str(one))
-    proc = run_cli("ppo", "--recipe", str(recipe), *PPO, "--set", "ppo.batch_size=4",
+    extra = ("--set", f"ppo.advantage={estimator}", "--set", f"ppo.samples_per_prompt={1 + (estimator != 'gae')}")
+    run_cli("ppo", "--recipe", str(recipe), *PPO, *extra, "--set", "ppo.batch_size=8",
+            "--set", "ppo.mini_batch_size=8", "--set", "ppo.micro_batch_size=4", "--out", str(one))
+    proc = run_cli("ppo", "--recipe", str(recipe), *PPO, *extra, "--set", "ppo.batch_size=4",
                    "--set", "ppo.mini_batch_size=4", "--set", "ppo.micro_batch_size=2", "--num-processes", "2",
                    "--out", str(two))
-    assert "3 steps of 8 episodes (2 processes x 4)" in proc.stderr
+    assert "3 steps of 8 episodes" in proc.stderr and "(2 processes x 4)" in proc.stderr
     a, b = _manifest(one), _manifest(two)
     assert b["world_size"] == 2 and a["world_size"] == 1
     assert b["metrics"]["episodes"] == a["metrics"]["episodes"] == 24
     _only_run(two.parent, "ppo")
-    for name in ("adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors",
-                 "checkpoints/step_000002/adapter_model.safetensors"):
+    critic = ("value/adapter_model.safetensors", "value/value_head.safetensors") if estimator == "gae" else ()
+    assert (two / "value").exists() == (one / "value").exists() == bool(critic)
+    for name in ("adapter_model.safetensors", *critic, "checkpoints/step_000002/adapter_model.safetensors"):
         assert _max_diff(two / name, one / name) < ATOL, name
     rows = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (one, two)]
     assert len(rows[0]) == len(rows[1]) == 3

@@ -215,3 +215,78 @@ def test_padding_that_overflows_never_turns_a_loss_into_nan():
     assert pm.value_loss(x, T([[1.0, 3.0, 0.0], [2.0, 0.0, 0.0]]), x, m)[0].item() == pytest.approx(0.0)
     adv, ret = pm.gae(x, x, m)
     assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Critic-free advantage estimators
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_grpo_advantages_by_hand():
+    # two prompts, K = 4 responses each (consecutive rows); the second group all scored 2.0
+    scores = T([1.0, 2.0, 3.0, 6.0, 2.0, 2.0, 2.0, 2.0])
+    # group 1: mean 3, deviations [-2, -1, 0, 3], Bessel std sqrt((4 + 1 + 0 + 9) / 3) = sqrt(14/3) = 2.1602
+    std = math.sqrt(14 / 3)
+    expected = [d / (std + 1e-4) for d in (-2.0, -1.0, 0.0, 3.0)] + [0.0] * 4  # equal rewards: nothing to prefer
+    torch.testing.assert_close(pm.grpo_advantages(scores, 4), T(expected))
+    assert pm.grpo_advantages(scores, 4)[4:].eq(0).all()  # exactly 0, not 0/eps noise
+
+
+def test_rloo_advantages_by_hand():
+    scores = T([1.0, 2.0, 3.0, 6.0, 2.0, 2.0, 2.0, 2.0])
+    # response 0: 1 - (2 + 3 + 6) / 3 = -8/3; response 3: 6 - (1 + 2 + 3) / 3 = 4; the flat group: 0
+    expected = T([1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3, 0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(pm.rloo_advantages(scores, 4), expected)
+    # the same as K / (K - 1) * (r - group mean)
+    torch.testing.assert_close(pm.rloo_advantages(scores, 4), 4 / 3 * pm.group_baseline(scores, 4))
+    # K = 2: each response against the other
+    torch.testing.assert_close(pm.rloo_advantages(T([5.0, 1.0]), 2), T([4.0, -4.0]))
+
+
+def test_group_statistics_refuse_ragged_or_single_groups():
+    with pytest.raises(ValueError, match="groups of 4"):
+        pm.grpo_advantages(T([1.0, 2.0, 3.0]), 4)
+    with pytest.raises(ValueError, match="groups of 1"):
+        pm.rloo_advantages(T([1.0, 2.0]), 1)
+
+
+def test_group_baseline_by_hand():
+    torch.testing.assert_close(pm.group_baseline(T([1.0, 3.0, 10.0, 20.0]), 2), T([-1.0, 1.0, -5.0, 5.0]))
+
+
+def test_returns_to_go_by_hand():
+    rewards = T([[0.1, -0.2, 1.0, 9.0],    # the last token is padding: its 9 never counts
+                 [0.5, 0.5, 0.5, 0.5]])
+    mask = T([[1, 1, 1, 0], [1, 1, 1, 1]])
+    torch.testing.assert_close(pm.returns_to_go(rewards, mask, gamma=1.0),
+                               T([[0.9, 0.8, 1.0, 0.0], [2.0, 1.5, 1.0, 0.5]]))
+    # gamma 0.5: G_2 = 1, G_1 = -0.2 + 0.5, G_0 = 0.1 + 0.5 * 0.3
+    torch.testing.assert_close(pm.returns_to_go(rewards, mask, gamma=0.5)[0], T([0.25, 0.3, 1.0, 0.0]))
+
+
+def test_returns_to_go_is_gae_with_zero_values_and_lambda_one():
+    """Two implementations agree: REINFORCE's return is GAE's advantage with V = 0 and lambda = 1."""
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(5, 7, generator=g)
+    mask = (torch.arange(7)[None, :] < torch.tensor([7, 3, 1, 5, 6])[:, None]).long()
+    for gamma in (1.0, 0.9):
+        adv, _ = pm.gae(rewards, torch.zeros(5, 7), mask, gamma=gamma, lam=1.0)
+        torch.testing.assert_close(pm.returns_to_go(rewards, mask, gamma), adv)
+
+
+def test_per_token_broadcasts_a_sequence_advantage_over_real_tokens():
+    mask = T([[1, 1, 0], [1, 0, 0]])
+    assert pm.per_token(T([2.0, -1.0]), mask).tolist() == [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]
+
+
+def test_kl_loss_value_and_gradient_by_hand():
+    # one token: logp 0, ref -1. k3 = e^(ref - logp) - (ref - logp) - 1 = e^-1 + 1 - 1 = 0.3679;
+    # d k3 / d logp = 1 - e^(ref - logp) = 1 - e^-1 = 0.6321 (pulls logp down towards the reference)
+    logp = torch.tensor([[0.0, 5.0]], requires_grad=True)
+    loss = pm.kl_loss(logp, T([[-1.0, 0.0]]), T([[1, 0]]))  # the second token is padding
+    assert loss.item() == pytest.approx(math.exp(-1))
+    loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([1 - math.exp(-1), 0.0])
+    # at the reference the loss and its gradient are zero
+    at_ref = torch.tensor([[-0.7, -2.0]], requires_grad=True)
+    pm.kl_loss(at_ref, T([[-0.7, -2.0]]), T([[1, 1]])).backward()
+    assert at_ref.grad.abs().max().item() == 0.0

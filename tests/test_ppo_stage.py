@@ -4,6 +4,7 @@ through the CLI that move the policy and value but leave the reference and the r
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -144,6 +145,84 @@ def test_ppo_from_the_bare_base_trains_policy_and_value(parents, tmp_path):
     assert lora and all(k in rm for k in lora)
     moved = sum(not torch.equal(val[k], rm[k]) for k in lora)
     assert moved == len(lora), f"only {moved} of {len(lora)} value LoRA tensors trained"
+
+
+CRITIC_FREE = [("grpo", "{reward_model: 1.0}"), ("rloo", "{gold: 4.0}"),
+               ("reinforce_pp", "{reward_model: 1.0, gold: 2.0}")]
+
+
+@pytest.mark.parametrize("estimator,reward", CRITIC_FREE, ids=[e for e, _ in CRITIC_FREE])
+def test_critic_free_estimators_train_the_policy_alone(parents, tmp_path, estimator, reward):
+    """K = 4 responses to each of 2 prompts a step: no value adapter or head is created, trained or saved; the
+    policy moves; the manifest says which estimator ran; grpo's KL is a loss term, the others' in the reward."""
+    recipe, runs = parents
+    out = tmp_path / "ppo"
+    args = [x for kv in SMALL + [f"ppo.advantage={estimator}", "ppo.samples_per_prompt=4", f"ppo.reward={reward}",
+                                 "ppo.save_every=1"] for x in ("--set", kv)]
+    proc = run_cli("ppo", "--recipe", str(recipe), "--out", str(out), *args)
+    assert f"2 steps of 8 episodes (4 per prompt); advantage {estimator}" in proc.stderr
+    assert not (out / "value").exists() and (out / "checkpoints" / "step_000001" / "adapter_model.safetensors").is_file()
+    assert not (out / "checkpoints" / "step_000001" / "value").exists()
+    m = json.loads((out / "manifest.json").read_text())
+    kl_in = "loss" if estimator == "grpo" else "reward"
+    assert m["advantage"] == {"estimator": estimator, "samples_per_prompt": 4, "critic": False, "kl_in": kl_in,
+                              "kl_estimator": "k3" if kl_in == "loss" else "k1"}
+    assert m["metrics"]["episodes"] == 16 and m["adapter"]["parameters"]["trainable"] == sum(
+        v.numel() for v in load_file(out / "adapter_model.safetensors").values())
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert not any(k.startswith("value/") for k in r) and r["policy/grad_norm"] > 0
+        assert 0.0 <= r["objective/flat_groups"] <= 1.0 and ("policy/kl_loss" in r) == (kl_in == "loss")
+        assert r["objective/non_score_reward"] == pytest.approx(-r["ppo/kl_coef"] * r["objective/kl"], abs=1e-6)
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
+    sft, pol = load_file(runs / "sft" / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert set(pol) == set(sft) and any(not torch.equal(pol[k], sft[k]) for k in pol)
+
+
+def test_critic_free_from_the_bare_base_with_full_finetuning(tiny_recipe, tmp_path):
+    """The separate-copies layout (full fine-tuning) without a critic: no value model is loaded or saved."""
+    out = tmp_path / "ppo"
+    args = [x for kv in SMALL + ["ppo.advantage=rloo", "ppo.samples_per_prompt=2", "ppo.reward={gold: 1.0}",
+                                 "adapter.method=full", "ppo.eval_every=0"] for x in ("--set", kv)]
+    proc = run_cli("ppo", "--recipe", str(tiny_recipe), "--policy", "base", "--out", str(out), *args)
+    assert "parameters (policy)" in proc.stderr
+    assert (out / "model.safetensors").is_file() and not (out / "value").exists()
+
+
+def test_advantages_group_consecutive_rows_by_hand():
+    """The loop's estimators on a rollout of 2 prompts x K = 2 responses with hand-picked scores and KLs."""
+    from stages import ppo
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    logp = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, 0.0, 0.0], [-1.0, -1.0, -1.0], [-0.5, -0.5, 0.0]])
+    ref = logp - torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.25, 0.25, 0.0]])  # k1 = logp-ref
+    shaped = torch.tensor([3.0, 1.0, 0.0, 2.0])
+
+    def rollout(estimator, coef, **kw):
+        p = load_recipe(ROOT / "recipes" / "tiny.yaml", [f"ppo.advantage={estimator}", "ppo.samples_per_prompt=2",
+                                                         *[f"ppo.{k}={v}" for k, v in kw.items()]]).ppo
+        ro = ppo.Rollout(ids=None, mask=None, response=None, response_mask=mask, stopped=None, logp=logp,
+                         ref_logp=ref, shaped=shaped)
+        ro.rewards, ro.kl = ppo_math.kl_penalized_rewards(shaped, logp, ref, mask, coef, p.kl_kind)
+        ppo.advantages(p, ro, coef)
+        return ro
+
+    # rloo, KL in the reward (beta 1): sequence rewards 3 - 1 = 2, 1 - 1 = 0 | 0 - 0 = 0, 2 - 0.5 = 1.5;
+    # leave-one-out: 2, -2 | -1.5, 1.5, on every real token (no whitening)
+    ro = rollout("rloo", 1.0, whiten_advantages="false")
+    assert ro.advantages.tolist() == [[2.0, 2.0, 0.0], [-2.0, 0.0, 0.0], [-1.5, -1.5, -1.5], [1.5, 1.5, 0.0]]
+    assert ro.returns is None
+    # grpo, KL as a loss term (beta 0 in the reward): scores 3, 1 -> +-1/(sqrt(2) + 1e-4); 0, 2 -> -+ the same
+    a = 1 / (math.sqrt(2) + 1e-4)
+    ro = rollout("grpo", 0.0)
+    torch.testing.assert_close(ro.advantages, torch.tensor([[a, a, 0.0], [-a, 0.0, 0.0], [-a, -a, -a], [a, a, 0.0]]))
+    # reinforce_pp, K = 2: group-mean baseline on the score (1, -1 | -1, 1), per-token KL (beta 1) in the reward,
+    # returns to go, then whitened over the batch's 8 real tokens
+    ro = rollout("reinforce_pp", 1.0)
+    rewards = torch.tensor([[-0.5, 0.5, 0.0], [-2.0, 0.0, 0.0], [0.0, 0.0, -1.0], [-0.25, 0.75, 0.0]])
+    returns = torch.tensor([[0.0, 0.5, 0.0], [-2.0, 0.0, 0.0], [-1.0, -1.0, -1.0], [0.5, 0.75, 0.0]])
+    torch.testing.assert_close(ppo_math.returns_to_go(rewards, mask), returns)
+    torch.testing.assert_close(ro.advantages, ppo_math.masked_whiten(returns, mask))
 
 
 def test_ppo_refuses_wrong_parents(parents, tmp_path):

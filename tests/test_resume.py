@@ -23,14 +23,19 @@ ARGS = {
            "data.eval_preference=null", "rm.eval_fraction=0"],
     "ppo": ["ppo.max_steps=6", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
             "ppo.max_new_tokens=12", "ppo.save_every=1", "ppo.eval_every=0"],
+    # critic-free: 2 prompts x 4 responses a step, the KL as a loss term
+    "ppo-grpo": ["ppo.max_steps=6", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
+                 "ppo.max_new_tokens=12", "ppo.save_every=1", "ppo.eval_every=0", "ppo.advantage=grpo",
+                 "ppo.samples_per_prompt=4"],
 }
 FILES = {"sft": ["adapter_model.safetensors"], "rm": ["adapter_model.safetensors"],
-         "ppo": ["adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors"]}
+         "ppo": ["adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors"],
+         "ppo-grpo": ["adapter_model.safetensors"]}
 
 
 def _argv(stage, recipe, out, extra=()):
     sets = [x for kv in ARGS[stage] for x in ("--set", kv)]
-    return [sys.executable, "-m", "rlhf.cli", stage, "--recipe", str(recipe), "--out", str(out), *sets, *extra]
+    return [sys.executable, "-m", "rlhf.cli", stage.split("-")[0], "--recipe", str(recipe), "--out", str(out), *sets, *extra]
 
 
 def _checkpoints(work: Path) -> list[str]:
@@ -56,7 +61,7 @@ def _kill_after_a_checkpoint(argv, work: Path, rng: random.Random, seen: list[st
     return killed
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "ppo-grpo"])
 def test_killed_run_resumes_bit_identically(stage, parents, tmp_path):
     recipe, _ = parents
     rng = random.Random(f"{stage}-kill")
@@ -87,6 +92,8 @@ def test_killed_run_resumes_bit_identically(stage, parents, tmp_path):
     assert steps == straight_steps, "metrics.jsonl holds each step once, as an uninterrupted run's does"
     assert json.loads((resumed / "manifest.json").read_text())["resumed"] is True
     assert not work.exists() and not (tmp_path / ".resumed.partial").exists()
+    if stage == "ppo-grpo":
+        assert not (resumed / "value").exists()
 
 
 def test_resume_refusals(tiny_recipe, tmp_path):

@@ -4,7 +4,9 @@ default pipeline's wall time per stage. Writes ``bench.md`` and ``bench.json`` i
 1. PPO vs TRL 0.28 on the same tiny base, SFT policy, reward model (merged to plain Hugging Face directories for
    TRL), prompts (the same token ids), LoRA r/alpha, batch size, 24-token responses (EOS suppressed on both
    sides: TRL's ``stop_token=None`` and our ``ppo.min_new_tokens``), 4 PPO epochs, one mini-batch. Each run is a
-   fresh process; the two alternate, and the medians over repeats are reported. Episodes per second come from
+   fresh process; the runs alternate, and the medians over repeats are reported. Our critic-free estimators
+   (``ppo.advantage``: grpo, rloo, reinforce_pp; 4 responses per prompt, the same episodes per step) are rows of
+   their own. Episodes per second come from
    the median step time after the first (warm-up) step; peak memory is the process's peak resident set.
 2. SFT achieved FLOP/s (the trainer's ``total_flos`` over its training time) against the peak of a large square
    matmul in fp32 and bf16 measured in the same run.
@@ -93,14 +95,16 @@ def parents(work: Path, recipe: Path) -> dict[str, Path]:
     return {"sft": sft, "rm": rm, **{f"{k}_merged": v for k, v in merged.items()}, "ids": ids}
 
 
-def ours(p: dict, recipe: Path, work: Path, batch: int, steps: int, length: int, env: dict) -> dict:
+def ours(p: dict, recipe: Path, work: Path, batch: int, steps: int, length: int, env: dict,
+         sets: tuple[str, ...] = ()) -> dict:
     out = work / f"ppo-ours-{batch}"
     cmd = RLHF + ["ppo", "--recipe", str(recipe), "--policy", str(p["sft"]), "--reward", str(p["rm"]),
                   "--out", str(out), "--overwrite", "--set", f"ppo.batch_size={batch}",
                   "--set", f"ppo.mini_batch_size={batch}", "--set", f"ppo.micro_batch_size={batch}",
                   "--set", "ppo.ppo_epochs=4", "--set", f"ppo.max_steps={steps}",
                   "--set", f"ppo.max_new_tokens={length}", "--set", f"ppo.min_new_tokens={length}",
-                  "--set", "ppo.eval_every=0", "--set", "ppo.save_every=0", "--set", "logging.progress=off"]
+                  "--set", "ppo.eval_every=0", "--set", "ppo.save_every=0", "--set", "logging.progress=off",
+                  *[x for kv in sets for x in ("--set", kv)]]
     _, wall, rss = run(cmd, env=env)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -141,11 +145,19 @@ def runs_to_compare() -> dict[str, dict]:
     if tcmalloc:
         configs["ours_system_malloc"] = {"side": "ours", "env": {allocator.ENV: "system"}}
         configs["trl_tcmalloc"] = {"side": "trl", "env": {"LD_PRELOAD": tcmalloc}}
+    for estimator in ESTIMATORS:  # the same episodes per step: batch / 4 prompts, 4 responses each
+        configs[f"ours_{estimator}"] = {"side": "ours", "env": {},
+                                        "sets": (f"ppo.advantage={estimator}", "ppo.samples_per_prompt=4")}
     return configs
 
 
+ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+"""the critic-free estimators, each its own row: how fast one can align here, not a PPO-vs-PPO comparison"""
+
+
 # (ours, reference) pairs whose ratios are reported: as each toolkit runs by default, and with the same allocator
-PAIRS = (("ours", "trl"), ("ours", "trl_bf16"), ("ours_system_malloc", "trl"), ("ours", "trl_tcmalloc"))
+PAIRS = (("ours", "trl"), ("ours", "trl_bf16"), ("ours_system_malloc", "trl"), ("ours", "trl_tcmalloc"),
+         *((f"ours_{e}", "ours") for e in ESTIMATORS), *((f"ours_{e}", "trl") for e in ESTIMATORS))
 
 
 def ppo_vs_trl(p, recipe, work, trl_python, repeats, batches, steps, length) -> dict:
@@ -163,7 +175,7 @@ def ppo_vs_trl(p, recipe, work, trl_python, repeats, batches, steps, length) -> 
             for name in order:
                 c = configs[name]
                 if c["side"] == "ours":
-                    res = ours(p, recipe, work, batch, steps, length, c["env"])
+                    res = ours(p, recipe, work, batch, steps, length, c["env"], c.get("sets", ()))
                 else:
                     res = trl(p, trl_python, work, batch, steps, length, r.ppo.lr, r.ppo.kl_coef, r.adapter.r,
                               r.adapter.alpha, bf16=c.get("bf16", False), env=c["env"])
@@ -291,8 +303,9 @@ def markdown(res: dict) -> str:
                   "attention on CPU); TRL as configured for a CPU (fp32), with tcmalloc preloaded too, and with "
                   "its bf16 mixed precision. Peak RSS is the whole process's; importing the libraries alone takes "
                   f"{floor['ours']:.0f} MB (ours) and {floor['trl']:.0f} MB (TRL's environment).", ""]
-        names = {"ours": "ours", "ours_system_malloc": "ours, glibc malloc", "trl": "TRL 0.28 fp32",
-                 "trl_tcmalloc": "TRL 0.28 fp32, tcmalloc", "trl_bf16": "TRL 0.28 bf16"}
+        names = {"ours": "ours (PPO, GAE)", "ours_system_malloc": "ours, glibc malloc", "trl": "TRL 0.28 fp32",
+                 "trl_tcmalloc": "TRL 0.28 fp32, tcmalloc", "trl_bf16": "TRL 0.28 bf16",
+                 **{f"ours_{e}": f"ours, {e} (no critic, 4 per prompt)" for e in ESTIMATORS}}
         for batch, s in res["ppo"].items():
             if not batch.isdigit():
                 continue

@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft sample label rm ppo ppo-gold eval browser test test-fast bench gpu-check methods-report clean-runs
+.PHONY: install sft sample label rm ppo ppo-gold dpo eval browser test test-fast bench gpu-check methods-report clean-runs
 
 install: $(STAMP)
 
@@ -53,6 +53,11 @@ rm: install
 
 ppo: install
 	$(BIN)/rlhf ppo --recipe $(RECIPE) --overwrite $(ARGS)
+
+# DPO of the SFT policy on the recipe's preference data (dpo.loss: sigmoid, ipo, hinge, robust or simpo), the SFT
+# policy as its reference; into runs/<name>/dpo. `make eval ARGS="--policy sft --policy ppo --policy dpo"` compares.
+dpo: install
+	$(BIN)/rlhf dpo --recipe $(RECIPE) --overwrite $(ARGS)
 
 eval: install
 	$(BIN)/rlhf eval --recipe $(RECIPE) --overwrite $(ARGS)

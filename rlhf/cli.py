@@ -159,7 +159,7 @@ def rm_score(reward, data_path, out, on_bad_row):
     max_length = modeling.read_manifest(reward)["recipe"]["rm"]["max_length"]
     loaded = formats.load(data_path, "ranking", on_bad_row=on_bad_row)
     if formats.is_pairs(loaded):
-        pairs = stage.as_pairs(loaded.rows)
+        pairs = formats.rankings_as_pairs(loaded.rows)
         encoded = stage.encode_pairs(tokenizer, pairs, max_length)
         unit, total = "pairs", len(pairs)
     else:
@@ -212,6 +212,27 @@ def ppo(recipe_path, overrides, policy, reward, out, overwrite, resume, num_proc
     _echo(f"ppo: {m['steps']} steps, score {score:.4f}, kl {m['objective/kl']:.4f}"
                + (f", held-out gold {m['eval/gold']:.4f}" if "eval/gold" in m else "")
                + f" -> {out or recipe.stage_dir('ppo')}")
+
+
+@cli.command()
+@recipe_options
+@click.option("--policy", help="SFT run directory to start from (and the reference); 'base' to start from the bare "
+              "base (default runs/<name>/sft)")
+@click.option("--out", type=click.Path(file_okay=False), help="output run directory (default runs/<name>/dpo)")
+@click.option("--overwrite", is_flag=True, help="replace a finished run in the output directory")
+@click.option("--resume", is_flag=True, help="continue an interrupted run from its newest complete checkpoint")
+@launch_options
+def dpo(recipe_path, overrides, policy, out, overwrite, resume, num_processes, accelerate_config):
+    """DPO (or IPO, hinge, robust DPO, SimPO: dpo.loss) of the SFT policy on the preference data."""
+    from stages import dpo as stage
+
+    recipe = _recipe(recipe_path, overrides)
+    _relaunch(num_processes, accelerate_config)
+    manifest = stage.main(recipe, policy=policy, out=out, overwrite=overwrite, resume=resume)
+    m = manifest["metrics"]
+    _echo(f"dpo: {m['steps']} steps, train loss {m['train_loss']:.4f}"
+          + (f", held-out implicit-reward accuracy {m['eval_rewards/accuracies']:.4f}"
+             if "eval_rewards/accuracies" in m else "") + f" -> {out or recipe.stage_dir('dpo')}")
 
 
 @cli.command("eval")
@@ -427,7 +448,7 @@ def tiny_build_base(out, minutes, seed):
     base.build_base(out, minutes=minutes, seed=seed, log=lambda s: click.echo(s, err=True))
 
 
-TRAINING_COMMANDS = ("sft", "rm", "ppo", "eval", "sample")
+TRAINING_COMMANDS = ("sft", "rm", "ppo", "dpo", "eval", "sample")
 
 
 def main():

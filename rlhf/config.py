@@ -215,6 +215,47 @@ class RMConfig(TrainConfig):
 
 
 @dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation (Rafailov et al. 2023) of the SFT policy on preference pairs (a ranking of K
+    gives its C(K,2) comparisons as pairs), against the frozen SFT policy as the reference: TRL's DPOTrainer for
+    the losses with a reference, TRL's CPOTrainer for SimPO (reference-free). ``batch_size`` counts pairs."""
+
+    lr: float = 5e-5
+    """peak learning rate (AdamW); TRL's DPOConfig default is 1e-6, for full fine-tuning: LoRA wants more"""
+    max_length: int = 512
+    """prompt + response tokens; pairs with either side longer are left out (counted; dpo.on_too_long)"""
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = "sigmoid"
+    """sigmoid = DPO's -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)); ipo = IPO's squared loss
+    towards 1 / (2 beta) on per-token log-ratios (Azar et al. 2023); hinge = SLiC's max(0, 1 - beta * delta);
+    robust = DPO assuming labels flip with probability label_smoothing (Chowdhury et al. 2024); simpo = SimPO,
+    reference-free: -log sigmoid(beta * (mean chosen log-prob - mean rejected log-prob) - simpo_gamma) (Meng et
+    al. 2024; no reference model is used)"""
+    beta: float = 0.1
+    """the inverse temperature of the implicit reward (IPO: its regularisation tau; SimPO: its reward scale, the
+    paper uses 2-10); TRL's default too"""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin (TRL's default)"""
+    label_smoothing: float = 0.0
+    """robust: the assumed probability that a preference label is flipped, in [0, 0.5)"""
+    on_too_long: Literal["error", "drop"] = "drop"
+    """pairs longer than max_length: stop with an error, or drop them (they are counted in the manifest)"""
+
+    def validate(self, where: str, section: str = "dpo") -> None:
+        super().validate(where, section)
+        fail = _failer(where, section)
+        _require(fail, self, ("beta",))
+        if not 0 <= self.label_smoothing < 0.5:
+            fail("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "robust":
+            fail("label_smoothing", f"applies to loss robust only (dpo.loss is {self.loss})")
+
+    @property
+    def reference_free(self) -> bool:
+        """Whether the loss uses no reference model (SimPO)."""
+        return self.loss == "simpo"
+
+
+@dataclass
 class PPOConfig:
     """PPO against the reward model, with a KL penalty to the frozen SFT reference.
 
@@ -491,6 +532,8 @@ class Recipe:
     """reward-model training"""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO against the reward model"""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """DPO (and its variants) on the preference data, from the SFT policy"""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """evaluation on held-out prompts"""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -542,6 +585,7 @@ class Recipe:
         self.sft.validate(where, "sft")
         self.rm.validate(where, "rm")
         self.ppo.validate(where)
+        self.dpo.validate(where, "dpo")
         self.eval.validate(where)
 
 

@@ -26,8 +26,8 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, overwrite:
     run_dir, out = Path(run_dir), Path(out)
     manifest = modeling.read_manifest(run_dir)
     stage = manifest.get("stage")
-    if stage not in ("sft", "rm", "ppo"):
-        raise UserError(f"{run_dir}: is a {stage!r} run; export takes an sft, rm or ppo run")
+    if stage not in ("sft", "rm", "ppo", "dpo"):
+        raise UserError(f"{run_dir}: is a {stage!r} run; export takes an sft, rm, ppo or dpo run")
     method = manifest["adapter"]["method"]
     kind = methods.kind(method)
     if merge and not methods.get(method).mergeable:

@@ -616,6 +616,18 @@ def is_pairs(loaded: Loaded) -> bool:
     return not set(loaded.formats) & {"responses", "completions", "argilla"}
 
 
+def rankings_as_pairs(rows: list[dict]) -> list[dict]:
+    """Every comparison of every ranking row as one preference pair (``ranking_as_pairs``)."""
+    return [pair for row in rows for pair in ranking_as_pairs(row)]
+
+
+def load_preferences(source: str, data) -> Loaded:
+    """Pairs or rankings (a pair is a ranking of two) from ``source``, read as the recipe's ``data`` section says
+    (its preference_format, columns, split and on_bad_row): what the RM and DPO stages train on."""
+    return load(source, "ranking", fmt=data.preference_format, columns=data.columns, split=data.split,
+                on_bad_row=data.on_bad_row)
+
+
 def ranking_as_pairs(row: dict) -> list[dict]:
     """Every comparison of a ranking row as a preference pair ``{prompt, chosen, rejected[, margin]}``."""
     from rlhf.ranking import ranking_pairs

@@ -13,7 +13,8 @@ from rlhf.errors import UserError
 
 # The one number that sums up a stage (shown by ``rlhf runs`` and ``rlhf info``)
 HEADLINE = {"sft": ("eval_loss", "held-out loss"), "rm": ("eval_accuracy", "held-out pair accuracy"),
-            "ppo": ("objective/score", "reward-model score")}
+            "ppo": ("objective/score", "reward-model score"),
+            "dpo": ("eval_rewards/accuracies", "held-out implicit-reward accuracy")}
 
 
 def _manifest(run_dir: Path) -> dict | None:
@@ -55,7 +56,8 @@ def model_card(manifest: dict) -> str:
     """A README.md for a run directory: what it is, from what, on which data, how well, and how to redo it."""
     stage = manifest["stage"]
     what = {"sft": "a supervised fine-tuned policy", "rm": "a reward model (one score per sequence)",
-            "ppo": "a policy optimised with PPO against a reward model", "eval": "an evaluation report"}[stage]
+            "ppo": "a policy optimised with PPO against a reward model",
+            "dpo": "a policy optimised directly on preference pairs (DPO family)", "eval": "an evaluation report"}[stage]
     adapter = manifest.get("adapter") or {}
     params = adapter.get("parameters") or {}
     lines = [f"# {manifest.get('recipe', {}).get('name', 'run')}: {stage}", "", f"This directory holds {what}.", "",
@@ -86,7 +88,7 @@ def model_card(manifest: dict) -> str:
                 value = f"{value:.4g}"
             lines.append(f"| {key} | {value} |")
         lines.append("")
-    if stage in ("sft", "rm", "ppo"):
+    if stage in ("sft", "rm", "ppo", "dpo"):
         lines += ["Training curves: `curves.png`; every logged step: `metrics.jsonl`; everything above and the "
                   "resolved recipe: `manifest.json`.", ""]
     lines += ["## Reproduce", "", "```", manifest.get("command", ""), "```", "",

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 
 from rlhf.errors import UserError
 
-STAGES = ("sft", "rm", "ppo")
+STAGES = ("sft", "rm", "ppo", "dpo")
 
 _PROMPT_WHY = ("virtual tokens exist only inside peft's own forward pass, while rewards and values are read from "
                "the backbone's hidden state at the last real token")
+_PROMPT_DPO_WHY = ("peft refuses to continue training a saved prompt-learning adapter (the SFT run's), which DPO "
+                   "starts from")
 
 
 @dataclass(frozen=True)
@@ -39,17 +41,20 @@ METHODS: dict[str, Method] = {
     "adalora": Method("peft", "LoRA whose rank budget is pruned to the important modules during training",
                       stages=("sft", "rm"),
                       why_not={"ppo": "peft trains only one AdaLoRA adapter per model, and PPO trains the policy "
-                                      "and the value adapters on one base"}),
+                                      "and the value adapters on one base",
+                               "dpo": "peft allows only one AdaLoRA adapter per model that is not in inference mode, "
+                                      "and DPO holds the SFT adapter twice on one base (policy and frozen "
+                                      "reference)"}),
     "prefix": Method("peft", "prefix tuning: key/value prefixes at every layer, produced by an MLP",
-                     stages=("sft",), why_not={"rm": _PROMPT_WHY, "ppo": _PROMPT_WHY}, mergeable=False),
+                     stages=("sft",), why_not={"rm": _PROMPT_WHY, "ppo": _PROMPT_WHY, "dpo": _PROMPT_DPO_WHY}, mergeable=False),
     "prompt": Method("peft", "prompt tuning: trainable embeddings prepended to the input",
-                     stages=("sft",), why_not={"rm": _PROMPT_WHY, "ppo": _PROMPT_WHY}, mergeable=False),
+                     stages=("sft",), why_not={"rm": _PROMPT_WHY, "ppo": _PROMPT_WHY, "dpo": _PROMPT_DPO_WHY}, mergeable=False),
     "ptuning": Method("peft", "P-Tuning: virtual-token embeddings produced by a prompt encoder (MLP or LSTM)",
-                      stages=("sft",), why_not={"rm": _PROMPT_WHY, "ppo": _PROMPT_WHY}, mergeable=False),
+                      stages=("sft",), why_not={"rm": _PROMPT_WHY, "ppo": _PROMPT_WHY, "dpo": _PROMPT_DPO_WHY}, mergeable=False),
     "ptuning_v2": Method("peft", "P-Tuning v2: deep prompts at every layer, no reparameterisation encoder",
-                         stages=("sft",), why_not={"rm": _PROMPT_WHY, "ppo": _PROMPT_WHY}, mergeable=False),
+                         stages=("sft",), why_not={"rm": _PROMPT_WHY, "ppo": _PROMPT_WHY, "dpo": _PROMPT_DPO_WHY}, mergeable=False),
     "adapter": Method("bottleneck", "Houlsby bottleneck adapters after each attention and MLP output",
-                      stages=("sft", "rm"),
+                      stages=("sft", "rm", "dpo"),
                       why_not={"ppo": "bottleneck adapters are not named adapters that can share one base, which "
                                       "the PPO layout (policy, reference, reward, value) needs"},
                       mergeable=False),
@@ -80,7 +85,7 @@ def check_stage(method: str, stage: str, where: str) -> None:
 
 def support_matrix() -> str:
     """The method x stage table as markdown (``rlhf methods``, the README)."""
-    lines = ["| method | kind | sft | rm | ppo | what trains |", "|---|---|---|---|---|---|"]
+    lines = ["| method | kind | " + " | ".join(STAGES) + " | what trains |", "|---|---|" + "---|" * len(STAGES) + "---|"]
     for name, m in METHODS.items():
         marks = " | ".join("yes" if s in m.stages else "no" for s in STAGES)
         lines.append(f"| `{name}` | {m.kind} | {marks} | {m.summary} |")

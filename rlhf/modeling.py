@@ -253,6 +253,26 @@ def attach_adapter(model, cfg: AdapterConfig, task_type: str = "CAUSAL_LM", base
     return methods.prepare(model, cfg, task_type, tokenizer_path=base, total_steps=total_steps)
 
 
+def disable_dropout(model) -> int:
+    """Turn every dropout in ``model`` off, as TRL's ``disable_dropout`` means to: the ``nn.Dropout`` modules (all
+    TRL reaches) and the rates that families such as OPT keep as plain float attributes and pass to
+    ``nn.functional.dropout`` (``dropout``, ``attention_dropout``, ``activation_dropout``, ``layerdrop``), which
+    stay on in train mode otherwise: DPO's policy and reference passes would then differ on the same weights.
+    The model's config is left as it is (a saved model keeps its family's rates). Returns how many rates it
+    zeroed."""
+    zeroed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            zeroed += module.p != 0
+            module.p = 0.0
+            continue
+        for name, value in list(vars(module).items()):
+            if "drop" in name and isinstance(value, float) and value != 0.0:
+                setattr(module, name, 0.0)
+                zeroed += 1
+    return zeroed
+
+
 def trainable_parameters(model) -> dict:
     """Trainable and total parameter counts, and the trainable percentage. peft's count is used for peft models:
     it counts a 4-bit weight's parameters, not the bytes it is packed into."""
@@ -301,7 +321,7 @@ def same_base(a: str, b: str) -> bool:
     return a == b
 
 
-RUN_KINDS = {"policy": ("sft", "ppo"), "reward model": ("rm",)}
+RUN_KINDS = {"policy": ("sft", "ppo", "dpo"), "reward model": ("rm",)}
 """what each kind of parent run may be: the stages whose output it is"""
 
 

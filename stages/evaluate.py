@@ -34,15 +34,19 @@ class Row:
     results: dict = field(default_factory=dict)
 
 
+STAGE_ROWS = ("sft", "ppo", "dpo")
+"""the stages of the recipe a row may name instead of a run directory"""
+
+
 def resolve_policy(recipe: Recipe, spec: str) -> Row:
-    """"base", a stage name of this recipe ("sft", "ppo"), or a run directory."""
+    """"base", a stage name of this recipe ("sft", "ppo", "dpo"), or a run directory."""
     if spec == "base":
         return Row("base")
     path = Path(spec)
-    if not path.exists() and spec in ("sft", "ppo"):
+    if not path.exists() and spec in STAGE_ROWS:
         path = recipe.stage_dir(spec)
     modeling.read_manifest(path, "policy")
-    return Row(spec if spec in ("sft", "ppo") else str(path), run_dir=path)
+    return Row(spec if spec in STAGE_ROWS else str(path), run_dir=path)
 
 
 def icl_prompts(prompts: list[list[dict]], demos: list[dict], shots: int, seed: int) -> list[list[dict]]:
@@ -77,13 +81,13 @@ def fit_icl(tokenizer, inputs: list[list[dict]], prompts: list[list[dict]], limi
 
 def reference_of(row: Row) -> tuple[bool, Path | None, ModelConfig | None]:
     """What a row's KL is measured against: (whether it has a reference, the policy run it is (None: the bare
-    base), that base's settings). A PPO run's SFT parent, an SFT run's (or a PPO run from the base's) base; the base
-    row has none."""
+    base), that base's settings). A PPO or DPO run's SFT parent, an SFT run's (or a PPO or DPO run from the base's)
+    base; the base row has none."""
     if row.run_dir is None:
         return False, None, None
     manifest = modeling.read_manifest(row.run_dir)
     parent = (manifest.get("parents") or {}).get("sft")
-    if manifest["stage"] == "ppo" and parent:
+    if manifest["stage"] in ("ppo", "dpo") and parent:
         return True, Path(parent), None
     return True, None, ModelConfig(**{**manifest["recipe"]["model"], "base": manifest["base"]})
 

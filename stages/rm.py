@@ -27,18 +27,6 @@ from rlhf.config import Recipe
 from rlhf.errors import UserError
 
 
-def load_rankings(recipe: Recipe, source: str) -> formats.Loaded:
-    """Pairs or rankings, as ranking rows (a pair is a ranking of two)."""
-    d = recipe.data
-    return formats.load(source, "ranking", fmt=d.preference_format, columns=d.columns, split=d.split,
-                        on_bad_row=d.on_bad_row)
-
-
-def as_pairs(rows: list[dict]) -> list[dict]:
-    """Every comparison of every ranking row as one preference pair."""
-    return [pair for row in rows for pair in formats.ranking_as_pairs(row)]
-
-
 @dataclass
 class Encoded:
     """Pairs as the token ids the reward model trains and is read on (``modeling.encode_exchange``), with the
@@ -217,8 +205,9 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         if value and recipe.written_by_pipeline(value) and not Path(value).exists():
             raise UserError(f"{recipe.source}: data.{key} names {value!r}, which does not exist yet: `rlhf label` "
                             "writes it (make sample label)")
-    data = load_rankings(recipe, recipe.data.preference)
-    held = load_rankings(recipe, recipe.data.eval_preference) if recipe.data.eval_preference else None
+    data = formats.load_preferences(recipe.data.preference, recipe.data)
+    held = (formats.load_preferences(recipe.data.eval_preference, recipe.data) if recipe.data.eval_preference
+            else None)
     # rankings train grouped per prompt (InstructGPT) unless rm.comparisons says shuffled; pairs are pairs
     grouped = not formats.is_pairs(data) and recipe.rm.comparisons == "grouped"
     modeling.check_lengths(modeling.load_config(recipe.model), {"rm.max_length": recipe.rm.max_length},
@@ -236,7 +225,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         # the responses as the token ids PPO's episodes are laid out in; too long ones are dropped (or refused)
         unit = "rankings" if grouped else "pairs"
         train = (encode_rankings(tokenizer, train_rows, recipe.rm.max_length) if grouped
-                 else encode_pairs(tokenizer, as_pairs(train_rows), recipe.rm.max_length))
+                 else encode_pairs(tokenizer, formats.rankings_as_pairs(train_rows), recipe.rm.max_length))
         drop_too_long(train, len(train.rows) + train.dropped, recipe, recipe.data.preference, unit=unit)
         held_out = encode_rankings(tokenizer, eval_rows, recipe.rm.max_length)
         held_pairs = formats.is_pairs(held if held is not None else data)
@@ -245,11 +234,13 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
                                     "held-out " + ("pairs" if held_pairs else "rankings"), "rm.max_length",
                                     recipe.rm.max_length)
         # what the trainer evaluates on every rm.eval_every steps: held-out data in the training's own shape
-        held_as_pairs = (encode_pairs(tokenizer, as_pairs(held_out.rankings), recipe.rm.max_length)
+        held_as_pairs = (encode_pairs(tokenizer, formats.rankings_as_pairs(held_out.rankings),
+                                      recipe.rm.max_length)
                          if held_pairs or not grouped else None)  # encoded once: trainer eval and final measure
         eval_rows_encoded = held_out.rows if grouped else held_as_pairs.rows
         model = modeling.attach_adapter(base, recipe.adapter, "SEQ_CLS", recipe.model.base,
                                         training.planned_steps(recipe.rm, len(train.rows)))
+        modeling.disable_dropout(model)  # what disable_dropout=True means, functional dropout (OPT) included
         params = modeling.trainable_parameters(model)
         print(f"rm: {len(train.rows)} {unit}" + (f" ({len(train.rankings)} prompts, "
               f"{sum(len(r['ranks']) for r in train.rows)} responses, InstructGPT loss)" if grouped else "")

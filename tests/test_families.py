@@ -7,6 +7,7 @@ trains) equals what PPO's scoring reads on the same sequences laid out as PPO la
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,8 @@ def recipe_for(base: Path, data: dict, run_dir: Path) -> dict:
                "stats_samples": 0},
         "ppo": {"max_steps": 1, "batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 2, "max_new_tokens": 8,
                 "max_prompt_length": 96, "eval_every": 0, "mixed_precision": "no"},
-        "eval": {"policies": ["sft", "ppo"], "icl_shots": 1, "limit": 6, "max_new_tokens": 8, "bootstrap": 50},
+        "dpo": {"max_steps": 2, "batch_size": 4, "max_length": 192, "eval_fraction": 0.2, "logging_every": 1},
+        "eval": {"policies": ["sft", "ppo", "dpo"], "icl_shots": 1, "limit": 6, "max_new_tokens": 8, "bootstrap": 50},
     }
 
 
@@ -85,16 +87,19 @@ def test_family_through_every_stage(name, world, tmp_path):
     ranked = json.loads((runs / "rm-ranked" / "manifest.json").read_text())
     assert ranked["status"] == "complete" and ranked["data"]["loss"] == "instructgpt_ranking"
     invoke("ppo", "--recipe", r)
+    invoke("dpo", "--recipe", r)  # the reference is the SFT adapter, so the first loss is exactly log 2
+    first = json.loads((runs / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["train/loss"] == pytest.approx(math.log(2), abs=1e-4)
     invoke("eval", "--recipe", r)
     invoke("export", str(runs / "ppo"), "--merge", "--out", str(tmp_path / "exported"))
 
     # every stage finished; the preference rows longer than rm.max_length were left out and counted
-    for stage in ("sft", "rm", "ppo", "eval"):
+    for stage in ("sft", "rm", "ppo", "dpo", "eval"):
         assert json.loads((runs / stage / "manifest.json").read_text())["status"] == "complete", stage
     rm_manifest = json.loads((runs / "rm" / "manifest.json").read_text())
     assert rm_manifest["data"]["rows_too_long"] + rm_manifest["data"]["eval_rows_too_long"] == 8
     summary = json.loads((runs / "eval" / "summary.json").read_text())
-    assert set(summary) == {"base ICL 1-shot", "sft", "ppo"}
+    assert set(summary) == {"base ICL 1-shot", "sft", "ppo", "dpo"}
     used = json.loads((runs / "eval" / "manifest.json").read_text())["data"]
     assert used["prompts_too_long"] == 1 and used["prompts_used"] == 5  # the first of 6 has a 40-word input
     assert all(s["responses"] == 5 for s in summary.values())

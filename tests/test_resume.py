@@ -23,6 +23,8 @@ ARGS = {
            "data.eval_preference=null", "rm.eval_fraction=0"],
     "ppo": ["ppo.max_steps=6", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
             "ppo.max_new_tokens=12", "ppo.save_every=1", "ppo.eval_every=0"],
+    "dpo": ["dpo.max_steps=8", "dpo.save_every=2", "dpo.batch_size=8", "dpo.logging_every=1",
+            "data.eval_preference=null", "dpo.eval_fraction=0"],
     # critic-free: 2 prompts x 4 responses a step, the KL as a loss term
     "ppo-grpo": ["ppo.max_steps=6", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
                  "ppo.max_new_tokens=12", "ppo.save_every=1", "ppo.eval_every=0", "ppo.advantage=grpo",
@@ -30,7 +32,7 @@ ARGS = {
 }
 FILES = {"sft": ["adapter_model.safetensors"], "rm": ["adapter_model.safetensors"],
          "ppo": ["adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors"],
-         "ppo-grpo": ["adapter_model.safetensors"]}
+         "ppo-grpo": ["adapter_model.safetensors"], "dpo": ["adapter_model.safetensors"]}
 
 
 def _argv(stage, recipe, out, extra=()):
@@ -61,7 +63,7 @@ def _kill_after_a_checkpoint(argv, work: Path, rng: random.Random, seen: list[st
     return killed
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "ppo-grpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "ppo-grpo", "dpo"])
 def test_killed_run_resumes_bit_identically(stage, parents, tmp_path):
     recipe, _ = parents
     rng = random.Random(f"{stage}-kill")

@@ -23,7 +23,7 @@ class _Group(click.Group):
             if (ctx.obj or {}).get("debug"):
                 raise
             click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
+            ctx.exit(getattr(e, "exit_code", 2))  # 2, or 128 + the signal for a preempted run (rlhf.preempt)
 
 
 def _quiet_libraries() -> None:
@@ -39,6 +39,11 @@ def _quiet_libraries() -> None:
     for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
                         ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")):
         os.environ.setdefault(name, value)
+    if "transformers" in sys.modules:  # imported already (a caller in this process): the variables came too late
+        from transformers.utils import logging as tf_logging
+
+        tf_logging.set_verbosity_error()
+        tf_logging.disable_progress_bar()
 
 
 def recipe_options(f):
@@ -185,9 +190,9 @@ def rm_score(reward, data_path, out, on_bad_row):
             rows.append({**r, "scores": scores[start:start + len(r["ranks"])].tolist()})
             start += len(r["ranks"])
     if out:
-        with open(out, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        from rlhf.rundir import write_jsonl
+
+        write_jsonl(out, rows)  # atomically: an interrupted score never leaves half a file
     click.echo(json.dumps({**measured, "dropped_too_long": encoded.dropped}))
 
 

@@ -689,8 +689,44 @@ def _build(cls, raw: Any, where: str, prefix: str):
         ok, coerced = _coerce(value, tp)
         if not ok:
             raise UserError(f"{where}: {name} must be {_type_name(tp)}, got {value!r}")
+        if not _finite(coerced):
+            raise UserError(f"{where}: {name} must be a finite number, got {value!r}")
         kwargs[key] = coerced
     return cls(**kwargs)
+
+
+def _finite(value: Any) -> bool:
+    """No infinity or NaN anywhere in a recipe value (a number, or one inside a list or mapping)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML itself keeps the last one silently,
+    and a repeated key is almost always an editing mistake)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, second: int):
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
 
 
 def _apply_override(raw: dict, assignment: str) -> None:
@@ -743,7 +779,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise UserError(f"{where}: recipe file not found")
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_RecipeLoader) or {}  # -sig: a BOM is fine
+        except _DuplicateKey as e:
+            raise UserError(f"{where}:{e.second}: key {e.key!r} is written twice in one section (first at line "
+                            f"{e.first}); keep one") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""

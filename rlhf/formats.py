@@ -49,6 +49,7 @@ import csv
 import re
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -106,7 +107,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
         for n, raw in enumerate(f, 1):
             where = f"{path}:{n}"
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark (Windows tools) is fine
             except UnicodeDecodeError as e:
                 yield where, RowError(f"not valid UTF-8 (byte {e.start})")
                 continue
@@ -116,26 +117,30 @@ def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, json.loads(text)
             except json.JSONDecodeError as e:
                 yield where, RowError(f"invalid JSON ({e.msg} at column {e.colno})")
+            except RecursionError:
+                yield where, RowError("JSON nested too deeply to read")
 
 
 def _json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to read") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} / {"train": [...]}
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-    for i, row in enumerate(data):
+    for i, row in enumerate(data, 1):
         yield f"{path}: row {i}", row
 
 
 def _csv(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             for row in reader:
                 yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
@@ -150,7 +155,7 @@ def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise UserError(f"{path}: not a readable parquet file ({e})") from None
-    for i, row in enumerate(table.to_pylist()):
+    for i, row in enumerate(table.to_pylist(), 1):
         yield f"{path}: row {i}", row
 
 
@@ -178,8 +183,24 @@ def _hub_rows(source: str, split: str) -> Iterator[tuple[str, Any]]:
         ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # offline, unknown id, missing split: the message from datasets says which
         raise UserError(f"{source}: could not load hub dataset split {split!r} ({type(e).__name__}: {e})") from None
-    for i, row in enumerate(ds):
+    for i, row in enumerate(ds, 1):
         yield f"{source}[{split}] row {i}", row
+
+
+def nonfinite_field(row: Any) -> tuple[str, float] | None:
+    """The first field (as a path: ``margin``, ``ranks[2]``, ``scores.helpful``) holding an infinity or NaN, and
+    its value; None when every number is finite. JSON has neither (Python's reader accepts ``Infinity``, ``NaN``
+    and ``1e999``); a margin, rank or score of either trains a meaningless model. Iterative: any depth."""
+    stack: list[tuple[str, Any]] = [("", row)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return where, value
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in reversed(list(value.items())))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+    return None
 
 
 def _is_local_source(source: str) -> bool:
@@ -358,8 +379,10 @@ def _pair(prompt: list[dict], chosen: list[dict], rejected: list[dict], row: dic
                 margin = float(margin)
             except ValueError:
                 raise RowError(f"field 'margin' must be a number, got {margin!r}") from None
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise RowError(f"field 'margin' must be a number, got {margin!r}")
+        if not math.isfinite(margin):
+            raise RowError(f"field 'margin' is {margin}, not a finite number")
         pair["margin"] = float(margin)
     return pair
 
@@ -463,6 +486,8 @@ def prompt_only(row: dict) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _rank(value: Any, where: str) -> int:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RowError(f"{where} is {value}, not a finite number")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
         raise RowError(f"{where} must be an integer place (lower is better), got {value!r}")
     if value < 0:
@@ -693,6 +718,9 @@ def load(source: str, kind: str, *, fmt: str = "auto", columns: dict[str, str] |
                     raise row
                 if not isinstance(row, dict):
                     raise RowError(f"expected a JSON object, got {type(row).__name__}")
+                bad = nonfinite_field(row)
+                if bad is not None:
+                    raise RowError(f"field '{bad[0]}' is {bad[1]}, not a finite number")
                 row = {columns.get(k, k): v for k, v in row.items()}
                 if kind == "prompts":
                     out.rows.append(prompt_only(row))
@@ -710,6 +738,10 @@ def load(source: str, kind: str, *, fmt: str = "auto", columns: dict[str, str] |
                 out.dropped += 1
                 if len(out.drop_examples) < 5:
                     out.drop_examples.append(f"{where}: {e}")
+            except (UserError, SkipRow):
+                raise
+            except Exception as e:  # whatever a row of user data makes a parser do, the answer names the row
+                raise UserError(f"{where}: could not read this row ({type(e).__name__}: {e})") from None
         if out.read == n_before:
             raise UserError(f"{path or source}: no rows")
     if not out.rows and out.skipped and not out.dropped:

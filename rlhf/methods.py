@@ -17,6 +17,7 @@ re-exported here); ``rlhf methods`` prints it and the recipe check enforces it.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -104,6 +105,8 @@ def prepare(model, cfg: AdapterConfig, task_type: str = "CAUSAL_LM", tokenizer_p
                 raise UserError(f"adapter.method ia3: peft has no default modules for {model_type} models; set "
                                 "adapter.target_modules to the attention and MLP projections to scale (e.g. "
                                 "[qkv_proj, down_proj])")
+        if isinstance(cfg.target_modules, list):
+            check_targets(model, cfg.target_modules)
         if getattr(model, "is_quantized", False):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, peft_config(cfg, task_type, tokenizer_path, total_steps),
@@ -116,6 +119,22 @@ def prepare(model, cfg: AdapterConfig, task_type: str = "CAUSAL_LM", tokenizer_p
     if task_type == "SEQ_CLS":
         score_head(model).requires_grad_(True)
     return model
+
+
+def check_targets(model, targets: list[str]) -> None:
+    """Each of ``adapter.target_modules`` must name modules of the base as peft matches them (the whole name, or
+    its last dotted parts); one that matches nothing is a typo or another family's name. The error lists the
+    layer names the base has (the names a target can take)."""
+    names = [name for name, _ in model.named_modules() if name]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            layers = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))
+                             or type(module).__name__ == "Conv1D"})
+            close = difflib.get_close_matches(target, layers, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(f"adapter.target_modules: {target!r} matches no module of {type(model).__name__} "
+                            f"({hint}its layers: {', '.join(layers)})")
 
 
 def unwrap(model):

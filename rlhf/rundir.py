@@ -75,6 +75,23 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl(path: Path, rows) -> None:
+    """Write JSON lines the same way (a temporary file beside ``path``, fsync'd, renamed over it): an interrupted
+    write leaves the old file, never half a new one. A filesystem failure is a one-line error naming the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
 class MetricsLog:
     """Appends one JSON object a line to ``metrics.jsonl``, and passes the numbers on to the run's trackers.
     Only an enabled log writes (the main process's, when there are many)."""
@@ -156,6 +173,21 @@ class Run:
         self.staging = parent / f".{self.final.name}.partial"
         self.work = parent / f".{self.final.name}.work"
         """scratch space for resume checkpoints; removed when the run finishes"""
+        self.lock = RunLock(parent / f".{self.final.name}.lock") if self.main else None
+        """one writer per run directory: held by the main process from here until the run is published or
+        abandoned (the kernel drops it when the process dies, however it dies)"""
+        busy = self.lock.acquire() if self.lock is not None else None
+        if distributed.any_failed(busy is not None):
+            raise UserError(f"{self.final}: another process {f'(pid {busy}) ' if busy else ''}is writing this run; "
+                            "wait for it to end or write elsewhere with --out")
+        try:
+            self._check_and_prepare(overwrite, resume)
+        except BaseException:
+            self._release()
+            raise
+
+    def _check_and_prepare(self, overwrite: bool, resume: bool) -> None:
+        parent = self.final.parent
         # every process checks (they see the same files and raise the same error), then only the main one writes
         if self.final.exists():
             if not self.final.is_dir():
@@ -262,21 +294,83 @@ class Run:
             shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(self.work, ignore_errors=True)
 
-    def abandon(self) -> None:
+    def abandon(self, quiet: bool = False) -> None:
         """After a failure: keep what ``--resume`` needs when a resume checkpoint exists, else remove it all (the
-        final directory is never touched)."""
+        final directory is never touched). ``quiet``: the error itself says how to resume (a preemption)."""
         self._close_trackers()
         if not self.main:
             return
         if self.work.is_dir() and any(self.work.iterdir()):
-            print(f"{self.stage}: the run stopped; continue it with --resume", file=sys.stderr)
+            if not quiet:
+                print(f"{self.stage}: the run stopped; continue it with --resume", file=sys.stderr)
             return
         shutil.rmtree(self.staging, ignore_errors=True)
         shutil.rmtree(self.work, ignore_errors=True)
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def __enter__(self) -> "Run":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:  # any failure, Ctrl-C included: nothing half-written is published
-            self.abandon()
+        try:
+            if exc_type is not None:  # any failure, Ctrl-C included: nothing half-written is published
+                self.abandon(quiet=getattr(exc, "says_how_to_resume", False))  # rlhf.preempt.Preempted
+        finally:
+            self._release()
+
+
+class RunLock:
+    """An exclusive ``flock`` on a small file beside the run directory, holding the writer's pid. Non-blocking:
+    ``acquire`` returns None when it holds the lock, else the pid of the process that does (0 when unknown).
+    The file is removed on release; an acquirer checks that the file it locked is still the one at the path."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> int | None:
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return None  # the run directory cannot be written at all: Run reports that, in its own words
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    holder = int(os.read(fd, 32).decode() or 0)
+                except (OSError, ValueError):
+                    holder = 0
+                os.close(fd)
+                return holder
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder released and removed it between our open and our lock: again
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self.fd = fd
+            return None
+        return 0
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None

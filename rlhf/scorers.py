@@ -81,11 +81,11 @@ class Scorer:
         values = []
         for i, v in enumerate(out):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) and not _is_number(v)):
-                raise UserError(f"scorer {self.name} ({self.spec}) returned {v!r} for row {i} "
+                raise UserError(f"scorer {self.name} ({self.spec}) returned {v!r} for row {i + 1} "
                                 f"({_quote(prompts[i])}): not a number or None")
             v = None if v is None else float(v)
             if v is not None and not math.isfinite(v):
-                raise UserError(f"scorer {self.name} ({self.spec}) returned {v} for row {i} ({_quote(prompts[i])})")
+                raise UserError(f"scorer {self.name} ({self.spec}) returned {v} for row {i + 1} ({_quote(prompts[i])})")
             values.append(v)
         return values
 
@@ -95,7 +95,7 @@ class Scorer:
             try:
                 self.fn([p], [r])
             except Exception:
-                return f" on row {i} ({_quote(p)}, response {r[:60]!r})"
+                return f" on row {i + 1} ({_quote(p)}, response {r[:60]!r})"
         return ""
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import distributed, methods
+from rlhf import distributed, methods, preempt
 from rlhf.rundir import Run
 from rlhf.config import AdapterConfig, Recipe, TrainConfig
 from rlhf.errors import TrainingStopped
@@ -191,12 +191,27 @@ def train(trainer, run: Run):
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 (ckpt / "metrics_lines").write_text(str(run.metrics_lines()))
 
+    class _Preemption(TrainerCallback):
+        """On SIGTERM/SIGINT: a resume checkpoint at the end of the step, then stop (``rlhf.preempt``). After the
+        last step there is nothing to resume: the stage finishes instead."""
+        stopped_at: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step < state.max_steps and preempt.requested():
+                control.should_save = control.should_training_stop = True
+                self.stopped_at = state.global_step
+
+    preemption = _Preemption()
     trainer.add_callback(_RecordMetricsLines())
+    trainer.add_callback(preemption)
     checkpoint = latest_checkpoint(run.work) if run.resumed else None
     if run.resumed:
         lines = checkpoint / "metrics_lines" if checkpoint else None
         run.truncate_metrics(int(lines.read_text()) if lines and lines.is_file() else 0)
         print(f"resuming from {checkpoint.name if checkpoint else 'the start'}", file=sys.stderr)
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with preempt.handlers(run.stage):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if preemption.stopped_at is not None:
+            raise preempt.stop(run.stage, preemption.stopped_at, trainer.state.max_steps)
     # the trainer's final average loss is each process's own; the run reports the mean over all of them
     return result._replace(training_loss=distributed.all_mean({"loss": result.training_loss})["loss"])

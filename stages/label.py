@@ -105,6 +105,8 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
             written += 1
             places = list(dict(zip(r["responses"], ranking)).values())  # identical responses count once
             comparisons += sum(1 for a in places for b in places if a < b)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename publishes it
     if not written:
         tmp.unlink()
         raise UserError(f"{candidates}: no prompt could be ranked ({not_applicable} where --by {by} does not apply "

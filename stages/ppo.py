@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import distributed, formats, methods, modeling, ppo_math, ppo_models, resume, scorers
+from rlhf import distributed, formats, methods, modeling, ppo_math, ppo_models, preempt, resume, scorers
 from rlhf.rundir import Run
 from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
 from rlhf.errors import TrainingStopped, UserError
@@ -169,7 +169,8 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
         s = setup(recipe, run, (base_cfg, method, adapter_cfg), sft_dir, rm_dir, rm_manifest,
                   Reward(model_weight, terms), prompts, eval_prompts, eval_scorers)
         state = start(s)
-        train(s, state)
+        with preempt.handlers("ppo"):
+            train(s, state)
         return finish(s, state)
 
 
@@ -333,8 +334,14 @@ def train(s: Setup, state: State) -> None:
         row = log_step(s, state, step, ro, update, clock)
         _show(s, bar, row, step)
         state.step = step
-        if p.save_every and step % p.save_every == 0 and step != s.steps:
+        saved = bool(p.save_every and step % p.save_every == 0 and step != s.steps)
+        if saved:
             save_checkpoint(s, state)
+        if step != s.steps and preempt.requested():  # SIGTERM/SIGINT: resume state at this step, then stop
+            if not saved:
+                save_checkpoint(s, state, snapshot=False)
+            bar.close()
+            raise preempt.stop("ppo", step, s.steps)
     bar.close()
 
 
@@ -576,14 +583,16 @@ def evaluate(s: Setup, prompts: list[list[dict]], encoded: list[list[int]]) -> d
 # Checkpoints, resume and the finished run
 # ---------------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(s: Setup, state: State) -> None:
-    """The policy under ``checkpoints/step_N`` of the output (for evaluation later), and a resume checkpoint:
-    trainable weights, optimizer, KL controller, RNG and data position."""
+def save_checkpoint(s: Setup, state: State, snapshot: bool = True) -> None:
+    """The policy under ``checkpoints/step_N`` of the output (for evaluation later; not with ``snapshot=False``,
+    a preemption's checkpoint), and a resume checkpoint: trainable weights, optimizer, KL controller, RNG and
+    data position."""
     ckpt = s.run.staging / "checkpoints" / f"step_{state.step:06d}"
     with s.run.saving() as writer:
         if writer:
-            ckpt.mkdir(parents=True)
-            s.models.save(ckpt)
+            if snapshot:
+                ckpt.mkdir(parents=True)
+                s.models.save(ckpt)
             opt_tensors, opt_meta = resume.optimizer_state(state.optimizer)
             rng_tensors, rng_meta = resume.rng_state()
             tensors = {**{f"model.{k}": v for k, v in s.models.trainable_state().items()}, **opt_tensors,

@@ -52,6 +52,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
             processing_class=tokenizer,
         )
+        lengths = _report_truncation(trainer, recipe, len(train_rows), len(eval_rows))
         training.quiet_trainer(trainer, run, recipe, "sft")
         training.method_callbacks(trainer, recipe.adapter)
         result = training.train(trainer, run)
@@ -65,8 +66,36 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
             "base": recipe.model.base,
             "parents": {},
             "adapter": {"method": recipe.adapter.method, "parameters": params},
-            "data": {"sft": data.summary(), "train_rows": len(train_rows), "eval_rows": len(eval_rows)},
+            "data": {"sft": data.summary(), "train_rows": len(train_rows), "eval_rows": len(eval_rows), **lengths},
             "metrics": metrics,
             "seed": recipe.sft.seed,
             "recipe": recipe.to_dict(),
         })
+
+
+def _report_truncation(trainer, recipe: Recipe, n_train: int, n_eval: int) -> dict:
+    """Count what truncation to sft.max_length did: TRL cuts every row to the limit and leaves out the rows whose
+    whole response lay past it (no token left to learn from); this says so, as the RM stage reports its dropped
+    pairs, and refuses when no row is left. Returns the counts for the manifest."""
+    limit = recipe.sft.max_length
+    train, held = trainer.train_dataset, trainer.eval_dataset
+    counts = {"rows_without_response": n_train - len(train),
+              "rows_truncated": sum(len(ids) >= limit for ids in train["input_ids"]),
+              "eval_rows_without_response": n_eval - len(held) if held is not None else 0}
+    source = recipe.data.sft
+    if not len(train):
+        raise UserError(f"{source}: every row's response lies past sft.max_length={limit} tokens (the prompt "
+                        "fills the limit); raise sft.max_length")
+    if distributed.is_main():
+        if counts["rows_without_response"]:
+            share = 100.0 * counts["rows_without_response"] / max(n_train, 1)
+            print(f"sft: {'WARNING: ' if share > 50 else ''}dropped {counts['rows_without_response']} of {n_train} "
+                  f"rows of {source} ({share:.1f}%) whose whole response lies past sft.max_length={limit} tokens "
+                  "(nothing left to learn from)", file=sys.stderr)
+        if counts["eval_rows_without_response"]:
+            print(f"sft: dropped {counts['eval_rows_without_response']} of {n_eval} held-out rows whose whole "
+                  f"response lies past sft.max_length={limit} tokens", file=sys.stderr)
+        if counts["rows_truncated"]:
+            print(f"sft: {counts['rows_truncated']} of {len(train)} rows reach sft.max_length={limit} tokens and are "
+                  "cut there (their response's end is not learned)", file=sys.stderr)
+    return counts

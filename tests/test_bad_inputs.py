@@ -76,8 +76,37 @@ def parent_is_a_file(ctx):
     return ["sft", "--recipe", ctx.recipe, "--set", "sft.max_steps=1"]
 
 
+def deeply_nested(name: str, stage: str):
+    """A file of 100,000 nested brackets (Python's JSON reader recurses: RecursionError), built in the test."""
+    def build(ctx):
+        path = ctx.tmp / name
+        nested = "[" * 100_000 + "]" * 100_000
+        path.write_text(nested + "\n" if name.endswith(".json") else '{"prompt": ' + nested + ', "completion": "x"}\n')
+        if stage == "sample":
+            return ["sample", "base:" + str(ROOT / "data/tiny-base"), "--prompts", str(path), "--limit", "2"]
+        return [stage, "--recipe", ctx.recipe, "--set", f"data.sft={path}"]
+    return build
+
+
+def duplicate_key(ctx):
+    return ["sft", "--recipe", str(BAD / "recipe_duplicate_key.yaml")]
+
+
 # (case id, how to build the command, what the one-line message must contain)
 CASES = [
+    ("sft-deeply-nested", deeply_nested("deep.jsonl", "sft"), "deep.jsonl:1: JSON nested too deeply to read"),
+    ("sample-deeply-nested", deeply_nested("deep.json", "sample"), "deep.json: JSON nested too deeply to read"),
+    ("sft-json-array-row-from-1", data("sft", "sft_array_missing_field.json", "sft"),
+     "sft_array_missing_field.json: row 2: missing field 'completion'"),
+    ("pref-infinite-margin", data("preference", "pref_infinite_margin.jsonl", "rm"),
+     "pref_infinite_margin.jsonl:2: field 'margin' is inf, not a finite number"),
+    ("rank-infinite-rank", data("preference", "rank_infinite_rank.jsonl", "rm"),
+     "rank_infinite_rank.jsonl:1: field 'ranks[2]' is inf, not a finite number"),
+    ("recipe-duplicate-key", duplicate_key,
+     "recipe_duplicate_key.yaml:4: key 'lr' is written twice in one section (first at line 2)"),
+    ("recipe-infinite-value", recipe_set("sft", "sft.lr=.inf"), "sft.lr must be a finite number, got inf"),
+    ("adapter-target-matches-nothing", recipe_set("sft", "adapter.target_modules=[nonexistent_proj]"),
+     "adapter.target_modules: 'nonexistent_proj' matches no module of LlamaForCausalLM (its layers: down_proj,"),
     ("sft-invalid-json", data("sft", "sft_invalid_json.jsonl", "sft"), "sft_invalid_json.jsonl:2: invalid JSON"),
     ("sft-missing-field", data("sft", "sft_missing_field.jsonl", "sft"), ":2: missing field 'completion'"),
     ("sft-wrong-type", data("sft", "sft_wrong_type.jsonl", "sft"), ":2: field 'prompt' must be a string"),

@@ -181,3 +181,36 @@ def test_hub_source_goes_through_datasets(monkeypatch):
     loaded = formats.load("someone/alpaca-like", "sft", split="train[:10]")
     assert seen == {"name": "someone/alpaca-like", "split": "train[:10]"}
     assert loaded.rows == [EXPECTED] and loaded.files[0]["hub"]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_byte_order_mark_is_accepted(tmp_path, suffix):
+    """Windows tools and spreadsheet exports start UTF-8 files with a BOM; the rows read as without it."""
+    rows = [{"prompt": "What is 1 + 1?", "completion": "The answer is 2."},
+            {"prompt": "What is 2 + 2?", "completion": "The answer is 4."}]
+    text = {".jsonl": "".join(json.dumps(r) + "\n" for r in rows), ".json": json.dumps(rows),
+            ".csv": "prompt,completion\n" + "".join(f"{r['prompt']},{r['completion']}\n" for r in rows)}[suffix]
+    plain, bom = tmp_path / f"plain{suffix}", tmp_path / f"bom{suffix}"
+    plain.write_text(text, encoding="utf-8")
+    bom.write_text(text, encoding="utf-8-sig")
+    assert bom.read_bytes()[:3] == b"\xef\xbb\xbf"
+    assert formats.load(str(bom), "sft").rows == formats.load(str(plain), "sft").rows
+    assert len(formats.load(str(bom), "sft").rows) == 2
+
+
+@pytest.mark.fast
+def test_a_recipe_with_a_byte_order_mark_loads(tmp_path):
+    from rlhf.config import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("sft:\n  lr: 1.0e-4\n", encoding="utf-8-sig")
+    assert load_recipe(path).sft.lr == 1e-4
+
+
+@pytest.mark.fast
+def test_nonfinite_numbers_are_found_at_any_depth():
+    assert formats.nonfinite_field({"a": 1.0, "b": [1, {"c": float("-inf")}]}) == ("b[1].c", float("-inf"))
+    assert formats.nonfinite_field({"margin": 2.5, "ranks": [0, 1]}) is None
+    nan = formats.nonfinite_field({"scores": {"helpful": float("nan")}})
+    assert nan[0] == "scores.helpful" and nan[1] != nan[1]

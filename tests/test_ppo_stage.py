@@ -400,7 +400,7 @@ def test_ppo_reward_model_plus_a_scorer_and_a_scorer_that_fails(parents, tmp_pat
     proc = run_cli("ppo", "--recipe", str(recipe_path), "--out", str(out), "--set",
                    f"ppo.reward={{'{user}:boom': 1}}", *[x for kv in SMALL for x in ("--set", kv)], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"scorer boom ({user}:boom) raised RuntimeError: checker crashed on row 0" in proc.stderr
+    assert f"scorer boom ({user}:boom) raised RuntimeError: checker crashed on row 1" in proc.stderr
     assert not (out / "manifest.json").exists()
 
 

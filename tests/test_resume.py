@@ -1,11 +1,14 @@
-"""Killed runs resume exactly: each stage is killed with SIGKILL at random moments after a resume checkpoint
-exists, resumed with --resume, and must end with the same weights, bit for bit, as an uninterrupted run."""
+"""Stopped runs resume exactly: each stage is first preempted (SIGTERM or SIGINT at a random moment: it finishes
+the step, writes a resume checkpoint whatever save_every says, and exits 128 + the signal with one line on how to
+resume), then killed with SIGKILL at a random moment after a newer checkpoint, resumed with --resume each time, and
+must end with the same weights, bit for bit, as an uninterrupted run."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +25,7 @@ ARGS = {
     "rm": ["rm.max_steps=8", "rm.save_every=2", "rm.stats_samples=64", "rm.logging_every=1",
            "data.eval_preference=null", "rm.eval_fraction=0"],
     "ppo": ["ppo.max_steps=6", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
-            "ppo.max_new_tokens=12", "ppo.save_every=1", "ppo.eval_every=0"],
+            "ppo.max_new_tokens=12", "ppo.save_every=2", "ppo.eval_every=0"],
     "dpo": ["dpo.max_steps=8", "dpo.save_every=2", "dpo.batch_size=8", "dpo.logging_every=1",
             "data.eval_preference=null", "dpo.eval_fraction=0"],
     # critic-free: 2 prompts x 4 responses a step, the KL as a loss term
@@ -63,25 +66,52 @@ def _kill_after_a_checkpoint(argv, work: Path, rng: random.Random, seen: list[st
     return killed
 
 
+def _started(argv, staging: Path, log: Path) -> subprocess.Popen:
+    """Start the run and return once it has logged its first step (or ended)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    metrics, deadline = staging / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
+        time.sleep(0.05)
+    return proc
+
+
+def _preempt(argv, staging: Path, work: Path, rng: random.Random, sig: int, log: Path) -> bool:
+    """Send ``sig`` a random moment into training; check the graceful stop (exit 128 + sig, one error line with
+    the command to resume, a resume checkpoint at the step it names). Returns whether it stopped (rather than
+    finishing)."""
+    proc = _started(argv, staging, log)
+    time.sleep(rng.uniform(0.0, 0.5))
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    proc.wait(timeout=300)
+    err = log.read_text()
+    if proc.returncode == 0:
+        return False
+    lines = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    assert len(lines) == 1 and "--resume`" in lines[0] and signal.Signals(sig).name in lines[0], err
+    step = int(re.search(r"after step (\d+) of", lines[0]).group(1))
+    assert any(int(re.split(r"[-_]", c)[-1]) == step for c in _checkpoints(work)), (step, _checkpoints(work))
+    return True
+
+
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "ppo-grpo", "dpo"])
-def test_killed_run_resumes_bit_identically(stage, parents, tmp_path):
+def test_stopped_run_resumes_bit_identically(stage, parents, tmp_path):
     recipe, _ = parents
     rng = random.Random(f"{stage}-kill")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_cli(*_argv(stage, recipe, straight)[3:])
 
     work = tmp_path / ".resumed.work"
-    kills = 0
-    extra: tuple[str, ...] = ()
-    for _ in range(2):  # killed twice, resumed each time
-        if _kill_after_a_checkpoint(_argv(stage, recipe, resumed, extra), work, rng, _checkpoints(work)):
-            kills += 1
-            extra = ("--resume",)
-        if resumed.exists():  # the kill came after the run had published its output: then it is complete
-            assert json.loads((resumed / "manifest.json").read_text())["status"] == "complete"
-            break
-    assert kills >= 1, "the run finished before it could be killed"
-    if not resumed.exists():
+    sig = signal.SIGINT if stage in ("rm", "ppo-grpo") else signal.SIGTERM
+    assert _preempt(_argv(stage, recipe, resumed), tmp_path / ".resumed.partial", work, rng, sig, tmp_path / "log"), \
+        "the run finished before the signal"
+    # resumed, then killed after a newer checkpoint when there is one to come (the signal may have come late)
+    _kill_after_a_checkpoint(_argv(stage, recipe, resumed, ("--resume",)), work, rng, _checkpoints(work))
+    if resumed.exists():  # the kill came after the run had published its output, or none came: complete
+        assert json.loads((resumed / "manifest.json").read_text())["status"] == "complete"
+    else:
         run_cli(*_argv(stage, recipe, resumed, ("--resume",))[3:])
 
     for name in FILES[stage]:
@@ -109,3 +139,36 @@ def test_resume_refusals(tiny_recipe, tmp_path):
     run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", "--overwrite")
     proc = run_cli("sft", "--recipe", str(tiny_recipe), "--resume", check=False)
     assert proc.returncode == 2 and "already holds a finished run" in proc.stderr
+
+
+def test_a_second_signal_stops_at_once(tiny_recipe, tmp_path):
+    """Two SIGTERMs: the second ends the process without waiting for the step (exit 143), and the run stays
+    resumable or restartable (nothing published)."""
+    out = tmp_path / "sft"
+    argv = [sys.executable, "-m", "rlhf.cli", "sft", "--recipe", str(tiny_recipe), "--out", str(out),
+            "--set", "sft.max_steps=200", "--set", "sft.logging_every=1", "--set", "sft.eval_fraction=0"]
+    proc = _started(argv, tmp_path / ".sft.partial", tmp_path / "log")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    err = (tmp_path / "log").read_text()
+    assert proc.returncode == 143 and "SIGTERM again: stopping now" in err, err
+    assert not out.exists()
+    # the lock died with the process (its file may remain): the next command is not refused for it
+    run_cli(*argv[3:], "--set", "sft.max_steps=1", "--overwrite")
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_one_writer_per_run_directory(tiny_recipe, tmp_path):
+    """A second command on the same --out, while the first is alive, names the first one's pid; the first runs
+    on to a complete run."""
+    out = tmp_path / "sft"
+    argv = [sys.executable, "-m", "rlhf.cli", "sft", "--recipe", str(tiny_recipe), "--out", str(out),
+            "--set", "sft.max_steps=30", "--set", "sft.logging_every=1", "--set", "sft.eval_fraction=0"]
+    first = _started(argv, tmp_path / ".sft.partial", tmp_path / "log")
+    second = run_cli(*argv[3:], check=False)
+    assert second.returncode == 2 and f"another process (pid {first.pid}) is writing this run" in second.stderr
+    assert first.wait(timeout=300) == 0
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert not (tmp_path / ".sft.lock").exists()

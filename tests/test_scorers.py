@@ -115,14 +115,14 @@ def test_a_scorer_that_raises_names_itself_and_the_row(user_module):
     boom = scorers.load("my_scorers:boom")
     with pytest.raises(UserError) as e:
         boom([ADD, SORT, ADD], ["fine", "bad", "fine"])
-    assert str(e.value) == ("scorer boom (my_scorers:boom) raised ValueError: cannot parse on row 1 "
+    assert str(e.value) == ("scorer boom (my_scorers:boom) raised ValueError: cannot parse on row 2 "
                             "(prompt 'Sort these numbers: 3 1 2', response 'bad')")
 
 
 @pytest.mark.parametrize("fn,message", [
-    ("words", "returned 'high' for row 0 (prompt 'What is 2 + 3?'): not a number or None"),
+    ("words", "returned 'high' for row 1 (prompt 'What is 2 + 3?'): not a number or None"),
     ("short", "returned 1 values for 2 responses"),
-    ("nan", "returned nan for row 0"),
+    ("nan", "returned nan for row 1"),
 ])
 def test_a_scorer_that_returns_the_wrong_thing(user_module, fn, message):
     with pytest.raises(UserError, match=re.escape(message)):

@@ -143,6 +143,32 @@ def test_drop_mode_trains_on_the_good_rows(tmp_path):
     assert Path(m["data"]["sft"]["drop_examples"][0].split(":")[0]).name == "mixed.jsonl"
 
 
+def test_rows_truncated_to_nothing_are_counted_and_left_out(tmp_path):
+    """A row whose prompt fills sft.max_length has no response token left: it is left out and counted (as the RM
+    counts its too-long pairs), a row cut inside its response is counted as truncated; a file where every row
+    loses its response is refused."""
+    long_prompt = "What is 2 + 2? " + "Explain all the arithmetic you know first. " * 8
+    rows = [{"prompt": "What is 1 + 1?", "completion": "The answer is 2."},
+            {"prompt": long_prompt, "completion": "The answer is 4."},
+            {"prompt": "What is 3 + 1?", "completion": "The answer is 4. " + "And then more words. " * 10},
+            {"prompt": "What is 5 + 1?", "completion": "The answer is 6."}]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs"), data={"sft": str(path)})
+    sets = ["sft.max_length=40", "sft.max_steps=1", "sft.eval_fraction=0", "sft.batch_size=2"]
+    proc = run_cli("sft", "--recipe", str(recipe), *[x for kv in sets for x in ("--set", kv)])
+    assert "dropped 1 of 4 rows" in proc.stderr and "whole response lies past sft.max_length=40" in proc.stderr
+    assert "1 of 3 rows reach sft.max_length=40 tokens and are cut there" in proc.stderr
+    m = json.loads((tmp_path / "runs" / "tiny" / "sft" / "manifest.json").read_text())["data"]
+    assert (m["rows_without_response"], m["rows_truncated"], m["train_rows"]) == (1, 1, 4)
+
+    path.write_text(json.dumps(rows[1]) + "\n")
+    proc = run_cli("sft", "--recipe", str(recipe), "--out", str(tmp_path / "none"),
+                   *[x for kv in sets for x in ("--set", kv)], check=False)
+    assert proc.returncode == 2 and "every row's response lies past sft.max_length=40" in proc.stderr
+    assert not (tmp_path / "none").exists() and "Traceback" not in proc.stderr
+
+
 def test_a_failed_save_keeps_the_previous_run(tmp_path, monkeypatch):
     """Disk full while saving: a one-line error, and the finished run being replaced is untouched."""
     import errno

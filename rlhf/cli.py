@@ -200,7 +200,8 @@ def rm_score(reward, data_path, out, on_bad_row):
 @recipe_options
 @click.option("--policy", help="SFT (or PPO) run directory to start from; 'base' to start from the bare base "
               "(default runs/<name>/sft)")
-@click.option("--reward", help="reward-model run directory (default runs/<name>/rm)")
+@click.option("--reward", help="reward-model run directory (default runs/<name>/rm), or a published sequence-"
+              "classification reward model: a model directory or a hub id")
 @click.option("--out", type=click.Path(file_okay=False), help="output run directory (default runs/<name>/ppo)")
 @click.option("--overwrite", is_flag=True, help="replace a finished run in the output directory")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its newest complete checkpoint")
@@ -245,7 +246,8 @@ def dpo(recipe_path, overrides, policy, out, overwrite, resume, num_processes, a
 @click.option("--policy", "policies", multiple=True,
               help="policy to evaluate: a run directory, a stage of the recipe (sft, ppo) or 'base' (repeatable; "
                    "default eval.policies)")
-@click.option("--reward", help="reward-model run directory (default runs/<name>/rm)")
+@click.option("--reward", help="reward-model run directory (default runs/<name>/rm), or a published sequence-"
+              "classification reward model: a model directory or a hub id")
 @click.option("--prompts", help="held-out prompt file (default data.eval_prompts)")
 @click.option("--samples", type=int, help="responses per prompt (1: greedy); overrides eval.samples")
 @click.option("--icl-shots", type=int, help="demonstrations for the in-context baseline row; overrides eval.icl_shots")
@@ -328,7 +330,7 @@ def label():
 @label.command("rank")
 @click.argument("candidates", type=click.Path(dir_okay=False))
 @click.option("--by", required=True, help="the labeller: a scorer (built-in name, module:function or "
-              "file.py:function) or a reward-model run directory (AI feedback)")
+              "file.py:function) or a reward model (AI feedback): a run or model directory, or rm:HUB_ID")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="the rankings file to write")
 @click.option("--noise", default=0.0, show_default=True, type=float,
               help="for experiments: Gaussian noise (standard deviation, in the labeller's units) added to each "

@@ -73,6 +73,13 @@ def model_card(manifest: dict) -> str:
     if manifest.get("reward"):  # PPO: what the policy was optimised against
         lines.append("- reward: " + " + ".join(
             f"{v['weight'] if isinstance(v, dict) else v:g} x {k}" for k, v in manifest["reward"].items()))
+    published = (manifest.get("reward") or {}).get("reward_model")
+    published = published if isinstance(published, dict) else manifest.get("reward_model")
+    if isinstance(published, dict) and published.get("id"):  # a reward model that is not a run (rlhf.external_rm)
+        lines.append(f"- reward model (published, not a run): `{published['id']}`"
+                     + (f", revision `{published['revision']}`" if published.get("revision") else "")
+                     + (f", directory sha256 `{published['directory_sha256'][:16]}...`"
+                        if published.get("directory_sha256") else ""))
     lines += [f"- finished: {manifest.get('finished')} after {manifest.get('seconds')} s"
               + (" (resumed)" if manifest.get("resumed") else ""), ""]
     data = _data_lines(manifest.get("data"))

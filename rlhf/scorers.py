@@ -13,7 +13,9 @@ A recipe names a scorer by a *spec*:
 - a built-in name (``BUILTIN``): ``gold``, ``correctness``, ``style`` (the tiny world's scorer and its halves);
 - a Python reference, ``package.module:function`` (importable) or ``path/to/file.py:function`` (relative to the
   current directory);
-- either of those under a label of your own, ``label=spec`` (the label names its column and metrics).
+- a reward model, ``rm:`` and a run directory of this project, a model directory or a hub id of a published
+  sequence-classification reward model (``rlhf.external_rm``; named ``rm`` unless labelled);
+- any of those under a label of your own, ``label=spec`` (the label names its column and metrics).
 
 Errors are the user's to fix and say so in one line (``UserError``): a reference that does not load, an object
 that is not callable, a scorer that raises (the row it raised on is named) or returns something other than one
@@ -150,6 +152,12 @@ def load(spec: str, where: str = "scorer") -> Scorer:
     """The scorer a spec names (module docstring); ``where`` (a recipe key) starts every error."""
     label, ref = spec.split("=", 1) if "=" in spec else (None, spec)
     label, ref = (label.strip() if label else None), ref.strip()
+    if ref.startswith("rm:"):  # a reward model: a run directory, a model directory or a hub id
+        from rlhf import external_rm
+
+        if not ref[3:]:
+            raise UserError(f"{where}: scorer {spec!r} names no reward model (rm:RUN_DIR, rm:MODEL_DIR or rm:HUB_ID)")
+        return _named(label or "rm", spec, ref, external_rm.scorer_for(ref[3:]), where)
     if ref in BUILTIN:
         module, attr, _ = BUILTIN[ref]
         name = ref
@@ -172,7 +180,10 @@ def load(spec: str, where: str = "scorer") -> Scorer:
             raise UserError(f"{where}: creating scorer {spec!r} ({attr}()) raised {_describe(e)}") from None
     if not callable(obj):
         raise UserError(f"{where}: scorer {spec!r} is a {type(obj).__name__}, not callable")
-    name = label or name
+    return _named(label or name, spec, ref, obj, where)
+
+
+def _named(name: str, spec: str, ref: str, obj, where: str) -> Scorer:
     if name in RESERVED:
         raise UserError(f"{where}: a scorer may not be named {name!r} (eval's own column); give it a label: "
                         f"my_{name}={ref}")

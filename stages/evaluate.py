@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import adapters, formats, methods, modeling, report, rollout, scorers
+from rlhf import adapters, external_rm, formats, methods, modeling, report, rollout, scorers
 from rlhf.rundir import Run
 from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import UserError
@@ -133,8 +133,11 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: boo
         torch.manual_seed(e.seed + sample)
         gens = rollout.generate(model, tokenizer, inputs, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                                 temperature=0.0 if e.samples == 1 else e.temperature, progress=progress)
-        scores = modeling.score_conversations(reward[0], reward[1], rollout.with_responses(prompts, gens.texts),
-                                             e.batch_size, progress=progress)
+        if isinstance(reward, external_rm.ExternalRewardModel):  # text in, its own forward
+            scores = torch.tensor(reward(prompts, gens.texts))
+        else:
+            scores = modeling.score_conversations(reward[0], reward[1], rollout.with_responses(prompts, gens.texts),
+                                                 e.batch_size, progress=progress)
         kls = [None] * len(prompts)
         if reference is not None:
             logp = rollout.response_logprobs(model, tokenizer, inputs, gens.token_ids, e.batch_size)
@@ -214,8 +217,11 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
         if len(demos) < e.icl_shots:
             raise UserError(f"{recipe.data.sft}: {len(demos)} demonstrations, fewer than eval.icl_shots")
     reward_dir = Path(reward) if reward else recipe.stage_dir("rm")
-    shared = None
-    if one_base and methods.kind(modeling.read_manifest(reward_dir, "reward model")["adapter"]["method"]) == "peft":
+    shared = external = None
+    if reward and not external_rm.is_run(reward):  # a published reward model: its own tokenizer and template
+        external = external_rm.ExternalRewardModel(reward, batch_size=e.batch_size)
+        reward_model = (external.model, external.tokenizer)
+    elif one_base and methods.kind(modeling.read_manifest(reward_dir, "reward model")["adapter"]["method"]) == "peft":
         shared = adapters.OneBase(reward_dir)
         reward_model = (shared.reward, shared.reward_tokenizer)
     else:
@@ -242,7 +248,8 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
         for row in rows:
             if run.main:
                 print(f"eval: {row.name} on {len(prompt_rows)} prompts x {e.samples}", file=sys.stderr, flush=True)
-            records += evaluate_row(row, recipe, prompt_rows, demos, reward_model, progress, shared, scorer_list)
+            records += evaluate_row(row, recipe, prompt_rows, demos, external or reward_model, progress, shared,
+                                    scorer_list)
         summary = summarise(rows, records, e, names)
         table = markdown_table(summary, rows[0].name, names)
         pictures = []
@@ -254,7 +261,9 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
             print(table, end="")
         return run.finish({
             "base": recipe.model.base,
-            "parents": {"policies": [str(r.run_dir) if r.run_dir else r.name for r in rows], "rm": str(reward_dir)},
+            "parents": {"policies": [str(r.run_dir) if r.run_dir else r.name for r in rows],
+                        "rm": None if external else str(reward_dir)},
+            **({"reward_model": external.identity} if external else {}),
             "data": {"prompts": source, "prompts_used": len(prompt_rows), "prompts_too_long": dropped},
             "scorers": {x.name: x.spec for x in scorer_list},
             "metrics": summary,

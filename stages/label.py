@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from rlhf import formats, modeling, scorers
+from rlhf import external_rm, formats, scorers
 from rlhf.errors import UserError
 from stages.sample import duplicates
 
@@ -34,30 +34,11 @@ def ranks_from_scores(scores: list[float]) -> list[int]:
     return [place[v] for v in scores]
 
 
-def reward_model_labeller(run_dir: str) -> Callable[[list, list], list]:
-    """A reward-model run as a labeller: its score of each response (None for one longer than its rm.max_length,
-    which it never learnt to read)."""
-    model, tokenizer = modeling.load_reward(run_dir)
-    max_length = modeling.read_manifest(run_dir)["recipe"]["rm"]["max_length"]
-
-    def score(prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
-        seqs = [sum(modeling.encode_exchange(tokenizer, p, [{"role": "assistant", "content": r}]), [])
-                for p, r in zip(prompts, responses)]
-        fits = [i for i, s in enumerate(seqs) if len(s) <= max_length]
-        out: list[float | None] = [None] * len(seqs)
-        if fits:
-            values = modeling.score_sequences(model, [seqs[i] for i in fits], tokenizer.pad_token_id).tolist()
-            for i, v in zip(fits, values):
-                out[i] = v
-        return out
-
-    return score
-
-
 def labeller(by: str) -> Callable[[list, list], list]:
-    """``--by``: a reward-model run directory, or a scorer spec (built-in name, module:function, file.py:function)."""
-    if Path(by).is_dir():
-        return reward_model_labeller(by)
+    """``--by``: a reward model (a run directory of this project, a model directory, or ``rm:`` and a hub id), or
+    a scorer spec (built-in name, module:function, file.py:function)."""
+    if Path(by).expanduser().is_dir():
+        return external_rm.scorer_for(by)
     return scorers.load(by, "--by")
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import distributed, formats, methods, modeling, ppo_math, ppo_models, preempt, resume, scorers
+from rlhf import (distributed, external_rm, formats, methods, modeling, ppo_math, ppo_models, preempt, resume,
+                  scorers)
 from rlhf.rundir import Run
 from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
 from rlhf.errors import TrainingStopped, UserError
@@ -111,10 +112,15 @@ class Reward:
 
     model_weight: float
     scorers: list[tuple[scorers.Scorer, float]]
+    external: "external_rm.ExternalRewardModel | None" = None
+    """a published reward model on another base (``--reward`` a model, not a run): then ``model_weight`` weighs
+    its score, read on the decoded text, and the one-base reward adapter is absent"""
 
     def describe(self) -> dict:
         """For the manifest: each term's weight (scorers by name, with the spec they load from)."""
         out = {"reward_model": self.model_weight} if self.model_weight else {}
+        if self.external is not None:
+            out["reward_model"] = {"weight": self.model_weight, **self.external.identity}
         return {**out, **{s.name: {"spec": s.spec, "weight": w} for s, w in self.scorers}}
 
 
@@ -133,6 +139,8 @@ class State:
     history: list[dict] = field(default_factory=list)
     bad_in_a_row: int = 0
     """PPO steps in a row whose every update was skipped for a non-finite value"""
+    reward_stats: dict | None = None
+    """an external reward model's mean and std, measured on the first step's samples (normalisation)"""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,7 +157,12 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     if reward and not model_weight:
         raise UserError(f"--reward {reward}: {recipe.source}: ppo.reward has no reward_model term, so PPO uses no "
                         "reward model")
-    sft_dir, sft_manifest, rm_dir, rm_manifest = resolve_parents(recipe, policy, reward if model_weight else False)
+    external = None
+    if reward and not external_rm.is_run(reward):  # a published reward model: a separate frozen model, text in
+        external = external_rm.ExternalRewardModel(reward, dtype=recipe.model.dtype,
+                                                   device=distributed.device(), batch_size=p.micro_batch_size)
+    sft_dir, sft_manifest, rm_dir, rm_manifest = resolve_parents(
+        recipe, policy, reward if model_weight and external is None else False)
     eval_scorers = scorers.load_all(recipe.eval.scorers, f"{recipe.source}: eval.scorers") if p.eval_every else []
     prompts = formats.load(recipe.data.prompts, "prompts", columns=recipe.data.columns, split=recipe.data.split,
                            on_bad_row=recipe.data.on_bad_row)
@@ -167,7 +180,7 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
         run.track(recipe)
         s = setup(recipe, run, (base_cfg, method, adapter_cfg), sft_dir, rm_dir, rm_manifest,
-                  Reward(model_weight, terms), prompts, eval_prompts, eval_scorers)
+                  Reward(model_weight, terms, external), prompts, eval_prompts, eval_scorers)
         state = start(s)
         with preempt.handlers("ppo"):
             train(s, state)
@@ -226,7 +239,7 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     shift, scale = 0.0, 1.0
     if rm_manifest is not None and p.normalize_reward:
         shift, scale = rm_manifest["reward_stats"]["mean"], rm_manifest["reward_stats"]["std"]
-    if reward.model_weight:  # the value head starts on the scale of the reward model's weighted term
+    if reward.model_weight and reward.external is None:  # the value head starts on the reward model's scale
         scale = scale / reward.model_weight
     models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
                              mixed_precision=p.mixed_precision, critic=p.critic)
@@ -309,7 +322,7 @@ def train(s: Setup, state: State) -> None:
                 response_logits(models, ro.ids, ro.mask, length, role="reference"), response, p.temperature)
             if p.critic:
                 ro.values = predicting(models.values(ro.ids, ro.mask), length)
-        score(s, ro, batch)
+        score(s, ro, batch, state)
         ro.shaped = ppo_math.shape_scores(ro.total, stopped, missing_eos_penalty=p.missing_eos_penalty,
                                           clip=p.reward_clip)
         reward_kl_coef = state.kl_ctl.value if p.kl_where == "reward" else 0.0
@@ -385,11 +398,25 @@ def advantages(p: PPOConfig, ro: Rollout, reward_kl_coef: float) -> None:
         ro.advantages = ppo_math.masked_whiten(ro.advantages, mask, total=distributed.all_sum)
 
 
-def score(s: Setup, ro: Rollout, batch: list[int]) -> None:
+def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
     """The rollout's total score: the reward model's (standardised with its stored statistics when
-    ppo.normalize_reward) and each scorer's on the decoded response, weighted and summed (``ppo.reward``)."""
+    ppo.normalize_reward) and each scorer's on the decoded response, weighted and summed (``ppo.reward``).
+    A published reward model reads the decoded conversation with its own tokenizer; its statistics are measured
+    on the first step's samples (every process's) and kept for the run."""
     p, terms = s.p, []
-    if s.reward.model_weight:
+    if s.reward.external is not None:
+        texts = s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)
+        ro.scores = torch.tensor(s.reward.external([s.messages[i] for i in batch], [t.strip() for t in texts]),
+                                 dtype=torch.float32, device=ro.response.device)
+        if state.reward_stats is None:
+            moments = distributed.all_mean({"mean": ro.scores.mean().item(), "sq": (ro.scores ** 2).mean().item()})
+            std = max(moments["sq"] - moments["mean"] ** 2, 0.0) ** 0.5
+            state.reward_stats = {"mean": moments["mean"], "std": std if std > 1e-6 else 1.0,
+                                  "measured_on": f"the {s.global_batch} episodes of step {state.step + 1}"}
+        stats = state.reward_stats
+        terms.append((ppo_math.shape_scores(ro.scores, ro.stopped, *((stats["mean"], stats["std"])
+                                            if p.normalize_reward else (None, None))), s.reward.model_weight))
+    elif s.reward.model_weight:
         with torch.no_grad():
             ro.scores = s.models.scores(ro.ids, ro.mask)
         stats = s.rm_manifest["reward_stats"]
@@ -568,10 +595,13 @@ def evaluate(s: Setup, prompts: list[list[dict]], encoded: list[list[int]]) -> d
     response, rmask, stopped = ppo_math.truncate_after_eos(out[:, ids.shape[1]:], tokenizer.eos_token_id,
                                                            tokenizer.pad_token_id)
     result = {}
-    if s.reward.model_weight:
+    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+    if s.reward.external is not None:
+        values = s.reward.external(prompts, [t.strip() for t in texts])
+        result["eval/score"] = sum(values) / len(values)
+    elif s.reward.model_weight:
         result["eval/score"] = models.scores(torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)).mean().item()
     result.update({"eval/eos_rate": stopped.float().mean().item(), "eval/length": rmask.sum(1).float().mean().item()})
-    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
     for scorer in s.eval_scorers:
         values = [v for v in scorer(prompts, texts) if v is not None]
         if values:
@@ -598,6 +628,7 @@ def save_checkpoint(s: Setup, state: State, snapshot: bool = True) -> None:
             tensors = {**{f"model.{k}": v for k, v in s.models.trainable_state().items()}, **opt_tensors,
                        **rng_tensors, "rng.order": state.order_gen.get_state()}
             meta = {"optimizer": opt_meta, "rng": rng_meta, "kl_controller": state.kl_ctl.state_dict(),
+                    "reward_stats": state.reward_stats,
                     "order": state.order, "metrics_lines": s.run.metrics_lines()}
             resume.save_state(s.run.work, state.step, tensors, meta, s.p.keep_checkpoints)
     distributed.barrier()
@@ -616,6 +647,7 @@ def resume_from(run: Run, models: PPOModels, state: State) -> None:
         state.order_gen.set_state(tensors["rng.order"])
         resume.set_rng_state(tensors, meta["rng"])
         state.order, lines = meta["order"], meta["metrics_lines"]
+        state.reward_stats = meta.get("reward_stats")
     distributed.barrier()  # everyone has read the state before the main process tidies up
     if distributed.is_main():
         for snapshot in (run.staging / "checkpoints").glob("step_*"):
@@ -652,7 +684,7 @@ def finish(s: Setup, state: State) -> dict:
                  "prompts_too_long": len(s.prompts.rows) - len(s.encoded)},
         "metrics": {"steps": s.steps, "episodes": s.steps * s.global_batch,
                     **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
-        "reward_stats": s.rm_manifest["reward_stats"] if s.rm_manifest else None,
+        "reward_stats": s.rm_manifest["reward_stats"] if s.rm_manifest else state.reward_stats,
         "kl_controller": state.kl_ctl.state_dict(),
         "mixed_precision": "bf16" if s.models.autocast else "no",
         "bf16_speedup": s.models.bf16_speedup,

@@ -235,7 +235,7 @@ def test_ppo_refuses_wrong_parents(parents, tmp_path):
     assert proc.returncode == 2 and "not a reward model" in proc.stderr
     proc = run_cli("ppo", "--recipe", str(recipe), "--reward", str(tmp_path / "nothing"), "--out",
                    str(tmp_path / "x"), check=False)
-    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+    assert proc.returncode == 2 and "nothing: not found (a reward model is a run directory" in proc.stderr
     assert not (tmp_path / "x").exists()
 
 

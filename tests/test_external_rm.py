@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import run_cli, write_recipe
 from families import BY_NAME, build
 
 CONVERSATIONS = [([{"role": "user", "content": "What is 2 + 3?"}], "The answer is 5."),
@@ -85,7 +85,8 @@ def test_what_is_not_a_reward_model_is_refused(published, tmp_path):
         check(str(tmp_path))
     with pytest.raises(UserError, match="not found"):
         check(str(tmp_path / "nowhere" / "rm"))
-    proc = run_cli("eval", "--recipe", str(ROOT / "recipes" / "tiny.yaml"), "--reward", str(causal), "--out",
+    recipe = write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs"))  # the base's ICL row alone
+    proc = run_cli("eval", "--recipe", str(recipe), "--set", "eval.policies=[]", "--reward", str(causal), "--out",
                    str(tmp_path / "eval"), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "is a causal language model" in proc.stderr

@@ -140,6 +140,16 @@ class ExternalRewardModel:
         return {"external": self.identity}
 
 
+def measured_stats(scores: torch.Tensor, measured_on: str) -> dict:
+    """Mean and std of a reward model's scores over every process's samples (PPO normalises a published model's
+    score by those of its first step: it has no manifest to read them from); a constant score gets std 1."""
+    from rlhf import distributed
+
+    moments = distributed.all_mean({"mean": scores.mean().item(), "sq": (scores ** 2).mean().item()})
+    std = max(moments["sq"] - moments["mean"] ** 2, 0.0) ** 0.5
+    return {"mean": moments["mean"], "std": std if std > 1e-6 else 1.0, "measured_on": measured_on}
+
+
 def run_scorer(run_dir: str | Path):
     """A reward-model run of this project as a scorer: its score of each response (None for one longer than its
     rm.max_length, which it never learnt to read)."""

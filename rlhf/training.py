@@ -96,6 +96,25 @@ def trainer_kwargs(recipe: Recipe, s: TrainConfig, output_dir: Path, has_eval: b
     )
 
 
+def preference_data(recipe: Recipe, stage: str):
+    """The preference data the RM and DPO stages train on (``data.preference``) and hold out
+    (``data.eval_preference``, or None), each pairs or rankings; files the labelling loop writes must exist."""
+    from rlhf import formats
+    from rlhf.errors import UserError
+
+    if not recipe.data.preference:
+        raise UserError(f"{recipe.source}: data.preference is required for the {stage} stage")
+    for key in ("preference", "eval_preference"):
+        value = getattr(recipe.data, key)
+        if value and recipe.written_by_pipeline(value) and not Path(value).exists():
+            raise UserError(f"{recipe.source}: data.{key} names {value!r}, which does not exist yet: `rlhf label` "
+                            "writes it (make sample label)")
+    data = formats.load_preferences(recipe.data.preference, recipe.data)
+    held = (formats.load_preferences(recipe.data.eval_preference, recipe.data) if recipe.data.eval_preference
+            else None)
+    return data, held
+
+
 def planned_steps(s: TrainConfig, rows: int) -> int:
     """Optimizer steps the stage will take on ``rows`` training rows (one process); AdaLoRA schedules its rank
     pruning over them."""

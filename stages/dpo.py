@@ -173,19 +173,10 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
     from transformers import set_seed
 
     d = recipe.dpo
-    if not recipe.data.preference:
-        raise UserError(f"{recipe.source}: data.preference is required for the dpo stage")
-    for key in ("preference", "eval_preference"):
-        value = getattr(recipe.data, key)
-        if value and recipe.written_by_pipeline(value) and not Path(value).exists():
-            raise UserError(f"{recipe.source}: data.{key} names {value!r}, which does not exist yet: `rlhf label` "
-                            "writes it (make sample label)")
     distributed.warn_unsharded("dpo")
     sft_dir, sft_manifest, model_cfg, adapter = parent(recipe, policy)
     methods.check_stage(adapter.method, "dpo", str(sft_dir or recipe.source))
-    data = formats.load_preferences(recipe.data.preference, recipe.data)
-    held = (formats.load_preferences(recipe.data.eval_preference, recipe.data) if recipe.data.eval_preference
-            else None)
+    data, held = training.preference_data(recipe, "dpo")
     modeling.check_lengths(modeling.load_config(model_cfg), {"dpo.max_length": d.max_length}, recipe.source)
     with Run(Path(out) if out else recipe.stage_dir("dpo"), "dpo", overwrite=overwrite, resume=resume) as run:
         run.track(recipe)

@@ -113,8 +113,7 @@ class Reward:
     model_weight: float
     scorers: list[tuple[scorers.Scorer, float]]
     external: "external_rm.ExternalRewardModel | None" = None
-    """a published reward model on another base (``--reward`` a model, not a run): then ``model_weight`` weighs
-    its score, read on the decoded text, and the one-base reward adapter is absent"""
+    """a published reward model (``--reward`` a model, not a run), weighed by ``model_weight``: no reward adapter"""
 
     def describe(self) -> dict:
         """For the manifest: each term's weight (scorers by name, with the spec they load from)."""
@@ -408,12 +407,8 @@ def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
         texts = s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)
         ro.scores = torch.tensor(s.reward.external([s.messages[i] for i in batch], [t.strip() for t in texts]),
                                  dtype=torch.float32, device=ro.response.device)
-        if state.reward_stats is None:
-            moments = distributed.all_mean({"mean": ro.scores.mean().item(), "sq": (ro.scores ** 2).mean().item()})
-            std = max(moments["sq"] - moments["mean"] ** 2, 0.0) ** 0.5
-            state.reward_stats = {"mean": moments["mean"], "std": std if std > 1e-6 else 1.0,
-                                  "measured_on": f"the {s.global_batch} episodes of step {state.step + 1}"}
-        stats = state.reward_stats
+        stats = state.reward_stats = state.reward_stats or external_rm.measured_stats(
+            ro.scores, f"the {s.global_batch} episodes of step {state.step + 1}")
         terms.append((ppo_math.shape_scores(ro.scores, ro.stopped, *((stats["mean"], stats["std"])
                                             if p.normalize_reward else (None, None))), s.reward.model_weight))
     elif s.reward.model_weight:

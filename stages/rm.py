@@ -198,16 +198,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
     # setup: data, output directory, model
     methods.check_stage(recipe.adapter.method, "rm", recipe.source)
     distributed.warn_unsharded("rm")
-    if not recipe.data.preference:
-        raise UserError(f"{recipe.source}: data.preference is required for the rm stage")
-    for key in ("preference", "eval_preference"):
-        value = getattr(recipe.data, key)
-        if value and recipe.written_by_pipeline(value) and not Path(value).exists():
-            raise UserError(f"{recipe.source}: data.{key} names {value!r}, which does not exist yet: `rlhf label` "
-                            "writes it (make sample label)")
-    data = formats.load_preferences(recipe.data.preference, recipe.data)
-    held = (formats.load_preferences(recipe.data.eval_preference, recipe.data) if recipe.data.eval_preference
-            else None)
+    data, held = training.preference_data(recipe, "rm")
     # rankings train grouped per prompt (InstructGPT) unless rm.comparisons says shuffled; pairs are pairs
     grouped = not formats.is_pairs(data) and recipe.rm.comparisons == "grouped"
     modeling.check_lengths(modeling.load_config(recipe.model), {"rm.max_length": recipe.rm.max_length},

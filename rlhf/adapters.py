@@ -119,9 +119,10 @@ class _PolicyView:
     def config(self):
         return self.owner.config
 
-    def generate(self, **kwargs):
-        with self.owner.active(self.name):
-            return self.owner.model.generate(**kwargs)
+    @property
+    def wrapped(self) -> nn.Module:
+        """The shared model whose forward every call reaches (``rollout`` reads its signature)."""
+        return self.owner.model
 
     def __call__(self, **kwargs):
         with self.owner.active(self.name):

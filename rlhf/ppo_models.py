@@ -64,10 +64,8 @@ class PPOModels(Protocol):
         """The reward model's score of each whole sequence, ``[B]`` in float32."""
 
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> rollout.Samples:
-        """Responses sampled from the policy with their log-probabilities and entropies (``rollout.sample``)."""
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Hugging Face ``generate`` with the policy (greedy evaluation)."""
+        """Responses of the policy with their log-probabilities and entropies (``rollout.decode``: sampled with
+        per-episode keys, or greedy at temperature 0)."""
 
     def parameters(self, role: str) -> list[nn.Parameter]:
         """The trainable parameters of "policy" or "value" (none for "value" without a critic)."""
@@ -332,17 +330,10 @@ class SharedBase:
         return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
 
     def sample(self, input_ids, attention_mask, **kwargs) -> rollout.Samples:
-        """Responses sampled from the policy, with their log-probabilities and entropies (``rollout.sample``)."""
+        """Responses of the policy, with their log-probabilities and entropies (``rollout.decode``)."""
         self.use("policy")
         with autocast(self.device, self.autocast):
-            return rollout.sample(self.model, input_ids, attention_mask, **kwargs)
-
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
-        """Hugging Face ``generate`` with the policy (greedy evaluation)."""
-        self.use("policy")
-        with autocast(self.device, self.autocast):
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return rollout.decode(self.model, input_ids, attention_mask, **kwargs)
 
     # -- training and saving -----------------------------------------------------------------------------------
     def parameters(self, role: str) -> list[nn.Parameter]:
@@ -479,12 +470,7 @@ class SeparateCopies:
 
     def sample(self, input_ids, attention_mask, **kwargs) -> rollout.Samples:
         with autocast(self.device, self.autocast):
-            return rollout.sample(self.policy, input_ids, attention_mask, **kwargs)
-
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
-        with autocast(self.device, self.autocast):
-            return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return rollout.decode(self.policy, input_ids, attention_mask, **kwargs)
 
     def parameters(self, role: str) -> list[nn.Parameter]:
         model = self.policy if role == "policy" else self.value

@@ -1,5 +1,9 @@
-"""Generation of responses to chat prompts: greedy or sampled batches for evaluation (Hugging Face ``generate``),
-and ``sample``, PPO's rollout decode loop with per-episode random keys."""
+"""The generation engine: prompt messages -> responses cut at the first EOS, with their log-probabilities.
+
+``decode`` is the one decode loop (a KV cache preallocated for the batch, fixed-width mask and positions, greedy
+or sampled with per-episode keys); ``generate`` puts chat prompts through it and decodes the texts. PPO's rollout
+and held-out evaluation, ``rlhf eval`` and ``rlhf sample`` all generate through ``decode``; nothing calls
+Hugging Face ``generate``. The keyed random numbers (``hash_uniform``, ``gumbel_max``) live here too."""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ class Generations:
     """response lengths in tokens, the EOS included"""
     token_ids: list[list[int]]
     """the generated tokens of each response, up to and including the first EOS"""
+    logprobs: list[torch.Tensor]
+    """log-probability of each of those tokens at the temperature it was decoded at (1 for greedy)"""
 
 
 def render_prompts(tokenizer, prompts: list[list[dict]]) -> list[str]:
@@ -29,32 +35,31 @@ def render_prompts(tokenizer, prompts: list[list[dict]]) -> list[str]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 32,
-             temperature: float = 0.0, progress: bool = False) -> Generations:
-    """Responses to ``prompts``: greedy when ``temperature`` is 0, else sampled at that temperature."""
+             temperature: float = 0.0, seed: int = 0, indices: list[int] | None = None,
+             progress: bool = False) -> Generations:
+    """Responses to ``prompts`` through the engine (``decode``): greedy when ``temperature`` is 0, else sampled
+    at that temperature, prompt ``i`` with the key ``episode_keys(seed, 0, indices[i])`` (``indices`` defaults to
+    0, 1, ...), so a response depends on its seed and index alone, not on the batch it was decoded in."""
     from tqdm.auto import tqdm
 
-    texts, stopped, lengths, token_ids = [], [], [], []
+    indices = list(range(len(prompts))) if indices is None else indices
+    device = getattr(model, "device", None) or torch.device("cpu")
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_prompts(tokenizer, prompts)]
+    texts, stopped, lengths, token_ids, logps = [], [], [], [], []
     eos = tokenizer.eos_token_id
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right, so prompts are aligned on the right
-    try:
-        rendered = render_prompts(tokenizer, prompts)
-        for start in tqdm(range(0, len(rendered), batch_size), disable=not progress, desc="generate"):
-            batch = tokenizer(rendered[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
-            kwargs = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature,
-                                                                   "top_k": 0, "top_p": 1.0}
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=eos, **kwargs)
-            for row in out[:, batch["input_ids"].shape[1]:].tolist():
-                n = row.index(eos) + 1 if eos in row else len(row)
-                stopped.append(eos in row)
-                lengths.append(n)
-                token_ids.append(row[:n])
-                texts.append(tokenizer.decode(row[:n], skip_special_tokens=True).strip())
-    finally:
-        tokenizer.padding_side = side
-    return Generations(texts, stopped, lengths, token_ids)
+    for start in tqdm(range(0, len(encoded), batch_size), disable=not progress, desc="generate"):
+        ids, mask = left_pad(encoded[start:start + batch_size], tokenizer.pad_token_id)
+        keys = episode_keys(seed, 0, torch.tensor(indices[start:start + batch_size]))
+        out = decode(model, ids.to(device), mask.to(device), keys=keys, temperature=temperature,
+                     max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        for row, logp in zip(out.tokens.tolist(), out.logprobs.cpu()):
+            n = row.index(eos) + 1 if eos in row else len(row)
+            stopped.append(eos in row)
+            lengths.append(n)
+            token_ids.append(row[:n])
+            logps.append(logp[:n])
+            texts.append(tokenizer.decode(row[:n], skip_special_tokens=True).strip())
+    return Generations(texts, stopped, lengths, token_ids, logps)
 
 
 @torch.no_grad()
@@ -146,70 +151,118 @@ def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
     return torch.log(-torch.log(u))
 
 
+def _forward_owner(model):
+    """The module whose ``forward`` a generation call reaches (a view of a shared base names it ``wrapped``)."""
+    from rlhf.modeling import unwrap
+
+    return unwrap(getattr(model, "wrapped", model))
+
+
 def cache_keyword(model) -> str:
     """The forward argument that takes a KV cache: ``cache`` from transformers 5.24 on (``past_key_values`` is
     deprecated there and goes in 5.40), ``past_key_values`` before."""
     import inspect
 
-    from rlhf.modeling import unwrap
-
-    forward = unwrap(model).forward
+    forward = _forward_owner(model).forward
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def static_cache_supported(model) -> bool:
+    """Whether the model's architecture runs over transformers' ``StaticCache`` (a preallocated KV cache written in
+    place): every architecture transformers marks as compilable does (all eight families of the test matrix)."""
+    return bool(getattr(_forward_owner(model), "_can_compile_fullgraph", False))
 
 
 @dataclass
 class Samples:
-    """Responses sampled by ``sample``: ``[batch, length]`` each, ``length`` the longest response."""
+    """Responses decoded by ``decode``: ``[batch, length]`` each, ``length`` the longest response."""
 
     tokens: torch.Tensor
-    """the sampled tokens; after a row's first EOS, pad"""
+    """the decoded tokens; after a row's first EOS, pad"""
     logprobs: torch.Tensor
-    """log pi(token | prefix) of each sampled token under the policy at the sampling temperature, EOS unmasked"""
+    """log pi(token | prefix) of each token under the model at the sampling temperature (1 for greedy), EOS
+    unmasked"""
     entropy: torch.Tensor
     """entropy of that distribution at each position"""
+    static: bool = True
+    """whether the loop ran over a preallocated cache (False: the architecture needs the growing cache)"""
+
+
+CHECK_EVERY_ON_GPU = 8
+"""on an accelerator, the loop asks the device whether every row has finished once every this many tokens (each
+question waits for the queued work); a CPU has no queue, so it asks after every token"""
 
 
 @torch.no_grad()
-def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keys: torch.Tensor, temperature: float,
-           max_new_tokens: int, eos_token_id: int, pad_token_id: int, min_new_tokens: int = 0) -> Samples:
-    """Sample a response to each left-padded prompt from ``softmax(logits / temperature)``, and keep each token's
-    log-probability and the distribution's entropy, so that the rollout does not compute them again.
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float,
+           max_new_tokens: int, eos_token_id: int, pad_token_id: int, keys: torch.Tensor | None = None,
+           min_new_tokens: int = 0, static: bool | None = None) -> Samples:
+    """The generation engine: a response to each left-padded prompt, with each token's log-probability and the
+    distribution's entropy (so that PPO's rollout does not compute them again). Every command generates here.
 
-    A plain decode loop over a KV cache: one forward pass over the prompts, then one per new token, each reading
-    only the last position's logits. Row ``i`` draws its noise with ``keys[i]`` (``gumbel_max``), so a response
-    does not depend on the batch it was sampled in. No top-k or top-p: the sampling distribution is exactly the
-    one PPO's log-probabilities refer to. While fewer than ``min_new_tokens`` tokens are out, EOS is not drawn
-    (the recorded log-probabilities stay those of the unmasked policy). Stops when every row has sampled EOS.
+    ``temperature`` 0 is greedy (the argmax; log-probs at temperature 1). Otherwise each token is drawn from
+    ``softmax(logits / temperature)`` with Gumbel noise from row ``i``'s own key (``gumbel_max`` with ``keys[i]``),
+    so a response does not depend on its batch, its process or its device, and nothing needs saving to resume. No
+    top-k or top-p: the distribution sampled is exactly the one PPO's log-probabilities refer to. While fewer than
+    ``min_new_tokens`` tokens are out, EOS is not drawn (the recorded log-probs stay those of the unmasked model).
+
+    Static shapes: one forward pass over the prompts, then one per new token reading only the last position's
+    logits, over a KV cache preallocated for ``prompt + max_new_tokens`` positions (transformers' ``StaticCache``)
+    and an attention mask and positions built once for that whole width (causal masking hides the slots not yet
+    written). A row that has finished keeps its slot (it decodes pad, masked out of everything that reads the
+    response); the loop stops when every row has produced EOS. An architecture without static-cache support runs
+    the same loop over a growing cache (``static`` False forces that, for measurements).
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     from rlhf.modeling import position_ids
     from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
 
+    device = input_ids.device
+    batch, prompt = input_ids.shape
+    width = prompt + max_new_tokens
     config = getattr(model, "config", None)
-    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    static = config is not None and static_cache_supported(model) and static is not False
+    if static:
+        cache = StaticCache(config=config, max_cache_len=width)
+    else:
+        cache = DynamicCache(config=config) if config is not None else DynamicCache()
     cache_arg = {cache_keyword(model): cache}
-    positions = position_ids(attention_mask)
-    mask = attention_mask
-    keys = keys.to(input_ids.device)
-    batch = input_ids.shape[0]
-    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    eos = torch.tensor([eos_token_id], device=input_ids.device)
-    tokens, logprobs, entropy = [], [], []
-    step_ids, step_positions, columns = input_ids, positions, None
+    mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], 1)
+    positions = position_ids(mask)
+    greedy = temperature == 0
+    scale = 1.0 if greedy else float(temperature)
+    keys = None if greedy else keys.to(device)
+    tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(batch, max_new_tokens, device=device)
+    entropy = torch.zeros(batch, max_new_tokens, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    finished_at = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
+    eos = torch.tensor([eos_token_id], device=device)
+    check_every = 1 if device.type == "cpu" else CHECK_EVERY_ON_GPU
+    step_ids, columns, steps = input_ids, None, 0
     for t in range(max_new_tokens):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
-                       logits_to_keep=1, **cache_arg).logits[:, -1].float() / temperature
-        if columns is None:
-            columns = _columns(logits.shape[-1], logits.device)
+        end = prompt + t  # the inputs of this pass end at this column of the full-width buffers
+        logits = model(input_ids=step_ids, attention_mask=mask if static else mask[:, :end],
+                       position_ids=positions[:, end - step_ids.shape[1]:end], use_cache=True, logits_to_keep=1,
+                       **cache_arg).logits[:, -1].float() / scale
         allowed = logits if t >= min_new_tokens else logits.index_fill(-1, eos, -torch.inf)
-        token = gumbel_max(allowed, keys, t, columns).masked_fill(done, pad_token_id)
-        tokens.append(token)
-        logprobs.append(logprobs_from_logits(logits, token))  # the same functions as the update's
-        entropy.append(entropy_from_logits(logits))
-        done = done | (token == eos_token_id)
-        if bool(done.all()):
+        if greedy:
+            token = allowed.argmax(-1)
+        else:
+            columns = _columns(logits.shape[-1], device) if columns is None else columns
+            token = gumbel_max(allowed, keys, t, columns)
+        token = token.masked_fill(done, pad_token_id)
+        tokens[:, t] = token
+        logprobs[:, t] = logprobs_from_logits(logits, token)  # the same functions as the update's
+        entropy[:, t] = entropy_from_logits(logits)
+        ended = (token == eos_token_id) & ~done
+        finished_at.masked_fill_(ended, t + 1)
+        done |= ended
+        steps = t + 1
+        if steps % check_every == 0 and bool(done.all()):
             break
-        step_ids, step_positions = token[:, None], step_positions[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
-    return Samples(torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(entropy, 1))
+        step_ids = token[:, None]
+    # tokens decoded after every row had finished (the device was asked only every few tokens) are pad: cut them
+    length = int(finished_at.max()) if bool(done.all()) else steps
+    return Samples(tokens[:, :length], logprobs[:, :length], entropy[:, :length], static)

@@ -130,9 +130,9 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: boo
     questions = [p[-1]["content"] for p in prompts]
     records = []
     for sample in range(e.samples):
-        torch.manual_seed(e.seed + sample)
         gens = rollout.generate(model, tokenizer, inputs, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                temperature=0.0 if e.samples == 1 else e.temperature, progress=progress)
+                                temperature=0.0 if e.samples == 1 else e.temperature, seed=e.seed + sample,
+                                progress=progress)
         if isinstance(reward, external_rm.ExternalRewardModel):  # text in, its own forward
             scores = torch.tensor(reward(prompts, gens.texts))
         else:

@@ -585,9 +585,9 @@ def evaluate(s: Setup, prompts: list[list[dict]], encoded: list[list[int]]) -> d
     eval.scorers' mean over the prompts it applies to."""
     models, tokenizer = s.models, s.tokenizer
     ids, mask = (t.to(models.device) for t in left_pad(encoded, tokenizer.pad_token_id))
-    out = models.generate(ids, mask, do_sample=False, max_new_tokens=s.p.max_new_tokens,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    response, rmask, stopped = ppo_math.truncate_after_eos(out[:, ids.shape[1]:], tokenizer.eos_token_id,
+    out = models.sample(ids, mask, temperature=0.0, max_new_tokens=s.p.max_new_tokens,
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    response, rmask, stopped = ppo_math.truncate_after_eos(out.tokens, tokenizer.eos_token_id,
                                                            tokenizer.pad_token_id)
     result = {}
     texts = tokenizer.batch_decode(response, skip_special_tokens=True)

@@ -8,9 +8,10 @@ on the rankings. Candidates are written as ranking rows without a ranking yet:
      "eos": [K booleans: the response ended with EOS], "run": ..., "temperature": ..., "seed": ...,
      "max_new_tokens": ...}
 
-Output goes to ``OUT.partial`` chunk by chunk and becomes ``OUT`` only when every prompt is done; each chunk of
-prompts draws from its own seed (``seed``, chunk index), so an interrupted run continued with ``--resume`` writes
-the same file an uninterrupted one would (on the same machine and library versions).
+Output goes to ``OUT.partial`` chunk by chunk and becomes ``OUT`` only when every prompt is done. Responses come
+from the generation engine (``rollout.generate``), response j of prompt i drawing its noise from its own key
+(``seed``, i * K + j), so an interrupted run continued with ``--resume`` writes the same file an uninterrupted one
+would (on the same machine and library versions), whatever the batch size.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 
 CHUNK = 64
-"""prompts per chunk: the unit of progress, of seeding and of resume"""
+"""prompts per chunk: the unit of progress and of resume"""
 
 SETTINGS = ("run", "temperature", "seed", "max_new_tokens", "num_samples")
 """what a partial file must agree on to be continued"""
@@ -70,8 +71,7 @@ def prompt_field(messages: list[dict]):
 
 
 def _whole_chunks(partial: Path, settings: dict) -> tuple[int, int]:
-    """How many prompts of a partial file are in whole chunks (each chunk has its own seed, so a cut one is
-    redone), and the bytes they take."""
+    """How many prompts of a partial file are in whole chunks (a cut chunk is redone), and the bytes they take."""
     done, size, whole = 0, 0, (0, 0)
     with open(partial, "rb") as f:
         for n, line in enumerate(f, 1):
@@ -94,7 +94,6 @@ def main(run_dir: str, prompts: str, out: str | None, num_samples: int = 1, temp
          scorer_specs: list[str] = (), overwrite: bool = False, resume: bool = False, batch_size: int = 128,
          progress: bool = False, echo=print) -> int:
     """Sample and write (or print) the responses; returns the number of prompts done."""
-    import torch
 
     scorer_list = scorers.load_all(list(scorer_specs), "--scorer")
     target = Path(out) if out else None
@@ -129,10 +128,10 @@ def main(run_dir: str, prompts: str, out: str | None, num_samples: int = 1, temp
     try:
         for start in range(done, len(rows), CHUNK):
             chunk = rows[start:start + CHUNK]
-            torch.manual_seed(seed * 1_000_003 + start // CHUNK)
             repeated = [messages for messages in chunk for _ in range(num_samples)]
-            gens = rollout.generate(model, tokenizer, repeated, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, temperature=temperature, progress=progress)
+            indices = range(start * num_samples, (start + len(chunk)) * num_samples)  # sample j of prompt i: i*K+j
+            gens = rollout.generate(model, tokenizer, repeated, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    temperature=temperature, seed=seed, indices=list(indices), progress=progress)
             scored = {s.name: s(repeated, gens.texts) for s in scorer_list}
             for i, messages in enumerate(chunk):
                 at = slice(i * num_samples, (i + 1) * num_samples)

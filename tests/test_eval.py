@@ -122,7 +122,8 @@ def test_eval_on_one_base_gives_the_numbers_of_separate_copies(parents, ppo_run,
 def test_every_command_runs_its_models_where_it_placed_them(parents, ppo_run, tmp_path, monkeypatch):
     """Every model a command generates with, scores with or reads log-probs from went through ``modeling.place``
     with the process's accelerator: a command that loaded a model some other way (and so left it on the CPU of a
-    GPU machine) fails here."""
+    GPU machine) fails here. And every command generates through the engine (``rollout.decode``): PPO's rollout
+    and held-out evaluation, eval and sample; Hugging Face ``generate`` raises."""
     from click.testing import CliRunner
 
     from rlhf import adapters, modeling, rollout
@@ -151,8 +152,15 @@ def test_every_command_runs_its_models_where_it_placed_them(parents, ppo_run, tm
             return fn(model, *a, **k)
         return wrapper
 
+    def elsewhere(*args, **kwargs):
+        raise AssertionError("generated outside the engine (Hugging Face generate)")
+
+    from transformers.generation.utils import GenerationMixin
+
+    monkeypatch.setattr(GenerationMixin, "generate", elsewhere)  # every command generates through rollout.decode
     monkeypatch.setattr(modeling, "place", spy)
-    for module, name in ((rollout, "generate"), (rollout, "response_logprobs"), (modeling, "score_sequences")):
+    for module, name in ((rollout, "generate"), (rollout, "decode"), (rollout, "response_logprobs"),
+                         (modeling, "score_sequences")):
         monkeypatch.setattr(module, name, checked(getattr(module, name)))
     runner = CliRunner()
     prompts = str(ROOT / "data" / "tiny" / "heldout_prompts.jsonl")
@@ -162,10 +170,13 @@ def test_every_command_runs_its_models_where_it_placed_them(parents, ppo_run, tm
                  ["sample", f"base:{ROOT / 'data' / 'tiny-base'}", "--prompts", prompts, "--limit", "2",
                   "--max-new-tokens", "8"],
                  ["rm", "score", "--reward", str(runs / "rm"), "--data",
-                  str(ROOT / "data" / "tiny" / "heldout_preference.jsonl")]):
+                  str(ROOT / "data" / "tiny" / "heldout_preference.jsonl")],
+                 ["ppo", "--recipe", str(recipe_path), "--out", str(tmp_path / "ppo"), "--set", "ppo.max_steps=1",
+                  "--set", "ppo.batch_size=4", "--set", "ppo.mini_batch_size=4", "--set", "ppo.micro_batch_size=4",
+                  "--set", "ppo.max_new_tokens=6", "--set", "ppo.eval_every=1", "--set", "ppo.eval_samples=2"]):
         result = runner.invoke(cli, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
-    assert {"generate", "response_logprobs", "score_sequences"} <= set(used)
+    assert {"generate", "decode", "response_logprobs", "score_sequences"} <= set(used)
 
 
 def test_place_moves_every_loader_s_model_to_the_device_it_is_given(parents):

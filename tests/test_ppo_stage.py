@@ -266,7 +266,7 @@ def _prompts(tok, n):
 
 
 def test_sampling_loop_draws_what_generate_draws_and_keeps_the_log_probs(parents):
-    """The rollout's decode loop samples the tokens Hugging Face ``generate`` picks with the same Gumbel noise,
+    """The generation engine samples the tokens Hugging Face ``generate`` picks with the same Gumbel noise,
     and the log-probs and entropies it keeps equal those of a full forward pass over prompt + response."""
     _, runs = parents
     cfg = ModelConfig(base=str(ROOT / "data" / "tiny-base"))
@@ -286,8 +286,10 @@ def test_sampling_loop_draws_what_generate_draws_and_keeps_the_log_probs(parents
     for min_new in (0, 10):
         s = models.sample(ids, mask, keys=keys, temperature=temperature, max_new_tokens=20, min_new_tokens=min_new,
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        out = models.generate(ids, mask, do_sample=False, logits_processor=[Gumbel()], max_new_tokens=20,
-                              min_new_tokens=min_new, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        models.use("policy")  # Hugging Face's own loop over the same policy, as the reference
+        out = models.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, logits_processor=[Gumbel()],
+                                    max_new_tokens=20, min_new_tokens=min_new, eos_token_id=tok.eos_token_id,
+                                    pad_token_id=tok.pad_token_id)
         assert torch.equal(s.tokens, out[:, ids.shape[1]:])
         assert min_new == 0 or not (s.tokens[:, :min_new] == tok.eos_token_id).any()
     from stages.ppo import response_logits

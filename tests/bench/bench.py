@@ -206,6 +206,79 @@ def ppo_vs_trl(p, recipe, work, trl_python, repeats, batches, steps, length) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 1b. The generation engine against the arithmetic
+# ---------------------------------------------------------------------------------------------------------------
+
+def generation(p: dict, work: Path, batches: list[int], tokens: int = 64, repeats: int = 3) -> dict:
+    """Generated tokens/s and milliseconds per decode step of the engine (``rollout.decode``) with PPO's policy
+    (the tiny base with its four adapters, the precision PPO picks), every response forced to ``tokens`` tokens,
+    at each batch: over the preallocated cache (the engine), over transformers' growing cache (the same loop as the
+    sampler before it), and Hugging Face ``generate`` (greedy; eval's path before). The decode step's arithmetic
+    (2 x batch x every weight matrix it multiplies by, plus attention over the average context) is set against this
+    CPU's measured fp32 matmul peak."""
+    import torch
+
+    from rlhf import formats, modeling, ppo_models, rollout
+    from rlhf.config import ModelConfig
+
+    manifest = json.loads((p["sft"] / "manifest.json").read_text())
+    cfg = ModelConfig(**{**manifest["recipe"]["model"], "base": manifest["base"]})
+    models = ppo_models.load(cfg, "lora", p["sft"], p["rm"], mixed_precision="auto")
+    models.train(False)
+    tok = modeling.load_tokenizer(cfg, str(p["sft"]))
+    rows = formats.load(str(ROOT / "data" / "tiny" / "heldout_prompts.jsonl"), "prompts").rows
+    ids_all, mask_all = rollout.left_pad(modeling.encode_prompts(tok, rows[:max(batches)], 10_000)[0],
+                                         tok.pad_token_id)
+    core = models.model
+    embed = core.get_input_embeddings().weight
+    other = (".reference.", ".reward.", ".value.")
+    matrices = sum(x.numel() for n, x in core.named_parameters()
+                   if x.dim() == 2 and x is not embed and not any(o in n for o in other))
+    c = models.config
+    if core.get_output_embeddings().weight is embed:  # tied: the head multiplies by the embedding matrix too
+        matrices += embed.numel()
+    peak = matmul_peak("float32")
+
+    def seconds(fn, n: int) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(n)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    out = {"tokens": tokens, "precision": str(models.autocast or "fp32"), "peak_fp32": peak, "batches": {}}
+    for batch in batches:
+        ids, mask = ids_all[-batch:], mask_all[-batch:]
+        keys = rollout.episode_keys(0, 1, torch.arange(batch))
+        kw = dict(keys=keys, temperature=1.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+        def engine(n, static=None):
+            return models.sample(ids, mask, max_new_tokens=n, min_new_tokens=n, static=static, **kw)
+
+        def hf(n):
+            models.use("policy")
+            with ppo_models.autocast(models.device, models.autocast), torch.no_grad():
+                return core.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                     min_new_tokens=n, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+        context = int(mask.sum(1).float().mean()) + tokens // 2
+        flops = 2 * batch * matrices + 4 * batch * c.num_hidden_layers * c.hidden_size * context
+        ways = {"engine (preallocated cache)": engine, "growing cache (the sampler before)":
+                lambda n: engine(n, static=False), "Hugging Face generate (eval before)": hf}
+        res = {}
+        for name, fn in ways.items():
+            fn(4)  # warm-up
+            whole, first = seconds(fn, tokens), seconds(fn, 1)
+            step = (whole - first) / (tokens - 1)
+            res[name] = {"tokens_per_s": batch * tokens / whole, "step_ms": step * 1000, "prefill_ms": first * 1000}
+            print(f"generation batch {batch} {name}: {res[name]['tokens_per_s']:.0f} tokens/s, "
+                  f"{res[name]['step_ms']:.2f} ms a step", file=sys.stderr, flush=True)
+        out["batches"][str(batch)] = {"ways": res, "step_flops": flops, "arithmetic_ms": flops / peak * 1000}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 2. SFT against the hardware
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -325,6 +398,19 @@ def markdown(res: dict) -> str:
             ph = o["phases"]
             lines += ["", f"Ours per step: generation {ph['generation']:.2f} s, scoring {ph['scoring']:.2f} s, "
                           f"update {ph['update']:.2f} s.", ""]
+    if "generation" in res:
+        g = res["generation"]
+        lines += ["## Generation", "",
+                  f"The engine (`rollout.decode`) with PPO's policy (tiny base, four LoRA adapters, {g['precision']}), "
+                  f"every response {g['tokens']} tokens, best of 3; a decode step's arithmetic at this CPU's "
+                  f"measured fp32 matmul peak ({g['peak_fp32'] / 1e9:.0f} GFLOP/s) for scale.", "",
+                  "| batch | way | generated tokens/s | decode step | its arithmetic at peak | step / arithmetic |",
+                  "|---|---|---|---|---|---|"]
+        for batch, b in g["batches"].items():
+            for name, w in b["ways"].items():
+                lines.append(f"| {batch} | {name} | {w['tokens_per_s']:,.0f} | {w['step_ms']:.2f} ms | "
+                             f"{b['arithmetic_ms']:.2f} ms | {w['step_ms'] / b['arithmetic_ms']:.1f}x |")
+        lines.append("")
     if "sft" in res:
         s = res["sft"]
         lines += ["## SFT against the hardware", "",
@@ -355,12 +441,13 @@ def markdown(res: dict) -> str:
 @click.option("--steps", default=4, show_default=True, help="PPO steps per run (the first is warm-up)")
 @click.option("--length", default=24, show_default=True, help="response tokens")
 @click.option("--batches", default="8,64", show_default=True)
-@click.option("--only", type=click.Choice(["ppo", "sft", "pipeline"]), multiple=True, help="run only these parts")
+@click.option("--only", type=click.Choice(["ppo", "generation", "sft", "pipeline"]), multiple=True,
+              help="run only these parts")
 def main(out, recipe, trl_python, repeats, steps, length, batches, only):
     work = Path(out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     recipe = Path(recipe).resolve()
-    parts = set(only) or {"ppo", "sft", "pipeline"}
+    parts = set(only) or {"ppo", "generation", "sft", "pipeline"}
     previous = work / "bench.json"  # parts not run this time are kept from the last run
     res = json.loads(previous.read_text()) if previous.exists() and only else {}
     res.update({"date": time.strftime("%Y-%m-%d"), "machine": machine()})
@@ -371,6 +458,8 @@ def main(out, recipe, trl_python, repeats, steps, length, batches, only):
         res["ppo_setup"] = {"repeats": repeats, "steps": steps, "length": length}
         res["ppo"] = ppo_vs_trl(p, recipe, work, trl_python, repeats, [int(b) for b in batches.split(",")], steps,
                                 length)
+    if "generation" in parts:
+        res["generation"] = generation(parents(work, recipe), work, [int(b) for b in batches.split(",")])
     if "sft" in parts:
         res["peak"] = {dt: matmul_peak(dt) for dt in ("float32", "bfloat16")}
         res["sft"] = sft_flops(recipe, work, steps=60)

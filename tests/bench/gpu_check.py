@@ -144,7 +144,7 @@ def measure_ppo(work: Path, method: str, batch: int, length: int, steps: int) ->
 
 
 def decode_latency(work: Path, method: str, tokens: int, batches: tuple[int, ...]) -> dict:
-    """Milliseconds per decode step of the rollout's sampling loop (``rollout.sample``; the prompt's pass left
+    """Milliseconds per decode step of the generation engine (``rollout.decode``; the prompt's pass left
     out) at each of ``batches``: the plain transformers model, PPO's four-adapter model with every adapter off, and
     with the policy adapter on. When a large batch costs what batch 1 costs, the decode step is bound by kernel
     launches and Python, not by arithmetic or memory."""
@@ -189,7 +189,7 @@ def decode_latency(work: Path, method: str, tokens: int, batches: tuple[int, ...
 
     out = {}
     for batch in batches:
-        out[f"plain model, batch {batch}"] = timed(lambda *a, **k: rollout.sample(plain, *a, **k), batch)
+        out[f"plain model, batch {batch}"] = timed(lambda *a, **k: rollout.decode(plain, *a, **k), batch)
         out[f"PPO's model, adapters off, batch {batch}"] = timed(bare, batch)
         out[f"PPO's model, policy adapter, batch {batch}"] = timed(models.sample, batch)
     return {k: round(v, 2) for k, v in out.items()}

@@ -167,6 +167,13 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
+def prompt_learning(model) -> bool:
+    """Whether ``model`` is a peft prompt-learning model (prompt, prefix or P-tuning): its forward prepends virtual
+    tokens or key/value prefixes itself, which no cache of ours can hold."""
+    config = getattr(getattr(model, "wrapped", model), "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 def static_cache_supported(model) -> bool:
     """Whether the model's architecture runs over transformers' ``StaticCache`` (a preallocated KV cache written in
     place): every architecture transformers marks as compilable does (all eight families of the test matrix)."""
@@ -211,7 +218,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     and an attention mask and positions built once for that whole width (causal masking hides the slots not yet
     written). A row that has finished keeps its slot (it decodes pad, masked out of everything that reads the
     response); the loop stops when every row has produced EOS. An architecture without static-cache support runs
-    the same loop over a growing cache (``static`` False forces that, for measurements).
+    the same loop over a growing cache (``static`` False forces that, for measurements). A prompt-learning model
+    (``prompt_learning``: prompt, prefix or P-tuning, SFT-only methods) is refused: its virtual tokens need a loop
+    of their own, not built yet.
     """
     from transformers import DynamicCache, StaticCache
 
@@ -222,6 +231,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     batch, prompt = input_ids.shape
     width = prompt + max_new_tokens
     config = getattr(model, "config", None)
+    if prompt_learning(model):
+        from rlhf.errors import UserError
+
+        raise UserError("generation from a prompt-learning adapter (prompt, prefix, P-tuning) is not supported "
+                        "yet: its virtual tokens need a decode loop of their own")
     static = config is not None and static_cache_supported(model) and static is not False
     if static:
         cache = StaticCache(config=config, max_cache_len=width)

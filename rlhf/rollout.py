@@ -219,8 +219,10 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     written). A row that has finished keeps its slot (it decodes pad, masked out of everything that reads the
     response); the loop stops when every row has produced EOS. An architecture without static-cache support runs
     the same loop over a growing cache (``static`` False forces that, for measurements). A prompt-learning model
-    (``prompt_learning``: prompt, prefix or P-tuning, SFT-only methods) is refused: its virtual tokens need a loop
-    of their own, not built yet.
+    (``prompt_learning``: prompt, prefix or P-tuning, SFT-only methods) runs it with no cache: a full forward over
+    prompt + response so far at each token, exactly the forward it was trained with (peft prepends its virtual
+    tokens to every pass; Hugging Face ``generate`` with peft 0.21 and transformers 5.24 ignored a prefix-tuning
+    adapter's prefixes, and drifted from the full forward for prompt tuning after a few tokens).
     """
     from transformers import DynamicCache, StaticCache
 
@@ -231,17 +233,13 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     batch, prompt = input_ids.shape
     width = prompt + max_new_tokens
     config = getattr(model, "config", None)
-    if prompt_learning(model):
-        from rlhf.errors import UserError
-
-        raise UserError("generation from a prompt-learning adapter (prompt, prefix, P-tuning) is not supported "
-                        "yet: its virtual tokens need a decode loop of their own")
-    static = config is not None and static_cache_supported(model) and static is not False
+    uncached = prompt_learning(model)
+    static = config is not None and static_cache_supported(model) and static is not False and not uncached
     if static:
         cache = StaticCache(config=config, max_cache_len=width)
     else:
         cache = DynamicCache(config=config) if config is not None else DynamicCache()
-    cache_arg = {cache_keyword(model): cache}
+    cache_arg = {} if uncached else {cache_keyword(model): cache}
     mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], 1)
     positions = position_ids(mask)
     greedy = temperature == 0
@@ -257,9 +255,13 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     step_ids, columns, steps = input_ids, None, 0
     for t in range(max_new_tokens):
         end = prompt + t  # the inputs of this pass end at this column of the full-width buffers
-        logits = model(input_ids=step_ids, attention_mask=mask if static else mask[:, :end],
-                       position_ids=positions[:, end - step_ids.shape[1]:end], use_cache=True, logits_to_keep=1,
-                       **cache_arg).logits[:, -1].float() / scale
+        if uncached:  # peft prepends its virtual tokens (or prefixes) to every pass and sets the positions
+            logits = model(input_ids=torch.cat([input_ids, tokens[:, :t]], 1), attention_mask=mask[:, :end],
+                           use_cache=False).logits[:, -1].float() / scale
+        else:
+            logits = model(input_ids=step_ids, attention_mask=mask if static else mask[:, :end],
+                           position_ids=positions[:, end - step_ids.shape[1]:end], use_cache=True,
+                           logits_to_keep=1, **cache_arg).logits[:, -1].float() / scale
         allowed = logits if t >= min_new_tokens else logits.index_fill(-1, eos, -torch.inf)
         if greedy:
             token = allowed.argmax(-1)

@@ -180,19 +180,35 @@ def test_the_engine_reads_adapter_weights_changed_in_place(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
-def test_prompt_learning_models_are_refused_in_one_line(kind, tmp_path):
-    """Prompt-learning adapters (SFT-only methods) prepend virtual tokens or key/value prefixes in their own
-    forward, which the engine's cache does not hold: refused with a clear error, never decoded wrongly."""
+def test_prompt_learning_models_decode_from_their_training_forward(kind, tmp_path):
+    """A prompt-learning adapter (an SFT-only method that eval and sample still read) prepends virtual tokens or
+    key/value prefixes in its own forward: the engine decodes it without a cache, each token the argmax of the very
+    forward the adapter was trained with (prompt + response so far), and records that forward's log-probs; the
+    virtual tokens change what is drawn. (Hugging Face ``generate`` ignored the prefixes here, and drifted from
+    this forward after a few tokens of prompt tuning.)"""
     from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from rlhf.errors import UserError
 
     base = build(BY_NAME["llama3"], tmp_path / "base")
     config = (PromptTuningConfig if kind == "prompt" else PrefixTuningConfig)(task_type="CAUSAL_LM",
                                                                                num_virtual_tokens=4)
+    torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), config).eval()
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    with pytest.raises(UserError, match="prompt-learning adapter"):
-        rollout.decode(model, ids, torch.ones_like(ids), temperature=0.0, max_new_tokens=4, eos_token_id=1,
-                       pad_token_id=1)
+    with torch.no_grad():  # virtual tokens that matter
+        for p in model.prompt_encoder.parameters():
+            p.normal_(0, 1.0)
+    assert rollout.prompt_learning(model)
+    ids, mask = rollout.left_pad([[5, 6, 7, 8, 9], [10, 11, 12]], 0)
+    kwargs = dict(temperature=0.0, max_new_tokens=6, eos_token_id=1, pad_token_id=0)
+    ours = rollout.decode(model, ids, mask, **kwargs)
+    assert not ours.static and ours.tokens.shape == (2, 6)
+    for t in range(6):
+        seq = torch.cat([ids, ours.tokens[:, :t]], 1)
+        with torch.no_grad():
+            logits = model(input_ids=seq, attention_mask=torch.cat([mask, torch.ones_like(ours.tokens[:, :t])], 1),
+                           use_cache=False).logits[:, -1]
+        assert torch.equal(ours.tokens[:, t], logits.argmax(-1))
+        torch.testing.assert_close(ours.logprobs[:, t], logprobs_from_logits(logits, ours.tokens[:, t]))
+    with model.disable_adapter():
+        plain = rollout.decode(model, ids, mask, **kwargs)
+    assert not torch.equal(plain.tokens, ours.tokens)

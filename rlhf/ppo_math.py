@@ -187,6 +187,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, masked(advantages + values, mask)
 
 
+def _flat(g: torch.Tensor) -> torch.Tensor:
+    """[G, K] -> [G, 1]: the groups whose rewards are all equal. Their advantage is exactly 0: the float32 mean of K
+    equal values that are not exact in binary (seven times -1.3) is often one ulp off, which would give every
+    response of a flat group the same small push."""
+    return (g == g[:, :1]).all(1, keepdim=True)
+
+
 def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[B]`` sequence scores as ``[B / K, K]``: rows ``g*K .. g*K + K - 1`` are the K responses to one prompt."""
     if group_size < 2 or scores.shape[0] % group_size:
@@ -203,7 +210,8 @@ def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-4) ->
     GRPOTrainer; a group whose rewards are all equal gets A = 0 (nothing to prefer). ``[B]`` in, ``[B]`` out: every
     token of response i then carries A_i (``per_token``)."""
     g = _groups(scores.float(), group_size)
-    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).reshape(-1)
+    a = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)
+    return a.masked_fill(_flat(g), 0.0).reshape(-1)
 
 
 def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -214,14 +222,14 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     each response's baseline is the mean reward of the other K - 1 responses to its prompt, so the baseline does
     not depend on the response it judges (unbiased). ``[B]`` in, ``[B]`` out."""
     g = _groups(scores.float(), group_size)
-    return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).reshape(-1)
+    return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).masked_fill(_flat(g), 0.0).reshape(-1)
 
 
 def group_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """``r_i - mean(r_group)``: the group-mean baseline REINFORCE++ subtracts from the score when several responses
     share a prompt (OpenRLHF's ``reinforce_baseline``). ``[B]`` in, ``[B]`` out."""
     g = _groups(scores.float(), group_size)
-    return (g - g.mean(1, keepdim=True)).reshape(-1)
+    return (g - g.mean(1, keepdim=True)).masked_fill(_flat(g), 0.0).reshape(-1)
 
 
 def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
@@ -277,7 +285,9 @@ def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, esti
     differentiated through the policy's current log-probs ``logp``; the loop adds ``beta`` times it to the policy
     loss. k3 (``kl_k3``) is GRPO's choice: its gradient pulls towards the reference, where k1's is zero in
     expectation under the sampling policy."""
-    return masked_mean(KL_ESTIMATORS[estimator](logp, ref_logp), mask)
+    # the log-ratio is masked before the estimator, as in policy_loss: a padding position's gap can exceed the ~88.7
+    # nats where exp overflows, and 0 * inf in the backward pass of a masked-afterwards k3 is NaN
+    return masked_mean(KL_ESTIMATORS[estimator](masked(logp, mask), masked(ref_logp, mask)), mask)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

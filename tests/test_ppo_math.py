@@ -249,6 +249,17 @@ def test_group_statistics_refuse_ragged_or_single_groups():
         pm.rloo_advantages(T([1.0, 2.0]), 1)
 
 
+def test_flat_groups_get_exactly_zero_even_when_the_reward_is_not_exact_in_binary():
+    # the float32 mean of seven times -1.3 is one ulp off -1.3: without the flat-group rule every response got the
+    # same small push (|A| up to ~5e-3 for GRPO, whose std + eps is ~1e-4)
+    for value in (-1.3, 0.1, 2.7, -0.7, 1e-3):
+        scores = T([value] * 7 + [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0])
+        for estimator in (pm.grpo_advantages, pm.rloo_advantages, pm.group_baseline):
+            got = estimator(scores, 7)
+            assert got[:7].eq(0).all(), (estimator.__name__, value, got[:7])
+            assert got[7:].ne(0).all()  # a group with a spread is untouched
+
+
 def test_group_baseline_by_hand():
     torch.testing.assert_close(pm.group_baseline(T([1.0, 3.0, 10.0, 20.0]), 2), T([-1.0, 1.0, -5.0, 5.0]))
 
@@ -290,3 +301,14 @@ def test_kl_loss_value_and_gradient_by_hand():
     at_ref = torch.tensor([[-0.7, -2.0]], requires_grad=True)
     pm.kl_loss(at_ref, T([[-0.7, -2.0]]), T([[1, 1]])).backward()
     assert at_ref.grad.abs().max().item() == 0.0
+
+
+def test_kl_loss_gradient_stays_finite_when_padding_holds_a_huge_log_ratio():
+    # a padding position where the two passes differ by 100 nats: exp(100) overflows float32, and k3 computed there
+    # and masked afterwards had a finite value but a NaN gradient (0 * inf in expm1's backward)
+    for estimator in ("k1", "k3"):
+        logp = torch.tensor([[0.0, -100.0]], requires_grad=True)
+        loss = pm.kl_loss(logp, T([[-1.0, 0.0]]), T([[1, 0]]), estimator)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), (estimator, logp.grad)
+        assert logp.grad[0, 1].item() == 0.0

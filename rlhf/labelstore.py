@@ -1,9 +1,10 @@
 """People's rankings of candidate responses: the durable store the labelling page writes, and annotator agreement.
 
-A submission is one JSON line appended to the rankings file with a single ``write`` under an exclusive
-``flock`` and then ``fsync``'d, before the page is told it is saved: a killed server loses nothing it confirmed,
-and several servers (one per annotator) can append to one file at once without interleaving. Each line is the
-candidate row (``rlhf sample -k K``) plus
+A submission is one JSON line appended to the answers file with a single ``write`` under an exclusive ``flock``
+and then ``fsync``'d, before the page is told it is saved: a killed server loses nothing it confirmed. The
+"already answered?" check and the append happen under that one lock, so several servers over one file (one per
+annotator, or the same annotator twice by mistake) never record an item twice. Each line is the candidate row
+(``rlhf sample -k K``) plus
 
     "ranking": [place of each response, 0 best, equal = tie]   (ranked rows only)
     "label": {"by": "human", "annotator": ..., "time": ..., "status": "ranked" | "skipped" | "unacceptable",
@@ -11,6 +12,10 @@ candidate row (``rlhf sample -k K``) plus
 
 which the reward model reads as the ``responses`` ranking format; skipped and "all unacceptable" rows are
 recorded but carry no comparison, so the reader leaves them out (and counts them).
+
+The store keeps what it has read in memory and reads only the bytes appended since (by this or any other
+server), so a request costs the same at 20 answers and at 200,000. A last line cut short by a crash or a full
+disk is not a row; the next append moves it to ``<file>.torn`` (nothing is deleted) and starts on a fresh line.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import fcntl
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import sys
+import threading
 from datetime import datetime, timezone
 from itertools import combinations
 from pathlib import Path
@@ -32,14 +38,22 @@ STATUSES = ("ranked", "skipped", "unacceptable")
 def item_sha(row: dict) -> str:
     """A short digest of a candidate row's prompt and responses: a ranking is only ever applied to what was shown."""
     blob = json.dumps([row.get("prompt"), row.get("responses")], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def answered(rows: list[dict], annotator: str | None = None) -> set[tuple[int, str]]:
-    """The (item, item_sha) pairs of the page's rows answered by ``annotator`` (by anyone when None)."""
-    return {(r["label"]["item"], r["label"]["item_sha"]) for r in rows
-            if isinstance(r.get("label"), dict) and "item" in r["label"]
-            and (annotator is None or r["label"].get("annotator") == annotator)}
+def answer_key(row) -> tuple[str, tuple[int, str]]:
+    """(annotator, (item, item_sha)) of one answer row of the page; ValueError saying what is wrong otherwise."""
+    label = row.get("label") if isinstance(row, dict) else None
+    if not isinstance(label, dict) or ("item" not in label and "item_sha" not in label):
+        raise ValueError("not an answer of the labelling page (no label.item and label.item_sha)")
+    item, sha, annotator = label.get("item"), label.get("item_sha"), label.get("annotator")
+    if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+        raise ValueError(f"label.item must be a candidate's index, got {item!r}")
+    if not isinstance(sha, str):
+        raise ValueError("not an answer of the labelling page (no label.item_sha)")
+    if not isinstance(annotator, str):
+        raise ValueError("label.annotator must be a name")
+    return annotator, (item, sha)
 
 
 def check_ranking(ranking, k: int) -> list[int]:
@@ -53,66 +67,154 @@ def check_ranking(ranking, k: int) -> list[int]:
     return ranking
 
 
-@dataclass
+class AlreadyAnswered(ValueError):
+    pass
+
+
 class LabelStore:
-    """The rankings file of one candidates file."""
+    """The answers file of one candidates file, and what it says so far (who answered what)."""
 
-    path: Path
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._mutex = threading.Lock()  # this process's threads; other processes meet at the flock
+        self._reset(None)
 
-    def append(self, row: dict) -> None:
-        """Append one row durably (one write under an exclusive lock, then fsync)."""
-        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    generation = 0  # bumped when the file is read again from the start (replaced or cut): readers of ``log`` restart
+
+    def _reset(self, identity) -> None:
+        self.generation += 1
+        self.log: list[tuple[str, tuple[int, str]]] = []  # (annotator, (item, item_sha)) in file order
+        self._identity = identity  # (device, inode) of the file read: a replaced file is read again from the start
+        self._offset = 0  # bytes of complete lines already folded in
+        self._lines = 0
+        self._by: dict[str, set[tuple[int, str]]] = {}
+        self.bytes_read = 0  # what reconciling has read in all (each byte of the file once, unless it was replaced)
+        self.unreadable: list[int] = []  # line numbers of complete lines that are not answers of the page
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def _fold(self, fd: int, strict: bool) -> None:
+        """Fold the complete lines appended since the last call into the state (caller holds the flock)."""
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self._identity or st.st_size < self._offset:
+            self._reset((st.st_dev, st.st_ino))
+        if st.st_size == self._offset:
+            return
+        data = os.pread(fd, st.st_size - self._offset, self._offset)
+        self.bytes_read += len(data)
+        end = data.rfind(b"\n") + 1  # an unterminated tail is a torn line (or nothing yet): not folded
+        for raw in data[:end].split(b"\n")[:-1]:
+            self._lines += 1
+            if not raw.strip():
+                continue
             try:
-                written = os.write(fd, line)
-                if written != len(line):  # a full disk: undo the partial line rather than leave it
-                    os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_END) - written)
-                    raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
-                os.fsync(fd)
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+                annotator, key = answer_key(json.loads(raw))
+            except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                why = "not a JSON row" if not isinstance(e, ValueError) or isinstance(
+                    e, (json.JSONDecodeError, UnicodeDecodeError)) else str(e)
+                if strict:
+                    raise UserError(f"{self.path}:{self._lines}: {why}; --out must be an answers file of the "
+                                    f"labelling page") from None
+                if self._lines not in self.unreadable:
+                    self.unreadable.append(self._lines)
+                    print(f"label: {self.path}:{self._lines}: {why} (left out)", file=sys.stderr, flush=True)
+                continue
+            self._by.setdefault(annotator, set()).add(key)
+            self.log.append((annotator, key))
+        self._offset += end
 
-    def rows(self) -> list[dict]:
-        """Every complete row (a last line cut short by a crash mid-write is not a row)."""
+    def refresh(self, strict: bool = False) -> None:
+        """Catch up with the file (appends by any server since the last look): reads only the new bytes."""
+        with self._mutex:
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                self._reset(None)
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                self._fold(fd, strict)
+            finally:
+                os.close(fd)  # closing releases the lock
+
+    def done_by(self, annotator: str) -> set[tuple[int, str]]:
+        """The (item, item_sha) pairs this annotator has answered (ranked, skipped or unacceptable)."""
+        self.refresh()
+        return set(self._by.get(annotator, ()))
+
+    def rows(self, numbered: bool = False) -> list:
+        """Every complete row of the file (a last line cut short by a crash is not a row); ``numbered``: as
+        (line number, row) pairs."""
         if not self.path.exists():
             return []
         out = []
         with open(self.path, "rb") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-            try:
-                data = f.read()
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        for n, raw in enumerate(data.split(b"\n"), 1):
+            data = f.read()
+        lines = data.split(b"\n")
+        for n, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
             try:
-                out.append(json.loads(raw))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if n == data.count(b"\n") + 1:  # the unterminated last line
+                row = json.loads(raw)
+            except (ValueError, RecursionError):
+                if n == len(lines):  # the unterminated last line
                     continue
                 raise UserError(f"{self.path}:{n}: not a JSON row") from None
+            out.append((n, row) if numbered else row)
         return out
 
-    def done_by(self, annotator: str) -> set[tuple[int, str]]:
-        """The (item, item_sha) pairs this annotator has answered (ranked, skipped or unacceptable)."""
-        return answered(self.rows(), annotator)
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    def append(self, row: dict, once_for: tuple[str, tuple[int, str]] | None = None) -> None:
+        """Append one row durably: one write under an exclusive lock, then fsync. ``once_for`` = (annotator,
+        (item, item_sha)): under the same lock, refuse (AlreadyAnswered) if that annotator has answered it."""
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+        with self._mutex:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._fold(fd, strict=False)
+                if once_for and once_for[1] in self._by.get(once_for[0], ()):
+                    raise AlreadyAnswered(f"item {once_for[1][0]} is already answered by {once_for[0]}")
+                self._set_aside_torn_tail(fd)
+                written = os.write(fd, line)
+                if written != len(line):  # a full disk: undo the partial line rather than leave it
+                    os.ftruncate(fd, self._offset)
+                    raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
+                os.fsync(fd)
+                self._fold(fd, strict=False)
+            finally:
+                os.close(fd)
+
+    def _set_aside_torn_tail(self, fd: int) -> None:
+        """A last line without its newline (a crash or a full disk mid-write) would glue onto the next answer:
+        move it to ``<file>.torn`` and cut it off, so the answer starts on a fresh line."""
+        size = os.fstat(fd).st_size
+        if size == self._offset:
+            return
+        torn = os.pread(fd, size - self._offset, self._offset)
+        aside = self.path.with_name(self.path.name + ".torn")
+        with open(aside, "ab") as f:
+            f.write(torn + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.ftruncate(fd, self._offset)
+        print(f"label: {self.path}: a torn last line ({len(torn)} bytes) moved to {aside}", file=sys.stderr,
+              flush=True)
 
     def record(self, candidate: dict, item: int, annotator: str, status: str, ranking: list[int] | None) -> dict:
-        """Build and append the row of one answer; returns it."""
+        """Build and append the row of one answer, unless this annotator has answered this item (AlreadyAnswered);
+        returns it."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}")
         row = {k: v for k, v in candidate.items() if k not in ("ranking", "ranks", "label", "label_scores")}
         if status == "ranked":
             row["ranking"] = check_ranking(ranking, len(candidate["responses"]))
-        row["label"] = {"by": "human", "annotator": annotator, "status": status, "item": item,
-                        "item_sha": item_sha(candidate),
+        sha = item_sha(candidate)
+        row["label"] = {"by": "human", "annotator": annotator, "status": status, "item": item, "item_sha": sha,
                         "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        self.append(row)
+        self.append(row, once_for=(annotator, (item, sha)))
         return row
 
 

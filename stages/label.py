@@ -134,24 +134,51 @@ class LabelApp:
     def __init__(self, candidates: str, out: str, annotator: str):
         from rlhf.labelstore import LabelStore, item_sha
 
+        self.annotator = _check_annotator(annotator)
+        target = Path(out)
+        if target.resolve() == Path(candidates).resolve() or (
+                target.exists() and Path(candidates).exists() and os.path.samefile(target, candidates)):
+            raise UserError(f"--out {out}: that is the candidates file; answers go to a file of their own")
         loaded = formats.load(candidates, "candidates").rows
         self.items = [r["row"] for r in loaded]
         self.prompts = [r["prompt"] for r in loaded]
         self.shas = [item_sha(row) for row in self.items]
-        self.store = LabelStore(Path(out))
-        self.annotator = _check_annotator(annotator)
+        # a row whose responses are all the same text has nothing to rank: never served, counted
+        self.rankable = [i for i, r in enumerate(loaded) if len(set(r["responses"])) >= 2]
+        self.unrankable = len(self.items) - len(self.rankable)
+        self.store = LabelStore(target)
+        self.store.refresh(strict=True)  # an existing --out must be an answers file of the page, line by line
         self.lock = threading.Lock()  # one answer at a time per server (servers share the file through flock)
+        self._valid = {(i, self.shas[i]) for i in self.rankable}
+        self._generation = None
+
+    def _catch_up(self) -> None:
+        """Fold the answers appended since the last request into this page's counts: work in proportion to what
+        is new, not to what the file holds."""
+        self.store.refresh()
+        if self._generation != self.store.generation:  # first call, or the file was replaced: count again
+            self._generation, self._seen, self._cursor = self.store.generation, 0, 0
+            self._mine: set[tuple[int, str]] = set()
+            self._everyone: set[tuple[int, str]] = set()
+        for annotator, key in self.store.log[self._seen:]:
+            if key in self._valid:
+                self._everyone.add(key)
+                if annotator == self.annotator:
+                    self._mine.add(key)
+        self._seen = len(self.store.log)
+        while self._cursor < len(self.rankable) and (
+                self.rankable[self._cursor], self.shas[self.rankable[self._cursor]]) in self._mine:
+            self._cursor += 1  # answers only accumulate, so the first unanswered item never moves back
 
     def state(self) -> dict:
-        from rlhf.labelstore import answered
-
-        rows = self.store.rows()
-        mine, everyone = answered(rows, self.annotator), answered(rows)
-        next_index = next((i for i, sha in enumerate(self.shas) if (i, sha) not in mine), None)
+        with self.lock:
+            self._catch_up()
+            next_index = self.rankable[self._cursor] if self._cursor < len(self.rankable) else None
+            answered, answered_all = len(self._mine), len(self._everyone)
         item = None if next_index is None else {
             "index": next_index, "sha": self.shas[next_index], "prompt": self.prompts[next_index],
             "responses": self.items[next_index]["responses"]}
-        return {"total": len(self.items), "answered": len(mine), "answered_all": len(everyone),
+        return {"total": len(self.rankable), "answered": answered, "answered_all": answered_all,
                 "annotator": self.annotator, "item": item}
 
     def answer(self, body: dict) -> dict:
@@ -163,9 +190,9 @@ class LabelApp:
             raise ValueError(f"unknown item {item!r}")
         if body.get("item_sha") != self.shas[item]:
             raise ValueError(f"item {item} is not the prompt the page showed (the candidates file changed?)")
-        with self.lock:
-            if (item, self.shas[item]) in self.store.done_by(self.annotator):
-                raise ValueError(f"item {item} is already answered by {self.annotator}")
+        if len(set(self.items[item]["responses"])) < 2:
+            raise ValueError(f"item {item} has nothing to rank (one distinct response)")
+        with self.lock:  # the check and the append happen under the file's lock (LabelStore.append)
             self.store.record(self.items[item], item, self.annotator, body.get("status"), body.get("ranking"))
         return self.state()
 
@@ -174,6 +201,8 @@ def make_server(app: LabelApp, host: str, port: int, token: str):
     """A threading HTTP server for the page; every request must carry ``token`` (query or X-Label-Token)."""
     import hmac
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from rlhf.labelstore import AlreadyAnswered
     from urllib.parse import parse_qs, urlsplit
 
     class Handler(BaseHTTPRequestHandler):
@@ -202,6 +231,19 @@ def make_server(app: LabelApp, host: str, port: int, token: str):
             self._json(401, {"error": "missing or wrong access token (open the URL the server printed)"})
             return False
 
+        def handle_one_request(self):
+            """Every failure inside a request is an answer with a message, never a dropped connection."""
+            try:
+                super().handle_one_request()
+            except (ConnectionError, TimeoutError):
+                raise
+            except Exception as e:  # noqa: BLE001 - the page must stay up; the terminal gets one line
+                print(f"label: request failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                try:
+                    self._json(500, {"error": f"the server failed on this request ({type(e).__name__}: {e})"})
+                except OSError:
+                    pass
+
         def do_GET(self):
             if not self._authorised():
                 return
@@ -222,20 +264,26 @@ def make_server(app: LabelApp, host: str, port: int, token: str):
                 return
             if urlsplit(self.path).path != "/api/answer":
                 return self._json(404, {"error": "no such endpoint"})
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
+            # the length is checked before a byte of the body is read: a missing, negative or oversized one would
+            # otherwise read until the client closes
+            given = self.headers.get("Content-Length")
+            if given is None:
                 return self._json(411, {"error": "a Content-Length is required"})
+            if not given.strip().isdigit():
+                return self._json(400, {"error": f"bad Content-Length {given[:20]!r}"})
+            length = int(given)
             if length > MAX_BODY:
                 return self._json(413, {"error": f"request body over {MAX_BODY} bytes"})
             if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
                 return self._json(415, {"error": "expected application/json"})
             try:
                 body = json.loads(self.rfile.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # bad JSON or UTF-8, a number over Python's digit limit, nesting
                 return self._json(400, {"error": "the body is not JSON"})
             try:
                 state = app.answer(body)
+            except AlreadyAnswered as e:
+                return self._json(409, {"error": str(e)})
             except ValueError as e:
                 return self._json(400, {"error": str(e)})
             print(f"label: saved item {body['item']} ({body['status']}) by {app.annotator}: "
@@ -264,6 +312,8 @@ def serve(candidates: str, out: str, annotator: str, host: str = "127.0.0.1", po
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     state = app.state()
     echo(f"label: {state['answered']} of {state['total']} prompts answered by {annotator}; rankings -> {out}")
+    if app.unrankable:
+        echo(f"label: {app.unrankable} prompts left out: one distinct response, nothing to rank")
     echo(f"http://{shown}:{server.server_address[1]}/?token={token}")
     try:
         server.serve_forever()
@@ -275,8 +325,26 @@ def serve(candidates: str, out: str, annotator: str, host: str = "127.0.0.1", po
 
 def agreement_report(rankings: str) -> dict:
     """``labelstore.agreement`` of a rankings file."""
-    from rlhf.labelstore import LabelStore, agreement
+    from rlhf.labelstore import LabelStore, agreement, answer_key
 
     if not Path(rankings).is_file():
         raise UserError(f"{rankings}: file not found")
-    return agreement(LabelStore(Path(rankings)).rows())
+    rows = LabelStore(Path(rankings)).rows(numbered=True)
+    for n, row in rows:
+        where = f"{rankings}:{n}"
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: a row must be a JSON object")
+        label = row.get("label", {})
+        if not isinstance(label, dict):
+            raise UserError(f"{where}: label must be an object")
+        if "item_sha" in label:
+            try:
+                answer_key(row)
+            except ValueError as e:
+                raise UserError(f"{where}: {e}") from None
+        if "ranking" in row and label.get("status", "ranked") == "ranked":
+            ranking, responses = row["ranking"], row.get("responses")
+            if not isinstance(responses, list) or not isinstance(ranking, list) or len(ranking) != len(responses) \
+                    or any(isinstance(p, bool) or not isinstance(p, int) for p in ranking):
+                raise UserError(f"{where}: ranking must be a list of whole-number places, one per response")
+    return agreement([row for _, row in rows])

@@ -33,7 +33,8 @@ def write_candidates(tmp_path):
 def _append_many(path, annotator, n):
     store = LabelStore(path)
     for i in range(n):
-        store.record(CANDIDATES[i % 4], i % 4, annotator, "ranked", [0, 1, 2])
+        candidate = {"prompt": f"What is {i} + 1?", "responses": [f"The answer is {i + 1}.", "maybe 7."]}
+        store.record(candidate, i, annotator, "ranked", [0, 1])
 
 
 def test_concurrent_appends_from_two_annotators_interleave_whole_lines(tmp_path):
@@ -190,3 +191,168 @@ def test_agreement_command(tmp_path):
     got = json.loads(result.output)
     assert got["overall"]["pairwise_agreement"] == pytest.approx(2 / 3)
     assert got["per_annotator"]["bob"]["kendall_tau"] == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults and load: a torn tail, two servers over one file, requests that must not drop the connection
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_a_torn_tail_is_set_aside_and_the_next_answer_starts_on_a_fresh_line(server):
+    url, app, out = server
+    assert call(url + "/api/answer", {"item": 0, "item_sha": app.shas[0], "status": "skipped"})[0] == 200
+    with open(out, "ab") as f:  # power lost mid-write: half an answer, no newline
+        f.write(b'{"prompt": "What is 1 + 1?", "responses": ["The ans')
+    status, state = call(url + "/api/next")
+    assert status == 200 and state["answered"] == 1 and state["item"]["index"] == 1
+    status, state = call(url + "/api/answer", {"item": 1, "item_sha": app.shas[1], "status": "ranked",
+                                               "ranking": [0, 1, 2]})
+    assert status == 200 and state["answered"] == 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]  # every line parses: nothing glued
+    assert [r["label"]["item"] for r in rows] == [0, 1]
+    assert (out.parent / "rankings.jsonl.torn").read_bytes() == b'{"prompt": "What is 1 + 1?", "responses": ["The ans\n'
+    assert call(url + "/api/answer", {"item": 2, "item_sha": app.shas[2], "status": "skipped"})[0] == 200
+    assert len(out.read_text().splitlines()) == 3
+
+
+def _serve_in_a_process(candidates, out, port_queue, go, results):
+    app = stage.LabelApp(str(candidates), str(out), "alice")
+    srv = stage.make_server(app, "127.0.0.1", 0, "sekret")
+    port_queue.put(srv.server_address[1])
+    srv.serve_forever()
+
+
+def test_the_same_annotator_on_two_servers_answers_each_item_once(tmp_path):
+    """Two server processes (their own memory and locks) over one answers file, racing on every item."""
+    candidates = tmp_path / "candidates.jsonl"
+    rows = [{"prompt": f"What is {i} + 2?", "responses": [f"The answer is {i + 2}.", "maybe 7."]} for i in range(12)]
+    candidates.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "answers.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    ports = ctx.Queue()
+    servers = [ctx.Process(target=_serve_in_a_process, args=(candidates, out, ports, None, None), daemon=True)
+               for _ in range(2)]
+    for s in servers:
+        s.start()
+    try:
+        urls = [f"http://127.0.0.1:{ports.get(timeout=60)}" for _ in servers]
+        shas = [item_sha(r) for r in rows]
+        codes: list[int] = []
+        for i in range(len(rows)):
+            barrier = threading.Barrier(2)
+
+            def post(u, i=i, barrier=barrier):
+                barrier.wait()
+                codes.append(call(u + "/api/answer", {"item": i, "item_sha": shas[i], "status": "ranked",
+                                                      "ranking": [0, 1]})[0])
+
+            threads = [threading.Thread(target=post, args=(u,)) for u in urls]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert sorted(codes) == [200] * len(rows) + [409] * len(rows)
+        answered = [json.loads(line)["label"]["item"] for line in out.read_text().splitlines()]
+        assert sorted(answered) == list(range(len(rows)))
+        for u in urls:  # both servers see all of it
+            assert call(u + "/api/next")[1] == {"total": 12, "answered": 12, "answered_all": 12,
+                                                 "annotator": "alice", "item": None}
+    finally:
+        for s in servers:
+            s.terminate()
+            s.join()
+
+
+def _raw_post(url, headers: dict, body: bytes = b""):
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.putrequest("POST", "/api/answer", skip_accept_encoding=True)
+    for k, v in {"X-Label-Token": "sekret", "Content-Type": "application/json", **headers}.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    if body:
+        conn.send(body)
+    response = conn.getresponse()  # answered while the connection is still open: nothing waits for the client
+    got = response.status, json.loads(response.read())
+    conn.close()
+    return got
+
+
+def test_a_missing_negative_or_bad_content_length_is_refused_before_reading(server):
+    url, _, out = server
+    assert _raw_post(url, {"Content-Length": "-1"}, b"x" * 100_000)[0] == 400
+    assert _raw_post(url, {"Content-Length": "12abc"}, b"{}")[0] == 400
+    assert _raw_post(url, {"Content-Length": str(10 ** 30)})[0] == 413
+    assert _raw_post(url, {})[0] == 411
+    assert not out.exists()
+
+
+def test_bodies_that_break_the_parser_get_a_400_and_failures_a_500_never_a_dropped_connection(server, monkeypatch):
+    url, app, out = server
+    for raw in (b"[" * 15_000, b"1" * 5_000, b'{"item": ' + b"9" * 5_000 + b"}", b"\xff\xfe{}", b'"\\ud800"'):
+        status, got = call(url + "/api/answer", raw=raw)
+        assert (status, got["error"]) in ((400, "the body is not JSON"), (400, "expected a JSON object")), raw[:20]
+    monkeypatch.setattr(app, "state", lambda: 1 / 0)
+    status, got = call(url + "/api/next")
+    assert status == 500 and "ZeroDivisionError" in got["error"]
+    assert not out.exists()
+
+
+def test_a_request_reads_only_what_was_appended_since_the_last(server):
+    """The store keeps its state in memory: every byte of the answers file is read once, whatever the requests."""
+    url, app, out = server
+    for i in range(4):
+        call(url + "/api/next")
+        call(url + "/api/answer", {"item": i, "item_sha": app.shas[i], "status": "skipped"})
+        call(url + "/api/next")
+    other = LabelStore(out)  # another server appends too
+    other.record(CANDIDATES[0], 0, "bob", "skipped", None)
+    assert call(url + "/api/next")[1]["answered_all"] == 4
+    assert app.store.bytes_read == out.stat().st_size
+
+
+def test_out_must_be_an_answers_file_and_not_the_candidates(tmp_path):
+    candidates = write_candidates(tmp_path)
+    with pytest.raises(stage.UserError, match="that is the candidates file"):
+        stage.LabelApp(str(candidates), str(candidates), "alice")
+    with pytest.raises(stage.UserError, match="that is the candidates file"):
+        stage.LabelApp(str(candidates), str(tmp_path / "." / "candidates.jsonl"), "alice")
+    machine = tmp_path / "machine.jsonl"  # a file rlhf label --by wrote: rankings, not answers of the page
+    machine.write_text(json.dumps({**CANDIDATES[0], "ranking": [0, 1, 2], "label": {"by": "gold"}}) + "\n")
+    with pytest.raises(stage.UserError, match=r"machine.jsonl:1: not an answer of the labelling page"):
+        stage.LabelApp(str(candidates), str(machine), "alice")
+    for label, message in [({"by": "human", "annotator": "a", "item": 0}, r"not an answer of the labelling page \(no label.item_sha\)"),
+                           ({"by": "human", "annotator": "a", "item": [0], "item_sha": "s"}, "label.item must be"),
+                           ({"by": "human", "item": 0, "item_sha": "s"}, "label.annotator")]:
+        edited = tmp_path / "edited.jsonl"
+        good = {**CANDIDATES[1], "label": {"by": "human", "annotator": "a", "item": 1, "item_sha": "s"}}
+        edited.write_text(json.dumps(good) + "\n" + json.dumps({**CANDIDATES[0], "label": label}) + "\n")
+        with pytest.raises(stage.UserError, match=f"edited.jsonl:2: {message}"):
+            stage.LabelApp(str(candidates), str(edited), "alice")
+
+
+def test_a_row_with_one_distinct_response_is_never_served(tmp_path):
+    candidates = tmp_path / "c.jsonl"
+    rows = [{"prompt": "a?", "responses": ["same", "same"]}, {"prompt": "b?", "responses": ["x", "y"]},
+            {"prompt": "c?", "responses": ["only one"]}]
+    candidates.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    app = stage.LabelApp(str(candidates), str(tmp_path / "a.jsonl"), "alice")
+    assert app.unrankable == 2 and app.state()["total"] == 1 and app.state()["item"]["index"] == 1
+    with pytest.raises(ValueError, match="nothing to rank"):
+        app.answer({"item": 0, "item_sha": app.shas[0], "status": "skipped"})
+
+
+@pytest.mark.parametrize("row, message", [
+    ({**CANDIDATES[0], "ranking": "0 1 2", "label": {"annotator": "a"}}, "ranking must be a list"),
+    ({**CANDIDATES[0], "ranking": [0, 1], "label": {"annotator": "a"}}, "ranking must be a list"),
+    ({**CANDIDATES[0], "ranking": [0, 1, 2], "label": {"annotator": "a", "item": [0], "item_sha": "s"}},
+     "label.item must be"),
+    ({**CANDIDATES[0], "ranking": [0, 1, 2], "label": "alice"}, "label must be an object"),
+])
+def test_agreement_on_hand_edited_rows_is_one_line(tmp_path, row, message):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(stage.UserError, match=f"r.jsonl:1: {message}"):
+        stage.agreement_report(str(path))

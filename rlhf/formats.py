@@ -187,15 +187,22 @@ def _hub_rows(source: str, split: str) -> Iterator[tuple[str, Any]]:
         yield f"{source}[{split}] row {i}", row
 
 
-def nonfinite_field(row: Any) -> tuple[str, float] | None:
+def nonfinite_field(row: Any) -> tuple[str, float | str] | None:
     """The first field (as a path: ``margin``, ``ranks[2]``, ``scores.helpful``) holding an infinity or NaN, and
-    its value; None when every number is finite. JSON has neither (Python's reader accepts ``Infinity``, ``NaN``
-    and ``1e999``); a margin, rank or score of either trains a meaningless model. Iterative: any depth."""
+    its value; None when every number is finite and every string is text. JSON has neither (Python's reader
+    accepts ``Infinity``, ``NaN`` and ``1e999``); a margin, rank or score of either trains a meaningless model. A
+    string holding a lone UTF-16 surrogate (JSON's ``"\\ud800"``, which UTF-8 cannot write) is returned with that
+    escape as its value. Iterative: any depth."""
     stack: list[tuple[str, Any]] = [("", row)]
     while stack:
         where, value = stack.pop()
         if isinstance(value, float) and not math.isfinite(value):
             return where, value
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800" escape reads as half a UTF-16 pair: not text
+                return where, f"\\u{ord(value[e.start]):04x}"
         if isinstance(value, dict):
             stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in reversed(list(value.items())))
         elif isinstance(value, (list, tuple)):
@@ -485,6 +492,10 @@ def prompt_only(row: dict) -> list[dict]:
 # Rankings of K responses
 # ---------------------------------------------------------------------------------------------------------------
 
+MAX_RANK = 10 ** 9
+"""the largest place a ranking may give (places only order responses; one rule for the reward model and DPO)"""
+
+
 def _rank(value: Any, where: str) -> int:
     if isinstance(value, float) and not math.isfinite(value):
         raise RowError(f"{where} is {value}, not a finite number")
@@ -492,6 +503,8 @@ def _rank(value: Any, where: str) -> int:
         raise RowError(f"{where} must be an integer place (lower is better), got {value!r}")
     if value < 0:
         raise RowError(f"{where} must not be negative, got {value!r}")
+    if value > MAX_RANK:
+        raise RowError(f"{where} is {value:.3g}: a place must be at most {MAX_RANK:,}")
     return int(value)
 
 
@@ -528,6 +541,8 @@ def rank_responses(row: dict) -> dict:
     if len(responses) < 2:
         raise RowError(f"field 'responses' must hold at least two responses, got {len(responses)}")
     key = "ranking" if row.get("ranking") is not None else "ranks" if row.get("ranks") is not None else None
+    if key == "ranking" and row.get("ranks") is not None and row["ranks"] != row["ranking"]:
+        raise RowError("fields 'ranking' and 'ranks' disagree: keep one")
     if key is None:  # best first
         ranks = list(range(len(responses)))
     else:
@@ -581,11 +596,22 @@ def rank_argilla(row: dict) -> dict:
         if not submitted:
             raise RowError(f"field '{key}' has no submitted response")
         items = submitted[0]["value"]
+    # a value names the field holding its response (reply-1, reply-2: Argilla's ranking options), at the row's top
+    # level or under "fields"; a name that points nowhere must not become the response text
+    fields = {**(row["fields"] if isinstance(row.get("fields"), dict) else {}),
+              **{k: v for k, v in row.items() if k != key}}
+    values = [item["value"] for item in items]
+    named = [isinstance(v, str) and isinstance(fields.get(v), str) for v in values]
+    if any(named) and not all(named):
+        i = named.index(False)
+        raise RowError(f"{key}[{i}].value {str(values[i])[:40]!r} names no field of the row, where the others do")
+    if not any(named) and all(isinstance(v, str) and v and not any(c.isspace() for c in v) and len(v) <= 64
+                              for v in values):
+        raise RowError(f"{key}[*].value ({', '.join(repr(v) for v in values[:4])}) name no field of the row: "
+                       f"the fields holding the responses are missing")
     responses, ranks = [], []
     for i, item in enumerate(items):
-        value = item["value"]
-        if isinstance(value, str) and value in row and value != key and isinstance(row[value], str):
-            value = row[value]  # the name of the field that holds the response (reply-1, reply-2, ...)
+        value = fields[item["value"]] if named[i] else item["value"]
         responses.append(_response(value, f"{key}[{i}].value"))
         ranks.append(_rank(item["rank"], f"{key}[{i}].rank"))
     if len(responses) < 2:
@@ -720,7 +746,9 @@ def load(source: str, kind: str, *, fmt: str = "auto", columns: dict[str, str] |
                     raise RowError(f"expected a JSON object, got {type(row).__name__}")
                 bad = nonfinite_field(row)
                 if bad is not None:
-                    raise RowError(f"field '{bad[0]}' is {bad[1]}, not a finite number")
+                    raise RowError(f"field '{bad[0]}' is {bad[1]}, not a finite number" if isinstance(bad[1], float)
+                                   else f"field '{bad[0]}' holds a lone surrogate {bad[1]} (half a UTF-16 pair): "
+                                   "not text")
                 row = {columns.get(k, k): v for k, v in row.items()}
                 if kind == "prompts":
                     out.rows.append(prompt_only(row))

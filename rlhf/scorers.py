@@ -101,6 +101,15 @@ class Scorer:
         return ""
 
 
+def require_finite(values, who: str, prompts: list[list[dict]], where: str = "") -> None:
+    """Stop with one line naming the model and the row when a score is NaN or infinite (None: does not apply).
+    A NaN orders nothing: sorted, it would rank responses arbitrarily; averaged, it poisons every statistic."""
+    for i, v in enumerate(values):
+        v = v.item() if hasattr(v, "item") else v
+        if v is not None and not math.isfinite(v):
+            raise UserError(f"{who} scored response {i + 1}{where} ({_quote(prompts[i])}) as {v}, not a finite number")
+
+
 def _is_number(v) -> bool:
     """A numpy or torch scalar (anything with ``item()`` giving a real number)."""
     item = getattr(v, "item", None)

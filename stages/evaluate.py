@@ -138,6 +138,7 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: boo
         else:
             scores = modeling.score_conversations(reward[0], reward[1], rollout.with_responses(prompts, gens.texts),
                                                  e.batch_size, progress=progress)
+        scorers.require_finite(scores, "eval: the reward model", prompts, f" of {row.name}")
         kls = [None] * len(prompts)
         if reference is not None:
             logp = rollout.response_logprobs(model, tokenizer, inputs, gens.token_ids, e.batch_size)

@@ -16,6 +16,7 @@ one of its responses, or when every response scores the same (a ranking with no 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -49,8 +50,8 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
         raise UserError(f"{target}: exists (--overwrite replaces it)")
     if not target.parent.is_dir():
         raise UserError(f"{target.parent}: no such directory")
-    if noise < 0:
-        raise UserError(f"--noise must not be negative, got {noise}")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise UserError(f"--noise must be a finite number, 0 or more, got {noise}")
     rows = formats.load(candidates, "candidates").rows
     score = labeller(by)
     prompts = [r["prompt"] for r in rows for _ in r["responses"]]
@@ -58,6 +59,7 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
     values = score(prompts, responses)
     if len(values) != len(responses):  # a reward model always answers in full; a scorer is checked by scorers
         raise UserError(f"--by {by}: {len(values)} scores for {len(responses)} responses")
+    scorers.require_finite(values, f"--by {by}", prompts, f" of {candidates}")
 
     rng = random.Random(seed)
     written = not_applicable = all_tied = comparisons = 0

@@ -26,7 +26,12 @@ from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 
 CHUNK = 64
-"""prompts per chunk: the unit of progress and of resume"""
+"""prompts per chunk (fewer when K is large: CHUNK_RESPONSES responses at most): the unit of progress and of
+resume"""
+CHUNK_RESPONSES = 1024
+MAX_SAMPLES = 1024
+"""the most responses per prompt (-k): a ranking of more is past what any labeller ranks, and all K of a prompt are
+generated and held together"""
 
 SETTINGS = ("run", "temperature", "seed", "max_new_tokens", "num_samples")
 """what a partial file must agree on to be continued"""
@@ -70,22 +75,48 @@ def prompt_field(messages: list[dict]):
     return messages[0]["content"] if len(messages) == 1 else messages
 
 
-def _whole_chunks(partial: Path, settings: dict) -> tuple[int, int]:
-    """How many prompts of a partial file are in whole chunks (a cut chunk is redone), and the bytes they take."""
+def chunk_prompts(num_samples: int) -> int:
+    """Prompts per chunk for K = ``num_samples``."""
+    return max(1, min(CHUNK, CHUNK_RESPONSES // num_samples))
+
+
+def _whole_chunks(partial: Path, settings: dict, rows: list[list[dict]]) -> tuple[int, int]:
+    """How many prompts of a partial file are in whole chunks (a cut chunk is redone), and the bytes they take.
+    Every kept row must be the one this run would write there: the same settings, the prompt of that line of the
+    prompt file (another --prompts or --limit is refused, not mixed in), K responses."""
     done, size, whole = 0, 0, (0, 0)
+    per_chunk = chunk_prompts(settings["num_samples"])
+    continue_or_restart = "continue it with the same ones, or start again with --overwrite"
     with open(partial, "rb") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                break  # a line cut short by the interruption: it and anything after it is redone
-            differing = [k for k in SETTINGS if row.get(k) != settings[k]]
-            if differing:
-                raise UserError(f"{partial}:{n}: was sampled with other settings ({', '.join(differing)}); "
-                                "continue it with the same ones, or start again with --overwrite")
-            done, size = done + 1, size + len(line)
-            if done % CHUNK == 0:
-                whole = (done, size)
+        data = f.read()
+    lines = data.split(b"\n")
+    for n, raw in enumerate(lines, 1):
+        if n == len(lines):
+            break  # what follows the last newline: empty, or a line cut short by the interruption (redone)
+        try:
+            row = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise UserError(f"{partial}:{n}: not a JSON row; {continue_or_restart}") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{partial}:{n}: not a row of rlhf sample; start again with --overwrite")
+        differing = [k for k in SETTINGS if row.get(k) != settings[k]]
+        if differing:
+            raise UserError(f"{partial}:{n}: was sampled with other settings ({', '.join(differing)}); "
+                            f"{continue_or_restart}")
+        if done >= len(rows):
+            raise UserError(f"{partial}:{n}: more rows than the {len(rows)} prompts of this run (another --prompts "
+                            f"or --limit?); {continue_or_restart}")
+        if row.get("prompt") != prompt_field(rows[done]):
+            raise UserError(f"{partial}:{n}: is not prompt {done + 1} of the prompt file (another --prompts or "
+                            f"--limit?); {continue_or_restart}")
+        responses = row.get("responses")
+        if not isinstance(responses, list) or len(responses) != settings["num_samples"] or not all(
+                isinstance(r, str) for r in responses):
+            raise UserError(f"{partial}:{n}: needs {settings['num_samples']} responses (texts); start again with "
+                            "--overwrite")
+        done, size = done + 1, size + len(raw) + 1
+        if done % per_chunk == 0 or done == len(rows):
+            whole = (done, size)
     return whole
 
 
@@ -95,6 +126,8 @@ def main(run_dir: str, prompts: str, out: str | None, num_samples: int = 1, temp
          progress: bool = False, echo=print) -> int:
     """Sample and write (or print) the responses; returns the number of prompts done."""
 
+    if not 1 <= num_samples <= MAX_SAMPLES:
+        raise UserError(f"--num-samples must be from 1 to {MAX_SAMPLES}, got {num_samples}")
     scorer_list = scorers.load_all(list(scorer_specs), "--scorer")
     target = Path(out) if out else None
     partial = target.with_name(target.name + ".partial") if target else None
@@ -121,13 +154,14 @@ def main(run_dir: str, prompts: str, out: str | None, num_samples: int = 1, temp
 
     done = 0
     if partial is not None and partial.exists() and resume:
-        done, size = _whole_chunks(partial, settings)
+        done, size = _whole_chunks(partial, settings, rows)
         os.truncate(partial, size)
         print(f"sample: resuming after {done} of {len(rows)} prompts", file=sys.stderr)
     sink = open(partial, "a" if done else "w", encoding="utf-8") if partial is not None else None
+    per_chunk = chunk_prompts(num_samples)
     try:
-        for start in range(done, len(rows), CHUNK):
-            chunk = rows[start:start + CHUNK]
+        for start in range(done, len(rows), per_chunk):
+            chunk = rows[start:start + per_chunk]
             repeated = [messages for messages in chunk for _ in range(num_samples)]
             indices = range(start * num_samples, (start + len(chunk)) * num_samples)  # sample j of prompt i: i*K+j
             gens = rollout.generate(model, tokenizer, repeated, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -152,10 +186,12 @@ def main(run_dir: str, prompts: str, out: str | None, num_samples: int = 1, temp
             if sink is not None:
                 sink.flush()
                 os.fsync(sink.fileno())
-                print(f"sample: {min(start + CHUNK, len(rows))}/{len(rows)} prompts", file=sys.stderr)
+                print(f"sample: {min(start + per_chunk, len(rows))}/{len(rows)} prompts", file=sys.stderr)
     finally:
         if sink is not None:
             sink.close()
+            if partial.stat().st_size == 0:  # failed before a chunk was kept: nothing to resume, nothing in the way
+                partial.unlink()
     if target is not None:
         os.replace(partial, target)
     return len(rows)

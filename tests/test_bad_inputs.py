@@ -127,6 +127,34 @@ CASES = [
     ("rank-not-a-ranking", data("preference", "rank_not_a_ranking.jsonl", "rm"),
      "rank_not_a_ranking.jsonl:2: field 'ranking' has 2 places for 3 responses"),
     ("rank-all-tied", data("preference", "rank_all_tied.jsonl", "rm"), ":2: every response is tied"),
+    ("rank-argilla-dangling", data("preference", "rank_argilla_dangling.jsonl", "rm"),
+     "rank_argilla_dangling.jsonl:2: ranking[1].value 'reply-3' names no field of the row, where the others do"),
+    ("rank-argilla-no-fields", data("preference", "rank_argilla_no_fields.jsonl", "rm"),
+     "rank_argilla_no_fields.jsonl:1: ranking[*].value ('reply-1', 'reply-2') name no field of the row"),
+    ("rank-ranking-and-ranks-disagree", data("preference", "rank_ranking_and_ranks_disagree.jsonl", "rm"),
+     "rank_ranking_and_ranks_disagree.jsonl:2: fields 'ranking' and 'ranks' disagree"),
+    ("rank-huge-rank-rm", data("preference", "rank_huge_rank.jsonl", "rm"),
+     "rank_huge_rank.jsonl:2: ranking[1] is 1e+30: a place must be at most 1,000,000,000"),
+    ("rank-huge-rank-dpo", data("preference", "rank_huge_rank.jsonl", "dpo"),
+     "rank_huge_rank.jsonl:2: ranking[1] is 1e+30: a place must be at most 1,000,000,000"),
+    ("candidates-lone-surrogate", lambda ctx: ["label", str(BAD / "candidates_lone_surrogate.jsonl"), "--by", "gold",
+                                               "--out", str(ctx.tmp / "r.jsonl")],
+     "candidates_lone_surrogate.jsonl:1: field 'responses[1]' holds a lone surrogate \\ud800"),
+    ("label-noise-nan", lambda ctx: ["label", str(ROOT / "tests/bad_inputs/rank_all_tied.jsonl"), "--by", "gold",
+                                     "--noise", "nan", "--out", str(ctx.tmp / "r.jsonl")],
+     "--noise must be a finite number, 0 or more, got nan"),
+    ("label-noise-inf", lambda ctx: ["label", str(ROOT / "tests/bad_inputs/rank_all_tied.jsonl"), "--by", "gold",
+                                     "--noise", "inf", "--out", str(ctx.tmp / "r.jsonl")],
+     "--noise must be a finite number, 0 or more, got inf"),
+    ("label-agreement-ranking-not-a-list", lambda ctx: ["label", "agreement",
+                                                        str(BAD / "answers_ranking_not_a_list.jsonl")],
+     "answers_ranking_not_a_list.jsonl:2: ranking must be a list of whole-number places, one per response"),
+    ("label-serve-out-is-candidates", lambda ctx: ["label", "serve", str(BAD / "rank_all_tied.jsonl"), "--out",
+                                                   str(BAD / "rank_all_tied.jsonl")],
+     "that is the candidates file; answers go to a file of their own"),
+    ("sample-k-too-large", lambda ctx: ["sample", "base:" + str(ROOT / "data/tiny-base"), "--prompts",
+                                        str(ROOT / "data/tiny/heldout_prompts.jsonl"), "-k", "100000000",
+                                        "--out", str(ctx.tmp / "c.jsonl")], "--num-samples must be from 1 to 1024"),
     ("rank-not-labelled-yet", lambda ctx: ["rm", "--recipe", ctx.recipe, "--set",
                                            f"data.preference={ctx.tmp / 'runs' / 'tiny' / 'rankings.jsonl'}"],
      "which does not exist yet: `rlhf label` writes it"),
@@ -186,7 +214,7 @@ CASES = [
 
 NEEDS_RUNS = {"prompt-too-long", "prompt-no-field", "checkpoint-missing", "checkpoint-wrong-stage-policy",
               "checkpoint-wrong-stage-reward", "checkpoint-unfinished", "adapter-for-another-base",
-              "truncated-safetensors"}
+              "truncated-safetensors", "rank-huge-rank-dpo"}
 """cases that need finished SFT and RM runs (the PPO stage checks its parents before it reads its prompts)"""
 REAL_PROCESS = {"sft-invalid-json", "recipe-unknown-key", "checkpoint-unfinished"}
 """cases also run as a real ``rlhf`` process: a data file, a recipe and a checkpoint error"""
@@ -208,7 +236,7 @@ def command(case: str, build, ctx: Ctx) -> list[str]:
     argv = build(ctx)
     if case == "resume-nothing":
         argv = argv + ["--resume"]
-    if argv[0] in ("sft", "rm", "ppo", "eval") and "score" not in argv:
+    if argv[0] in ("sft", "rm", "ppo", "dpo", "eval") and "score" not in argv:
         argv += ["--out", str(ctx.out)]
     return argv
 

@@ -191,3 +191,24 @@ def test_place_moves_every_loader_s_model_to_the_device_it_is_given(parents):
     for model in (base, policy, reward):
         assert {p.device for p in model.parameters()} == {meta}
     assert modeling.place(base, None) is base  # None: left where it is, for a trainer to place
+
+
+def test_a_reward_model_that_scores_nan_stops_eval_with_one_line_naming_the_row(parents, tmp_path, monkeypatch):
+    from rlhf import modeling
+    from rlhf.config import load_recipe
+    from rlhf.errors import UserError
+    from stages import evaluate
+
+    recipe_path, runs = parents
+    recipe = load_recipe(recipe_path, ["eval.limit=4", "eval.max_new_tokens=8", "eval.icl_shots=0"])
+    original = modeling.score_conversations
+
+    def nan_on_the_third(*a, **k):
+        scores = original(*a, **k)
+        scores[2] = float("nan")
+        return scores
+
+    monkeypatch.setattr(modeling, "score_conversations", nan_on_the_third)
+    with pytest.raises(UserError, match=r"eval: the reward model scored response 3 of .*sft \(prompt '.*'\) as nan"):
+        evaluate.main(recipe, policies=[str(runs / "sft")], reward=str(runs / "rm"), out=tmp_path / "e")
+    assert not (tmp_path / "e" / "report.md").exists()

@@ -94,6 +94,36 @@ def test_sample_other_settings_in_a_partial_file_are_refused(parents, tmp_path):
     assert "x.jsonl.partial:1: was sampled with other settings (run)" in out
 
 
+def test_sample_resume_checks_every_kept_row_against_its_prompt(parents, tmp_path, monkeypatch):
+    _, runs = parents
+    monkeypatch.setattr(sample_stage, "CHUNK", 2)
+    args = ["sample", str(runs / "sft"), "--prompts", PROMPTS, "-k", "2", "--max-new-tokens", "8"]
+    invoke(*args, "--limit", "4", "--out", str(tmp_path / "a.jsonl"))
+    lines = (tmp_path / "a.jsonl").read_text().splitlines(keepends=True)
+    tampered = json.loads(lines[1])
+    tampered["responses"] = []
+    partial = tmp_path / "e.jsonl.partial"
+    for kept, extra, message in [
+        (lines[:2], ["--prompts", HELDOUT, "--limit", "4"], "e.jsonl.partial:1: is not prompt 1 of the prompt file"),
+        (lines, ["--limit", "2"], "e.jsonl.partial:3: more rows than the 2 prompts of this run"),
+        ([lines[1], lines[0]], ["--limit", "4"], "e.jsonl.partial:1: is not prompt 1 of the prompt file"),
+        ([lines[0], json.dumps(tampered) + "\n"], ["--limit", "4"], "e.jsonl.partial:2: needs 2 responses"),
+        ([lines[0], "{not json\n", lines[1]], ["--limit", "4"], "e.jsonl.partial:2: not a JSON row"),
+    ]:
+        partial.write_text("".join(kept))
+        out = invoke(*args, *extra, "--out", str(tmp_path / "e.jsonl"), "--resume", code=2)
+        assert message in out, out
+        assert partial.read_text() == "".join(kept) and not (tmp_path / "e.jsonl").exists()  # nothing touched
+
+    # a scorer that fails on the first chunk leaves no partial file in the way of the fixed rerun
+    broken = tmp_path / "broken.py"
+    broken.write_text("def score(prompts, responses):\n    raise RuntimeError('bug')\n")
+    out = invoke(*args, "--limit", "4", "--scorer", f"{broken}:score", "--out", str(tmp_path / "f.jsonl"), code=2)
+    assert "RuntimeError: bug" in out and not (tmp_path / "f.jsonl.partial").exists()
+    invoke(*args, "--limit", "4", "--out", str(tmp_path / "f.jsonl"))
+    assert (tmp_path / "f.jsonl").read_text() == "".join(lines)
+
+
 def test_ranks_from_scores():
     assert ranks_from_scores([0.5, 1.0, 0.5, 0.0]) == [1, 0, 1, 2]
 

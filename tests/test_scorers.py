@@ -3,6 +3,7 @@ wrong, as a one-line error naming the scorer (and the row); the weighted reward 
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -152,3 +153,20 @@ def test_reward_terms_from_the_recipe(tmp_path, user_module):
         load_recipe(None, ["ppo.reward={gold: high}"])
     with pytest.raises(UserError, match="eval.scorers must be a list of a string"):
         load_recipe(None, ["eval.scorers=gold"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_label_refuses_a_reward_model_that_scores_non_finite(tmp_path, monkeypatch, bad):
+    """`rlhf label --by MODEL_DIR` with a model that returns NaN/inf: one line naming the model and the row, no
+    rankings in arbitrary order."""
+    from rlhf.errors import UserError
+    from stages import label
+
+    candidates = tmp_path / "c.jsonl"
+    candidates.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "responses": ["a b", "c d"]}) + "\n"
+                                  for i in range(3)))
+    monkeypatch.setattr(label, "labeller", lambda by: lambda prompts, responses: [0.5, 0.1, 0.2, bad, 0.3, 0.4])
+    with pytest.raises(UserError, match=rf"--by runs/x/rm scored response 4 of .*c.jsonl \(prompt 'What is 1 \+ 1\?'\) "
+                                        rf"as {bad}, not a finite number"):
+        label.main(str(candidates), "runs/x/rm", str(tmp_path / "r.jsonl"))
+    assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "r.jsonl.tmp").exists()

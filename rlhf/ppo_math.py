@@ -119,6 +119,22 @@ def sequence_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Log-probabilities, KL, entropy
 # ---------------------------------------------------------------------------------------------------------------
 
+MASKED_LOGIT = -1e30
+"""the logit of an id the tokenizer does not have: exp underflows to exactly 0, and unlike -inf it keeps
+``0 * logit`` (the entropy's sum) a number; finite in fp32 and bf16 after any temperature division above 1e-8"""
+
+
+def restrict_vocab(logits: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    """``logits`` (fp32) with every id at or above ``vocab`` (the tokenizer's size) masked out. Embedding matrices
+    are padded past the tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens; the tiny world: 512 for 430): an
+    untrained model puts real probability on those rows, which decode to nothing. The engine samples and PPO scores
+    over the same support, so the log-probs are renormalised alike and the ratio stays exact."""
+    if vocab is None or vocab >= logits.shape[-1]:
+        return logits
+    unknown = torch.arange(logits.shape[-1], device=logits.device) >= vocab
+    return logits.float().masked_fill(unknown, MASKED_LOGIT)
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(token) under softmax(logits / temperature): the sampling distribution's own log-probabilities."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)

@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from rlhf import distributed, methods, modeling, rollout
+from rlhf import distributed, methods, modeling, ppo_math, rollout
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 
@@ -53,6 +53,10 @@ class PPOModels(Protocol):
     def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
                       role: str = "policy") -> torch.Tensor:
         """Logits of the last ``keep`` positions under ``role`` ("policy" or "reference"), ``[B, keep, vocab]``."""
+
+    vocab: int | None
+    """the tokenizer's size: ids at or above it (a padded embedding's rows) are never sampled and take no
+    probability in ``sample`` and ``policy_logits`` alike (``ppo_math.restrict_vocab``); None: every id"""
 
     critic: bool
     """whether there is a value model (False: a critic-free estimator; ``values`` must not be called)"""
@@ -212,6 +216,7 @@ class SharedBase:
 
     autocast: torch.dtype | None = None
     bf16_speedup: float | None = None
+    vocab: int | None = None
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
                  value_shift: float = 0.0, value_scale: float = 1.0, critic: bool = True):
@@ -284,9 +289,9 @@ class SharedBase:
         """Logits of the last ``keep`` positions under ``role`` ("policy" or "reference")."""
         if role == "reference" and not self.has_reference_adapter:
             with self.bare():
-                return self._lm(input_ids, attention_mask, keep)
+                return ppo_math.restrict_vocab(self._lm(input_ids, attention_mask, keep), self.vocab)
         self.use(role)
-        return self._lm(input_ids, attention_mask, keep)
+        return ppo_math.restrict_vocab(self._lm(input_ids, attention_mask, keep), self.vocab)
 
     @contextmanager
     def bare(self):
@@ -333,7 +338,7 @@ class SharedBase:
         """Responses of the policy, with their log-probabilities and entropies (``rollout.decode``)."""
         self.use("policy")
         with autocast(self.device, self.autocast):
-            return rollout.decode(self.model, input_ids, attention_mask, **kwargs)
+            return rollout.decode(self.model, input_ids, attention_mask, vocab=self.vocab, **kwargs)
 
     # -- training and saving -----------------------------------------------------------------------------------
     def parameters(self, role: str) -> list[nn.Parameter]:
@@ -409,6 +414,7 @@ class SeparateCopies:
 
     autocast: torch.dtype | None = None
     bf16_speedup: float | None = None
+    vocab: int | None = None
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
                  value_shift: float = 0.0, value_scale: float = 1.0, critic: bool = True):
@@ -453,8 +459,9 @@ class SeparateCopies:
     def policy_logits(self, input_ids, attention_mask, keep: int, role: str = "policy") -> torch.Tensor:
         model = self.policy if role == "policy" else self.reference
         with autocast(self.device, self.autocast):
-            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                         position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                           position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
+        return ppo_math.restrict_vocab(logits, self.vocab)
 
     def values(self, input_ids, attention_mask) -> torch.Tensor:
         if not self.critic:
@@ -470,7 +477,7 @@ class SeparateCopies:
 
     def sample(self, input_ids, attention_mask, **kwargs) -> rollout.Samples:
         with autocast(self.device, self.autocast):
-            return rollout.decode(self.policy, input_ids, attention_mask, **kwargs)
+            return rollout.decode(self.policy, input_ids, attention_mask, vocab=self.vocab, **kwargs)
 
     def parameters(self, role: str) -> list[nn.Parameter]:
         model = self.policy if role == "policy" else self.value
@@ -515,12 +522,13 @@ class SeparateCopies:
 
 def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
          value_shift: float = 0.0, value_scale: float = 1.0, device: torch.device | str = "cpu",
-         mixed_precision: str = "no", critic: bool = True) -> PPOModels:
+         mixed_precision: str = "no", critic: bool = True, vocab: int | None = None) -> PPOModels:
     """The PPO models in the layout ``method`` calls for, on ``device``, every forward pass under the autocast
     that ``mixed_precision`` ("auto", "bf16" or "no") resolves to (``autocast_dtype``; the models' ``autocast``
     and ``bf16_speedup`` say what it resolved to). The value head starts as the reward model's score head mapped
     to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises; without a reward model
-    (``rm_dir`` None) it starts at zero on the policy's weights; ``critic`` False: no value model at all."""
+    (``rm_dir`` None) it starts at zero on the policy's weights; ``critic`` False: no value model at all.
+    ``vocab``: the tokenizer's size (``PPOModels.vocab``)."""
     device = torch.device(device)
     with modeling.loading(f"{sft_dir or 'base'}" + (f" / {rm_dir}" if rm_dir else ""), cfg.base):
         if methods.kind(method) == "weights":
@@ -528,6 +536,7 @@ def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | Non
         else:
             models = SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale, critic)
     models.to(device)
+    models.vocab = vocab
     width = getattr(models.config, "hidden_size", 1024)
     models.autocast, models.bf16_speedup = autocast_dtype(mixed_precision, cfg, device, width)
     if models.autocast is not None:

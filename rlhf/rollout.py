@@ -51,7 +51,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
         ids, mask = left_pad(encoded[start:start + batch_size], tokenizer.pad_token_id)
         keys = episode_keys(seed, 0, torch.tensor(indices[start:start + batch_size]))
         out = decode(model, ids.to(device), mask.to(device), keys=keys, temperature=temperature,
-                     max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+                     max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                     vocab=len(tokenizer))
         for row, logp in zip(out.tokens.tolist(), out.logprobs.cpu()):
             n = row.index(eos) + 1 if eos in row else len(row)
             stopped.append(eos in row)
@@ -65,9 +66,10 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
 @torch.no_grad()
 def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: list[list[int]],
                       batch_size: int = 32) -> list[torch.Tensor]:
-    """Log-probabilities of each response's tokens under ``model`` (temperature 1), one tensor per response."""
+    """Log-probabilities of each response's tokens under ``model`` (temperature 1, over the tokenizer's ids as the
+    engine samples), one tensor per response."""
     from rlhf.modeling import position_ids
-    from rlhf.ppo_math import logprobs_from_logits
+    from rlhf.ppo_math import logprobs_from_logits, restrict_vocab
 
     rendered = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_prompts(tokenizer, prompts)]
     out = []
@@ -76,7 +78,7 @@ def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: li
         ids, mask = left_pad(seqs, tokenizer.pad_token_id)  # every response ends at the last column
         ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-        logp = logprobs_from_logits(logits, ids[:, 1:])
+        logp = logprobs_from_logits(restrict_vocab(logits, len(tokenizer)), ids[:, 1:])
         for i, r in enumerate(responses[start:start + batch_size]):
             out.append(logp[i, logp.shape[1] - len(r):].cpu() if r else torch.zeros(0))
     return out
@@ -203,7 +205,7 @@ question waits for the queued work); a CPU has no queue, so it asks after every 
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float,
            max_new_tokens: int, eos_token_id: int, pad_token_id: int, keys: torch.Tensor | None = None,
-           min_new_tokens: int = 0, static: bool | None = None) -> Samples:
+           min_new_tokens: int = 0, static: bool | None = None, vocab: int | None = None) -> Samples:
     """The generation engine: a response to each left-padded prompt, with each token's log-probability and the
     distribution's entropy (so that PPO's rollout does not compute them again). Every command generates here.
 
@@ -212,6 +214,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     so a response does not depend on its batch, its process or its device, and nothing needs saving to resume. No
     top-k or top-p: the distribution sampled is exactly the one PPO's log-probabilities refer to. While fewer than
     ``min_new_tokens`` tokens are out, EOS is not drawn (the recorded log-probs stay those of the unmasked model).
+    ``vocab`` (the tokenizer's size): ids at or above it, rows of a padded embedding that decode to nothing, are
+    never drawn and take no probability (``ppo_math.restrict_vocab``, which PPO's scoring passes apply too).
 
     Static shapes: one forward pass over the prompts, then one per new token reading only the last position's
     logits, over a KV cache preallocated for ``prompt + max_new_tokens`` positions (transformers' ``StaticCache``)
@@ -227,7 +231,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     from transformers import DynamicCache, StaticCache
 
     from rlhf.modeling import position_ids
-    from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
+    from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits, restrict_vocab
 
     device = input_ids.device
     batch, prompt = input_ids.shape
@@ -262,6 +266,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
             logits = model(input_ids=step_ids, attention_mask=mask if static else mask[:, :end],
                            position_ids=positions[:, end - step_ids.shape[1]:end], use_cache=True,
                            logits_to_keep=1, **cache_arg).logits[:, -1].float() / scale
+        logits = restrict_vocab(logits, vocab)
         allowed = logits if t >= min_new_tokens else logits.index_fill(-1, eos, -torch.inf)
         if greedy:
             token = allowed.argmax(-1)

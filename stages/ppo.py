@@ -241,7 +241,7 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     if reward.model_weight and reward.external is None:  # the value head starts on the reward model's scale
         scale = scale / reward.model_weight
     models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
-                             mixed_precision=p.mixed_precision, critic=p.critic)
+                             mixed_precision=p.mixed_precision, critic=p.critic, vocab=len(tokenizer))
     n_proc, main = distributed.world_size(), distributed.is_main()
     models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
     encoded, kept = modeling.encode_prompts(tokenizer, prompts.rows, p.max_prompt_length)

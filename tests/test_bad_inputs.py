@@ -150,7 +150,7 @@ CASES = [
                                                         str(BAD / "answers_ranking_not_a_list.jsonl")],
      "answers_ranking_not_a_list.jsonl:2: ranking must be a list of whole-number places, one per response"),
     ("label-serve-out-is-candidates", lambda ctx: ["label", "serve", str(BAD / "rank_all_tied.jsonl"), "--out",
-                                                   str(BAD / "rank_all_tied.jsonl")],
+                                                   str(BAD / "rank_all_tied.jsonl"), "--annotator", "alice"],
      "that is the candidates file; answers go to a file of their own"),
     ("sample-k-too-large", lambda ctx: ["sample", "base:" + str(ROOT / "data/tiny-base"), "--prompts",
                                         str(ROOT / "data/tiny/heldout_prompts.jsonl"), "-k", "100000000",

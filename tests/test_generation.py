@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import ROOT
 from families import BY_NAME, FAMILIES, build
 from rlhf import modeling, rollout
 from rlhf.config import ModelConfig
@@ -212,3 +213,49 @@ def test_prompt_learning_models_decode_from_their_training_forward(kind, tmp_pat
     with model.disable_adapter():
         plain = rollout.decode(model, ids, mask, **kwargs)
     assert not torch.equal(plain.tokens, ours.tokens)
+
+
+def test_ids_the_tokenizer_does_not_have_are_never_drawn_and_take_no_probability():
+    """The tiny base's embedding has 512 rows for a 430-token tokenizer: the engine draws only real ids, greedy or
+    sampled, and its log-probs are renormalised over them, the same as PPO's scoring pass computes."""
+    from rlhf.ppo_math import entropy_from_logits, restrict_vocab
+
+    base = str(ROOT / "data" / "tiny-base")
+    model = modeling.load_base(ModelConfig(base=base)).eval()
+    tok = modeling.load_tokenizer(ModelConfig(base=base))
+    vocab = len(tok)
+    assert vocab < model.get_input_embeddings().weight.shape[0]
+    # make the padded rows the most likely: without the restriction they would be drawn at every step
+    with torch.no_grad():
+        model.lm_head.weight[vocab:] = model.lm_head.weight[:vocab].abs().mean() * 50
+    ids, mask = rollout.left_pad([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], tok.pad_token_id)
+    keys = rollout.episode_keys(0, 1, torch.arange(4))
+    kwargs = dict(max_new_tokens=10, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, vocab=vocab)
+    for temperature in (0.0, 1.0, 0.5):
+        out = rollout.decode(model, ids, mask, keys=keys, temperature=temperature, **kwargs)
+        assert int(out.tokens.max()) < vocab
+        assert bool(torch.isfinite(out.logprobs).all() and torch.isfinite(out.entropy).all())
+        # the recorded log-prob of each token is the scoring pass's, over the same support
+        full = torch.cat([ids, out.tokens], 1)
+        full_mask = torch.cat([mask, torch.ones_like(out.tokens)], 1)
+        logits = model(input_ids=full, attention_mask=full_mask,
+                       position_ids=modeling.position_ids(full_mask)).logits[:, ids.shape[1] - 1:-1]
+        scale = 1.0 if temperature == 0 else temperature
+        scored = logprobs_from_logits(restrict_vocab(logits, vocab), out.tokens, scale)
+        real = out.tokens != tok.pad_token_id
+        torch.testing.assert_close(out.logprobs[real], scored[real], atol=2e-5, rtol=0)
+        torch.testing.assert_close(out.entropy[real], entropy_from_logits(restrict_vocab(logits, vocab), scale)[real],
+                                   atol=2e-4, rtol=0)
+    assert int(rollout.decode(model, ids, mask, temperature=0.0, **{**kwargs, "vocab": None}).tokens.max()) >= vocab
+
+
+def test_restrict_vocab_by_hand():
+    from rlhf.ppo_math import entropy_from_logits, restrict_vocab
+
+    logits = torch.tensor([[1.0, 2.0, 9.0, 9.0]])  # ids 2 and 3 are past a 2-token tokenizer
+    restricted = restrict_vocab(logits, 2)
+    # over ids 0 and 1 only: p = softmax([1, 2]) = [0.2689, 0.7311]
+    assert logprobs_from_logits(restricted, torch.tensor([1])).item() == pytest.approx(-0.31326, abs=1e-5)
+    assert entropy_from_logits(restricted).item() == pytest.approx(0.58220, abs=1e-5)
+    assert entropy_from_logits(restricted / 1e-3).isfinite().all()
+    assert restrict_vocab(logits, 4) is logits and restrict_vocab(logits, None) is logits

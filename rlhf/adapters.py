@@ -25,7 +25,10 @@ import torch
 from torch import nn
 
 from rlhf import methods, modeling
-from rlhf.config import ModelConfig
+from rlhf.config import ModelConfig, model_config_of
+
+SAME_BASE_KEYS = ("dtype", "quantization", "revision", "untrained_rows")
+"""the model settings two runs must share to be adapters on one copy of the base"""
 
 
 class OneBase:
@@ -37,7 +40,7 @@ class OneBase:
         manifest = modeling.read_manifest(reward_dir, "reward model")
         self.reward_dir = Path(reward_dir)
         self.method = manifest["adapter"]["method"]
-        self.cfg = ModelConfig(**{**manifest["recipe"]["model"], "base": manifest["base"]})
+        self.cfg = model_config_of(manifest, base=manifest["base"])
         self.reward_tokenizer = modeling.load_tokenizer(self.cfg, str(reward_dir))
         base = modeling.load_base(self.cfg, device=device or modeling.accelerator())
         with modeling.loading(reward_dir, self.cfg.base):
@@ -68,15 +71,15 @@ class OneBase:
         if run_dir is None:
             return True
         manifest = modeling.read_manifest(run_dir, "policy")
-        model = manifest["recipe"]["model"]
+        model = model_config_of(manifest)
         return (manifest["adapter"]["method"] == self.method and methods.kind(self.method) == "peft"
                 and modeling.same_base(manifest["base"], self.cfg.base)
-                and all(model.get(k) == getattr(self.cfg, k) for k in ("dtype", "quantization", "revision")))
+                and all(getattr(model, k) == getattr(self.cfg, k) for k in SAME_BASE_KEYS))
 
     def can_hold_base(self, cfg: ModelConfig) -> bool:
         """Whether the bare base of ``cfg`` is this one (the same model and settings)."""
         return modeling.same_base(cfg.base, self.cfg.base) and all(getattr(cfg, k) == getattr(self.cfg, k)
-                                                           for k in ("dtype", "quantization", "revision"))
+                                                           for k in SAME_BASE_KEYS)
 
     def policy(self, run_dir: Path | None) -> "_PolicyView":
         """The policy of a run directory (its adapter, loaded once) or the bare base (None)."""

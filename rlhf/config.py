@@ -47,6 +47,16 @@ class ModelConfig:
     quantization: Literal["4bit", "8bit"] | None = None
     """load the frozen base quantized through bitsandbytes: "4bit" (NF4, double quantization; adapter.method qlora
     sets it), "8bit" (LLM.int8), or None for full precision. Only methods that keep the base frozen allow it"""
+    untrained_rows: Literal["reinit", "keep"] = "reinit"
+    """embedding rows the base never trained (a Llama 3 base's chat markers are zero rows; the tiny base's markers,
+    unused bytes and padding rows sit in one cluster): "reinit" sets them, at every load, to the mean of the
+    trained rows plus their spread (``modeling.reinit_untrained_rows``), "keep" leaves them. Adapters (LoRA) never
+    train these rows, and left as they are they take probability at positions the base never saw"""
+
+
+def model_config_of(manifest: dict, **override) -> ModelConfig:
+    """The model configuration a run was trained with (runs from before ``untrained_rows`` existed: "keep")."""
+    return ModelConfig(**{"untrained_rows": "keep", **manifest["recipe"]["model"], **override})
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rlhf import methods, modeling, rundir
-from rlhf.config import ModelConfig
+from rlhf.config import ModelConfig, model_config_of
 from rlhf.errors import UserError
 
 PROBE = [{"role": "user", "content": "Reverse the words: the model is exported"}]
@@ -37,7 +37,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
 
     # a full-precision base under the adapter: merging into a quantized base would lose the update
-    cfg = ModelConfig(**manifest["recipe"]["model"])
+    cfg = model_config_of(manifest)
     cfg.base, cfg.quantization = manifest["base"], None
     load = modeling.load_reward if stage == "rm" else modeling.load_policy
     model, tokenizer = load(run_dir, cfg)

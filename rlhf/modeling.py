@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from rlhf import methods
-from rlhf.config import AdapterConfig, ModelConfig
+from rlhf.config import AdapterConfig, ModelConfig, model_config_of
 from rlhf.errors import UserError
 from rlhf.methods import score_head, unwrap  # noqa: F401  (part of this module's interface: modeling.unwrap)
 
@@ -244,7 +244,69 @@ def load_base(cfg: ModelConfig, kind: str = "causal", device: torch.device | str
             model = AutoModelForCausalLM.from_pretrained(cfg.base, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.base}: cannot load the base model ({str(e).splitlines()[0]})") from None
+    if cfg.untrained_rows == "reinit":
+        rows = reinit_untrained_rows(model, len(load_tokenizer(cfg)))
+        if rows:
+            REINITIALISED[cfg.base] = rows
     return place(model, device)
+
+
+REINITIALISED: dict[str, list[int]] = {}
+"""base -> the embedding rows ``load_base`` re-initialised in this process (for the log and the manifest)"""
+
+
+def untrained_note(cfg: ModelConfig, tokenizer) -> str | None:
+    """What ``load_base`` did to the base's untrained rows, in words for a stage's log; None when nothing."""
+    rows = REINITIALISED.get(cfg.base, []) if cfg.untrained_rows == "reinit" else []
+    if not rows:
+        return None
+    named = ", ".join(repr(t) for t in tokenizer.convert_ids_to_tokens([i for i in rows if i < len(tokenizer)][:5]))
+    return (f"{len(rows)} embedding rows of the base were never trained (e.g. {named}); set to the mean of the "
+            "trained rows plus their spread (model.untrained_rows: keep leaves them)")
+
+
+def untrained_rows(weight: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The ids of the rows of an embedding matrix ``[rows, width]`` that training never moved, for a tokenizer of
+    ``vocab`` ids: rows of (near) zero norm (a Llama 3 base's chat markers and reserved tokens), and, when the
+    matrix is padded past the tokenizer, every row in the tight cluster those padding rows form (rows no tokenizer
+    produces are untrained by construction; a base pretrained on narrow text leaves its unused tokens there too:
+    the tiny base's chat markers and unused bytes). Randomly initialised rows form no cluster and are never taken."""
+    w = weight.detach().float()
+    norms = w.norm(dim=-1)
+    typical = norms[:vocab].median()
+    found = norms <= 1e-6 * typical
+    if vocab < w.shape[0]:
+        centre = w[vocab:].mean(0)
+        distance = (w - centre).norm(dim=-1)
+        spread = distance[vocab:].max()
+        if spread < 0.25 * typical:
+            found |= distance <= 2 * spread
+    return found.nonzero()[:, 0]
+
+
+def reinit_untrained_rows(model, vocab: int) -> list[int]:
+    """Set the untrained rows (``untrained_rows``) of the input embedding, and of an untied output embedding, to
+    the mean of the trained rows plus Gaussian noise of their per-dimension spread (a fixed seed: every load gives
+    the same base). An adapter never trains these rows; left in place, a cluster of them shares one large logit at
+    positions the base never saw: the tiny SFT policy put 18% of its first response token's probability on padding
+    rows and scored the right first token at -3.6 nats (the floor is -1.07), -1.1 after this. Returns the ids."""
+    done: list[int] = []
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = getattr(module, "weight", None)
+        if weight is None or not weight.is_floating_point() or weight.dim() != 2 or (
+                module is not model.get_input_embeddings() and weight is model.get_input_embeddings().weight):
+            continue
+        rows = untrained_rows(weight, vocab)
+        if not len(rows) or len(rows) == weight.shape[0]:
+            continue
+        keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        keep[rows] = False
+        trained = weight.detach().float()[keep]
+        noise = torch.randn(len(rows), weight.shape[1], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            weight[rows] = (trained.mean(0) + noise.to(trained.device) * trained.std(0)).to(weight.dtype)
+        done = sorted(set(done) | set(rows.tolist()))
+    return done
 
 
 def attach_adapter(model, cfg: AdapterConfig, task_type: str = "CAUSAL_LM", base: str | None = None,
@@ -355,7 +417,7 @@ def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None,
     from transformers import AutoModelForCausalLM
 
     manifest = read_manifest(run_dir)
-    cfg = model_cfg or ModelConfig(**manifest["recipe"]["model"])
+    cfg = model_cfg or model_config_of(manifest)
     cfg.base = manifest["base"]
     tokenizer = load_tokenizer(cfg, str(run_dir))
     with loading(run_dir, cfg.base):
@@ -493,7 +555,7 @@ def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None,
     from transformers import AutoModelForSequenceClassification
 
     manifest = read_manifest(run_dir, "reward model")
-    cfg = model_cfg or ModelConfig(**manifest["recipe"]["model"])
+    cfg = model_cfg or model_config_of(manifest)
     cfg.base = manifest["base"]
     tokenizer = load_tokenizer(cfg, str(run_dir))
 

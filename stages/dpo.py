@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rlhf import distributed, formats, methods, modeling, training
-from rlhf.config import AdapterConfig, ModelConfig, Recipe
+from rlhf.config import AdapterConfig, ModelConfig, Recipe, model_config_of
 from rlhf.errors import UserError
 from rlhf.rundir import Run
 
@@ -61,7 +61,7 @@ def parent(recipe: Recipe, policy: str | None) -> tuple[Path | None, dict | None
         return None, None, recipe.model, recipe.adapter
     sft_dir = Path(policy or recipe.stage_dir("sft"))
     manifest = modeling.read_manifest(sft_dir, "policy")
-    cfg = ModelConfig(**{**manifest["recipe"]["model"], "base": manifest["base"]})
+    cfg = model_config_of(manifest, base=manifest["base"])
     return sft_dir, manifest, cfg, AdapterConfig(**manifest["recipe"]["adapter"])
 
 

@@ -19,7 +19,7 @@ import torch
 
 from rlhf import adapters, external_rm, formats, methods, modeling, report, rollout, scorers
 from rlhf.rundir import Run
-from rlhf.config import ModelConfig, Recipe
+from rlhf.config import ModelConfig, Recipe, model_config_of
 from rlhf.errors import UserError
 
 
@@ -89,7 +89,7 @@ def reference_of(row: Row) -> tuple[bool, Path | None, ModelConfig | None]:
     parent = (manifest.get("parents") or {}).get("sft")
     if manifest["stage"] in ("ppo", "dpo") and parent:
         return True, Path(parent), None
-    return True, None, ModelConfig(**{**manifest["recipe"]["model"], "base": manifest["base"]})
+    return True, None, model_config_of(manifest, base=manifest["base"])
 
 
 def row_models(row: Row, model_cfg: ModelConfig, shared: adapters.OneBase | None):

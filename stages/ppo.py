@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from rlhf import (distributed, external_rm, formats, methods, modeling, ppo_math, ppo_models, preempt, resume,
                   scorers)
 from rlhf.rundir import Run
-from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
+from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe, model_config_of
 from rlhf.errors import TrainingStopped, UserError
 from rlhf.ppo_math import predicting
 from rlhf.ppo_models import PPOModels
@@ -214,7 +214,7 @@ def model_source(recipe: Recipe, sft_manifest: dict | None, rm_manifest: dict | 
     parent = rm_manifest or sft_manifest
     if parent is None:
         return recipe.model, recipe.adapter.method, recipe.adapter
-    cfg = ModelConfig(**{**parent["recipe"]["model"], "base": parent["base"]})
+    cfg = model_config_of(parent, base=parent["base"])
     return cfg, parent["adapter"]["method"], AdapterConfig(**parent["recipe"]["adapter"])
 
 

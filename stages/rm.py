@@ -237,6 +237,9 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
               f"{sum(len(r['ranks']) for r in train.rows)} responses, InstructGPT loss)" if grouped else "")
               + f", {recipe.adapter.method} trains {params['trainable']:,} of {params['total']:,} parameters "
               f"({params['percent']}%)", file=sys.stderr)
+        note = modeling.untrained_note(recipe.model, tokenizer)
+        if note and distributed.is_main():
+            print(f"rm: {note}", file=sys.stderr)
 
         args = RewardConfig(**training.trainer_kwargs(recipe, recipe.rm, run.work, bool(eval_rows_encoded)),
                             center_rewards_coefficient=recipe.rm.center_rewards_coefficient,
@@ -284,6 +287,8 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         training.save_trained(trainer, tokenizer, recipe, run, "rm")
         return run.finish({
             "base": recipe.model.base,
+            "untrained_rows_reinitialised": len(modeling.REINITIALISED.get(recipe.model.base, []))
+            if recipe.model.untrained_rows == "reinit" else 0,
             "parents": {},
             "adapter": {"method": recipe.adapter.method, "parameters": params},
             "data": {"preference": data.summary(), "eval_preference": held.summary() if held else None,

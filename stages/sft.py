@@ -41,6 +41,9 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         params = modeling.trainable_parameters(model)
         print(f"sft: {len(data.rows)} rows, {recipe.adapter.method} trains {params['trainable']:,} of "
               f"{params['total']:,} parameters ({params['percent']}%)", file=sys.stderr)
+        note = modeling.untrained_note(recipe.model, tokenizer)
+        if note and distributed.is_main():
+            print(f"sft: {note}", file=sys.stderr)
 
         # train
         args = SFTConfig(**training.trainer_kwargs(recipe, recipe.sft, run.work, bool(eval_rows)),
@@ -64,6 +67,8 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         training.save_trained(trainer, tokenizer, recipe, run, "sft")
         return run.finish({
             "base": recipe.model.base,
+            "untrained_rows_reinitialised": len(modeling.REINITIALISED.get(recipe.model.base, []))
+            if recipe.model.untrained_rows == "reinit" else 0,
             "parents": {},
             "adapter": {"method": recipe.adapter.method, "parameters": params},
             "data": {"sft": data.summary(), "train_rows": len(train_rows), "eval_rows": len(eval_rows), **lengths},

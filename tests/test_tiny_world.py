@@ -88,3 +88,73 @@ def test_demonstrations_are_correct_but_mixed_in_style():
 def test_preference_pairs_are_ranked_by_gold():
     for r in _read("preference") + _read("heldout_preference"):
         assert world.score(r["prompt"], r["chosen"]) > world.score(r["prompt"], r["rejected"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embedding rows the base never trained
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_untrained_rows_by_hand():
+    import torch
+
+    from rlhf.modeling import untrained_rows
+
+    g = torch.Generator().manual_seed(0)
+    trained = torch.randn(8, 16, generator=g)
+    point = torch.full((16,), 0.7)
+    cluster = point + 0.01 * torch.randn(5, 16, generator=g)  # rows 9-13: 2 tokenizer rows, 3 padding rows
+    w = torch.cat([trained[:3], torch.zeros(1, 16), trained[3:], cluster])  # row 3: a zero row (Llama 3 markers)
+    assert untrained_rows(w, vocab=11).tolist() == [3, 9, 10, 11, 12, 13]
+    assert untrained_rows(w, vocab=14).tolist() == [3]  # no padding rows: only the zero row
+    random_rows = torch.randn(20, 16, generator=g)  # random initialisation forms no cluster
+    assert untrained_rows(random_rows, vocab=15).tolist() == []
+
+
+def test_the_tiny_base_s_untrained_rows_are_reinitialised_the_same_way_at_every_load(tmp_path):
+    import torch
+
+    from rlhf import modeling
+    from rlhf.config import ModelConfig
+
+    cfg = ModelConfig(base=str(ROOT / "data" / "tiny-base"))
+    vocab = len(modeling.load_tokenizer(cfg))
+    kept = modeling.load_base(ModelConfig(base=cfg.base, untrained_rows="keep")).get_input_embeddings().weight
+    found = modeling.untrained_rows(kept, vocab).tolist()
+    tok = modeling.load_tokenizer(cfg)
+    markers = tok.convert_tokens_to_ids(["<|system|>", "<|user|>", "<|assistant|>"])
+    assert set(markers) <= set(found) and tok.eos_token_id not in found  # EOS ends every pretraining document
+    assert set(range(vocab, 512)) <= set(found) and len(found) == 414
+    a, b = (modeling.load_base(cfg).get_input_embeddings().weight.detach() for _ in range(2))
+    assert torch.equal(a, b)  # the same base at every load: adapters trained on it stay valid
+    assert modeling.untrained_rows(a, vocab).numel() == 0  # and nothing is left to find (idempotent)
+    untouched = [i for i in range(512) if i not in found]
+    assert torch.equal(a[untouched], kept.detach()[untouched])
+    # the markers are now told apart (they sat in one small cluster)
+    before = torch.pdist(kept.detach()[markers]).min().item()
+    assert torch.pdist(a[markers]).min().item() > 3 * before
+
+
+def test_a_base_whose_chat_markers_were_never_trained(tmp_path):
+    """A Llama 3 *base* checkpoint ships its chat markers (<|start_header_id|>, <|end_header_id|>, <|eot_id|>) as
+    rows that pretraining never touched (near zero); an adapter cannot train them. load_base finds exactly those
+    rows and gives them distinct, typical embeddings; the output head (untied in Llama 3) likewise."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from families import BY_NAME, build
+    from rlhf import modeling
+    from rlhf.config import ModelConfig
+
+    base = build(BY_NAME["llama3"], tmp_path / "llama3-base")
+    tok = modeling.load_tokenizer(ModelConfig(base=str(base)))
+    markers = tok.convert_tokens_to_ids(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    weights = load_file(base / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name][markers] = 1e-9 * torch.randn(len(markers), weights[name].shape[1])
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    model = modeling.load_base(ModelConfig(base=str(base)))
+    assert modeling.REINITIALISED[str(base)] == sorted(markers)
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        rows = module.weight.detach()[markers]
+        typical = module.weight.detach().norm(dim=-1).median()
+        assert (rows.norm(dim=-1) > 0.5 * typical).all() and torch.pdist(rows).min() > 0.1 * typical

@@ -96,3 +96,11 @@ def test_the_graph_sees_imports_inside_functions(tmp_path):
     path = tmp_path / "m.py"
     path.write_text("def f():\n    from rlhf import modeling\n    import rlhf.config\n")
     assert {"rlhf.modeling", "rlhf.config"} <= _imports(path, "m")
+
+
+def test_the_library_never_imports_a_stage():
+    """``stages/`` build on ``rlhf/``; only the command (``rlhf.cli``) reaches into a stage, inside its command."""
+    graph = import_graph()
+    reaching = sorted(m for m, deps in graph.items()
+                      if m.startswith("rlhf.") and m != "rlhf.cli" and any(d.startswith("stages") for d in deps))
+    assert reaching == []

@@ -45,7 +45,9 @@ CANDIDATES = [
      "responses": ["The answer is 1 2 3.", "3 1 2", "The answer is 1 2 3."]},
     {"prompt": "Reverse the words: dog cow owl", "responses": ["owl cow dog", "The answer is owl cow dog.", "dog"]},
     {"prompt": "What is 4 + 4? <i>not italic</i>", "responses": XSS},
-    {"prompt": "Count the cows: cow cow", "responses": ["2", "The answer is 2.", "3"]},
+    {"prompt": "How many times does hen appear in: hen dog hen owl?",  # a tiny-world task, as the docs show it
+     "responses": ["Let me think. Counting each word that is hen: 2. So the answer is 2.", "The answer is 2.",
+                   "I am not sure, but maybe 3.", "The answer is 1."]},
 ]
 
 
@@ -127,8 +129,10 @@ def test_rank_by_keyboard_kill_restart_and_nothing_runs(browser, tmp_path):
         assert browser.execute_script("return window.__pwned") is None
         assert not browser.find_elements(By.CSS_SELECTOR, "#responses script, #responses img, #responses b, "
                                                           "#conversation i")
-        keys(browser, "1")
-        browser.set_window_size(1100, 480)
+        keys(browser, "s")  # skipped: recorded, ranks nothing
+        wait_for_prompt(browser, "How many times does hen appear")
+        keys(browser, "2", "1")  # two placed so far: the picture shows a ranking in progress
+        browser.set_window_size(1100, 640)
         browser.save_screenshot(str(tmp_path / "labelling.png"))
         if os.environ.get("RLHF_SAVE_SCREENSHOT") == "1":  # how docs/labelling.png was made
             shutil.copy(tmp_path / "labelling.png", SCREENSHOT)
@@ -143,4 +147,5 @@ def test_rank_by_keyboard_kill_restart_and_nothing_runs(browser, tmp_path):
     finally:
         server.terminate()
         server.wait()
-    assert len(out.read_text().splitlines()) == 3
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["label"]["status"] for r in rows] == ["ranked"] * 3 + ["skipped"]

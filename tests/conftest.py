@@ -24,6 +24,29 @@ def run_cli(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.Comp
     return proc
 
 
+def refused(*args: str, expect: str = "", lines_before: bool = False) -> str:
+    """``rlhf ARGS`` refused as a user sees it: exit code 2, no traceback, one line ``error: ...`` holding
+    ``expect`` (after any progress the command printed first, with ``lines_before``); returns that line. Runs in this process through click (the same command objects, error handler and
+    exit code, without a new interpreter's ~8 s of imports); tests/test_bad_inputs.py keeps a few refusals as real
+    processes for the path from the entry point to the exit status."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from rlhf.cli import cli
+
+    result = CliRunner().invoke(cli, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"rlhf {' '.join(args)} raised:\n" + "".join(
+            traceback.format_exception(result.exception)))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, f"rlhf {' '.join(args)} exited {result.exit_code}\n{result.output}"
+    assert lines and lines[-1].startswith("error: ") and expect in lines[-1], result.stderr
+    assert lines_before or len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[-1]
+
+
 def write_recipe(path: Path, **sections) -> Path:
     """The tiny recipe with some sections replaced or extended (``sft={"max_steps": 3}``)."""
     recipe = yaml.safe_load(TINY.read_text())

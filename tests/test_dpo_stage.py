@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, refused, run_cli, write_recipe
 
 SMALL = ["dpo.max_steps=3", "dpo.batch_size=8", "dpo.logging_every=1", "dpo.eval_every=100"]
 
@@ -120,23 +120,17 @@ def test_eval_takes_a_dpo_run_as_a_row_with_its_kl(parents, tmp_path):
 
 def test_what_dpo_cannot_do_is_refused_cleanly(parents, tmp_path):
     recipe, runs = parents
-    proc = run_cli("dpo", "--recipe", str(recipe), "--policy", str(runs / "rm"), "--out", str(tmp_path / "x"),
-                   check=False)
-    assert proc.returncode == 2 and "not a policy" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("dpo", "--recipe", str(recipe), "--out", str(tmp_path / "x"), "--set", "dpo.loss=kto",
-                   check=False)
-    assert proc.returncode == 2 and "dpo.loss" in proc.stderr
-    proc = run_cli("dpo", "--recipe", str(recipe), "--out", str(tmp_path / "x"), "--set", "dpo.label_smoothing=0.1",
-                   check=False)
-    assert proc.returncode == 2 and "applies to loss robust only" in proc.stderr
-    proc = run_cli("dpo", "--recipe", str(recipe), "--out", str(tmp_path / "x"), "--set", "dpo.max_length=8",
-                   check=False)
-    assert proc.returncode == 2 and "every pair is longer than dpo.max_length=8" in proc.stderr
+    refused("dpo", "--recipe", str(recipe), "--policy", str(runs / "rm"), "--out", str(tmp_path / "x"),
+            expect="not a policy")
+    refused("dpo", "--recipe", str(recipe), "--out", str(tmp_path / "x"), "--set", "dpo.loss=kto", expect="dpo.loss")
+    refused("dpo", "--recipe", str(recipe), "--out", str(tmp_path / "x"), "--set", "dpo.label_smoothing=0.1",
+            expect="applies to loss robust only")
+    refused("dpo", "--recipe", str(recipe), "--out", str(tmp_path / "x"), "--set", "dpo.max_length=8",
+            expect="every pair is longer than dpo.max_length=8")
     assert not (tmp_path / "x").exists()
     recipe_prefix = write_recipe(tmp_path / "p.yaml", run_dir=str(tmp_path / "runs"), adapter={"method": "adalora"})
-    proc = run_cli("dpo", "--recipe", str(recipe_prefix), "--policy", "base", "--out", str(tmp_path / "y"),
-                   check=False)
-    assert proc.returncode == 2 and "not supported by the dpo stage" in proc.stderr
+    refused("dpo", "--recipe", str(recipe_prefix), "--policy", "base", "--out", str(tmp_path / "y"),
+            expect="not supported by the dpo stage")
 
 
 @pytest.mark.fast

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from conftest import run_cli
+from conftest import refused, run_cli
 from rlhf import formats, modeling, rollout
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -61,10 +61,9 @@ def test_export_refuses_to_overwrite_or_to_export_a_non_run(parents, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = run_cli("export", str(runs / "sft"), "--merge", "--out", str(out), check=False)
-    assert proc.returncode == 2 and "--overwrite" in proc.stderr and (out / "keep.txt").read_text() == "mine"
-    proc = run_cli("export", str(tmp_path), "--out", str(tmp_path / "x"), check=False)
-    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+    refused("export", str(runs / "sft"), "--merge", "--out", str(out), expect="--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    refused("export", str(tmp_path), "--out", str(tmp_path / "x"), expect="not a run directory")
 
 
 def test_tensorboard_events_hold_the_metric_names(parents, ppo_run):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, refused, run_cli
 from rlhf import report
 from stages.evaluate import icl_prompts
 
@@ -80,9 +80,9 @@ def test_eval_cli_report(parents, tmp_path):
 
 def test_eval_refuses_a_reward_model_as_policy(parents, tmp_path):
     recipe, runs = parents
-    proc = run_cli("eval", "--recipe", str(recipe), "--policy", str(runs / "rm"), "--out", str(tmp_path / "e"),
-                   check=False)
-    assert proc.returncode == 2 and "not a policy" in proc.stderr and not (tmp_path / "e").exists()
+    refused("eval", "--recipe", str(recipe), "--policy", str(runs / "rm"), "--out", str(tmp_path / "e"),
+            expect="not a policy")
+    assert not (tmp_path / "e").exists()
 
 
 def _records(out):

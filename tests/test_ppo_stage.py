@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, refused, run_cli
 from rlhf import allocator, formats, modeling, ppo_math, ppo_models, rollout
 from rlhf.config import ModelConfig, load_recipe
 
@@ -227,15 +227,12 @@ def test_advantages_group_consecutive_rows_by_hand():
 
 def test_ppo_refuses_wrong_parents(parents, tmp_path):
     recipe, runs = parents
-    proc = run_cli("ppo", "--recipe", str(recipe), "--policy", str(runs / "rm"), "--reward", str(runs / "rm"),
-                   "--out", str(tmp_path / "x"), check=False)
-    assert proc.returncode == 2 and "not a policy" in proc.stderr
-    proc = run_cli("ppo", "--recipe", str(recipe), "--reward", str(runs / "sft"), "--out", str(tmp_path / "x"),
-                   check=False)
-    assert proc.returncode == 2 and "not a reward model" in proc.stderr
-    proc = run_cli("ppo", "--recipe", str(recipe), "--reward", str(tmp_path / "nothing"), "--out",
-                   str(tmp_path / "x"), check=False)
-    assert proc.returncode == 2 and "nothing: not found (a reward model is a run directory" in proc.stderr
+    refused("ppo", "--recipe", str(recipe), "--policy", str(runs / "rm"), "--reward", str(runs / "rm"),
+            "--out", str(tmp_path / "x"), expect="not a policy")
+    refused("ppo", "--recipe", str(recipe), "--reward", str(runs / "sft"), "--out", str(tmp_path / "x"),
+            expect="not a reward model")
+    refused("ppo", "--recipe", str(recipe), "--reward", str(tmp_path / "nothing"), "--out",
+            str(tmp_path / "x"), expect="nothing: not found (a reward model is a run directory")
     assert not (tmp_path / "x").exists()
 
 
@@ -301,7 +298,7 @@ def test_sampling_loop_draws_what_generate_draws_and_keeps_the_log_probs(parents
                                  response.shape[1])
     real = rmask.bool()
     full = ppo_math.logprobs_from_logits(logits, response, temperature)
-    torch.testing.assert_close(s.logprobs[real], full[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.logprobs[real], full[real], rtol=1e-5, atol=5e-5)
     torch.testing.assert_close(s.entropy[real], ppo_math.entropy_from_logits(logits, temperature)[real], rtol=1e-5,
                                atol=1e-5)
 

@@ -7,7 +7,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, refused, run_cli, write_recipe
 from rlhf import formats, modeling
 from rlhf.config import ModelConfig
 
@@ -87,9 +87,7 @@ def test_rm_cli_writes_a_complete_run(tiny_recipe, tmp_path):
 
 def test_rm_needs_preference_data_and_refuses_a_policy_as_reward(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs"), data={"preference": None})
-    proc = run_cli("rm", "--recipe", str(recipe), check=False)
-    assert proc.returncode == 2 and "data.preference is required" in proc.stderr
+    refused("rm", "--recipe", str(recipe), expect="data.preference is required")
     run_cli("sft", "--recipe", str(recipe), "--set", "sft.max_steps=1")
-    proc = run_cli("rm", "score", "--reward", str(tmp_path / "runs" / "tiny" / "sft"), "--data", str(HELDOUT),
-                   check=False)
-    assert proc.returncode == 2 and "not a reward model" in proc.stderr
+    refused("rm", "score", "--reward", str(tmp_path / "runs" / "tiny" / "sft"), "--data", str(HELDOUT),
+            expect="not a reward model")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, refused, run_cli, write_recipe
 from rlhf import formats, modeling
 from rlhf.config import load_recipe
 
@@ -107,9 +107,8 @@ def test_finished_run_is_not_overwritten_without_the_flag(tiny_recipe, tmp_path)
     run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1")
     out = tmp_path / "runs" / "tiny" / "sft"
     before = (out / "adapter_model.safetensors").read_bytes()
-    proc = run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", "--set", "sft.seed=3",
-                   check=False)
-    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    refused("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", "--set", "sft.seed=3",
+            expect="--overwrite")
     assert (out / "adapter_model.safetensors").read_bytes() == before
     run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", "--set", "sft.seed=3", "--overwrite")
     assert (out / "adapter_model.safetensors").read_bytes() != before
@@ -125,9 +124,7 @@ def test_bad_data_exits_2_and_writes_nothing(tmp_path, content, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
     recipe = write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs"), data={"sft": str(bad)})
-    proc = run_cli("sft", "--recipe", str(recipe), check=False)
-    assert proc.returncode == 2 and message in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    refused("sft", "--recipe", str(recipe), expect=message)
     assert not (tmp_path / "runs").exists()
 
 
@@ -163,10 +160,10 @@ def test_rows_truncated_to_nothing_are_counted_and_left_out(tmp_path):
     assert (m["rows_without_response"], m["rows_truncated"], m["train_rows"]) == (1, 1, 4)
 
     path.write_text(json.dumps(rows[1]) + "\n")
-    proc = run_cli("sft", "--recipe", str(recipe), "--out", str(tmp_path / "none"),
-                   *[x for kv in sets for x in ("--set", kv)], check=False)
-    assert proc.returncode == 2 and "every row's response lies past sft.max_length=40" in proc.stderr
-    assert not (tmp_path / "none").exists() and "Traceback" not in proc.stderr
+    refused("sft", "--recipe", str(recipe), "--out", str(tmp_path / "none"),
+            *[x for kv in sets for x in ("--set", kv)], lines_before=True,
+            expect="every row's response lies past sft.max_length=40")
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_failed_save_keeps_the_previous_run(tmp_path, monkeypatch):

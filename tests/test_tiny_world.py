@@ -110,28 +110,44 @@ def test_untrained_rows_by_hand():
     assert untrained_rows(random_rows, vocab=15).tolist() == []
 
 
-def test_the_tiny_base_s_untrained_rows_are_reinitialised_the_same_way_at_every_load(tmp_path):
+def test_untrained_rows_are_reinitialised_the_same_way_at_every_load(tmp_path):
+    """The tiny base as pretraining left it (its chat markers and padding rows in one tight cluster): load_base
+    finds them, re-initialises them the same way at every load, touches nothing else, and leaves nothing to find;
+    `keep` leaves them. The shipped base had this done when it was built, so nothing is left in it."""
+    import shutil
+
     import torch
+    from safetensors.torch import load_file, save_file
 
     from rlhf import modeling
     from rlhf.config import ModelConfig
 
-    cfg = ModelConfig(base=str(ROOT / "data" / "tiny-base"))
-    vocab = len(modeling.load_tokenizer(cfg))
-    kept = modeling.load_base(ModelConfig(base=cfg.base, untrained_rows="keep")).get_input_embeddings().weight
-    found = modeling.untrained_rows(kept, vocab).tolist()
-    tok = modeling.load_tokenizer(cfg)
+    shipped = ROOT / "data" / "tiny-base"
+    vocab = len(modeling.load_tokenizer(ModelConfig(base=str(shipped))))
+    weight = load_file(shipped / "model.safetensors")["model.embed_tokens.weight"]
+    assert modeling.untrained_rows(weight, vocab).numel() == 0
+    raw = tmp_path / "raw-base"
+    shutil.copytree(shipped, raw)
+    tok = modeling.load_tokenizer(ModelConfig(base=str(raw)))
     markers = tok.convert_tokens_to_ids(["<|system|>", "<|user|>", "<|assistant|>"])
-    assert set(markers) <= set(found) and tok.eos_token_id not in found  # EOS ends every pretraining document
-    assert set(range(vocab, 512)) <= set(found) and len(found) == 414
-    a, b = (modeling.load_base(cfg).get_input_embeddings().weight.detach() for _ in range(2))
+    collapsed = markers + list(range(vocab, weight.shape[0]))
+    point = torch.full((weight.shape[1],), 0.16)  # norm 2.56, where the tiny base's untrained rows had gathered
+    raw_weight = weight.clone()
+    raw_weight[collapsed] = point + 0.01 * torch.randn(len(collapsed), weight.shape[1],
+                                                       generator=torch.Generator().manual_seed(1))
+    tensors = load_file(shipped / "model.safetensors")
+    tensors["model.embed_tokens.weight"] = raw_weight
+    save_file(tensors, raw / "model.safetensors", metadata={"format": "pt"})
+
+    kept = modeling.load_base(ModelConfig(base=str(raw), untrained_rows="keep")).get_input_embeddings().weight
+    assert modeling.untrained_rows(kept, vocab).tolist() == sorted(collapsed)
+    a, b = (modeling.load_base(ModelConfig(base=str(raw))).get_input_embeddings().weight.detach() for _ in range(2))
+    assert modeling.REINITIALISED[str(raw)] == sorted(collapsed)
     assert torch.equal(a, b)  # the same base at every load: adapters trained on it stay valid
     assert modeling.untrained_rows(a, vocab).numel() == 0  # and nothing is left to find (idempotent)
-    untouched = [i for i in range(512) if i not in found]
-    assert torch.equal(a[untouched], kept.detach()[untouched])
-    # the markers are now told apart (they sat in one small cluster)
-    before = torch.pdist(kept.detach()[markers]).min().item()
-    assert torch.pdist(a[markers]).min().item() > 3 * before
+    untouched = [i for i in range(weight.shape[0]) if i not in collapsed]
+    assert torch.equal(a[untouched], raw_weight[untouched])
+    assert torch.pdist(a[markers]).min() > 4 * torch.pdist(raw_weight[markers]).min()  # told apart
 
 
 def test_a_base_whose_chat_markers_were_never_trained(tmp_path):

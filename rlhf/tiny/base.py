@@ -132,7 +132,14 @@ def build_base(out_dir: str | Path, minutes: float = 8.0, seed: int = 0, log=pri
     n_params = sum(p.numel() for p in model.parameters())
     log(f"tokenizer: {len(tokenizer)} tokens; model: {n_params / 1e6:.2f}M parameters")
     stats = pretrain(model, tokenizer, minutes, seed, log=log)
-    stats.update(parameters=n_params, vocab=len(tokenizer), seed=seed, shape=MODEL_SHAPE)
+    # pretraining never sees the chat markers, most bytes or the padding rows: they stay in one cluster that
+    # adapters cannot move; the shipped base has them re-initialised (rlhf.modeling.reinit_untrained_rows), so
+    # that plain peft and every loader see the same base
+    from rlhf.modeling import reinit_untrained_rows
+
+    reinitialised = len(reinit_untrained_rows(model, len(tokenizer)))
+    stats.update(parameters=n_params, vocab=len(tokenizer), seed=seed, shape=MODEL_SHAPE,
+                 untrained_rows_reinitialised=reinitialised)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -165,6 +172,8 @@ tokens of freshly generated prose about the world (no fixed corpus, so nothing t
 | held-out loss | {stats['heldout_loss']} nats/token (final training loss {stats['final_train_loss']}) |
 
 It knows the world's language (facts, questions and answers in every style) but has never seen the chat markers
-and never learned to stop after an answer: both come from SFT. Rebuild with `rlhf tiny build-base` (the numbers
-above are written by that command).
+and never learned to stop after an answer: both come from SFT. The embedding rows pretraining never moved (the
+chat markers, unused bytes and the padding rows past the 430 tokens: one cluster that adapters cannot train) are
+re-initialised to the trained rows' mean plus their spread before saving (`untrained_rows_reinitialised` in
+build.json). Rebuild with `rlhf tiny build-base` (the numbers above are written by that command).
 """)

@@ -24,6 +24,18 @@ def run_cli(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.Comp
     return proc
 
 
+def ran(*args: str) -> str:
+    """``rlhf ARGS`` in this process through click (no new interpreter), which must succeed; returns its stdout.
+    For tests about what a command leaves behind rather than about the process itself."""
+    from click.testing import CliRunner
+
+    from rlhf.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, f"rlhf {' '.join(args)} exited {result.exit_code}\n{result.output}"
+    return result.stdout
+
+
 def refused(*args: str, expect: str = "", lines_before: bool = False) -> str:
     """``rlhf ARGS`` refused as a user sees it: exit code 2, no traceback, one line ``error: ...`` holding
     ``expect`` (after any progress the command printed first, with ``lines_before``); returns that line. Runs in this process through click (the same command objects, error handler and

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, refused, run_cli
 
 ARGS = {
     "sft": ["sft.max_steps=8", "sft.save_every=2", "sft.eval_fraction=0", "sft.logging_every=1"],
@@ -130,15 +130,13 @@ def test_stopped_run_resumes_bit_identically(stage, parents, tmp_path):
 
 def test_resume_refusals(tiny_recipe, tmp_path):
     out = tmp_path / "runs" / "tiny" / "sft"
-    proc = run_cli("sft", "--recipe", str(tiny_recipe), "--resume", check=False)
-    assert proc.returncode == 2 and "nothing to resume" in proc.stderr
+    refused("sft", "--recipe", str(tiny_recipe), "--resume", expect="nothing to resume")
     # leftovers of an interrupted run are neither silently continued nor silently deleted
     (out.parent / ".sft.partial").mkdir(parents=True)
-    proc = run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", check=False)
-    assert proc.returncode == 2 and "--resume" in proc.stderr and (out.parent / ".sft.partial").exists()
+    refused("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", expect="--resume")
+    assert (out.parent / ".sft.partial").exists()
     run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", "--overwrite")
-    proc = run_cli("sft", "--recipe", str(tiny_recipe), "--resume", check=False)
-    assert proc.returncode == 2 and "already holds a finished run" in proc.stderr
+    refused("sft", "--recipe", str(tiny_recipe), "--resume", expect="already holds a finished run")
 
 
 def test_a_second_signal_stops_at_once(tiny_recipe, tmp_path):

@@ -85,9 +85,7 @@ def test_rm_cli_writes_a_complete_run(tiny_recipe, tmp_path):
     assert len(scored.read_text().splitlines()) == 400
 
 
-def test_rm_needs_preference_data_and_refuses_a_policy_as_reward(tmp_path):
+def test_rm_needs_preference_data_and_refuses_a_policy_as_reward(parents, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs"), data={"preference": None})
     refused("rm", "--recipe", str(recipe), expect="data.preference is required")
-    run_cli("sft", "--recipe", str(recipe), "--set", "sft.max_steps=1")
-    refused("rm", "score", "--reward", str(tmp_path / "runs" / "tiny" / "sft"), "--data", str(HELDOUT),
-            expect="not a reward model")
+    refused("rm", "score", "--reward", str(parents[1] / "sft"), "--data", str(HELDOUT), expect="not a reward model")

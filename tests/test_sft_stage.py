@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, refused, run_cli, write_recipe
+from conftest import ROOT, ran, refused, run_cli, write_recipe
 from rlhf import formats, modeling
 from rlhf.config import load_recipe
 
@@ -104,13 +104,13 @@ def test_full_finetuning_and_cli_base_out(tmp_path):
 
 
 def test_finished_run_is_not_overwritten_without_the_flag(tiny_recipe, tmp_path):
-    run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1")
+    ran("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1")
     out = tmp_path / "runs" / "tiny" / "sft"
     before = (out / "adapter_model.safetensors").read_bytes()
     refused("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", "--set", "sft.seed=3",
             expect="--overwrite")
     assert (out / "adapter_model.safetensors").read_bytes() == before
-    run_cli("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", "--set", "sft.seed=3", "--overwrite")
+    ran("sft", "--recipe", str(tiny_recipe), "--set", "sft.max_steps=1", "--set", "sft.seed=3", "--overwrite")
     assert (out / "adapter_model.safetensors").read_bytes() != before
     assert json.loads((out / "manifest.json").read_text())["seed"] == 3
 

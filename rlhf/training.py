@@ -201,9 +201,11 @@ def train(trainer, run: Run):
     class _RecordMetricsLines(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             # no resume checkpoint after the last step: the stage saves its output itself, and the trainer,
-            # resumed from a checkpoint at max_steps, would take one step too many
+            # resumed from a checkpoint at max_steps, would take one step too many. Nor an evaluation there
+            # (transformers >= 5 adds one at the end): every stage measures its final model itself afterwards,
+            # and held-out sets are evaluated once, not twice
             if state.global_step >= state.max_steps:
-                control.should_save = False
+                control.should_save = control.should_evaluate = False
 
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, ran, run_cli, write_recipe
 from rlhf import distributed, ppo_math
 from rlhf.rollout import episode_keys, gumbel_max, hash_uniform
 
@@ -134,7 +134,7 @@ SFT = ("--set", "sft.max_steps=3", "--set", "sft.eval_fraction=0")
 @pytest.fixture(scope="module")
 def sft_single(recipe):
     out = recipe.parent / "sft1" / "sft"
-    run_cli("sft", "--recipe", str(recipe), *SFT, "--set", "sft.batch_size=8", "--out", str(out))
+    ran("sft", "--recipe", str(recipe), *SFT, "--set", "sft.batch_size=8", "--out", str(out))  # in this process
     return out
 
 
@@ -174,7 +174,7 @@ RM = ("--set", "rm.max_steps=3", "--set", "rm.stats_samples=64")
 
 def test_rm_on_two_processes_matches_one(recipe):
     one, two = recipe.parent / "rm1" / "rm", recipe.parent / "rm2" / "rm"
-    run_cli("rm", "--recipe", str(recipe), *RM, "--set", "rm.batch_size=8", "--out", str(one))
+    ran("rm", "--recipe", str(recipe), *RM, "--set", "rm.batch_size=8", "--out", str(one))  # in this process
     run_cli("rm", "--recipe", str(recipe), *RM, "--set", "rm.batch_size=4", "--num-processes", "2", "--out", str(two))
     assert _manifest(two)["world_size"] == 2
     _only_run(two.parent, "rm")
@@ -198,8 +198,8 @@ def test_ppo_on_two_processes_matches_one(parents, tmp_path, estimator):
     recipe, runs = parents
     one, two = tmp_path / "one" / "ppo", tmp_path / "two" / "ppo"
     extra = ("--set", f"ppo.advantage={estimator}", "--set", f"ppo.samples_per_prompt={1 + (estimator != 'gae')}")
-    run_cli("ppo", "--recipe", str(recipe), *PPO, *extra, "--set", "ppo.batch_size=8",
-            "--set", "ppo.mini_batch_size=8", "--set", "ppo.micro_batch_size=4", "--out", str(one))
+    ran("ppo", "--recipe", str(recipe), *PPO, *extra, "--set", "ppo.batch_size=8",  # in this process
+        "--set", "ppo.mini_batch_size=8", "--set", "ppo.micro_batch_size=4", "--out", str(one))
     proc = run_cli("ppo", "--recipe", str(recipe), *PPO, *extra, "--set", "ppo.batch_size=4",
                    "--set", "ppo.mini_batch_size=4", "--set", "ppo.micro_batch_size=2", "--num-processes", "2",
                    "--out", str(two))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, ran, run_cli, write_recipe
 from rlhf import methods, modeling
 from rlhf.config import AdapterConfig, ModelConfig, load_recipe
 from rlhf.errors import UserError
@@ -154,9 +154,9 @@ def test_sft_stage_runs_every_method(method, tmp_path):
 
 def test_qlora_through_sft_rm_and_ppo(tmp_path):
     recipe = str(write_recipe(tmp_path / "q.yaml", run_dir=str(tmp_path / "runs"), adapter={"method": "qlora"}))
-    run_cli("sft", "--recipe", recipe, "--set", "sft.max_steps=4")
-    run_cli("rm", "--recipe", recipe, "--set", "rm.max_steps=4", "--set", "rm.stats_samples=64")
-    run_cli("ppo", "--recipe", recipe, "--set", "ppo.max_steps=2", "--set", "ppo.batch_size=8",
+    ran("sft", "--recipe", recipe, "--set", "sft.max_steps=4")
+    ran("rm", "--recipe", recipe, "--set", "rm.max_steps=4", "--set", "rm.stats_samples=64")
+    ran("ppo", "--recipe", recipe, "--set", "ppo.max_steps=2", "--set", "ppo.batch_size=8",
             "--set", "ppo.mini_batch_size=4", "--set", "ppo.micro_batch_size=4", "--set", "ppo.max_new_tokens=12",
             "--set", "ppo.eval_every=0")
     runs = tmp_path / "runs" / "tiny"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, refused, run_cli
+from conftest import ROOT, ran, refused, run_cli
 
 ARGS = {
     "sft": ["sft.max_steps=8", "sft.save_every=2", "sft.eval_fraction=0", "sft.logging_every=1"],
@@ -101,7 +101,7 @@ def test_stopped_run_resumes_bit_identically(stage, parents, tmp_path):
     recipe, _ = parents
     rng = random.Random(f"{stage}-kill")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_cli(*_argv(stage, recipe, straight)[3:])
+    ran(*_argv(stage, recipe, straight)[3:])  # the uninterrupted run in this process: the same weights either way
 
     work = tmp_path / ".resumed.work"
     sig = signal.SIGINT if stage in ("rm", "ppo-grpo") else signal.SIGTERM

@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft sample label rm ppo ppo-gold dpo eval browser test test-fast bench gpu-check methods-report clean-runs
+.PHONY: install sft sample label rm ppo ppo-gold objectives dpo eval browser test test-fast bench gpu-check methods-report clean-runs
 
 install: $(STAMP)
 
@@ -69,6 +69,31 @@ ppo-gold: install
 	$(BIN)/rlhf ppo --recipe $(RECIPE) --overwrite --set 'ppo.reward={gold: 4.0}' --out runs/tiny/ppo-gold $(ARGS)
 	$(BIN)/rlhf eval --recipe $(RECIPE) --overwrite --policy sft --policy ppo --policy runs/tiny/ppo-gold \
 		--out runs/tiny/eval-gold
+
+# The policy objectives side by side (docs/results.md): from the recipe's SFT and RM runs, K = 4 responses per
+# prompt, the recipe's steps, each against the reward model and against the gold scorer; then one eval of them
+# all (runs/tiny/objectives/eval). Needs `make sft rm` first; ~1 h on 2 CPU cores.
+OBJECTIVES := runs/tiny/objectives
+OBJECTIVE_RUNS := grpo dr_grpo dapo gspo cispo
+objective_sets.grpo    := --set ppo.advantage=grpo
+objective_sets.dr_grpo := --set ppo.advantage=dr_grpo
+objective_sets.dapo    := --set ppo.advantage=grpo --set ppo.clip_low=0.2 --set ppo.clip_high=0.28 \
+                          --set ppo.loss_aggregation=token_mean --set ppo.overlong_buffer=16
+objective_sets.gspo    := --set ppo.advantage=grpo --set ppo.policy_loss=gspo
+objective_sets.cispo   := --set ppo.advantage=grpo --set ppo.policy_loss=cispo
+
+objectives: install
+	for name in $(OBJECTIVE_RUNS); do \
+		$(MAKE) --no-print-directory objective-$$name || exit 1; done
+	$(BIN)/rlhf eval --recipe $(RECIPE) --overwrite --policy sft \
+		$(foreach n,$(OBJECTIVE_RUNS),--policy $(OBJECTIVES)/$(n) --policy $(OBJECTIVES)/$(n)-gold) \
+		--out $(OBJECTIVES)/eval
+
+objective-%: install
+	$(BIN)/rlhf ppo --recipe $(RECIPE) --overwrite --out $(OBJECTIVES)/$* --set ppo.samples_per_prompt=4 \
+		$(objective_sets.$*) $(ARGS)
+	$(BIN)/rlhf ppo --recipe $(RECIPE) --overwrite --out $(OBJECTIVES)/$*-gold --set ppo.samples_per_prompt=4 \
+		--set 'ppo.reward={gold: 4.0}' $(objective_sets.$*) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -276,8 +276,8 @@ class PPOConfig:
     processes a step has N x batch_size episodes, and each optimizer step sees N x mini_batch_size of them.
     Defaults follow the reference implementations (clip 0.2, value clip 0.2, gamma 1, lambda 0.95, 4 PPO epochs).
 
-    ``advantage`` picks the estimator: ``gae`` is PPO with a critic (value adapter + head, GAE); ``grpo``, ``rloo``
-    and ``reinforce_pp`` are critic-free (no value model is created, trained or saved; value_clip, vf_coef and lam
+    ``advantage`` picks the estimator: ``gae`` is PPO with a critic (value adapter + head, GAE); ``grpo``,
+    ``dr_grpo``, ``rloo`` and ``reinforce_pp`` are critic-free (no value model is created, trained or saved; value_clip, vf_coef and lam
     do not apply). The maths of each is in ``rlhf.ppo_math``.
     """
 
@@ -289,14 +289,40 @@ class PPOConfig:
     batch_size / samples_per_prompt prompts"""
     samples_per_prompt: int = 1
     """K: responses sampled for each prompt of a step, each with its own key (deterministic: resume and several
-    processes sample the same ones); must divide batch_size. grpo and rloo compare a prompt's K responses with
+    processes sample the same ones); must divide batch_size. grpo, dr_grpo and rloo compare a prompt's K responses with
     each other and need K >= 2 (4 to 16 in the papers)"""
-    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
     """the advantage estimator: gae = PPO with a critic (Schulman et al. 2016); grpo = a response's reward
-    standardised within its prompt's group of K (Shao et al. 2024); rloo = its reward minus the mean reward of
+    standardised within its prompt's group of K (Shao et al. 2024); dr_grpo = its reward minus the group's mean,
+    without GRPO's division by the group's std (Liu et al. 2025); rloo = its reward minus the mean reward of
     the K - 1 others (Ahmadian et al. 2024); reinforce_pp = per-token KL-shaped returns normalised over the whole
     batch, minus the group's mean score first when K > 1 (Hu 2025). Critic-free estimators need no value model:
     less memory and about half the update work"""
+    policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
+    """the policy objective: ppo = the clipped surrogate on token ratios; gspo = the same on each response's
+    length-normalised sequence ratio (Zheng et al. 2025; epsilons ~1e-3: clip_low/clip_high default to the
+    paper's 3e-4/4e-4); cispo = a clipped, non-differentiated importance weight times A times log pi, so no
+    token's gradient is dropped (MiniMax-M1 2025; clip_low defaults to 1, no lower bound, clip_high to 4, a
+    weight of at most 5 as in ScaleRL). The equations are in rlhf/ppo_math.py and docs/ppo.md"""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                              "seq_mean_token_sum_norm"] | None = None
+    """how per-token losses (policy, entropy, KL as a loss) become one: token_mean = over all tokens of the
+    mini-batch (DAPO); seq_mean_token_mean = each response's token mean, averaged (GRPO's paper, GSPO);
+    seq_mean_token_sum = each response's token sum, averaged; seq_mean_token_sum_norm = that over the constant
+    max_new_tokens (Dr. GRPO). None: the objective's own (seq_mean_token_mean for gspo,
+    seq_mean_token_sum_norm for dr_grpo, token_mean otherwise). Over micro-batches and processes it is what one
+    process holding the mini-batch would compute"""
+    clip_low: float | None = None
+    """the surrogate's lower clip, ratio >= 1 - clip_low; None: ppo.clip (gspo: 3e-4, cispo: 1, no lower bound)"""
+    clip_high: float | None = None
+    """the upper clip, ratio <= 1 + clip_high; above clip_low it is DAPO's clip-higher (0.28 with clip_low 0.2);
+    None: ppo.clip (gspo: 4e-4, cispo: 4)"""
+    overlong_buffer: int = 0
+    """DAPO's overlong shaping: the last this many tokens before max_new_tokens cost a penalty growing linearly to
+    overlong_penalty at the limit, added to the score (0: off). Separate from missing_eos_penalty, which is flat
+    and for responses that never end"""
+    overlong_penalty: float = 1.0
+    """the overlong shaping's penalty at max_new_tokens"""
     mini_batch_size: int = 16
     """episodes per optimizer step on one process; must divide batch_size"""
     micro_batch_size: int = 8
@@ -331,9 +357,9 @@ class PPOConfig:
     expectation, so k1 with kl_in: loss is refused)"""
     kl_in: Literal["reward", "loss"] | None = None
     """where the KL penalty acts: "reward" subtracts beta * KL from the rewards (per token for gae and
-    reinforce_pp, summed over the response for grpo and rloo); "loss" adds beta * mean KL to the policy loss,
-    differentiated through the policy (GRPO's way). None: the estimator's own (loss for grpo, reward for the
-    others)"""
+    reinforce_pp, summed over the response for grpo, dr_grpo and rloo); "loss" adds beta * the KL, aggregated
+    like the policy loss, differentiated through the policy (GRPO's way). None: the estimator's own (loss for
+    grpo and dr_grpo, reward for the others)"""
     adaptive_kl: bool = False
     """adapt beta towards kl_target (Ziegler et al.); fixed when false"""
     kl_target: float = 6.0
@@ -359,7 +385,8 @@ class PPOConfig:
     """gradient clipping threshold, applied to the policy and the value parameters separately"""
     whiten_advantages: bool = True
     """normalise advantages to mean 0, std 1 over the batch's response tokens (gae and rloo; grpo standardises
-    within each group and reinforce_pp over the batch by definition)"""
+    within each group, dr_grpo deliberately does not, and reinforce_pp normalises over the batch by
+    definition)"""
     reward: dict[str, float] = field(default_factory=lambda: {"reward_model": 1.0})
     """what PPO maximises, a weighted sum: ``reward_model`` weighs the reward model's score (normalised when
     ppo.normalize_reward), any other key is a scorer (rlhf/scorers.py: a built-in name such as gold, or
@@ -405,7 +432,19 @@ class PPOConfig:
     @property
     def kl_where(self) -> str:
         """Where the KL penalty acts: ``kl_in``, or the estimator's own."""
-        return self.kl_in or ("loss" if self.advantage == "grpo" else "reward")
+        return self.kl_in or ("loss" if self.advantage in ("grpo", "dr_grpo") else "reward")
+
+    @property
+    def aggregation(self) -> str:
+        """How per-token losses become one: ``loss_aggregation``, or the objective's own."""
+        return self.loss_aggregation or ("seq_mean_token_mean" if self.policy_loss == "gspo" else
+                                         "seq_mean_token_sum_norm" if self.advantage == "dr_grpo" else "token_mean")
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(eps_low, eps_high): ``clip_low`` and ``clip_high``, or the objective's own defaults."""
+        low, high = {"gspo": (3e-4, 4e-4), "cispo": (1.0, 4.0)}.get(self.policy_loss, (self.clip, self.clip))
+        return (low if self.clip_low is None else self.clip_low, high if self.clip_high is None else self.clip_high)
 
     @property
     def kl_kind(self) -> str:
@@ -446,7 +485,18 @@ class PPOConfig:
                 fail(key, f"must be positive (or null to disable), got {getattr(self, key)}")
         if self.batch_size % self.samples_per_prompt:
             fail("samples_per_prompt", f"({self.samples_per_prompt}) must divide ppo.batch_size ({self.batch_size})")
-        if self.advantage in ("grpo", "rloo") and self.samples_per_prompt < 2:
+        for key in ("clip_low", "clip_high"):
+            value = getattr(self, key)
+            if value is not None and not (0 < value < math.inf):
+                fail(key, f"must be positive (or null for the objective's default), got {value}")
+        if self.clip_low is not None and self.clip_low > 1:
+            fail("clip_low", f"must be at most 1 (a ratio is never below 0), got {self.clip_low}")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            fail("overlong_buffer", f"must be in [0, ppo.max_new_tokens={self.max_new_tokens}] (0: off), got "
+                                    f"{self.overlong_buffer}")
+        if not (0 <= self.overlong_penalty < math.inf):
+            fail("overlong_penalty", f"must be 0 or positive, got {self.overlong_penalty}")
+        if self.advantage in ("grpo", "dr_grpo", "rloo") and self.samples_per_prompt < 2:
             fail("samples_per_prompt", f"must be at least 2 for ppo.advantage={self.advantage} (it compares the "
                                        f"responses to one prompt), got {self.samples_per_prompt}")
         if self.kl_where == "loss" and self.kl_estimator == "k1":

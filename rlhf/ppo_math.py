@@ -3,7 +3,9 @@
 Shapes: ``[batch, T]`` over response tokens, with ``mask`` 1 on real tokens (up to and including the first EOS)
 and 0 on padding. Every function takes tensors and returns tensors; none touches a model or an optimizer.
 References: Schulman et al. 2017 (PPO, "Proximal Policy Optimization Algorithms"), Schulman et al. 2016 (GAE),
-Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences": KL-shaped reward, adaptive KL).
+Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences": KL-shaped reward, adaptive KL); the
+objectives after GRPO: Yu et al. 2025 (DAPO: clip-higher, token-level loss, overlong shaping), Liu et al. 2025
+(Dr. GRPO), Zheng et al. 2025 (GSPO), MiniMax 2025 (MiniMax-M1: CISPO).
 """
 
 from __future__ import annotations
@@ -248,6 +250,17 @@ def group_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (g - g.mean(1, keepdim=True)).masked_fill(_flat(g), 0.0).reshape(-1)
 
 
+def dr_grpo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dr. GRPO's advantages (Liu et al. 2025 "Understanding R1-Zero-Like Training", eq. 3 / section 3.2): GRPO's
+    without the division by the group's standard deviation,
+
+        A_i = r_i - mean(r_group)
+
+    which otherwise weighs prompts whose K rewards barely differ (too easy or too hard) the most. The same
+    quantity as ``group_baseline``; ``[B]`` in, ``[B]`` out, 0 for a flat group."""
+    return group_baseline(scores, group_size)
+
+
 def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """Discounted returns of per-token rewards, right to left (REINFORCE; Hu 2025 "REINFORCE++", eq. 5 with the
     per-token KL in r_t):
@@ -273,9 +286,113 @@ def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Losses
 # ---------------------------------------------------------------------------------------------------------------
 
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+"""How per-token loss terms become one loss (``aggregate``)."""
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", horizon: int | None = None
+              ) -> torch.Tensor:
+    """One loss from per-token terms ``x`` ``[B, T]`` over a batch of B responses, |o_i| real tokens each:
+
+        token_mean               sum_i sum_t x_it / sum_i |o_i|     every token weighs the same (DAPO, eq. 12;
+                                                                    PPO as implemented for LMs)
+        seq_mean_token_mean      1/B sum_i 1/|o_i| sum_t x_it       every response weighs the same (GRPO, Shao
+                                                                    et al. 2024 eq. 3; GSPO, eq. 5)
+        seq_mean_token_sum       1/B sum_i sum_t x_it               a response weighs its length
+        seq_mean_token_sum_norm  1/(B L) sum_i sum_t x_it           the same over a constant L = ``horizon``,
+                                                                    the generation budget (Dr. GRPO, eq. 3)
+
+    ``seq_mean_token_mean`` divides a long response's per-token gradient by its length, so long wrong answers are
+    punished less per token than short ones: the length bias Dr. GRPO and DAPO remove. Padding is left out.
+    Over micro-batches and processes the loop weighs each part by ``batch_share``.
+    """
+    if how == "token_mean":
+        return masked_mean(x, mask)
+    per_response = masked(x, mask).sum(1)
+    if how == "seq_mean_token_mean":
+        per_response = per_response / mask.to(x.dtype).sum(1).clamp(min=1)
+    elif how == "seq_mean_token_sum_norm":
+        if not horizon:
+            raise ValueError("seq_mean_token_sum_norm needs the horizon (the generation budget, in tokens)")
+        per_response = per_response / horizon
+    elif how != "seq_mean_token_sum":
+        raise ValueError(f"unknown loss aggregation {how!r}; one of {', '.join(AGGREGATIONS)}")
+    return per_response.mean()
+
+
+def batch_share(mask: torch.Tensor, how: str, tokens, responses) -> torch.Tensor:
+    """This part's weight in the whole batch's ``aggregate``: its share of the batch's ``tokens`` (token_mean) or
+    of its ``responses`` (the others), both counted over every part and process. ``aggregate`` of each part times
+    its share, summed, is ``aggregate`` of the whole batch."""
+    if how == "token_mean":
+        return mask.sum() / tokens
+    return torch.tensor(mask.shape[0], dtype=torch.float32, device=mask.device) / responses
+
+
+POLICY_LOSSES = ("ppo", "gspo", "cispo")
+"""The policy objectives ``policy_loss_terms`` computes."""
+
+
+def policy_loss_terms(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      objective: str = "ppo", clip_low: float = 0.2, clip_high: float | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token policy loss terms ``[B, T]`` (0 on padding; ``aggregate`` makes them one loss), to minimise.
+    ``clip_high`` defaults to ``clip_low`` (symmetric); a larger ``clip_high`` is DAPO's clip-higher (Yu et al. 2025,
+    eq. 10: more room for raising unlikely tokens, against entropy collapse).
+
+    ``ppo``: the clipped surrogate (Schulman et al. 2017, eq. 7), with r_t = pi(o_t) / pi_old(o_t):
+
+        l_t = max(-A_t r_t, -A_t clip(r_t, 1 - eps_low, 1 + eps_high))
+
+    ``gspo``: the same with one ratio per response, the length-normalised sequence ratio (Zheng et al. 2025 "Group
+    Sequence Policy Optimization", eq. 7), in its token form (GSPO-token, eq. 13):
+
+        s_i  = exp(1/|o_i| sum_t log r_t)          s_it = sg[s_i] * pi(o_t) / sg[pi(o_t)]
+        l_t  = max(-A_t s_it, -A_t clip(s_it, 1 - eps_low, 1 + eps_high))
+
+    s_it equals s_i, and its gradient is s_i * grad log pi(o_t); averaged over a response's tokens
+    (``seq_mean_token_mean``) with one advantage per response this is GSPO's sequence objective exactly, and a
+    critic's per-token advantages are allowed (what the token form is for). The paper's epsilons are ~3e-4/4e-4:
+    a sequence ratio moves far less than a token's.
+
+    ``cispo``: a clipped importance weight that is not differentiated, times the advantage, times the log-prob
+    (MiniMax 2025 "MiniMax-M1", eq. 4-5), so no token's gradient is dropped by the clip, only down-weighted:
+
+        l_t = -sg[clip(r_t, 1 - eps_low, 1 + eps_high)] * A_t * log pi(o_t)
+
+    Stats (token means): ``clipfrac`` (tokens whose clipped term is taken, or for cispo whose weight is clipped),
+    ``approxkl`` (0.5 * (log r_t)^2, an estimate of KL(old || new)) and ``ratio`` (r_t, or s_i for gspo).
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    log_ratio = masked(logp - old_logp, mask)  # padding: ratio 1, whatever the two passes computed there
+    if objective == "gspo":
+        sequence = masked_mean(log_ratio, mask, dim=1)[:, None].detach()
+        own = masked(logp, mask)  # padding's log-probs (possibly -inf) kept out of the graph
+        ratio = torch.exp(sequence + own - own.detach())  # value s_i, gradient s_i * grad log pi(o_t)
+        ratio = masked(ratio, mask) + (1 - mask.to(ratio.dtype))  # padding: 1, as for the token ratio
+    else:
+        ratio = torch.exp(log_ratio)
+    bounded = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    if objective == "cispo":
+        terms = -bounded.detach() * advantages * masked(logp, mask)
+        taken = (bounded != ratio).float()
+    elif objective in ("ppo", "gspo"):
+        unclipped, clipped = -advantages * ratio, -advantages * bounded
+        terms = torch.max(unclipped, clipped)
+        taken = (clipped > unclipped).float()
+    else:
+        raise ValueError(f"unknown policy loss {objective!r}; one of {', '.join(POLICY_LOSSES)}")
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean(taken, mask),
+                 "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
+                 "ratio": masked_mean(ratio, mask)}
+    return masked(terms, mask), stats
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate (PPO paper, eq. 7), as a loss to minimise:
+    """PPO's clipped surrogate averaged over tokens (``policy_loss_terms`` with ``ppo``, ``aggregate`` with
+    ``token_mean``):
 
         ratio = exp(logp - old_logp)
         L     = mean_t max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps))
@@ -283,27 +400,45 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     Also returns ``clipfrac`` (share of tokens where the clipped term is taken) and ``approxkl``
     (0.5 * mean (logp - old_logp)^2, an estimate of KL(old || new)).
     """
-    log_ratio = masked(logp - old_logp, mask)  # padding: ratio 1, whatever the two passes computed there
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                 "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
-                 "ratio": masked_mean(ratio, mask)}
-    return loss, stats
+    terms, stats = policy_loss_terms(logp, old_logp, advantages, mask, "ppo", clip)
+    return aggregate(terms, mask), stats
 
 
-def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k3"
-            ) -> torch.Tensor:
-    """The KL to the reference as a loss term (GRPO, Shao et al. 2024 eq. 3-4): the token mean of the estimate,
-    differentiated through the policy's current log-probs ``logp``; the loop adds ``beta`` times it to the policy
-    loss. k3 (``kl_k3``) is GRPO's choice: its gradient pulls towards the reference, where k1's is zero in
-    expectation under the sampling policy."""
-    # the log-ratio is masked before the estimator, as in policy_loss: a padding position's gap can exceed the ~88.7
-    # nats where exp overflows, and 0 * inf in the backward pass of a masked-afterwards k3 is NaN
-    return masked_mean(KL_ESTIMATORS[estimator](masked(logp, mask), masked(ref_logp, mask)), mask)
+def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL estimates to the reference, differentiable through ``logp`` (0 on padding)."""
+    # the log-ratio is masked before the estimator: a padding position's gap can exceed the ~88.7 nats where exp
+    # overflows, and 0 * inf in the backward pass of a masked-afterwards k3 is NaN
+    return masked(KL_ESTIMATORS[estimator](masked(logp, mask), masked(ref_logp, mask)), mask)
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k3",
+            how: str = "token_mean", horizon: int | None = None) -> torch.Tensor:
+    """The KL to the reference as a loss term (GRPO, Shao et al. 2024 eq. 3-4): the estimate aggregated like the
+    policy loss (``aggregate``; the token mean by default), differentiated through the policy's current log-probs
+    ``logp``; the loop adds ``beta`` times it to the policy loss. k3 (``kl_k3``) is GRPO's choice: its gradient
+    pulls towards the reference, where k1's is zero in expectation under the sampling policy."""
+    return aggregate(KL_ESTIMATORS[estimator](masked(logp, mask), masked(ref_logp, mask)), mask, how, horizon)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, factor: float = 1.0
+                     ) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), a length-aware term added to the score: with
+    L_max = ``max_new_tokens`` and L_cache = ``buffer``,
+
+        R(|y|) = 0                                   |y| <= L_max - L_cache
+               = ((L_max - L_cache) - |y|) / L_cache  L_max - L_cache < |y| <= L_max
+               = -1                                  |y| > L_max
+
+    times ``factor``: nothing for responses that end in time, then a penalty growing linearly to -factor at the
+    limit. A response cut at the limit without EOS has |y| = L_max and gets -factor (``missing_eos_penalty`` is
+    the separate, flat penalty for having no EOS at all). ``[B]`` lengths in tokens, ``[B]`` out."""
+    if not 0 < buffer <= max_new_tokens:
+        raise ValueError(f"the overlong buffer ({buffer}) must be in (0, max_new_tokens={max_new_tokens}]")
+    lengths = lengths.to(torch.float32)
+    start = max_new_tokens - buffer
+    penalty = torch.where(lengths > max_new_tokens, torch.full_like(lengths, -1.0),
+                          ((start - lengths) / buffer).clamp(max=0.0))
+    return factor * penalty
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

@@ -11,7 +11,7 @@ forward pass selects its adapter first:
 
 Without a reward model (a reward of scorers alone, ``rlhf.scorers``) there is no ``reward`` adapter, and the
 value adapter starts as the SFT adapter (a fresh one without SFT) under a value head that starts at zero. With a
-critic-free advantage estimator (``ppo.advantage``: grpo, rloo, reinforce_pp) there is no value adapter or head
+critic-free advantage estimator (``ppo.advantage``: grpo, dr_grpo, rloo, reinforce_pp) there is no value adapter or head
 at all (``critic=False``): nothing of it is created, trained or saved.
 
 With a method that trains base weights (full, bitfit, freeze) they are separate model copies. Both layouts are

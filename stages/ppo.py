@@ -59,6 +59,8 @@ class Rollout:
     """the reward model's raw scores (None without a reward model term)"""
     terms: dict = None
     """each scorer term's values (None counted as 0), by scorer name"""
+    overlong: torch.Tensor = None
+    """the overlong shaping's term (None when ppo.overlong_buffer is 0)"""
     total: torch.Tensor = None
     """the weighted sum of the terms, before the missing-EOS penalty and clipping"""
     shaped: torch.Tensor = None
@@ -284,7 +286,7 @@ def start(s: Setup) -> State:
         print(f"ppo: {len(s.encoded)} prompts, {s.steps} steps of {s.global_batch} episodes"
               + (f" ({p.samples_per_prompt} per prompt)" if p.samples_per_prompt > 1 else "")
               + (f" ({n_proc} processes x {p.batch_size})" if n_proc > 1 else "")
-              + f"; advantage {p.advantage}, KL in the {p.kl_where} ({p.kl_kind}); training "
+              + f"; advantage {p.advantage}, loss {_objective(p)}, KL in the {p.kl_where} ({p.kl_kind}); training "
               f"{trainable_count(s):,} parameters ({' + '.join(s.params)}); {_precision(s.models)}",
               file=sys.stderr)
     if s.run.resumed:
@@ -388,8 +390,10 @@ def advantages(p: PPOConfig, ro: Rollout, reward_kl_coef: float) -> None:
             rewards, _ = ppo_math.kl_penalized_rewards(ppo_math.group_baseline(ro.shaped, K), ro.logp, ro.ref_logp,
                                                        mask, reward_kl_coef, p.kl_kind)
         ro.advantages, whiten = ppo_math.returns_to_go(rewards, mask, p.gamma), True
-    elif p.advantage == "grpo":  # one advantage per response, from its sequence reward, standardised in its group
-        ro.advantages = ppo_math.per_token(ppo_math.grpo_advantages(ppo_math.sequence_sum(ro.rewards, mask), K), mask)
+    elif p.advantage in ("grpo", "dr_grpo"):  # one advantage per response, from its sequence reward, centred in
+        # its group (and divided by the group's std for grpo); no batch whitening, which would divide again
+        estimator = ppo_math.grpo_advantages if p.advantage == "grpo" else ppo_math.dr_grpo_advantages
+        ro.advantages = ppo_math.per_token(estimator(ppo_math.sequence_sum(ro.rewards, mask), K), mask)
         whiten = False
     else:  # rloo
         ro.advantages = ppo_math.per_token(ppo_math.rloo_advantages(ppo_math.sequence_sum(ro.rewards, mask), K), mask)
@@ -417,6 +421,10 @@ def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
         stats = s.rm_manifest["reward_stats"]
         terms.append((ppo_math.shape_scores(ro.scores, ro.stopped, *((stats["mean"], stats["std"])
                                             if p.normalize_reward else (None, None))), s.reward.model_weight))
+    if p.overlong_buffer:  # DAPO's overlong shaping, a term of its own
+        ro.overlong = ppo_math.overlong_penalty(ro.response_mask.sum(1), p.max_new_tokens, p.overlong_buffer,
+                                                p.overlong_penalty)
+        terms.append((ro.overlong, 1.0))
     ro.terms = {}
     if s.reward.scorers:
         texts = s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)
@@ -437,14 +445,18 @@ def response_logits(models: PPOModels, ids, mask, length: int, role: str = "poli
 def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, step: int, kl_coef: float) -> dict:
     """``ppo_epochs`` passes over the rollout in shuffled mini-batches; one optimizer step per mini-batch,
     gradients accumulated over micro-batches; stops early when the approximate KL passes ``early_stop_kl``.
-    The loss: the clipped surrogate (minus the entropy bonus), plus ``kl_coef`` times the KL to the reference when
-    ``ppo.kl_in`` makes it a loss term, plus the clipped value loss when there is a critic.
+    The loss: the policy objective (``ppo.policy_loss``: the clipped surrogate, GSPO's or CISPO's) minus the
+    entropy bonus, plus ``kl_coef`` times the KL to the reference when ``ppo.kl_in`` makes it a loss term, each
+    aggregated over tokens and responses as ``ppo.loss_aggregation`` says, plus the clipped value loss (a token
+    mean) when there is a critic.
 
-    Each loss is a mean over the response tokens of the whole mini-batch, across micro-batches and processes
-    (every micro-batch's token mean is weighted by its share of those tokens), and the gradients are summed over
-    processes before clipping: every process then holds the gradient one process would compute on all of it.
+    Each loss is that of the whole mini-batch, across micro-batches and processes (every micro-batch's aggregate
+    is weighted by its share of the mini-batch's tokens or responses, ``ppo_math.batch_share``), and the
+    gradients are summed over processes before clipping: every process then holds the gradient one process would
+    compute on all of it. Logged figures are token means (the losses: their aggregates).
     """
     B, length = ro.ids.shape[0], ro.response.shape[1]
+    how, horizon, (clip_low, clip_high) = p.aggregation, p.max_new_tokens, p.clip_range
     trainable = [x for role in params.values() for x in role]
     totals: dict[str, float] = {}
     count = skipped = 0  # mini-batches, and skipped updates
@@ -461,32 +473,37 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
             optimizer.zero_grad(set_to_none=True)
             rows = perm[start_:start_ + p.mini_batch_size]
             tokens = distributed.all_sum(ro.response_mask[rows].sum().float()).clamp(min=1)
+            responses = len(rows) * distributed.world_size()  # every process's mini-batch is the same size
             for micro in rows.split(p.micro_batch_size):
                 ids, mask, rmask = ro.ids[micro], ro.mask[micro], ro.response_mask[micro]
-                share = rmask.sum() / tokens  # this micro-batch's part of the mini-batch token mean
+                by_token = rmask.sum() / tokens  # this micro-batch's part of the mini-batch's token means
+                share = ppo_math.batch_share(rmask, how, tokens, responses)  # and of its losses
                 logits = response_logits(models, ids, mask, length)
                 logp = ppo_math.logprobs_from_logits(logits, ro.response[micro], p.temperature)
-                pg_loss, pstats = ppo_math.policy_loss(logp, ro.logp[micro], ro.advantages[micro], rmask, p.clip)
-                entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits, p.temperature), rmask)
-                loss = pg_loss - p.entropy_coef * entropy
-                logged = [("policy/loss", pg_loss), ("policy/entropy", entropy), ("policy/approxkl",
-                          pstats["approxkl"]), ("policy/clipfrac", pstats["clipfrac"]), ("policy/ratio", pstats["ratio"])]
+                terms, pstats = ppo_math.policy_loss_terms(logp, ro.logp[micro], ro.advantages[micro], rmask,
+                                                           p.policy_loss, clip_low, clip_high)
+                pg_loss = ppo_math.aggregate(terms, rmask, how, horizon)
+                entropies = ppo_math.entropy_from_logits(logits, p.temperature)
+                loss = pg_loss - p.entropy_coef * ppo_math.aggregate(entropies, rmask, how, horizon)
+                logged = [("policy/loss", pg_loss, share), ("policy/entropy", ppo_math.masked_mean(entropies, rmask),
+                          by_token), ("policy/approxkl", pstats["approxkl"], by_token),
+                          ("policy/clipfrac", pstats["clipfrac"], by_token), ("policy/ratio", pstats["ratio"], by_token)]
                 if p.kl_where == "loss":
-                    kl = ppo_math.kl_loss(logp, ro.ref_logp[micro], rmask, p.kl_kind)
+                    kl = ppo_math.kl_loss(logp, ro.ref_logp[micro], rmask, p.kl_kind, how, horizon)
                     loss = loss + kl_coef * kl
-                    logged.append(("policy/kl_loss", kl))
+                    logged.append(("policy/kl_loss", kl, share))
                 (loss * share).backward()
                 if "value" in params:
                     vpred = predicting(models.values(ids, mask), length)
                     vf_loss, vstats = ppo_math.value_loss(vpred, ro.values[micro], ro.returns[micro], rmask,
                                                           p.value_clip)
-                    (p.vf_coef * vf_loss * share).backward()
-                    logged += [("value/loss", vf_loss), ("value/clipfrac", vstats["clipfrac"])]
-                for key, value in logged:
-                    totals[key] = totals.get(key, 0.0) + (value * share).item()  # summed: the mini-batch's mean
-                epoch_kl += (pstats["approxkl"] * share).item()
+                    (p.vf_coef * vf_loss * by_token).backward()
+                    logged += [("value/loss", vf_loss, by_token), ("value/clipfrac", vstats["clipfrac"], by_token)]
+                for key, value, weight in logged:
+                    totals[key] = totals.get(key, 0.0) + (value * weight).item()  # summed: the mini-batch's
+                epoch_kl += (pstats["approxkl"] * by_token).item()
                 if count == 0:
-                    first_ratio += (pstats["ratio"] * share).item()
+                    first_ratio += (pstats["ratio"] * by_token).item()
             count += 1
             distributed.all_reduce_grads(trainable)
             norms = {role: torch.nn.utils.clip_grad_norm_(params[role], p.max_grad_norm) for role in params}
@@ -535,13 +552,14 @@ def log_step(s: Setup, state: State, step: int, ro: Rollout, update: dict, clock
     row = {
         **({"objective/score": ro.scores.mean().item()} if ro.scores is not None else {}),
         **{f"objective/scorer/{name}": values.mean().item() for name, values in ro.terms.items()},
+        **({"objective/overlong": ro.overlong.mean().item()} if ro.overlong is not None else {}),
         "objective/score_total": ro.total.mean().item(),
         "objective/score_shaped": ro.shaped.mean().item(),
         "objective/kl": seq_kl.mean().item(),
         "objective/non_score_reward": non_score.mean().item(),
         "objective/rlhf_reward": (ro.shaped + non_score).mean().item(),
         "objective/entropy": ppo_math.sequence_sum(ro.entropy, mask).mean().item(),
-        # prompts whose K responses all scored the same: no signal for grpo and rloo
+        # prompts whose K responses all scored the same: no signal for the group estimators
         **({"objective/flat_groups": (groups.amax(1) == groups.amin(1)).float().mean().item()} if K > 1 else {}),
         **update,
         "response/length": mask.sum(1).float().mean().item(),
@@ -672,6 +690,9 @@ def finish(s: Setup, state: State) -> dict:
         "reward": s.reward.describe(),
         "advantage": {"estimator": p.advantage, "samples_per_prompt": p.samples_per_prompt, "critic": p.critic,
                       "kl_in": p.kl_where, "kl_estimator": p.kl_kind},
+        "objective": {"policy_loss": p.policy_loss, "loss_aggregation": p.aggregation, "clip": list(p.clip_range),
+                      "overlong": {"buffer": p.overlong_buffer, "penalty": p.overlong_penalty}
+                      if p.overlong_buffer else None},
         "adapter": {"method": s.method,
                     "parameters": {"trainable": trainable_count(s),
                                    "total": sum(x.numel() for x in s.models.all_parameters())}},
@@ -692,6 +713,12 @@ def finish(s: Setup, state: State) -> dict:
 
 def trainable_count(s: Setup) -> int:
     return sum(x.numel() for role in s.params.values() for x in role)
+
+
+def _objective(p: PPOConfig) -> str:
+    """The policy objective, its clip range and aggregation, for the start line."""
+    low, high = p.clip_range
+    return f"{p.policy_loss} (clip {low:g}" + (f"/{high:g}" if high != low else "") + f", {p.aggregation})"
 
 
 def _precision(models: PPOModels) -> str:

@@ -194,10 +194,12 @@ def test_ppo_on_two_processes_matches_one(parents, tmp_path, estimator):
     """Each process samples its half of the same global batch (per-episode sampling keys), whitens advantages
     with statistics of both halves, normalises losses by the tokens of both, and sums gradients: the result is
     the single-process run's, to rounding. reinforce_pp (critic-free) with 2 responses per prompt: each process
-    holds whole groups (the group-mean baseline is local) and normalises returns over both halves."""
+    holds whole groups (the group-mean baseline is local) and normalises returns over both halves; its losses
+    are aggregated per response (seq_mean_token_sum), each micro-batch weighed by its share of the responses."""
     recipe, runs = parents
     one, two = tmp_path / "one" / "ppo", tmp_path / "two" / "ppo"
-    extra = ("--set", f"ppo.advantage={estimator}", "--set", f"ppo.samples_per_prompt={1 + (estimator != 'gae')}")
+    extra = ("--set", f"ppo.advantage={estimator}", "--set", f"ppo.samples_per_prompt={1 + (estimator != 'gae')}",
+             *(("--set", "ppo.loss_aggregation=seq_mean_token_sum") if estimator != "gae" else ()))
     ran("ppo", "--recipe", str(recipe), *PPO, *extra, "--set", "ppo.batch_size=8",  # in this process
         "--set", "ppo.mini_batch_size=8", "--set", "ppo.micro_batch_size=4", "--out", str(one))
     proc = run_cli("ppo", "--recipe", str(recipe), *PPO, *extra, "--set", "ppo.batch_size=4",

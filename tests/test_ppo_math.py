@@ -312,3 +312,110 @@ def test_kl_loss_gradient_stays_finite_when_padding_holds_a_huge_log_ratio():
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), (estimator, logp.grad)
         assert logp.grad[0, 1].item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The objectives after GRPO: loss aggregation, clip-higher, GSPO, CISPO, Dr. GRPO, overlong shaping
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_every_loss_aggregation_by_hand():
+    # response 0 has 3 tokens (1, 2, 3), response 1 one token (10) and two of padding (holding anything)
+    x = T([[1.0, 2.0, 3.0], [10.0, float("inf"), float("nan")]])
+    mask = T([[1, 1, 1], [1, 0, 0]])
+    assert pm.aggregate(x, mask, "token_mean").item() == pytest.approx(16 / 4)
+    assert pm.aggregate(x, mask, "seq_mean_token_mean").item() == pytest.approx((6 / 3 + 10 / 1) / 2)
+    assert pm.aggregate(x, mask, "seq_mean_token_sum").item() == pytest.approx((6 + 10) / 2)
+    assert pm.aggregate(x, mask, "seq_mean_token_sum_norm", horizon=8).item() == pytest.approx((6 / 8 + 10 / 8) / 2)
+    with pytest.raises(ValueError, match="horizon"):
+        pm.aggregate(x, mask, "seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        pm.aggregate(x, mask, "sum")
+
+
+@pytest.mark.parametrize("how", pm.AGGREGATIONS)
+def test_aggregation_over_parts_is_the_aggregation_of_the_whole(how):
+    """Micro-batches (and processes) each hold a part; their aggregates weighed by batch_share sum to the
+    whole batch's, as one process holding all of it would compute."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g)
+    mask = (torch.arange(5)[None] < T([5, 1, 3, 2, 5, 4])[:, None]).float()
+    whole = pm.aggregate(x, mask, how, horizon=5)
+    tokens, responses = mask.sum(), torch.tensor(6.0)
+    parts = sum(pm.aggregate(x[r], mask[r], how, horizon=5) * pm.batch_share(mask[r], how, tokens, responses)
+                for r in (slice(0, 1), slice(1, 4), slice(4, 6)))
+    torch.testing.assert_close(parts, whole)
+
+
+def test_clip_higher_by_hand():
+    # ratios 1.25 and 0.75, positive advantages: eps_low 0.2, eps_high 0.28 (DAPO) clips neither upward
+    # 1.25 < 1.28 and takes max(-0.75, -0.8) = -0.75 for the other; symmetric 0.2 clips the first at 1.2
+    logp, old = T([[math.log(1.25), math.log(0.75)]]), torch.zeros(1, 2)
+    adv, mask = T([[1.0, 1.0]]), torch.ones(1, 2)
+    terms, stats = pm.policy_loss_terms(logp, old, adv, mask, "ppo", 0.2, 0.28)
+    torch.testing.assert_close(terms, T([[-1.25, -0.75]]))
+    assert stats["clipfrac"].item() == 0.0
+    terms, stats = pm.policy_loss_terms(logp, old, adv, mask, "ppo", 0.2)
+    torch.testing.assert_close(terms, T([[-1.2, -0.75]]))
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    # a negative advantage is clipped below: ratio 0.75 under 1 - 0.2 takes max(0.75, 0.8) = 0.8
+    terms, _ = pm.policy_loss_terms(logp, old, -adv, mask, "ppo", 0.2, 0.28)
+    torch.testing.assert_close(terms, T([[1.25, 0.8]]))
+
+
+def test_gspo_by_hand():
+    # response 0: token log-ratios log 1.2 and log 0.9, so s_0 = sqrt(1.2 * 0.9) = sqrt(1.08); response 1: one
+    # token with ratio 2 (clipped) and padding holding a huge gap
+    logp = T([[math.log(1.2), math.log(0.9)], [math.log(2.0), 0.0]], dtype=torch.float32)
+    old = T([[0.0, 0.0], [0.0, -500.0]])
+    mask = T([[1, 1], [1, 0]])
+    adv = T([[1.0, 1.0], [-1.0, -1.0]])
+    s0 = math.sqrt(1.08)
+    terms, stats = pm.policy_loss_terms(logp, old, adv, mask, "gspo", 0.1, 0.1)
+    # s_0 = 1.0392 within [0.9, 1.1]: -A s_0 on both tokens; s_1 = 2 with A = -1: max(2, 1.1) = 2 (unclipped side)
+    torch.testing.assert_close(terms, T([[-s0, -s0], [2.0, 0.0]]))
+    assert stats["ratio"].item() == pytest.approx((2 * s0 + 2.0) / 3, rel=1e-6)
+    assert stats["clipfrac"].item() == 0.0
+    # the gradient of a response's token mean is that of its sequence ratio: d s_0 / d logp_t = s_0 / |o_0|
+    logp = logp.clone().requires_grad_(True)
+    terms, _ = pm.policy_loss_terms(logp, old, adv, mask, "gspo", 0.1, 0.1)
+    pm.aggregate(terms, mask, "seq_mean_token_mean").backward()
+    torch.testing.assert_close(logp.grad, T([[-s0 / 2 / 2, -s0 / 2 / 2], [2.0 / 2, 0.0]]))
+    # a tight epsilon (the paper's 3e-4 / 4e-4) clips s_0 above; with A > 0 the clipped term is taken, no gradient
+    logp.grad = None
+    terms, stats = pm.policy_loss_terms(logp, old, adv, mask, "gspo", 3e-4, 4e-4)
+    assert terms[0, 0].item() == pytest.approx(-(1 + 4e-4)) and stats["clipfrac"].item() == pytest.approx(2 / 3)
+    terms[0].sum().backward()
+    torch.testing.assert_close(logp.grad, torch.zeros(2, 2))
+
+
+def test_cispo_by_hand():
+    # ratios 1.5 (weight clipped to 1 + 0.2) and 0.5 (weight 0.5, no lower bound with eps_low = 1); padding last
+    logp = T([[math.log(1.5) - 1.0, math.log(0.5) - 2.0, 7.0]])
+    old = T([[-1.0, -2.0, 0.0]])
+    adv, mask = T([[2.0, -1.0, 3.0]]), T([[1, 1, 0]])
+    logp.requires_grad_(True)
+    terms, stats = pm.policy_loss_terms(logp, old, adv, mask, "cispo", 1.0, 0.2)
+    lp = logp.detach()
+    torch.testing.assert_close(terms.detach(), T([[-1.2 * 2.0 * lp[0, 0].item(), -0.5 * -1.0 * lp[0, 1].item(),
+                                                   0.0]]))
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    # every token keeps a gradient (the clipped one too): -w_t A_t, the weight itself not differentiated
+    pm.aggregate(terms, mask).backward()
+    torch.testing.assert_close(logp.grad, T([[-1.2 * 2.0 / 2, 0.5 / 2, 0.0]]))
+
+
+def test_dr_grpo_drops_the_standard_deviation():
+    scores = T([1.0, 3.0, 10.0, 30.0, 5.0, 5.0])
+    torch.testing.assert_close(pm.dr_grpo_advantages(scores, 2), T([-1.0, 1.0, -10.0, 10.0, 0.0, 0.0]))
+    # GRPO's would give both non-flat groups the same +-0.707: Dr. GRPO keeps the larger gap the larger push
+    grpo = pm.grpo_advantages(scores, 2)
+    assert grpo[1].item() == pytest.approx(grpo[3].item(), rel=1e-3)
+
+
+def test_overlong_penalty_by_hand():
+    # L_max 10, buffer 4: free up to 6 tokens, then -1/4 per token, -1 at the limit
+    lengths = T([3, 6, 7, 9, 10])
+    torch.testing.assert_close(pm.overlong_penalty(lengths, 10, 4), T([0.0, 0.0, -0.25, -0.75, -1.0]))
+    torch.testing.assert_close(pm.overlong_penalty(lengths, 10, 4, factor=0.5), T([0.0, 0.0, -0.125, -0.375, -0.5]))
+    with pytest.raises(ValueError, match="overlong buffer"):
+        pm.overlong_penalty(lengths, 10, 0)

@@ -28,10 +28,10 @@ ARGS = {
             "ppo.max_new_tokens=12", "ppo.save_every=2", "ppo.eval_every=0"],
     "dpo": ["dpo.max_steps=8", "dpo.save_every=2", "dpo.batch_size=8", "dpo.logging_every=1",
             "data.eval_preference=null", "dpo.eval_fraction=0"],
-    # critic-free: 2 prompts x 4 responses a step, the KL as a loss term
+    # critic-free: 2 prompts x 4 responses a step, the KL as a loss term; CISPO's objective with overlong shaping
     "ppo-grpo": ["ppo.max_steps=6", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
                  "ppo.max_new_tokens=12", "ppo.save_every=1", "ppo.eval_every=0", "ppo.advantage=grpo",
-                 "ppo.samples_per_prompt=4"],
+                 "ppo.samples_per_prompt=4", "ppo.policy_loss=cispo", "ppo.overlong_buffer=4"],
 }
 FILES = {"sft": ["adapter_model.safetensors"], "rm": ["adapter_model.safetensors"],
          "ppo": ["adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors"],

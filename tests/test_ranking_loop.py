@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import ROOT, refused, run_cli
+from conftest import ROOT, ran, refused, run_cli
 from rlhf import formats, modeling, ranking
 from rlhf.cli import cli
 from stages import rm as rm_stage
@@ -37,8 +37,8 @@ def candidates(parents, tmp_path_factory):
     _, runs = parents
     d = tmp_path_factory.mktemp("candidates")
     for name, prompts, n, seed in (("train", PROMPTS, 40, "0"), ("heldout", HELDOUT, 16, "1")):
-        run_cli("sample", str(runs / "sft"), "--prompts", prompts, "-k", "4", "--limit", str(n),
-                "--max-new-tokens", "24", "--seed", seed, "--out", str(d / f"{name}.jsonl"))
+        ran("sample", str(runs / "sft"), "--prompts", prompts, "-k", "4", "--limit", str(n),
+            "--max-new-tokens", "24", "--seed", seed, "--out", str(d / f"{name}.jsonl"))
     return d
 
 
@@ -131,8 +131,8 @@ def test_ranks_from_scores():
 def test_label_by_gold_a_reward_model_and_with_noise(parents, candidates, tmp_path):
     _, runs = parents
     cands = rows(candidates / "train.jsonl")
-    out = json.loads(run_cli("label", str(candidates / "train.jsonl"), "--by", "gold", "--out",
-                             str(tmp_path / "gold.jsonl")).stdout.split(" -> ")[0])
+    out = json.loads(ran("label", str(candidates / "train.jsonl"), "--by", "gold", "--out",
+                         str(tmp_path / "gold.jsonl")).split(" -> ")[0])
     labelled = rows(tmp_path / "gold.jsonl")
     assert out["written"] == len(labelled) and out["written"] + out["all_tied"] == len(cands) > out["written"] > 0
     from rlhf.tiny.world import gold_scores
@@ -148,7 +148,7 @@ def test_label_by_gold_a_reward_model_and_with_noise(parents, candidates, tmp_pa
     assert sum(len(ranking.ranking_pairs(r["ranks"])) for r in loaded.rows) == out["comparisons"]
 
     # a reward model as the labeller (AI feedback): every prompt gets a ranking from its real-valued scores
-    run_cli("label", str(candidates / "train.jsonl"), "--by", str(runs / "rm"), "--out", str(tmp_path / "rm.jsonl"))
+    ran("label", str(candidates / "train.jsonl"), "--by", str(runs / "rm"), "--out", str(tmp_path / "rm.jsonl"))
     by_rm = rows(tmp_path / "rm.jsonl")
     model, tok = modeling.load_reward(runs / "rm")
     first = by_rm[0]
@@ -158,8 +158,8 @@ def test_label_by_gold_a_reward_model_and_with_noise(parents, candidates, tmp_pa
 
     # noise: a seeded simulated annotator who sometimes disagrees
     for seed, name in (("0", "n1"), ("0", "n2"), ("5", "n3")):
-        run_cli("label", str(candidates / "train.jsonl"), "--by", "gold", "--noise", "0.5", "--seed", seed,
-                "--out", str(tmp_path / f"{name}.jsonl"))
+        ran("label", str(candidates / "train.jsonl"), "--by", "gold", "--noise", "0.5", "--seed", seed,
+            "--out", str(tmp_path / f"{name}.jsonl"))
     n1, n2, n3 = (rows(tmp_path / f"{n}.jsonl") for n in ("n1", "n2", "n3"))
     assert n1 == n2 and n1 != n3
     assert any(r["ranking"] != ranks_from_scores(r["label_scores"]) for r in n1)
@@ -183,13 +183,13 @@ def ranked(parents, candidates, tmp_path_factory):
     recipe, runs = parents
     d = tmp_path_factory.mktemp("ranked")
     for name in ("train", "heldout"):
-        run_cli("label", str(candidates / f"{name}.jsonl"), "--by", "gold", "--out", str(d / f"{name}.jsonl"))
+        ran("label", str(candidates / f"{name}.jsonl"), "--by", "gold", "--out", str(d / f"{name}.jsonl"))
     common = ["--recipe", str(recipe), "--set", f"data.preference={d / 'train.jsonl'}",
               "--set", f"data.eval_preference={d / 'heldout.jsonl'}", "--set", "rm.max_steps=6",
               "--set", "rm.batch_size=4", "--set", "rm.stats_samples=0", "--set", "rm.eval_every=3",
               "--set", "rm.logging_every=2"]
-    run_cli("rm", *common, "--out", str(d / "rm-grouped"))
-    run_cli("rm", *common, "--set", "rm.comparisons=shuffled", "--out", str(d / "rm-shuffled"))
+    ran("rm", *common, "--out", str(d / "rm-grouped"))
+    ran("rm", *common, "--set", "rm.comparisons=shuffled", "--out", str(d / "rm-shuffled"))
     return d
 
 

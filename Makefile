@@ -78,7 +78,8 @@ OBJECTIVE_RUNS := grpo dr_grpo dapo gspo cispo
 objective_sets.grpo    := --set ppo.advantage=grpo
 objective_sets.dr_grpo := --set ppo.advantage=dr_grpo
 objective_sets.dapo    := --set ppo.advantage=grpo --set ppo.clip_low=0.2 --set ppo.clip_high=0.28 \
-                          --set ppo.loss_aggregation=token_mean --set ppo.overlong_buffer=16
+                          --set ppo.loss_aggregation=token_mean --set ppo.overlong_buffer=16 \
+                          --set ppo.drop_flat_groups=true
 objective_sets.gspo    := --set ppo.advantage=grpo --set ppo.policy_loss=gspo
 objective_sets.cispo   := --set ppo.advantage=grpo --set ppo.policy_loss=cispo
 

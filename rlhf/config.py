@@ -323,6 +323,14 @@ class PPOConfig:
     and for responses that never end"""
     overlong_penalty: float = 1.0
     """the overlong shaping's penalty at max_new_tokens"""
+    drop_flat_groups: bool = False
+    """DAPO's dynamic sampling: a prompt whose K responses all got the same score carries no signal for a group
+    estimator; its slot in the step is refilled with the next prompt's K responses (sampled and scored), up to
+    resample_rounds times, so the step trains on batch_size episodes from informative groups. Slots still flat
+    after that train as they are (objective/flat_groups counts them, objective/resampled the refills). Needs
+    samples_per_prompt >= 2; resume and several processes sample what one uninterrupted process would"""
+    resample_rounds: int = 3
+    """the most refill rounds per step with drop_flat_groups (each samples only the slots still flat)"""
     mini_batch_size: int = 16
     """episodes per optimizer step on one process; must divide batch_size"""
     micro_batch_size: int = 8
@@ -496,6 +504,11 @@ class PPOConfig:
                                     f"{self.overlong_buffer}")
         if not (0 <= self.overlong_penalty < math.inf):
             fail("overlong_penalty", f"must be 0 or positive, got {self.overlong_penalty}")
+        if self.resample_rounds < 0:
+            fail("resample_rounds", f"must be 0 or more, got {self.resample_rounds}")
+        if self.drop_flat_groups and self.samples_per_prompt < 2:
+            fail("drop_flat_groups", f"needs ppo.samples_per_prompt of at least 2 (a group to be flat), got "
+                                     f"{self.samples_per_prompt}")
         if self.advantage in ("grpo", "dr_grpo", "rloo") and self.samples_per_prompt < 2:
             fail("samples_per_prompt", f"must be at least 2 for ppo.advantage={self.advantage} (it compares the "
                                        f"responses to one prompt), got {self.samples_per_prompt}")

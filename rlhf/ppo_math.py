@@ -212,6 +212,12 @@ def _flat(g: torch.Tensor) -> torch.Tensor:
     return (g == g[:, :1]).all(1, keepdim=True)
 
 
+def flat_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[B]`` scores -> ``[B / K]``: whether each group's K scores are all equal (no signal for a group
+    estimator: its advantages are exactly 0; DAPO's dynamic sampling refills such groups)."""
+    return _flat(_groups(scores, group_size)).reshape(-1)
+
+
 def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[B]`` sequence scores as ``[B / K, K]``: rows ``g*K .. g*K + K - 1`` are the K responses to one prompt."""
     if group_size < 2 or scores.shape[0] % group_size:

@@ -107,18 +107,18 @@ def bf16_speedup(device: torch.device, width: int) -> float | None:
     import time
 
     n = max(64, min(int(width), 1024))
-    rates = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, w = torch.randn(512, n, dtype=dtype), torch.randn(3 * n, n, dtype=dtype)
+    operands = {dtype: (torch.randn(512, n, dtype=dtype), torch.randn(3 * n, n, dtype=dtype))
+                for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(operands, float("inf"))
+    for x, w in operands.values():
         nn.functional.linear(x, w)  # warm-up
-        best = float("inf")
-        for _ in range(4):
+    for _ in range(6):  # the two kinds in turn, so that a burst of load from elsewhere slows both alike
+        for dtype, (x, w) in operands.items():
             t0 = time.perf_counter()
             for _ in range(2):
                 nn.functional.linear(x, w)
-            best = min(best, time.perf_counter() - t0)
-        rates[dtype] = 1.0 / best
-    return rates[torch.bfloat16] / rates[torch.float32]
+            best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 BF16_MIN_SPEEDUP = 1.3

@@ -87,6 +87,12 @@ def save_state(work: Path, step: int, tensors: dict, meta: dict, keep: int) -> P
     return final
 
 
+def latest_meta(work: Path) -> dict | None:
+    """The metadata of the newest complete ``work/step_N`` (without its tensors), or None."""
+    done = sorted(work.glob("step_*")) if work.is_dir() else []
+    return json.loads((done[-1] / "state.json").read_text()) if done else None
+
+
 def latest_state(work: Path) -> tuple[int, dict, dict] | None:
     """The newest complete ``work/step_N``: (step, tensors, metadata), or None."""
     from safetensors.torch import load_file

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rlhf import (distributed, external_rm, formats, methods, modeling, ppo_math, ppo_models, preempt, resume,
@@ -61,6 +62,8 @@ class Rollout:
     """each scorer term's values (None counted as 0), by scorer name"""
     overlong: torch.Tensor = None
     """the overlong shaping's term (None when ppo.overlong_buffer is 0)"""
+    resampled: int = 0
+    """the step's prompt slots refilled because their group was flat (ppo.drop_flat_groups), over every process"""
     total: torch.Tensor = None
     """the weighted sum of the terms, before the missing-EOS penalty and clipping"""
     shaped: torch.Tensor = None
@@ -242,8 +245,11 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
         shift, scale = rm_manifest["reward_stats"]["mean"], rm_manifest["reward_stats"]["std"]
     if reward.model_weight and reward.external is None:  # the value head starts on the reward model's scale
         scale = scale / reward.model_weight
+    precision, measured = precision_of(run, p)
     models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
-                             mixed_precision=p.mixed_precision, critic=p.critic, vocab=len(tokenizer))
+                             mixed_precision=precision, critic=p.critic, vocab=len(tokenizer))
+    if measured is not None:
+        models.bf16_speedup = measured
     n_proc, main = distributed.world_size(), distributed.is_main()
     models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
     encoded, kept = modeling.encode_prompts(tokenizer, prompts.rows, p.max_prompt_length)
@@ -274,6 +280,16 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
                  steps=p.total_steps(len(encoded), n_proc), rank=distributed.rank(), main=main)
 
 
+def precision_of(run: Run, p: PPOConfig) -> tuple[str, float | None]:
+    """``ppo.mixed_precision``, except in a resumed run: the precision it started with (and the speed-up measured
+    then). "auto" measures matrix products when a run starts, and a CPU that is busy with other work can measure
+    otherwise the next time; a resumed run that switched precision would not continue bit for bit."""
+    saved = resume.latest_meta(run.work) if run.resumed else None
+    if saved is None or "mixed_precision" not in saved:
+        return p.mixed_precision, None
+    return saved["mixed_precision"], saved.get("bf16_speedup")
+
+
 def start(s: Setup) -> State:
     """A fresh optimizer, KL controller and prompt order, or those of the newest resume checkpoint."""
     p = s.p
@@ -296,7 +312,7 @@ def start(s: Setup) -> State:
 
 def train(s: Setup, state: State) -> None:
     """The PPO steps after ``state.step``, up to ``s.steps``."""
-    p, models, tok = s.p, s.models, s.tokenizer
+    p, models = s.p, s.models
     bar = tqdm(total=s.steps, initial=state.step, desc="ppo", unit="step",
                disable=not (show_progress(s.recipe) and s.main))  # a bar on a terminal, a line per step in logs
     for step in range(state.step + 1, s.steps + 1):
@@ -304,28 +320,19 @@ def train(s: Setup, state: State) -> None:
         # 1 rollout: sample samples_per_prompt responses per prompt with the policy (a prompt's K episodes are
         # consecutive rows, each with its own key); log-probs and entropies come from the sampling pass itself
         batch = [i for i in next_batch(s, state) for _ in range(p.samples_per_prompt)]  # each episode's prompt
-        query, query_mask = (t.to(models.device) for t in left_pad([s.encoded[i] for i in batch], tok.pad_token_id))
-        keys = episode_keys(p.seed, step, torch.arange(s.rank * p.batch_size, (s.rank + 1) * p.batch_size))
-        sampled = models.sample(query, query_mask, keys=keys, temperature=p.temperature,
-                                max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
-                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        response, response_mask, stopped = ppo_math.truncate_after_eos(sampled.tokens, tok.eos_token_id,
-                                                                       tok.pad_token_id)
-        ro = Rollout(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, response_mask], 1),
-                     response=response, response_mask=response_mask, stopped=stopped, logp=sampled.logprobs,
-                     entropy=sampled.entropy)
+        ro = roll_out(s, step, batch, torch.arange(s.rank * p.batch_size, (s.rank + 1) * p.batch_size))
         clock.append(time.time())
 
-        # 2 score and KL-shape the rewards
-        length = response.shape[1]
+        # 2 score (refilling the slots of flat groups with new prompts when ppo.drop_flat_groups) and KL-shape
+        score(s, ro, batch, state)
+        if p.drop_flat_groups:
+            ro, batch = refill_flat_groups(s, state, step, ro, batch)
+        response, response_mask, length = ro.response, ro.response_mask, ro.response.shape[1]
         with torch.no_grad():
             ro.ref_logp = ppo_math.logprobs_from_logits(
                 response_logits(models, ro.ids, ro.mask, length, role="reference"), response, p.temperature)
             if p.critic:
                 ro.values = predicting(models.values(ro.ids, ro.mask), length)
-        score(s, ro, batch, state)
-        ro.shaped = ppo_math.shape_scores(ro.total, stopped, missing_eos_penalty=p.missing_eos_penalty,
-                                          clip=p.reward_clip)
         reward_kl_coef = state.kl_ctl.value if p.kl_where == "reward" else 0.0
         ro.rewards, ro.kl = ppo_math.kl_penalized_rewards(ro.shaped, ro.logp, ro.ref_logp, response_mask,
                                                           reward_kl_coef, p.kl_kind)
@@ -368,11 +375,93 @@ def next_batch(s: Setup, state: State) -> list[int]:
     draws the same global batch from the same prompt order and takes its own slice; each episode samples with its
     own key (``rollout.episode_keys``), so its response does not depend on which process runs it or what else is
     in the batch."""
-    n, mine = s.p.prompts_per_step(distributed.world_size()), s.p.prompts_per_step()
-    if len(state.order) < n:
+    mine = s.p.prompts_per_step()
+    return draw(s, state, s.p.prompts_per_step(distributed.world_size()))[s.rank * mine:(s.rank + 1) * mine]
+
+
+def draw(s: Setup, state: State, n: int) -> list[int]:
+    """The next ``n`` prompts of the run's order, a permutation of the prompts after another (every process
+    draws the same)."""
+    while len(state.order) < n:
         state.order += torch.randperm(len(s.encoded), generator=state.order_gen).tolist()
-    batch, state.order = state.order[:n][s.rank * mine:(s.rank + 1) * mine], state.order[n:]
-    return batch
+    drawn, state.order = state.order[:n], state.order[n:]
+    return drawn
+
+
+def roll_out(s: Setup, step: int, batch: list[int], episodes: torch.Tensor) -> Rollout:
+    """Sample one response for each of ``batch``'s prompts, episode ``episodes[i]`` (its global index in the step)
+    with its own key; the sampling pass keeps each token's log-prob and entropy."""
+    p, tok = s.p, s.tokenizer
+    query, query_mask = (t.to(s.models.device) for t in left_pad([s.encoded[i] for i in batch], tok.pad_token_id))
+    sampled = s.models.sample(query, query_mask, keys=episode_keys(p.seed, step, episodes),
+                              temperature=p.temperature, max_new_tokens=p.max_new_tokens,
+                              min_new_tokens=p.min_new_tokens, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+    response, response_mask, stopped = ppo_math.truncate_after_eos(sampled.tokens, tok.eos_token_id,
+                                                                   tok.pad_token_id)
+    return Rollout(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, response_mask], 1),
+                   response=response, response_mask=response_mask, stopped=stopped, logp=sampled.logprobs,
+                   entropy=sampled.entropy)
+
+
+def refill_flat_groups(s: Setup, state: State, step: int, ro: Rollout, batch: list[int]
+                       ) -> tuple[Rollout, list[int]]:
+    """DAPO's dynamic sampling (Yu et al. 2025, section 3.2), slot by slot: the step's G prompt slots (over every
+    process) whose K scores are all equal are refilled, in slot order, with the next prompts of the run's order,
+    sampled and scored; again for the slots still flat, up to ``ppo.resample_rounds`` rounds. Round r's episode
+    in slot j, response k, has key index ``r * global_batch + j * K + k``: which process holds a slot and what else
+    is sampled beside it change nothing, so several processes and a resumed run refill exactly as one
+    uninterrupted process does. Sets ``ro.resampled`` (slots refilled, over every process)."""
+    p, K = s.p, s.p.samples_per_prompt
+    mine = p.batch_size // K  # slots on this process; slot j of the step is process j // mine's
+    for round_ in range(1, p.resample_rounds + 1):
+        flat = torch.zeros(mine * distributed.world_size())
+        flat[s.rank * mine:(s.rank + 1) * mine] = ppo_math.flat_groups(ro.shaped, K).float().cpu()
+        slots = distributed.all_sum(flat).nonzero().reshape(-1).tolist()
+        if not slots:
+            break
+        prompts = draw(s, state, len(slots))
+        ro.resampled += len(slots)
+        refill = [(slot - s.rank * mine, prompt) for slot, prompt in zip(slots, prompts) if slot // mine == s.rank]
+        if not refill:
+            continue  # none of the slots still flat is this process's
+        new_batch = [prompt for _, prompt in refill for _ in range(K)]
+        episodes = torch.tensor([round_ * s.global_batch + (s.rank * mine + g) * K + k for g, _ in refill
+                                 for k in range(K)])
+        new = roll_out(s, step, new_batch, episodes)
+        score(s, new, new_batch, state)
+        rows = torch.tensor([g * K + k for g, _ in refill for k in range(K)])
+        ro = replace_rows(ro, rows, new, s.tokenizer.pad_token_id)
+        for (g, prompt) in refill:
+            batch[g * K:(g + 1) * K] = [prompt] * K
+    return ro, batch
+
+
+def replace_rows(ro: Rollout, rows: torch.Tensor, new: Rollout, pad_id: int) -> Rollout:
+    """``ro`` with its ``rows`` replaced by ``new``'s episodes (sampled and scored), both re-padded to the longer
+    prompt and the longer response: prompts stay left-padded and responses right-padded."""
+    lq = max(x.ids.shape[1] - x.response.shape[1] for x in (ro, new))
+    lr = max(x.response.shape[1] for x in (ro, new))
+
+    def widen(x: Rollout) -> dict:
+        q, length = x.ids.shape[1] - x.response.shape[1], x.response.shape[1]
+        whole = {"ids": pad_id, "mask": 0}
+        tokens = {"response": pad_id, "response_mask": 0, "logp": 0.0, "entropy": 0.0}
+        out = {k: F.pad(getattr(x, k), (lq - q, lr - length), value=v) for k, v in whole.items()}
+        out.update({k: F.pad(getattr(x, k), (0, lr - length), value=v) for k, v in tokens.items()})
+        return out
+
+    merged, incoming = widen(ro), widen(new)
+    for key in list(merged) + ["stopped", "scores", "total", "shaped", "overlong"]:
+        if key not in merged:
+            if getattr(ro, key) is None:
+                continue
+            merged[key], incoming[key] = getattr(ro, key).clone(), getattr(new, key)
+        merged[key][rows.to(merged[key].device)] = incoming[key]
+    terms = {name: values.clone() for name, values in ro.terms.items()}
+    for name in terms:
+        terms[name][rows.to(terms[name].device)] = new.terms[name]
+    return dataclasses.replace(ro, **merged, terms=terms)
 
 
 def advantages(p: PPOConfig, ro: Rollout, reward_kl_coef: float) -> None:
@@ -403,7 +492,8 @@ def advantages(p: PPOConfig, ro: Rollout, reward_kl_coef: float) -> None:
 
 def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
     """The rollout's total score: the reward model's (standardised with its stored statistics when
-    ppo.normalize_reward) and each scorer's on the decoded response, weighted and summed (``ppo.reward``).
+    ppo.normalize_reward) and each scorer's on the decoded response, weighted and summed (``ppo.reward``), and the
+    shaped score (the total after the missing-EOS penalty and clipping, ``ro.shaped``).
     A published reward model reads the decoded conversation with its own tokenizer; its statistics are measured
     on the first step's samples (every process's) and kept for the run."""
     p, terms = s.p, []
@@ -434,6 +524,8 @@ def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
             ro.terms[scorer.name] = torch.tensor(values, dtype=torch.float32, device=ro.response.device)
             terms.append((ro.terms[scorer.name], weight))
     ro.total = ppo_math.weighted_score(terms)
+    ro.shaped = ppo_math.shape_scores(ro.total, ro.stopped, missing_eos_penalty=p.missing_eos_penalty,
+                                      clip=p.reward_clip)
 
 
 def response_logits(models: PPOModels, ids, mask, length: int, role: str = "policy") -> torch.Tensor:
@@ -561,6 +653,7 @@ def log_step(s: Setup, state: State, step: int, ro: Rollout, update: dict, clock
         "objective/entropy": ppo_math.sequence_sum(ro.entropy, mask).mean().item(),
         # prompts whose K responses all scored the same: no signal for the group estimators
         **({"objective/flat_groups": (groups.amax(1) == groups.amin(1)).float().mean().item()} if K > 1 else {}),
+        **({"objective/resampled": float(ro.resampled)} if s.p.drop_flat_groups else {}),
         **update,
         "response/length": mask.sum(1).float().mean().item(),
         "response/eos_rate": ro.stopped.float().mean().item(),
@@ -641,7 +734,8 @@ def save_checkpoint(s: Setup, state: State, snapshot: bool = True) -> None:
             tensors = {**{f"model.{k}": v for k, v in s.models.trainable_state().items()}, **opt_tensors,
                        **rng_tensors, "rng.order": state.order_gen.get_state()}
             meta = {"optimizer": opt_meta, "rng": rng_meta, "kl_controller": state.kl_ctl.state_dict(),
-                    "reward_stats": state.reward_stats,
+                    "reward_stats": state.reward_stats, "mixed_precision": "bf16" if s.models.autocast else "no",
+                    "bf16_speedup": s.models.bf16_speedup,
                     "order": state.order, "metrics_lines": s.run.metrics_lines()}
             resume.save_state(s.run.work, state.step, tensors, meta, s.p.keep_checkpoints)
     distributed.barrier()

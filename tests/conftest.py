@@ -59,6 +59,18 @@ def refused(*args: str, expect: str = "", lines_before: bool = False) -> str:
     return lines[-1]
 
 
+FLAT_WHEN_EVEN = """import re
+
+def flat_when_even(prompts, responses):
+    # a prompt whose last number is even (or that has none) gives a flat group; the others score each
+    # response's length (rarely all equal)
+    return [0.0 if int((re.findall(r"\\d+", p[-1]["content"]) or ["0"])[-1]) % 2 == 0 else len(r) / 100
+            for p, r in zip(prompts, responses)]
+"""
+"""A scorer file for DAPO's dynamic sampling: which groups are flat depends on the prompts alone, whatever
+process samples them (tests write it next to their run and name it in ``ppo.reward``)."""
+
+
 def write_recipe(path: Path, **sections) -> Path:
     """The tiny recipe with some sections replaced or extended (``sft={"max_steps": 3}``)."""
     recipe = yaml.safe_load(TINY.read_text())

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, ran, run_cli, write_recipe
+from conftest import FLAT_WHEN_EVEN, ROOT, ran, run_cli, write_recipe
 from rlhf import distributed, ppo_math
 from rlhf.rollout import episode_keys, gumbel_max, hash_uniform
 
@@ -195,11 +195,16 @@ def test_ppo_on_two_processes_matches_one(parents, tmp_path, estimator):
     with statistics of both halves, normalises losses by the tokens of both, and sums gradients: the result is
     the single-process run's, to rounding. reinforce_pp (critic-free) with 2 responses per prompt: each process
     holds whole groups (the group-mean baseline is local) and normalises returns over both halves; its losses
-    are aggregated per response (seq_mean_token_sum), each micro-batch weighed by its share of the responses."""
+    are aggregated per response (seq_mean_token_sum), each micro-batch weighed by its share of the responses, and
+    its flat groups are refilled (DAPO's dynamic sampling) slot by slot, as one process refills them."""
     recipe, runs = parents
     one, two = tmp_path / "one" / "ppo", tmp_path / "two" / "ppo"
-    extra = ("--set", f"ppo.advantage={estimator}", "--set", f"ppo.samples_per_prompt={1 + (estimator != 'gae')}",
-             *(("--set", "ppo.loss_aggregation=seq_mean_token_sum") if estimator != "gae" else ()))
+    (tmp_path / "flat.py").write_text(FLAT_WHEN_EVEN)
+    extra = ("--set", f"ppo.advantage={estimator}", "--set", f"ppo.samples_per_prompt={1 + (estimator != 'gae')}")
+    if estimator != "gae":
+        extra += tuple(x for kv in ("ppo.loss_aggregation=seq_mean_token_sum", "ppo.drop_flat_groups=true",
+                                    f"ppo.reward={{{tmp_path / 'flat.py'}:flat_when_even: 1.0}}",
+                                    "ppo.missing_eos_penalty=null") for x in ("--set", kv))
     ran("ppo", "--recipe", str(recipe), *PPO, *extra, "--set", "ppo.batch_size=8",  # in this process
         "--set", "ppo.mini_batch_size=8", "--set", "ppo.micro_batch_size=4", "--out", str(one))
     proc = run_cli("ppo", "--recipe", str(recipe), *PPO, *extra, "--set", "ppo.batch_size=4",
@@ -217,8 +222,11 @@ def test_ppo_on_two_processes_matches_one(parents, tmp_path, estimator):
     rows = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (one, two)]
     assert len(rows[0]) == len(rows[1]) == 3
     for x, y in zip(*rows):  # the same episodes, so the same statistics of the whole batch
-        for key in ("objective/score", "objective/kl", "response/length", "ppo/kl_coef", "policy/loss"):
+        for key in ("objective/score_total", "objective/kl", "response/length", "ppo/kl_coef", "policy/loss",
+                    *(("objective/resampled", "objective/flat_groups") if estimator != "gae" else ())):
             assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-5), key
+    if estimator != "gae":
+        assert sum(r["objective/resampled"] for r in rows[0]) > 0, "no group was refilled: nothing compared"
 
 
 def test_ppo_refuses_sharded_configs(parents, tmp_path, monkeypatch):

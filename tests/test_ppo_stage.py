@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, ran, refused, run_cli
+from conftest import FLAT_WHEN_EVEN, ROOT, ran, refused, run_cli
 from rlhf import allocator, formats, modeling, ppo_math, ppo_models, rollout
 from rlhf.config import ModelConfig, load_recipe
 
@@ -211,6 +211,24 @@ def test_every_policy_objective_trains_through_the_cli(parents, tmp_path, case):
     assert any(not torch.equal(pol[k], sft[k]) for k in pol)
 
 
+def test_dynamic_sampling_refills_flat_groups(parents, tmp_path):
+    """DAPO's dynamic sampling: prompts whose last number is even (or that have none) always give a flat group (a
+    scorer that scores them 0); their slots are refilled with the next prompts until none is flat or the rounds
+    run out."""
+    recipe, _ = parents
+    (tmp_path / "flat.py").write_text(FLAT_WHEN_EVEN)
+    out = tmp_path / "ppo"
+    sets = SMALL + ["ppo.advantage=grpo", "ppo.samples_per_prompt=4", "ppo.max_steps=3", "ppo.eval_every=0",
+                    f"ppo.reward={{{tmp_path / 'flat.py'}:flat_when_even: 1.0}}", "ppo.drop_flat_groups=true",
+                    "ppo.resample_rounds=2", "ppo.missing_eos_penalty=null"]  # the scorer alone makes groups flat
+    ran("ppo", "--recipe", str(recipe), "--out", str(out), *[x for kv in sets for x in ("--set", kv)])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["objective/resampled"] for r in rows) > 0
+    for r in rows:  # a slot still flat at the end was refilled in every round
+        assert r["objective/flat_groups"] == 0.0 or r["objective/resampled"] >= 2
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["episodes"] == 3 * 8
+
+
 def test_critic_free_from_the_bare_base_with_full_finetuning(tiny_recipe, tmp_path):
     """The separate-copies layout (full fine-tuning) without a critic: no value model is loaded or saved."""
     out = tmp_path / "ppo"
@@ -219,6 +237,37 @@ def test_critic_free_from_the_bare_base_with_full_finetuning(tiny_recipe, tmp_pa
     proc = run_cli("ppo", "--recipe", str(tiny_recipe), "--policy", "base", "--out", str(out), *args)
     assert "parameters (policy)" in proc.stderr
     assert (out / "model.safetensors").is_file() and not (out / "value").exists()
+
+
+def test_replace_rows_repads_both_rollouts():
+    """A refilled slot's episodes replace rows of the step's rollout, whatever their prompt and response widths:
+    prompts stay left-padded, responses right-padded, every per-episode field follows its row."""
+    from stages import ppo
+
+    def rollout(prompts, responses, base):
+        q = max(map(len, prompts))
+        r = max(map(len, responses))
+        ids = torch.tensor([[0] * (q - len(a)) + a + b + [0] * (r - len(b)) for a, b in zip(prompts, responses)])
+        mask = torch.tensor([[0] * (q - len(a)) + [1] * len(a) + [1] * len(b) + [0] * (r - len(b))
+                             for a, b in zip(prompts, responses)])
+        rmask = mask[:, q:]
+        n = len(prompts)
+        return ppo.Rollout(ids=ids, mask=mask, response=ids[:, q:], response_mask=rmask,
+                           stopped=torch.ones(n, dtype=torch.bool), logp=-rmask.float() * base,
+                           entropy=rmask.float() * base, scores=torch.arange(n) + base, terms={"gold": torch.arange(n) + base},
+                           total=torch.arange(n) + base, shaped=torch.arange(n) + base)
+
+    old = rollout([[5, 6], [7]], [[8], [9, 9, 9]], 10.0)
+    new = rollout([[1, 2, 3]], [[4, 4]], 20.0)
+    merged = ppo.replace_rows(old, torch.tensor([0]), new, pad_id=0)
+    assert merged.ids.tolist() == [[1, 2, 3, 4, 4, 0], [0, 0, 7, 9, 9, 9]]
+    assert merged.mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert merged.response.tolist() == [[4, 4, 0], [9, 9, 9]]
+    assert merged.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert merged.logp.tolist() == [[-20.0, -20.0, 0.0], [-10.0, -10.0, -10.0]]
+    for field in ("scores", "total", "shaped"):
+        assert getattr(merged, field).tolist() == [20.0, 11.0]
+    assert merged.terms["gold"].tolist() == [20.0, 11.0] and old.shaped.tolist() == [10.0, 11.0]  # old kept
 
 
 def test_advantages_group_consecutive_rows_by_hand():
@@ -276,6 +325,25 @@ def test_min_new_tokens_fixes_the_response_length(parents, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["response/length"] == 16 and r["response/eos_rate"] == 0 for r in rows)
     assert json.loads((tmp_path / "ppo" / "manifest.json").read_text())["mixed_precision"] == "no"
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_with(tmp_path):
+    """mixed_precision: auto measures matrix products when a run starts; a CPU busy with other work measured
+    0.78x once and 5.74x the next time here. A resumed run takes the precision its checkpoint says, not a new
+    measurement, or it would not continue bit for bit."""
+    from types import SimpleNamespace
+
+    from rlhf import resume
+    from stages import ppo
+
+    p = load_recipe(ROOT / "recipes" / "tiny.yaml").ppo
+    assert p.mixed_precision == "auto"
+    run = SimpleNamespace(resumed=True, work=tmp_path / "work")
+    assert ppo.precision_of(run, p) == ("auto", None)  # no checkpoint yet: measure
+    resume.save_state(run.work, 2, {"x": torch.zeros(1)}, {"mixed_precision": "bf16", "bf16_speedup": 1.4}, 2)
+    assert ppo.precision_of(run, p) == ("bf16", 1.4)
+    run.resumed = False
+    assert ppo.precision_of(run, p) == ("auto", None)
 
 
 def test_mixed_precision_resolution():

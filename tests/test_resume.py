@@ -18,20 +18,23 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, ran, refused, run_cli
+from conftest import FLAT_WHEN_EVEN, ROOT, ran, refused, run_cli
 
 ARGS = {
     "sft": ["sft.max_steps=8", "sft.save_every=2", "sft.eval_fraction=0", "sft.logging_every=1"],
     "rm": ["rm.max_steps=8", "rm.save_every=2", "rm.stats_samples=64", "rm.logging_every=1",
            "data.eval_preference=null", "rm.eval_fraction=0"],
     "ppo": ["ppo.max_steps=6", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
-            "ppo.max_new_tokens=12", "ppo.save_every=2", "ppo.eval_every=0"],
+            "ppo.max_new_tokens=12", "ppo.save_every=2", "ppo.eval_every=0",
+            "ppo.mixed_precision=no"],  # pinned: "auto" measures anew in each run, and a busy CPU can tip it
     "dpo": ["dpo.max_steps=8", "dpo.save_every=2", "dpo.batch_size=8", "dpo.logging_every=1",
             "data.eval_preference=null", "dpo.eval_fraction=0"],
-    # critic-free: 2 prompts x 4 responses a step, the KL as a loss term; CISPO's objective with overlong shaping
+    # critic-free: 2 prompts x 4 responses a step, the KL as a loss term; CISPO's objective against a scorer whose
+    # flat groups are refilled (DAPO's dynamic sampling; the scorer is added by the test); in bf16 autocast
     "ppo-grpo": ["ppo.max_steps=6", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
                  "ppo.max_new_tokens=12", "ppo.save_every=1", "ppo.eval_every=0", "ppo.advantage=grpo",
-                 "ppo.samples_per_prompt=4", "ppo.policy_loss=cispo", "ppo.overlong_buffer=4"],
+                 "ppo.samples_per_prompt=4", "ppo.policy_loss=cispo",
+                 "ppo.missing_eos_penalty=null", "ppo.drop_flat_groups=true", "ppo.mixed_precision=bf16"],
 }
 FILES = {"sft": ["adapter_model.safetensors"], "rm": ["adapter_model.safetensors"],
          "ppo": ["adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors"],
@@ -40,6 +43,9 @@ FILES = {"sft": ["adapter_model.safetensors"], "rm": ["adapter_model.safetensors
 
 def _argv(stage, recipe, out, extra=()):
     sets = [x for kv in ARGS[stage] for x in ("--set", kv)]
+    if stage == "ppo-grpo":  # the scorer that makes groups flat, written next to the recipe
+        (Path(recipe).parent / "flat.py").write_text(FLAT_WHEN_EVEN)
+        sets += ["--set", f"ppo.reward={{{Path(recipe).parent / 'flat.py'}:flat_when_even: 1.0}}"]
     return [sys.executable, "-m", "rlhf.cli", stage.split("-")[0], "--recipe", str(recipe), "--out", str(out), *sets, *extra]
 
 
@@ -126,6 +132,8 @@ def test_stopped_run_resumes_bit_identically(stage, parents, tmp_path):
     assert not work.exists() and not (tmp_path / ".resumed.partial").exists()
     if stage == "ppo-grpo":
         assert not (resumed / "value").exists()
+        assert sum(json.loads(x)["objective/resampled"] for x in (straight / "metrics.jsonl").read_text()
+                   .splitlines()) > 0, "no flat group was refilled: dynamic sampling was not resumed"
 
 
 def test_resume_refusals(tiny_recipe, tmp_path):

@@ -640,7 +640,6 @@ def log_step(s: Setup, state: State, step: int, ro: Rollout, update: dict, clock
     mask, K = ro.response_mask, s.p.samples_per_prompt
     seq_kl = ppo_math.sequence_sum(ro.kl, mask)
     non_score = -state.kl_ctl.value * seq_kl  # the KL penalty, in the reward or as a loss term
-    groups = ro.shaped.reshape(-1, K)
     row = {
         **({"objective/score": ro.scores.mean().item()} if ro.scores is not None else {}),
         **{f"objective/scorer/{name}": values.mean().item() for name, values in ro.terms.items()},
@@ -652,7 +651,7 @@ def log_step(s: Setup, state: State, step: int, ro: Rollout, update: dict, clock
         "objective/rlhf_reward": (ro.shaped + non_score).mean().item(),
         "objective/entropy": ppo_math.sequence_sum(ro.entropy, mask).mean().item(),
         # prompts whose K responses all scored the same: no signal for the group estimators
-        **({"objective/flat_groups": (groups.amax(1) == groups.amin(1)).float().mean().item()} if K > 1 else {}),
+        **({"objective/flat_groups": ppo_math.flat_groups(ro.shaped, K).float().mean().item()} if K > 1 else {}),
         **({"objective/resampled": float(ro.resampled)} if s.p.drop_flat_groups else {}),
         **update,
         "response/length": mask.sum(1).float().mean().item(),

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FLAT_WHEN_EVEN, ROOT, ran, refused, run_cli
-from rlhf import allocator, formats, modeling, ppo_math, ppo_models, rollout
+from rlhf import allocator, formats, modeling, ppo_math, ppo_models, ppo_update, rollout
 from rlhf.config import ModelConfig, load_recipe
 
 SMALL = ["ppo.max_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
@@ -242,7 +242,6 @@ def test_critic_free_from_the_bare_base_with_full_finetuning(tiny_recipe, tmp_pa
 def test_replace_rows_repads_both_rollouts():
     """A refilled slot's episodes replace rows of the step's rollout, whatever their prompt and response widths:
     prompts stay left-padded, responses right-padded, every per-episode field follows its row."""
-    from stages import ppo
 
     def rollout(prompts, responses, base):
         q = max(map(len, prompts))
@@ -252,14 +251,14 @@ def test_replace_rows_repads_both_rollouts():
                              for a, b in zip(prompts, responses)])
         rmask = mask[:, q:]
         n = len(prompts)
-        return ppo.Rollout(ids=ids, mask=mask, response=ids[:, q:], response_mask=rmask,
+        return ppo_update.Rollout(ids=ids, mask=mask, response=ids[:, q:], response_mask=rmask,
                            stopped=torch.ones(n, dtype=torch.bool), logp=-rmask.float() * base,
                            entropy=rmask.float() * base, scores=torch.arange(n) + base, terms={"gold": torch.arange(n) + base},
                            total=torch.arange(n) + base, shaped=torch.arange(n) + base)
 
     old = rollout([[5, 6], [7]], [[8], [9, 9, 9]], 10.0)
     new = rollout([[1, 2, 3]], [[4, 4]], 20.0)
-    merged = ppo.replace_rows(old, torch.tensor([0]), new, pad_id=0)
+    merged = ppo_update.replace_rows(old, torch.tensor([0]), new, pad_id=0)
     assert merged.ids.tolist() == [[1, 2, 3, 4, 4, 0], [0, 0, 7, 9, 9, 9]]
     assert merged.mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
     assert merged.response.tolist() == [[4, 4, 0], [9, 9, 9]]
@@ -272,8 +271,6 @@ def test_replace_rows_repads_both_rollouts():
 
 def test_advantages_group_consecutive_rows_by_hand():
     """The loop's estimators on a rollout of 2 prompts x K = 2 responses with hand-picked scores and KLs."""
-    from stages import ppo
-
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
     logp = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, 0.0, 0.0], [-1.0, -1.0, -1.0], [-0.5, -0.5, 0.0]])
     ref = logp - torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.25, 0.25, 0.0]])  # k1 = logp-ref
@@ -282,10 +279,10 @@ def test_advantages_group_consecutive_rows_by_hand():
     def rollout(estimator, coef, **kw):
         p = load_recipe(ROOT / "recipes" / "tiny.yaml", [f"ppo.advantage={estimator}", "ppo.samples_per_prompt=2",
                                                          *[f"ppo.{k}={v}" for k, v in kw.items()]]).ppo
-        ro = ppo.Rollout(ids=None, mask=None, response=None, response_mask=mask, stopped=None, logp=logp,
+        ro = ppo_update.Rollout(ids=None, mask=None, response=None, response_mask=mask, stopped=None, logp=logp,
                          ref_logp=ref, shaped=shaped)
         ro.rewards, ro.kl = ppo_math.kl_penalized_rewards(shaped, logp, ref, mask, coef, p.kl_kind)
-        ppo.advantages(p, ro, coef)
+        ppo_update.advantages(p, ro, coef)
         return ro
 
     # rloo, KL in the reward (beta 1): sequence rewards 3 - 1 = 2, 1 - 1 = 0 | 0 - 0 = 0, 2 - 0.5 = 1.5;
@@ -389,12 +386,10 @@ def test_sampling_loop_draws_what_generate_draws_and_keeps_the_log_probs(parents
                                     pad_token_id=tok.pad_token_id)
         assert torch.equal(s.tokens, out[:, ids.shape[1]:])
         assert min_new == 0 or not (s.tokens[:, :min_new] == tok.eos_token_id).any()
-    from stages.ppo import response_logits
-
     response, rmask, stopped = ppo_math.truncate_after_eos(s.tokens, tok.eos_token_id, tok.pad_token_id)
     assert stopped.any() and not stopped.all() and rmask.sum() > 100  # both kinds of response, real lengths
     with torch.no_grad():
-        logits = response_logits(models, torch.cat([ids, response], 1), torch.cat([mask, rmask], 1),
+        logits = ppo_update.response_logits(models, torch.cat([ids, response], 1), torch.cat([mask, rmask], 1),
                                  response.shape[1])
     real = rmask.bool()
     full = ppo_math.logprobs_from_logits(logits, response, temperature)

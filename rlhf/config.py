@@ -354,9 +354,11 @@ class PPOConfig:
     """sampling temperature; log-probabilities are computed at the same temperature"""
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     """bf16 autocast for every forward and backward pass of the loop (weights and optimizer stay fp32): "auto"
-    uses it for an fp32, unquantized base on a GPU with bf16, or on a CPU where bf16 matrix products measure at
-    least 1.3x faster than fp32 when the stage starts (AMX CPUs: ~4x; AVX512-BF16 without AMX: ~0.6x, so fp32);
-    "no" keeps everything fp32 (bit-for-bit comparisons). The manifest records the choice and the measurement"""
+    uses it for an fp32, unquantized base on a GPU with bf16, or on a CPU where bf16 matrix products measured at
+    least 1.3x faster than fp32 (AMX CPUs: ~4x; AVX512-BF16 without AMX: 0.55x-2.3x; measured once per machine and
+    kept in ~/.cache/rlhf), and only where PPO's passes in bf16 give the same bits twice (checked before the first
+    step; else fp32, so runs repeat and resume bit for bit); "bf16" forces it; "no" keeps everything fp32. The
+    manifest records the choice, the measurement and whether the passes repeat (``repeatable``)"""
     kl_coef: float = 0.05
     """beta, the weight of the per-token KL penalty (initial value when adaptive)"""
     kl_estimator: Literal["k1", "k3"] | None = None

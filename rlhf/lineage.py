@@ -40,6 +40,16 @@ def headline(manifest: dict) -> str:
     return ""
 
 
+def precision_line(manifest: dict) -> str:
+    """A PPO run's precision and whether it repeats bit for bit (its manifest's ``mixed_precision``,
+    ``bf16_speedup`` and ``repeatable``: rlhf/precision.py)."""
+    text = "bf16 autocast" if manifest.get("mixed_precision") == "bf16" else "fp32"
+    if manifest.get("bf16_speedup"):
+        text += f" (bf16 measured {manifest['bf16_speedup']:.2f}x fp32)"
+    return text + {True: ", repeats bit for bit", False: ", does NOT repeat bit for bit (resume is not exact)",
+                   None: ", repeatability not checked"}[manifest.get("repeatable")]
+
+
 def _data_lines(data: dict) -> list[str]:
     lines = []
     for role, summary in (data or {}).items():
@@ -80,6 +90,8 @@ def model_card(manifest: dict) -> str:
                      + (f", revision `{published['revision']}`" if published.get("revision") else "")
                      + (f", directory sha256 `{published['directory_sha256'][:16]}...`"
                         if published.get("directory_sha256") else ""))
+    if "repeatable" in manifest:
+        lines.append(f"- precision: {precision_line(manifest)}")
     lines += [f"- finished: {manifest.get('finished')} after {manifest.get('seconds')} s"
               + (" (resumed)" if manifest.get("resumed") else ""), ""]
     data = _data_lines(manifest.get("data"))
@@ -183,6 +195,8 @@ def describe(run_dir: Path) -> str:
             facts.append(f"base {m.get('base')}")
         if headline(m):
             facts.append(headline(m))
+        if "repeatable" in m:
+            facts.append(precision_line(m))
         if m.get("finished"):
             facts.append(f"finished {m['finished']} ({m.get('seconds')} s)")
         lines.append(f"  -> {path}  [{role}]\n       " + "; ".join(facts))

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import copy
 import types
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from rlhf import distributed, methods, modeling, ppo_math, rollout
+from rlhf import methods, modeling, ppo_math, precision, rollout
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
+from rlhf.precision import autocast
 
 class PPOModels(Protocol):
     """What the PPO loop needs of its four models (policy, reference, reward, value), whichever layout holds them.
@@ -42,6 +43,9 @@ class PPOModels(Protocol):
     """the autocast dtype of every forward pass, or None"""
     bf16_speedup: float | None
     """bf16 over fp32 matrix-product speed measured on a CPU when ``mixed_precision: auto`` looked, else None"""
+    repeatable: bool | None
+    """whether PPO's passes gave the same bits twice in this precision when checked (``precision.repeats``),
+    None when not checked"""
 
     @property
     def device(self) -> torch.device: ...
@@ -87,59 +91,6 @@ class PPOModels(Protocol):
     def save(self, out: Path) -> None:
         """The policy at ``out`` (loadable like an SFT run's), the value model (when there is one) under
         ``out/value``."""
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """The autocast context of a forward pass on ``device`` (a no-op when ``dtype`` is None)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-
-
-def bf16_speedup(device: torch.device, width: int) -> float | None:
-    """How many times faster bf16 matrix products are than fp32 on ``device``, measured here on products of the
-    model's width (capped at 1024) and ~512 tokens; None on a GPU (not measured: bf16 is fast wherever supported).
-
-    A CPU flag does not tell: with AMX, or AVX512-BF16 on some CPUs, bf16 products were 4x fp32 at the tiny model's
-    shapes; on a CPU with AVX512-BF16 but no AMX they were 0.55x (docs/ppo.md, "Precision"). Takes 10 ms at the
-    tiny model's width, ~0.3 s at 1024 on two cores.
-    """
-    if device.type != "cpu":
-        return None
-    import time
-
-    n = max(64, min(int(width), 1024))
-    operands = {dtype: (torch.randn(512, n, dtype=dtype), torch.randn(3 * n, n, dtype=dtype))
-                for dtype in (torch.float32, torch.bfloat16)}
-    best = dict.fromkeys(operands, float("inf"))
-    for x, w in operands.values():
-        nn.functional.linear(x, w)  # warm-up
-    for _ in range(6):  # the two kinds in turn, so that a burst of load from elsewhere slows both alike
-        for dtype, (x, w) in operands.items():
-            t0 = time.perf_counter()
-            for _ in range(2):
-                nn.functional.linear(x, w)
-            best[dtype] = min(best[dtype], time.perf_counter() - t0)
-    return best[torch.float32] / best[torch.bfloat16]
-
-
-BF16_MIN_SPEEDUP = 1.3
-"""``mixed_precision: auto`` picks bf16 on a CPU only where bf16 products measured at least this much faster"""
-
-
-def autocast_dtype(setting: str, cfg: ModelConfig, device: torch.device, width: int) -> tuple[torch.dtype | None,
-                                                                                               float | None]:
-    """The autocast dtype for ``ppo.mixed_precision`` (None: none), and the measured bf16 speed-up when "auto"
-    measured one. "auto" means bf16 for a plain fp32 base on a GPU with bf16, or on a CPU where bf16 products
-    measured (averaged over all processes) at least ``BF16_MIN_SPEEDUP`` times faster than fp32; an already
-    low-precision or quantized base runs as it is."""
-    if setting == "bf16":
-        return torch.bfloat16, None
-    if setting == "no" or cfg.quantization or cfg.dtype != "float32":
-        return None, None
-    if device.type == "cuda":
-        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else None), None
-    # every process takes the same decision: the measurement averaged over all of them (each is noisy)
-    speedup = distributed.all_mean({"bf16_speedup": bf16_speedup(device, width)})["bf16_speedup"]
-    return (torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else None), speedup
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,6 +167,7 @@ class SharedBase:
 
     autocast: torch.dtype | None = None
     bf16_speedup: float | None = None
+    repeatable: bool | None = None
     vocab: int | None = None
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
@@ -414,6 +366,7 @@ class SeparateCopies:
 
     autocast: torch.dtype | None = None
     bf16_speedup: float | None = None
+    repeatable: bool | None = None
     vocab: int | None = None
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
@@ -524,7 +477,7 @@ def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | Non
          value_shift: float = 0.0, value_scale: float = 1.0, device: torch.device | str = "cpu",
          mixed_precision: str = "no", critic: bool = True, vocab: int | None = None) -> PPOModels:
     """The PPO models in the layout ``method`` calls for, on ``device``, every forward pass under the autocast
-    that ``mixed_precision`` ("auto", "bf16" or "no") resolves to (``autocast_dtype``; the models' ``autocast``
+    that ``mixed_precision`` ("auto", "bf16" or "no") resolves to (``precision.autocast_dtype``; the models' ``autocast``
     and ``bf16_speedup`` say what it resolved to). The value head starts as the reward model's score head mapped
     to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises; without a reward model
     (``rm_dir`` None) it starts at zero on the policy's weights; ``critic`` False: no value model at all.
@@ -538,7 +491,8 @@ def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | Non
     models.to(device)
     models.vocab = vocab
     width = getattr(models.config, "hidden_size", 1024)
-    models.autocast, models.bf16_speedup = autocast_dtype(mixed_precision, cfg, device, width)
+    models.autocast, models.bf16_speedup = precision.autocast_dtype(
+        mixed_precision, bool(cfg.quantization) or cfg.dtype != "float32", device, width)
     if models.autocast is not None:
         models.keep_frozen_in(models.autocast)
     return models

@@ -1,6 +1,7 @@
 """The PPO step's pieces that act on one batch of episodes: the ``Rollout`` they live in, replacing its rows
 (dynamic sampling's refills), the advantages by ``ppo.advantage``, and the update (``ppo_epochs``: the PPO epochs
-over shuffled mini-batches, and the guard that stops a run whose updates are all non-finite).
+over shuffled mini-batches, and the guard that stops a run whose updates are all non-finite); ``probe_pass``, a
+step in small that ``rlhf.precision.repeats`` runs twice to tell whether the run will repeat bit for bit.
 
 ``stages/ppo.py`` holds the loop that calls them: sampling, scoring, metrics, checkpoints. The maths lives in
 ``rlhf.ppo_math``; which adapter a forward pass uses in ``rlhf.ppo_models``.
@@ -20,6 +21,7 @@ from rlhf.config import PPOConfig
 from rlhf.errors import TrainingStopped
 from rlhf.ppo_math import predicting
 from rlhf.ppo_models import PPOModels
+from rlhf.rollout import episode_keys
 
 
 @dataclass
@@ -212,3 +214,34 @@ def guard_nonfinite(stats: dict, p: PPOConfig, step: int, bad_in_a_row: int) -> 
         raise TrainingStopped(f"ppo: stopped at step {step}: {bad_in_a_row + 1} steps in a row had a non-finite "
                               "reward, loss or gradient (lower ppo.lr, check the reward model)")
     return bad_in_a_row + 1
+
+
+def probe_pass(models: PPOModels, params: dict[str, list[torch.nn.Parameter]], query: torch.Tensor,
+               query_mask: torch.Tensor, p: PPOConfig, eos_token_id: int, pad_token_id: int,
+               reward: bool) -> list[torch.Tensor]:
+    """Every kind of pass a PPO step makes, in small, for ``precision.repeats``: the policy samples up to 8
+    tokens for ``query`` (keyed, with the KV cache, as a rollout does), the reference (and with ``reward`` the
+    reward model) scores them, and the policy's (and the critic's) forward and backward run on them. Returns the
+    outputs and the trainable parameters' gradients; leaves no gradient behind (``torch.autograd.grad``)."""
+    keys = episode_keys(p.seed, 0, torch.arange(len(query)))
+    sampled = models.sample(query, query_mask, keys=keys, temperature=p.temperature,
+                            max_new_tokens=min(8, p.max_new_tokens), min_new_tokens=0, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id)
+    response = sampled.tokens
+    ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, torch.ones_like(response)], 1)
+    length = response.shape[1]
+    outputs = [sampled.tokens, sampled.logprobs]
+    with torch.no_grad():
+        outputs.append(response_logits(models, ids, mask, length, role="reference"))
+        if reward:
+            outputs.append(models.scores(ids, mask))
+    logits = response_logits(models, ids, mask, length)
+    loss = ppo_math.logprobs_from_logits(logits, response, p.temperature).mean()
+    outputs.append(logits.detach())
+    if "value" in params:
+        values = models.values(ids, mask)
+        loss = loss + values.float().pow(2).mean()
+        outputs.append(values.detach())
+    trainable = [x for role in params.values() for x in role]
+    grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+    return outputs + [g for g in grads if g is not None]

@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import (distributed, external_rm, formats, methods, modeling, ppo_math, ppo_models, preempt, resume,
-                  scorers)
+from rlhf import (distributed, external_rm, formats, methods, modeling, ppo_math, ppo_models, precision, preempt,
+                  resume, scorers)
 from rlhf.rundir import Run
 from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe, model_config_of
 from rlhf.errors import TrainingStopped, UserError
 from rlhf.ppo_math import predicting
 from rlhf.ppo_models import PPOModels
-from rlhf.ppo_update import Rollout, advantages, guard_nonfinite, ppo_epochs, replace_rows, response_logits
+from rlhf.ppo_update import (Rollout, advantages, guard_nonfinite, ppo_epochs, probe_pass, replace_rows,
+                             response_logits)
 from rlhf.rollout import episode_keys, left_pad
 from rlhf.training import show_progress
 
@@ -72,6 +73,8 @@ class Setup:
     steps: int
     rank: int
     main: bool
+    repeat_check_s: float = 0.0
+    """seconds the repeatability check took (``precision.repeats``; the last one when "auto" fell back)"""
 
     @property
     def global_batch(self) -> int:
@@ -213,13 +216,7 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
         shift, scale = rm_manifest["reward_stats"]["mean"], rm_manifest["reward_stats"]["std"]
     if reward.model_weight and reward.external is None:  # the value head starts on the reward model's scale
         scale = scale / reward.model_weight
-    precision, measured = precision_of(run, p)
-    models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
-                             mixed_precision=precision, critic=p.critic, vocab=len(tokenizer))
-    if measured is not None:
-        models.bf16_speedup = measured
     n_proc, main = distributed.world_size(), distributed.is_main()
-    models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
     encoded, kept = modeling.encode_prompts(tokenizer, prompts.rows, p.max_prompt_length)
     too_long = len(prompts.rows) - len(kept)
     if len(encoded) < p.prompts_per_step(n_proc):
@@ -240,12 +237,38 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
                                     p.max_prompt_length)
         eval_prompts = [eval_prompts[i] for i in eval_kept]
         eval_encoded = eval_encoded or None
-    params = {role: models.parameters(role) for role in ROLES[p.critic]}
+    setting, measured = precision_of(run, p)
+    in_process_reward = bool(reward.model_weight) and reward.external is None
+    for attempt in (setting, "no"):  # "auto" falls back to fp32 where bf16 passes do not repeat bit for bit
+        models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
+                                 mixed_precision=attempt, critic=p.critic, vocab=len(tokenizer))
+        measured = models.bf16_speedup = measured if measured is not None else models.bf16_speedup  # kept on fp32
+        models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
+        params = {role: models.parameters(role) for role in ROLES[p.critic]}
+        query, query_mask = (x.to(dev) for x in left_pad(encoded[:4], tokenizer.pad_token_id))
+        checked = time.perf_counter()
+        models.repeatable = precision.repeats(lambda: probe_pass(
+            models, params, query, query_mask, p, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            in_process_reward), dev)
+        checked = time.perf_counter() - checked
+        if models.repeatable or models.autocast is None or attempt != "auto":
+            break
+        if main:
+            print(f"ppo: bf16 is {models.bf16_speedup or 0:.1f}x fp32 here, but a bf16 pass of the policy did not "
+                  "give the same bits twice on this machine: running fp32, so that the run repeats and resumes "
+                  "bit for bit (ppo.mixed_precision: bf16 forces bf16)", file=sys.stderr)
+        models = params = None  # freed before the fp32 copy loads
+    if not models.repeatable and main:
+        print(f"ppo: warning: {'bf16' if models.autocast else 'fp32'} passes do not give the same bits twice on this "
+              "machine: this run will not repeat or resume bit for bit" + (
+                  " (ppo.mixed_precision: auto or no runs fp32)" if models.autocast is not None else ""),
+              file=sys.stderr)
     return Setup(recipe=recipe, p=p, run=run, models=models, tokenizer=tokenizer, model_cfg=model_cfg,
                  method=method, sft_dir=sft_dir, rm_dir=rm_dir, rm_manifest=rm_manifest, reward=reward,
                  prompts=prompts, encoded=encoded, messages=[prompts.rows[i] for i in kept],
                  eval_prompts=eval_prompts, eval_encoded=eval_encoded, eval_scorers=eval_scorers, params=params,
-                 steps=p.total_steps(len(encoded), n_proc), rank=distributed.rank(), main=main)
+                 steps=p.total_steps(len(encoded), n_proc), rank=distributed.rank(), main=main,
+                 repeat_check_s=checked)
 
 
 def precision_of(run: Run, p: PPOConfig) -> tuple[str, float | None]:
@@ -543,7 +566,7 @@ def save_checkpoint(s: Setup, state: State, snapshot: bool = True) -> None:
                        **rng_tensors, "rng.order": state.order_gen.get_state()}
             meta = {"optimizer": opt_meta, "rng": rng_meta, "kl_controller": state.kl_ctl.state_dict(),
                     "reward_stats": state.reward_stats, "mixed_precision": "bf16" if s.models.autocast else "no",
-                    "bf16_speedup": s.models.bf16_speedup,
+                    "bf16_speedup": s.models.bf16_speedup, "repeatable": s.models.repeatable,
                     "order": state.order, "metrics_lines": s.run.metrics_lines()}
             resume.save_state(s.run.work, state.step, tensors, meta, s.p.keep_checkpoints)
     distributed.barrier()
@@ -606,6 +629,8 @@ def finish(s: Setup, state: State) -> dict:
         "kl_controller": state.kl_ctl.state_dict(),
         "mixed_precision": "bf16" if s.models.autocast else "no",
         "bf16_speedup": s.models.bf16_speedup,
+        "repeatable": s.models.repeatable,
+        "repeat_check_s": round(s.repeat_check_s, 3),
         "kl_budget": {"budget": p.kl_budget, "within": within_budget},
         "seed": p.seed,
         # the model settings PPO ran with (later loads of this run use them)
@@ -625,5 +650,7 @@ def _objective(p: PPOConfig) -> str:
 
 def _precision(models: PPOModels) -> str:
     """How the loop's passes run, for the start line."""
-    measured = f" (bf16 products measured {models.bf16_speedup:.2f}x fp32 here)" if models.bf16_speedup else ""
-    return ("bf16 autocast" if models.autocast else "fp32") + measured
+    measured = f"bf16 products measured {models.bf16_speedup:.2f}x fp32 here; " if models.bf16_speedup else ""
+    repeats = {True: "passes repeat bit for bit", False: "passes do NOT repeat bit for bit",
+               None: "repeatability not checked"}[models.repeatable]
+    return ("bf16 autocast" if models.autocast else "fp32") + f" ({measured}{repeats})"

@@ -22,3 +22,6 @@ def test_gpu_check_runs_in_its_cpu_mode(tmp_path):
     assert abs(m["step1_ratio_first"] - 1) < 1e-4 and abs(m["step1_kl"]) < 1e-3  # fp32 on a CPU: the passes agree
     assert m["generation_s"] + m["scoring_s"] + m["update_s"] <= m["step_s"]
     assert "generated tokens/s" in (tmp_path / "gpu_check.md").read_text()
+    r = result["repeat"]  # the pipeline's PPO run twice: on this CPU, in fp32 weights, identical and said so
+    assert r["identical"] and r["max_abs_diff"] == 0.0 and r["repeatable"] == [True, True], r
+    assert "two identical PPO runs" in (tmp_path / "gpu_check.md").read_text()

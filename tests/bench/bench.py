@@ -111,6 +111,7 @@ def ours(p: dict, recipe: Path, work: Path, batch: int, steps: int, length: int,
     return {"step_seconds": [r["time/step_s"] for r in rows], "rss_mb": rss, "wall_s": wall,
             "length": statistics.mean(r["response/length"] for r in rows), "allocator": manifest["allocator"],
             "precision": manifest["mixed_precision"], "bf16_speedup": manifest["bf16_speedup"],
+            "repeatable": manifest["repeatable"], "repeat_check_s": manifest["repeat_check_s"],
             "phases": {k: statistics.median(r[f"time/{k}_s"] for r in rows[1:])
                        for k in ("generation", "scoring", "update")}}
 
@@ -141,7 +142,9 @@ def runs_to_compare() -> dict[str, dict]:
     tcmalloc = allocator.find_tcmalloc()
     configs = {"ours": {"side": "ours", "env": {}},
                "trl": {"side": "trl", "env": {}},
-               "trl_bf16": {"side": "trl", "env": {}, "bf16": True}}
+               "trl_bf16": {"side": "trl", "env": {}, "bf16": True},
+               # what "auto" falls back to where bf16 does not repeat bit for bit (rlhf/precision.py)
+               "ours_fp32": {"side": "ours", "env": {}, "sets": ("ppo.mixed_precision=no",)}}
     if tcmalloc:
         configs["ours_system_malloc"] = {"side": "ours", "env": {allocator.ENV: "system"}}
         configs["trl_tcmalloc"] = {"side": "trl", "env": {"LD_PRELOAD": tcmalloc}}
@@ -157,6 +160,7 @@ ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
 # (ours, reference) pairs whose ratios are reported: as each toolkit runs by default, and with the same allocator
 PAIRS = (("ours", "trl"), ("ours", "trl_bf16"), ("ours_system_malloc", "trl"), ("ours", "trl_tcmalloc"),
+         ("ours_fp32", "ours"), ("ours_fp32", "trl"),
          *((f"ours_{e}", "ours") for e in ESTIMATORS), *((f"ours_{e}", "trl") for e in ESTIMATORS))
 
 
@@ -191,6 +195,8 @@ def ppo_vs_trl(p, recipe, work, trl_python, repeats, batches, steps, length) -> 
         summary["ours"]["phases"] = {k: statistics.median(x["phases"][k] for x in runs["ours"])
                                      for k in ("generation", "scoring", "update")}
         summary["ours"]["bf16_speedup"] = statistics.median(x["bf16_speedup"] or 0.0 for x in runs["ours"])
+        summary["ours"]["repeatable"] = all(x["repeatable"] for x in runs["ours"])
+        summary["ours"]["repeat_check_s"] = statistics.median(x["repeat_check_s"] for x in runs["ours"])
         floor = results["import_floor_mb"]
         summary["ratios"] = {}
         for a, b in PAIRS:
@@ -218,7 +224,7 @@ def generation(p: dict, work: Path, batches: list[int], tokens: int = 64, repeat
     CPU's measured fp32 matmul peak."""
     import torch
 
-    from rlhf import formats, modeling, ppo_models, rollout
+    from rlhf import formats, modeling, ppo_models, precision, rollout
     from rlhf.config import ModelConfig
 
     manifest = json.loads((p["sft"] / "manifest.json").read_text())
@@ -258,7 +264,7 @@ def generation(p: dict, work: Path, batches: list[int], tokens: int = 64, repeat
 
         def hf(n):
             models.use("policy")
-            with ppo_models.autocast(models.device, models.autocast), torch.no_grad():
+            with precision.autocast(models.device, models.autocast), torch.no_grad():
                 return core.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
                                      min_new_tokens=n, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
@@ -376,7 +382,8 @@ def markdown(res: dict) -> str:
                   "attention on CPU); TRL as configured for a CPU (fp32), with tcmalloc preloaded too, and with "
                   "its bf16 mixed precision. Peak RSS is the whole process's; importing the libraries alone takes "
                   f"{floor['ours']:.0f} MB (ours) and {floor['trl']:.0f} MB (TRL's environment).", ""]
-        names = {"ours": "ours (PPO, GAE)", "ours_system_malloc": "ours, glibc malloc", "trl": "TRL 0.28 fp32",
+        names = {"ours": "ours (PPO, GAE)", "ours_system_malloc": "ours, glibc malloc",
+                 "ours_fp32": "ours, fp32 (auto's fallback)", "trl": "TRL 0.28 fp32",
                  "trl_tcmalloc": "TRL 0.28 fp32, tcmalloc", "trl_bf16": "TRL 0.28 bf16",
                  **{f"ours_{e}": f"ours, {e} (no critic, 4 per prompt)" for e in ESTIMATORS}}
         for batch, s in res["ppo"].items():
@@ -384,7 +391,9 @@ def markdown(res: dict) -> str:
                 continue
             o = s["ours"]
             lines += [f"Batch {batch} (ours: {o['precision'] if o['precision'] != 'no' else 'fp32'}, bf16 products "
-                      f"measured {o['bf16_speedup']:.2f}x fp32; {o['allocator']}):", "",
+                      f"measured {o['bf16_speedup']:.2f}x fp32, passes "
+                      f"{'repeat' if o['repeatable'] else 'do NOT repeat'} bit for bit, checked in "
+                      f"{o['repeat_check_s']:.2f} s; {o['allocator']}):", "",
                       "| run | allocator | episodes/s | peak RSS |", "|---|---|---|---|"]
             for name in names:
                 if name in s:

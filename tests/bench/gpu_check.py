@@ -6,7 +6,9 @@ download), goes through SFT, RM, PPO and eval for a few steps in bf16 with LoRA,
 is installed. Then PPO runs at batch 64 with 128-token responses, and the check reports generated tokens/s,
 episodes/s, the time of each phase (generation, scoring, update), peak GPU memory, and at step 1 the
 policy-reference KL and the first mini-batch's probability ratio: ~0 and ~1 when the sampling pass and the
-training pass compute the same log-probs. One table on stdout; gpu_check.json and gpu_check.md in --out.
+training pass compute the same log-probs. It also says whether PPO repeats bit for bit on the device: the run's own
+check (``rlhf.precision.repeats``, the manifest's ``repeatable``) and the pipeline's PPO run a second time, its
+adapter compared with the first's. One table on stdout; gpu_check.json and gpu_check.md in --out.
 
 ``--tiny`` runs the same code on the CPU with a 2-layer model of the same family and small batches (the test suite
 runs it, so the check's code path stays working without a GPU).
@@ -143,6 +145,22 @@ def measure_ppo(work: Path, method: str, batch: int, length: int, steps: int) ->
     }
 
 
+def repeat_ppo(work: Path, method: str) -> dict:
+    """The pipeline's PPO run again into another directory: whether its adapter equals the first run's bit for bit
+    (the largest difference when not), and what each run's own check said (``repeatable``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    runs = work / "runs" / method
+    invoke("ppo", "--recipe", str(work / f"{method}.yaml"), "--out", str(runs / "ppo-again"), "--overwrite")
+    a, b = (load_file(runs / d / "adapter_model.safetensors") for d in ("ppo", "ppo-again"))
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    manifests = [json.loads((runs / d / "manifest.json").read_text()) for d in ("ppo", "ppo-again")]
+    return {"identical": diff == 0.0, "max_abs_diff": diff, "repeatable": [m["repeatable"] for m in manifests],
+            "precision": manifests[0]["mixed_precision"], "model_dtype": manifests[0]["recipe"]["model"]["dtype"],
+            "torch_deterministic": torch.are_deterministic_algorithms_enabled()}
+
+
 def decode_latency(work: Path, method: str, tokens: int, batches: tuple[int, ...]) -> dict:
     """Milliseconds per decode step of the generation engine (``rollout.decode``; the prompt's pass left
     out) at each of ``batches``: the plain transformers model, PPO's four-adapter model with every adapter off, and
@@ -220,6 +238,12 @@ def table(result: dict) -> str:
               + " |",
               f"| step 1: policy-reference KL | {m['step1_kl']:.2e} |",
               f"| step 1: first mini-batch ratio | {m['step1_ratio_first']:.6f} |"]
+    if result.get("repeat"):
+        r = result["repeat"]
+        lines.append(f"| two identical PPO runs ({r['model_dtype']} weights, autocast "
+                     f"{'bf16' if r['precision'] == 'bf16' else 'none'}) | "
+                     + ("identical bit for bit" if r["identical"] else f"differ (max {r['max_abs_diff']:.2e})")
+                     + f"; each run's own check: {', '.join('repeats' if x else 'does not repeat' for x in r['repeatable'])} |")
     if result.get("decode_ms_per_token"):
         lines += ["", "Milliseconds per decode step of the rollout's sampling loop (the prompt's pass left out):",
                   "", "| model | ms per token |", "|---|---|"]
@@ -259,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     ppo = measure_ppo(work, "lora", args.batch or (64 if gpu else 8), args.length or (128 if gpu else 16),
                       args.steps) if isinstance(pipelines["lora"].get("ppo"), float) else None
     decode = decode_latency(work, "lora", 33 if gpu else 5, (1, 64) if gpu else (1, 8)) if ppo is not None else None
+    repeat = repeat_ppo(work, "lora") if ppo is not None else None
     from safetensors import safe_open
 
     with safe_open(str(base / "model.safetensors"), "pt") as f:
@@ -270,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         "parameters": parameters, "base_built_s": round(built, 1), "methods": methods,
         "qlora": "ran" if "qlora" in methods else "skipped: bitsandbytes is not installed" if gpu else "skipped: CPU",
         "pipeline": ["sft", "rm", "ppo", "eval"], "pipelines": pipelines, "ppo": ppo, "anchor": ANCHOR,
-        "decode_ms_per_token": decode,
+        "decode_ms_per_token": decode, "repeat": repeat,
     }
     (work / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
     if ppo is None:

@@ -152,7 +152,7 @@ class _RewardView(nn.Module):
 
 
 def _score_head(run_dir: Path, dtype: torch.dtype) -> nn.Linear:
-    from rlhf.ppo_models import _head, _score_head_weights
+    from rlhf.ppo_models import linear_head, score_head_weights
 
-    return _head(_score_head_weights(run_dir), dtype).requires_grad_(False)
+    return linear_head(score_head_weights(run_dir), dtype).requires_grad_(False)
 

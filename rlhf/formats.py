@@ -508,6 +508,17 @@ def _rank(value: Any, where: str) -> int:
     return int(value)
 
 
+def duplicates(texts: list[str]) -> list[int | None]:
+    """For each response, the index of the first identical one before it, or None (a candidates file's
+    ``duplicate_of``: ``rlhf sample`` writes it, ``rlhf label`` shows a copy once)."""
+    first: dict[str, int] = {}
+    out = []
+    for i, text in enumerate(texts):
+        out.append(first.get(text))
+        first.setdefault(text, i)
+    return out
+
+
 def _ranked(prompt: list[dict], responses: list[list[dict]], ranks: list[int], row: dict) -> dict:
     """A ranking row: identical responses merged (the better place kept); at least two distinct responses and one
     comparison."""

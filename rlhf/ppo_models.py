@@ -131,8 +131,9 @@ def use_lean_lora(model: nn.Module) -> int:
     return len(layers)
 
 
-def _score_head_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The score head saved inside a reward-model adapter (peft's modules_to_save), as ``{weight[, bias]}``."""
+def score_head_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The score head saved inside a reward-model adapter (peft's modules_to_save), as ``{weight[, bias]}``: what
+    PPO's reward and value heads and eval's reward head (``rlhf.adapters``) are built from, by ``linear_head``."""
     from safetensors.torch import load_file
 
     weights = load_file(run_dir / "adapter_model.safetensors")
@@ -142,8 +143,8 @@ def _score_head_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return head
 
 
-def _head(weights: dict[str, torch.Tensor], dtype: torch.dtype, shift: float = 0.0, scale: float = 1.0,
-          bias: bool = False) -> nn.Linear:
+def linear_head(weights: dict[str, torch.Tensor], dtype: torch.dtype, shift: float = 0.0, scale: float = 1.0,
+                bias: bool = False) -> nn.Linear:
     """A linear head from saved weights, computing ``(w x + b - shift) / scale`` (with a bias when asked)."""
     out_features, in_features = weights["weight"].shape
     head = nn.Linear(in_features, out_features, bias=bias or "bias" in weights, dtype=dtype)
@@ -187,14 +188,14 @@ class SharedBase:
         self.critic = critic
         if rm_dir is not None:
             self.model.load_adapter(str(rm_dir), adapter_name="reward")
-            head = _score_head_weights(Path(rm_dir))
-            self.reward_head = _head(head, dtype).requires_grad_(False)
+            head = score_head_weights(Path(rm_dir))
+            self.reward_head = linear_head(head, dtype).requires_grad_(False)
             # the pad token the reward model was trained with: a score is read where its training pooled
             self.reward_pad_id = modeling.load_tokenizer(cfg, str(rm_dir)).pad_token_id
         if critic and rm_dir is not None:
             self.model.load_adapter(str(rm_dir), adapter_name="value", is_trainable=True)
             # the value head starts as the score head on the scale PPO's rewards use (normalised when they are)
-            self.value_head = _head(head, dtype, value_shift, value_scale, bias=True)
+            self.value_head = linear_head(head, dtype, value_shift, value_scale, bias=True)
         elif critic:  # scorers alone: the value model starts from the policy, predicting 0
             if sft_dir is not None:
                 self.model.load_adapter(str(sft_dir), adapter_name="value", is_trainable=True)
@@ -388,7 +389,7 @@ class SeparateCopies:
             self.value = copy.deepcopy(self.reward).requires_grad_(True)
             head = modeling.score_head(self.value)
             weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            self.value.score = _head(weights, head.weight.dtype, value_shift, value_scale, bias=True)
+            self.value.score = linear_head(weights, head.weight.dtype, value_shift, value_scale, bias=True)
         elif critic:  # scorers alone: the value model starts from the policy, predicting 0
             self.value = AutoModelForSequenceClassification.from_pretrained(
                 str(sft_dir) if sft_dir else cfg.base, dtype=dtype, num_labels=1, use_safetensors=True, **kwargs)

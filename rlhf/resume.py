@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.rundir import _fsync_dir, _fsync_tree
+from rlhf.rundir import fsync_dir, fsync_tree
 
 
 def optimizer_state(optimizer) -> tuple[dict, dict]:
@@ -77,11 +77,11 @@ def save_state(work: Path, step: int, tensors: dict, meta: dict, keep: int) -> P
     tmp.mkdir()
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, **meta}))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(work)
+    fsync_dir(work)
     for old in sorted(work.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -26,7 +26,7 @@ from typing import Callable
 
 from rlhf import external_rm, formats, scorers
 from rlhf.errors import UserError
-from stages.sample import duplicates
+from rlhf.formats import duplicates
 
 
 def ranks_from_scores(scores: list[float]) -> list[int]:

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from rlhf import formats, modeling, rollout, scorers
+from rlhf.formats import duplicates
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 
@@ -58,16 +59,6 @@ def fitting_prompts(model, tokenizer, rows: list[list[dict]], max_new_tokens: in
     modeling.report_dropped("sample", len(rows) - len(kept), len(rows), f"prompts of {source}",
                             "(the model's positions - --max-new-tokens)", positions - max_new_tokens)
     return [rows[i] for i in kept]
-
-
-def duplicates(texts: list[str]) -> list[int | None]:
-    """For each response, the index of the first identical one before it, or None."""
-    first: dict[str, int] = {}
-    out = []
-    for i, text in enumerate(texts):
-        out.append(first.get(text))
-        first.setdefault(text, i)
-    return out
 
 
 def prompt_field(messages: list[dict]):

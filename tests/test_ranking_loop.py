@@ -48,7 +48,7 @@ def test_sample_writes_k_candidates_with_their_provenance(parents, candidates):
     assert len(got) == 40 and not (candidates / "train.jsonl.partial").exists()
     for row in got:
         assert len(row["responses"]) == 4 and len(row["eos"]) == 4
-        assert row["duplicate_of"] == sample_stage.duplicates(row["responses"])
+        assert row["duplicate_of"] == formats.duplicates(row["responses"])
         assert (row["run"], row["temperature"], row["seed"], row["max_new_tokens"], row["num_samples"]) == (
             str(runs / "sft"), 1.0, 0, 24, 4)  # the temperature is the run's ppo.temperature
     assert any(len(set(r["responses"])) > 1 for r in got)  # sampled, not greedy
@@ -56,7 +56,7 @@ def test_sample_writes_k_candidates_with_their_provenance(parents, candidates):
 
 
 def test_duplicates_point_at_the_first_copy():
-    assert sample_stage.duplicates(["a", "b", "a", "a", "c", "b"]) == [None, None, 0, 0, None, 1]
+    assert formats.duplicates(["a", "b", "a", "a", "c", "b"]) == [None, None, 0, 0, None, 1]
 
 
 def test_sample_is_deterministic_resumable_and_never_half_written(parents, tmp_path, monkeypatch):

@@ -104,3 +104,41 @@ def test_the_library_never_imports_a_stage():
     reaching = sorted(m for m, deps in graph.items()
                       if m.startswith("rlhf.") and m != "rlhf.cli" and any(d.startswith("stages") for d in deps))
     assert reaching == []
+
+
+def test_no_stage_imports_another():
+    """Each stage stands on the library alone: what two stages share lives in ``rlhf/``."""
+    graph = import_graph()
+    crossing = sorted(f"{m} -> {d}" for m, deps in graph.items() if m.startswith("stages.")
+                      for d in deps if d.startswith("stages.") and not m.startswith(d) and d != "stages")
+    assert crossing == []
+
+
+def private_reach_ins() -> list[str]:
+    """Every use of another project module's private name (``from rlhf.x import _y``, or ``x._y`` where ``x`` is a
+    project module), as ``file:line name``."""
+    modules = set(import_graph())
+    found = []
+    for root in ("rlhf", "stages"):
+        for path in sorted((ROOT / root).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            bound = {}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    for a in node.names:
+                        if f"{node.module}.{a.name}" in modules:
+                            bound[a.asname or a.name] = f"{node.module}.{a.name}"
+                        elif node.module in modules and a.name.startswith("_"):
+                            found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module}.{a.name}")
+                elif isinstance(node, ast.Import):
+                    bound.update({a.asname: a.name for a in node.names if a.asname and a.name in modules})
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
+                        and node.attr.startswith("_") and not node.attr.startswith("__")):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {bound[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    """A name with a leading underscore is its module's own; another module that needs it needs a public one."""
+    assert private_reach_ins() == []

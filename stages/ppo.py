@@ -238,18 +238,34 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
         eval_prompts = [eval_prompts[i] for i in eval_kept]
         eval_encoded = eval_encoded or None
     setting, measured = precision_of(run, p)
-    in_process_reward = bool(reward.model_weight) and reward.external is None
-    for attempt in (setting, "no"):  # "auto" falls back to fp32 where bf16 passes do not repeat bit for bit
-        models = ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
-                                 mixed_precision=attempt, critic=p.critic, vocab=len(tokenizer))
-        measured = models.bf16_speedup = measured if measured is not None else models.bf16_speedup  # kept on fp32
+    models, params, checked = load_checked(
+        lambda precision_: ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
+                                           mixed_precision=precision_, critic=p.critic, vocab=len(tokenizer)),
+        setting, measured, p, tokenizer, encoded, bool(reward.model_weight) and reward.external is None, main)
+    return Setup(recipe=recipe, p=p, run=run, models=models, tokenizer=tokenizer, model_cfg=model_cfg,
+                 method=method, sft_dir=sft_dir, rm_dir=rm_dir, rm_manifest=rm_manifest, reward=reward,
+                 prompts=prompts, encoded=encoded, messages=[prompts.rows[i] for i in kept],
+                 eval_prompts=eval_prompts, eval_encoded=eval_encoded, eval_scorers=eval_scorers, params=params,
+                 steps=p.total_steps(len(encoded), n_proc), rank=distributed.rank(), main=main,
+                 repeat_check_s=checked)
+
+
+def load_checked(load, setting: str, measured: float | None, p: PPOConfig, tokenizer, encoded: list[list[int]],
+                 reward_in_process: bool, main: bool) -> tuple[PPOModels, dict, float]:
+    """The models loaded in ``setting``'s precision (``load(setting)``), their trainable parameters by role and the
+    seconds the repeatability check took. The check (``precision.repeats`` of ``probe_pass`` on the first prompts)
+    sets ``models.repeatable``; "auto" falls back to fp32 where bf16 passes do not repeat bit for bit. The bf16
+    speed-up measured (``measured`` in a resumed run) is kept on the models either way."""
+    for attempt in (setting, "no"):
+        models = load(attempt)
+        measured = models.bf16_speedup = measured if measured is not None else models.bf16_speedup
         models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
         params = {role: models.parameters(role) for role in ROLES[p.critic]}
-        query, query_mask = (x.to(dev) for x in left_pad(encoded[:4], tokenizer.pad_token_id))
+        query, query_mask = (x.to(models.device) for x in left_pad(encoded[:4], tokenizer.pad_token_id))
         checked = time.perf_counter()
         models.repeatable = precision.repeats(lambda: probe_pass(
             models, params, query, query_mask, p, tokenizer.eos_token_id, tokenizer.pad_token_id,
-            in_process_reward), dev)
+            reward_in_process), models.device)
         checked = time.perf_counter() - checked
         if models.repeatable or models.autocast is None or attempt != "auto":
             break
@@ -263,12 +279,7 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
               "machine: this run will not repeat or resume bit for bit" + (
                   " (ppo.mixed_precision: auto or no runs fp32)" if models.autocast is not None else ""),
               file=sys.stderr)
-    return Setup(recipe=recipe, p=p, run=run, models=models, tokenizer=tokenizer, model_cfg=model_cfg,
-                 method=method, sft_dir=sft_dir, rm_dir=rm_dir, rm_manifest=rm_manifest, reward=reward,
-                 prompts=prompts, encoded=encoded, messages=[prompts.rows[i] for i in kept],
-                 eval_prompts=eval_prompts, eval_encoded=eval_encoded, eval_scorers=eval_scorers, params=params,
-                 steps=p.total_steps(len(encoded), n_proc), rank=distributed.rank(), main=main,
-                 repeat_check_s=checked)
+    return models, params, checked
 
 
 def precision_of(run: Run, p: PPOConfig) -> tuple[str, float | None]:

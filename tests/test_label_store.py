@@ -12,7 +12,8 @@ import urllib.request
 import pytest
 
 from rlhf import formats
-from rlhf.labelstore import LabelStore, agreement, check_ranking, item_sha, kendall_tau_b, pair_agreement
+from rlhf.labelpage import server as page
+from rlhf.labelpage.store import LabelStore, agreement, check_ranking, item_sha, kendall_tau_b, pair_agreement
 from stages import label as stage
 
 pytestmark = pytest.mark.fast
@@ -112,8 +113,8 @@ def test_agreement_by_hand():
 
 @pytest.fixture
 def server(tmp_path):
-    app = stage.LabelApp(str(write_candidates(tmp_path)), str(tmp_path / "rankings.jsonl"), "alice")
-    srv = stage.make_server(app, "127.0.0.1", 0, "sekret")
+    app = page.LabelApp(str(write_candidates(tmp_path)), str(tmp_path / "rankings.jsonl"), "alice")
+    srv = page.make_server(app, "127.0.0.1", 0, "sekret")
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", app, tmp_path / "rankings.jsonl"
@@ -162,7 +163,7 @@ def test_bad_answers_change_nothing(server):
         got = call(url + "/api/answer", body)
         assert got[0] == code and message in got[1]["error"], got
     assert call(url + "/api/answer", raw=b"{not json")[1]["error"] == "the body is not JSON"
-    assert call(url + "/api/answer", raw=b"x" * (stage.MAX_BODY + 1))[0] == 413
+    assert call(url + "/api/answer", raw=b"x" * (page.MAX_BODY + 1))[0] == 413
     assert call(url + "/api/answer", {"item": 0}, content_type="text/plain")[0] == 415
     assert not out.exists()
 
@@ -215,8 +216,8 @@ def test_a_torn_tail_is_set_aside_and_the_next_answer_starts_on_a_fresh_line(ser
 
 
 def _serve_in_a_process(candidates, out, port_queue, go, results):
-    app = stage.LabelApp(str(candidates), str(out), "alice")
-    srv = stage.make_server(app, "127.0.0.1", 0, "sekret")
+    app = page.LabelApp(str(candidates), str(out), "alice")
+    srv = page.make_server(app, "127.0.0.1", 0, "sekret")
     port_queue.put(srv.server_address[1])
     srv.serve_forever()
 
@@ -316,13 +317,13 @@ def test_a_request_reads_only_what_was_appended_since_the_last(server):
 def test_out_must_be_an_answers_file_and_not_the_candidates(tmp_path):
     candidates = write_candidates(tmp_path)
     with pytest.raises(stage.UserError, match="that is the candidates file"):
-        stage.LabelApp(str(candidates), str(candidates), "alice")
+        page.LabelApp(str(candidates), str(candidates), "alice")
     with pytest.raises(stage.UserError, match="that is the candidates file"):
-        stage.LabelApp(str(candidates), str(tmp_path / "." / "candidates.jsonl"), "alice")
+        page.LabelApp(str(candidates), str(tmp_path / "." / "candidates.jsonl"), "alice")
     machine = tmp_path / "machine.jsonl"  # a file rlhf label --by wrote: rankings, not answers of the page
     machine.write_text(json.dumps({**CANDIDATES[0], "ranking": [0, 1, 2], "label": {"by": "gold"}}) + "\n")
     with pytest.raises(stage.UserError, match=r"machine.jsonl:1: not an answer of the labelling page"):
-        stage.LabelApp(str(candidates), str(machine), "alice")
+        page.LabelApp(str(candidates), str(machine), "alice")
     for label, message in [({"by": "human", "annotator": "a", "item": 0}, r"not an answer of the labelling page \(no label.item_sha\)"),
                            ({"by": "human", "annotator": "a", "item": [0], "item_sha": "s"}, "label.item must be"),
                            ({"by": "human", "item": 0, "item_sha": "s"}, "label.annotator")]:
@@ -330,7 +331,7 @@ def test_out_must_be_an_answers_file_and_not_the_candidates(tmp_path):
         good = {**CANDIDATES[1], "label": {"by": "human", "annotator": "a", "item": 1, "item_sha": "s"}}
         edited.write_text(json.dumps(good) + "\n" + json.dumps({**CANDIDATES[0], "label": label}) + "\n")
         with pytest.raises(stage.UserError, match=f"edited.jsonl:2: {message}"):
-            stage.LabelApp(str(candidates), str(edited), "alice")
+            page.LabelApp(str(candidates), str(edited), "alice")
 
 
 def test_a_row_with_one_distinct_response_is_never_served(tmp_path):
@@ -338,7 +339,7 @@ def test_a_row_with_one_distinct_response_is_never_served(tmp_path):
     rows = [{"prompt": "a?", "responses": ["same", "same"]}, {"prompt": "b?", "responses": ["x", "y"]},
             {"prompt": "c?", "responses": ["only one"]}]
     candidates.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    app = stage.LabelApp(str(candidates), str(tmp_path / "a.jsonl"), "alice")
+    app = page.LabelApp(str(candidates), str(tmp_path / "a.jsonl"), "alice")
     assert app.unrankable == 2 and app.state()["total"] == 1 and app.state()["item"]["index"] == 1
     with pytest.raises(ValueError, match="nothing to rank"):
         app.answer({"item": 0, "item_sha": app.shas[0], "status": "skipped"})

@@ -25,9 +25,9 @@ from typing import Any, Literal
 import yaml
 
 from rlhf import method_table
+from rlhf.names import is_local
 from rlhf.errors import UserError
 
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -640,10 +640,10 @@ class Recipe:
             raise UserError(f"{where}: name must be a plain name without '/', got {self.name!r}")
         for key in ("sft", "preference", "eval_preference", "prompts", "eval_prompts"):
             value = getattr(self.data, key)
-            if value is not None and _is_local(value) and not Path(value).expanduser().exists() \
+            if value is not None and is_local(value) and not Path(value).expanduser().exists() \
                     and not self.written_by_pipeline(value):
                 raise UserError(f"{where}: data.{key} names {value!r}, which does not exist")
-        if _is_local(self.model.base) and not Path(self.model.base).expanduser().exists():
+        if is_local(self.model.base) and not Path(self.model.base).expanduser().exists():
             raise UserError(f"{where}: model.base names {self.model.base!r}, which does not exist")
         method, m = method_table.get(self.adapter.method), self.model
         if self.adapter.method == "qlora":
@@ -821,12 +821,6 @@ def _apply_override(raw: dict, assignment: str) -> None:
             raise UserError(f"--set {assignment}: {part} is not a section")
         node = child
     node[parts[-1]] = value
-
-
-def _is_local(value: str) -> bool:
-    """A path (rather than a hub id): it exists, has a data-file suffix, or is written as a path."""
-    return (Path(value).exists() or value.endswith(DATA_SUFFIXES)
-            or value.startswith(("/", "./", "../", "~")) or value.count("/") > 1)
 
 
 def _failer(where: str, section: str):

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from rlhf.errors import UserError
+from rlhf.names import is_local, torch_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_run(spec: str | Path) -> bool:
@@ -31,7 +31,7 @@ def _config(spec: str):
     from transformers import AutoConfig
 
     path = Path(spec).expanduser()
-    if not path.exists() and (spec.startswith(("/", ".", "~")) or spec.count("/") > 1):
+    if not path.exists() and is_local(spec):
         raise UserError(f"{spec}: not found (a reward model is a run directory, a model directory or a hub id)")
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{spec}: neither a run directory (no manifest.json) nor a model directory (no config.json)")
@@ -86,7 +86,7 @@ class ExternalRewardModel:
         self.spec, self.batch_size = spec, batch_size
         self.config = check(spec)
         source = str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
-        kwargs = {"dtype": DTYPES[dtype]} if dtype else {"dtype": "auto"}
+        kwargs = {"dtype": torch_dtype(dtype or "auto")}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             self.model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)

@@ -55,8 +55,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rlhf.errors import UserError
+from rlhf.names import DATA_SUFFIXES, is_local
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -167,12 +167,12 @@ def source_files(source: str) -> list[Path]:
     """The data files behind a local source (a file, or every supported file in a folder, sorted)."""
     p = Path(source).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
         if not files:
-            raise UserError(f"{source}: folder holds no {', '.join(SUFFIXES)} files")
+            raise UserError(f"{source}: folder holds no {', '.join(DATA_SUFFIXES)} files")
         return files
-    if p.suffix not in SUFFIXES:
-        raise UserError(f"{source}: unsupported file type {p.suffix!r} (expected {', '.join(SUFFIXES)})")
+    if p.suffix not in DATA_SUFFIXES:
+        raise UserError(f"{source}: unsupported file type {p.suffix!r} (expected {', '.join(DATA_SUFFIXES)})")
     return [p]
 
 
@@ -208,11 +208,6 @@ def nonfinite_field(row: Any) -> tuple[str, float | str] | None:
         elif isinstance(value, (list, tuple)):
             stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
     return None
-
-
-def _is_local_source(source: str) -> bool:
-    p = Path(source).expanduser()
-    return p.exists() or p.suffix in SUFFIXES or source.startswith(("/", ".", "~"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -718,7 +713,7 @@ def detect_sft_format(row: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _rows(source: str, split: str) -> Iterator[tuple[Path | None, Iterator[tuple[str, Any]]]]:
-    if _is_local_source(source):
+    if is_local(source):
         if not Path(source).expanduser().exists():
             raise UserError(f"{source}: file not found")
         for path in source_files(source):

@@ -16,6 +16,7 @@ import torch
 from rlhf import methods
 from rlhf.config import AdapterConfig, ModelConfig, model_config_of
 from rlhf.errors import UserError
+from rlhf.names import torch_dtype
 from rlhf.methods import score_head, unwrap  # noqa: F401  (part of this module's interface: modeling.unwrap)
 
 # Used when a tokenizer has no chat template of its own. The assistant turn carries generation markers (TRL's
@@ -31,7 +32,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '### Assistant:\\n' }}{%- endif -%}"
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 def _pretrained_kwargs(cfg: ModelConfig) -> dict:
@@ -230,7 +230,7 @@ def load_base(cfg: ModelConfig, kind: str = "causal", device: torch.device | str
     ``device`` (``place``; None: left where it loads, for a trainer to place)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs = {**_pretrained_kwargs(cfg), "dtype": DTYPES[cfg.dtype], "use_safetensors": True}
+    kwargs = {**_pretrained_kwargs(cfg), "dtype": torch_dtype(cfg.dtype), "use_safetensors": True}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization:
@@ -423,7 +423,7 @@ def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None,
     with loading(run_dir, cfg.base):
         model = methods.load(
             Path(run_dir), manifest["adapter"]["method"], lambda: load_base(cfg),
-            lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], use_safetensors=True))
+            lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), use_safetensors=True))
     return place(model.eval(), device or accelerator()), tokenizer
 
 
@@ -567,6 +567,6 @@ def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None,
     with loading(run_dir, cfg.base):
         model = methods.load(
             Path(run_dir), manifest["adapter"]["method"], base,
-            lambda path: AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[cfg.dtype],
+            lambda path: AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(cfg.dtype),
                                                                             num_labels=1, use_safetensors=True))
     return place(model.eval(), device or accelerator()), tokenizer

@@ -32,6 +32,7 @@ from torch import nn
 from rlhf import methods, modeling, ppo_math, precision, rollout
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
+from rlhf.names import torch_dtype
 from rlhf.precision import autocast
 
 class PPOModels(Protocol):
@@ -374,7 +375,7 @@ class SeparateCopies:
                  value_shift: float = 0.0, value_scale: float = 1.0, critic: bool = True):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        dtype = modeling.DTYPES[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype)
         kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
         self.policy = AutoModelForCausalLM.from_pretrained(str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
                                                            use_safetensors=True, **kwargs)

@@ -24,6 +24,7 @@ import torch
 from rlhf import distributed, formats, methods, modeling, training
 from rlhf.config import AdapterConfig, ModelConfig, Recipe, model_config_of
 from rlhf.errors import UserError
+from rlhf.names import torch_dtype
 from rlhf.rundir import Run
 
 TRL_LOSS = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
@@ -77,7 +78,7 @@ def load_models(cfg: ModelConfig, adapter: AdapterConfig, sft_dir: Path | None, 
         return modeling.attach_adapter(modeling.load_base(cfg), adapter, "CAUSAL_LM", cfg.base, total_steps), None
 
     def whole(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=modeling.DTYPES[cfg.dtype], use_safetensors=True)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), use_safetensors=True)
 
     with modeling.loading(sft_dir, cfg.base):
         if kind == "peft":

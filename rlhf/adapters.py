@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from rlhf import methods, modeling
-from rlhf.config import ModelConfig, model_config_of
+from rlhf.config import ModelConfig
 
 SAME_BASE_KEYS = ("dtype", "quantization", "revision", "untrained_rows")
 """the model settings two runs must share to be adapters on one copy of the base"""
@@ -37,10 +37,8 @@ class OneBase:
     def __init__(self, reward_dir: Path, device: torch.device | str | None = None):
         from peft import PeftConfig, PeftModel
 
-        manifest = modeling.read_manifest(reward_dir, "reward model")
-        self.reward_dir = Path(reward_dir)
-        self.method = manifest["adapter"]["method"]
-        self.cfg = model_config_of(manifest, base=manifest["base"])
+        rm = modeling.read_run(reward_dir, "reward model")
+        self.reward_dir, self.method, self.cfg = rm.dir, rm.method, rm.model
         self.reward_tokenizer = modeling.load_tokenizer(self.cfg, str(reward_dir))
         base = modeling.load_base(self.cfg, device=device or modeling.accelerator())
         with modeling.loading(reward_dir, self.cfg.base):
@@ -70,11 +68,10 @@ class OneBase:
         settings as the reward model, and the same adapter method."""
         if run_dir is None:
             return True
-        manifest = modeling.read_manifest(run_dir, "policy")
-        model = model_config_of(manifest)
-        return (manifest["adapter"]["method"] == self.method and methods.kind(self.method) == "peft"
-                and modeling.same_base(manifest["base"], self.cfg.base)
-                and all(getattr(model, k) == getattr(self.cfg, k) for k in SAME_BASE_KEYS))
+        policy = modeling.read_run(run_dir, "policy")
+        return (policy.method == self.method and methods.kind(self.method) == "peft"
+                and modeling.same_base(policy.model.base, self.cfg.base)
+                and all(getattr(policy.model, k) == getattr(self.cfg, k) for k in SAME_BASE_KEYS))
 
     def can_hold_base(self, cfg: ModelConfig) -> bool:
         """Whether the bare base of ``cfg`` is this one (the same model and settings)."""

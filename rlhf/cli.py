@@ -162,7 +162,7 @@ def rm_score(reward, data_path, out, on_bad_row):
 
     model, tokenizer = modeling.load_reward(reward)
     # the reward model's own length limit: longer rows are left out (and counted), as its training left them out
-    max_length = modeling.read_manifest(reward)["recipe"]["rm"]["max_length"]
+    max_length = modeling.read_run(reward).section("rm")["max_length"]
     loaded = formats.load(data_path, "ranking", on_bad_row=on_bad_row)
     if formats.is_pairs(loaded):
         pairs = formats.rankings_as_pairs(loaded.rows)

@@ -9,6 +9,7 @@ adapter version's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,6 @@ from pathlib import Path
 import torch
 
 from rlhf import methods, modeling, rundir
-from rlhf.config import ModelConfig, model_config_of
 from rlhf.errors import UserError
 
 PROBE = [{"role": "user", "content": "Reverse the words: the model is exported"}]
@@ -24,11 +24,11 @@ PROBE = [{"role": "user", "content": "Reverse the words: the model is exported"}
 
 def export(run_dir: str | Path, out: str | Path, merge: bool = False, overwrite: bool = False) -> dict:
     run_dir, out = Path(run_dir), Path(out)
-    manifest = modeling.read_manifest(run_dir)
-    stage = manifest.get("stage")
+    run = modeling.read_run(run_dir)
+    stage = run.stage
     if stage not in ("sft", "rm", "ppo", "dpo"):
         raise UserError(f"{run_dir}: is a {stage!r} run; export takes an sft, rm, ppo or dpo run")
-    method = manifest["adapter"]["method"]
+    method = run.method
     kind = methods.kind(method)
     if merge and not methods.get(method).mergeable:
         raise UserError(f"{run_dir}: adapter.method {method} adds layers or virtual tokens that cannot be merged "
@@ -37,8 +37,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
 
     # a full-precision base under the adapter: merging into a quantized base would lose the update
-    cfg = model_config_of(manifest)
-    cfg.base, cfg.quantization = manifest["base"], None
+    cfg = dataclasses.replace(run.model, quantization=None)
     load = modeling.load_reward if stage == "rm" else modeling.load_policy
     model, tokenizer = load(run_dir, cfg)
     probe = tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt",
@@ -65,7 +64,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, overwrite:
         else:
             model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-        info = {"source": str(run_dir), "stage": stage, "method": method, "base": manifest["base"], "merged": merge,
+        info = {"source": str(run_dir), "stage": stage, "method": method, "base": run.model.base, "merged": merge,
                 "loads_with": ("AutoModelForSequenceClassification" if stage == "rm" else "AutoModelForCausalLM")
                 if merge or kind == "weights" else "peft", "max_logit_difference_after_merge": difference,
                 "exported": rundir.now(), "versions": rundir.versions()}

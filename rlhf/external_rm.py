@@ -156,7 +156,7 @@ def run_scorer(run_dir: str | Path):
     from rlhf import modeling
 
     model, tokenizer = modeling.load_reward(run_dir)
-    max_length = modeling.read_manifest(run_dir)["recipe"]["rm"]["max_length"]
+    max_length = modeling.read_run(run_dir).section("rm")["max_length"]
 
     def score(prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
         seqs = [sum(modeling.encode_exchange(tokenizer, p, [{"role": "assistant", "content": r}]), [])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -406,6 +407,43 @@ def read_manifest(run_dir: str | Path, kind: str | None = None) -> dict:
     return manifest
 
 
+@dataclass(frozen=True)
+class ParentRun:
+    """A finished run directory as a later stage reads it (``read_run``): what it is, what it trained on, how."""
+
+    dir: Path
+    stage: str
+    """sft, rm, ppo, dpo or eval"""
+    model: ModelConfig
+    """the model settings it trained with, ``base`` being where its base is (the manifest's ``base``)"""
+    method: str | None
+    """the fine-tuning method (``adapter.method``; None for a run that trains nothing: eval)"""
+    adapter: AdapterConfig
+    """the recipe's adapter options it trained with"""
+    recipe: dict
+    """its whole resolved recipe, for a stage's own settings (``section("rm")["max_length"]``)"""
+    reward_stats: dict | None
+    """a reward model's score mean and std on its training data (None for other stages)"""
+    parents: dict
+    manifest: dict
+    """everything else the manifest holds"""
+
+    def section(self, name: str) -> dict:
+        """One section of the recipe the run trained with (``rm``, ``sft``, ...)."""
+        return self.recipe.get(name) or {}
+
+
+def read_run(run_dir: str | Path, kind: str | None = None) -> ParentRun:
+    """A finished run directory, typed (``read_manifest``'s checks: finished, weights intact, of ``kind``)."""
+    manifest = read_manifest(run_dir, kind)
+    return ParentRun(dir=Path(run_dir), stage=manifest["stage"],
+                     model=model_config_of(manifest, base=manifest["base"]),
+                     method=(manifest.get("adapter") or {}).get("method"),
+                     adapter=AdapterConfig(**manifest["recipe"]["adapter"]), recipe=manifest["recipe"],
+                     reward_stats=manifest.get("reward_stats"), parents=manifest.get("parents") or {},
+                     manifest=manifest)
+
+
 def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None,
                 device: torch.device | str | None = None):
     """A causal LM from a finished SFT (or later PPO) run directory, and its tokenizer, on ``device`` (default:
@@ -416,13 +454,13 @@ def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None,
     """
     from transformers import AutoModelForCausalLM
 
-    manifest = read_manifest(run_dir)
-    cfg = model_cfg or model_config_of(manifest)
-    cfg.base = manifest["base"]
+    run = read_run(run_dir)
+    cfg = model_cfg or run.model
+    cfg.base = run.model.base
     tokenizer = load_tokenizer(cfg, str(run_dir))
     with loading(run_dir, cfg.base):
         model = methods.load(
-            Path(run_dir), manifest["adapter"]["method"], lambda: load_base(cfg),
+            Path(run_dir), run.method, lambda: load_base(cfg),
             lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), use_safetensors=True))
     return place(model.eval(), device or accelerator()), tokenizer
 
@@ -554,9 +592,9 @@ def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None,
     ``device`` (default: this process's accelerator)."""
     from transformers import AutoModelForSequenceClassification
 
-    manifest = read_manifest(run_dir, "reward model")
-    cfg = model_cfg or model_config_of(manifest)
-    cfg.base = manifest["base"]
+    run = read_run(run_dir, "reward model")
+    cfg = model_cfg or run.model
+    cfg.base = run.model.base
     tokenizer = load_tokenizer(cfg, str(run_dir))
 
     def base():
@@ -566,7 +604,7 @@ def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None,
 
     with loading(run_dir, cfg.base):
         model = methods.load(
-            Path(run_dir), manifest["adapter"]["method"], base,
+            Path(run_dir), run.method, base,
             lambda path: AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(cfg.dtype),
                                                                             num_labels=1, use_safetensors=True))
     return place(model.eval(), device or accelerator()), tokenizer

@@ -147,9 +147,11 @@ def autocast_dtype(setting: str, quantized_or_low: bool, device: torch.device, w
 # ---------------------------------------------------------------------------------------------------------------
 
 def scribble(value: float, device: torch.device) -> None:
-    """Fill memory the allocator is about to hand out again with ``value``: blocks from 4 KiB to 32 MiB, written
-    and freed, so that a kernel reading memory it never wrote reads ``value``."""
-    blocks = [torch.full((1 << k,), value, dtype=torch.bfloat16, device=device) for k in range(11, 25)]
+    """Fill memory the allocator is about to hand out again with ``value``: blocks of every power of two from 32
+    bytes to 32 MiB (several of each small size, as small blocks come from per-size free lists that other
+    allocations draw on too), written and freed, so that a kernel reading memory it never wrote reads ``value``."""
+    blocks = [torch.full((1 << k,), value, dtype=torch.bfloat16, device=device)
+              for k in range(4, 25) for _ in range(8 if k <= 16 else 2 if k <= 20 else 1)]
     for b in blocks:
         b.add_(0)  # written for certain, not left to a lazy zero page
     del blocks

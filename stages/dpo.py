@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rlhf import distributed, formats, methods, modeling, training
-from rlhf.config import AdapterConfig, ModelConfig, Recipe, model_config_of
+from rlhf.config import AdapterConfig, ModelConfig, Recipe
 from rlhf.errors import UserError
 from rlhf.names import torch_dtype
 from rlhf.rundir import Run
@@ -55,15 +55,13 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int) -> Encoded:
     return Encoded(rows, kept, len(pairs) - len(kept))
 
 
-def parent(recipe: Recipe, policy: str | None) -> tuple[Path | None, dict | None, ModelConfig, AdapterConfig]:
-    """The SFT run (None for ``--policy base``: a fresh adapter on the base, the base as the reference), its
-    manifest, and the model settings and method DPO continues with (the SFT run's)."""
+def parent(recipe: Recipe, policy: str | None) -> tuple[Path | None, ModelConfig, AdapterConfig]:
+    """The SFT run (None for ``--policy base``: a fresh adapter on the base, the base as the reference), and the
+    model settings and method DPO continues with (the SFT run's)."""
     if policy == "base":
-        return None, None, recipe.model, recipe.adapter
-    sft_dir = Path(policy or recipe.stage_dir("sft"))
-    manifest = modeling.read_manifest(sft_dir, "policy")
-    cfg = model_config_of(manifest, base=manifest["base"])
-    return sft_dir, manifest, cfg, AdapterConfig(**manifest["recipe"]["adapter"])
+        return None, recipe.model, recipe.adapter
+    sft = modeling.read_run(policy or recipe.stage_dir("sft"), "policy")
+    return sft.dir, sft.model, sft.adapter
 
 
 def load_models(cfg: ModelConfig, adapter: AdapterConfig, sft_dir: Path | None, reference_free: bool,
@@ -175,7 +173,7 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
 
     d = recipe.dpo
     distributed.warn_unsharded("dpo")
-    sft_dir, sft_manifest, model_cfg, adapter = parent(recipe, policy)
+    sft_dir, model_cfg, adapter = parent(recipe, policy)
     methods.check_stage(adapter.method, "dpo", str(sft_dir or recipe.source))
     data, held = training.preference_data(recipe, "dpo")
     modeling.check_lengths(modeling.load_config(model_cfg), {"dpo.max_length": d.max_length}, recipe.source)

@@ -19,7 +19,7 @@ import torch
 
 from rlhf import adapters, external_rm, formats, methods, modeling, report, rollout, scorers
 from rlhf.rundir import Run
-from rlhf.config import ModelConfig, Recipe, model_config_of
+from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import UserError
 
 
@@ -85,11 +85,11 @@ def reference_of(row: Row) -> tuple[bool, Path | None, ModelConfig | None]:
     base; the base row has none."""
     if row.run_dir is None:
         return False, None, None
-    manifest = modeling.read_manifest(row.run_dir)
-    parent = (manifest.get("parents") or {}).get("sft")
-    if manifest["stage"] in ("ppo", "dpo") and parent:
+    run = modeling.read_run(row.run_dir)
+    parent = run.parents.get("sft")
+    if run.stage in ("ppo", "dpo") and parent:
         return True, Path(parent), None
-    return True, None, model_config_of(manifest, base=manifest["base"])
+    return True, None, run.model
 
 
 def row_models(row: Row, model_cfg: ModelConfig, shared: adapters.OneBase | None):
@@ -222,7 +222,7 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
     if reward and not external_rm.is_run(reward):  # a published reward model: its own tokenizer and template
         external = external_rm.ExternalRewardModel(reward, batch_size=e.batch_size)
         reward_model = (external.model, external.tokenizer)
-    elif one_base and methods.kind(modeling.read_manifest(reward_dir, "reward model")["adapter"]["method"]) == "peft":
+    elif one_base and methods.kind(modeling.read_run(reward_dir, "reward model").method) == "peft":
         shared = adapters.OneBase(reward_dir)
         reward_model = (shared.reward, shared.reward_tokenizer)
     else:
@@ -291,7 +291,7 @@ def draw(rows: list[Row], records: list[dict], out: Path) -> list[str]:
     made = [report.plot_reward_distributions(
         {r.name: [x["reward"] for x in records if x["policy"] == r.name] for r in rows}, out / "rewards.png")]
     for i, r in enumerate(rows):
-        if r.run_dir is None or modeling.read_manifest(r.run_dir)["stage"] != "ppo":
+        if r.run_dir is None or modeling.read_run(r.run_dir).stage != "ppo":
             continue
         tag = "" if r.name == "ppo" else f"_{i}"  # the recipe's own PPO run, or the row's position
         made.append(report.plot_ppo_curves(r.run_dir, out / f"ppo_curves{tag}.png"))

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from rlhf import (distributed, external_rm, formats, methods, modeling, ppo_math, ppo_models, precision, preempt,
                   resume, scorers)
 from rlhf.rundir import Run
-from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe, model_config_of
+from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
 from rlhf.errors import TrainingStopped, UserError
 from rlhf.ppo_math import predicting
 from rlhf.ppo_models import PPOModels
@@ -58,7 +58,8 @@ class Setup:
     method: str
     sft_dir: Path | None
     rm_dir: Path | None
-    rm_manifest: dict | None
+    rm_stats: dict | None
+    """the reward model's score mean and std on its training data (None without a reward-model run)"""
     reward: "Reward"
     prompts: formats.Loaded
     encoded: list[list[int]]
@@ -136,8 +137,7 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     if reward and not external_rm.is_run(reward):  # a published reward model: a separate frozen model, text in
         external = external_rm.ExternalRewardModel(reward, dtype=recipe.model.dtype,
                                                    device=distributed.device(), batch_size=p.micro_batch_size)
-    sft_dir, sft_manifest, rm_dir, rm_manifest = resolve_parents(
-        recipe, policy, reward if model_weight and external is None else False)
+    sft, rm = resolve_parents(recipe, policy, reward if model_weight and external is None else False)
     eval_scorers = scorers.load_all(recipe.eval.scorers, f"{recipe.source}: eval.scorers") if p.eval_every else []
     prompts = formats.load(recipe.data.prompts, "prompts", columns=recipe.data.columns, split=recipe.data.split,
                            on_bad_row=recipe.data.on_bad_row)
@@ -149,13 +149,13 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
         raise UserError(f"ppo: the accelerate config asks for {distributed.sharding()} sharding; the PPO stage runs "
                         "data-parallel (recipes/accelerate/multi_gpu.yaml, or --num-processes N); SFT and RM run "
                         "sharded")
-    base_cfg, method, adapter_cfg = model_source(recipe, sft_manifest, rm_manifest)
+    base_cfg, method, adapter_cfg = model_source(recipe, sft, rm)
     modeling.check_lengths(modeling.load_config(base_cfg), {"ppo.max_prompt_length + ppo.max_new_tokens":
                                                             p.max_prompt_length + p.max_new_tokens}, recipe.source)
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
         run.track(recipe)
-        s = setup(recipe, run, (base_cfg, method, adapter_cfg), sft_dir, rm_dir, rm_manifest,
-                  Reward(model_weight, terms, external), prompts, eval_prompts, eval_scorers)
+        s = setup(recipe, run, (base_cfg, method, adapter_cfg), sft, rm, Reward(model_weight, terms, external),
+                  prompts, eval_prompts, eval_scorers)
         state = start(s)
         with preempt.handlers("ppo"):
             train(s, state)
@@ -163,43 +163,39 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
 
 
 def resolve_parents(recipe: Recipe, policy: str | None, reward: str | None | bool
-                    ) -> tuple[Path | None, dict | None, Path | None, dict | None]:
-    """The SFT and RM run directories and their manifests, checked: finished, the right stages, the same base and
-    method. ``reward`` False: no reward model (a reward of scorers alone); ``policy`` "base": no SFT run."""
-    sft_dir = None if policy == "base" else Path(policy or recipe.stage_dir("sft"))
-    sft_manifest = modeling.read_manifest(sft_dir, "policy") if sft_dir is not None else None
+                    ) -> tuple[modeling.ParentRun | None, modeling.ParentRun | None]:
+    """The SFT and RM runs, checked: finished, the right stages, the same base and method. ``reward`` False: no
+    reward model (a reward of scorers alone); ``policy`` "base": no SFT run."""
+    sft = None if policy == "base" else modeling.read_run(policy or recipe.stage_dir("sft"), "policy")
     if reward is False:
-        return sft_dir, sft_manifest, None, None
-    rm_dir = Path(reward or recipe.stage_dir("rm"))
-    rm_manifest = modeling.read_manifest(rm_dir, "reward model")
-    base = rm_manifest["base"]
-    if sft_manifest is not None:
-        if not modeling.same_base(sft_manifest["base"], base):
-            raise UserError(f"{sft_dir} was trained on base {sft_manifest['base']!r} but {rm_dir} on {base!r}; "
+        return sft, None
+    rm = modeling.read_run(reward or recipe.stage_dir("rm"), "reward model")
+    if sft is not None:
+        if not modeling.same_base(sft.model.base, rm.model.base):
+            raise UserError(f"{sft.dir} was trained on base {sft.model.base!r} but {rm.dir} on {rm.model.base!r}; "
                             "PPO needs one base for both")
-        if sft_manifest["adapter"]["method"] != rm_manifest["adapter"]["method"]:
-            raise UserError(f"{sft_dir} ({sft_manifest['adapter']['method']}) and {rm_dir} "
-                            f"({rm_manifest['adapter']['method']}) must use the same adapter method")
-    return sft_dir, sft_manifest, rm_dir, rm_manifest
+        if sft.method != rm.method:
+            raise UserError(f"{sft.dir} ({sft.method}) and {rm.dir} ({rm.method}) must use the same adapter method")
+    return sft, rm
 
 
-def model_source(recipe: Recipe, sft_manifest: dict | None, rm_manifest: dict | None
+def model_source(recipe: Recipe, sft: modeling.ParentRun | None, rm: modeling.ParentRun | None
                  ) -> tuple[ModelConfig, str, AdapterConfig]:
     """The base (and its settings), the method and the method's options PPO runs with: the reward model's, else
     the SFT run's, else (from the untuned base with scorers alone) the recipe's own."""
-    parent = rm_manifest or sft_manifest
+    parent = rm or sft
     if parent is None:
         return recipe.model, recipe.adapter.method, recipe.adapter
-    cfg = model_config_of(parent, base=parent["base"])
-    return cfg, parent["adapter"]["method"], AdapterConfig(**parent["recipe"]["adapter"])
+    return parent.model, parent.method, parent.adapter
 
 
-def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfig], sft_dir: Path | None,
-          rm_dir: Path | None, rm_manifest: dict | None, reward: Reward, prompts,
-          eval_prompts: list[list[dict]] | None, eval_scorers: list[scorers.Scorer]) -> Setup:
+def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfig], sft: modeling.ParentRun | None,
+          rm: modeling.ParentRun | None, reward: Reward, prompts, eval_prompts: list[list[dict]] | None,
+          eval_scorers: list[scorers.Scorer]) -> Setup:
     """The four models on one base (``source``: its settings, the method and its options, ``model_source``), the
     tokenizer, the encoded prompts and the trainable parameters."""
     p = recipe.ppo
+    sft_dir, rm_dir = (x.dir if x is not None else None for x in (sft, rm))
     torch.manual_seed(p.seed)
     dev = distributed.device()
     base_cfg, method, adapter_cfg = source
@@ -212,8 +208,8 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     methods.check_stage(method, "ppo", str(rm_dir or sft_dir or recipe.source))
     tokenizer = modeling.load_tokenizer(model_cfg, str(sft_dir or rm_dir) if (sft_dir or rm_dir) else None)
     shift, scale = 0.0, 1.0
-    if rm_manifest is not None and p.normalize_reward:
-        shift, scale = rm_manifest["reward_stats"]["mean"], rm_manifest["reward_stats"]["std"]
+    if rm is not None and p.normalize_reward:
+        shift, scale = rm.reward_stats["mean"], rm.reward_stats["std"]
     if reward.model_weight and reward.external is None:  # the value head starts on the reward model's scale
         scale = scale / reward.model_weight
     n_proc, main = distributed.world_size(), distributed.is_main()
@@ -243,7 +239,7 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
                                            mixed_precision=precision_, critic=p.critic, vocab=len(tokenizer)),
         setting, measured, p, tokenizer, encoded, bool(reward.model_weight) and reward.external is None, main)
     return Setup(recipe=recipe, p=p, run=run, models=models, tokenizer=tokenizer, model_cfg=model_cfg,
-                 method=method, sft_dir=sft_dir, rm_dir=rm_dir, rm_manifest=rm_manifest, reward=reward,
+                 method=method, sft_dir=sft_dir, rm_dir=rm_dir, rm_stats=rm.reward_stats if rm else None, reward=reward,
                  prompts=prompts, encoded=encoded, messages=[prompts.rows[i] for i in kept],
                  eval_prompts=eval_prompts, eval_encoded=eval_encoded, eval_scorers=eval_scorers, params=params,
                  steps=p.total_steps(len(encoded), n_proc), rank=distributed.rank(), main=main,
@@ -457,7 +453,7 @@ def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
     elif s.reward.model_weight:
         with torch.no_grad():
             ro.scores = s.models.scores(ro.ids, ro.mask)
-        stats = s.rm_manifest["reward_stats"]
+        stats = s.rm_stats
         terms.append((ppo_math.shape_scores(ro.scores, ro.stopped, *((stats["mean"], stats["std"])
                                             if p.normalize_reward else (None, None))), s.reward.model_weight))
     if p.overlong_buffer:  # DAPO's overlong shaping, a term of its own
@@ -636,7 +632,7 @@ def finish(s: Setup, state: State) -> dict:
                  "prompts_too_long": len(s.prompts.rows) - len(s.encoded)},
         "metrics": {"steps": s.steps, "episodes": s.steps * s.global_batch,
                     **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
-        "reward_stats": s.rm_manifest["reward_stats"] if s.rm_manifest else state.reward_stats,
+        "reward_stats": s.rm_stats or state.reward_stats,
         "kl_controller": state.kl_ctl.state_dict(),
         "mixed_precision": "bf16" if s.models.autocast else "no",
         "bf16_speedup": s.models.bf16_speedup,

@@ -44,7 +44,7 @@ def load(run_dir: str):
         cfg = ModelConfig(base=run_dir[5:])
         return modeling.load_base(cfg, device=modeling.accelerator()), modeling.load_tokenizer(cfg), None
     model, tokenizer = modeling.load_policy(run_dir)
-    return model, tokenizer, modeling.read_manifest(run_dir)["recipe"]
+    return model, tokenizer, modeling.read_run(run_dir).recipe
 
 
 def fitting_prompts(model, tokenizer, rows: list[list[dict]], max_new_tokens: int, source: str) -> list:

@@ -157,44 +157,9 @@ def rm_score(reward, data_path, out, on_bad_row):
     """Accuracy of a reward model on pairs (with margins) or on rankings (over all comparisons, and top-1)."""
     import json
 
-    from rlhf import formats, modeling
     from stages import rm as stage
 
-    model, tokenizer = modeling.load_reward(reward)
-    # the reward model's own length limit: longer rows are left out (and counted), as its training left them out
-    max_length = modeling.read_run(reward).section("rm")["max_length"]
-    loaded = formats.load(data_path, "ranking", on_bad_row=on_bad_row)
-    if formats.is_pairs(loaded):
-        pairs = formats.rankings_as_pairs(loaded.rows)
-        encoded = stage.encode_pairs(tokenizer, pairs, max_length)
-        unit, total = "pairs", len(pairs)
-    else:
-        encoded = stage.encode_rankings(tokenizer, loaded.rows, max_length)
-        unit, total = "rankings", len(loaded.rows)
-    modeling.report_dropped("rm score", encoded.dropped, total, f"{unit} of {data_path}", "rm.max_length",
-                            max_length)
-    if not encoded.rows:
-        raise UserError(f"{data_path}: every {unit[:-1]} is longer than the reward model's rm.max_length={max_length}")
-    if unit == "pairs":
-        n = len(encoded.rows)
-        scores = modeling.score_sequences(model, [r["chosen_ids"] for r in encoded.rows]
-                                         + [r["rejected_ids"] for r in encoded.rows], tokenizer.pad_token_id)
-        chosen, rejected = scores[:n], scores[n:]
-        measured = modeling.pair_metrics(chosen, rejected)
-        rows = [{**p, "score_chosen": c, "score_rejected": r}
-                for p, c, r in zip(encoded.pairs, chosen.tolist(), rejected.tolist())]
-    else:
-        scores = stage.ranking_scores(model, tokenizer, encoded)
-        measured = stage.ranking_metrics(scores, encoded)
-        rows, start = [], 0
-        for r in encoded.rankings:
-            rows.append({**r, "scores": scores[start:start + len(r["ranks"])].tolist()})
-            start += len(r["ranks"])
-    if out:
-        from rlhf.rundir import write_jsonl
-
-        write_jsonl(out, rows)  # atomically: an interrupted score never leaves half a file
-    click.echo(json.dumps({**measured, "dropped_too_long": encoded.dropped}))
+    click.echo(json.dumps(stage.score(reward, data_path, out, on_bad_row)))
 
 
 @cli.command()

@@ -203,6 +203,28 @@ def report_dropped(stage: str, dropped: int, total: int, what: str, key: str, li
           + ("; raise " + key + " to keep them" if loud else ""), file=sys.stderr)
 
 
+def keep_fitting(encoded, source: str, unit: str, key: str, limit: int, stage: str, on_too_long: str = "drop",
+                 held_out: bool = False, advice: str | None = None) -> None:
+    """The length gate of the RM, DPO and ``rm score``: ``encoded`` holds the rows that fit (``rows``) and how many
+    did not (``dropped``), ``unit`` what a row is ("pairs", "rankings"). Training rows are refused when
+    ``on_too_long`` is "error" and any was too long, and when none fits (``advice`` ends that message; default:
+    raise ``key``); otherwise, and for ``held_out`` rows always, what was left out is reported in one line by the
+    main process."""
+    from rlhf import distributed
+
+    total = len(encoded.rows) + encoded.dropped
+    if not held_out:
+        if encoded.dropped and on_too_long == "error":
+            raise UserError(f"{source}: {encoded.dropped} of {total} {unit} are longer than {key}={limit} tokens "
+                            f"(raise it, or set {key.split('.')[0]}.on_too_long: drop)")
+        if not encoded.rows:
+            raise UserError(f"{source}: every {unit[:-1]} is longer than {key}={limit} tokens"
+                            + (advice if advice is not None else f"; raise {key}"))
+    if distributed.is_main():
+        report_dropped(stage, encoded.dropped, total, f"held-out {unit}" if held_out else f"{unit} of {source}", key,
+                       limit)
+
+
 def accelerator() -> torch.device:
     """This process's device: its GPU when there is one (accelerate's), else the CPU."""
     from rlhf import distributed
@@ -577,14 +599,6 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
     """
     return score_sequences(model, encode_conversations(tokenizer, conversations), tokenizer.pad_token_id,
                            batch_size, progress)
-
-def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
-    """Pairwise accuracy (ties count half) and margins of chosen over rejected scores."""
-    diff = chosen - rejected
-    return {"accuracy": ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item(),
-            "margin_mean": diff.mean().item(), "margin_std": diff.std().item() if len(diff) > 1 else 0.0,
-            "pairs": len(diff)}
-
 
 def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None,
                 device: torch.device | str | None = None):

@@ -23,7 +23,6 @@ import torch
 
 from rlhf import distributed, formats, methods, modeling, training
 from rlhf.config import AdapterConfig, ModelConfig, Recipe
-from rlhf.errors import UserError
 from rlhf.names import torch_dtype
 from rlhf.rundir import Run
 
@@ -32,16 +31,16 @@ TRL_LOSS = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "rob
 
 
 @dataclass
-class Encoded:
-    """Pairs as token ids ``{prompt_ids, chosen_ids, rejected_ids}`` (the trainers' pre-tokenised input), the pairs
-    kept and how many were longer than ``max_length``."""
+class PromptPairs:
+    """Pairs as DPO's trainers read them, the prompt apart: ``{prompt_ids, chosen_ids, rejected_ids}`` (their
+    pre-tokenised input), the pairs kept and how many were longer than ``max_length``."""
 
     rows: list[dict]
     pairs: list[dict]
     dropped: int
 
 
-def encode_pairs(tokenizer, pairs: list[dict], max_length: int) -> Encoded:
+def encode_prompt_pairs(tokenizer, pairs: list[dict], max_length: int) -> PromptPairs:
     """Each pair's prompt and two responses as ``modeling.encode_exchange`` lays them out; a pair with either
     side longer than ``max_length`` tokens is left out."""
     rows, kept = [], []
@@ -52,7 +51,7 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int) -> Encoded:
             continue
         rows.append({"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected})
         kept.append(p)
-    return Encoded(rows, kept, len(pairs) - len(kept))
+    return PromptPairs(rows, kept, len(pairs) - len(kept))
 
 
 def parent(recipe: Recipe, policy: str | None) -> tuple[Path | None, ModelConfig, AdapterConfig]:
@@ -131,7 +130,7 @@ def trainer_class(reference_free: bool):
                 copy_reference_adapter(self.model)
 
             def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-                return dataset  # encoded and length-filtered by encode_pairs
+                return dataset  # encoded and length-filtered by encode_prompt_pairs
 
         return EncodedDPOTrainer
 
@@ -185,9 +184,12 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
             train_rows, eval_rows = data.rows, held.rows
         else:  # whole rankings are held out, never single comparisons of a ranking trained on
             train_rows, eval_rows = training.split_rows(data.rows, d.eval_fraction, d.seed)
-        train = encode_pairs(tokenizer, formats.rankings_as_pairs(train_rows), d.max_length)
-        held_out = encode_pairs(tokenizer, formats.rankings_as_pairs(eval_rows), d.max_length)
-        _report_too_long(train, held_out, recipe)
+        train = encode_prompt_pairs(tokenizer, formats.rankings_as_pairs(train_rows), d.max_length)
+        held_out = encode_prompt_pairs(tokenizer, formats.rankings_as_pairs(eval_rows), d.max_length)
+        modeling.keep_fitting(train, recipe.data.preference, "pairs", "dpo.max_length", d.max_length, "dpo",
+                              d.on_too_long)
+        modeling.keep_fitting(held_out, recipe.data.preference, "pairs", "dpo.max_length", d.max_length, "dpo",
+                              held_out=True)
         model, reference = load_models(model_cfg, adapter, sft_dir, d.reference_free,
                                        training.planned_steps(d, len(train.rows)))
         for m in (model, reference):  # TRL's disable_dropout misses functional dropout (OPT): policy = reference
@@ -245,19 +247,3 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
             "recipe": {**recipe.to_dict(), "model": dataclasses.asdict(model_cfg),
                        "adapter": dataclasses.asdict(adapter)},
         })
-
-
-def _report_too_long(train: Encoded, held_out: Encoded, recipe: Recipe) -> None:
-    """Refuse (``dpo.on_too_long: error``) or report the pairs longer than dpo.max_length."""
-    d, source = recipe.dpo, recipe.data.preference
-    if train.dropped and d.on_too_long == "error":
-        raise UserError(f"{source}: {train.dropped} of {len(train.rows) + train.dropped} pairs are longer than "
-                        f"dpo.max_length={d.max_length} tokens (raise it, or set dpo.on_too_long: drop)")
-    if not train.rows:
-        raise UserError(f"{source}: every pair is longer than dpo.max_length={d.max_length} tokens; raise "
-                        "dpo.max_length")
-    if distributed.is_main():
-        modeling.report_dropped("dpo", train.dropped, len(train.rows) + train.dropped, f"pairs of {source}",
-                                "dpo.max_length", d.max_length)
-        modeling.report_dropped("dpo", held_out.dropped, len(held_out.rows) + held_out.dropped, "held-out pairs",
-                                "dpo.max_length", d.max_length)

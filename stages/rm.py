@@ -24,58 +24,42 @@ import torch
 from rlhf import distributed, formats, methods, modeling, ranking, training
 from rlhf.rundir import Run
 from rlhf.config import Recipe
-from rlhf.errors import UserError
 
 
 @dataclass
 class Encoded:
-    """Pairs as the token ids the reward model trains and is read on (``modeling.encode_exchange``), with the
-    pairs that fit ``max_length`` and how many did not."""
+    """Rankings (a pair is a ranking of two) as the token ids the reward model trains and is read on
+    (``modeling.encode_exchange``), with the rankings that fit ``max_length`` and how many did not."""
 
     rows: list[dict]
-    """``{chosen_ids, rejected_ids, margin}`` per kept pair (the trainer's pre-tokenised input)"""
-    pairs: list[dict]
-    """the kept pairs themselves"""
-    dropped: int
-
-
-def encode_pairs(tokenizer, pairs: list[dict], max_length: int) -> Encoded:
-    """Encode each pair's two conversations; a pair with either longer than ``max_length`` tokens is left out,
-    as the reward trainer leaves it out of training."""
-    rows, kept = [], []
-    margins = any("margin" in p for p in pairs)
-    for p in pairs:
-        chosen = sum(modeling.encode_exchange(tokenizer, p["prompt"], p["chosen"]), [])
-        rejected = sum(modeling.encode_exchange(tokenizer, p["prompt"], p["rejected"]), [])
-        if max(len(chosen), len(rejected)) > max_length:
-            continue
-        rows.append({"chosen_ids": chosen, "rejected_ids": rejected,
-                     **({"margin": p.get("margin", 0.0)} if margins else {})})
-        kept.append(p)
-    return Encoded(rows, kept, len(pairs) - len(kept))
-
-
-@dataclass
-class EncodedRankings:
-    """Rankings as token ids (each response laid out by ``modeling.encode_exchange``), with the rankings kept."""
-
-    rows: list[dict]
-    """``{responses_ids: [[ids], ...], ranks: [...]}`` per kept ranking"""
+    """``{responses_ids: [[ids], ...], ranks: [...][, margin]}`` per kept ranking"""
     rankings: list[dict]
+    """the kept rankings themselves"""
     dropped: int
 
 
-def encode_rankings(tokenizer, rankings: list[dict], max_length: int) -> EncodedRankings:
+def encode_rankings(tokenizer, rankings: list[dict], max_length: int) -> Encoded:
     """Encode each ranking's responses; a ranking with any response longer than ``max_length`` tokens is left out
-    (as a pair with either side too long is)."""
+    (a pair: either side), as the reward trainer would leave it out. A pair's margin is kept."""
     rows, kept = [], []
     for r in rankings:
         ids = [sum(modeling.encode_exchange(tokenizer, r["prompt"], resp), []) for resp in r["responses"]]
         if max(map(len, ids)) > max_length:
             continue
-        rows.append({"responses_ids": ids, "ranks": r["ranks"]})
+        rows.append({"responses_ids": ids, "ranks": r["ranks"], **({"margin": r["margin"]} if "margin" in r else {})})
         kept.append(r)
-    return EncodedRankings(rows, kept, len(rankings) - len(kept))
+    return Encoded(rows, kept, len(rankings) - len(kept))
+
+
+def trl_pairs(encoded: Encoded) -> list[dict]:
+    """Every comparison of every encoded ranking as TRL's pre-tokenised pair ``{chosen_ids, rejected_ids[,
+    margin]}``, in ``formats.ranking_as_pairs``'s order: what RewardTrainer's own collator and Bradley-Terry loss
+    read, for pair data and ``rm.comparisons: shuffled``. With a margin on any pair, every pair has one (0 where
+    none was given), as TRL's collator needs."""
+    margins = any("margin" in r for r in encoded.rows)
+    return [{"chosen_ids": r["responses_ids"][w], "rejected_ids": r["responses_ids"][l],
+             **({"margin": r.get("margin", 0.0)} if margins else {})}
+            for r in encoded.rows for w, l in ranking.ranking_pairs(r["ranks"])]
 
 
 @dataclass
@@ -135,35 +119,32 @@ def ranking_trainer_class():
     return RankingRewardTrainer
 
 
-def ranking_scores(model, tokenizer, encoded: EncodedRankings, batch_size: int = 32,
-                   progress: bool = False) -> torch.Tensor:
+def ranking_scores(model, tokenizer, encoded: Encoded, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
     """The reward of every response of every encoded ranking, flat and in order, read where PPO reads."""
     seqs = [ids for r in encoded.rows for ids in r["responses_ids"]]
     return modeling.score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, progress=progress)
 
 
-def ranking_metrics(scores: torch.Tensor, encoded: EncodedRankings) -> dict:
-    """Accuracy over all comparisons of the rankings (ties in score count half), top-1 accuracy (the top-scored
-    response is among the best-placed) and the InstructGPT loss (however the model was trained)."""
+def ranking_metrics(scores: torch.Tensor, encoded: Encoded) -> dict:
+    """Accuracy over all comparisons of the rankings (ties in score count half; at K = 2, the pair accuracy),
+    top-1 accuracy (the top-scored response is among the best-placed), the InstructGPT loss (however the model was
+    trained), and where every ranking is a pair the margins of the better response's score over the worse's."""
     ranks = [r["ranks"] for r in encoded.rows]
     measured = ranking.ranking_accuracy(scores, ranks)
-    return {"accuracy": measured["pair_accuracy"], "top1_accuracy": measured["top1_accuracy"],
-            "ranking_loss": ranking.ranking_loss(scores.float(), ranks).item(),
-            "pairs": sum(len(ranking.ranking_pairs(r["ranks"])) for r in encoded.rows), "rankings": len(encoded.rows)}
+    out = {"accuracy": measured["pair_accuracy"], "top1_accuracy": measured["top1_accuracy"],
+           "ranking_loss": ranking.ranking_loss(scores.float(), ranks).item(),
+           "pairs": sum(len(ranking.ranking_pairs(r)) for r in ranks), "rankings": len(ranks)}
+    if ranks and all(len(r) == 2 for r in ranks):
+        better = torch.tensor([min(range(2), key=r.__getitem__) for r in ranks])
+        pairs = scores.view(-1, 2)
+        diff = pairs.gather(1, better[:, None]).squeeze(1) - pairs.gather(1, 1 - better[:, None]).squeeze(1)
+        out.update(margin_mean=diff.mean().item(), margin_std=diff.std().item() if len(diff) > 1 else 0.0)
+    return out
 
 
-def evaluate_rankings(model, tokenizer, encoded: EncodedRankings, batch_size: int = 32,
-                      progress: bool = False) -> dict:
-    """``ranking_metrics`` of a reward model on encoded rankings."""
+def measure(model, tokenizer, encoded: Encoded, batch_size: int = 32, progress: bool = False) -> dict:
+    """``ranking_metrics`` of a reward model on encoded rankings or pairs."""
     return ranking_metrics(ranking_scores(model, tokenizer, encoded, batch_size, progress), encoded)
-
-
-def evaluate_pairs(model, tokenizer, encoded: Encoded, batch_size: int = 32, progress: bool = False) -> dict:
-    """Accuracy and margins of a reward model on encoded pairs, read where PPO reads."""
-    seqs = [r["chosen_ids"] for r in encoded.rows] + [r["rejected_ids"] for r in encoded.rows]
-    scores = modeling.score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, progress=progress)
-    n = len(encoded.rows)
-    return modeling.pair_metrics(scores[:n], scores[n:])
 
 
 def reward_statistics(model, tokenizer, seqs: list[list[int]], samples: int, seed: int, batch_size: int = 32,
@@ -176,26 +157,10 @@ def reward_statistics(model, tokenizer, seqs: list[list[int]], samples: int, see
     return {"mean": scores.mean().item(), "std": scores.std().item(), "responses": len(seqs)}
 
 
-def drop_too_long(encoded, total: int, recipe: Recipe, source: str, stage: str = "rm",
-                  unit: str = "pairs") -> None:
-    """Report (or refuse, with ``rm.on_too_long: error``) the pairs or rankings longer than rm.max_length."""
-    limit = recipe.rm.max_length
-    if encoded.dropped and recipe.rm.on_too_long == "error":
-        raise UserError(f"{source}: {encoded.dropped} of {total} {unit} are longer than rm.max_length={limit} "
-                        "tokens (raise it, or set rm.on_too_long: drop)")
-    if not encoded.rows:
-        raise UserError(f"{source}: every {unit[:-1]} is longer than rm.max_length={limit} tokens; raise "
-                        "rm.max_length")
-    modeling.report_dropped(stage, encoded.dropped, total, f"{unit} of {source}", "rm.max_length", limit)
-
-
 def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     """Train the reward model as the recipe says; returns the manifest written to the run directory."""
-    from datasets import Dataset
     from transformers import set_seed
-    from trl import RewardConfig, RewardTrainer
 
-    # setup: data, output directory, model
     methods.check_stage(recipe.adapter.method, "rm", recipe.source)
     distributed.warn_unsharded("rm")
     data, held = training.preference_data(recipe, "rm")
@@ -209,81 +174,27 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         tokenizer = modeling.load_tokenizer(recipe.model)
         base = modeling.load_base(recipe.model, kind="score")
         base.config.pad_token_id = tokenizer.pad_token_id  # where the head is read: see modeling.reward_index
-        if held is not None:
-            train_rows, eval_rows = data.rows, held.rows
-        else:  # whole rankings are held out, never single comparisons of a ranking trained on
-            train_rows, eval_rows = training.split_rows(data.rows, recipe.rm.eval_fraction, recipe.rm.seed)
-        # the responses as the token ids PPO's episodes are laid out in; too long ones are dropped (or refused)
-        unit = "rankings" if grouped else "pairs"
-        train = (encode_rankings(tokenizer, train_rows, recipe.rm.max_length) if grouped
-                 else encode_pairs(tokenizer, formats.rankings_as_pairs(train_rows), recipe.rm.max_length))
-        drop_too_long(train, len(train.rows) + train.dropped, recipe, recipe.data.preference, unit=unit)
-        held_out = encode_rankings(tokenizer, eval_rows, recipe.rm.max_length)
-        held_pairs = formats.is_pairs(held if held is not None else data)
-        if eval_rows:
-            modeling.report_dropped("rm", held_out.dropped, len(eval_rows),
-                                    "held-out " + ("pairs" if held_pairs else "rankings"), "rm.max_length",
-                                    recipe.rm.max_length)
-        # what the trainer evaluates on every rm.eval_every steps: held-out data in the training's own shape
-        held_as_pairs = (encode_pairs(tokenizer, formats.rankings_as_pairs(held_out.rankings),
-                                      recipe.rm.max_length)
-                         if held_pairs or not grouped else None)  # encoded once: trainer eval and final measure
-        eval_rows_encoded = held_out.rows if grouped else held_as_pairs.rows
+        train, held_out = encode_split(recipe, data, held, tokenizer)
+        # what the trainer reads: whole rankings (grouped), or every comparison as TRL's chosen/rejected pair
+        train_rows = train.rows if grouped else trl_pairs(train)
         model = modeling.attach_adapter(base, recipe.adapter, "SEQ_CLS", recipe.model.base,
-                                        training.planned_steps(recipe.rm, len(train.rows)))
+                                        training.planned_steps(recipe.rm, len(train_rows)))
         modeling.disable_dropout(model)  # what disable_dropout=True means, functional dropout (OPT) included
         params = modeling.trainable_parameters(model)
-        print(f"rm: {len(train.rows)} {unit}" + (f" ({len(train.rankings)} prompts, "
-              f"{sum(len(r['ranks']) for r in train.rows)} responses, InstructGPT loss)" if grouped else "")
+        print(f"rm: {len(train_rows)} " + (f"rankings ({len(train.rankings)} prompts, "
+              f"{sum(len(r['ranks']) for r in train.rows)} responses, InstructGPT loss)" if grouped else "pairs")
               + f", {recipe.adapter.method} trains {params['trainable']:,} of {params['total']:,} parameters "
               f"({params['percent']}%)", file=sys.stderr)
         note = modeling.untrained_note(recipe.model, tokenizer)
         if note and distributed.is_main():
             print(f"rm: {note}", file=sys.stderr)
-
-        args = RewardConfig(**training.trainer_kwargs(recipe, recipe.rm, run.work, bool(eval_rows_encoded)),
-                            center_rewards_coefficient=recipe.rm.center_rewards_coefficient,
-                            disable_dropout=True)
-        trainer = (ranking_trainer_class() if grouped else RewardTrainer)(
-            model=model,
-            args=args,
-            data_collator=RankingCollator(tokenizer.pad_token_id) if grouped else None,
-            train_dataset=Dataset.from_list(train.rows),
-            eval_dataset=Dataset.from_list(eval_rows_encoded) if eval_rows_encoded else None,
-            processing_class=tokenizer,
-        )
-        if recipe.model.quantization:  # TRL casts a quantized model's trainable weights to bf16; the score head
-            # reads hidden states in the compute dtype, so it keeps that dtype
-            modeling.score_head(model).to(model.get_input_embeddings().weight.dtype)
-        training.quiet_trainer(trainer, run, recipe, "rm", shown=("train/loss", "train/accuracy", "eval/accuracy"))
-        training.method_callbacks(trainer, recipe.adapter)
-
-        # train
+        trainer = make_trainer(recipe, run, model, tokenizer, train_rows,
+                               held_out.rows if grouped else trl_pairs(held_out), grouped)
         result = training.train(trainer, run)
 
         # measure: held-out accuracy with the shared scoring function, reward statistics for PPO
         model.eval()
-        progress = training.show_progress(recipe)
-        metrics = {"train_loss": result.training_loss, "steps": result.global_step}
-        if held_out.rows:  # pairs: accuracy and margins; rankings: accuracy over all comparisons and top-1
-            if held_pairs:
-                measured = evaluate_pairs(model, tokenizer, held_as_pairs, progress=progress)
-            else:
-                measured = evaluate_rankings(model, tokenizer, held_out, progress=progress)
-            metrics.update({f"eval_{k}": v for k, v in measured.items()})
-            run.metrics.write({"step": result.global_step, **{f"eval/{k[5:]}": v for k, v in metrics.items()
-                                                               if k.startswith("eval_")}})
-        responses = ([ids for r in train.rows for ids in r["responses_ids"]] if grouped
-                     else [r[side] for r in train.rows for side in ("chosen_ids", "rejected_ids")])
-        stats = reward_statistics(model, tokenizer, responses, recipe.rm.stats_samples, recipe.rm.seed,
-                                  progress=progress)
-        print(f"rm: held-out accuracy {metrics.get('eval_accuracy', float('nan')):.4f}"
-              + (f", top-1 {metrics['eval_top1_accuracy']:.4f}" if "eval_top1_accuracy" in metrics else "")
-              + f", reward mean {stats['mean']:.4f} std {stats['std']:.4f}", file=sys.stderr)
-        if not (torch.isfinite(torch.tensor(stats["mean"])) and stats["std"] > 0):
-            raise RuntimeError(f"reward statistics are degenerate ({stats}); the reward model did not train")
-
-        # save
+        metrics, stats = measure_trained(recipe, run, model, tokenizer, train_rows, held_out, result)
         training.save_trained(trainer, tokenizer, recipe, run, "rm")
         return run.finish({
             "base": recipe.model.base,
@@ -292,11 +203,102 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
             "parents": {},
             "adapter": {"method": recipe.adapter.method, "parameters": params},
             "data": {"preference": data.summary(), "eval_preference": held.summary() if held else None,
-                     "loss": "instructgpt_ranking" if grouped else "bradley_terry", "unit": unit,
-                     "train_rows": len(train.rows), "eval_rows": len(held_out.rows),
-                     "rows_too_long": train.dropped, "eval_rows_too_long": held_out.dropped},
+                     "loss": "instructgpt_ranking" if grouped else "bradley_terry",
+                     "unit": "rankings" if grouped else "pairs", "train_rows": len(train_rows),
+                     "eval_rows": len(held_out.rows), "rows_too_long": train.dropped,
+                     "eval_rows_too_long": held_out.dropped},
             "metrics": metrics,
             "reward_stats": stats,
             "seed": recipe.rm.seed,
             "recipe": recipe.to_dict(),
         })
+
+
+def encode_split(recipe: Recipe, data: formats.Loaded, held: formats.Loaded | None, tokenizer
+                 ) -> tuple[Encoded, Encoded]:
+    """The training and held-out rankings (``data.eval_preference``, else ``rm.eval_fraction`` of whole rankings:
+    never single comparisons of a ranking trained on) encoded as PPO's episodes are laid out; rankings longer
+    than rm.max_length are left out and reported (or refused: ``rm.on_too_long``)."""
+    if held is not None:
+        train_rows, eval_rows = data.rows, held.rows
+    else:
+        train_rows, eval_rows = training.split_rows(data.rows, recipe.rm.eval_fraction, recipe.rm.seed)
+    limit = recipe.rm.max_length
+    train, held_out = encode_rankings(tokenizer, train_rows, limit), encode_rankings(tokenizer, eval_rows, limit)
+    unit = "pairs" if formats.is_pairs(data) else "rankings"
+    modeling.keep_fitting(train, recipe.data.preference, unit, "rm.max_length", limit, "rm", recipe.rm.on_too_long)
+    modeling.keep_fitting(held_out, recipe.data.eval_preference or recipe.data.preference,
+                          "pairs" if formats.is_pairs(held or data) else "rankings", "rm.max_length", limit, "rm",
+                          held_out=True)
+    return train, held_out
+
+
+def make_trainer(recipe: Recipe, run: Run, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
+                 grouped: bool):
+    """TRL's RewardTrainer on pre-tokenised pairs (its own collator and Bradley-Terry loss), or with ``grouped``
+    the same trainer over whole rankings (``RankingCollator``, the InstructGPT loss)."""
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    args = RewardConfig(**training.trainer_kwargs(recipe, recipe.rm, run.work, bool(eval_rows)),
+                        center_rewards_coefficient=recipe.rm.center_rewards_coefficient, disable_dropout=True)
+    trainer = (ranking_trainer_class() if grouped else RewardTrainer)(
+        model=model, args=args, data_collator=RankingCollator(tokenizer.pad_token_id) if grouped else None,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tokenizer)
+    if recipe.model.quantization:  # TRL casts a quantized model's trainable weights to bf16; the score head
+        # reads hidden states in the compute dtype, so it keeps that dtype
+        modeling.score_head(model).to(model.get_input_embeddings().weight.dtype)
+    training.quiet_trainer(trainer, run, recipe, "rm", shown=("train/loss", "train/accuracy", "eval/accuracy"))
+    training.method_callbacks(trainer, recipe.adapter)
+    return trainer
+
+
+def measure_trained(recipe: Recipe, run: Run, model, tokenizer, train_rows: list[dict], held_out: Encoded,
+                    result) -> tuple[dict, dict]:
+    """The trained model's metrics (training loss and steps; on the held-out rankings or pairs, ``measure``) and
+    its reward statistics over the responses it trained on (PPO normalises with them)."""
+    progress = training.show_progress(recipe)
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step}
+    if held_out.rows:
+        metrics.update({f"eval_{k}": v for k, v in measure(model, tokenizer, held_out, progress=progress).items()})
+        run.metrics.write({"step": result.global_step, **{f"eval/{k[5:]}": v for k, v in metrics.items()
+                                                           if k.startswith("eval_")}})
+    responses = [ids for r in train_rows for ids in (r["responses_ids"] if "responses_ids" in r
+                                                     else (r["chosen_ids"], r["rejected_ids"]))]
+    stats = reward_statistics(model, tokenizer, responses, recipe.rm.stats_samples, recipe.rm.seed, progress=progress)
+    print(f"rm: held-out accuracy {metrics.get('eval_accuracy', float('nan')):.4f}"
+          + (f", top-1 {metrics['eval_top1_accuracy']:.4f}" if "eval_margin_mean" not in metrics
+             and "eval_top1_accuracy" in metrics else "")
+          + f", reward mean {stats['mean']:.4f} std {stats['std']:.4f}", file=sys.stderr)
+    if not (torch.isfinite(torch.tensor(stats["mean"])) and stats["std"] > 0):
+        raise RuntimeError(f"reward statistics are degenerate ({stats}); the reward model did not train")
+    return metrics, stats
+
+
+def score(reward: str, data_path: str, out: str | None = None, on_bad_row: str = "error") -> dict:
+    """``rlhf rm score``: a reward model's accuracy on pairs (with margins) or rankings (over all comparisons, and
+    top-1), through the same encoding, length limit and measurement as its training's held-out rows; with
+    ``out``, every row with its scores (pairs: ``score_chosen``/``score_rejected``; rankings: ``scores``)."""
+    model, tokenizer = modeling.load_reward(reward)
+    # the reward model's own length limit: longer rows are left out (and counted), as its training left them out
+    limit = modeling.read_run(reward).section("rm")["max_length"]
+    loaded = formats.load(data_path, "ranking", on_bad_row=on_bad_row)
+    pairs = formats.is_pairs(loaded)
+    encoded = encode_rankings(tokenizer, loaded.rows, limit)
+    modeling.keep_fitting(encoded, data_path, "pairs" if pairs else "rankings", "rm.max_length", limit, "rm score",
+                          advice=" (the reward model's own limit)")
+    scores = ranking_scores(model, tokenizer, encoded)
+    rows, start = [], 0
+    for r in encoded.rankings:
+        these = scores[start:start + len(r["ranks"])].tolist()
+        start += len(r["ranks"])
+        if pairs:  # as the pair it was read as: {prompt, chosen, rejected[, margin]} and both scores
+            rows.append({**formats.ranking_as_pairs(r)[0], "score_chosen": these[0], "score_rejected": these[1]})
+        else:
+            rows.append({**r, "scores": these})
+    if out:
+        from rlhf.rundir import write_jsonl
+
+        write_jsonl(out, rows)  # atomically: an interrupted score never leaves half a file
+    return {**ranking_metrics(scores, encoded), "dropped_too_long": encoded.dropped}

@@ -19,7 +19,7 @@ from families import BY_NAME, FAMILIES, build, write_data
 from rlhf import formats, modeling, ppo_models, rollout
 from rlhf.cli import cli
 from rlhf.config import ModelConfig
-from stages.rm import encode_pairs
+from stages.rm import encode_rankings, trl_pairs
 
 pytestmark = [pytest.mark.families, pytest.mark.fast]  # in-process and small: part of the fast tier
 
@@ -117,14 +117,13 @@ def test_family_through_every_stage(name, world, tmp_path):
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
     reward, rtok = modeling.load_reward(runs / "rm")
-    pairs = formats.load(str(world["preference"]), "preference").rows
-    encoded = encode_pairs(rtok, pairs, 192)
-    batch = DataCollatorForPreference(pad_token_id=rtok.pad_token_id)(encoded.rows[:6])
+    encoded = encode_rankings(rtok, formats.load(str(world["preference"]), "ranking").rows, 192)
+    batch = DataCollatorForPreference(pad_token_id=rtok.pad_token_id)(trl_pairs(encoded)[:6])
     with torch.no_grad():
         trained = reward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
         read = modeling.sequence_scores(reward, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(read, trained, rtol=0, atol=1e-4)  # TRL's forward pools where we read
-    kept = encoded.pairs[:6]
+    kept = [formats.ranking_as_pairs(r)[0] for r in encoded.rankings[:6]]
     split = [modeling.encode_exchange(rtok, p["prompt"], p[side]) for side in ("chosen", "rejected") for p in kept]
     ids, mask = ppo_layout([q for q, _ in split], [a for _, a in split], rtok.pad_token_id)
     models = ppo_models.load(ModelConfig(base=str(base)), "lora", runs / "sft", runs / "rm")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf import methods, modeling
+from rlhf import method_table, methods, modeling
 from rlhf.config import ModelConfig
 
 SAME_BASE_KEYS = ("dtype", "quantization", "revision", "untrained_rows")
@@ -51,7 +51,7 @@ class OneBase:
         self.names: dict[str, str] = {}
         """run directory -> adapter name"""
         head = _score_head(self.reward_dir, base.get_input_embeddings().weight.dtype).to(base.device)
-        config = copy.copy(modeling.unwrap(self.model).config)
+        config = copy.copy(methods.unwrap(self.model).config)
         config.pad_token_id = self.reward_tokenizer.pad_token_id  # where the reward model's forward pools
         self.reward = _RewardView(self, head, config)
 
@@ -61,7 +61,7 @@ class OneBase:
 
     @property
     def config(self):
-        return modeling.unwrap(self.model).config
+        return methods.unwrap(self.model).config
 
     def can_hold(self, run_dir: Path | None) -> bool:
         """Whether the policy of ``run_dir`` (None: the bare base) can be an adapter here: the same base and model
@@ -69,7 +69,7 @@ class OneBase:
         if run_dir is None:
             return True
         policy = modeling.read_run(run_dir, "policy")
-        return (policy.method == self.method and methods.kind(self.method) == "peft"
+        return (policy.method == self.method and method_table.kind(self.method) == "peft"
                 and modeling.same_base(policy.model.base, self.cfg.base)
                 and all(getattr(policy.model, k) == getattr(self.cfg, k) for k in SAME_BASE_KEYS))
 
@@ -101,7 +101,7 @@ class OneBase:
             yield
 
     def backbone(self) -> nn.Module:
-        core = modeling.unwrap(self.model)
+        core = methods.unwrap(self.model)
         return getattr(core, core.base_model_prefix)
 
 

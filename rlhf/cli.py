@@ -387,9 +387,9 @@ def runs(root):
 @cli.command("methods")
 def list_methods():
     """The fine-tuning methods (recipe adapter.method) and the stages that support each."""
-    from rlhf import methods
+    from rlhf import method_table
 
-    click.echo(methods.support_matrix())
+    click.echo(method_table.support_matrix())
     click.echo("\nLoRA on an 8-bit base: adapter.method lora with model.quantization 8bit. "
                "Options of each method: the adapter section of any recipe (rlhf/config.py documents each key).")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import methods, modeling, rundir
+from rlhf import method_table, methods, modeling, rundir
 from rlhf.errors import UserError
 
 PROBE = [{"role": "user", "content": "Reverse the words: the model is exported"}]
@@ -29,8 +29,8 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, overwrite:
     if stage not in ("sft", "rm", "ppo", "dpo"):
         raise UserError(f"{run_dir}: is a {stage!r} run; export takes an sft, rm, ppo or dpo run")
     method = run.method
-    kind = methods.kind(method)
-    if merge and not methods.get(method).mergeable:
+    kind = method_table.kind(method)
+    if merge and not method_table.get(method).mergeable:
         raise UserError(f"{run_dir}: adapter.method {method} adds layers or virtual tokens that cannot be merged "
                         "into the base weights; export without --merge")
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -30,7 +30,7 @@ from rlhf.errors import UserError
 if TYPE_CHECKING:
     from rlhf.config import AdapterConfig, ModelConfig
 
-from rlhf.method_table import METHODS, STAGES, Method, check_stage, get, kind, support_matrix  # noqa: F401
+from rlhf.method_table import METHODS
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from rlhf import methods
 from rlhf.config import AdapterConfig, ModelConfig, model_config_of
 from rlhf.errors import UserError
 from rlhf.names import torch_dtype
-from rlhf.methods import score_head, unwrap  # noqa: F401  (part of this module's interface: modeling.unwrap)
+from rlhf.methods import score_head, unwrap
 
 # Used when a tokenizer has no chat template of its own. The assistant turn carries generation markers (TRL's
 # assistant-only loss needs them) and ends with the EOS token, so a trained model learns to stop.

@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from rlhf import methods, modeling, ppo_math, precision, rollout
+from rlhf import method_table, methods, modeling, ppo_math, precision, rollout
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 from rlhf.names import torch_dtype
@@ -232,10 +232,10 @@ class SharedBase:
     @property
     def config(self):
         """The base model's configuration."""
-        return modeling.unwrap(self.model).config
+        return methods.unwrap(self.model).config
 
     def _backbone(self):
-        core = modeling.unwrap(self.model)
+        core = methods.unwrap(self.model)
         return getattr(core, core.base_model_prefix)
 
     # -- the forward passes the loop needs ---------------------------------------------------------------------
@@ -388,7 +388,7 @@ class SeparateCopies:
             self.reward.requires_grad_(False).eval()
         if critic and rm_dir is not None:
             self.value = copy.deepcopy(self.reward).requires_grad_(True)
-            head = modeling.score_head(self.value)
+            head = methods.score_head(self.value)
             weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
             self.value.score = linear_head(weights, head.weight.dtype, value_shift, value_scale, bias=True)
         elif critic:  # scorers alone: the value model starts from the policy, predicting 0
@@ -397,7 +397,7 @@ class SeparateCopies:
             if self.value.config.pad_token_id is None:
                 self.value.config.pad_token_id = self.policy.config.pad_token_id
             self.value.score = _zero_head(self.value.config.hidden_size,
-                                          modeling.score_head(self.value).weight.dtype)
+                                          methods.score_head(self.value).weight.dtype)
         if adapter_cfg is not None and adapter_cfg.method != "full":  # bitfit / freeze: the same weights as in SFT
             methods.prepare(self.policy, adapter_cfg, "CAUSAL_LM")
             if critic:
@@ -486,7 +486,7 @@ def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | Non
     ``vocab``: the tokenizer's size (``PPOModels.vocab``)."""
     device = torch.device(device)
     with modeling.loading(f"{sft_dir or 'base'}" + (f" / {rm_dir}" if rm_dir else ""), cfg.base):
-        if methods.kind(method) == "weights":
+        if method_table.kind(method) == "weights":
             models = SeparateCopies(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale, critic)
         else:
             models = SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale, critic)

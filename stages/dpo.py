@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import distributed, formats, methods, modeling, training
+from rlhf import distributed, formats, method_table, methods, modeling, training
 from rlhf.config import AdapterConfig, ModelConfig, Recipe
 from rlhf.names import torch_dtype
 from rlhf.rundir import Run
@@ -70,7 +70,7 @@ def load_models(cfg: ModelConfig, adapter: AdapterConfig, sft_dir: Path | None, 
     no SFT run: adapters disabled = the base; a reference-free loss), else a frozen second copy of the SFT model."""
     from transformers import AutoModelForCausalLM
 
-    kind = methods.kind(adapter.method)
+    kind = method_table.kind(adapter.method)
     if sft_dir is None:
         return modeling.attach_adapter(modeling.load_base(cfg), adapter, "CAUSAL_LM", cfg.base, total_steps), None
 
@@ -173,23 +173,14 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
     d = recipe.dpo
     distributed.warn_unsharded("dpo")
     sft_dir, model_cfg, adapter = parent(recipe, policy)
-    methods.check_stage(adapter.method, "dpo", str(sft_dir or recipe.source))
+    method_table.check_stage(adapter.method, "dpo", str(sft_dir or recipe.source))
     data, held = training.preference_data(recipe, "dpo")
     modeling.check_lengths(modeling.load_config(model_cfg), {"dpo.max_length": d.max_length}, recipe.source)
     with Run(Path(out) if out else recipe.stage_dir("dpo"), "dpo", overwrite=overwrite, resume=resume) as run:
         run.track(recipe)
         set_seed(d.seed)
         tokenizer = modeling.load_tokenizer(model_cfg, str(sft_dir) if sft_dir else None)
-        if held is not None:
-            train_rows, eval_rows = data.rows, held.rows
-        else:  # whole rankings are held out, never single comparisons of a ranking trained on
-            train_rows, eval_rows = training.split_rows(data.rows, d.eval_fraction, d.seed)
-        train = encode_prompt_pairs(tokenizer, formats.rankings_as_pairs(train_rows), d.max_length)
-        held_out = encode_prompt_pairs(tokenizer, formats.rankings_as_pairs(eval_rows), d.max_length)
-        modeling.keep_fitting(train, recipe.data.preference, "pairs", "dpo.max_length", d.max_length, "dpo",
-                              d.on_too_long)
-        modeling.keep_fitting(held_out, recipe.data.preference, "pairs", "dpo.max_length", d.max_length, "dpo",
-                              held_out=True)
+        train, held_out = encode_split(recipe, data, held, tokenizer)
         model, reference = load_models(model_cfg, adapter, sft_dir, d.reference_free,
                                        training.planned_steps(d, len(train.rows)))
         for m in (model, reference):  # TRL's disable_dropout misses functional dropout (OPT): policy = reference
@@ -203,29 +194,15 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
               f"trains {params['trainable']:,} of {params['total']:,} parameters ({params['percent']}%)",
               file=sys.stderr)
 
-        # train
         trainer = trainer_class(d.reference_free)(
-            model=model,
-            **({} if d.reference_free else {"ref_model": reference}),
-            args=trainer_args(recipe, run.work, bool(held_out.rows)),
-            train_dataset=Dataset.from_list(train.rows),
-            eval_dataset=Dataset.from_list(held_out.rows) if held_out.rows else None,
-            processing_class=tokenizer,
-        )
+            model=model, **({} if d.reference_free else {"ref_model": reference}),
+            args=trainer_args(recipe, run.work, bool(held_out.rows)), train_dataset=Dataset.from_list(train.rows),
+            eval_dataset=Dataset.from_list(held_out.rows) if held_out.rows else None, processing_class=tokenizer)
         training.quiet_trainer(trainer, run, recipe, "dpo",
                                shown=("train/loss", "train/rewards/accuracies", "eval/rewards/accuracies"))
         training.method_callbacks(trainer, adapter)
         result = training.train(trainer, run)
-
-        # measure: held-out implicit-reward accuracy and margin (TRL's evaluation, over every process's pairs)
-        metrics = {"train_loss": result.training_loss, "steps": result.global_step}
-        if held_out.rows:
-            measured = trainer.evaluate()
-            metrics.update({k: v for k, v in measured.items() if k.startswith("eval_") and "/" in k
-                            or k == "eval_loss"})
-            nan = float("nan")
-            print(f"dpo: held-out implicit-reward accuracy {measured.get('eval_rewards/accuracies', nan):.4f}, "
-                  f"margin {measured.get('eval_rewards/margins', nan):.4f}", file=sys.stderr)
+        metrics = measure(trainer, result, bool(held_out.rows))
 
         # save the policy alone (TRL's frozen "ref" adapter is a copy of the SFT adapter the manifest names)
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -247,3 +224,35 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
             "recipe": {**recipe.to_dict(), "model": dataclasses.asdict(model_cfg),
                        "adapter": dataclasses.asdict(adapter)},
         })
+
+
+def encode_split(recipe: Recipe, data: formats.Loaded, held: formats.Loaded | None, tokenizer
+                 ) -> tuple[PromptPairs, PromptPairs]:
+    """The training and held-out pairs (``data.eval_preference``, else ``dpo.eval_fraction`` of whole rankings:
+    never single comparisons of a ranking trained on), encoded; pairs longer than dpo.max_length are left out and
+    reported (or refused: ``dpo.on_too_long``)."""
+    d = recipe.dpo
+    if held is not None:
+        train_rows, eval_rows = data.rows, held.rows
+    else:
+        train_rows, eval_rows = training.split_rows(data.rows, d.eval_fraction, d.seed)
+    train = encode_prompt_pairs(tokenizer, formats.rankings_as_pairs(train_rows), d.max_length)
+    held_out = encode_prompt_pairs(tokenizer, formats.rankings_as_pairs(eval_rows), d.max_length)
+    modeling.keep_fitting(train, recipe.data.preference, "pairs", "dpo.max_length", d.max_length, "dpo",
+                          d.on_too_long)
+    modeling.keep_fitting(held_out, recipe.data.preference, "pairs", "dpo.max_length", d.max_length, "dpo",
+                          held_out=True)
+    return train, held_out
+
+
+def measure(trainer, result, held_out: bool) -> dict:
+    """The training loss and steps, and with ``held_out`` pairs the held-out implicit-reward accuracy and margin
+    (TRL's evaluation, over every process's pairs)."""
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step}
+    if held_out:
+        measured = trainer.evaluate()
+        metrics.update({k: v for k, v in measured.items() if k.startswith("eval_") and "/" in k or k == "eval_loss"})
+        nan = float("nan")
+        print(f"dpo: held-out implicit-reward accuracy {measured.get('eval_rewards/accuracies', nan):.4f}, "
+              f"margin {measured.get('eval_rewards/margins', nan):.4f}", file=sys.stderr)
+    return metrics

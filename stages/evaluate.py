@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import adapters, external_rm, formats, methods, modeling, report, rollout, scorers
+from rlhf import adapters, external_rm, formats, method_table, methods, modeling, report, rollout, scorers
 from rlhf.rundir import Run
 from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import UserError
@@ -209,40 +209,9 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
     rows += [resolve_policy(recipe, spec) for spec in (policies or e.policies)]
     if not rows:
         raise UserError(f"{recipe.source}: nothing to evaluate (eval.policies is empty and eval.icl_shots is 0)")
-    demos = []
-    if e.icl_shots:
-        if not recipe.data.sft:
-            raise UserError(f"{recipe.source}: eval.icl_shots needs data.sft for its demonstrations")
-        demos = formats.load(recipe.data.sft, "sft", fmt=recipe.data.sft_format, columns=recipe.data.columns,
-                             split=recipe.data.split, on_bad_row="drop").rows
-        if len(demos) < e.icl_shots:
-            raise UserError(f"{recipe.data.sft}: {len(demos)} demonstrations, fewer than eval.icl_shots")
-    reward_dir = Path(reward) if reward else recipe.stage_dir("rm")
-    shared = external = None
-    if reward and not external_rm.is_run(reward):  # a published reward model: its own tokenizer and template
-        external = external_rm.ExternalRewardModel(reward, batch_size=e.batch_size)
-        reward_model = (external.model, external.tokenizer)
-    elif one_base and methods.kind(modeling.read_run(reward_dir, "reward model").method) == "peft":
-        shared = adapters.OneBase(reward_dir)
-        reward_model = (shared.reward, shared.reward_tokenizer)
-    else:
-        reward_model = modeling.load_reward(reward_dir)
-    # every row answers the same prompts: those that fit the prompt limit PPO trained with, and leave room for
-    # eval.max_new_tokens within the model's positions (longer ones are left out and counted)
-    limit = recipe.ppo.max_prompt_length
-    positions = modeling.max_positions(modeling.unwrap(reward_model[0]).config)
-    key = "ppo.max_prompt_length"
-    if positions is not None and positions - e.max_new_tokens < limit:
-        limit, key = positions - e.max_new_tokens, f"(the model's {positions} positions - eval.max_new_tokens)"
-    if limit <= 0:
-        raise UserError(f"{recipe.source}: eval.max_new_tokens={e.max_new_tokens} leaves no room for a prompt in "
-                        f"the model's {positions} positions")
-    kept = modeling.encode_prompts(reward_model[1], prompt_rows, limit)[1]
-    if not kept:
-        raise UserError(f"{source}: every prompt is longer than {key}={limit} tokens")
-    modeling.report_dropped("eval", len(prompt_rows) - len(kept), len(prompt_rows), f"prompts of {source}", key,
-                            limit)
-    dropped, prompt_rows = len(prompt_rows) - len(kept), [prompt_rows[i] for i in kept]
+    demos = icl_demos(recipe)
+    reward_dir, reward_model, shared, external = reward_for(recipe, reward, one_base)
+    dropped, prompt_rows = fitting_prompts(recipe, prompt_rows, source, reward_model)
     # with many processes every one evaluates everything (the same numbers) and the main one writes
     with Run(Path(out) if out else recipe.stage_dir("eval"), "eval", overwrite=overwrite) as run:
         records = []
@@ -272,6 +241,53 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
             "seed": e.seed,
             "recipe": recipe.to_dict(),
         })
+
+
+def icl_demos(recipe: Recipe) -> list:
+    """The SFT rows the in-context row draws its demonstrations from (none without eval.icl_shots)."""
+    e = recipe.eval
+    if not e.icl_shots:
+        return []
+    if not recipe.data.sft:
+        raise UserError(f"{recipe.source}: eval.icl_shots needs data.sft for its demonstrations")
+    demos = formats.load(recipe.data.sft, "sft", fmt=recipe.data.sft_format, columns=recipe.data.columns,
+                         split=recipe.data.split, on_bad_row="drop").rows
+    if len(demos) < e.icl_shots:
+        raise UserError(f"{recipe.data.sft}: {len(demos)} demonstrations, fewer than eval.icl_shots")
+    return demos
+
+
+def reward_for(recipe: Recipe, reward: str | None, one_base: bool):
+    """The reward model every row is scored with: ``(its run directory, (model, tokenizer), the shared base when
+    rows are adapters on the reward model's base (adapters.OneBase), a published reward model or None)``."""
+    reward_dir = Path(reward) if reward else recipe.stage_dir("rm")
+    if reward and not external_rm.is_run(reward):  # a published reward model: its own tokenizer and template
+        external = external_rm.ExternalRewardModel(reward, batch_size=recipe.eval.batch_size)
+        return reward_dir, (external.model, external.tokenizer), None, external
+    if one_base and method_table.kind(modeling.read_run(reward_dir, "reward model").method) == "peft":
+        shared = adapters.OneBase(reward_dir)
+        return reward_dir, (shared.reward, shared.reward_tokenizer), shared, None
+    return reward_dir, modeling.load_reward(reward_dir), None, None
+
+
+def fitting_prompts(recipe: Recipe, prompt_rows: list, source: str, reward_model) -> tuple[int, list]:
+    """The prompts every row answers: those within the prompt limit PPO trained with that leave room for
+    eval.max_new_tokens within the model's positions (longer ones are left out and counted); and how many were
+    left out."""
+    e = recipe.eval
+    limit, key = recipe.ppo.max_prompt_length, "ppo.max_prompt_length"
+    positions = modeling.max_positions(methods.unwrap(reward_model[0]).config)
+    if positions is not None and positions - e.max_new_tokens < limit:
+        limit, key = positions - e.max_new_tokens, f"(the model's {positions} positions - eval.max_new_tokens)"
+    if limit <= 0:
+        raise UserError(f"{recipe.source}: eval.max_new_tokens={e.max_new_tokens} leaves no room for a prompt in "
+                        f"the model's {positions} positions")
+    kept = modeling.encode_prompts(reward_model[1], prompt_rows, limit)[1]
+    if not kept:
+        raise UserError(f"{source}: every prompt is longer than {key}={limit} tokens")
+    modeling.report_dropped("eval", len(prompt_rows) - len(kept), len(prompt_rows), f"prompts of {source}", key,
+                            limit)
+    return len(prompt_rows) - len(kept), [prompt_rows[i] for i in kept]
 
 
 def write_report(out: Path, records: list[dict], summary: dict, table: str, source: str, n_prompts: int, e,

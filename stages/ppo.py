@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import (distributed, external_rm, formats, methods, modeling, ppo_math, ppo_models, precision, preempt,
+from rlhf import (distributed, external_rm, formats, method_table, modeling, ppo_math, ppo_models, precision, preempt,
                   resume, scorers)
 from rlhf.rundir import Run
 from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
@@ -205,7 +205,7 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     model_cfg = dataclasses.replace(
         recipe.model, base=base_cfg.base, quantization=base_cfg.quantization,
         attn_implementation=recipe.model.attn_implementation or ("eager" if dev.type == "cpu" else None))
-    methods.check_stage(method, "ppo", str(rm_dir or sft_dir or recipe.source))
+    method_table.check_stage(method, "ppo", str(rm_dir or sft_dir or recipe.source))
     tokenizer = modeling.load_tokenizer(model_cfg, str(sft_dir or rm_dir) if (sft_dir or rm_dir) else None)
     shift, scale = 0.0, 1.0
     if rm is not None and p.normalize_reward:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import distributed, formats, methods, modeling, ranking, training
+from rlhf import distributed, formats, method_table, methods, modeling, ranking, training
 from rlhf.rundir import Run
 from rlhf.config import Recipe
 
@@ -161,7 +161,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
     """Train the reward model as the recipe says; returns the manifest written to the run directory."""
     from transformers import set_seed
 
-    methods.check_stage(recipe.adapter.method, "rm", recipe.source)
+    method_table.check_stage(recipe.adapter.method, "rm", recipe.source)
     distributed.warn_unsharded("rm")
     data, held = training.preference_data(recipe, "rm")
     # rankings train grouped per prompt (InstructGPT) unless rm.comparisons says shuffled; pairs are pairs
@@ -248,7 +248,7 @@ def make_trainer(recipe: Recipe, run: Run, model, tokenizer, train_rows: list[di
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tokenizer)
     if recipe.model.quantization:  # TRL casts a quantized model's trainable weights to bf16; the score head
         # reads hidden states in the compute dtype, so it keeps that dtype
-        modeling.score_head(model).to(model.get_input_embeddings().weight.dtype)
+        methods.score_head(model).to(model.get_input_embeddings().weight.dtype)
     training.quiet_trainer(trainer, run, recipe, "rm", shown=("train/loss", "train/accuracy", "eval/accuracy"))
     training.method_callbacks(trainer, recipe.adapter)
     return trainer

@@ -120,16 +120,7 @@ def main(run_dir: str, prompts: str, out: str | None, num_samples: int = 1, temp
     if not 1 <= num_samples <= MAX_SAMPLES:
         raise UserError(f"--num-samples must be from 1 to {MAX_SAMPLES}, got {num_samples}")
     scorer_list = scorers.load_all(list(scorer_specs), "--scorer")
-    target = Path(out) if out else None
-    partial = target.with_name(target.name + ".partial") if target else None
-    if target is not None:  # before loading a model: the cheap mistakes first
-        if target.exists() and not overwrite:
-            raise UserError(f"{target}: exists (--overwrite replaces it)")
-        if partial.exists() and not (resume or overwrite):
-            raise UserError(f"{partial}: an interrupted run's output (--resume continues it, --overwrite starts "
-                            "again)")
-        if not target.parent.is_dir():
-            raise UserError(f"{target.parent}: no such directory")
+    target, partial = output_paths(out, overwrite, resume)  # before loading a model: the cheap mistakes first
     rows = formats.load(prompts, "prompts").rows[:limit]
 
     model, tokenizer, recipe = load(run_dir)
@@ -158,18 +149,7 @@ def main(run_dir: str, prompts: str, out: str | None, num_samples: int = 1, temp
             gens = rollout.generate(model, tokenizer, repeated, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                     temperature=temperature, seed=seed, indices=list(indices), progress=progress)
             scored = {s.name: s(repeated, gens.texts) for s in scorer_list}
-            for i, messages in enumerate(chunk):
-                at = slice(i * num_samples, (i + 1) * num_samples)
-                texts = gens.texts[at]
-                if target is None and num_samples == 1:  # the quick look: one greedy response per line
-                    line = {"prompt": messages[-1]["content"], "response": texts[0], "eos": gens.stopped[at][0]}
-                    line.update({name: v[at][0] for name, v in scored.items() if v[at][0] is not None})
-                    echo(json.dumps(line))
-                    continue
-                line = {"prompt": prompt_field(messages), "responses": texts, "duplicate_of": duplicates(texts),
-                        "eos": gens.stopped[at], **settings}
-                if scored:
-                    line["scores"] = {name: v[at] for name, v in scored.items()}
+            for line in lines(chunk, gens, scored, num_samples, settings, quick=target is None and num_samples == 1):
                 if sink is None:
                     echo(json.dumps(line))
                 else:
@@ -186,3 +166,39 @@ def main(run_dir: str, prompts: str, out: str | None, num_samples: int = 1, temp
     if target is not None:
         os.replace(partial, target)
     return len(rows)
+
+
+def output_paths(out: str | None, overwrite: bool, resume: bool) -> tuple[Path | None, Path | None]:
+    """The output file and its ``.partial`` beside it (None, None: print to stdout), checked: an existing output
+    needs --overwrite, an interrupted one --resume or --overwrite, and the folder must exist."""
+    if not out:
+        return None, None
+    target = Path(out)
+    partial = target.with_name(target.name + ".partial")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target}: exists (--overwrite replaces it)")
+    if partial.exists() and not (resume or overwrite):
+        raise UserError(f"{partial}: an interrupted run's output (--resume continues it, --overwrite starts again)")
+    if not target.parent.is_dir():
+        raise UserError(f"{target.parent}: no such directory")
+    return target, partial
+
+
+def lines(chunk: list[list[dict]], gens, scored: dict, num_samples: int, settings: dict, quick: bool) -> list[dict]:
+    """One output line per prompt of ``chunk``: its K responses with their duplicates, EOS flags, the settings and
+    the scorers' values; with ``quick`` (one greedy response, printed) just the prompt's text, the response, its
+    EOS flag and the scores that apply."""
+    out = []
+    for i, messages in enumerate(chunk):
+        at = slice(i * num_samples, (i + 1) * num_samples)
+        texts = gens.texts[at]
+        if quick:
+            line = {"prompt": messages[-1]["content"], "response": texts[0], "eos": gens.stopped[at][0]}
+            line.update({name: v[at][0] for name, v in scored.items() if v[at][0] is not None})
+        else:
+            line = {"prompt": prompt_field(messages), "responses": texts, "duplicate_of": duplicates(texts),
+                    "eos": gens.stopped[at], **settings}
+            if scored:
+                line["scores"] = {name: v[at] for name, v in scored.items()}
+        out.append(line)
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rlhf import distributed, formats, methods, modeling, training
+from rlhf import distributed, formats, method_table, modeling, training
 from rlhf.rundir import Run
 from rlhf.config import Recipe
 from rlhf.errors import UserError
@@ -23,7 +23,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
     from trl import SFTConfig, SFTTrainer
 
     # setup: data first (the cheapest thing to get wrong), then the output directory, then the model
-    methods.check_stage(recipe.adapter.method, "sft", recipe.source)
+    method_table.check_stage(recipe.adapter.method, "sft", recipe.source)
     distributed.warn_unsharded("sft")
     if not recipe.data.sft:
         raise UserError(f"{recipe.source}: data.sft is required for the sft stage")

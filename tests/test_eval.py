@@ -126,7 +126,7 @@ def test_every_command_runs_its_models_where_it_placed_them(parents, ppo_run, tm
     and held-out evaluation, eval and sample; Hugging Face ``generate`` raises."""
     from click.testing import CliRunner
 
-    from rlhf import adapters, modeling, rollout
+    from rlhf import adapters, methods, modeling, rollout
     from rlhf.cli import cli
 
     recipe_path, runs = parents
@@ -136,12 +136,12 @@ def test_every_command_runs_its_models_where_it_placed_them(parents, ppo_run, tm
     def spy(model, device):
         if device is not None:
             assert torch.device(device) == modeling.accelerator()
-            placed.add(id(modeling.unwrap(model)))
+            placed.add(id(methods.unwrap(model)))
         return place(model, device)
 
     def root(model):
         owner = getattr(model, "owner", None) or model.__dict__.get("_owner")
-        return modeling.unwrap(owner.model if isinstance(owner, adapters.OneBase) else model)
+        return methods.unwrap(owner.model if isinstance(owner, adapters.OneBase) else model)
 
     used = []
 

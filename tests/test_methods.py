@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import ROOT, ran, run_cli, write_recipe
-from rlhf import methods, modeling
+from rlhf import method_table, methods, modeling
 from rlhf.config import AdapterConfig, ModelConfig, load_recipe
 from rlhf.errors import UserError
 
 TINY = str(ROOT / "data" / "tiny-base")
-ALL = list(methods.METHODS)
+ALL = list(method_table.METHODS)
 
 # small options so that every method trains in a second
 OPTIONS = dict(r=4, alpha=8, dropout=0.0, target_r=2, num_virtual_tokens=4, encoder_hidden_size=32,
@@ -81,7 +81,7 @@ def test_method_trains_saves_and_reloads(method, biased_base, tmp_path):
     torch.manual_seed(0)
     model = methods.prepare(modeling.load_base(model_cfg), cfg, "CAUSAL_LM", tokenizer_path=base, total_steps=10)
     counts = modeling.trainable_parameters(model)
-    assert counts["trainable"] == expected_trainable(method, modeling.unwrap(model).config, counts["total"])
+    assert counts["trainable"] == expected_trainable(method, methods.unwrap(model).config, counts["total"])
 
     # a few steps on one batch lower the loss
     enc, labels = _batch(tokenizer)
@@ -102,7 +102,7 @@ def test_method_trains_saves_and_reloads(method, biased_base, tmp_path):
         before = model(**enc).logits
     methods.save(model, cfg, tmp_path)
     reloaded = methods.load(tmp_path, method, lambda: modeling.load_base(model_cfg),
-                            lambda path: type(modeling.unwrap(model)).from_pretrained(path))
+                            lambda path: type(methods.unwrap(model)).from_pretrained(path))
     reloaded.eval()
     with torch.no_grad():
         after = reloaded(**enc).logits
@@ -121,7 +121,7 @@ def test_unsupported_combinations_are_refused(tmp_path):
     with pytest.raises(UserError, match="prefix is not supported by the rm stage.*rm supports lora"):
         rm.main(load_recipe(recipe))
     with pytest.raises(UserError, match="adapter.method adalora is not supported by the ppo stage"):
-        methods.check_stage("adalora", "ppo", "x")
+        method_table.check_stage("adalora", "ppo", "x")
     assert not (tmp_path / "runs").exists()  # refused before anything was written
     bad = write_recipe(tmp_path / "q.yaml", adapter={"method": "full"}, model={"base": TINY, "quantization": "8bit"})
     with pytest.raises(UserError, match="model.quantization.*cannot be used with adapter.method full"):
@@ -149,7 +149,7 @@ def test_sft_stage_runs_every_method(method, tmp_path):
     model, _ = modeling.load_policy(tmp_path / "runs" / "tiny" / "sft")
     params = manifest["adapter"]["parameters"]
     assert manifest["adapter"]["method"] == method
-    assert params["trainable"] == expected_trainable(method, modeling.unwrap(model).config, params["total"])
+    assert params["trainable"] == expected_trainable(method, methods.unwrap(model).config, params["total"])
 
 
 def test_qlora_through_sft_rm_and_ppo(tmp_path):

@@ -438,24 +438,12 @@ def refill_flat_groups(s: Setup, state: State, step: int, ro: Rollout, batch: li
 def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
     """The rollout's total score: the reward model's (standardised with its stored statistics when
     ppo.normalize_reward) and each scorer's on the decoded response, weighted and summed (``ppo.reward``), and the
-    shaped score (the total after the missing-EOS penalty and clipping, ``ro.shaped``).
-    A published reward model reads the decoded conversation with its own tokenizer; its statistics are measured
-    on the first step's samples (every process's) and kept for the run."""
+    shaped score (the total after the missing-EOS penalty and clipping, ``ro.shaped``)."""
     p, terms = s.p, []
-    if s.reward.external is not None:
-        texts = s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)
-        ro.scores = torch.tensor(s.reward.external([s.messages[i] for i in batch], [t.strip() for t in texts]),
-                                 dtype=torch.float32, device=ro.response.device)
-        stats = state.reward_stats = state.reward_stats or external_rm.measured_stats(
-            ro.scores, f"the {s.global_batch} episodes of step {state.step + 1}")
-        terms.append((ppo_math.shape_scores(ro.scores, ro.stopped, *((stats["mean"], stats["std"])
-                                            if p.normalize_reward else (None, None))), s.reward.model_weight))
-    elif s.reward.model_weight:
-        with torch.no_grad():
-            ro.scores = s.models.scores(ro.ids, ro.mask)
-        stats = s.rm_stats
-        terms.append((ppo_math.shape_scores(ro.scores, ro.stopped, *((stats["mean"], stats["std"])
-                                            if p.normalize_reward else (None, None))), s.reward.model_weight))
+    if s.reward.model_weight:
+        ro.scores, stats = reward_model_scores(s, ro, batch, state)
+        normalise = (stats["mean"], stats["std"]) if p.normalize_reward else (None, None)
+        terms.append((ppo_math.shape_scores(ro.scores, ro.stopped, *normalise), s.reward.model_weight))
     if p.overlong_buffer:  # DAPO's overlong shaping, a term of its own
         ro.overlong = ppo_math.overlong_penalty(ro.response_mask.sum(1), p.max_new_tokens, p.overlong_buffer,
                                                 p.overlong_penalty)
@@ -471,6 +459,22 @@ def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
     ro.total = ppo_math.weighted_score(terms)
     ro.shaped = ppo_math.shape_scores(ro.total, ro.stopped, missing_eos_penalty=p.missing_eos_penalty,
                                       clip=p.reward_clip)
+
+
+def reward_model_scores(s: Setup, ro: Rollout, batch: list[int], state: State) -> tuple[torch.Tensor, dict]:
+    """The reward model's raw score of each episode and the statistics that standardise it. The reward adapter on
+    the shared base reads the episode's token ids and its run's stored statistics; a published reward model reads
+    the decoded conversation with its own tokenizer, its statistics measured on the first step's samples (every
+    process's) and kept for the run."""
+    if s.reward.external is None:
+        with torch.no_grad():
+            return s.models.scores(ro.ids, ro.mask), s.rm_stats
+    texts = s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)
+    scores = torch.tensor(s.reward.external([s.messages[i] for i in batch], [t.strip() for t in texts]),
+                          dtype=torch.float32, device=ro.response.device)
+    state.reward_stats = state.reward_stats or external_rm.measured_stats(
+        scores, f"the {s.global_batch} episodes of step {state.step + 1}")
+    return scores, state.reward_stats
 
 
 def log_step(s: Setup, state: State, step: int, ro: Rollout, update: dict, clock: list[float]) -> dict:

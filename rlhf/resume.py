@@ -87,18 +87,24 @@ def save_state(work: Path, step: int, tensors: dict, meta: dict, keep: int) -> P
     return final
 
 
+def newest(work: Path) -> Path | None:
+    """The newest complete ``work/step_N`` (a step directory appears only once whole: ``save_state``), or None."""
+    done = sorted(work.glob("step_*")) if work.is_dir() else []
+    return done[-1] if done else None
+
+
 def latest_meta(work: Path) -> dict | None:
     """The metadata of the newest complete ``work/step_N`` (without its tensors), or None."""
-    done = sorted(work.glob("step_*")) if work.is_dir() else []
-    return json.loads((done[-1] / "state.json").read_text()) if done else None
+    step_dir = newest(work)
+    return json.loads((step_dir / "state.json").read_text()) if step_dir else None
 
 
 def latest_state(work: Path) -> tuple[int, dict, dict] | None:
     """The newest complete ``work/step_N``: (step, tensors, metadata), or None."""
     from safetensors.torch import load_file
 
-    done = sorted(work.glob("step_*")) if work.is_dir() else []
-    if not done:
+    step_dir = newest(work)
+    if step_dir is None:
         return None
-    meta = json.loads((done[-1] / "state.json").read_text())
-    return meta["step"], load_file(str(done[-1] / "state.safetensors")), meta
+    meta = json.loads((step_dir / "state.json").read_text())
+    return meta["step"], load_file(str(step_dir / "state.safetensors")), meta

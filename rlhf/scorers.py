@@ -14,7 +14,8 @@ A recipe names a scorer by a *spec*:
 - a Python reference, ``package.module:function`` (importable) or ``path/to/file.py:function`` (relative to the
   current directory);
 - a reward model, ``rm:`` and a run directory of this project, a model directory or a hub id of a published
-  sequence-classification reward model (``rlhf.external_rm``; named ``rm`` unless labelled);
+  sequence-classification reward model (``rlhf.rewards``; named ``rm`` unless labelled); a directory needs no
+  ``rm:``;
 - any of those under a label of your own, ``label=spec`` (the label names its column and metrics).
 
 Errors are the user's to fix and say so in one line (``UserError``): a reference that does not load, an object
@@ -161,12 +162,12 @@ def load(spec: str, where: str = "scorer") -> Scorer:
     """The scorer a spec names (module docstring); ``where`` (a recipe key) starts every error."""
     label, ref = spec.split("=", 1) if "=" in spec else (None, spec)
     label, ref = (label.strip() if label else None), ref.strip()
-    if ref.startswith("rm:"):  # a reward model: a run directory, a model directory or a hub id
-        from rlhf import external_rm
+    if ref.startswith("rm:") or Path(ref).expanduser().is_dir():  # a reward model: a run or model directory, a hub id
+        from rlhf import rewards
 
-        if not ref[3:]:
+        if ref == "rm:":
             raise UserError(f"{where}: scorer {spec!r} names no reward model (rm:RUN_DIR, rm:MODEL_DIR or rm:HUB_ID)")
-        return _named(label or "rm", spec, ref, external_rm.scorer_for(ref[3:]), where)
+        return _named(label or "rm", spec, ref, rewards.load(ref), where)
     if ref in BUILTIN:
         module, attr, _ = BUILTIN[ref]
         name = ref

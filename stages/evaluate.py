@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import adapters, external_rm, formats, method_table, methods, modeling, report, rollout, scorers
+from rlhf import adapters, formats, method_table, modeling, report, rewards, rollout, scorers
 from rlhf.rundir import Run
 from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import UserError
@@ -113,7 +113,7 @@ def row_models(row: Row, model_cfg: ModelConfig, shared: adapters.OneBase | None
     return model, tokenizer, reference
 
 
-def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: bool,
+def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward: rewards.RewardModel, progress: bool,
                  shared: adapters.OneBase | None = None, scorer_list: list[scorers.Scorer] = ()) -> list[dict]:
     """Generate, score and measure one row; returns one record per (prompt, sample)."""
     e = recipe.eval
@@ -133,11 +133,7 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: boo
         gens = rollout.generate(model, tokenizer, inputs, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                                 temperature=0.0 if e.samples == 1 else e.temperature, seed=e.seed + sample,
                                 progress=progress)
-        if isinstance(reward, external_rm.ExternalRewardModel):  # text in, its own forward
-            scores = torch.tensor(reward(prompts, gens.texts))
-        else:
-            scores = modeling.score_conversations(reward[0], reward[1], rollout.with_responses(prompts, gens.texts),
-                                                 e.batch_size, progress=progress)
+        scores = reward(prompts, gens.texts)
         scorers.require_finite(scores, "eval: the reward model", prompts, f" of {row.name}")
         kls = [None] * len(prompts)
         if reference is not None:
@@ -147,7 +143,7 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward, progress: boo
         scored = {s.name: s(prompts, gens.texts) for s in scorer_list}
         for i, q in enumerate(questions):
             rec = {"policy": row.name, "prompt_index": i, "sample": sample, "prompt": q,
-                   "response": gens.texts[i], "reward": scores[i].item(), "eos": gens.stopped[i],
+                   "response": gens.texts[i], "reward": scores[i], "eos": gens.stopped[i],
                    "length": gens.lengths[i], "kl": kls[i], **{name: v[i] for name, v in scored.items()}}
             records.append(rec)
     return records
@@ -210,7 +206,7 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
     if not rows:
         raise UserError(f"{recipe.source}: nothing to evaluate (eval.policies is empty and eval.icl_shots is 0)")
     demos = icl_demos(recipe)
-    reward_dir, reward_model, shared, external = reward_for(recipe, reward, one_base)
+    reward_dir, reward_model, shared = reward_for(recipe, reward, one_base, progress)
     dropped, prompt_rows = fitting_prompts(recipe, prompt_rows, source, reward_model)
     # with many processes every one evaluates everything (the same numbers) and the main one writes
     with Run(Path(out) if out else recipe.stage_dir("eval"), "eval", overwrite=overwrite) as run:
@@ -218,8 +214,7 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
         for row in rows:
             if run.main:
                 print(f"eval: {row.name} on {len(prompt_rows)} prompts x {e.samples}", file=sys.stderr, flush=True)
-            records += evaluate_row(row, recipe, prompt_rows, demos, external or reward_model, progress, shared,
-                                    scorer_list)
+            records += evaluate_row(row, recipe, prompt_rows, demos, reward_model, progress, shared, scorer_list)
         summary = summarise(rows, records, e, names)
         table = markdown_table(summary, rows[0].name, names)
         pictures = []
@@ -232,8 +227,8 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
         return run.finish({
             "base": recipe.model.base,
             "parents": {"policies": [str(r.run_dir) if r.run_dir else r.name for r in rows],
-                        "rm": None if external else str(reward_dir)},
-            **({"reward_model": external.identity} if external else {}),
+                        "rm": None if reward_model.identity else str(reward_dir)},
+            **({"reward_model": reward_model.identity} if reward_model.identity else {}),
             "data": {"prompts": source, "prompts_used": len(prompt_rows), "prompts_too_long": dropped},
             "scorers": {x.name: x.spec for x in scorer_list},
             "metrics": summary,
@@ -257,32 +252,36 @@ def icl_demos(recipe: Recipe) -> list:
     return demos
 
 
-def reward_for(recipe: Recipe, reward: str | None, one_base: bool):
-    """The reward model every row is scored with: ``(its run directory, (model, tokenizer), the shared base when
-    rows are adapters on the reward model's base (adapters.OneBase), a published reward model or None)``."""
+def reward_for(recipe: Recipe, reward: str | None, one_base: bool, progress: bool = False
+               ) -> tuple[Path, rewards.RewardModel, adapters.OneBase | None]:
+    """The reward model every row is scored with: ``(its run directory or id, the model, the shared base when
+    rows are adapters on the reward model's base)``. A run's reward model scores every response within its
+    positions (eval reports a reward for every row, whatever the run's rm.max_length)."""
     reward_dir = Path(reward) if reward else recipe.stage_dir("rm")
-    if reward and not external_rm.is_run(reward):  # a published reward model: its own tokenizer and template
-        external = external_rm.ExternalRewardModel(reward, batch_size=recipe.eval.batch_size)
-        return reward_dir, (external.model, external.tokenizer), None, external
+    batch = recipe.eval.batch_size
+    if reward and not rewards.is_run(reward):  # a published reward model: its own tokenizer and template
+        return reward_dir, rewards.load(reward, batch_size=batch), None
     if one_base and method_table.kind(modeling.read_run(reward_dir, "reward model").method) == "peft":
         shared = adapters.OneBase(reward_dir)
-        return reward_dir, (shared.reward, shared.reward_tokenizer), shared, None
-    return reward_dir, modeling.load_reward(reward_dir), None, None
+        return reward_dir, rewards.RunReward(reward_dir, shared.reward, shared.reward_tokenizer, batch_size=batch,
+                                             max_length=None, progress=progress), shared
+    return reward_dir, rewards.RunReward(reward_dir, batch_size=batch, max_length=None, progress=progress), None
 
 
-def fitting_prompts(recipe: Recipe, prompt_rows: list, source: str, reward_model) -> tuple[int, list]:
+def fitting_prompts(recipe: Recipe, prompt_rows: list, source: str, reward_model: rewards.RewardModel
+                    ) -> tuple[int, list]:
     """The prompts every row answers: those within the prompt limit PPO trained with that leave room for
     eval.max_new_tokens within the model's positions (longer ones are left out and counted); and how many were
     left out."""
     e = recipe.eval
     limit, key = recipe.ppo.max_prompt_length, "ppo.max_prompt_length"
-    positions = modeling.max_positions(methods.unwrap(reward_model[0]).config)
+    positions = modeling.max_positions(reward_model.config)
     if positions is not None and positions - e.max_new_tokens < limit:
         limit, key = positions - e.max_new_tokens, f"(the model's {positions} positions - eval.max_new_tokens)"
     if limit <= 0:
         raise UserError(f"{recipe.source}: eval.max_new_tokens={e.max_new_tokens} leaves no room for a prompt in "
                         f"the model's {positions} positions")
-    kept = modeling.encode_prompts(reward_model[1], prompt_rows, limit)[1]
+    kept = modeling.encode_prompts(reward_model.tokenizer, prompt_rows, limit)[1]
     if not kept:
         raise UserError(f"{source}: every prompt is longer than {key}={limit} tokens")
     modeling.report_dropped("eval", len(prompt_rows) - len(kept), len(prompt_rows), f"prompts of {source}", key,

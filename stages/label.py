@@ -21,9 +21,8 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Callable
 
-from rlhf import external_rm, formats, scorers
+from rlhf import formats, scorers
 from rlhf.errors import UserError
 from rlhf.formats import duplicates
 from rlhf.labelpage.server import LabelApp, make_server
@@ -33,14 +32,6 @@ def ranks_from_scores(scores: list[float]) -> list[int]:
     """Dense places by descending score: the best is 0 and equal scores share a place."""
     place = {v: i for i, v in enumerate(sorted(set(scores), reverse=True))}
     return [place[v] for v in scores]
-
-
-def labeller(by: str) -> Callable[[list, list], list]:
-    """``--by``: a reward model (a run directory of this project, a model directory, or ``rm:`` and a hub id), or
-    a scorer spec (built-in name, module:function, file.py:function)."""
-    if Path(by).expanduser().is_dir():
-        return external_rm.scorer_for(by)
-    return scorers.load(by, "--by")
 
 
 def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, overwrite: bool = False) -> dict:
@@ -53,13 +44,10 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
     if not (math.isfinite(noise) and noise >= 0):
         raise UserError(f"--noise must be a finite number, 0 or more, got {noise}")
     rows = formats.load(candidates, "candidates").rows
-    score = labeller(by)
+    score = scorers.load(by, "--by")  # a scorer spec, or a reward model (rlhf.rewards)
     prompts = [r["prompt"] for r in rows for _ in r["responses"]]
     responses = [text for r in rows for text in r["responses"]]
     values = score(prompts, responses)
-    if len(values) != len(responses):  # a reward model always answers in full; a scorer is checked by scorers
-        raise UserError(f"--by {by}: {len(values)} scores for {len(responses)} responses")
-    scorers.require_finite(values, f"--by {by}", prompts, f" of {candidates}")
 
     rng = random.Random(seed)
     written = not_applicable = all_tied = comparisons = 0

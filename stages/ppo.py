@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import (distributed, external_rm, formats, method_table, modeling, ppo_math, ppo_models, precision, preempt,
-                  resume, scorers)
+from rlhf import (distributed, formats, method_table, modeling, ppo_math, ppo_models, precision, preempt,
+                  resume, rewards, scorers)
 from rlhf.rundir import Run
 from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
 from rlhf.errors import TrainingStopped, UserError
@@ -58,8 +58,6 @@ class Setup:
     method: str
     sft_dir: Path | None
     rm_dir: Path | None
-    rm_stats: dict | None
-    """the reward model's score mean and std on its training data (None without a reward-model run)"""
     reward: "Reward"
     prompts: formats.Loaded
     encoded: list[list[int]]
@@ -89,14 +87,20 @@ class Reward:
 
     model_weight: float
     scorers: list[tuple[scorers.Scorer, float]]
-    external: "external_rm.ExternalRewardModel | None" = None
-    """a published reward model (``--reward`` a model, not a run), weighed by ``model_weight``: no reward adapter"""
+    model: rewards.RewardModel | None = None
+    """the reward model weighed by ``model_weight``: a published one (``--reward`` a model, not a run) from the
+    start, or the reward adapter on the policy's base once the models are loaded (``rewards.TokenReward``)"""
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the reward model is the reward adapter on the policy's base (not a separate published model)."""
+        return bool(self.model_weight) and (self.model is None or isinstance(self.model, rewards.TokenReward))
 
     def describe(self) -> dict:
         """For the manifest: each term's weight (scorers by name, with the spec they load from)."""
         out = {"reward_model": self.model_weight} if self.model_weight else {}
-        if self.external is not None:
-            out["reward_model"] = {"weight": self.model_weight, **self.external.identity}
+        if self.model is not None and self.model.identity:
+            out["reward_model"] = {"weight": self.model_weight, **self.model.identity}
         return {**out, **{s.name: {"spec": s.spec, "weight": w} for s, w in self.scorers}}
 
 
@@ -115,8 +119,6 @@ class State:
     history: list[dict] = field(default_factory=list)
     bad_in_a_row: int = 0
     """PPO steps in a row whose every update was skipped for a non-finite value"""
-    reward_stats: dict | None = None
-    """an external reward model's mean and std, measured on the first step's samples (normalisation)"""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,11 +135,11 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     if reward and not model_weight:
         raise UserError(f"--reward {reward}: {recipe.source}: ppo.reward has no reward_model term, so PPO uses no "
                         "reward model")
-    external = None
-    if reward and not external_rm.is_run(reward):  # a published reward model: a separate frozen model, text in
-        external = external_rm.ExternalRewardModel(reward, dtype=recipe.model.dtype,
-                                                   device=distributed.device(), batch_size=p.micro_batch_size)
-    sft, rm = resolve_parents(recipe, policy, reward if model_weight and external is None else False)
+    published = None
+    if reward and not rewards.is_run(reward):  # a published reward model: a separate frozen model, text in
+        published = rewards.load(reward, dtype=recipe.model.dtype, device=distributed.device(),
+                                 batch_size=p.micro_batch_size)
+    sft, rm = resolve_parents(recipe, policy, reward if model_weight and published is None else False)
     eval_scorers = scorers.load_all(recipe.eval.scorers, f"{recipe.source}: eval.scorers") if p.eval_every else []
     prompts = formats.load(recipe.data.prompts, "prompts", columns=recipe.data.columns, split=recipe.data.split,
                            on_bad_row=recipe.data.on_bad_row)
@@ -154,7 +156,7 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
                                                             p.max_prompt_length + p.max_new_tokens}, recipe.source)
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
         run.track(recipe)
-        s = setup(recipe, run, (base_cfg, method, adapter_cfg), sft, rm, Reward(model_weight, terms, external),
+        s = setup(recipe, run, (base_cfg, method, adapter_cfg), sft, rm, Reward(model_weight, terms, published),
                   prompts, eval_prompts, eval_scorers)
         state = start(s)
         with preempt.handlers("ppo"):
@@ -210,7 +212,7 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     shift, scale = 0.0, 1.0
     if rm is not None and p.normalize_reward:
         shift, scale = rm.reward_stats["mean"], rm.reward_stats["std"]
-    if reward.model_weight and reward.external is None:  # the value head starts on the reward model's scale
+    if reward.in_process:  # the value head starts on the reward model's scale
         scale = scale / reward.model_weight
     n_proc, main = distributed.world_size(), distributed.is_main()
     encoded, kept = modeling.encode_prompts(tokenizer, prompts.rows, p.max_prompt_length)
@@ -237,9 +239,11 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     models, params, checked = load_checked(
         lambda precision_: ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
                                            mixed_precision=precision_, critic=p.critic, vocab=len(tokenizer)),
-        setting, measured, p, tokenizer, encoded, bool(reward.model_weight) and reward.external is None, main)
+        setting, measured, p, tokenizer, encoded, reward.in_process, main)
+    if reward.in_process:
+        reward.model = rewards.TokenReward(models.scores, tokenizer, rm.dir, rm.reward_stats, models.device)
     return Setup(recipe=recipe, p=p, run=run, models=models, tokenizer=tokenizer, model_cfg=model_cfg,
-                 method=method, sft_dir=sft_dir, rm_dir=rm_dir, rm_stats=rm.reward_stats if rm else None, reward=reward,
+                 method=method, sft_dir=sft_dir, rm_dir=rm_dir, reward=reward,
                  prompts=prompts, encoded=encoded, messages=[prompts.rows[i] for i in kept],
                  eval_prompts=eval_prompts, eval_encoded=eval_encoded, eval_scorers=eval_scorers, params=params,
                  steps=p.total_steps(len(encoded), n_proc), rank=distributed.rank(), main=main,
@@ -304,7 +308,7 @@ def start(s: Setup) -> State:
               f"{trainable_count(s):,} parameters ({' + '.join(s.params)}); {_precision(s.models)}",
               file=sys.stderr)
     if s.run.resumed:
-        resume_from(s.run, s.models, state)
+        resume_from(s.run, s.models, state, s.reward.model)
     return state
 
 
@@ -436,12 +440,17 @@ def refill_flat_groups(s: Setup, state: State, step: int, ro: Rollout, batch: li
 
 
 def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
-    """The rollout's total score: the reward model's (standardised with its stored statistics when
-    ppo.normalize_reward) and each scorer's on the decoded response, weighted and summed (``ppo.reward``), and the
-    shaped score (the total after the missing-EOS penalty and clipping, ``ro.shaped``)."""
-    p, terms = s.p, []
+    """The rollout's total score: the reward model's (standardised with its statistics when ppo.normalize_reward)
+    and each scorer's on the decoded response, weighted and summed (``ppo.reward``), and the shaped score (the
+    total after the missing-EOS penalty and clipping, ``ro.shaped``). A published reward model's statistics are
+    measured on the first step's samples (every process's) and kept for the run; the reward adapter reads the
+    episodes' token ids and its run's stored statistics."""
+    p, terms, rm = s.p, [], s.reward.model
+    texts = [t.strip() for t in s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)]
+    prompts = [s.messages[i] for i in batch]
     if s.reward.model_weight:
-        ro.scores, stats = reward_model_scores(s, ro, batch, state)
+        ro.scores = rm.episodes(prompts, texts, ro.ids, ro.mask)
+        stats = rm.stats or rm.measure(ro.scores, f"the {s.global_batch} episodes of step {state.step + 1}")
         normalise = (stats["mean"], stats["std"]) if p.normalize_reward else (None, None)
         terms.append((ppo_math.shape_scores(ro.scores, ro.stopped, *normalise), s.reward.model_weight))
     if p.overlong_buffer:  # DAPO's overlong shaping, a term of its own
@@ -449,32 +458,13 @@ def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
                                                 p.overlong_penalty)
         terms.append((ro.overlong, 1.0))
     ro.terms = {}
-    if s.reward.scorers:
-        texts = s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)
-        prompts = [s.messages[i] for i in batch]
-        for scorer, weight in s.reward.scorers:
-            values = [0.0 if v is None else v for v in scorer(prompts, texts)]  # "does not apply" adds 0
-            ro.terms[scorer.name] = torch.tensor(values, dtype=torch.float32, device=ro.response.device)
-            terms.append((ro.terms[scorer.name], weight))
+    for scorer, weight in s.reward.scorers:
+        values = [0.0 if v is None else v for v in scorer(prompts, texts)]  # "does not apply" adds 0
+        ro.terms[scorer.name] = torch.tensor(values, dtype=torch.float32, device=ro.response.device)
+        terms.append((ro.terms[scorer.name], weight))
     ro.total = ppo_math.weighted_score(terms)
     ro.shaped = ppo_math.shape_scores(ro.total, ro.stopped, missing_eos_penalty=p.missing_eos_penalty,
                                       clip=p.reward_clip)
-
-
-def reward_model_scores(s: Setup, ro: Rollout, batch: list[int], state: State) -> tuple[torch.Tensor, dict]:
-    """The reward model's raw score of each episode and the statistics that standardise it. The reward adapter on
-    the shared base reads the episode's token ids and its run's stored statistics; a published reward model reads
-    the decoded conversation with its own tokenizer, its statistics measured on the first step's samples (every
-    process's) and kept for the run."""
-    if s.reward.external is None:
-        with torch.no_grad():
-            return s.models.scores(ro.ids, ro.mask), s.rm_stats
-    texts = s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)
-    scores = torch.tensor(s.reward.external([s.messages[i] for i in batch], [t.strip() for t in texts]),
-                          dtype=torch.float32, device=ro.response.device)
-    state.reward_stats = state.reward_stats or external_rm.measured_stats(
-        scores, f"the {s.global_batch} episodes of step {state.step + 1}")
-    return scores, state.reward_stats
 
 
 def log_step(s: Setup, state: State, step: int, ro: Rollout, update: dict, clock: list[float]) -> dict:
@@ -544,11 +534,9 @@ def evaluate(s: Setup, prompts: list[list[dict]], encoded: list[list[int]]) -> d
                                                            tokenizer.pad_token_id)
     result = {}
     texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-    if s.reward.external is not None:
-        values = s.reward.external(prompts, [t.strip() for t in texts])
-        result["eval/score"] = sum(values) / len(values)
-    elif s.reward.model_weight:
-        result["eval/score"] = models.scores(torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)).mean().item()
+    if s.reward.model_weight:
+        result["eval/score"] = s.reward.model.episodes(prompts, [t.strip() for t in texts], torch.cat([ids, response], 1),
+                                                       torch.cat([mask, rmask], 1)).mean().item()
     result.update({"eval/eos_rate": stopped.float().mean().item(), "eval/length": rmask.sum(1).float().mean().item()})
     for scorer in s.eval_scorers:
         values = [v for v in scorer(prompts, texts) if v is not None]
@@ -576,14 +564,14 @@ def save_checkpoint(s: Setup, state: State, snapshot: bool = True) -> None:
             tensors = {**{f"model.{k}": v for k, v in s.models.trainable_state().items()}, **opt_tensors,
                        **rng_tensors, "rng.order": state.order_gen.get_state()}
             meta = {"optimizer": opt_meta, "rng": rng_meta, "kl_controller": state.kl_ctl.state_dict(),
-                    "reward_stats": state.reward_stats, "mixed_precision": "bf16" if s.models.autocast else "no",
+                    "reward_stats": reward_stats(s), "mixed_precision": "bf16" if s.models.autocast else "no",
                     "bf16_speedup": s.models.bf16_speedup, "repeatable": s.models.repeatable,
                     "order": state.order, "metrics_lines": s.run.metrics_lines()}
             resume.save_state(s.run.work, state.step, tensors, meta, s.p.keep_checkpoints)
     distributed.barrier()
 
 
-def resume_from(run: Run, models: PPOModels, state: State) -> None:
+def resume_from(run: Run, models: PPOModels, state: State, reward_model: rewards.RewardModel | None) -> None:
     """Restore ``state`` (and the trained weights) from the newest complete resume checkpoint, and the metrics
     written up to it; policy snapshots written after it are removed, to be made again."""
     saved = resume.latest_state(run.work)
@@ -596,7 +584,8 @@ def resume_from(run: Run, models: PPOModels, state: State) -> None:
         state.order_gen.set_state(tensors["rng.order"])
         resume.set_rng_state(tensors, meta["rng"])
         state.order, lines = meta["order"], meta["metrics_lines"]
-        state.reward_stats = meta.get("reward_stats")
+        if reward_model is not None and meta.get("reward_stats"):  # a published model's, measured at step 1
+            reward_model.stats = meta["reward_stats"]
     distributed.barrier()  # everyone has read the state before the main process tidies up
     if distributed.is_main():
         for snapshot in (run.staging / "checkpoints").glob("step_*"):
@@ -636,7 +625,7 @@ def finish(s: Setup, state: State) -> dict:
                  "prompts_too_long": len(s.prompts.rows) - len(s.encoded)},
         "metrics": {"steps": s.steps, "episodes": s.steps * s.global_batch,
                     **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
-        "reward_stats": s.rm_stats or state.reward_stats,
+        "reward_stats": reward_stats(s),
         "kl_controller": state.kl_ctl.state_dict(),
         "mixed_precision": "bf16" if s.models.autocast else "no",
         "bf16_speedup": s.models.bf16_speedup,
@@ -647,6 +636,11 @@ def finish(s: Setup, state: State) -> dict:
         # the model settings PPO ran with (later loads of this run use them)
         "recipe": {**s.recipe.to_dict(), "model": dataclasses.asdict(s.model_cfg)},
     })
+
+
+def reward_stats(s: Setup) -> dict | None:
+    """The reward model's normalisation statistics (its run's, or a published model's measured at step 1)."""
+    return s.reward.model.stats if s.reward.model is not None else None
 
 
 def trainable_count(s: Setup) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import distributed, formats, method_table, methods, modeling, ranking, training
+from rlhf import distributed, formats, method_table, methods, modeling, ranking, rewards, training
 from rlhf.rundir import Run
 from rlhf.config import Recipe
 
@@ -280,9 +280,9 @@ def score(reward: str, data_path: str, out: str | None = None, on_bad_row: str =
     """``rlhf rm score``: a reward model's accuracy on pairs (with margins) or rankings (over all comparisons, and
     top-1), through the same encoding, length limit and measurement as its training's held-out rows; with
     ``out``, every row with its scores (pairs: ``score_chosen``/``score_rejected``; rankings: ``scores``)."""
-    model, tokenizer = modeling.load_reward(reward)
     # the reward model's own length limit: longer rows are left out (and counted), as its training left them out
-    limit = modeling.read_run(reward).section("rm")["max_length"]
+    rm = rewards.RunReward(reward)
+    model, tokenizer, limit = rm.model, rm.tokenizer, rm.max_length
     loaded = formats.load(data_path, "ranking", on_bad_row=on_bad_row)
     pairs = formats.is_pairs(loaded)
     encoded = encode_rankings(tokenizer, loaded.rows, limit)

@@ -201,14 +201,14 @@ def test_a_reward_model_that_scores_nan_stops_eval_with_one_line_naming_the_row(
 
     recipe_path, runs = parents
     recipe = load_recipe(recipe_path, ["eval.limit=4", "eval.max_new_tokens=8", "eval.icl_shots=0"])
-    original = modeling.score_conversations
+    original = modeling.score_sequences
 
     def nan_on_the_third(*a, **k):
         scores = original(*a, **k)
         scores[2] = float("nan")
         return scores
 
-    monkeypatch.setattr(modeling, "score_conversations", nan_on_the_third)
+    monkeypatch.setattr(modeling, "score_sequences", nan_on_the_third)
     with pytest.raises(UserError, match=r"eval: the reward model scored response 3 of .*sft \(prompt '.*'\) as nan"):
         evaluate.main(recipe, policies=[str(runs / "sft")], reward=str(runs / "rm"), out=tmp_path / "e")
     assert not (tmp_path / "e" / "report.md").exists()

@@ -165,8 +165,10 @@ def test_label_refuses_a_reward_model_that_scores_non_finite(tmp_path, monkeypat
     candidates = tmp_path / "c.jsonl"
     candidates.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "responses": ["a b", "c d"]}) + "\n"
                                   for i in range(3)))
-    monkeypatch.setattr(label, "labeller", lambda by: lambda prompts, responses: [0.5, 0.1, 0.2, bad, 0.3, 0.4])
-    with pytest.raises(UserError, match=rf"--by runs/x/rm scored response 4 of .*c.jsonl \(prompt 'What is 1 \+ 1\?'\) "
-                                        rf"as {bad}, not a finite number"):
-        label.main(str(candidates), "runs/x/rm", str(tmp_path / "r.jsonl"))
+    from rlhf import rewards
+
+    (tmp_path / "rm").mkdir()
+    monkeypatch.setattr(rewards, "load", lambda spec: lambda prompts, responses: [0.5, 0.1, 0.2, bad, 0.3, 0.4])
+    with pytest.raises(UserError, match=rf"scorer rm \(.*rm\) returned {bad} for row 4 \(prompt 'What is 1 \+ 1\?'\)"):
+        label.main(str(candidates), str(tmp_path / "rm"), str(tmp_path / "r.jsonl"))
     assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "r.jsonl.tmp").exists()

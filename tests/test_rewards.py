@@ -1,7 +1,8 @@
-"""Published reward models (``rlhf.external_rm``): small random-initialised sequence-classification models of two
-families with other vocabularies than the tiny base's (Qwen2: a chat template and a pad token; GPT-2: neither),
-used for eval, PPO and labelling, each score equal to the model's own forward on the text as its authors' code
-would encode it."""
+"""Reward models through one interface (``rlhf.rewards``): published ones (small random-initialised
+sequence-classification models of two families with other vocabularies than the tiny base's: Qwen2 with a chat
+template and a pad token, GPT-2 with neither) used for eval, PPO and labelling, each score equal to the model's own
+forward on the text as its authors' code would encode it; and this project's reward-model runs, whose every
+spelling and use gives the scores of the run's own model."""
 
 from __future__ import annotations
 
@@ -60,9 +61,9 @@ def _authors_score(path: Path, prompt, response) -> float:
 @pytest.mark.fast
 @pytest.mark.parametrize("name", ["qwen2", "gpt2"])
 def test_scores_equal_the_models_own_forward(published, name):
-    from rlhf.external_rm import ExternalRewardModel
+    from rlhf.rewards import PublishedReward
 
-    rm = ExternalRewardModel(str(published[name]), device="cpu", batch_size=8)
+    rm = PublishedReward(str(published[name]), device="cpu", batch_size=8)
     assert rm.pad_token_id == (None if name == "gpt2" else rm.tokenizer.pad_token_id)  # gpt2: one at a time
     scores = rm([p for p, _ in CONVERSATIONS], [r for _, r in CONVERSATIONS])
     expected = [_authors_score(published[name], p, r) for p, r in CONVERSATIONS]
@@ -73,7 +74,7 @@ def test_scores_equal_the_models_own_forward(published, name):
 @pytest.mark.fast
 def test_what_is_not_a_reward_model_is_refused(published, tmp_path):
     from rlhf.errors import UserError
-    from rlhf.external_rm import check
+    from rlhf.rewards import check
 
     causal = build(BY_NAME["qwen2"], tmp_path / "causal")
     with pytest.raises(UserError, match="is a causal language model, not a reward model"):
@@ -93,11 +94,11 @@ def test_what_is_not_a_reward_model_is_refused(published, tmp_path):
 
 
 def test_eval_ppo_and_labelling_with_a_published_reward_model(published, parents, tmp_path):
-    from rlhf.external_rm import ExternalRewardModel
+    from rlhf.rewards import PublishedReward
 
     recipe, runs = parents
     rm_dir = str(published["qwen2"])
-    rm = ExternalRewardModel(rm_dir, device="cpu")
+    rm = PublishedReward(rm_dir, device="cpu")
 
     # eval: each response's reward is the published model's score of the text
     prompts = tmp_path / "prompts.jsonl"
@@ -133,3 +134,46 @@ def test_eval_ppo_and_labelling_with_a_published_reward_model(published, parents
     for row in ranked:
         prompt = [{"role": "user", "content": row["prompt"]}]
         assert row["label_scores"] == pytest.approx(rm([prompt, prompt], row["responses"]), abs=1e-4)
+
+
+def test_every_spelling_and_form_of_a_run_scores_as_the_run_s_own_model(parents):
+    """A reward-model run read by ``rewards.load`` (as eval's ``--reward``), as a scorer (``rm:RUN`` or the bare
+    directory, as ``rlhf label --by``) and in PPO's token form gives the scores of the run's own model and its
+    stored statistics; a response longer than the run's rm.max_length gets None (it never learnt to read one)."""
+    from rlhf import modeling, rewards, scorers
+
+    _, runs = parents
+    prompts, responses = [p for p, _ in CONVERSATIONS], [r for _, r in CONVERSATIONS]
+    model, tok = modeling.load_reward(runs / "rm", device="cpu")
+    expected = modeling.score_conversations(
+        model, tok, [[*p, {"role": "assistant", "content": r}] for p, r in CONVERSATIONS]).tolist()
+    direct = rewards.load(runs / "rm", device="cpu")
+    assert isinstance(direct, rewards.RunReward) and direct.identity is None
+    assert direct.stats == json.loads((runs / "rm" / "manifest.json").read_text())["reward_stats"]
+    assert direct(prompts, responses) == pytest.approx(expected, abs=1e-5)
+    for spec in (f"rm:{runs / 'rm'}", str(runs / "rm")):
+        scorer = scorers.load(spec, "--by")
+        assert scorer.name == "rm" and scorer(prompts, responses) == pytest.approx(expected, abs=1e-5)
+    limit = direct.max_length
+    assert limit == json.loads((runs / "rm" / "manifest.json").read_text())["recipe"]["rm"]["max_length"]
+    scored = direct(prompts + prompts[:1], responses + [" ".join(["seven"] * limit)])
+    assert scored[-1] is None and scored[:3] == pytest.approx(expected, abs=1e-5)
+    token = rewards.TokenReward(lambda ids, mask: modeling.sequence_scores(model, ids, mask), tok, runs / "rm",
+                                direct.stats, torch.device("cpu"))
+    assert token(prompts, responses) == pytest.approx(expected, abs=1e-5)
+    ids, mask = modeling.pad(modeling.encode_conversations(
+        tok, [[*p, {"role": "assistant", "content": r}] for p, r in CONVERSATIONS]), tok.pad_token_id)
+    assert token.episodes(prompts, responses, ids, mask).tolist() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.fast
+def test_a_published_model_s_statistics_are_measured_once_and_kept(published):
+    from rlhf.rewards import PublishedReward
+
+    rm = PublishedReward(str(published["gpt2"]), device="cpu")
+    assert rm.stats is None
+    first = rm.measure(torch.tensor([1.0, 3.0]), "step 1")
+    assert first == {"mean": 2.0, "std": 1.0, "measured_on": "step 1"}
+    assert rm.measure(torch.tensor([10.0, 10.0]), "step 2") is first  # kept for the run
+    constant = PublishedReward(str(published["gpt2"]), device="cpu")
+    assert constant.measure(torch.tensor([4.0, 4.0]), "step 1")["std"] == 1.0  # no spread: std 1, not 0

@@ -7,7 +7,7 @@ run's adapter is loaded under its own name, and every use names the adapter it n
 
 - ``policy(run_dir)`` (or ``policy(None)`` for the bare base) is a model ``rollout.generate`` and
   ``rollout.response_logprobs`` can take: it selects its adapter before each call;
-- ``reward`` is a model ``modeling.score_conversations`` can take: the backbone under the reward model's adapter,
+- ``reward`` is a model ``rewards.score_conversations`` can take: the backbone under the reward model's adapter,
   read through its score head.
 
 An adapter with one active name computes exactly what the run's own model computes, so the numbers are those of
@@ -130,7 +130,7 @@ class _PolicyView:
 
 
 class _RewardView(nn.Module):
-    """The reward model as ``modeling.sequence_scores`` reads one: a backbone (the shared one, under the reward
+    """The reward model as ``rewards.sequence_scores`` reads one: a backbone (the shared one, under the reward
     adapter) and a score head, with the reward model's pad token in its config."""
 
     base_model_prefix = "backbone_under_reward"

@@ -7,7 +7,6 @@ Every stage goes through these functions, so a base is loaded the same way every
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from rlhf import methods
 from rlhf.config import AdapterConfig, ModelConfig, model_config_of
 from rlhf.errors import UserError
 from rlhf.names import torch_dtype
-from rlhf.methods import score_head, unwrap
+from rlhf.methods import unwrap
 
 # Used when a tokenizer has no chat template of its own. The assistant turn carries generation markers (TRL's
 # assistant-only loss needs them) and ends with the EOS token, so a trained model learns to stop.
@@ -32,7 +31,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '### Assistant:\\n' }}{%- endif -%}"
 )
-
 
 
 def _pretrained_kwargs(cfg: ModelConfig) -> dict:
@@ -120,48 +118,6 @@ def assistant_turn_end(tok) -> str | None:
     return next((tok.convert_ids_to_tokens(i) for i in ids if i in special), None)
 
 
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """A prompt (a list of messages) as the token ids a policy answers: chat-templated with the generation
-    prompt, no special tokens added beyond what the template writes."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> tuple[list[list[int]], list[int]]:
-    """``encode_prompt`` of each prompt; returns those of at most ``max_length`` tokens and the indices of the
-    prompts they came from (longer ones are left out)."""
-    out, kept = [], []
-    for i, messages in enumerate(prompts):
-        ids = encode_prompt(tokenizer, messages)
-        if len(ids) <= max_length:
-            out.append(ids)
-            kept.append(i)
-    return out, kept
-
-
-def encode_exchange(tokenizer, prompt: list[dict], response: list[dict]) -> tuple[list[int], list[int]]:
-    """A prompt and its response as token ids, laid out as PPO lays out an episode: the prompt rendered with the
-    chat template's generation prompt, then the tokens the template puts after it for the response, up to and
-    including the first EOS (what a policy samples before it stops). ``response`` is a list of messages ending
-    with the assistant's (earlier ones join the prompt).
-
-    The reward model trains on exactly these sequences, and every score (held-out accuracy, reward statistics,
-    PPO, eval, ``rlhf rm score``) is read on them, so a reward is always read where it was trained. Where the
-    template does not render the prompt as a prefix of the whole conversation, the response is its text followed
-    by EOS.
-    """
-    prompt = prompt + response[:-1]
-    content = response[-1]["content"]
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": content}], tokenize=False)
-    completion = full[len(prompt_text):] if full.startswith(prompt_text) else content + tokenizer.eos_token
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    ids = ids[:ids.index(eos) + 1] if eos in ids else ids + [eos]
-    return prompt_ids, ids
-
-
 def load_config(cfg: ModelConfig):
     """The base's configuration alone (no weights), to check lengths before anything runs."""
     from transformers import AutoConfig
@@ -191,38 +147,6 @@ def check_lengths(config, limits: dict[str, int], where: str) -> None:
         if positions is not None and value > positions:
             raise UserError(f"{where}: {key} = {value} is longer than the model's {positions} positions "
                             f"(max_position_embeddings); lower it")
-
-
-def report_dropped(stage: str, dropped: int, total: int, what: str, key: str, limit: int) -> None:
-    """Say how many rows a length limit dropped: one line, loud when it is most of them."""
-    if not dropped:
-        return
-    share = 100.0 * dropped / max(total, 1)
-    loud = "WARNING: " if share > 50 else ""
-    print(f"{stage}: {loud}dropped {dropped} of {total} {what} ({share:.1f}%) longer than {key}={limit} tokens"
-          + ("; raise " + key + " to keep them" if loud else ""), file=sys.stderr)
-
-
-def keep_fitting(encoded, source: str, unit: str, key: str, limit: int, stage: str, on_too_long: str = "drop",
-                 held_out: bool = False, advice: str | None = None) -> None:
-    """The length gate of the RM, DPO and ``rm score``: ``encoded`` holds the rows that fit (``rows``) and how many
-    did not (``dropped``), ``unit`` what a row is ("pairs", "rankings"). Training rows are refused when
-    ``on_too_long`` is "error" and any was too long, and when none fits (``advice`` ends that message; default:
-    raise ``key``); otherwise, and for ``held_out`` rows always, what was left out is reported in one line by the
-    main process."""
-    from rlhf import distributed
-
-    total = len(encoded.rows) + encoded.dropped
-    if not held_out:
-        if encoded.dropped and on_too_long == "error":
-            raise UserError(f"{source}: {encoded.dropped} of {total} {unit} are longer than {key}={limit} tokens "
-                            f"(raise it, or set {key.split('.')[0]}.on_too_long: drop)")
-        if not encoded.rows:
-            raise UserError(f"{source}: every {unit[:-1]} is longer than {key}={limit} tokens"
-                            + (advice if advice is not None else f"; raise {key}"))
-    if distributed.is_main():
-        report_dropped(stage, encoded.dropped, total, f"held-out {unit}" if held_out else f"{unit} of {source}", key,
-                       limit)
 
 
 def accelerator() -> torch.device:
@@ -486,119 +410,6 @@ def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None,
             lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), use_safetensors=True))
     return place(model.eval(), device or accelerator()), tokenizer
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Score heads: reward model scores and (later) PPO values, read the same way everywhere
-# ---------------------------------------------------------------------------------------------------------------
-
-def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists as one batch ``(ids, attention_mask)``. ``side="right"`` pads after each sequence, as a
-    reward trainer's collator does; ``side="left"`` before it, so that every sequence ends at the last column
-    (prompts that generation appends to)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, cols] = torch.tensor(s, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pad(seqs, pad_id, "left")``: every sequence ends at the last column."""
-    return pad(seqs, pad_id, "left")
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so a left-padded sequence gets the same positions as unpadded."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The head's scalar at every position, ``[batch, seq]`` in float32 (values for PPO, rewards at the end)."""
-    core = unwrap(model)
-    backbone = getattr(core, core.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-    return score_head(model)(hidden).squeeze(-1).float()
-
-
-def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row, whatever the padding side."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(-1)
-
-
-def reward_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
-    """Where a reward is read in each row: the last real token that is not ``pad_token_id``, which is where
-    transformers' sequence-classification models pool (and so where TRL's reward trainer trains the head). With
-    pad == EOS that is the token before the final EOS; with a distinct pad token, the EOS itself. A row of pad
-    tokens only is read at its last real token. Independent of the padding side."""
-    real = attention_mask.bool()
-    if pad_token_id is not None:
-        keep = real & (input_ids != pad_token_id)
-        real = torch.where(keep.any(-1, keepdim=True), keep, real)
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * real.long()).argmax(-1)
-
-
-def pad_id(model) -> int | None:
-    """The pad token id a sequence-classification model pools by (its ``config.pad_token_id``)."""
-    config = unwrap(model).config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(config, "pad_token_id", None)
-
-
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    pad_token_id: int | None = None) -> torch.Tensor:
-    """Reward of each sequence, ``[batch]``: the head read at ``reward_index`` (the model's own pad token id
-    unless another is given), the position the model's own forward pools at and the reward trainer trained."""
-    scores = token_scores(model, input_ids, attention_mask)
-    index = reward_index(input_ids, attention_mask, pad_id(model) if pad_token_id is None else pad_token_id)
-    return scores[torch.arange(scores.shape[0], device=scores.device), index]
-
-
-def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
-    """Each conversation (ending with the assistant's response) as the token ids a reward is read on:
-    ``modeling.encode_exchange``'s prompt and response, one after the other."""
-    out = []
-    for conv in conversations:
-        split = max(i for i, m in enumerate(conv) if m["role"] != "assistant") + 1 if any(
-            m["role"] != "assistant" for m in conv) else 0
-        prompt_ids, response_ids = encode_exchange(tokenizer, conv[:split], conv[split:])
-        out.append(prompt_ids + response_ids)
-    return out
-
-@torch.no_grad()
-def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32,
-                    progress: bool = False) -> torch.Tensor:
-    """Reward-model scores of token sequences, ``[n]``, read at ``modeling.reward_index``. A sequence longer than
-    the model's positions is an error (callers drop rows by the recipe's lengths first)."""
-    from tqdm.auto import tqdm
-
-    limit = max_positions(unwrap(model).config)
-    longest = max((len(s) for s in sequences), default=0)
-    if limit is not None and longest > limit:
-        raise UserError(f"a sequence of {longest} tokens is longer than the reward model's {limit} positions")
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of similar length pad less
-    scores = torch.zeros(len(sequences))
-    device = next(model.parameters()).device
-    for start in tqdm(range(0, len(sequences), batch_size), disable=not progress, desc="score"):
-        idx = order[start:start + batch_size]
-        ids, mask = pad([sequences[i] for i in idx], pad_token_id)
-        scores[idx] = sequence_scores(model, ids.to(device), mask.to(device)).float().cpu()
-    return scores
-
-def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32,
-                        progress: bool = False) -> torch.Tensor:
-    """Reward-model scores of whole conversations (each ending with the response), ``[n]``.
-
-    Text goes in, so a policy with another tokenizer can be scored: each conversation is encoded with the reward
-    model's tokenizer exactly as its training pairs were (``encode_conversations``).
-    """
-    return score_sequences(model, encode_conversations(tokenizer, conversations), tokenizer.pad_token_id,
-                           batch_size, progress)
 
 def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None,
                 device: torch.device | str | None = None):

@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from rlhf import method_table, methods, modeling, ppo_math, precision, rollout
+from rlhf import encoding, method_table, methods, modeling, ppo_math, precision, rewards, rollout
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 from rlhf.names import torch_dtype
@@ -263,13 +263,13 @@ class SharedBase:
     def _lm(self, input_ids, attention_mask, keep):
         with autocast(self.device, self.autocast):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                              position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
+                              position_ids=encoding.position_ids(attention_mask), logits_to_keep=keep).logits
 
     def _hidden(self, role, input_ids, attention_mask):
         self.use(role)
         with autocast(self.device, self.autocast):
             return self._backbone()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                    position_ids=modeling.position_ids(attention_mask)).last_hidden_state
+                                    position_ids=encoding.position_ids(attention_mask)).last_hidden_state
 
     def values(self, input_ids, attention_mask) -> torch.Tensor:
         """Value head output at every position, ``[batch, seq]`` (the head itself in full precision)."""
@@ -279,12 +279,12 @@ class SharedBase:
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
-        """Reward of each whole sequence, read where the reward model trained (``modeling.reward_index``),
+        """Reward of each whole sequence, read where the reward model trained (``rewards.reward_index``),
         ``[batch]``."""
         if self.reward_head is None:
             raise RuntimeError("PPO runs without a reward model (ppo.reward has no reward_model term)")
         hidden = self._hidden("reward", input_ids, attention_mask)
-        index = modeling.reward_index(input_ids, attention_mask, self.reward_pad_id)
+        index = rewards.reward_index(input_ids, attention_mask, self.reward_pad_id)
         last = hidden[torch.arange(len(hidden), device=hidden.device), index]
         return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
 
@@ -415,20 +415,20 @@ class SeparateCopies:
         model = self.policy if role == "policy" else self.reference
         with autocast(self.device, self.autocast):
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                           position_ids=modeling.position_ids(attention_mask), logits_to_keep=keep).logits
+                           position_ids=encoding.position_ids(attention_mask), logits_to_keep=keep).logits
         return ppo_math.restrict_vocab(logits, self.vocab)
 
     def values(self, input_ids, attention_mask) -> torch.Tensor:
         if not self.critic:
             raise RuntimeError("PPO runs without a critic (ppo.advantage is critic-free)")
         with autocast(self.device, self.autocast):
-            return modeling.token_scores(self.value, input_ids, attention_mask).float()
+            return rewards.token_scores(self.value, input_ids, attention_mask).float()
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
         if self.reward is None:
             raise RuntimeError("PPO runs without a reward model (ppo.reward has no reward_model term)")
         with autocast(self.device, self.autocast):
-            return modeling.sequence_scores(self.reward, input_ids, attention_mask).float()
+            return rewards.sequence_scores(self.reward, input_ids, attention_mask).float()
 
     def sample(self, input_ids, attention_mask, **kwargs) -> rollout.Samples:
         with autocast(self.device, self.autocast):

@@ -33,9 +33,91 @@ from typing import Callable
 
 import torch
 
+from rlhf import modeling
+from rlhf.encoding import encode_conversations, pad, position_ids
 from rlhf.errors import UserError
+from rlhf.methods import score_head, unwrap
+from rlhf.modeling import max_positions
 from rlhf.names import is_local, torch_dtype
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Score heads: reward-model scores and PPO's values, read the same way everywhere
+# ---------------------------------------------------------------------------------------------------------------
+
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The head's scalar at every position, ``[batch, seq]`` in float32 (values for PPO, rewards at the end)."""
+    core = unwrap(model)
+    backbone = getattr(core, core.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    return score_head(model)(hidden).squeeze(-1).float()
+
+
+def reward_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Where a reward is read in each row: the last real token that is not ``pad_token_id``, which is where
+    transformers' sequence-classification models pool (and so where TRL's reward trainer trains the head). With
+    pad == EOS that is the token before the final EOS; with a distinct pad token, the EOS itself. A row of pad
+    tokens only is read at its last real token. Independent of the padding side."""
+    real = attention_mask.bool()
+    if pad_token_id is not None:
+        keep = real & (input_ids != pad_token_id)
+        real = torch.where(keep.any(-1, keepdim=True), keep, real)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * real.long()).argmax(-1)
+
+
+def pad_id(model) -> int | None:
+    """The pad token id a sequence-classification model pools by (its ``config.pad_token_id``)."""
+    config = unwrap(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "pad_token_id", None)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pad_token_id: int | None = None) -> torch.Tensor:
+    """Reward of each sequence, ``[batch]``: the head read at ``reward_index`` (the model's own pad token id
+    unless another is given), the position the model's own forward pools at and the reward trainer trained."""
+    scores = token_scores(model, input_ids, attention_mask)
+    index = reward_index(input_ids, attention_mask, pad_id(model) if pad_token_id is None else pad_token_id)
+    return scores[torch.arange(scores.shape[0], device=scores.device), index]
+
+
+@torch.no_grad()
+def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32,
+                    progress: bool = False) -> torch.Tensor:
+    """Reward-model scores of token sequences, ``[n]``, read at ``rewards.reward_index``. A sequence longer than
+    the model's positions is an error (callers drop rows by the recipe's lengths first)."""
+    from tqdm.auto import tqdm
+
+    limit = max_positions(unwrap(model).config)
+    longest = max((len(s) for s in sequences), default=0)
+    if limit is not None and longest > limit:
+        raise UserError(f"a sequence of {longest} tokens is longer than the reward model's {limit} positions")
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of similar length pad less
+    scores = torch.zeros(len(sequences))
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(sequences), batch_size), disable=not progress, desc="score"):
+        idx = order[start:start + batch_size]
+        ids, mask = pad([sequences[i] for i in idx], pad_token_id)
+        scores[idx] = sequence_scores(model, ids.to(device), mask.to(device)).float().cpu()
+    return scores
+
+
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32,
+                        progress: bool = False) -> torch.Tensor:
+    """Reward-model scores of whole conversations (each ending with the response), ``[n]``.
+
+    Text goes in, so a policy with another tokenizer can be scored: each conversation is encoded with the reward
+    model's tokenizer exactly as its training pairs were (``encode_conversations``).
+    """
+    return score_sequences(model, encode_conversations(tokenizer, conversations), tokenizer.pad_token_id,
+                           batch_size, progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reward models
+# ---------------------------------------------------------------------------------------------------------------
 
 class RewardModel:
     """What every reward model offers (module docstring)."""
@@ -97,25 +179,21 @@ class RunReward(RewardModel):
 
     def __init__(self, run_dir: str | Path, model=None, tokenizer=None, device: torch.device | str | None = None,
                  batch_size: int = 32, max_length: int | str | None = "run", progress: bool = False):
-        from rlhf import methods, modeling
-
         run = modeling.read_run(run_dir, "reward model")
         self.run_dir, self.batch_size, self.progress = run.dir, batch_size, progress
         if model is None:
             model, tokenizer = modeling.load_reward(run.dir, device=device)
-        self.model, self.tokenizer, self.config = model, tokenizer, methods.unwrap(model).config
+        self.model, self.tokenizer, self.config = model, tokenizer, unwrap(model).config
         self.max_length = run.section("rm")["max_length"] if max_length == "run" else max_length
         self.stats = run.reward_stats
 
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
-        from rlhf import modeling
-
-        seqs = modeling.encode_conversations(
+        seqs = encode_conversations(
             self.tokenizer, [[*p, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)])
         fits = [i for i, s in enumerate(seqs) if self.max_length is None or len(s) <= self.max_length]
         out: list[float | None] = [None] * len(seqs)
         if fits:
-            values = modeling.score_sequences(self.model, [seqs[i] for i in fits], self.tokenizer.pad_token_id,
+            values = score_sequences(self.model, [seqs[i] for i in fits], self.tokenizer.pad_token_id,
                                               self.batch_size, self.progress).tolist()
             for i, v in zip(fits, values):
                 out[i] = v
@@ -135,11 +213,9 @@ class TokenReward(RewardModel):
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
-        from rlhf import modeling
-
-        seqs = modeling.encode_conversations(
+        seqs = encode_conversations(
             self.tokenizer, [[*p, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)])
-        ids, mask = modeling.pad(seqs, self.tokenizer.pad_token_id)
+        ids, mask = pad(seqs, self.tokenizer.pad_token_id)
         return self.score_ids(ids.to(self.device), mask.to(self.device)).float().cpu().tolist()
 
 
@@ -196,8 +272,6 @@ class PublishedReward(RewardModel):
                  batch_size: int = 16):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from rlhf import modeling
-
         self.spec, self.batch_size = spec, batch_size
         self.config = check(spec)
         source = str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
@@ -211,7 +285,7 @@ class PublishedReward(RewardModel):
         self.model.to(device or modeling.accelerator())
         self.pad_token_id = self.model.config.pad_token_id
         self.identity = identity(spec, self.config)
-        self.positions = modeling.max_positions(self.model.config)
+        self.positions = max_positions(self.model.config)
 
     @property
     def device(self) -> torch.device:
@@ -234,14 +308,12 @@ class PublishedReward(RewardModel):
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> list[float]:
         """The model's own forward on each token sequence (its pooled single logit)."""
-        from rlhf import modeling
-
         out = [0.0] * len(sequences)
         size = self.batch_size if self.pad_token_id is not None else 1
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         for start in range(0, len(order), size):
             idx = order[start:start + size]
-            ids, mask = modeling.pad([sequences[i] for i in idx], self.pad_token_id or 0, "right")
+            ids, mask = pad([sequences[i] for i in idx], self.pad_token_id or 0, "right")
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
             for i, v in zip(idx, logits[:, 0].float().cpu().tolist()):
                 out[i] = v

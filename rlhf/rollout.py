@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.modeling import left_pad  # noqa: F401  (also rollout.left_pad: PPO's prompt batches)
+from rlhf.encoding import left_pad
 
 
 @dataclass
@@ -68,7 +68,7 @@ def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: li
                       batch_size: int = 32) -> list[torch.Tensor]:
     """Log-probabilities of each response's tokens under ``model`` (temperature 1, over the tokenizer's ids as the
     engine samples), one tensor per response."""
-    from rlhf.modeling import position_ids
+    from rlhf.encoding import position_ids
     from rlhf.ppo_math import logprobs_from_logits, restrict_vocab
 
     rendered = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_prompts(tokenizer, prompts)]
@@ -230,7 +230,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     """
     from transformers import DynamicCache, StaticCache
 
-    from rlhf.modeling import position_ids
+    from rlhf.encoding import position_ids
     from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits, restrict_vocab
 
     device = input_ids.device

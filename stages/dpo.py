@@ -8,7 +8,7 @@ The reference is the frozen SFT policy, never the bare base: with an adapter met
 twice on ONE base (TRL keeps the copy as the frozen adapter "ref" and switches to it for the reference pass), so
 no second model is held; with a method that trains base weights (full, bitfit, freeze) or bottleneck adapters the
 reference is a second copy of the SFT model. The pairs are laid out as every other stage lays out an exchange
-(``modeling.encode_exchange``): the prompt with the chat template's generation prompt, then the response up to its
+(``encoding.encode_exchange``): the prompt with the chat template's generation prompt, then the response up to its
 first EOS, which is what the policy samples and what eval scores.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import distributed, formats, method_table, methods, modeling, training
+from rlhf import distributed, encoding, formats, method_table, methods, modeling, training
 from rlhf.config import AdapterConfig, ModelConfig, Recipe
 from rlhf.names import torch_dtype
 from rlhf.rundir import Run
@@ -41,12 +41,12 @@ class PromptPairs:
 
 
 def encode_prompt_pairs(tokenizer, pairs: list[dict], max_length: int) -> PromptPairs:
-    """Each pair's prompt and two responses as ``modeling.encode_exchange`` lays them out; a pair with either
+    """Each pair's prompt and two responses as ``encoding.encode_exchange`` lays them out; a pair with either
     side longer than ``max_length`` tokens is left out."""
     rows, kept = [], []
     for p in pairs:
-        prompt_ids, chosen = modeling.encode_exchange(tokenizer, p["prompt"], p["chosen"])
-        rejected = modeling.encode_exchange(tokenizer, p["prompt"], p["rejected"])[1]
+        prompt_ids, chosen = encoding.encode_exchange(tokenizer, p["prompt"], p["chosen"])
+        rejected = encoding.encode_exchange(tokenizer, p["prompt"], p["rejected"])[1]
         if len(prompt_ids) + max(len(chosen), len(rejected)) > max_length:
             continue
         rows.append({"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected})
@@ -238,9 +238,9 @@ def encode_split(recipe: Recipe, data: formats.Loaded, held: formats.Loaded | No
         train_rows, eval_rows = training.split_rows(data.rows, d.eval_fraction, d.seed)
     train = encode_prompt_pairs(tokenizer, formats.rankings_as_pairs(train_rows), d.max_length)
     held_out = encode_prompt_pairs(tokenizer, formats.rankings_as_pairs(eval_rows), d.max_length)
-    modeling.keep_fitting(train, recipe.data.preference, "pairs", "dpo.max_length", d.max_length, "dpo",
+    encoding.keep_fitting(train, recipe.data.preference, "pairs", "dpo.max_length", d.max_length, "dpo",
                           d.on_too_long)
-    modeling.keep_fitting(held_out, recipe.data.preference, "pairs", "dpo.max_length", d.max_length, "dpo",
+    encoding.keep_fitting(held_out, recipe.data.preference, "pairs", "dpo.max_length", d.max_length, "dpo",
                           held_out=True)
     return train, held_out
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import adapters, formats, method_table, modeling, report, rewards, rollout, scorers
+from rlhf import adapters, encoding, formats, method_table, modeling, report, rewards, rollout, scorers
 from rlhf.rundir import Run
 from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import UserError
@@ -63,7 +63,7 @@ def icl_prompts(prompts: list[list[dict]], demos: list[dict], shots: int, seed: 
 
 def prompt_length(tokenizer, messages: list[dict]) -> int:
     """Tokens of a prompt rendered with the chat template's generation prompt."""
-    return len(modeling.encode_prompt(tokenizer, messages))
+    return len(encoding.encode_prompt(tokenizer, messages))
 
 
 def fit_icl(tokenizer, inputs: list[list[dict]], prompts: list[list[dict]], limit: int) -> tuple[list, int]:
@@ -281,10 +281,10 @@ def fitting_prompts(recipe: Recipe, prompt_rows: list, source: str, reward_model
     if limit <= 0:
         raise UserError(f"{recipe.source}: eval.max_new_tokens={e.max_new_tokens} leaves no room for a prompt in "
                         f"the model's {positions} positions")
-    kept = modeling.encode_prompts(reward_model.tokenizer, prompt_rows, limit)[1]
+    kept = encoding.encode_prompts(reward_model.tokenizer, prompt_rows, limit)[1]
     if not kept:
         raise UserError(f"{source}: every prompt is longer than {key}={limit} tokens")
-    modeling.report_dropped("eval", len(prompt_rows) - len(kept), len(prompt_rows), f"prompts of {source}", key,
+    encoding.report_dropped("eval", len(prompt_rows) - len(kept), len(prompt_rows), f"prompts of {source}", key,
                             limit)
     return len(prompt_rows) - len(kept), [prompt_rows[i] for i in kept]
 

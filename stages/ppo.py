@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import (distributed, formats, method_table, modeling, ppo_math, ppo_models, precision, preempt,
+from rlhf import (distributed, encoding, formats, method_table, modeling, ppo_math, ppo_models, precision, preempt,
                   resume, rewards, scorers)
 from rlhf.rundir import Run
 from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
@@ -36,7 +36,8 @@ from rlhf.ppo_math import predicting
 from rlhf.ppo_models import PPOModels
 from rlhf.ppo_update import (Rollout, advantages, guard_nonfinite, ppo_epochs, probe_pass, replace_rows,
                              response_logits)
-from rlhf.rollout import episode_keys, left_pad
+from rlhf.encoding import left_pad
+from rlhf.rollout import episode_keys
 from rlhf.training import show_progress
 
 ROLES = {True: ("policy", "value"), False: ("policy",)}
@@ -215,7 +216,7 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     if reward.in_process:  # the value head starts on the reward model's scale
         scale = scale / reward.model_weight
     n_proc, main = distributed.world_size(), distributed.is_main()
-    encoded, kept = modeling.encode_prompts(tokenizer, prompts.rows, p.max_prompt_length)
+    encoded, kept = encoding.encode_prompts(tokenizer, prompts.rows, p.max_prompt_length)
     too_long = len(prompts.rows) - len(kept)
     if len(encoded) < p.prompts_per_step(n_proc):
         raise UserError(f"{recipe.data.prompts}: {len(encoded)} prompts" + (
@@ -224,13 +225,13 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
                                                  if p.samples_per_prompt > 1 else "")
             + (f" x {n_proc} processes" if n_proc > 1 else ""))
     if main:
-        modeling.report_dropped("ppo", too_long, len(prompts.rows), f"prompts of {recipe.data.prompts}",
+        encoding.report_dropped("ppo", too_long, len(prompts.rows), f"prompts of {recipe.data.prompts}",
                                 "ppo.max_prompt_length", p.max_prompt_length)
     eval_encoded = None
     if eval_prompts:
-        eval_encoded, eval_kept = modeling.encode_prompts(tokenizer, eval_prompts, p.max_prompt_length)
+        eval_encoded, eval_kept = encoding.encode_prompts(tokenizer, eval_prompts, p.max_prompt_length)
         if main:
-            modeling.report_dropped("ppo", len(eval_prompts) - len(eval_kept), len(eval_prompts),
+            encoding.report_dropped("ppo", len(eval_prompts) - len(eval_kept), len(eval_prompts),
                                     f"held-out prompts of {recipe.data.eval_prompts}", "ppo.max_prompt_length",
                                     p.max_prompt_length)
         eval_prompts = [eval_prompts[i] for i in eval_kept]
@@ -535,8 +536,9 @@ def evaluate(s: Setup, prompts: list[list[dict]], encoded: list[list[int]]) -> d
     result = {}
     texts = tokenizer.batch_decode(response, skip_special_tokens=True)
     if s.reward.model_weight:
-        result["eval/score"] = s.reward.model.episodes(prompts, [t.strip() for t in texts], torch.cat([ids, response], 1),
-                                                       torch.cat([mask, rmask], 1)).mean().item()
+        result["eval/score"] = s.reward.model.episodes(
+            prompts, [t.strip() for t in texts], torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)
+        ).mean().item()
     result.update({"eval/eos_rate": stopped.float().mean().item(), "eval/length": rmask.sum(1).float().mean().item()})
     for scorer in s.eval_scorers:
         values = [v for v in scorer(prompts, texts) if v is not None]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import distributed, formats, method_table, methods, modeling, ranking, rewards, training
+from rlhf import distributed, encoding, formats, method_table, methods, modeling, ranking, rewards, training
 from rlhf.rundir import Run
 from rlhf.config import Recipe
 
@@ -29,7 +29,7 @@ from rlhf.config import Recipe
 @dataclass
 class Encoded:
     """Rankings (a pair is a ranking of two) as the token ids the reward model trains and is read on
-    (``modeling.encode_exchange``), with the rankings that fit ``max_length`` and how many did not."""
+    (``encoding.encode_exchange``), with the rankings that fit ``max_length`` and how many did not."""
 
     rows: list[dict]
     """``{responses_ids: [[ids], ...], ranks: [...][, margin]}`` per kept ranking"""
@@ -43,7 +43,7 @@ def encode_rankings(tokenizer, rankings: list[dict], max_length: int) -> Encoded
     (a pair: either side), as the reward trainer would leave it out. A pair's margin is kept."""
     rows, kept = [], []
     for r in rankings:
-        ids = [sum(modeling.encode_exchange(tokenizer, r["prompt"], resp), []) for resp in r["responses"]]
+        ids = [sum(encoding.encode_exchange(tokenizer, r["prompt"], resp), []) for resp in r["responses"]]
         if max(map(len, ids)) > max_length:
             continue
         rows.append({"responses_ids": ids, "ranks": r["ranks"], **({"margin": r["margin"]} if "margin" in r else {})})
@@ -122,7 +122,7 @@ def ranking_trainer_class():
 def ranking_scores(model, tokenizer, encoded: Encoded, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
     """The reward of every response of every encoded ranking, flat and in order, read where PPO reads."""
     seqs = [ids for r in encoded.rows for ids in r["responses_ids"]]
-    return modeling.score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, progress=progress)
+    return rewards.score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, progress=progress)
 
 
 def ranking_metrics(scores: torch.Tensor, encoded: Encoded) -> dict:
@@ -153,7 +153,7 @@ def reward_statistics(model, tokenizer, seqs: list[list[int]], samples: int, see
     a fixed random sample of ``samples`` of them."""
     if 0 < samples < len(seqs):
         seqs = random.Random(seed).sample(seqs, samples)
-    scores = modeling.score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, progress=progress)
+    scores = rewards.score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, progress=progress)
     return {"mean": scores.mean().item(), "std": scores.std().item(), "responses": len(seqs)}
 
 
@@ -173,7 +173,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         set_seed(recipe.rm.seed)
         tokenizer = modeling.load_tokenizer(recipe.model)
         base = modeling.load_base(recipe.model, kind="score")
-        base.config.pad_token_id = tokenizer.pad_token_id  # where the head is read: see modeling.reward_index
+        base.config.pad_token_id = tokenizer.pad_token_id  # where the head is read: see rewards.reward_index
         train, held_out = encode_split(recipe, data, held, tokenizer)
         # what the trainer reads: whole rankings (grouped), or every comparison as TRL's chosen/rejected pair
         train_rows = train.rows if grouped else trl_pairs(train)
@@ -226,8 +226,8 @@ def encode_split(recipe: Recipe, data: formats.Loaded, held: formats.Loaded | No
     limit = recipe.rm.max_length
     train, held_out = encode_rankings(tokenizer, train_rows, limit), encode_rankings(tokenizer, eval_rows, limit)
     unit = "pairs" if formats.is_pairs(data) else "rankings"
-    modeling.keep_fitting(train, recipe.data.preference, unit, "rm.max_length", limit, "rm", recipe.rm.on_too_long)
-    modeling.keep_fitting(held_out, recipe.data.eval_preference or recipe.data.preference,
+    encoding.keep_fitting(train, recipe.data.preference, unit, "rm.max_length", limit, "rm", recipe.rm.on_too_long)
+    encoding.keep_fitting(held_out, recipe.data.eval_preference or recipe.data.preference,
                           "pairs" if formats.is_pairs(held or data) else "rankings", "rm.max_length", limit, "rm",
                           held_out=True)
     return train, held_out
@@ -286,7 +286,7 @@ def score(reward: str, data_path: str, out: str | None = None, on_bad_row: str =
     loaded = formats.load(data_path, "ranking", on_bad_row=on_bad_row)
     pairs = formats.is_pairs(loaded)
     encoded = encode_rankings(tokenizer, loaded.rows, limit)
-    modeling.keep_fitting(encoded, data_path, "pairs" if pairs else "rankings", "rm.max_length", limit, "rm score",
+    encoding.keep_fitting(encoded, data_path, "pairs" if pairs else "rankings", "rm.max_length", limit, "rm score",
                           advice=" (the reward model's own limit)")
     scores = ranking_scores(model, tokenizer, encoded)
     rows, start = [], 0

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlhf import formats, modeling, rollout, scorers
+from rlhf import encoding, formats, modeling, rollout, scorers
 from rlhf.formats import duplicates
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
@@ -55,8 +55,8 @@ def fitting_prompts(model, tokenizer, rows: list[list[dict]], max_new_tokens: in
     if max_new_tokens >= positions:
         raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                         f"{positions} positions")
-    kept = modeling.encode_prompts(tokenizer, rows, positions - max_new_tokens)[1]
-    modeling.report_dropped("sample", len(rows) - len(kept), len(rows), f"prompts of {source}",
+    kept = encoding.encode_prompts(tokenizer, rows, positions - max_new_tokens)[1]
+    encoding.report_dropped("sample", len(rows) - len(kept), len(rows), f"prompts of {source}",
                             "(the model's positions - --max-new-tokens)", positions - max_new_tokens)
     return [rows[i] for i in kept]
 

@@ -126,7 +126,7 @@ def test_every_command_runs_its_models_where_it_placed_them(parents, ppo_run, tm
     and held-out evaluation, eval and sample; Hugging Face ``generate`` raises."""
     from click.testing import CliRunner
 
-    from rlhf import adapters, methods, modeling, rollout
+    from rlhf import adapters, methods, modeling, rewards, rollout
     from rlhf.cli import cli
 
     recipe_path, runs = parents
@@ -160,7 +160,7 @@ def test_every_command_runs_its_models_where_it_placed_them(parents, ppo_run, tm
     monkeypatch.setattr(GenerationMixin, "generate", elsewhere)  # every command generates through rollout.decode
     monkeypatch.setattr(modeling, "place", spy)
     for module, name in ((rollout, "generate"), (rollout, "decode"), (rollout, "response_logprobs"),
-                         (modeling, "score_sequences")):
+                         (rewards, "score_sequences")):
         monkeypatch.setattr(module, name, checked(getattr(module, name)))
     runner = CliRunner()
     prompts = str(ROOT / "data" / "tiny" / "heldout_prompts.jsonl")
@@ -194,21 +194,21 @@ def test_place_moves_every_loader_s_model_to_the_device_it_is_given(parents):
 
 
 def test_a_reward_model_that_scores_nan_stops_eval_with_one_line_naming_the_row(parents, tmp_path, monkeypatch):
-    from rlhf import modeling
+    from rlhf import rewards
     from rlhf.config import load_recipe
     from rlhf.errors import UserError
     from stages import evaluate
 
     recipe_path, runs = parents
     recipe = load_recipe(recipe_path, ["eval.limit=4", "eval.max_new_tokens=8", "eval.icl_shots=0"])
-    original = modeling.score_sequences
+    original = rewards.score_sequences
 
     def nan_on_the_third(*a, **k):
         scores = original(*a, **k)
         scores[2] = float("nan")
         return scores
 
-    monkeypatch.setattr(modeling, "score_sequences", nan_on_the_third)
+    monkeypatch.setattr(rewards, "score_sequences", nan_on_the_third)
     with pytest.raises(UserError, match=r"eval: the reward model scored response 3 of .*sft \(prompt '.*'\) as nan"):
         evaluate.main(recipe, policies=[str(runs / "sft")], reward=str(runs / "rm"), out=tmp_path / "e")
     assert not (tmp_path / "e" / "report.md").exists()

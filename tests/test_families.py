@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from families import BY_NAME, FAMILIES, build, write_data
-from rlhf import formats, modeling, ppo_models, rollout
+from rlhf import encoding, formats, modeling, ppo_models, rewards
 from rlhf.cli import cli
 from rlhf.config import ModelConfig
 from stages.rm import encode_rankings, trl_pairs
@@ -54,7 +54,7 @@ def invoke(*args: str) -> str:
 
 def ppo_layout(pairs_prompt_ids: list[list[int]], response_ids: list[list[int]], pad: int):
     """Prompts left-padded, responses right-padded, side by side: how PPO's rollout batch looks."""
-    query, qmask = rollout.left_pad(pairs_prompt_ids, pad)
+    query, qmask = encoding.left_pad(pairs_prompt_ids, pad)
     width = max(len(r) for r in response_ids)
     resp = torch.full((len(response_ids), width), pad, dtype=torch.long)
     rmask = torch.zeros_like(resp)
@@ -121,16 +121,16 @@ def test_family_through_every_stage(name, world, tmp_path):
     batch = DataCollatorForPreference(pad_token_id=rtok.pad_token_id)(trl_pairs(encoded)[:6])
     with torch.no_grad():
         trained = reward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
-        read = modeling.sequence_scores(reward, batch["input_ids"], batch["attention_mask"])
+        read = rewards.sequence_scores(reward, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(read, trained, rtol=0, atol=1e-4)  # TRL's forward pools where we read
     kept = [formats.ranking_as_pairs(r)[0] for r in encoded.rankings[:6]]
-    split = [modeling.encode_exchange(rtok, p["prompt"], p[side]) for side in ("chosen", "rejected") for p in kept]
+    split = [encoding.encode_exchange(rtok, p["prompt"], p[side]) for side in ("chosen", "rejected") for p in kept]
     ids, mask = ppo_layout([q for q, _ in split], [a for _, a in split], rtok.pad_token_id)
     models = ppo_models.load(ModelConfig(base=str(base)), "lora", runs / "sft", runs / "rm")
     with torch.no_grad():
         ppo_scores = models.scores(ids, mask)
     torch.testing.assert_close(ppo_scores, trained, rtol=0, atol=1e-4)  # and so does PPO, on its own layout
-    text_scores = modeling.score_conversations(reward, rtok, [p["prompt"] + p[side] for side in ("chosen", "rejected")
+    text_scores = rewards.score_conversations(reward, rtok, [p["prompt"] + p[side] for side in ("chosen", "rejected")
                                                              for p in kept])
     torch.testing.assert_close(text_scores, trained, rtol=0, atol=1e-4)  # and eval / rm score, from text
 
@@ -154,7 +154,7 @@ def test_every_tokenizer_is_fitted_the_same_way(tmp_path):
     assert gpt2.apply_chat_template(chat + [{"role": "assistant", "content": "Yes"}], tokenize=False) == (
         "### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\nYes<|endoftext|>\n\n")
     # the exchange PPO lays out: the generation prompt, then the response through the first EOS
-    prompt, response = modeling.encode_exchange(gemma, chat, [{"role": "assistant", "content": "Yes"}])
+    prompt, response = encoding.encode_exchange(gemma, chat, [{"role": "assistant", "content": "Yes"}])
     assert gemma.decode(response) == "Yes<end_of_turn>"
     assert gemma.decode(prompt).endswith("<start_of_turn>model\n")
 
@@ -165,14 +165,14 @@ def test_rewards_are_read_at_the_last_token_that_is_not_pad():
                         [7, 8, 9, 3, 0],    # a distinct EOS (3) is read itself
                         [0, 0, 0, 0, 0]])   # nothing but pad: its last real token
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0], [0, 0, 1, 1, 0]])
-    assert modeling.reward_index(ids, mask, pad).tolist() == [3, 3, 3]
-    assert modeling.reward_index(ids, mask, None).tolist() == [4, 3, 3]
+    assert rewards.reward_index(ids, mask, pad).tolist() == [3, 3, 3]
+    assert rewards.reward_index(ids, mask, None).tolist() == [4, 3, 3]
 
 
 def test_a_limit_that_drops_most_rows_says_so_loudly(capsys):
-    modeling.report_dropped("rm", 299, 300, "pairs of x.jsonl", "rm.max_length", 160)
-    modeling.report_dropped("rm", 3, 300, "pairs of x.jsonl", "rm.max_length", 160)
-    modeling.report_dropped("rm", 0, 300, "pairs of x.jsonl", "rm.max_length", 160)
+    encoding.report_dropped("rm", 299, 300, "pairs of x.jsonl", "rm.max_length", 160)
+    encoding.report_dropped("rm", 3, 300, "pairs of x.jsonl", "rm.max_length", 160)
+    encoding.report_dropped("rm", 0, 300, "pairs of x.jsonl", "rm.max_length", 160)
     loud, quiet = capsys.readouterr().err.splitlines()
     assert loud == ("rm: WARNING: dropped 299 of 300 pairs of x.jsonl (99.7%) longer than rm.max_length=160 "
                     "tokens; raise rm.max_length to keep them")

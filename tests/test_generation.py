@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT
 from families import BY_NAME, FAMILIES, build
-from rlhf import modeling, rollout
+from rlhf import encoding, modeling, rollout
 from rlhf.config import ModelConfig
 from rlhf.ppo_math import logprobs_from_logits
 
@@ -50,7 +50,7 @@ def prefix_scores(model, ids, mask, row, tokens, t, temperature, keys) -> torch.
     logits / T minus the row's Gumbel noise (the logits alone for greedy)."""
     seq = torch.cat([ids[row], tokens[:t]])[None]
     m = torch.cat([mask[row], torch.ones(t, dtype=mask.dtype)])[None]
-    logits = model(input_ids=seq, attention_mask=m, position_ids=modeling.position_ids(m)).logits[0, -1].float()
+    logits = model(input_ids=seq, attention_mask=m, position_ids=encoding.position_ids(m)).logits[0, -1].float()
     if temperature == 0:
         return logits
     return logits / temperature - rollout.gumbel_noise(rollout.hash_uniform(keys[row:row + 1], t, logits.shape[-1]))[0]
@@ -98,11 +98,11 @@ def test_engine_draws_what_generate_draws_on_every_family(name, tmp_path):
     rows = [[{"role": "user", "content": text}] for text in
             ("What is the answer?", "Name three rivers and explain why the first is long.", "Hi",
              "Sort these words: cities animals colours numbers please then answer the question with care.")]
-    encoded = modeling.encode_prompts(tok, rows, 10_000)[0]
+    encoded = encoding.encode_prompts(tok, rows, 10_000)[0]
     positions = modeling.max_positions(model.config)
     if positions is not None and positions < 1000:  # a prompt near the end of a learned position table
         encoded.append((encoded[1] * 40)[: positions - 12])
-    ids, mask = rollout.left_pad(encoded, pad)
+    ids, mask = encoding.left_pad(encoded, pad)
     keys = rollout.episode_keys(5, 2, torch.arange(len(encoded)))
     eos_bias(model, eos, 5.0)  # EOS made likely, so that responses end mid-batch at different lengths
     for temperature, min_new, max_new in ((0.0, 0, 10), (1.0, 0, 10), (1.0, 3, 10), (2.0, 0, 6)):
@@ -121,7 +121,7 @@ def test_engine_draws_what_generate_draws_on_every_family(name, tmp_path):
         full_ids, full_mask = torch.cat([ids, ours.tokens], 1), torch.cat([mask, torch.ones_like(ours.tokens)], 1)
         with torch.no_grad():
             logits = model(input_ids=full_ids, attention_mask=full_mask,
-                           position_ids=modeling.position_ids(full_mask)).logits[:, ids.shape[1] - 1:-1]
+                           position_ids=encoding.position_ids(full_mask)).logits[:, ids.shape[1] - 1:-1]
         expected = logprobs_from_logits(logits, ours.tokens, temperature or 1.0)
         stopped = (ours.tokens == eos).cumsum(1)
         live = (stopped - (ours.tokens == eos).long()) == 0  # up to and including each row's first EOS
@@ -137,7 +137,7 @@ def test_responses_end_at_eos_or_max_new_tokens_and_keep_their_slots(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(base)).eval()
     tok = AutoTokenizer.from_pretrained(str(base))
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    ids, mask = rollout.left_pad([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]], pad)
+    ids, mask = encoding.left_pad([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]], pad)
     keys = rollout.episode_keys(0, 1, torch.arange(5))
     kwargs = dict(max_new_tokens=12, eos_token_id=eos, pad_token_id=pad)
     hook = eos_bias(model, eos, 4.0)
@@ -167,7 +167,7 @@ def test_the_engine_reads_adapter_weights_changed_in_place(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(base))
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
-    ids, mask = rollout.left_pad([[5, 6, 7, 8], [9, 10]], tok.eos_token_id)
+    ids, mask = encoding.left_pad([[5, 6, 7, 8], [9, 10]], tok.eos_token_id)
     kwargs = dict(temperature=0.0, max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
     before = rollout.decode(model, ids, mask, **kwargs)
     assert torch.equal(rollout.decode(model, ids, mask, **kwargs).tokens, before.tokens)
@@ -199,7 +199,7 @@ def test_prompt_learning_models_decode_from_their_training_forward(kind, tmp_pat
         for p in model.prompt_encoder.parameters():
             p.normal_(0, 1.0)
     assert rollout.prompt_learning(model)
-    ids, mask = rollout.left_pad([[5, 6, 7, 8, 9], [10, 11, 12]], 0)
+    ids, mask = encoding.left_pad([[5, 6, 7, 8, 9], [10, 11, 12]], 0)
     kwargs = dict(temperature=0.0, max_new_tokens=6, eos_token_id=1, pad_token_id=0)
     ours = rollout.decode(model, ids, mask, **kwargs)
     assert not ours.static and ours.tokens.shape == (2, 6)
@@ -228,7 +228,7 @@ def test_ids_the_tokenizer_does_not_have_are_never_drawn_and_take_no_probability
     # make the padded rows the most likely: without the restriction they would be drawn at every step
     with torch.no_grad():
         model.lm_head.weight[vocab:] = model.lm_head.weight[:vocab].abs().mean() * 50
-    ids, mask = rollout.left_pad([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], tok.pad_token_id)
+    ids, mask = encoding.left_pad([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], tok.pad_token_id)
     keys = rollout.episode_keys(0, 1, torch.arange(4))
     kwargs = dict(max_new_tokens=10, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, vocab=vocab)
     for temperature in (0.0, 1.0, 0.5):
@@ -239,7 +239,7 @@ def test_ids_the_tokenizer_does_not_have_are_never_drawn_and_take_no_probability
         full = torch.cat([ids, out.tokens], 1)
         full_mask = torch.cat([mask, torch.ones_like(out.tokens)], 1)
         logits = model(input_ids=full, attention_mask=full_mask,
-                       position_ids=modeling.position_ids(full_mask)).logits[:, ids.shape[1] - 1:-1]
+                       position_ids=encoding.position_ids(full_mask)).logits[:, ids.shape[1] - 1:-1]
         scale = 1.0 if temperature == 0 else temperature
         scored = logprobs_from_logits(restrict_vocab(logits, vocab), out.tokens, scale)
         real = out.tokens != tok.pad_token_id

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FLAT_WHEN_EVEN, ROOT, ran, refused, run_cli
-from rlhf import allocator, formats, modeling, ppo_math, ppo_models, ppo_update, precision, rollout
+from rlhf import allocator, encoding, formats, modeling, ppo_math, ppo_models, ppo_update, precision, rewards, rollout
 from rlhf.config import ModelConfig, load_recipe
 
 SMALL = ["ppo.max_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
@@ -39,7 +39,7 @@ def test_one_base_four_adapters_match_the_separate_models(parents):
         ref = models.policy_logits(ids, mask, keep=0, role="reference")
         pol = models.policy_logits(ids, mask, keep=0)
         sft, _ = modeling.load_policy(runs / "sft")
-        separate = sft(input_ids=ids, attention_mask=mask, position_ids=modeling.position_ids(mask)).logits
+        separate = sft(input_ids=ids, attention_mask=mask, position_ids=encoding.position_ids(mask)).logits
         scores = models.scores(ids, mask)
     real = mask.bool()
     torch.testing.assert_close(ref[real], separate[real], rtol=0, atol=1e-5)
@@ -49,11 +49,11 @@ def test_one_base_four_adapters_match_the_separate_models(parents):
     convs = rollout.with_responses(formats.load(str(ROOT / "data/tiny/heldout_prompts.jsonl"), "prompts").rows[:5],
                                    ["The answer is 4.", "Let me think. So the answer is 1 2.", "maybe 3.",
                                     "The answer is red.", "x"])
-    torch.testing.assert_close(scores, modeling.score_conversations(rm, rm_tok, convs), rtol=0, atol=1e-4)
+    torch.testing.assert_close(scores, rewards.score_conversations(rm, rm_tok, convs), rtol=0, atol=1e-4)
     # the value head starts as the score head on the normalised scale
     models = ppo_models.load(cfg, "lora", runs / "sft", runs / "rm", value_shift=1.5, value_scale=2.0)
     with torch.no_grad():
-        values = models.values(ids, mask)[torch.arange(len(ids)), modeling.last_index(mask)]
+        values = models.values(ids, mask)[torch.arange(len(ids)), encoding.last_index(mask)]
     torch.testing.assert_close(values, (scores - 1.5) / 2.0, rtol=0, atol=1e-4)
 
 
@@ -346,7 +346,7 @@ def test_a_resumed_run_keeps_the_precision_it_started_with(tmp_path):
 
 def _prompts(tok, n):
     rows = formats.load(str(ROOT / "data/tiny/heldout_prompts.jsonl"), "prompts").rows[:n]
-    return rollout.left_pad(modeling.encode_prompts(tok, rows, 256)[0], tok.pad_token_id)
+    return encoding.left_pad(encoding.encode_prompts(tok, rows, 256)[0], tok.pad_token_id)
 
 
 def test_sampling_loop_draws_what_generate_draws_and_keeps_the_log_probs(parents):

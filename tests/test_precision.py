@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, ran
-from rlhf import modeling, ppo_models, precision
+from rlhf import encoding, modeling, ppo_models, precision
 from rlhf.config import AdapterConfig, ModelConfig, load_recipe
 from rlhf.ppo_update import probe_pass
-from rlhf.rollout import left_pad
+from rlhf.encoding import left_pad
 
 CPU = torch.device("cpu")
 SMALL = ["ppo.max_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=4",
@@ -54,7 +54,7 @@ def test_ppo_probe_pass_repeats_here(setting):
     models.train(False)
     p = load_recipe(ROOT / "recipes" / "tiny.yaml").ppo
     rows = [[{"role": "user", "content": q}] for q in ("What is 2 plus 3?", "Name a colour.", "Say hi.")]
-    query, mask = left_pad(modeling.encode_prompts(tok, rows, 64)[0], tok.pad_token_id)
+    query, mask = left_pad(encoding.encode_prompts(tok, rows, 64)[0], tok.pad_token_id)
     params = {role: models.parameters(role) for role in ("policy", "value")}
     outputs = probe_pass(models, params, query, mask, p, tok.eos_token_id, tok.pad_token_id, reward=False)
     assert len(outputs) > 5 and all(torch.isfinite(x.float()).all() for x in outputs[1:])

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import ROOT, ran, refused, run_cli
-from rlhf import formats, modeling, ranking
+from rlhf import formats, modeling, ranking, rewards
 from rlhf.cli import cli
 from stages import rm as rm_stage
 from stages import sample as sample_stage
@@ -152,7 +152,7 @@ def test_label_by_gold_a_reward_model_and_with_noise(parents, candidates, tmp_pa
     by_rm = rows(tmp_path / "rm.jsonl")
     model, tok = modeling.load_reward(runs / "rm")
     first = by_rm[0]
-    direct = modeling.score_conversations(model, tok, [formats.prompt_only(first) + [
+    direct = rewards.score_conversations(model, tok, [formats.prompt_only(first) + [
         {"role": "assistant", "content": r}] for r in first["responses"]])
     torch.testing.assert_close(torch.tensor(first["label_scores"]), direct, rtol=0, atol=1e-4)
 
@@ -217,7 +217,7 @@ def test_reward_model_trains_on_rankings_grouped_and_shuffled(ranked):
 
 def test_the_trainer_loss_is_the_instructgpt_loss(ranked):
     """The grouped trainer's batch (RankingCollator) through the reward model gives ranking_loss of the scores PPO
-    reads: the collator pads on the right and the forward pools where modeling.score_sequences reads."""
+    reads: the collator pads on the right and the forward pools where rewards.score_sequences reads."""
     model, tok = modeling.load_reward(ranked / "rm-grouped")
     rankings = formats.load(str(ranked / "heldout.jsonl"), "ranking").rows[:3]
     encoded = rm_stage.encode_rankings(tok, rankings, 160)

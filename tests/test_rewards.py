@@ -140,12 +140,12 @@ def test_every_spelling_and_form_of_a_run_scores_as_the_run_s_own_model(parents)
     """A reward-model run read by ``rewards.load`` (as eval's ``--reward``), as a scorer (``rm:RUN`` or the bare
     directory, as ``rlhf label --by``) and in PPO's token form gives the scores of the run's own model and its
     stored statistics; a response longer than the run's rm.max_length gets None (it never learnt to read one)."""
-    from rlhf import modeling, rewards, scorers
+    from rlhf import encoding, modeling, rewards, scorers
 
     _, runs = parents
     prompts, responses = [p for p, _ in CONVERSATIONS], [r for _, r in CONVERSATIONS]
     model, tok = modeling.load_reward(runs / "rm", device="cpu")
-    expected = modeling.score_conversations(
+    expected = rewards.score_conversations(
         model, tok, [[*p, {"role": "assistant", "content": r}] for p, r in CONVERSATIONS]).tolist()
     direct = rewards.load(runs / "rm", device="cpu")
     assert isinstance(direct, rewards.RunReward) and direct.identity is None
@@ -158,10 +158,10 @@ def test_every_spelling_and_form_of_a_run_scores_as_the_run_s_own_model(parents)
     assert limit == json.loads((runs / "rm" / "manifest.json").read_text())["recipe"]["rm"]["max_length"]
     scored = direct(prompts + prompts[:1], responses + [" ".join(["seven"] * limit)])
     assert scored[-1] is None and scored[:3] == pytest.approx(expected, abs=1e-5)
-    token = rewards.TokenReward(lambda ids, mask: modeling.sequence_scores(model, ids, mask), tok, runs / "rm",
+    token = rewards.TokenReward(lambda ids, mask: rewards.sequence_scores(model, ids, mask), tok, runs / "rm",
                                 direct.stats, torch.device("cpu"))
     assert token(prompts, responses) == pytest.approx(expected, abs=1e-5)
-    ids, mask = modeling.pad(modeling.encode_conversations(
+    ids, mask = encoding.pad(encoding.encode_conversations(
         tok, [[*p, {"role": "assistant", "content": r}] for p, r in CONVERSATIONS]), tok.pad_token_id)
     assert token.episodes(prompts, responses, ids, mask).tolist() == pytest.approx(expected, abs=1e-5)
 

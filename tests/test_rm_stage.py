@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, refused, run_cli, write_recipe
-from rlhf import formats, modeling
+from rlhf import formats, modeling, rewards
 from rlhf.config import ModelConfig
 
 HELDOUT = ROOT / "data" / "tiny" / "heldout_preference.jsonl"
@@ -27,12 +27,12 @@ def test_scores_do_not_depend_on_padding_side():
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         assert (batch["attention_mask"] == 0).any(), "the batch must actually be padded"
         with torch.no_grad():
-            scores[side] = modeling.sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+            scores[side] = rewards.sequence_scores(model, batch["input_ids"], batch["attention_mask"])
     singles = []
     for t in texts:  # no padding at all
         b = tok([t], return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
-            singles.append(modeling.sequence_scores(model, b["input_ids"], b["attention_mask"]))
+            singles.append(rewards.sequence_scores(model, b["input_ids"], b["attention_mask"]))
     torch.testing.assert_close(scores["left"], scores["right"], rtol=0, atol=1e-5)
     torch.testing.assert_close(scores["right"], torch.cat(singles), rtol=0, atol=1e-5)
 
@@ -65,8 +65,8 @@ def test_rm_cli_writes_a_complete_run(tiny_recipe, tmp_path):
     model, tok = modeling.load_reward(out)
     pairs = formats.load(str(HELDOUT), "preference").rows[:8]
     convs = [p["prompt"] + p["chosen"] for p in pairs]
-    ours = modeling.score_conversations(model, tok, convs)
-    again = modeling.score_conversations(modeling.load_reward(out)[0], tok, convs)
+    ours = rewards.score_conversations(model, tok, convs)
+    again = rewards.score_conversations(modeling.load_reward(out)[0], tok, convs)
     assert torch.equal(ours, again)
     plain = AutoPeftModelForSequenceClassification.from_pretrained(str(out), num_labels=1).eval()
     plain.config.pad_token_id = tok.pad_token_id

@@ -85,13 +85,13 @@ def parents(work: Path, recipe: Path) -> dict[str, Path]:
             run(RLHF + ["export", str(src), "--merge", "--out", str(merged[name]), "--overwrite"])
     ids = work / "prompt_ids.json"
     if not ids.exists():
-        from rlhf import formats, modeling
+        from rlhf import encoding, formats, modeling
         from rlhf.config import load_recipe
 
         r = load_recipe(str(recipe))
         tok = modeling.load_tokenizer(r.model, str(sft))
         rows = formats.load(str(ROOT / r.data.prompts), "prompts").rows
-        ids.write_text(json.dumps(modeling.encode_prompts(tok, rows, 256)[0]))
+        ids.write_text(json.dumps(encoding.encode_prompts(tok, rows, 256)[0]))
     return {"sft": sft, "rm": rm, **{f"{k}_merged": v for k, v in merged.items()}, "ids": ids}
 
 
@@ -224,7 +224,7 @@ def generation(p: dict, work: Path, batches: list[int], tokens: int = 64, repeat
     CPU's measured fp32 matmul peak."""
     import torch
 
-    from rlhf import formats, modeling, ppo_models, precision, rollout
+    from rlhf import encoding, formats, modeling, ppo_models, precision, rollout
     from rlhf.config import ModelConfig
 
     manifest = json.loads((p["sft"] / "manifest.json").read_text())
@@ -233,7 +233,7 @@ def generation(p: dict, work: Path, batches: list[int], tokens: int = 64, repeat
     models.train(False)
     tok = modeling.load_tokenizer(cfg, str(p["sft"]))
     rows = formats.load(str(ROOT / "data" / "tiny" / "heldout_prompts.jsonl"), "prompts").rows
-    ids_all, mask_all = rollout.left_pad(modeling.encode_prompts(tok, rows[:max(batches)], 10_000)[0],
+    ids_all, mask_all = encoding.left_pad(encoding.encode_prompts(tok, rows[:max(batches)], 10_000)[0],
                                          tok.pad_token_id)
     core = models.model
     embed = core.get_input_embeddings().weight

@@ -168,7 +168,7 @@ def decode_latency(work: Path, method: str, tokens: int, batches: tuple[int, ...
     launches and Python, not by arithmetic or memory."""
     import torch
 
-    from rlhf import modeling, ppo_models, rollout
+    from rlhf import encoding, modeling, ppo_models, rollout
     from rlhf.config import ModelConfig
 
     runs = work / "runs" / method
@@ -178,7 +178,7 @@ def decode_latency(work: Path, method: str, tokens: int, batches: tuple[int, ...
     tok = modeling.load_tokenizer(cfg, str(runs / "sft"))
     rows = [[{"role": "user", "content": json.loads(x)["instruction"]}]
             for x in (work / "prompts.jsonl").read_text().splitlines()[:64]]
-    ids, mask = (t.to(device) for t in modeling.left_pad(modeling.encode_prompts(tok, rows, 10_000)[0],
+    ids, mask = (t.to(device) for t in encoding.left_pad(encoding.encode_prompts(tok, rows, 10_000)[0],
                                                           tok.pad_token_id))
     plain = modeling.load_base(cfg, device=device).eval()
     models = ppo_models.load(cfg, method, runs / "sft", runs / "rm", device=device, mixed_precision="auto")

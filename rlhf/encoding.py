@@ -1,0 +1,132 @@
+"""Encoding: chats into the token ids every stage reads, batches padded, positions counted, and the length gate.
+
+One place decides how a prompt, an exchange and a conversation become token ids (the chat template with the
+generation prompt, the response up to and including its first EOS), so that a reward is always read where it was
+trained and a policy answers the prompt it was trained on. Padding and positions are here too (left-padded
+prompts generate as unpadded ones do), and the one gate that refuses or reports rows longer than a recipe's
+limit (RM, DPO, ``rm score``, PPO's and eval's prompts).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from rlhf.errors import UserError
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """A prompt (a list of messages) as the token ids a policy answers: chat-templated with the generation
+    prompt, no special tokens added beyond what the template writes."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """``encode_prompt`` of each prompt; returns those of at most ``max_length`` tokens and the indices of the
+    prompts they came from (longer ones are left out)."""
+    out, kept = [], []
+    for i, messages in enumerate(prompts):
+        ids = encode_prompt(tokenizer, messages)
+        if len(ids) <= max_length:
+            out.append(ids)
+            kept.append(i)
+    return out, kept
+
+
+def encode_exchange(tokenizer, prompt: list[dict], response: list[dict]) -> tuple[list[int], list[int]]:
+    """A prompt and its response as token ids, laid out as PPO lays out an episode: the prompt rendered with the
+    chat template's generation prompt, then the tokens the template puts after it for the response, up to and
+    including the first EOS (what a policy samples before it stops). ``response`` is a list of messages ending
+    with the assistant's (earlier ones join the prompt).
+
+    The reward model trains on exactly these sequences, and every score (held-out accuracy, reward statistics,
+    PPO, eval, ``rlhf rm score``) is read on them, so a reward is always read where it was trained. Where the
+    template does not render the prompt as a prefix of the whole conversation, the response is its text followed
+    by EOS.
+    """
+    prompt = prompt + response[:-1]
+    content = response[-1]["content"]
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": content}], tokenize=False)
+    completion = full[len(prompt_text):] if full.startswith(prompt_text) else content + tokenizer.eos_token
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    ids = ids[:ids.index(eos) + 1] if eos in ids else ids + [eos]
+    return prompt_ids, ids
+
+
+def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """Each conversation (ending with the assistant's response) as the token ids a reward is read on:
+    ``modeling.encode_exchange``'s prompt and response, one after the other."""
+    out = []
+    for conv in conversations:
+        split = max(i for i, m in enumerate(conv) if m["role"] != "assistant") + 1 if any(
+            m["role"] != "assistant" for m in conv) else 0
+        prompt_ids, response_ids = encode_exchange(tokenizer, conv[:split], conv[split:])
+        out.append(prompt_ids + response_ids)
+    return out
+
+
+def report_dropped(stage: str, dropped: int, total: int, what: str, key: str, limit: int) -> None:
+    """Say how many rows a length limit dropped: one line, loud when it is most of them."""
+    if not dropped:
+        return
+    share = 100.0 * dropped / max(total, 1)
+    loud = "WARNING: " if share > 50 else ""
+    print(f"{stage}: {loud}dropped {dropped} of {total} {what} ({share:.1f}%) longer than {key}={limit} tokens"
+          + ("; raise " + key + " to keep them" if loud else ""), file=sys.stderr)
+
+
+def keep_fitting(encoded, source: str, unit: str, key: str, limit: int, stage: str, on_too_long: str = "drop",
+                 held_out: bool = False, advice: str | None = None) -> None:
+    """The length gate of the RM, DPO and ``rm score``: ``encoded`` holds the rows that fit (``rows``) and how many
+    did not (``dropped``), ``unit`` what a row is ("pairs", "rankings"). Training rows are refused when
+    ``on_too_long`` is "error" and any was too long, and when none fits (``advice`` ends that message; default:
+    raise ``key``); otherwise, and for ``held_out`` rows always, what was left out is reported in one line by the
+    main process."""
+    from rlhf import distributed
+
+    total = len(encoded.rows) + encoded.dropped
+    if not held_out:
+        if encoded.dropped and on_too_long == "error":
+            raise UserError(f"{source}: {encoded.dropped} of {total} {unit} are longer than {key}={limit} tokens "
+                            f"(raise it, or set {key.split('.')[0]}.on_too_long: drop)")
+        if not encoded.rows:
+            raise UserError(f"{source}: every {unit[:-1]} is longer than {key}={limit} tokens"
+                            + (advice if advice is not None else f"; raise {key}"))
+    if distributed.is_main():
+        report_dropped(stage, encoded.dropped, total, f"held-out {unit}" if held_out else f"{unit} of {source}", key,
+                       limit)
+
+
+def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as one batch ``(ids, attention_mask)``. ``side="right"`` pads after each sequence, as a
+    reward trainer's collator does; ``side="left"`` before it, so that every sequence ends at the last column
+    (prompts that generation appends to)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pad(seqs, pad_id, "left")``: every sequence ends at the last column."""
+    return pad(seqs, pad_id, "left")
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded sequence gets the same positions as unpadded."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, whatever the padding side."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)

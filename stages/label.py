@@ -1,8 +1,10 @@
-"""Label: rank each prompt's candidate responses (``rlhf sample --num-samples K``) with a scorer or a reward model.
+"""Label: rank each prompt's candidate responses (``rlhf sample --num-samples K``) with a scorer, a reward model or
+an LLM judge.
 
 The middle of InstructGPT's reward-model step, done by a machine: a scorer (``rlhf/scorers.py``: the tiny world's
-gold scorer plays a simulated annotator) or a reward-model run (AI feedback, RLAIF) scores every candidate, and
-the scores order them. A person ranking by hand writes the same kind of row:
+gold scorer plays a simulated annotator) or a reward model (``rlhf/rewards.py``) scores every candidate, and the
+scores order them; an LLM judge (``judge:MODEL``, ``rlhf/judge.py``: AI feedback, RLAIF) compares each prompt's
+candidates pair by pair, in both orders, and a candidate's score is its mean probability of beating the others. A person ranking by hand writes the same kind of row:
 
     {...the candidate row..., "ranking": [place of each response: 0 best, equal = tie],
      "label": {"by": ..., "noise": ..., "seed": ...}, "label_scores": [the labeller's score of each response]}
@@ -44,10 +46,15 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
     if not (math.isfinite(noise) and noise >= 0):
         raise UserError(f"--noise must be a finite number, 0 or more, got {noise}")
     rows = formats.load(candidates, "candidates").rows
-    score = scorers.load(by, "--by")  # a scorer spec, or a reward model (rlhf.rewards)
-    prompts = [r["prompt"] for r in rows for _ in r["responses"]]
-    responses = [text for r in rows for text in r["responses"]]
-    values = score(prompts, responses)
+    score = scorers.load(by, "--by")  # a scorer spec, a reward model (rlhf.rewards) or a judge (rlhf.judge)
+    rank = getattr(score.fn, "rank", None)  # a judge compares each prompt's candidates, pair by pair
+    if rank is not None:
+        values = [v for r in rows for v in rank(r["prompt"], [t.strip() for t in r["responses"]])]
+        scorers.require_finite(values, f"--by {by}", [r["prompt"] for r in rows for _ in r["responses"]],
+                               f" of {candidates}")
+    else:
+        values = score([r["prompt"] for r in rows for _ in r["responses"]],
+                       [text for r in rows for text in r["responses"]])
 
     rng = random.Random(seed)
     written = not_applicable = all_tied = comparisons = 0

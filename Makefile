@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft sample label rm ppo ppo-gold objectives dpo eval browser test test-fast bench gpu-check methods-report clean-runs
+.PHONY: install sft sample label rm round ppo ppo-gold objectives dpo eval browser test test-fast bench gpu-check methods-report clean-runs
 
 install: $(STAMP)
 
@@ -50,6 +50,43 @@ label: install
 
 rm: install
 	$(BIN)/rlhf rm --recipe $(RECIPE) --overwrite $(ARGS)
+
+# Iterated rounds (InstructGPT, Llama 2: collect new comparisons from the latest policies and train again). Round N
+# (2, 3, ...) of the loop above, in $(RANKED)/roundN: the SFT policy and the previous round's PPO policy each sample
+# ROUND_K candidates per prompt (tagged with their policy), LABELLER ranks them, the reward model trains afresh on
+# every round's rankings so far (held out: this round's held-out rankings), PPO runs from the SFT policy against
+# it, and one eval puts every round's PPO policy side by side, scored by this round's reward model.
+#   make sft sample label rm ppo eval RECIPE=recipes/tiny-ranked.yaml     (round 1)
+#   make round ROUND=2 RECIPE=recipes/tiny-ranked.yaml
+# Interrupted, `make round` again continues: finished steps are kept, an interrupted sample, RM or PPO run resumes.
+ROUND   ?= 2
+ROUND_K ?= 2
+ROUND_DIR = $(RANKED)/round$(ROUND)
+ROUND_PREVIOUS = $(if $(filter 2,$(ROUND)),$(RANKED),$(RANKED)/round$(shell expr $(ROUND) - 1))
+ROUND_RANKINGS = $(RANKED)/rankings.jsonl $(foreach n,$(shell seq 2 $(ROUND)),$(RANKED)/round$(n)/rankings.jsonl)
+# $(call once,OUT,COMMAND): nothing when OUT finished, --resume when it was interrupted, else a new run
+once = if [ -f $(1)/manifest.json ]; then echo "round $(ROUND): $(1) is done"; \
+	elif [ -d $(dir $(1)).$(notdir $(1)).partial ]; then $(2) --out $(1) --resume; else $(2) --out $(1); fi
+
+round: install
+	@test -f $(ROUND_PREVIOUS)/ppo/manifest.json || { echo "round $(ROUND) needs $(ROUND_PREVIOUS)/ppo" >&2; exit 2; }
+	mkdir -p $(ROUND_DIR)/rm_data
+	test -f $(ROUND_DIR)/candidates.jsonl || $(BIN)/rlhf sample $(RANKED)/sft $(ROUND_PREVIOUS)/ppo \
+		--prompts data/tiny/prompts.jsonl -k $(ROUND_K) --seed $(ROUND)0 --out $(ROUND_DIR)/candidates.jsonl --resume
+	test -f $(ROUND_DIR)/heldout_candidates.jsonl || $(BIN)/rlhf sample $(RANKED)/sft $(ROUND_PREVIOUS)/ppo \
+		--prompts data/tiny/heldout_prompts.jsonl -k $(ROUND_K) --seed $(ROUND)1 \
+		--out $(ROUND_DIR)/heldout_candidates.jsonl --resume
+	test -f $(ROUND_DIR)/rankings.jsonl || $(BIN)/rlhf label $(ROUND_DIR)/candidates.jsonl --by $(LABELLER) \
+		--out $(ROUND_DIR)/rankings.jsonl
+	test -f $(ROUND_DIR)/heldout_rankings.jsonl || $(BIN)/rlhf label $(ROUND_DIR)/heldout_candidates.jsonl \
+		--by $(LABELLER) --out $(ROUND_DIR)/heldout_rankings.jsonl
+	n=1; for f in $(ROUND_RANKINGS); do cp $$f $(ROUND_DIR)/rm_data/round$$n.jsonl; n=$$((n + 1)); done
+	$(call once,$(ROUND_DIR)/rm,$(BIN)/rlhf rm --recipe $(RECIPE) --set data.preference=$(ROUND_DIR)/rm_data \
+		--set data.eval_preference=$(ROUND_DIR)/heldout_rankings.jsonl $(ARGS))
+	$(call once,$(ROUND_DIR)/ppo,$(BIN)/rlhf ppo --recipe $(RECIPE) --reward $(ROUND_DIR)/rm $(ARGS))
+	$(BIN)/rlhf eval --recipe $(RECIPE) --reward $(ROUND_DIR)/rm --policy sft --policy ppo \
+		$(foreach n,$(shell seq 2 $(ROUND)),--policy $(RANKED)/round$(n)/ppo) --out $(ROUND_DIR)/eval --overwrite
+
 
 ppo: install
 	$(BIN)/rlhf ppo --recipe $(RECIPE) --overwrite $(ARGS)

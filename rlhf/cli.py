@@ -243,10 +243,10 @@ def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_sho
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path())
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="prompt file (any prompt format)")
 @click.option("--num-samples", "-k", default=1, show_default=True, type=click.IntRange(min=1),
-              help="responses per prompt: 1 is greedy; K > 1 samples K candidates to rank (rlhf label)")
+              help="responses per prompt and policy: 1 is greedy; K > 1 samples K candidates to rank (rlhf label)")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="write the rows here (whole, or not at all) instead of printing them")
 @click.option("--temperature", type=click.FloatRange(min=0), help="sampling temperature (default: the run's "
@@ -260,19 +260,20 @@ def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_sho
                    "file.py:function; repeatable; default gold when printing greedy responses)")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out file")
 @click.option("--resume", is_flag=True, help="continue the interrupted run that left OUT.partial")
-def sample(run_dir, prompts, num_samples, out, temperature, max_new_tokens, seed, limit, scorer_specs, overwrite,
+def sample(run_dirs, prompts, num_samples, out, temperature, max_new_tokens, seed, limit, scorer_specs, overwrite,
            resume):
     """Responses of a run's policy (or of `base:PATH`) to a prompt file, as JSON lines: greedy ones with scores,
-    or K sampled candidates per prompt to rank (`rlhf label`, or by hand) for the reward model."""
+    or K sampled candidates per prompt to rank (`rlhf label`, or by hand) for the reward model. Several RUN_DIRS
+    mix their candidates per prompt, each response tagged with its policy."""
     from stages import sample as stage
 
     if not scorer_specs and out is None and num_samples == 1:
         scorer_specs = ("gold",)
-    n = stage.main(run_dir, prompts, out, num_samples=num_samples, temperature=temperature,
+    n = stage.main(list(run_dirs), prompts, out, num_samples=num_samples, temperature=temperature,
                    max_new_tokens=max_new_tokens, seed=seed, limit=limit, scorer_specs=list(scorer_specs),
                    overwrite=overwrite, resume=resume, progress=sys.stderr.isatty(), echo=click.echo)
     if out:
-        click.echo(f"sample: {n} prompts x {num_samples} responses -> {out}")
+        click.echo(f"sample: {n} prompts x {num_samples * len(run_dirs)} responses -> {out}")
 
 
 class _DefaultGroup(_Group):
@@ -296,7 +297,8 @@ def label():
 @label.command("rank")
 @click.argument("candidates", type=click.Path(dir_okay=False))
 @click.option("--by", required=True, help="the labeller: a scorer (built-in name, module:function or "
-              "file.py:function) or a reward model (AI feedback): a run or model directory, or rm:HUB_ID")
+              "file.py:function), a reward model (a run or model directory, or rm:HUB_ID), or an LLM judge "
+              "comparing candidates pair by pair (judge:MODEL: a causal chat model's directory, hub id or run)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="the rankings file to write")
 @click.option("--noise", default=0.0, show_default=True, type=float,
               help="for experiments: Gaussian noise (standard deviation, in the labeller's units) added to each "

@@ -518,8 +518,8 @@ def _ranked(prompt: list[dict], responses: list[list[dict]], ranks: list[int], r
     """A ranking row: identical responses merged (the better place kept); at least two distinct responses and one
     comparison."""
     best: dict[str, int] = {}
-    kept_responses, kept_ranks = [], []
-    for response, rank in zip(responses, ranks):
+    kept_responses, kept_ranks, kept = [], [], []
+    for i, (response, rank) in enumerate(zip(responses, ranks)):
         key = json.dumps(response, sort_keys=True)
         if key in best:
             kept_ranks[best[key]] = min(kept_ranks[best[key]], rank)
@@ -527,11 +527,15 @@ def _ranked(prompt: list[dict], responses: list[list[dict]], ranks: list[int], r
         best[key] = len(kept_responses)
         kept_responses.append(response)
         kept_ranks.append(rank)
+        kept.append(i)
     if len(kept_responses) < 2:
         raise RowError("fewer than two distinct responses to rank")
     if len(set(kept_ranks)) < 2:
         raise RowError(f"every response is tied (ranks {kept_ranks}): the ranking makes no comparison")
     out = {"prompt": prompt, "responses": kept_responses, "ranks": kept_ranks}
+    policies = row.get("policies")  # rlhf sample of several policies: the run each response came from
+    if isinstance(policies, list) and len(policies) == len(responses) and all(isinstance(p, str) for p in policies):
+        out["policies"] = [policies[i] for i in kept]  # a merged copy keeps the first one's policy
     if row.get("margin") is not None:
         raise RowError("field 'margin' is only supported on pairs (chosen/rejected)")
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,7 +207,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
                      "loss": "instructgpt_ranking" if grouped else "bradley_terry",
                      "unit": "rankings" if grouped else "pairs", "train_rows": len(train_rows),
                      "eval_rows": len(held_out.rows), "rows_too_long": train.dropped,
-                     "eval_rows_too_long": held_out.dropped},
+                     "eval_rows_too_long": held_out.dropped, **policies_of(data.rows)},
             "metrics": metrics,
             "reward_stats": stats,
             "seed": recipe.rm.seed,
@@ -274,6 +275,13 @@ def measure_trained(recipe: Recipe, run: Run, model, tokenizer, train_rows: list
     if not (torch.isfinite(torch.tensor(stats["mean"])) and stats["std"] > 0):
         raise RuntimeError(f"reward statistics are degenerate ({stats}); the reward model did not train")
     return metrics, stats
+
+
+def policies_of(rows: list[dict]) -> dict:
+    """``{"policies": {run: responses}}`` for rankings of several policies' candidates (``rlhf sample RUN1 RUN2``):
+    where the training responses came from, for the manifest; nothing for data without that tag."""
+    counts = Counter(p for r in rows for p in r.get("policies", ()))
+    return {"policies": dict(counts)} if counts else {}
 
 
 def score(reward: str, data_path: str, out: str | None = None, on_bad_row: str = "error") -> dict:

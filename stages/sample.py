@@ -8,6 +8,11 @@ on the rankings. Candidates are written as ranking rows without a ranking yet:
      "eos": [K booleans: the response ended with EOS], "run": ..., "temperature": ..., "seed": ...,
      "max_new_tokens": ...}
 
+Several policies (``rlhf sample RUN1 RUN2 ...``, as InstructGPT and Llama 2 collected comparisons from their latest
+policies) each give K responses to every prompt: a row holds their P x K responses, policy by policy, ``run`` is
+the list of runs and ``policies`` names the run each response came from (``rlhf label`` keeps it in the rankings,
+so a reward model's training data says where each response came from). All P policies are held at once.
+
 Output goes to ``OUT.partial`` chunk by chunk and becomes ``OUT`` only when every prompt is done. Responses come
 from the generation engine (``rollout.generate``), response j of prompt i drawing its noise from its own key
 (``seed``, i * K + j), so an interrupted run continued with ``--resume`` writes the same file an uninterrupted one
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf import encoding, formats, modeling, rollout, scorers
@@ -76,7 +82,8 @@ def _whole_chunks(partial: Path, settings: dict, rows: list[list[dict]]) -> tupl
     Every kept row must be the one this run would write there: the same settings, the prompt of that line of the
     prompt file (another --prompts or --limit is refused, not mixed in), K responses."""
     done, size, whole = 0, 0, (0, 0)
-    per_chunk = chunk_prompts(settings["num_samples"])
+    per_chunk = chunk_prompts(settings["num_samples"] * (len(settings["run"]) if isinstance(settings["run"], list)
+                                                         else 1))
     continue_or_restart = "continue it with the same ones, or start again with --overwrite"
     with open(partial, "rb") as f:
         data = f.read()
@@ -101,38 +108,43 @@ def _whole_chunks(partial: Path, settings: dict, rows: list[list[dict]]) -> tupl
             raise UserError(f"{partial}:{n}: is not prompt {done + 1} of the prompt file (another --prompts or "
                             f"--limit?); {continue_or_restart}")
         responses = row.get("responses")
-        if not isinstance(responses, list) or len(responses) != settings["num_samples"] or not all(
-                isinstance(r, str) for r in responses):
-            raise UserError(f"{partial}:{n}: needs {settings['num_samples']} responses (texts); start again with "
-                            "--overwrite")
+        want = settings["num_samples"] * (len(settings["run"]) if isinstance(settings["run"], list) else 1)
+        if not isinstance(responses, list) or len(responses) != want or not all(isinstance(r, str) for r in responses):
+            raise UserError(f"{partial}:{n}: needs {want} responses (texts); start again with --overwrite")
         done, size = done + 1, size + len(raw) + 1
         if done % per_chunk == 0 or done == len(rows):
             whole = (done, size)
     return whole
 
 
-def main(run_dir: str, prompts: str, out: str | None, num_samples: int = 1, temperature: float | None = None,
-         max_new_tokens: int | None = None, seed: int = 0, limit: int | None = None,
+def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: int = 1,
+         temperature: float | None = None, max_new_tokens: int | None = None, seed: int = 0, limit: int | None = None,
          scorer_specs: list[str] = (), overwrite: bool = False, resume: bool = False, batch_size: int = 128,
          progress: bool = False, echo=print) -> int:
-    """Sample and write (or print) the responses; returns the number of prompts done."""
-
-    if not 1 <= num_samples <= MAX_SAMPLES:
-        raise UserError(f"--num-samples must be from 1 to {MAX_SAMPLES}, got {num_samples}")
+    """Sample and write (or print) the responses of one policy or several (``run_dirs``); returns the number of
+    prompts done. Unset, the temperature and length are the first run's PPO settings."""
+    run_dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
+    if len(set(run_dirs)) < len(run_dirs):
+        raise UserError(f"a policy is named twice ({', '.join(run_dirs)})")
+    per_prompt = num_samples * len(run_dirs)
+    if not 1 <= per_prompt <= MAX_SAMPLES:
+        raise UserError(f"--num-samples x policies must be from 1 to {MAX_SAMPLES}, got {per_prompt}")
     scorer_list = scorers.load_all(list(scorer_specs), "--scorer")
     target, partial = output_paths(out, overwrite, resume)  # before loading a model: the cheap mistakes first
     rows = formats.load(prompts, "prompts").rows[:limit]
 
-    model, tokenizer, recipe = load(run_dir)
+    policies = [load(r) for r in run_dirs]
+    recipe = policies[0][2]
     if temperature is None:  # candidates are sampled as PPO samples (the run's ppo.temperature); one is greedy
-        temperature = (recipe or {}).get("ppo", {}).get("temperature", 1.0) if num_samples > 1 else 0.0
+        temperature = (recipe or {}).get("ppo", {}).get("temperature", 1.0) if per_prompt > 1 else 0.0
     if num_samples > 1 and temperature == 0:
         raise UserError("--num-samples above 1 needs a temperature above 0 (greedy responses are all the same)")
     if max_new_tokens is None:
         max_new_tokens = (recipe or {}).get("ppo", {}).get("max_new_tokens", 64)
-    rows = fitting_prompts(model, tokenizer, rows, max_new_tokens, prompts)
-    settings = {"run": run_dir, "temperature": temperature, "seed": seed, "max_new_tokens": max_new_tokens,
-                "num_samples": num_samples}
+    for model, tokenizer, _ in policies:
+        rows = fitting_prompts(model, tokenizer, rows, max_new_tokens, prompts)
+    settings = {"run": run_dirs[0] if len(run_dirs) == 1 else run_dirs, "temperature": temperature, "seed": seed,
+                "max_new_tokens": max_new_tokens, "num_samples": num_samples}
 
     done = 0
     if partial is not None and partial.exists() and resume:
@@ -140,16 +152,17 @@ def main(run_dir: str, prompts: str, out: str | None, num_samples: int = 1, temp
         os.truncate(partial, size)
         print(f"sample: resuming after {done} of {len(rows)} prompts", file=sys.stderr)
     sink = open(partial, "a" if done else "w", encoding="utf-8") if partial is not None else None
-    per_chunk = chunk_prompts(num_samples)
+    per_chunk = chunk_prompts(per_prompt)
     try:
         for start in range(done, len(rows), per_chunk):
             chunk = rows[start:start + per_chunk]
-            repeated = [messages for messages in chunk for _ in range(num_samples)]
-            indices = range(start * num_samples, (start + len(chunk)) * num_samples)  # sample j of prompt i: i*K+j
-            gens = rollout.generate(model, tokenizer, repeated, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                    temperature=temperature, seed=seed, indices=list(indices), progress=progress)
+            repeated = [messages for messages in chunk for _ in range(per_prompt)]
+            gens = generate_mixed(policies, chunk, start, num_samples, max_new_tokens, batch_size, temperature,
+                                  seed, progress)
             scored = {s.name: s(repeated, gens.texts) for s in scorer_list}
-            for line in lines(chunk, gens, scored, num_samples, settings, quick=target is None and num_samples == 1):
+            for line in lines(chunk, gens, scored, per_prompt, settings, quick=target is None and per_prompt == 1):
+                if len(run_dirs) > 1:
+                    line["policies"] = [r for r in run_dirs for _ in range(num_samples)]
                 if sink is None:
                     echo(json.dumps(line))
                 else:
@@ -166,6 +179,30 @@ def main(run_dir: str, prompts: str, out: str | None, num_samples: int = 1, temp
     if target is not None:
         os.replace(partial, target)
     return len(rows)
+
+
+@dataclass
+class Mixed:
+    """The responses of a chunk's prompts, prompt by prompt, policy by policy (what ``lines`` reads)."""
+
+    texts: list[str]
+    stopped: list[bool]
+
+
+def generate_mixed(policies: list, chunk: list[list[dict]], start: int, k: int, max_new_tokens: int,
+                   batch_size: int, temperature: float, seed: int, progress: bool) -> Mixed:
+    """K responses of each policy to each prompt of ``chunk`` (prompt ``start`` onwards); response j of policy p to
+    prompt i draws its noise from key ``(i * P + p) * K + j`` (one policy: ``i * K + j``, as ever)."""
+    P = len(policies)
+    texts, stopped = [None] * (len(chunk) * P * k), [None] * (len(chunk) * P * k)
+    for p, (model, tokenizer, _) in enumerate(policies):
+        slots = [(i * P + p) * k + j for i in range(len(chunk)) for j in range(k)]
+        gens = rollout.generate(model, tokenizer, [m for m in chunk for _ in range(k)],
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
+                                seed=seed, indices=[start * P * k + slot for slot in slots], progress=progress)
+        for slot, text, stop in zip(slots, gens.texts, gens.stopped):
+            texts[slot], stopped[slot] = text, stop
+    return Mixed(texts, stopped)
 
 
 def output_paths(out: str | None, overwrite: bool, resume: bool) -> tuple[Path | None, Path | None]:

@@ -239,3 +239,39 @@ def test_ppo_runs_against_the_ranking_trained_reward_model(parents, ranked, tmp_
     manifest = json.loads((tmp_path / "ppo" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["parents"]["rm"].endswith("rm-grouped")
     assert "ppo: 2 steps" in proc.stdout
+
+
+def test_candidates_from_several_policies_carry_their_policy_through_labels_and_the_reward_model(parents, tmp_path):
+    """`rlhf sample SFT base:BASE -k 2`: each policy gives K responses to every prompt, tagged with the policy; the
+    rankings keep the tags and the reward model trains on them. One policy's keys are those of a run of its own
+    for the first prompt (key (i * P + p) * K + j), so mixing changes no policy's distribution."""
+    recipe, runs = parents
+    base = f"base:{ROOT / 'data' / 'tiny-base'}"
+    out, alone = tmp_path / "mixed.jsonl", tmp_path / "alone.jsonl"
+    common = ["--prompts", PROMPTS, "-k", "2", "--limit", "6", "--max-new-tokens", "12"]
+    ran("sample", str(runs / "sft"), base, *common, "--out", str(out))
+    ran("sample", str(runs / "sft"), *common, "--out", str(alone))
+    mixed = rows(out)
+    assert len(mixed) == 6
+    for row in mixed:
+        assert row["run"] == [str(runs / "sft"), base] and row["num_samples"] == 2 and len(row["responses"]) == 4
+        assert row["policies"] == [str(runs / "sft")] * 2 + [base] * 2 and len(row["eos"]) == 4
+        assert row["duplicate_of"] == formats.duplicates(row["responses"])
+    assert mixed[0]["responses"][:2] == rows(alone)[0]["responses"]  # keys 0 and 1: the same draws
+    assert any(r["responses"][:2] != r["responses"][2:] for r in mixed)  # two policies, two kinds of answer
+    # a partial file of a single-policy run is not continued as a mixed one
+    (tmp_path / "x.jsonl.partial").write_text((alone.read_text().splitlines()[0]) + "\n")
+    refusal = invoke("sample", str(runs / "sft"), base, *common, "--out", str(tmp_path / "x.jsonl"), "--resume",
+                     code=2)
+    assert "was sampled with other settings (run)" in refusal
+
+    ran("label", str(out), "--by", "gold", "--out", str(tmp_path / "rankings.jsonl"))
+    ranked = rows(tmp_path / "rankings.jsonl")
+    assert ranked and all(r["policies"] == mixed[0]["policies"] and len(r["ranking"]) == 4 for r in ranked)
+    ran("rm", "--recipe", str(recipe), "--set", f"data.preference={tmp_path / 'rankings.jsonl'}",
+        "--set", "data.eval_preference=null", "--set", "rm.eval_fraction=0", "--set", "rm.max_steps=2",
+        "--set", "rm.batch_size=2", "--set", "rm.stats_samples=0", "--out", str(tmp_path / "rm"))
+    m = json.loads((tmp_path / "rm" / "manifest.json").read_text())
+    assert m["data"]["unit"] == "rankings" and m["data"]["train_rows"] == len(ranked)
+    kept = formats.load(str(tmp_path / "rankings.jsonl"), "ranking").rows
+    assert m["data"]["policies"] == {p: sum(r["policies"].count(p) for r in kept) for p in (str(runs / "sft"), base)}

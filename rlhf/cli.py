@@ -324,13 +324,19 @@ def label_rank(candidates, by, out, noise, seed, overwrite):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="interface to listen on (another than loopback exposes the page to the network)")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="0: any free port")
-def label_serve(candidates, out, annotator, host, port):
+@click.option("--overlap", type=click.IntRange(min=1),
+              help="each prompt goes to N annotators: every annotator's queue holds what they have not answered "
+                   "and fewer than N have, least covered first (default: every annotator sees every prompt)")
+@click.option("--suggest", help="show a scorer's or reward model's scores and ranking beside the responses "
+              "(off by default: a shown ranking anchors people); recorded in each answer")
+def label_serve(candidates, out, annotator, host, port, overlap, suggest):
     """A page where a person ranks each prompt's responses, keyboard or mouse; each answer is on disk before the
     page confirms it, and the same command resumes where this annotator stopped. Every request needs the access
     token printed in the URL."""
     from stages import label as stage
 
-    stage.serve(candidates, out, annotator, host=host, port=port, echo=lambda s: click.echo(s, nl=True))
+    stage.serve(candidates, out, annotator, host=host, port=port, overlap=overlap, suggest=suggest,
+                echo=lambda s: click.echo(s, nl=True))
 
 
 @label.command("agreement")

@@ -4,7 +4,8 @@ an LLM judge.
 The middle of InstructGPT's reward-model step, done by a machine: a scorer (``rlhf/scorers.py``: the tiny world's
 gold scorer plays a simulated annotator) or a reward model (``rlhf/rewards.py``) scores every candidate, and the
 scores order them; an LLM judge (``judge:MODEL``, ``rlhf/judge.py``: AI feedback, RLAIF) compares each prompt's
-candidates pair by pair, in both orders, and a candidate's score is its mean probability of beating the others. A person ranking by hand writes the same kind of row:
+candidates pair by pair, in both orders, and a candidate's score is its mean probability of beating the others.
+A person ranking by hand writes the same kind of row:
 
     {...the candidate row..., "ranking": [place of each response: 0 best, equal = tie],
      "label": {"by": ..., "noise": ..., "seed": ...}, "label_scores": [the labeller's score of each response]}
@@ -100,14 +101,14 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
 
 
 def serve(candidates: str, out: str, annotator: str, host: str = "127.0.0.1", port: int = 8765,
-          echo=print) -> None:
-    """Serve the labelling page until interrupted."""
+          overlap: int | None = None, suggest: str | None = None, echo=print) -> None:
+    """Serve the labelling page until interrupted (``overlap`` and ``suggest``: ``LabelApp``'s)."""
     import secrets
 
     target = Path(out)
     if not target.parent.is_dir():
         raise UserError(f"{target.parent}: no such directory")
-    app = LabelApp(candidates, out, annotator)
+    app = LabelApp(candidates, out, annotator, overlap, suggest)
     token = secrets.token_urlsafe(18)
     try:
         server = make_server(app, host, port, token)

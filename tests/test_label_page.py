@@ -51,10 +51,10 @@ CANDIDATES = [
 ]
 
 
-def start(candidates: Path, out: Path) -> tuple[subprocess.Popen, str]:
+def start(candidates: Path, out: Path, annotator: str = "alice", *more: str) -> tuple[subprocess.Popen, str]:
     """`rlhf label serve` as a real process; its URL from the line it prints."""
     proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "label", "serve", str(candidates), "--out", str(out),
-                             "--annotator", "alice", "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
+                             "--annotator", annotator, "--port", "0", *more], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("http://"):
@@ -149,3 +149,56 @@ def test_rank_by_keyboard_kill_restart_and_nothing_runs(browser, tmp_path):
         server.wait()
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["label"]["status"] for r in rows] == ["ranked"] * 3 + ["skipped"]
+
+
+def test_overlap_gives_two_annotators_their_own_queues(browser, tmp_path):
+    """Two annotators at once, a server each on one rankings file. With --overlap 1 every prompt is answered once
+    and neither is shown what the other answered; with --overlap 2 each is shown first what nobody has answered,
+    and every prompt ends with both answers. Each page says when its annotator's queue is empty."""
+    candidates = tmp_path / "candidates.jsonl"
+    candidates.write_text("".join(json.dumps(r) + "\n" for r in CANDIDATES[:3]))
+    prompts = ["What is 2 + 3?", "Sort: 3 1 2", "Reverse the words"]
+
+    def answer_next(url: str) -> int:
+        browser.get(url)  # the page asks for this annotator's next prompt
+        WebDriverWait(browser, 10).until(lambda d: any(p in shown_prompt(d) for p in prompts))
+        shown = next(i for i, p in enumerate(prompts) if p in shown_prompt(browser))
+        keys(browser, "1", "2", Keys.ENTER)
+        WebDriverWait(browser, 10).until(lambda d: prompts[shown] not in shown_prompt(d))  # saved, moved on
+        return shown
+
+    (tmp_path / "longest.py").write_text("def score(prompts, responses):\n"
+                                         "    return [float(len(r)) for r in responses]\n")
+    suggest = ["--suggest", f"{tmp_path / 'longest.py'}:score"]  # alice sees a suggestion at overlap 2, bob never
+    for overlap in (1, 2):
+        out = tmp_path / f"rankings-{overlap}.jsonl"
+        servers = {name: start(candidates, out, name, "--overlap", str(overlap),
+                               *(suggest if name == "alice" and overlap == 2 else [])) for name in ("alice", "bob")}
+        try:
+            if overlap == 2:
+                browser.get(servers["alice"][1])
+                WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".suggestion"))
+                shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".suggestion")]
+                assert all("longest.py:score suggests #" in t for t in shown) and len(shown) == 3
+            order = [(name, answer_next(servers[name][1])) for name in ["alice", "bob", "alice", "bob", "alice",
+                                                                        "bob"][:3 * overlap]]
+            for _, url in servers.values():
+                browser.get(url)
+                WebDriverWait(browser, 10).until(lambda d: "Thank you" in shown_prompt(d))
+                assert " 0 left for you" in browser.find_element(By.ID, "progress").text
+            assert browser.find_element(By.ID, "progress").text.startswith(
+                f"3 / 3 with {overlap} answer{'s' if overlap > 1 else ''}")
+        finally:
+            for server, _ in servers.values():
+                server.terminate()
+                server.wait()
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [(r["label"]["annotator"], r["label"]["item"]) for r in rows] == order
+        if overlap == 1:
+            assert sorted(item for _, item in order) == [0, 1, 2]
+        else:
+            assert order[1][1] != order[0][1]  # bob starts on a prompt alice has not answered
+            assert order[2][1] not in (order[0][1], order[1][1])  # then alice on the one nobody has
+            for name in ("alice", "bob"):
+                assert sorted(item for who, item in order if who == name) == [0, 1, 2]
+            assert all(("suggestion" in r["label"]) == (r["label"]["annotator"] == "alice") for r in rows)

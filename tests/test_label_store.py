@@ -194,6 +194,41 @@ def test_agreement_command(tmp_path):
     assert got["per_annotator"]["bob"]["kendall_tau"] == pytest.approx(1 / 3)
 
 
+def test_a_suggestion_is_shown_recorded_and_measured_against(tmp_path):
+    """``label serve --suggest SPEC``: each prompt's responses come with the scorer's scores and the ranking they
+    give, the answer records what was shown, and agreement reports each annotator against it."""
+    (tmp_path / "longest.py").write_text("def score(prompts, responses):\n"
+                                         "    return [float(len(r)) for r in responses]\n")
+    spec = f"{tmp_path / 'longest.py'}:score"
+    app = page.LabelApp(str(write_candidates(tmp_path)), str(tmp_path / "r.jsonl"), "alice", suggest=spec)
+    item = app.state()["item"]
+    lengths = [float(len(r)) for r in item["responses"]]
+    assert item["suggestion"] == {"by": spec, "scores": lengths, "ranking": [0, 2, 1]}  # the answer is longest
+    app.answer({"item": item["index"], "item_sha": item["sha"], "status": "ranked", "ranking": [1, 2, 0]})
+    item = app.state()["item"]
+    app.answer({"item": item["index"], "item_sha": item["sha"], "status": "ranked", "ranking": [0, 1, 2]})
+    rows = app.store.rows()
+    assert [r["label"]["suggestion"]["ranking"] for r in rows] == [[0, 2, 1], [0, 2, 1]]
+    report = agreement(rows)["with_suggestion"]["alice"]
+    assert report["comparisons"] == 6 and report["pairwise_agreement"] == pytest.approx(4 / 6)  # 2 of 3 each
+    plain = page.LabelApp(str(write_candidates(tmp_path)), str(tmp_path / "plain.jsonl"), "bob")
+    assert "suggestion" not in plain.state()["item"]  # off by default: a shown ranking anchors people
+
+
+def test_overlap_queues(tmp_path):
+    """``--overlap N``: a prompt leaves everyone's queue once N annotators answered it; least covered first."""
+    out, candidates = str(tmp_path / "r.jsonl"), str(write_candidates(tmp_path))
+    alice, bob = (page.LabelApp(candidates, out, name, overlap=1) for name in ("alice", "bob"))
+    first = alice.state()["item"]
+    alice.answer({"item": first["index"], "item_sha": first["sha"], "status": "ranked", "ranking": [0, 1, 2]})
+    seen = set()
+    while (item := bob.state()["item"]) is not None:
+        bob.answer({"item": item["index"], "item_sha": item["sha"], "status": "skipped"})
+        seen.add(item["index"])
+    assert seen == {0, 1, 2, 3} - {first["index"]} and alice.state()["item"] is None
+    assert alice.state()["complete"] == 4 and bob.state()["left"] == 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Faults and load: a torn tail, two servers over one file, requests that must not drop the connection
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,7 +291,8 @@ def test_the_same_annotator_on_two_servers_answers_each_item_once(tmp_path):
         assert sorted(answered) == list(range(len(rows)))
         for u in urls:  # both servers see all of it
             assert call(u + "/api/next")[1] == {"total": 12, "answered": 12, "answered_all": 12,
-                                                 "annotator": "alice", "item": None}
+                                                 "annotator": "alice", "item": None, "left": 0, "overlap": None,
+                                                 "complete": None}
     finally:
         for s in servers:
             s.terminate()

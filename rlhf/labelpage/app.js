@@ -45,9 +45,11 @@ function showStatus(text, kind) {
 }
 
 function showProgress(state) {
-  $("progress").textContent =
-    `${state.answered_all} / ${state.total} answered · ${state.annotator}: ${state.answered} · ` +
-    `${state.total - state.answered} left for you`;
+  // with --overlap N a prompt is done when N annotators have answered it
+  const done = state.overlap
+    ? `${state.complete} / ${state.total} with ${state.overlap} answer${state.overlap > 1 ? "s" : ""}`
+    : `${state.answered_all} / ${state.total} answered`;
+  $("progress").textContent = `${done} · ${state.annotator}: ${state.answered} · ${state.left} left for you`;
 }
 
 function render() {
@@ -83,6 +85,12 @@ function render() {
     tieButton.addEventListener("click", () => choose(i, true));
     const body = el("div", "body");
     body.append(el("div", "text", text));
+    if (item.suggestion) {  // label serve --suggest: a scorer's view, shown beside the response, never applied
+      const score = item.suggestion.scores[i];
+      const placeShown = item.suggestion.ranking[i];
+      body.append(el("div", "suggestion", score === null ? `${item.suggestion.by}: does not apply`
+        : `${item.suggestion.by} suggests #${placeShown + 1} (score ${Number(score).toFixed(3)})`));
+    }
     const buttons = el("div");
     buttons.append(next, tieButton);
     card.append(el("div", "key", String(i + 1)), place, body, buttons);

@@ -6,10 +6,12 @@ starts it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 from rlhf import formats
@@ -39,10 +41,25 @@ def _check_annotator(name: str) -> str:
 
 
 class LabelApp:
-    """What the page talks to: the candidates, the store, one annotator; every answer checked before it is kept."""
+    """What the page talks to: the candidates, the store, one annotator; every answer checked before it is kept.
 
-    def __init__(self, candidates: str, out: str, annotator: str):
+    Without ``overlap`` the annotator goes through every prompt in file order. With ``overlap`` N, each prompt is
+    wanted from N annotators: the annotator's queue is the prompts they have not answered that fewer than N have,
+    least covered first (ties in an order of this annotator's own, so that annotators working at once start on
+    different prompts), and it ends when every prompt has its N answers. With ``suggest`` (a scorer or reward-model
+    spec) the page shows its scores and ranking beside the responses, and each answer records what was shown."""
+
+    def __init__(self, candidates: str, out: str, annotator: str, overlap: int | None = None,
+                 suggest: str | None = None):
+        from rlhf import scorers
+
         self.annotator = _check_annotator(annotator)
+        if overlap is not None and overlap < 1:
+            raise UserError(f"--overlap must be 1 or more, got {overlap}")
+        self.overlap = overlap
+        self.suggest = suggest
+        self.suggester = scorers.load(suggest, "--suggest") if suggest else None
+        self._suggestions: dict[int, dict] = {}
         target = Path(out)
         if target.resolve() == Path(candidates).resolve() or (
                 target.exists() and Path(candidates).exists() and os.path.samefile(target, candidates)):
@@ -59,6 +76,8 @@ class LabelApp:
         self.lock = threading.Lock()  # one answer at a time per server (servers share the file through flock)
         self._valid = {(i, self.shas[i]) for i in self.rankable}
         self._generation = None
+        # this annotator's order among equally covered prompts: a hash of (annotator, item), fixed across restarts
+        self._tie = {i: hashlib.sha256(f"{self.annotator}\0{i}".encode()).hexdigest() for i in self.rankable}
 
     def _catch_up(self) -> None:
         """Fold the answers appended since the last request into this page's counts: work in proportion to what
@@ -68,9 +87,11 @@ class LabelApp:
             self._generation, self._seen, self._cursor = self.store.generation, 0, 0
             self._mine: set[tuple[int, str]] = set()
             self._everyone: set[tuple[int, str]] = set()
+            self._coverage: Counter = Counter()
         for annotator, key in self.store.log[self._seen:]:
             if key in self._valid:
                 self._everyone.add(key)
+                self._coverage[key] += 1  # an annotator answers an item once (LabelStore.append's once_for)
                 if annotator == self.annotator:
                     self._mine.add(key)
         self._seen = len(self.store.log)
@@ -78,16 +99,42 @@ class LabelApp:
                 self.rankable[self._cursor], self.shas[self.rankable[self._cursor]]) in self._mine:
             self._cursor += 1  # answers only accumulate, so the first unanswered item never moves back
 
+    def _queue(self) -> tuple[int | None, int]:
+        """The prompt to show this annotator next (class docstring; None when their queue is empty) and how many
+        their queue holds."""
+        if self.overlap is None:
+            left = len(self.rankable) - len(self._mine)
+            return (self.rankable[self._cursor] if self._cursor < len(self.rankable) else None), left
+        waiting = [i for i in self.rankable if (key := (i, self.shas[i])) not in self._mine
+                   and self._coverage[key] < self.overlap]
+        return min(waiting, key=lambda i: (self._coverage[(i, self.shas[i])], self._tie[i]), default=None), len(waiting)
+
     def state(self) -> dict:
         with self.lock:
             self._catch_up()
-            next_index = self.rankable[self._cursor] if self._cursor < len(self.rankable) else None
+            next_index, left = self._queue()
             answered, answered_all = len(self._mine), len(self._everyone)
+            complete = None if self.overlap is None else sum(
+                self._coverage[(i, self.shas[i])] >= self.overlap for i in self.rankable)
         item = None if next_index is None else {
             "index": next_index, "sha": self.shas[next_index], "prompt": self.prompts[next_index],
             "responses": self.items[next_index]["responses"]}
+        if item is not None and self.suggester is not None:
+            item["suggestion"] = self.suggestion(next_index)
         return {"total": len(self.rankable), "answered": answered, "answered_all": answered_all,
-                "annotator": self.annotator, "item": item}
+                "annotator": self.annotator, "item": item, "left": left, "overlap": self.overlap,
+                "complete": complete}
+
+    def suggestion(self, index: int) -> dict:
+        """The suggester's scores of a prompt's responses and the places they give (0 best; None where it does not
+        apply), computed once per prompt."""
+        if index not in self._suggestions:
+            responses = self.items[index]["responses"]
+            scores = self.suggester([self.prompts[index]] * len(responses), responses)
+            order = sorted({v for v in scores if v is not None}, reverse=True)
+            self._suggestions[index] = {"by": self.suggest, "scores": scores,
+                                        "ranking": [None if v is None else order.index(v) for v in scores]}
+        return self._suggestions[index]
 
     def answer(self, body: dict) -> dict:
         """Keep one answer (ValueError: refused, nothing written)."""
@@ -100,8 +147,10 @@ class LabelApp:
             raise ValueError(f"item {item} is not the prompt the page showed (the candidates file changed?)")
         if len(set(self.items[item]["responses"])) < 2:
             raise ValueError(f"item {item} has nothing to rank (one distinct response)")
+        suggestion = self.suggestion(item) if self.suggester is not None else None  # what the page showed
         with self.lock:  # the check and the append happen under the file's lock (LabelStore.append)
-            self.store.record(self.items[item], item, self.annotator, body.get("status"), body.get("ranking"))
+            self.store.record(self.items[item], item, self.annotator, body.get("status"), body.get("ranking"),
+                              suggestion)
         return self.state()
 
 

@@ -203,9 +203,10 @@ class LabelStore:
         print(f"label: {self.path}: a torn last line ({len(torn)} bytes) moved to {aside}", file=sys.stderr,
               flush=True)
 
-    def record(self, candidate: dict, item: int, annotator: str, status: str, ranking: list[int] | None) -> dict:
+    def record(self, candidate: dict, item: int, annotator: str, status: str, ranking: list[int] | None,
+               suggestion: dict | None = None) -> dict:
         """Build and append the row of one answer, unless this annotator has answered this item (AlreadyAnswered);
-        returns it."""
+        returns it. ``suggestion``: the ranking the page showed beside the responses, kept in the label."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}")
         row = {k: v for k, v in candidate.items() if k not in ("ranking", "ranks", "label", "label_scores")}
@@ -213,7 +214,8 @@ class LabelStore:
             row["ranking"] = check_ranking(ranking, len(candidate["responses"]))
         sha = item_sha(candidate)
         row["label"] = {"by": "human", "annotator": annotator, "status": status, "item": item, "item_sha": sha,
-                        "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        **({"suggestion": suggestion} if suggestion is not None else {})}
         self.append(row, once_for=(annotator, (item, sha)))
         return row
 
@@ -254,7 +256,8 @@ def pair_agreement(a: list[int], b: list[int]) -> tuple[int, int]:
 def agreement(rows: list[dict]) -> dict:
     """How far annotators agree on the items several of them ranked: pairwise agreement (the share of response
     pairs both annotators order that they order alike) and mean Kendall's tau-b, overall and per annotator
-    (against everyone else). Skipped and unacceptable answers take no part."""
+    (against everyone else); and, where the page showed a suggestion, each annotator's agreement with it
+    (``with_suggestion``). Skipped and unacceptable answers take no part."""
     by_item: dict[tuple, dict[str, list[int]]] = {}
     for r in rows:
         label = r.get("label") if isinstance(r.get("label"), dict) else {}
@@ -286,6 +289,24 @@ def agreement(rows: list[dict]) -> dict:
                 "kendall_tau": sum(bucket["taus"]) / len(bucket["taus"]) if bucket["taus"] else None,
                 "comparisons": bucket["pairs"], "rankings_compared": len(bucket["taus"])}
 
+    # against the suggestion the page showed (label serve --suggest): how far each annotator followed it
+    suggested: dict[str, dict] = {}
+    for r in rows:
+        label = r.get("label") if isinstance(r.get("label"), dict) else {}
+        shown = label.get("suggestion") if isinstance(label.get("suggestion"), dict) else None
+        places = shown.get("ranking") if shown else None
+        if label.get("status", "ranked") != "ranked" or "ranking" not in r or not isinstance(places, list) \
+                or len(places) != len(r["ranking"]) or any(p is None for p in places):
+            continue
+        agree, both = pair_agreement(r["ranking"], places)
+        tau = kendall_tau_b(r["ranking"], places)
+        bucket = suggested.setdefault(label.get("annotator", "?"), {"agree": 0, "pairs": 0, "taus": []})
+        bucket["agree"] += agree
+        bucket["pairs"] += both
+        if tau is not None:
+            bucket["taus"].append(tau)
+
     annotators = sorted({a for rankings in by_item.values() for a in rankings})
     return {"items": len(by_item), "items_ranked_by_several": shared, "annotators": annotators,
-            "overall": summary(totals), "per_annotator": {a: summary(per[a]) for a in sorted(per)}}
+            "overall": summary(totals), "per_annotator": {a: summary(per[a]) for a in sorted(per)},
+            **({"with_suggestion": {a: summary(suggested[a]) for a in sorted(suggested)}} if suggested else {})}

@@ -52,8 +52,9 @@ rm: install
 	$(BIN)/rlhf rm --recipe $(RECIPE) --overwrite $(ARGS)
 
 # Iterated rounds (InstructGPT, Llama 2: collect new comparisons from the latest policies and train again). Round N
-# (2, 3, ...) of the loop above, in $(RANKED)/roundN: the SFT policy and the previous round's PPO policy each sample
-# ROUND_K candidates per prompt (tagged with their policy), LABELLER ranks them, the reward model trains afresh on
+# (2, 3, ...) of the loop above, in $(RANKED)/roundN: the base (after 3 demonstrations, as eval's in-context row),
+# the SFT policy and the previous round's PPO policy each sample ROUND_K candidates per prompt (tagged with their
+# policy), LABELLER ranks them, the reward model trains afresh on
 # every round's rankings so far (held out: this round's held-out rankings), PPO runs from the SFT policy against
 # it, and one eval puts every round's PPO policy side by side, scored by this round's reward model.
 #   make sft sample label rm ppo eval RECIPE=recipes/tiny-ranked.yaml     (round 1)
@@ -63,6 +64,7 @@ ROUND   ?= 2
 ROUND_K ?= 2
 ROUND_DIR = $(RANKED)/round$(ROUND)
 ROUND_PREVIOUS = $(if $(filter 2,$(ROUND)),$(RANKED),$(RANKED)/round$(shell expr $(ROUND) - 1))
+ROUND_POLICIES = base:data/tiny-base $(RANKED)/sft $(ROUND_PREVIOUS)/ppo --icl-shots 3 --demos data/tiny/sft.jsonl
 ROUND_RANKINGS = $(RANKED)/rankings.jsonl $(foreach n,$(shell seq 2 $(ROUND)),$(RANKED)/round$(n)/rankings.jsonl)
 # $(call once,OUT,COMMAND): nothing when OUT finished, --resume when it was interrupted, else a new run
 once = if [ -f $(1)/manifest.json ]; then echo "round $(ROUND): $(1) is done"; \
@@ -71,9 +73,9 @@ once = if [ -f $(1)/manifest.json ]; then echo "round $(ROUND): $(1) is done"; \
 round: install
 	@test -f $(ROUND_PREVIOUS)/ppo/manifest.json || { echo "round $(ROUND) needs $(ROUND_PREVIOUS)/ppo" >&2; exit 2; }
 	mkdir -p $(ROUND_DIR)/rm_data
-	test -f $(ROUND_DIR)/candidates.jsonl || $(BIN)/rlhf sample $(RANKED)/sft $(ROUND_PREVIOUS)/ppo \
+	test -f $(ROUND_DIR)/candidates.jsonl || $(BIN)/rlhf sample $(ROUND_POLICIES) \
 		--prompts data/tiny/prompts.jsonl -k $(ROUND_K) --seed $(ROUND)0 --out $(ROUND_DIR)/candidates.jsonl --resume
-	test -f $(ROUND_DIR)/heldout_candidates.jsonl || $(BIN)/rlhf sample $(RANKED)/sft $(ROUND_PREVIOUS)/ppo \
+	test -f $(ROUND_DIR)/heldout_candidates.jsonl || $(BIN)/rlhf sample $(ROUND_POLICIES) \
 		--prompts data/tiny/heldout_prompts.jsonl -k $(ROUND_K) --seed $(ROUND)1 \
 		--out $(ROUND_DIR)/heldout_candidates.jsonl --resume
 	test -f $(ROUND_DIR)/rankings.jsonl || $(BIN)/rlhf label $(ROUND_DIR)/candidates.jsonl --by $(LABELLER) \

@@ -258,10 +258,13 @@ def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_sho
 @click.option("--scorer", "scorer_specs", multiple=True,
               help="score each response with this scorer where it applies (built-in name, module:function or "
                    "file.py:function; repeatable; default gold when printing greedy responses)")
+@click.option("--icl-shots", default=0, show_default=True, type=click.IntRange(min=0),
+              help="base: policies answer each prompt after this many demonstrations (eval's in-context row)")
+@click.option("--demos", type=click.Path(dir_okay=False), help="the SFT file --icl-shots draws demonstrations from")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out file")
 @click.option("--resume", is_flag=True, help="continue the interrupted run that left OUT.partial")
-def sample(run_dirs, prompts, num_samples, out, temperature, max_new_tokens, seed, limit, scorer_specs, overwrite,
-           resume):
+def sample(run_dirs, prompts, num_samples, out, temperature, max_new_tokens, seed, limit, scorer_specs, icl_shots,
+           demos, overwrite, resume):
     """Responses of a run's policy (or of `base:PATH`) to a prompt file, as JSON lines: greedy ones with scores,
     or K sampled candidates per prompt to rank (`rlhf label`, or by hand) for the reward model. Several RUN_DIRS
     mix their candidates per prompt, each response tagged with its policy."""
@@ -271,7 +274,8 @@ def sample(run_dirs, prompts, num_samples, out, temperature, max_new_tokens, see
         scorer_specs = ("gold",)
     n = stage.main(list(run_dirs), prompts, out, num_samples=num_samples, temperature=temperature,
                    max_new_tokens=max_new_tokens, seed=seed, limit=limit, scorer_specs=list(scorer_specs),
-                   overwrite=overwrite, resume=resume, progress=sys.stderr.isatty(), echo=click.echo)
+                   overwrite=overwrite, resume=resume, icl_shots=icl_shots, demos=demos,
+                   progress=sys.stderr.isatty(), echo=click.echo)
     if out:
         click.echo(f"sample: {n} prompts x {num_samples * len(run_dirs)} responses -> {out}")
 

@@ -9,6 +9,7 @@ limit (RM, DPO, ``rm score``, PPO's and eval's prompts).
 
 from __future__ import annotations
 
+import random
 import sys
 
 import torch
@@ -130,3 +131,37 @@ def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row, whatever the padding side."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (positions * attention_mask.long()).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-context prompts: demonstrations before a prompt (eval's base row, rlhf sample --icl-shots)
+# ---------------------------------------------------------------------------------------------------------------
+
+def icl_prompts(prompts: list[list[dict]], demos: list[dict], shots: int, seed: int) -> list[list[dict]]:
+    """Each prompt preceded by ``shots`` demonstrations (user/assistant turns) drawn from the SFT data."""
+    rng = random.Random(seed)
+    out = []
+    for p in prompts:
+        context = []
+        for d in rng.sample(demos, shots):
+            context += d["prompt"] + d["completion"]
+        out.append(context + p)
+    return out
+
+
+def prompt_length(tokenizer, messages: list[dict]) -> int:
+    """Tokens of a prompt rendered with the chat template's generation prompt."""
+    return len(encode_prompt(tokenizer, messages))
+
+
+def fit_icl(tokenizer, inputs: list[list[dict]], prompts: list[list[dict]], limit: int) -> tuple[list, int]:
+    """In-context prompts that fit ``limit`` tokens: a prompt whose demonstrations make it too long keeps fewer of
+    them (the earliest go first); returns the prompts and how many were shortened."""
+    out, shortened = [], 0
+    for full, own in zip(inputs, prompts):
+        context = full[:len(full) - len(own)]
+        while context and prompt_length(tokenizer, context + own) > limit:
+            context = context[2:]  # one demonstration is a user and an assistant turn
+        shortened += len(context) < len(full) - len(own)
+        out.append(context + own)
+    return out, shortened

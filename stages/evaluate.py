@@ -10,7 +10,6 @@ proxy vs gold reward across PPO's training-time evaluations).
 from __future__ import annotations
 
 import json
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,36 +46,6 @@ def resolve_policy(recipe: Recipe, spec: str) -> Row:
         path = recipe.stage_dir(spec)
     modeling.read_manifest(path, "policy")
     return Row(spec if spec in STAGE_ROWS else str(path), run_dir=path)
-
-
-def icl_prompts(prompts: list[list[dict]], demos: list[dict], shots: int, seed: int) -> list[list[dict]]:
-    """Each prompt preceded by ``shots`` demonstrations (user/assistant turns) drawn from the SFT data."""
-    rng = random.Random(seed)
-    out = []
-    for p in prompts:
-        context = []
-        for d in rng.sample(demos, shots):
-            context += d["prompt"] + d["completion"]
-        out.append(context + p)
-    return out
-
-
-def prompt_length(tokenizer, messages: list[dict]) -> int:
-    """Tokens of a prompt rendered with the chat template's generation prompt."""
-    return len(encoding.encode_prompt(tokenizer, messages))
-
-
-def fit_icl(tokenizer, inputs: list[list[dict]], prompts: list[list[dict]], limit: int) -> tuple[list, int]:
-    """In-context prompts that fit ``limit`` tokens: a prompt whose demonstrations make it too long keeps fewer of
-    them (the earliest go first); returns the prompts and how many were shortened."""
-    out, shortened = [], 0
-    for full, own in zip(inputs, prompts):
-        context = full[:len(full) - len(own)]
-        while context and prompt_length(tokenizer, context + own) > limit:
-            context = context[2:]  # one demonstration is a user and an assistant turn
-        shortened += len(context) < len(full) - len(own)
-        out.append(context + own)
-    return out, shortened
 
 
 def reference_of(row: Row) -> tuple[bool, Path | None, ModelConfig | None]:
@@ -118,11 +87,11 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward: rewards.Rewar
     """Generate, score and measure one row; returns one record per (prompt, sample)."""
     e = recipe.eval
     model, tokenizer, reference = row_models(row, recipe.model, shared)
-    inputs = icl_prompts(prompts, demos, row.icl_shots, e.seed) if row.icl_shots else prompts
+    inputs = encoding.icl_prompts(prompts, demos, row.icl_shots, e.seed) if row.icl_shots else prompts
     if row.icl_shots:
         positions = modeling.max_positions(model.config)
         if positions is not None:
-            inputs, shortened = fit_icl(tokenizer, inputs, prompts, positions - e.max_new_tokens)
+            inputs, shortened = encoding.fit_icl(tokenizer, inputs, prompts, positions - e.max_new_tokens)
             if shortened:
                 print(f"eval: {row.name}: {shortened} of {len(prompts)} prompts keep fewer demonstrations, to fit "
                       f"the model's {positions} positions with eval.max_new_tokens={e.max_new_tokens}",

@@ -97,7 +97,7 @@ def _whole_chunks(partial: Path, settings: dict, rows: list[list[dict]]) -> tupl
             raise UserError(f"{partial}:{n}: not a JSON row; {continue_or_restart}") from None
         if not isinstance(row, dict):
             raise UserError(f"{partial}:{n}: not a row of rlhf sample; start again with --overwrite")
-        differing = [k for k in SETTINGS if row.get(k) != settings[k]]
+        differing = [k for k in (*SETTINGS, "icl_shots") if row.get(k) != settings.get(k)]
         if differing:
             raise UserError(f"{partial}:{n}: was sampled with other settings ({', '.join(differing)}); "
                             f"{continue_or_restart}")
@@ -120,12 +120,15 @@ def _whole_chunks(partial: Path, settings: dict, rows: list[list[dict]]) -> tupl
 def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: int = 1,
          temperature: float | None = None, max_new_tokens: int | None = None, seed: int = 0, limit: int | None = None,
          scorer_specs: list[str] = (), overwrite: bool = False, resume: bool = False, batch_size: int = 128,
-         progress: bool = False, echo=print) -> int:
+         icl_shots: int = 0, demos: str | None = None, progress: bool = False, echo=print) -> int:
     """Sample and write (or print) the responses of one policy or several (``run_dirs``); returns the number of
-    prompts done. Unset, the temperature and length are the first run's PPO settings."""
+    prompts done. Unset, the temperature and length are the first run's PPO settings. ``icl_shots``: each
+    ``base:`` policy answers every prompt after that many demonstrations from ``demos`` (an SFT file), as eval's
+    in-context row does; the row keeps the prompt alone."""
     run_dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
     if len(set(run_dirs)) < len(run_dirs):
         raise UserError(f"a policy is named twice ({', '.join(run_dirs)})")
+    demo_rows = demonstrations(run_dirs, icl_shots, demos)
     per_prompt = num_samples * len(run_dirs)
     if not 1 <= per_prompt <= MAX_SAMPLES:
         raise UserError(f"--num-samples x policies must be from 1 to {MAX_SAMPLES}, got {per_prompt}")
@@ -144,7 +147,8 @@ def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: 
     for model, tokenizer, _ in policies:
         rows = fitting_prompts(model, tokenizer, rows, max_new_tokens, prompts)
     settings = {"run": run_dirs[0] if len(run_dirs) == 1 else run_dirs, "temperature": temperature, "seed": seed,
-                "max_new_tokens": max_new_tokens, "num_samples": num_samples}
+                "max_new_tokens": max_new_tokens, "num_samples": num_samples,
+                **({"icl_shots": icl_shots} if icl_shots else {})}
 
     done = 0
     if partial is not None and partial.exists() and resume:
@@ -157,7 +161,9 @@ def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: 
         for start in range(done, len(rows), per_chunk):
             chunk = rows[start:start + per_chunk]
             repeated = [messages for messages in chunk for _ in range(per_prompt)]
-            gens = generate_mixed(policies, chunk, start, num_samples, max_new_tokens, batch_size, temperature,
+            inputs = [with_demonstrations(r, p, chunk, start, demo_rows, icl_shots, seed, max_new_tokens)
+                      for r, p in zip(run_dirs, policies)]
+            gens = generate_mixed(policies, inputs, start, num_samples, max_new_tokens, batch_size, temperature,
                                   seed, progress)
             scored = {s.name: s(repeated, gens.texts) for s in scorer_list}
             for line in lines(chunk, gens, scored, per_prompt, settings, quick=target is None and per_prompt == 1):
@@ -189,15 +195,43 @@ class Mixed:
     stopped: list[bool]
 
 
-def generate_mixed(policies: list, chunk: list[list[dict]], start: int, k: int, max_new_tokens: int,
+def demonstrations(run_dirs: list[str], icl_shots: int, demos: str | None) -> list[dict]:
+    """The SFT rows ``base:`` policies draw demonstrations from (none without ``icl_shots``), checked."""
+    if not icl_shots:
+        return []
+    if not any(r.startswith("base:") for r in run_dirs):
+        raise UserError("--icl-shots gives demonstrations to base: policies, and none is named")
+    if not demos:
+        raise UserError("--icl-shots needs --demos, an SFT file to draw the demonstrations from")
+    rows = formats.load(demos, "sft", on_bad_row="drop").rows
+    if len(rows) < icl_shots:
+        raise UserError(f"{demos}: {len(rows)} demonstrations, fewer than --icl-shots {icl_shots}")
+    return rows
+
+
+def with_demonstrations(run: str, policy, chunk: list[list[dict]], start: int, demos: list[dict], shots: int,
+                        seed: int, max_new_tokens: int) -> list[list[dict]]:
+    """What a policy answers: the prompts themselves, or for a ``base:`` policy with demonstrations each prompt
+    after ``shots`` of them, drawn for prompt i from its own seed (the same whatever the chunk), fewer where they
+    would not fit the model's positions with ``max_new_tokens``."""
+    if not (shots and run.startswith("base:")):
+        return chunk
+    model, tokenizer, _ = policy
+    inputs = [encoding.icl_prompts([m], demos, shots, seed * 1_000_003 + start + i)[0] for i, m in enumerate(chunk)]
+    positions = modeling.max_positions(model.config)
+    return inputs if positions is None else encoding.fit_icl(tokenizer, inputs, chunk, positions - max_new_tokens)[0]
+
+
+def generate_mixed(policies: list, inputs: list[list[list[dict]]], start: int, k: int, max_new_tokens: int,
                    batch_size: int, temperature: float, seed: int, progress: bool) -> Mixed:
-    """K responses of each policy to each prompt of ``chunk`` (prompt ``start`` onwards); response j of policy p to
-    prompt i draws its noise from key ``(i * P + p) * K + j`` (one policy: ``i * K + j``, as ever)."""
-    P = len(policies)
-    texts, stopped = [None] * (len(chunk) * P * k), [None] * (len(chunk) * P * k)
+    """K responses of each policy to each of its ``inputs`` (one list per policy: the chunk of prompts from prompt
+    ``start`` on, as that policy reads them); response j of policy p to prompt i draws its noise from key
+    ``(i * P + p) * K + j`` (one policy: ``i * K + j``, as ever)."""
+    P, n = len(policies), len(inputs[0])
+    texts, stopped = [None] * (n * P * k), [None] * (n * P * k)
     for p, (model, tokenizer, _) in enumerate(policies):
-        slots = [(i * P + p) * k + j for i in range(len(chunk)) for j in range(k)]
-        gens = rollout.generate(model, tokenizer, [m for m in chunk for _ in range(k)],
+        slots = [(i * P + p) * k + j for i in range(n) for j in range(k)]
+        gens = rollout.generate(model, tokenizer, [m for m in inputs[p] for _ in range(k)],
                                 max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
                                 seed=seed, indices=[start * P * k + slot for slot in slots], progress=progress)
         for slot, text, stop in zip(slots, gens.texts, gens.stopped):

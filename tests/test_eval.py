@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, refused, run_cli
 from rlhf import report
-from stages.evaluate import icl_prompts
+from rlhf.encoding import icl_prompts
 
 
 def test_win_rate_counts_ties_half():

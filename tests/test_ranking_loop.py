@@ -249,21 +249,29 @@ def test_candidates_from_several_policies_carry_their_policy_through_labels_and_
     base = f"base:{ROOT / 'data' / 'tiny-base'}"
     out, alone = tmp_path / "mixed.jsonl", tmp_path / "alone.jsonl"
     common = ["--prompts", PROMPTS, "-k", "2", "--limit", "6", "--max-new-tokens", "12"]
-    ran("sample", str(runs / "sft"), base, *common, "--out", str(out))
+    demos = ["--icl-shots", "3", "--demos", str(ROOT / "data/tiny/sft.jsonl")]  # the base answers after examples
+    ran("sample", str(runs / "sft"), base, *common, *demos, "--out", str(out))
     ran("sample", str(runs / "sft"), *common, "--out", str(alone))
+    ran("sample", str(runs / "sft"), base, *common, "--out", str(tmp_path / "bare.jsonl"))
     mixed = rows(out)
     assert len(mixed) == 6
     for row in mixed:
         assert row["run"] == [str(runs / "sft"), base] and row["num_samples"] == 2 and len(row["responses"]) == 4
+        assert row["icl_shots"] == 3 and isinstance(row["prompt"], str)  # the prompt alone, not the examples
         assert row["policies"] == [str(runs / "sft")] * 2 + [base] * 2 and len(row["eos"]) == 4
         assert row["duplicate_of"] == formats.duplicates(row["responses"])
     assert mixed[0]["responses"][:2] == rows(alone)[0]["responses"]  # keys 0 and 1: the same draws
+    bare = rows(tmp_path / "bare.jsonl")
+    assert [r["responses"][:2] for r in bare] == [r["responses"][:2] for r in mixed]  # the SFT policy's, unchanged
+    assert [r["responses"][2:] for r in bare] != [r["responses"][2:] for r in mixed]  # the examples change the base
     assert any(r["responses"][:2] != r["responses"][2:] for r in mixed)  # two policies, two kinds of answer
     # a partial file of a single-policy run is not continued as a mixed one
     (tmp_path / "x.jsonl.partial").write_text((alone.read_text().splitlines()[0]) + "\n")
     refusal = invoke("sample", str(runs / "sft"), base, *common, "--out", str(tmp_path / "x.jsonl"), "--resume",
                      code=2)
     assert "was sampled with other settings (run)" in refusal
+    assert "--icl-shots gives demonstrations to base: policies" in invoke(
+        "sample", str(runs / "sft"), *common, *demos, "--out", str(tmp_path / "y.jsonl"), code=2)
 
     ran("label", str(out), "--by", "gold", "--out", str(tmp_path / "rankings.jsonl"))
     ranked = rows(tmp_path / "rankings.jsonl")

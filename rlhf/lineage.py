@@ -80,6 +80,9 @@ def model_card(manifest: dict) -> str:
     for role, parent in (manifest.get("parents") or {}).items():
         if parent is not None:
             lines.append(f"- {role}: `{parent}`")
+    policies = (manifest.get("data") or {}).get("policies")
+    if policies:  # a reward model's rankings of several policies' candidates
+        lines.append("- trained on responses of: " + ", ".join(f"`{p}` ({n})" for p, n in policies.items()))
     if manifest.get("reward"):  # PPO: what the policy was optimised against
         lines.append("- reward: " + " + ".join(
             f"{v['weight'] if isinstance(v, dict) else v:g} x {k}" for k, v in manifest["reward"].items()))
@@ -154,6 +157,12 @@ def list_runs(root: Path) -> list[dict]:
     return list(found.values())
 
 
+def sampled_from(manifest: dict) -> list[str]:
+    """The policies whose candidates a reward model's rankings hold (its ``data.policies``), ``base:`` ones aside."""
+    policies = (manifest.get("data") or {}).get("policies") or {}
+    return [p for p in policies if not str(p).startswith("base:")]
+
+
 def lineage(run_dir: Path) -> list[tuple[str, Path, dict]]:
     """The chain of runs that produced ``run_dir``: ``(role, path, manifest)``, oldest first, the run last."""
     run_dir = Path(run_dir)
@@ -168,7 +177,10 @@ def lineage(run_dir: Path) -> list[tuple[str, Path, dict]]:
             return
         seen.add(path.resolve())
         parents = m.get("parents") or {}
-        for parent_role, parent in parents.items():
+        # a reward model trained on candidates of several policies (rlhf sample RUN1 RUN2): those runs come
+        # before it, so a later round's lineage shows the round before it
+        sampled = list(parents.items()) + [("candidates of", p) for p in sampled_from(m)]
+        for parent_role, parent in sampled:
             for p in parent if isinstance(parent, list) else [parent]:
                 pm = _manifest(Path(p)) if p else None
                 if pm is not None:

@@ -283,3 +283,6 @@ def test_candidates_from_several_policies_carry_their_policy_through_labels_and_
     assert m["data"]["unit"] == "rankings" and m["data"]["train_rows"] == len(ranked)
     kept = formats.load(str(tmp_path / "rankings.jsonl"), "ranking").rows
     assert m["data"]["policies"] == {p: sum(r["policies"].count(p) for r in kept) for p in (str(runs / "sft"), base)}
+    info = invoke("info", str(tmp_path / "rm"))  # the policies sampled come before the reward model in its lineage
+    assert f"{runs / 'sft'}  [candidates of]" in info and info.index("[candidates of]") < info.index("[rm]")
+    assert "trained on responses of: " in (tmp_path / "rm" / "README.md").read_text()

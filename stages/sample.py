@@ -131,7 +131,9 @@ def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: 
     demo_rows = demonstrations(run_dirs, icl_shots, demos)
     per_prompt = num_samples * len(run_dirs)
     if not 1 <= per_prompt <= MAX_SAMPLES:
-        raise UserError(f"--num-samples x policies must be from 1 to {MAX_SAMPLES}, got {per_prompt}")
+        raise UserError(f"--num-samples must be from 1 to {MAX_SAMPLES}, got {num_samples}" if len(run_dirs) == 1
+                        else f"--num-samples x {len(run_dirs)} policies must be from 1 to {MAX_SAMPLES}, got "
+                             f"{per_prompt}")
     scorer_list = scorers.load_all(list(scorer_specs), "--scorer")
     target, partial = output_paths(out, overwrite, resume)  # before loading a model: the cheap mistakes first
     rows = formats.load(prompts, "prompts").rows[:limit]

@@ -514,6 +514,13 @@ def duplicates(texts: list[str]) -> list[int | None]:
     return out
 
 
+def ranks_from_scores(scores: list[float | None]) -> list[int | None]:
+    """Dense places by descending score: the best is 0 and equal scores share a place (None stays None: a scorer
+    that does not apply places nothing)."""
+    place = {v: i for i, v in enumerate(sorted({v for v in scores if v is not None}, reverse=True))}
+    return [None if v is None else place[v] for v in scores]
+
+
 def _ranked(prompt: list[dict], responses: list[list[dict]], ranks: list[int], row: dict) -> dict:
     """A ranking row: identical responses merged (the better place kept); at least two distinct responses and one
     comparison."""

@@ -27,14 +27,8 @@ from pathlib import Path
 
 from rlhf import formats, scorers
 from rlhf.errors import UserError
-from rlhf.formats import duplicates
+from rlhf.formats import duplicates, ranks_from_scores
 from rlhf.labelpage.server import LabelApp, make_server
-
-
-def ranks_from_scores(scores: list[float]) -> list[int]:
-    """Dense places by descending score: the best is 0 and equal scores share a place."""
-    place = {v: i for i, v in enumerate(sorted(set(scores), reverse=True))}
-    return [place[v] for v in scores]
 
 
 def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, overwrite: bool = False) -> dict:

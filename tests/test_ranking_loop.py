@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from conftest import ROOT, ran, refused, run_cli
 from rlhf import formats, modeling, ranking, rewards
+from rlhf.formats import ranks_from_scores
 from rlhf.cli import cli
 from stages import rm as rm_stage
 from stages import sample as sample_stage
-from stages.label import ranks_from_scores
 
 PROMPTS = str(ROOT / "data/tiny/prompts.jsonl")
 HELDOUT = str(ROOT / "data/tiny/heldout_prompts.jsonl")
@@ -126,6 +126,7 @@ def test_sample_resume_checks_every_kept_row_against_its_prompt(parents, tmp_pat
 
 def test_ranks_from_scores():
     assert ranks_from_scores([0.5, 1.0, 0.5, 0.0]) == [1, 0, 1, 2]
+    assert ranks_from_scores([None, 2.0, 3.0, None]) == [None, 1, 0, None]
 
 
 def test_label_by_gold_a_reward_model_and_with_noise(parents, candidates, tmp_path):

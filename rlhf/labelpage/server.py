@@ -131,9 +131,8 @@ class LabelApp:
         if index not in self._suggestions:
             responses = self.items[index]["responses"]
             scores = self.suggester([self.prompts[index]] * len(responses), responses)
-            order = sorted({v for v in scores if v is not None}, reverse=True)
             self._suggestions[index] = {"by": self.suggest, "scores": scores,
-                                        "ranking": [None if v is None else order.index(v) for v in scores]}
+                                        "ranking": formats.ranks_from_scores(scores)}
         return self._suggestions[index]
 
     def answer(self, body: dict) -> dict:

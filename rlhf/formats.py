@@ -354,18 +354,21 @@ def _hh_messages(text: str, key: str) -> list[dict]:
             for who, body in zip(parts[1::2], parts[2::2])]
 
 
-def _response(value: Any, key: str) -> list[dict]:
-    """A chosen/rejected response: a string, one assistant message, or a list of messages ending with one."""
+def _response(value: Any, key: str, allow_empty: bool = False) -> list[dict]:
+    """A chosen/rejected response: a string, one assistant message, or a list of messages ending with one. An empty
+    one is refused (in a hand-made pair it is a mistake), unless ``allow_empty``: in a ranking of sampled responses
+    it is what a policy said, and its place teaches the reward model something."""
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, list) and value and all(isinstance(t, dict) and "from" in t for t in value):
         value = _sharegpt_messages({"conversations": value})
     if not isinstance(value, (str, list)):
         raise RowError(f"field '{key}' must be a string or a list of messages, got {type(value).__name__}")
-    messages = _as_messages(value, key, "assistant")
+    messages = [{"role": "assistant", "content": value}] if allow_empty and isinstance(value, str) and \
+        not value.strip() else _as_messages(value, key, "assistant")
     if messages[-1]["role"] != "assistant":
         raise RowError(f"field '{key}' must end with an assistant message")
-    if not messages[-1]["content"].strip():
+    if not messages[-1]["content"].strip() and not allow_empty:
         raise RowError(f"empty response in '{key}'")
     return messages
 
@@ -554,7 +557,7 @@ def rank_responses(row: dict) -> dict:
         raise SkipRow  # the labelling page records these; they rank nothing
     if not isinstance(row.get("responses"), list):
         raise RowError("field 'responses' must be a list of responses")
-    responses = [_response(r, f"responses[{i}]") for i, r in enumerate(row["responses"])]
+    responses = [_response(r, f"responses[{i}]", allow_empty=True) for i, r in enumerate(row["responses"])]
     if len(responses) < 2:
         raise RowError(f"field 'responses' must hold at least two responses, got {len(responses)}")
     key = "ranking" if row.get("ranking") is not None else "ranks" if row.get("ranks") is not None else None

@@ -83,6 +83,17 @@ def test_pairs_are_rankings_of_two_and_keep_their_margin(tmp_path):
         {"prompt": [U], "chosen": msg(A), "rejected": msg(B), "margin": 1.5}]
 
 
+def test_an_empty_response_a_policy_gave_keeps_its_place(tmp_path):
+    """rlhf sample can write an empty response (a policy that stopped at once) and rlhf label ranks it: the
+    ``responses`` format keeps it, so the reward model learns where it stands (hand-made pairs still refuse one)."""
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"prompt": Q, "responses": [A, "", B], "ranking": [0, 2, 1],
+                                "policies": ["sft", "base", "ppo"]}) + "\n")
+    (row,) = formats.load(str(path), "ranking").rows
+    assert [r[-1]["content"] for r in row["responses"]] == [A, "", B] and row["ranks"] == [0, 2, 1]
+    assert row["policies"] == ["sft", "base", "ppo"]
+
+
 def test_ties_give_no_comparison_and_identical_responses_merge_at_the_better_place(tmp_path):
     loaded, _ = _load(tmp_path, [{"prompt": Q, "responses": [A, B, C, A], "ranking": [1, 2, 1, 0]}])
     (got,) = loaded.rows
@@ -101,7 +112,7 @@ def test_ties_give_no_comparison_and_identical_responses_merge_at_the_better_pla
     ({"prompt": Q, "responses": [A]}, "must hold at least two responses, got 1"),
     ({"prompt": Q, "responses": [A, A, A]}, "fewer than two distinct responses"),
     ({"prompt": Q, "responses": [A, B], "ranking": [1, 1]}, "every response is tied"),
-    ({"prompt": Q, "responses": [A, ""]}, "empty response"),
+    ({"prompt": Q, "completions": [{"text": A, "rank": 0}, {"text": " ", "rank": 1}]}, "empty response"),
     ({"prompt": Q, "responses": [A, B], "margin": 1.0}, "'margin' is only supported on pairs"),
     ({"responses": [A, B]}, "no prompt field"),
     ({"prompt": Q, "completions": [{"text": A}, {"text": B, "rank": 1}]}, "completions[0] must be an object with"),

@@ -543,7 +543,9 @@ def _ranked(prompt: list[dict], responses: list[list[dict]], ranks: list[int], r
     if len(set(kept_ranks)) < 2:
         raise RowError(f"every response is tied (ranks {kept_ranks}): the ranking makes no comparison")
     out = {"prompt": prompt, "responses": kept_responses, "ranks": kept_ranks}
-    policies = row.get("policies")  # rlhf sample of several policies: the run each response came from
+    policies = row.get("policies")  # rlhf sample: the run each response came from (several) or the run (one)
+    if policies is None and isinstance(row.get("run"), str):
+        policies = [row["run"]] * len(responses)
     if isinstance(policies, list) and len(policies) == len(responses) and all(isinstance(p, str) for p in policies):
         out["policies"] = [policies[i] for i in kept]  # a merged copy keeps the first one's policy
     if row.get("margin") is not None:

@@ -92,6 +92,8 @@ def test_an_empty_response_a_policy_gave_keeps_its_place(tmp_path):
     (row,) = formats.load(str(path), "ranking").rows
     assert [r[-1]["content"] for r in row["responses"]] == [A, "", B] and row["ranks"] == [0, 2, 1]
     assert row["policies"] == ["sft", "base", "ppo"]
+    path.write_text(json.dumps({"prompt": Q, "responses": [A, B], "ranking": [0, 1], "run": "runs/x/sft"}) + "\n")
+    assert formats.load(str(path), "ranking").rows[0]["policies"] == ["runs/x/sft"] * 2  # one policy: its run
 
 
 def test_ties_give_no_comparison_and_identical_responses_merge_at_the_better_place(tmp_path):

@@ -138,9 +138,10 @@ class RewardModel:
                  mask: torch.Tensor) -> torch.Tensor:
         """PPO's episodes scored, ``[n]`` on ``ids``' device: the text path (``TokenReward`` reads ``ids``)."""
         values = self(prompts, responses)
-        if any(v is None for v in values):
-            raise UserError("the reward model cannot read a response of this length; raise ppo.max_new_tokens' "
-                            "limit on it or use a reward model trained on longer responses")
+        missing = next((i for i, v in enumerate(values) if v is None), None)
+        if missing is not None:
+            raise UserError(f"the reward model does not score episode {missing + 1}: longer than any conversation "
+                            "it was trained on (lower ppo.max_new_tokens, or train it with a longer rm.max_length)")
         return torch.tensor(values, dtype=torch.float32, device=ids.device)
 
     def measure(self, scores: torch.Tensor, measured_on: str) -> dict:

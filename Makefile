@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft sample label rm round ppo ppo-gold objectives dpo eval browser test test-fast bench gpu-check methods-report clean-runs
+.PHONY: install sft sample label rm round ppo ppo-gold objectives critics dpo eval browser test test-fast bench gpu-check methods-report clean-runs
 
 install: $(STAMP)
 
@@ -134,6 +134,19 @@ objective-%: install
 		$(objective_sets.$*) $(ARGS)
 	$(BIN)/rlhf ppo --recipe $(RECIPE) --overwrite --out $(OBJECTIVES)/$*-gold --set ppo.samples_per_prompt=4 \
 		--set 'ppo.reward={gold: 4.0}' $(objective_sets.$*) $(ARGS)
+
+# The two critics side by side (docs/ppo.md, "When to choose which"): GAE with the value adapter and with the shared
+# critic (a head on the policy), each against the reward model and against the gold scorer, from the recipe's SFT
+# and RM runs; then one eval of them all (runs/tiny/critics/eval). Needs `make sft rm` first; ~12 min on 2 cores.
+CRITICS := runs/tiny/critics
+critics: install
+	for critic in adapter shared; do \
+		$(BIN)/rlhf ppo --recipe $(RECIPE) --overwrite --out $(CRITICS)/$$critic --set ppo.critic=$$critic \
+			$(ARGS) || exit 1; \
+		$(BIN)/rlhf ppo --recipe $(RECIPE) --overwrite --out $(CRITICS)/$$critic-gold --set ppo.critic=$$critic \
+			--set 'ppo.reward={gold: 4.0}' $(ARGS) || exit 1; done
+	$(BIN)/rlhf eval --recipe $(RECIPE) --overwrite --policy sft \
+		$(foreach c,adapter adapter-gold shared shared-gold,--policy $(CRITICS)/$(c)) --out $(CRITICS)/eval
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -276,9 +276,10 @@ class PPOConfig:
     processes a step has N x batch_size episodes, and each optimizer step sees N x mini_batch_size of them.
     Defaults follow the reference implementations (clip 0.2, value clip 0.2, gamma 1, lambda 0.95, 4 PPO epochs).
 
-    ``advantage`` picks the estimator: ``gae`` is PPO with a critic (value adapter + head, GAE); ``grpo``,
-    ``dr_grpo``, ``rloo`` and ``reinforce_pp`` are critic-free (no value model is created, trained or saved; value_clip, vf_coef and lam
-    do not apply). The maths of each is in ``rlhf.ppo_math``.
+    ``advantage`` picks the estimator: ``gae`` is PPO with a critic (``critic``: a value adapter + head, or a
+    head on the policy's hidden state; GAE); ``grpo``, ``dr_grpo``, ``rloo`` and ``reinforce_pp`` are critic-free
+    (no value model is created, trained or saved; value_clip, vf_coef and lam do not apply). The maths of each is
+    in ``rlhf.ppo_math``.
     """
 
     lr: float = 1e-5
@@ -298,6 +299,13 @@ class PPOConfig:
     the K - 1 others (Ahmadian et al. 2024); reinforce_pp = per-token KL-shaped returns normalised over the whole
     batch, minus the group's mean score first when K > 1 (Hu 2025). Critic-free estimators need no value model:
     less memory and about half the update work"""
+    critic: Literal["adapter", "shared"] = "adapter"
+    """gae's critic: adapter = a value adapter of its own on the base, under a value head (started from the reward
+    model's adapter and score head), with its own forward and backward passes; shared = a value head on the
+    policy's own last hidden state (TRL <= 0.11's value-head model): the policy's forward gives logits and values
+    at once, the rollout's values come from the sampling pass, and the value loss (times vf_coef) trains the
+    policy adapter too. About half the update's work; the head starts at zero. Ignored by critic-free
+    estimators"""
     policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
     """the policy objective: ppo = the clipped surrogate on token ratios; gspo = the same on each response's
     length-normalised sequence ratio (Zheng et al. 2025; epsilons ~1e-3: clip_low/clip_high default to the
@@ -435,9 +443,10 @@ class PPOConfig:
         return self.batch_size // self.samples_per_prompt * processes
 
     @property
-    def critic(self) -> bool:
-        """Whether the estimator needs a value model (gae)."""
-        return self.advantage == "gae"
+    def value_model(self) -> str | None:
+        """The critic the run trains: "adapter" or "shared" (``critic``) with gae, None with a critic-free
+        estimator."""
+        return self.critic if self.advantage == "gae" else None
 
     @property
     def kl_where(self) -> str:

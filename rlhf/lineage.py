@@ -86,6 +86,11 @@ def model_card(manifest: dict) -> str:
     if manifest.get("reward"):  # PPO: what the policy was optimised against
         lines.append("- reward: " + " + ".join(
             f"{v['weight'] if isinstance(v, dict) else v:g} x {k}" for k, v in manifest["reward"].items()))
+    advantage = manifest.get("advantage") or {}
+    if advantage.get("estimator"):  # PPO: how rewards became advantages, and the critic it trained
+        critic = {"adapter": "a value adapter and head", "shared": "a value head on the policy (shared critic)",
+                  None: "no critic"}.get(advantage.get("critic"), advantage.get("critic"))
+        lines.append(f"- advantage: `{advantage['estimator']}`, {critic}")
     published = (manifest.get("reward") or {}).get("reward_model")
     published = published if isinstance(published, dict) else manifest.get("reward_model")
     if isinstance(published, dict) and published.get("id"):  # a reward model that is not a run (rlhf.external_rm)

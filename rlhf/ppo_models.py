@@ -10,9 +10,12 @@ forward pass selects its adapter first:
                  from the score head
 
 Without a reward model (a reward of scorers alone, ``rlhf.scorers``) there is no ``reward`` adapter, and the
-value adapter starts as the SFT adapter (a fresh one without SFT) under a value head that starts at zero. With a
-critic-free advantage estimator (``ppo.advantage``: grpo, dr_grpo, rloo, reinforce_pp) there is no value adapter or head
-at all (``critic=False``): nothing of it is created, trained or saved.
+value adapter starts as the SFT adapter (a fresh one without SFT) under a value head that starts at zero. With the
+shared critic (``ppo.critic: shared``, ``critic="shared"``) there is no value adapter either: a value head, starting
+at zero, reads the policy's own last hidden state, so one forward pass of the policy gives logits and values
+(``policy_and_values``) and the sampling pass gives the rollout's values. With a critic-free advantage estimator
+(``ppo.advantage``: grpo, dr_grpo, rloo, reinforce_pp) there is no value adapter or head at all (``critic=None``):
+nothing of it is created, trained or saved.
 
 With a method that trains base weights (full, bitfit, freeze) they are separate model copies. Both layouts are
 ``PPOModels`` (the interface the PPO loop is written against), so the loop does not know which one it runs on.
@@ -63,18 +66,26 @@ class PPOModels(Protocol):
     """the tokenizer's size: ids at or above it (a padded embedding's rows) are never sampled and take no
     probability in ``sample`` and ``policy_logits`` alike (``ppo_math.restrict_vocab``); None: every id"""
 
-    critic: bool
-    """whether there is a value model (False: a critic-free estimator; ``values`` must not be called)"""
+    critic: str | None
+    """the value model: "adapter" (its own adapter or copy under a value head), "shared" (a value head on the
+    policy's last hidden state) or None (a critic-free estimator; ``values`` must not be called)"""
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The value head at every position, ``[B, L]`` in float32."""
 
+    def policy_and_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared critic's one pass: the policy's logits of the last ``keep`` positions (as ``policy_logits``)
+        and the value head on the same positions' last hidden state, ``([B, keep, vocab], [B, keep])``."""
+
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The reward model's score of each whole sequence, ``[B]`` in float32."""
 
-    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> rollout.Samples:
+    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, values: bool = False,
+               **kwargs) -> rollout.Samples:
         """Responses of the policy with their log-probabilities and entropies (``rollout.decode``: sampled with
-        per-episode keys, or greedy at temperature 0)."""
+        per-episode keys, or greedy at temperature 0); with ``values`` (the shared critic) the value of the state
+        before each token too."""
 
     def parameters(self, role: str) -> list[nn.Parameter]:
         """The trainable parameters of "policy" or "value" (none for "value" without a critic)."""
@@ -164,6 +175,37 @@ def _zero_head(width: int, dtype: torch.dtype) -> nn.Linear:
     return head
 
 
+def head_values(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """A value head on hidden states ``[..., H]``: ``[...]`` in float32, the head itself in its own precision
+    (outside any autocast, in the update and in the sampling pass alike)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+
+
+def logits_and_values(models, lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared critic's one pass of the causal LM ``lm`` (the policy): its logits of the last ``keep``
+    positions, exactly as ``policy_logits`` computes them (the same forward, asked for its hidden states too), and
+    ``models.value_head`` on the same positions' final hidden state (after the last norm: what the LM head
+    reads)."""
+    with autocast(models.device, models.autocast):
+        out = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                 position_ids=encoding.position_ids(attention_mask), logits_to_keep=keep, output_hidden_states=True)
+    return (ppo_math.restrict_vocab(out.logits, models.vocab),
+            head_values(models.value_head, out.hidden_states[-1][:, -keep:]))
+
+
+def save_value_head(head: nn.Linear, out: Path, critic: str) -> None:
+    """The value head at ``out/value/value_head.safetensors``, its metadata saying which hidden state it reads
+    (``critic``: "adapter", the value adapter's or value model's; "shared", the policy's)."""
+    from safetensors.torch import save_file
+
+    (out / "value").mkdir(parents=True, exist_ok=True)
+    reads = "the policy's last hidden state" if critic == "shared" else "the value adapter's last hidden state"
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / "value" / "value_head.safetensors"),
+              metadata={"critic": critic, "reads": reads})
+
+
 class SharedBase:
     """Policy, reference, reward and value as four adapters on one base model (a ``PPOModels``)."""
 
@@ -173,7 +215,7 @@ class SharedBase:
     vocab: int | None = None
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
-                 value_shift: float = 0.0, value_scale: float = 1.0, critic: bool = True):
+                 value_shift: float = 0.0, value_scale: float = 1.0, critic: str | None = "adapter"):
         from peft import PeftModel, get_peft_model
 
         base = modeling.load_base(cfg)
@@ -193,15 +235,17 @@ class SharedBase:
             self.reward_head = linear_head(head, dtype).requires_grad_(False)
             # the pad token the reward model was trained with: a score is read where its training pooled
             self.reward_pad_id = modeling.load_tokenizer(cfg, str(rm_dir)).pad_token_id
-        if critic and rm_dir is not None:
+        if critic == "adapter" and rm_dir is not None:
             self.model.load_adapter(str(rm_dir), adapter_name="value", is_trainable=True)
             # the value head starts as the score head on the scale PPO's rewards use (normalised when they are)
             self.value_head = linear_head(head, dtype, value_shift, value_scale, bias=True)
-        elif critic:  # scorers alone: the value model starts from the policy, predicting 0
+        elif critic == "adapter":  # scorers alone: the value model starts from the policy, predicting 0
             if sft_dir is not None:
                 self.model.load_adapter(str(sft_dir), adapter_name="value", is_trainable=True)
             else:
                 self.model.add_adapter("value", methods.peft_config(adapter_cfg, "CAUSAL_LM", cfg.base))
+            self.value_head = _zero_head(self.config.hidden_size, dtype)
+        elif critic == "shared":  # a head on the policy's hidden state: the score head read another adapter's
             self.value_head = _zero_head(self.config.hidden_size, dtype)
         # peft's set_adapter walks every module and resets requires_grad (~5 ms a switch here, a dozen switches a
         # step): switch once through it, fix trainability for good (policy and value train; reference and reward
@@ -272,11 +316,18 @@ class SharedBase:
                                     position_ids=encoding.position_ids(attention_mask)).last_hidden_state
 
     def values(self, input_ids, attention_mask) -> torch.Tensor:
-        """Value head output at every position, ``[batch, seq]`` (the head itself in full precision)."""
+        """Value head output at every position, ``[batch, seq]`` (the head itself in full precision), on the value
+        adapter's hidden state, or the policy's with the shared critic."""
         if not self.critic:
             raise RuntimeError("PPO runs without a critic (ppo.advantage is critic-free)")
-        hidden = self._hidden("value", input_ids, attention_mask)
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        hidden = self._hidden("policy" if self.critic == "shared" else "value", input_ids, attention_mask)
+        return head_values(self.value_head, hidden)
+
+    def policy_and_values(self, input_ids, attention_mask, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's logits and the shared critic's values of the last ``keep`` positions, from one pass (the
+        logits are exactly ``policy_logits``': the same forward, which also returns its hidden states)."""
+        self.use("policy")
+        return logits_and_values(self, self.model, input_ids, attention_mask, keep)
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
         """Reward of each whole sequence, read where the reward model trained (``rewards.reward_index``),
@@ -288,11 +339,19 @@ class SharedBase:
         last = hidden[torch.arange(len(hidden), device=hidden.device), index]
         return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
 
-    def sample(self, input_ids, attention_mask, **kwargs) -> rollout.Samples:
-        """Responses of the policy, with their log-probabilities and entropies (``rollout.decode``)."""
+    def sample(self, input_ids, attention_mask, values: bool = False, **kwargs) -> rollout.Samples:
+        """Responses of the policy, with their log-probabilities and entropies (``rollout.decode``), and with
+        ``values`` the shared critic's value before each token."""
         self.use("policy")
         with autocast(self.device, self.autocast):
-            return rollout.decode(self.model, input_ids, attention_mask, vocab=self.vocab, **kwargs)
+            return rollout.decode(self.model, input_ids, attention_mask, vocab=self.vocab,
+                                  value_head=self._value_head(values), **kwargs)
+
+    def _value_head(self, values: bool):
+        """The shared critic's head for the sampling pass, or None."""
+        if values and self.critic != "shared":
+            raise RuntimeError("values come from the sampling pass with the shared critic only")
+        return (lambda hidden: head_values(self.value_head, hidden)) if values else None
 
     # -- training and saving -----------------------------------------------------------------------------------
     def parameters(self, role: str) -> list[nn.Parameter]:
@@ -344,23 +403,22 @@ class SharedBase:
             raise UserError(f"resume checkpoint does not fit the model (e.g. {missing.unexpected_keys[0]})")
 
     def save(self, out: Path) -> None:
-        """Policy adapter files at ``out`` (loadable by plain peft on the base); value adapter + head in
-        ``out/value`` when there is a critic."""
-        from safetensors.torch import save_file
+        """Policy adapter files at ``out`` (loadable by plain peft on the base); the value adapter and head in
+        ``out/value`` with the adapter critic, the head alone with the shared one."""
 
         tmp = out / ".adapters"
-        self.model.save_pretrained(str(tmp), selected_adapters=["policy", "value"] if self.critic else ["policy"])
+        adapter = self.critic == "adapter"
+        self.model.save_pretrained(str(tmp), selected_adapters=["policy", "value"] if adapter else ["policy"])
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             (tmp / "policy" / name).replace(out / name)
-        if self.critic:
+        if adapter:
             (tmp / "value").replace(out / "value")
         tmp.joinpath("policy").rmdir()
         for leftover in tmp.iterdir():  # peft writes a README next to the adapters
             leftover.unlink() if leftover.is_file() else None
         tmp.rmdir()
         if self.critic:
-            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
-                      str(out / "value" / "value_head.safetensors"))
+            save_value_head(self.value_head, out, self.critic)
 
 
 class SeparateCopies:
@@ -372,7 +430,7 @@ class SeparateCopies:
     vocab: int | None = None
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
-                 value_shift: float = 0.0, value_scale: float = 1.0, critic: bool = True):
+                 value_shift: float = 0.0, value_scale: float = 1.0, critic: str | None = "adapter"):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         dtype = torch_dtype(cfg.dtype)
@@ -380,13 +438,15 @@ class SeparateCopies:
         self.policy = AutoModelForCausalLM.from_pretrained(str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
                                                            use_safetensors=True, **kwargs)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
-        self.reward = self.value = None
+        self.reward = self.value = self.value_head = None
         self.critic = critic
         if rm_dir is not None:
             self.reward = AutoModelForSequenceClassification.from_pretrained(
                 str(rm_dir), dtype=dtype, num_labels=1, use_safetensors=True, **kwargs)
             self.reward.requires_grad_(False).eval()
-        if critic and rm_dir is not None:
+        if critic == "shared":  # a head on the policy's hidden state
+            self.value_head = _zero_head(self.policy.config.hidden_size, self.policy.get_input_embeddings().weight.dtype)
+        elif critic and rm_dir is not None:
             self.value = copy.deepcopy(self.reward).requires_grad_(True)
             head = methods.score_head(self.value)
             weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -400,7 +460,7 @@ class SeparateCopies:
                                           methods.score_head(self.value).weight.dtype)
         if adapter_cfg is not None and adapter_cfg.method != "full":  # bitfit / freeze: the same weights as in SFT
             methods.prepare(self.policy, adapter_cfg, "CAUSAL_LM")
-            if critic:
+            if self.value is not None:
                 methods.prepare(self.value, adapter_cfg, "SEQ_CLS")
 
     @property
@@ -421,8 +481,13 @@ class SeparateCopies:
     def values(self, input_ids, attention_mask) -> torch.Tensor:
         if not self.critic:
             raise RuntimeError("PPO runs without a critic (ppo.advantage is critic-free)")
+        if self.critic == "shared":
+            return self.policy_and_values(input_ids, attention_mask, input_ids.shape[1])[1]
         with autocast(self.device, self.autocast):
             return rewards.token_scores(self.value, input_ids, attention_mask).float()
+
+    def policy_and_values(self, input_ids, attention_mask, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_values(self, self.policy, input_ids, attention_mask, keep)
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
         if self.reward is None:
@@ -430,22 +495,26 @@ class SeparateCopies:
         with autocast(self.device, self.autocast):
             return rewards.sequence_scores(self.reward, input_ids, attention_mask).float()
 
-    def sample(self, input_ids, attention_mask, **kwargs) -> rollout.Samples:
+    def sample(self, input_ids, attention_mask, values: bool = False, **kwargs) -> rollout.Samples:
+        if values and self.critic != "shared":
+            raise RuntimeError("values come from the sampling pass with the shared critic only")
+        head = (lambda hidden: head_values(self.value_head, hidden)) if values else None
         with autocast(self.device, self.autocast):
-            return rollout.decode(self.policy, input_ids, attention_mask, vocab=self.vocab, **kwargs)
+            return rollout.decode(self.policy, input_ids, attention_mask, vocab=self.vocab, value_head=head,
+                                  **kwargs)
 
     def parameters(self, role: str) -> list[nn.Parameter]:
-        model = self.policy if role == "policy" else self.value
+        model = self.policy if role == "policy" else self.value if self.value is not None else self.value_head
         return [p for p in model.parameters() if p.requires_grad] if model is not None else []
 
     def all_parameters(self) -> list[nn.Parameter]:
-        return [x for m in (self.policy, self.reference, self.reward, self.value) if m is not None
+        return [x for m in (self.policy, self.reference, self.reward, self.value, self.value_head) if m is not None
                 for x in m.parameters()]
 
     def train(self, mode: bool = True) -> None:
-        self.policy.train(mode)
-        if self.value is not None:
-            self.value.train(mode)
+        for model in (self.policy, self.value, self.value_head):
+            if model is not None:
+                model.train(mode)
 
     def keep_frozen_in(self, dtype: torch.dtype) -> None:
         """Nothing: the frozen reference and reward copies keep their dtype (only SharedBase stores its frozen
@@ -455,34 +524,40 @@ class SeparateCopies:
         for model in (self.policy, self.reference, self.reward, self.value):
             if model is not None:
                 modeling.place(model, device)
+        if self.value_head is not None:
+            self.value_head.to(device)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        state = {f"policy.{k}": v.clone() for k, v in self.policy.state_dict().items()}
-        if self.value is not None:
-            state.update({f"value.{k}": v.clone() for k, v in self.value.state_dict().items()})
+        state = {}
+        for name, model in (("policy", self.policy), ("value", self.value), ("value_head", self.value_head)):
+            if model is not None:
+                state.update({f"{name}.{k}": v.clone() for k, v in model.state_dict().items()})
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        for name, model in (("policy", self.policy), ("value", self.value)):
+        for name, model in (("policy", self.policy), ("value", self.value), ("value_head", self.value_head)):
             if model is None:
                 continue
             model.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")},
-                                  strict=False)
+                                  strict=name == "value_head")
 
     def save(self, out: Path) -> None:
         self.policy.save_pretrained(str(out))
         if self.value is not None:
             self.value.save_pretrained(str(out / "value"))
+        if self.value_head is not None:
+            save_value_head(self.value_head, out, "shared")
 
 
 def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
          value_shift: float = 0.0, value_scale: float = 1.0, device: torch.device | str = "cpu",
-         mixed_precision: str = "no", critic: bool = True, vocab: int | None = None) -> PPOModels:
+         mixed_precision: str = "no", critic: str | None = "adapter", vocab: int | None = None) -> PPOModels:
     """The PPO models in the layout ``method`` calls for, on ``device``, every forward pass under the autocast
     that ``mixed_precision`` ("auto", "bf16" or "no") resolves to (``precision.autocast_dtype``; the models' ``autocast``
     and ``bf16_speedup`` say what it resolved to). The value head starts as the reward model's score head mapped
     to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises; without a reward model
-    (``rm_dir`` None) it starts at zero on the policy's weights; ``critic`` False: no value model at all.
+    (``rm_dir`` None) it starts at zero on the policy's weights; ``critic`` "shared": a head starting at zero on the
+    policy's hidden state; None: no value model at all.
     ``vocab``: the tokenizer's size (``PPOModels.vocab``)."""
     device = torch.device(device)
     with modeling.loading(f"{sft_dir or 'base'}" + (f" / {rm_dir}" if rm_dir else ""), cfg.base):

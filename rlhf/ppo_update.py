@@ -37,7 +37,7 @@ class Rollout:
     logp: torch.Tensor = None
     ref_logp: torch.Tensor = None
     values: torch.Tensor = None
-    """the critic's values (None without a critic)"""
+    """the critic's values (None without a critic; the shared critic's come from the sampling pass)"""
     entropy: torch.Tensor = None
     scores: torch.Tensor = None
     """the reward model's raw scores (None without a reward model term)"""
@@ -66,7 +66,8 @@ def replace_rows(ro: Rollout, rows: torch.Tensor, new: Rollout, pad_id: int) -> 
     def widen(x: Rollout) -> dict:
         q, length = x.ids.shape[1] - x.response.shape[1], x.response.shape[1]
         whole = {"ids": pad_id, "mask": 0}
-        tokens = {"response": pad_id, "response_mask": 0, "logp": 0.0, "entropy": 0.0}
+        tokens = {"response": pad_id, "response_mask": 0, "logp": 0.0, "entropy": 0.0,
+                  **({"values": 0.0} if x.values is not None else {})}
         out = {k: F.pad(getattr(x, k), (lq - q, lr - length), value=v) for k, v in whole.items()}
         out.update({k: F.pad(getattr(x, k), (0, lr - length), value=v) for k, v in tokens.items()})
         return out
@@ -122,7 +123,9 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
     The loss: the policy objective (``ppo.policy_loss``: the clipped surrogate, GSPO's or CISPO's) minus the
     entropy bonus, plus ``kl_coef`` times the KL to the reference when ``ppo.kl_in`` makes it a loss term, each
     aggregated over tokens and responses as ``ppo.loss_aggregation`` says, plus the clipped value loss (a token
-    mean) when there is a critic.
+    mean) when there is a critic. With the shared critic (``ppo.critic: shared``) one forward pass gives the
+    logits and the values, and one backward takes both losses (the value loss's gradient reaches the policy
+    adapter through ``vf_coef``); with the adapter critic the value adapter has a forward and backward of its own.
 
     Each loss is that of the whole mini-batch, across micro-batches and processes (every micro-batch's aggregate
     is weighted by its share of the mini-batch's tokens or responses, ``ppo_math.batch_share``), and the
@@ -137,6 +140,7 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
     epochs_run = 0
     first_ratio = 0.0  # this process's part of the first mini-batch's mean ratio, before any update of the step
     grad_norms: dict[str, list[float]] = {role: [] for role in params}
+    shared = "value" in params and p.value_model == "shared"
     for epoch in range(p.ppo_epochs):
         epochs_run += 1
         epoch_kl = 0.0  # this process's part of the epoch's mean approximate KL
@@ -152,13 +156,22 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
                 ids, mask, rmask = ro.ids[micro], ro.mask[micro], ro.response_mask[micro]
                 by_token = rmask.sum() / tokens  # this micro-batch's part of the mini-batch's token means
                 share = ppo_math.batch_share(rmask, how, tokens, responses)  # and of its losses
-                logits = response_logits(models, ids, mask, length)
+                vpred = None
+                if shared:  # one pass: the policy's logits and the values on its hidden state
+                    logits, vpred = (predicting(x, length) for x in models.policy_and_values(ids, mask, length + 1))
+                else:
+                    logits = response_logits(models, ids, mask, length)
                 logp = ppo_math.logprobs_from_logits(logits, ro.response[micro], p.temperature)
                 terms, pstats = ppo_math.policy_loss_terms(logp, ro.logp[micro], ro.advantages[micro], rmask,
                                                            p.policy_loss, clip_low, clip_high)
                 pg_loss = ppo_math.aggregate(terms, rmask, how, horizon)
-                entropies = ppo_math.entropy_from_logits(logits, p.temperature)
-                loss = pg_loss - p.entropy_coef * ppo_math.aggregate(entropies, rmask, how, horizon)
+                if p.entropy_coef:  # the bonus is differentiated; without one the entropy is only logged
+                    entropies = ppo_math.entropy_from_logits(logits, p.temperature)
+                    loss = pg_loss - p.entropy_coef * ppo_math.aggregate(entropies, rmask, how, horizon)
+                else:
+                    with torch.no_grad():
+                        entropies = ppo_math.entropy_from_logits(logits, p.temperature)
+                    loss = pg_loss
                 logged = [("policy/loss", pg_loss, share), ("policy/entropy", ppo_math.masked_mean(entropies, rmask),
                           by_token), ("policy/approxkl", pstats["approxkl"], by_token),
                           ("policy/clipfrac", pstats["clipfrac"], by_token), ("policy/ratio", pstats["ratio"], by_token)]
@@ -166,13 +179,17 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
                     kl = ppo_math.kl_loss(logp, ro.ref_logp[micro], rmask, p.kl_kind, how, horizon)
                     loss = loss + kl_coef * kl
                     logged.append(("policy/kl_loss", kl, share))
-                (loss * share).backward()
+                objective = loss * share
                 if "value" in params:
-                    vpred = predicting(models.values(ids, mask), length)
+                    if vpred is None:  # the value adapter's own pass, after the policy's graph is freed
+                        objective.backward()
+                        objective = 0.0
+                        vpred = predicting(models.values(ids, mask), length)
                     vf_loss, vstats = ppo_math.value_loss(vpred, ro.values[micro], ro.returns[micro], rmask,
                                                           p.value_clip)
-                    (p.vf_coef * vf_loss * by_token).backward()
+                    objective = objective + p.vf_coef * vf_loss * by_token
                     logged += [("value/loss", vf_loss, by_token), ("value/clipfrac", vstats["clipfrac"], by_token)]
+                objective.backward()
                 for key, value, weight in logged:
                     totals[key] = totals.get(key, 0.0) + (value * weight).item()  # summed: the mini-batch's
                 epoch_kl += (pstats["approxkl"] * by_token).item()

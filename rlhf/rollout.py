@@ -195,6 +195,9 @@ class Samples:
     """entropy of that distribution at each position"""
     static: bool = True
     """whether the loop ran over a preallocated cache (False: the architecture needs the growing cache)"""
+    values: torch.Tensor | None = None
+    """with a ``value_head``: its value of the state each token was chosen in (the last hidden state of the pass
+    that drew it), else None"""
 
 
 CHECK_EVERY_ON_GPU = 8
@@ -205,7 +208,8 @@ question waits for the queued work); a CPU has no queue, so it asks after every 
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float,
            max_new_tokens: int, eos_token_id: int, pad_token_id: int, keys: torch.Tensor | None = None,
-           min_new_tokens: int = 0, static: bool | None = None, vocab: int | None = None) -> Samples:
+           min_new_tokens: int = 0, static: bool | None = None, vocab: int | None = None,
+           value_head=None) -> Samples:
     """The generation engine: a response to each left-padded prompt, with each token's log-probability and the
     distribution's entropy (so that PPO's rollout does not compute them again). Every command generates here.
 
@@ -216,6 +220,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     ``min_new_tokens`` tokens are out, EOS is not drawn (the recorded log-probs stay those of the unmasked model).
     ``vocab`` (the tokenizer's size): ids at or above it, rows of a padded embedding that decode to nothing, are
     never drawn and take no probability (``ppo_math.restrict_vocab``, which PPO's scoring passes apply too).
+    ``value_head`` (PPO's shared critic: final hidden states ``[B, H]`` -> ``[B]``) is applied to the hidden state
+    each token is drawn from, giving the rollout's values without a pass of their own.
 
     Static shapes: one forward pass over the prompts, then one per new token reading only the last position's
     logits, over a KV cache preallocated for ``prompt + max_new_tokens`` positions (transformers' ``StaticCache``)
@@ -252,6 +258,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(batch, max_new_tokens, device=device)
     entropy = torch.zeros(batch, max_new_tokens, device=device)
+    values = torch.zeros(batch, max_new_tokens, device=device) if value_head is not None else None
+    hidden = {"output_hidden_states": True} if value_head is not None else {}
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     finished_at = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
     eos = torch.tensor([eos_token_id], device=device)
@@ -260,12 +268,15 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     for t in range(max_new_tokens):
         end = prompt + t  # the inputs of this pass end at this column of the full-width buffers
         if uncached:  # peft prepends its virtual tokens (or prefixes) to every pass and sets the positions
-            logits = model(input_ids=torch.cat([input_ids, tokens[:, :t]], 1), attention_mask=mask[:, :end],
-                           use_cache=False).logits[:, -1].float() / scale
+            out = model(input_ids=torch.cat([input_ids, tokens[:, :t]], 1), attention_mask=mask[:, :end],
+                        use_cache=False, **hidden)
         else:
-            logits = model(input_ids=step_ids, attention_mask=mask if static else mask[:, :end],
-                           position_ids=positions[:, end - step_ids.shape[1]:end], use_cache=True,
-                           logits_to_keep=1, **cache_arg).logits[:, -1].float() / scale
+            out = model(input_ids=step_ids, attention_mask=mask if static else mask[:, :end],
+                        position_ids=positions[:, end - step_ids.shape[1]:end], use_cache=True,
+                        logits_to_keep=1, **cache_arg, **hidden)
+        logits = out.logits[:, -1].float() / scale
+        if values is not None:
+            values[:, t] = value_head(out.hidden_states[-1][:, -1])
         logits = restrict_vocab(logits, vocab)
         allowed = logits if t >= min_new_tokens else logits.index_fill(-1, eos, -torch.inf)
         if greedy:
@@ -286,4 +297,5 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
         step_ids = token[:, None]
     # tokens decoded after every row had finished (the device was asked only every few tokens) are pad: cut them
     length = int(finished_at.max()) if bool(done.all()) else steps
-    return Samples(tokens[:, :length], logprobs[:, :length], entropy[:, :length], static)
+    return Samples(tokens[:, :length], logprobs[:, :length], entropy[:, :length], static,
+                   values[:, :length] if values is not None else None)

@@ -41,7 +41,8 @@ from rlhf.rollout import episode_keys
 from rlhf.training import show_progress
 
 ROLES = {True: ("policy", "value"), False: ("policy",)}
-"""the trained models, with a critic (ppo.advantage gae) and without"""
+"""the trained parameters, with a critic (ppo.advantage gae: the value adapter and head, or the shared critic's
+head alone) and without"""
 
 
 @dataclass
@@ -239,7 +240,7 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     setting, measured = precision_of(run, p)
     models, params, checked = load_checked(
         lambda precision_: ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
-                                           mixed_precision=precision_, critic=p.critic, vocab=len(tokenizer)),
+                                           mixed_precision=precision_, critic=p.value_model, vocab=len(tokenizer)),
         setting, measured, p, tokenizer, encoded, reward.in_process, main)
     if reward.in_process:
         reward.model = rewards.TokenReward(models.scores, tokenizer, rm.dir, rm.reward_stats, models.device)
@@ -261,7 +262,7 @@ def load_checked(load, setting: str, measured: float | None, p: PPOConfig, token
         models = load(attempt)
         measured = models.bf16_speedup = measured if measured is not None else models.bf16_speedup
         models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
-        params = {role: models.parameters(role) for role in ROLES[p.critic]}
+        params = {role: models.parameters(role) for role in ROLES[p.value_model is not None]}
         query, query_mask = (x.to(models.device) for x in left_pad(encoded[:4], tokenizer.pad_token_id))
         checked = time.perf_counter()
         models.repeatable = precision.repeats(lambda: probe_pass(
@@ -305,7 +306,8 @@ def start(s: Setup) -> State:
         print(f"ppo: {len(s.encoded)} prompts, {s.steps} steps of {s.global_batch} episodes"
               + (f" ({p.samples_per_prompt} per prompt)" if p.samples_per_prompt > 1 else "")
               + (f" ({n_proc} processes x {p.batch_size})" if n_proc > 1 else "")
-              + f"; advantage {p.advantage}, loss {_objective(p)}, KL in the {p.kl_where} ({p.kl_kind}); training "
+              + f"; advantage {p.advantage}" + (f" ({p.value_model} critic)" if p.value_model else "")
+              + f", loss {_objective(p)}, KL in the {p.kl_where} ({p.kl_kind}); training "
               f"{trainable_count(s):,} parameters ({' + '.join(s.params)}); {_precision(s.models)}",
               file=sys.stderr)
     if s.run.resumed:
@@ -334,7 +336,7 @@ def train(s: Setup, state: State) -> None:
         with torch.no_grad():
             ro.ref_logp = ppo_math.logprobs_from_logits(
                 response_logits(models, ro.ids, ro.mask, length, role="reference"), response, p.temperature)
-            if p.critic:
+            if p.value_model == "adapter":  # the shared critic's came with the sampling pass
                 ro.values = predicting(models.values(ro.ids, ro.mask), length)
         reward_kl_coef = state.kl_ctl.value if p.kl_where == "reward" else 0.0
         ro.rewards, ro.kl = ppo_math.kl_penalized_rewards(ro.shaped, ro.logp, ro.ref_logp, response_mask,
@@ -393,18 +395,18 @@ def draw(s: Setup, state: State, n: int) -> list[int]:
 
 def roll_out(s: Setup, step: int, batch: list[int], episodes: torch.Tensor) -> Rollout:
     """Sample one response for each of ``batch``'s prompts, episode ``episodes[i]`` (its global index in the step)
-    with its own key; the sampling pass keeps each token's log-prob and entropy."""
+    with its own key; the sampling pass keeps each token's log-prob and entropy (and the shared critic's value)."""
     p, tok = s.p, s.tokenizer
     query, query_mask = (t.to(s.models.device) for t in left_pad([s.encoded[i] for i in batch], tok.pad_token_id))
     sampled = s.models.sample(query, query_mask, keys=episode_keys(p.seed, step, episodes),
                               temperature=p.temperature, max_new_tokens=p.max_new_tokens,
                               min_new_tokens=p.min_new_tokens, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id)
+                              pad_token_id=tok.pad_token_id, values=p.value_model == "shared")
     response, response_mask, stopped = ppo_math.truncate_after_eos(sampled.tokens, tok.eos_token_id,
                                                                    tok.pad_token_id)
     return Rollout(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, response_mask], 1),
                    response=response, response_mask=response_mask, stopped=stopped, logp=sampled.logprobs,
-                   entropy=sampled.entropy)
+                   entropy=sampled.entropy, values=sampled.values)
 
 
 def refill_flat_groups(s: Setup, state: State, step: int, ro: Rollout, batch: list[int]
@@ -615,7 +617,7 @@ def finish(s: Setup, state: State) -> dict:
         "base": s.model_cfg.base,
         "parents": {"sft": str(s.sft_dir) if s.sft_dir else None, "rm": str(s.rm_dir) if s.rm_dir else None},
         "reward": s.reward.describe(),
-        "advantage": {"estimator": p.advantage, "samples_per_prompt": p.samples_per_prompt, "critic": p.critic,
+        "advantage": {"estimator": p.advantage, "samples_per_prompt": p.samples_per_prompt, "critic": p.value_model,
                       "kl_in": p.kl_where, "kl_estimator": p.kl_kind},
         "objective": {"policy_loss": p.policy_loss, "loss_aggregation": p.aggregation, "clip": list(p.clip_range),
                       "overlong": {"buffer": p.overlong_buffer, "penalty": p.overlong_penalty}

@@ -189,7 +189,7 @@ PPO = ("--set", "ppo.max_steps=3", "--set", "ppo.max_new_tokens=16", "--set", "p
        "--set", "ppo.mixed_precision=no")  # fp32: bf16 rounding depends on the batch shapes
 
 
-@pytest.mark.parametrize("estimator", ["gae", "reinforce_pp"])
+@pytest.mark.parametrize("estimator", ["gae", "gae-shared", "reinforce_pp"])
 def test_ppo_on_two_processes_matches_one(parents, tmp_path, estimator):
     """Each process samples its half of the same global batch (per-episode sampling keys), whitens advantages
     with statistics of both halves, normalises losses by the tokens of both, and sums gradients: the result is
@@ -200,8 +200,10 @@ def test_ppo_on_two_processes_matches_one(parents, tmp_path, estimator):
     recipe, runs = parents
     one, two = tmp_path / "one" / "ppo", tmp_path / "two" / "ppo"
     (tmp_path / "flat.py").write_text(FLAT_WHEN_EVEN)
-    extra = ("--set", f"ppo.advantage={estimator}", "--set", f"ppo.samples_per_prompt={1 + (estimator != 'gae')}")
-    if estimator != "gae":
+    gae = estimator.startswith("gae")
+    extra = ("--set", f"ppo.advantage={estimator.split('-')[0]}", "--set", f"ppo.samples_per_prompt={1 + (not gae)}",
+             "--set", f"ppo.critic={'shared' if estimator == 'gae-shared' else 'adapter'}")
+    if not gae:
         extra += tuple(x for kv in ("ppo.loss_aggregation=seq_mean_token_sum", "ppo.drop_flat_groups=true",
                                     f"ppo.reward={{{tmp_path / 'flat.py'}:flat_when_even: 1.0}}",
                                     "ppo.missing_eos_penalty=null") for x in ("--set", kv))
@@ -215,7 +217,8 @@ def test_ppo_on_two_processes_matches_one(parents, tmp_path, estimator):
     assert b["world_size"] == 2 and a["world_size"] == 1
     assert b["metrics"]["episodes"] == a["metrics"]["episodes"] == 24
     _only_run(two.parent, "ppo")
-    critic = ("value/adapter_model.safetensors", "value/value_head.safetensors") if estimator == "gae" else ()
+    critic = {"gae": ("value/adapter_model.safetensors", "value/value_head.safetensors"),
+              "gae-shared": ("value/value_head.safetensors",)}.get(estimator, ())
     assert (two / "value").exists() == (one / "value").exists() == bool(critic)
     for name in ("adapter_model.safetensors", *critic, "checkpoints/step_000002/adapter_model.safetensors"):
         assert _max_diff(two / name, one / name) < ATOL, name
@@ -223,9 +226,9 @@ def test_ppo_on_two_processes_matches_one(parents, tmp_path, estimator):
     assert len(rows[0]) == len(rows[1]) == 3
     for x, y in zip(*rows):  # the same episodes, so the same statistics of the whole batch
         for key in ("objective/score_total", "objective/kl", "response/length", "ppo/kl_coef", "policy/loss",
-                    *(("objective/resampled", "objective/flat_groups") if estimator != "gae" else ())):
+                    *(("objective/resampled", "objective/flat_groups") if not gae else ())):
             assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-5), key
-    if estimator != "gae":
+    if not gae:
         assert sum(r["objective/resampled"] for r in rows[0]) > 0, "no group was refilled: nothing compared"
 
 

@@ -166,7 +166,7 @@ def test_critic_free_estimators_train_the_policy_alone(parents, tmp_path, estima
     assert not (out / "checkpoints" / "step_000001" / "value").exists()
     m = json.loads((out / "manifest.json").read_text())
     kl_in = "loss" if estimator == "grpo" else "reward"
-    assert m["advantage"] == {"estimator": estimator, "samples_per_prompt": 4, "critic": False, "kl_in": kl_in,
+    assert m["advantage"] == {"estimator": estimator, "samples_per_prompt": 4, "critic": None, "kl_in": kl_in,
                               "kl_estimator": "k3" if kl_in == "loss" else "k1"}
     assert m["metrics"]["episodes"] == 16 and m["adapter"]["parameters"]["trainable"] == sum(
         v.numel() for v in load_file(out / "adapter_model.safetensors").values())
@@ -488,15 +488,15 @@ def test_ppo_reward_model_plus_a_scorer_and_a_scorer_that_fails(parents, tmp_pat
     assert not (out / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_ppo_from_the_bare_base_against_a_scorer_needs_no_parent_run(tiny_recipe, tmp_path, method):
+@pytest.mark.parametrize("method,critic", [("lora", "adapter"), ("full", "adapter"), ("full", "shared")])
+def test_ppo_from_the_bare_base_against_a_scorer_needs_no_parent_run(tiny_recipe, tmp_path, method, critic):
     """`--policy base` with a scorer-only reward: no SFT and no RM run exist; policy and value start from the
-    recipe's base (fresh adapters, or copies with full fine-tuning; the value head starts at zero) and both
-    train."""
+    recipe's base (fresh adapters, or copies with full fine-tuning; the value head starts at zero; with the shared
+    critic, a head on the policy copy) and both train."""
     from stages import ppo
 
     recipe = load_recipe(tiny_recipe, SMALL + ["ppo.eval_every=0", "ppo.reward={style: 1.0}",
-                                               f"adapter.method={method}"])
+                                               f"adapter.method={method}", f"ppo.critic={critic}"])
     manifest = ppo.main(recipe, policy="base", out=tmp_path / "ppo")
     assert manifest["parents"] == {"sft": None, "rm": None} and manifest["reward"] == {
         "style": {"spec": "style", "weight": 1.0}}
@@ -504,6 +504,9 @@ def test_ppo_from_the_bare_base_against_a_scorer_needs_no_parent_run(tiny_recipe
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout is the base's
     assert all(r["value/grad_norm"] > 0 and r["policy/grad_norm"] > 0 for r in rows)
+    if critic == "shared":  # the policy copy's hidden state under a head: no value model
+        assert sorted(x.name for x in (tmp_path / "ppo" / "value").iterdir()) == ["value_head.safetensors"]
+        return
     if method == "full":
         assert (tmp_path / "ppo" / "value" / "model.safetensors").is_file()
         return

@@ -35,10 +35,15 @@ ARGS = {
                  "ppo.max_new_tokens=12", "ppo.save_every=1", "ppo.eval_every=0", "ppo.advantage=grpo",
                  "ppo.samples_per_prompt=4", "ppo.policy_loss=cispo",
                  "ppo.missing_eos_penalty=null", "ppo.drop_flat_groups=true", "ppo.mixed_precision=bf16"],
+    # the shared critic (a value head on the policy's hidden state, values from the sampling pass), in bf16
+    "ppo-shared": ["ppo.max_steps=6", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
+                   "ppo.max_new_tokens=12", "ppo.save_every=2", "ppo.eval_every=0", "ppo.critic=shared",
+                   "ppo.mixed_precision=bf16"],
 }
 FILES = {"sft": ["adapter_model.safetensors"], "rm": ["adapter_model.safetensors"],
          "ppo": ["adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors"],
-         "ppo-grpo": ["adapter_model.safetensors"], "dpo": ["adapter_model.safetensors"]}
+         "ppo-grpo": ["adapter_model.safetensors"],
+         "ppo-shared": ["adapter_model.safetensors", "value/value_head.safetensors"], "dpo": ["adapter_model.safetensors"]}
 
 
 def _argv(stage, recipe, out, extra=()):
@@ -102,7 +107,7 @@ def _preempt(argv, staging: Path, work: Path, rng: random.Random, sig: int, log:
     return True
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "ppo-grpo", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "ppo-grpo", "ppo-shared", "dpo"])
 def test_stopped_run_resumes_bit_identically(stage, parents, tmp_path):
     recipe, _ = parents
     rng = random.Random(f"{stage}-kill")

@@ -144,7 +144,9 @@ def runs_to_compare() -> dict[str, dict]:
                "trl": {"side": "trl", "env": {}},
                "trl_bf16": {"side": "trl", "env": {}, "bf16": True},
                # what "auto" falls back to where bf16 does not repeat bit for bit (rlhf/precision.py)
-               "ours_fp32": {"side": "ours", "env": {}, "sets": ("ppo.mixed_precision=no",)}}
+               "ours_fp32": {"side": "ours", "env": {}, "sets": ("ppo.mixed_precision=no",)},
+               # GAE with the value head on the policy's hidden state: one forward and backward per mini-batch
+               "ours_shared": {"side": "ours", "env": {}, "sets": ("ppo.critic=shared",)}}
     if tcmalloc:
         configs["ours_system_malloc"] = {"side": "ours", "env": {allocator.ENV: "system"}}
         configs["trl_tcmalloc"] = {"side": "trl", "env": {"LD_PRELOAD": tcmalloc}}
@@ -160,15 +162,48 @@ ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
 # (ours, reference) pairs whose ratios are reported: as each toolkit runs by default, and with the same allocator
 PAIRS = (("ours", "trl"), ("ours", "trl_bf16"), ("ours_system_malloc", "trl"), ("ours", "trl_tcmalloc"),
-         ("ours_fp32", "ours"), ("ours_fp32", "trl"),
+         ("ours_fp32", "ours"), ("ours_fp32", "trl"), ("ours_shared", "trl"), ("ours_shared", "trl_bf16"),
+         ("ours_shared", "ours"),
          *((f"ours_{e}", "ours") for e in ESTIMATORS), *((f"ours_{e}", "trl") for e in ESTIMATORS))
 
 
-def ppo_vs_trl(p, recipe, work, trl_python, repeats, batches, steps, length) -> dict:
+def step_work(base: str, r: int, prompt: float, response: float, epochs: int, critic: str | None) -> dict:
+    """The matrix-product FLOPs one episode costs in each phase of a PPO step, from the model's shapes: a
+    ``prompt + response`` sequence through every linear weight of the decoder layers (2 FLOPs per weight and token)
+    with its rank-``r`` LoRA adapter, causal attention (4 x layers x width x the positions seen), and the output
+    head where logits are needed (the response positions). A backward pass with a frozen base costs the forward's
+    products again (input gradients) plus the adapter's weight gradients. Phases: generation (the sampling pass),
+    scoring (the reference's log-probs, the reward model's score, the value adapter's values: ``critic`` "adapter"),
+    the update (``epochs`` x the policy's forward and backward, and the value adapter's with ``critic``
+    "adapter"; the shared critic's and a critic-free run's are the policy's alone)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    body = sum(m.weight.numel() for m in linears)
+    lora = sum(r * (m.in_features + m.out_features) for m in linears)
+    width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    seq = prompt + response
+    attention = 4 * config.num_hidden_layers * width * seq * (seq + 1) / 2
+    logits = 2 * head.weight.numel() * response
+    forward = 2 * (body + lora) * seq + attention  # one pass of one adapter over the sequence, no logits
+    backward = forward + 2 * lora * seq + attention  # input gradients (attention's twice) + adapter weights
+    work = {"generation": forward + logits,
+            "scoring": (forward + logits) + forward + (forward if critic == "adapter" else 0),
+            "update": epochs * ((forward + logits) + (backward + logits)
+                                + (forward + backward if critic == "adapter" else 0))}
+    return {**work, "total": sum(work.values())}
+
+
+def ppo_vs_trl(p, recipe, work, trl_python, repeats, batches, steps, length, only_configs=None) -> dict:
     from rlhf.config import load_recipe
 
     r = load_recipe(str(recipe))
-    configs = runs_to_compare()
+    configs = {k: v for k, v in runs_to_compare().items() if not only_configs or k in only_configs}
     results = {"import_floor_mb": {"ours": import_floor(sys.executable, "torch, transformers, peft, trl, stages.ppo"),
                                    "trl": import_floor(trl_python, "torch, transformers, peft, trl.experimental.ppo")},
                "configs": {name: {k: v for k, v in c.items()} for name, c in configs.items()}}
@@ -192,8 +227,21 @@ def ppo_vs_trl(p, recipe, work, trl_python, repeats, batches, steps, length) -> 
                           "length": statistics.median(x["length"] for x in rs),
                           "allocator": rs[0]["allocator"], "precision": rs[0]["precision"]}
                    for name, rs in runs.items()}
-        summary["ours"]["phases"] = {k: statistics.median(x["phases"][k] for x in runs["ours"])
-                                     for k in ("generation", "scoring", "update")}
+        prompt = statistics.mean(len(x) for x in json.loads(Path(p["ids"]).read_text()))
+        peaks = {"bf16": matmul_peak("bfloat16"), "no": matmul_peak("float32")}
+        for name, c in configs.items():  # each of ours against the matmul work of its step at this CPU's peak
+            if c["side"] != "ours":
+                continue
+            sets = dict(kv.split("=", 1) for kv in c.get("sets", ()))
+            critic = None if sets.get("ppo.advantage", "gae") != "gae" else sets.get("ppo.critic", "adapter")
+            flops = step_work(str(r.model.base if Path(r.model.base).is_absolute() else ROOT / r.model.base),
+                              r.adapter.r, prompt, summary[name]["length"], 4, critic)
+            summary[name]["phases"] = {k: statistics.median(x["phases"][k] for x in runs[name])
+                                       for k in ("generation", "scoring", "update")}
+            peak = peaks[summary[name]["precision"]]
+            summary[name]["matmul"] = {"flops_per_episode": flops, "peak": peak,
+                                       "bound_s": batch * flops["total"] / peak,
+                                       "step_s": batch / summary[name]["episodes_per_s"]}
         summary["ours"]["bf16_speedup"] = statistics.median(x["bf16_speedup"] or 0.0 for x in runs["ours"])
         summary["ours"]["repeatable"] = all(x["repeatable"] for x in runs["ours"])
         summary["ours"]["repeat_check_s"] = statistics.median(x["repeat_check_s"] for x in runs["ours"])
@@ -383,7 +431,8 @@ def markdown(res: dict) -> str:
                   "its bf16 mixed precision. Peak RSS is the whole process's; importing the libraries alone takes "
                   f"{floor['ours']:.0f} MB (ours) and {floor['trl']:.0f} MB (TRL's environment).", ""]
         names = {"ours": "ours (PPO, GAE)", "ours_system_malloc": "ours, glibc malloc",
-                 "ours_fp32": "ours, fp32 (auto's fallback)", "trl": "TRL 0.28 fp32",
+                 "ours_fp32": "ours, fp32 (auto's fallback)", "ours_shared": "ours (PPO, GAE, shared critic)",
+                 "trl": "TRL 0.28 fp32",
                  "trl_tcmalloc": "TRL 0.28 fp32, tcmalloc", "trl_bf16": "TRL 0.28 bf16",
                  **{f"ours_{e}": f"ours, {e} (no critic, 4 per prompt)" for e in ESTIMATORS}}
         for batch, s in res["ppo"].items():
@@ -404,9 +453,23 @@ def markdown(res: dict) -> str:
                 a, b = pair.split("/")
                 lines.append(f"| {names[a]} vs {names[b]} | {ratio['speed']:.2f}x | {ratio['memory']:.2f}x | "
                              f"{ratio['memory_above_imports']:.2f}x |")
-            ph = o["phases"]
-            lines += ["", f"Ours per step: generation {ph['generation']:.2f} s, scoring {ph['scoring']:.2f} s, "
-                          f"update {ph['update']:.2f} s.", ""]
+            flags = ", ".join(m.get("cpu_flags") or []) or "no AVX512/AMX"
+            lines += ["", f"Ours against the arithmetic ({m['cpu'] or 'unknown CPU'}; {flags}): the matrix-product "
+                          "work of a step (`step_work`: every weight, adapter, attention and the head where logits "
+                          "are read, forward and backward) at this CPU's measured peak in the run's precision "
+                          "(a 2048^2 product, so the bound is generous to the small shapes of the tiny model).", "",
+                      "| run | step | generation / scoring / update | matmul work | bound at peak | step / bound |",
+                      "|---|---|---|---|---|---|"]
+            for name in names:
+                if name in s and "matmul" in s[name]:
+                    w, ph = s[name]["matmul"], s[name]["phases"]
+                    lines.append(f"| {names[name]} | {w['step_s']:.2f} s | {ph['generation']:.2f} / "
+                                 f"{ph['scoring']:.2f} / {ph['update']:.2f} s | "
+                                 f"{int(batch) * w['flops_per_episode']['total'] / 1e9:.0f} GFLOP | "
+                                 f"{w['bound_s']:.2f} s ({w['peak'] / 1e9:.0f} GFLOP/s, "
+                                 f"{'bf16' if s[name]['precision'] == 'bf16' else 'fp32'}) | "
+                                 f"{w['step_s'] / w['bound_s']:.1f}x |")
+            lines.append("")
     if "generation" in res:
         g = res["generation"]
         lines += ["## Generation", "",
@@ -452,7 +515,9 @@ def markdown(res: dict) -> str:
 @click.option("--batches", default="8,64", show_default=True)
 @click.option("--only", type=click.Choice(["ppo", "generation", "sft", "pipeline"]), multiple=True,
               help="run only these parts")
-def main(out, recipe, trl_python, repeats, steps, length, batches, only):
+@click.option("--configs", default="", help="PPO runs to compare, comma-separated (default: all of them; e.g. "
+              "ours,ours_shared,trl)")
+def main(out, recipe, trl_python, repeats, steps, length, batches, only, configs):
     work = Path(out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     recipe = Path(recipe).resolve()
@@ -466,7 +531,7 @@ def main(out, recipe, trl_python, repeats, steps, length, batches, only):
         p = parents(work, recipe)
         res["ppo_setup"] = {"repeats": repeats, "steps": steps, "length": length}
         res["ppo"] = ppo_vs_trl(p, recipe, work, trl_python, repeats, [int(b) for b in batches.split(",")], steps,
-                                length)
+                                length, [c for c in configs.split(",") if c])
     if "generation" in parts:
         res["generation"] = generation(parents(work, recipe), work, [int(b) for b in batches.split(",")])
     if "sft" in parts:

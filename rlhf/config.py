@@ -395,8 +395,10 @@ class PPOConfig:
     """surrogate clipping epsilon"""
     value_clip: float = 0.2
     """value clipping epsilon"""
-    vf_coef: float = 0.1
-    """weight of the value loss"""
+    vf_coef: float | None = None
+    """weight of the value loss; None: the critic's own, 0.1 with the adapter critic (the weight scales only the
+    value adapter's gradient) and 0.01 with the shared critic, whose value-loss gradient shares the policy
+    adapter and its clipping budget (on the tiny world 0.1 there cost style and doubled the KL; docs/ppo.md)"""
     entropy_coef: float = 0.0
     """weight of the entropy bonus"""
     max_grad_norm: float = 1.0
@@ -449,6 +451,11 @@ class PPOConfig:
         return self.critic if self.advantage == "gae" else None
 
     @property
+    def value_coef(self) -> float:
+        """The value loss's weight: ``vf_coef``, or the critic's own."""
+        return self.vf_coef if self.vf_coef is not None else 0.01 if self.critic == "shared" else 0.1
+
+    @property
     def kl_where(self) -> str:
         """Where the KL penalty acts: ``kl_in``, or the estimator's own."""
         return self.kl_in or ("loss" if self.advantage in ("grpo", "dr_grpo") else "reward")
@@ -486,7 +493,9 @@ class PPOConfig:
                               "max_prompt_length", "eval_samples", "keep_checkpoints", "max_nonfinite", "lr",
                               "temperature", "kl_target", "kl_horizon", "max_grad_norm", "clip", "value_clip",
                               "epochs"))
-        _require(fail, self, ("kl_coef", "vf_coef", "entropy_coef"), inclusive=True)
+        _require(fail, self, ("kl_coef", "entropy_coef"), inclusive=True)
+        if self.vf_coef is not None and not 0 <= self.vf_coef < math.inf:
+            fail("vf_coef", f"must not be negative (or null for the critic's own), got {self.vf_coef}")
         if not 0 < self.gamma <= 1:
             fail("gamma", f"must be in (0, 1], got {self.gamma}")
         if not 0 <= self.lam <= 1:

@@ -445,7 +445,8 @@ class SeparateCopies:
                 str(rm_dir), dtype=dtype, num_labels=1, use_safetensors=True, **kwargs)
             self.reward.requires_grad_(False).eval()
         if critic == "shared":  # a head on the policy's hidden state
-            self.value_head = _zero_head(self.policy.config.hidden_size, self.policy.get_input_embeddings().weight.dtype)
+            dtype = self.policy.get_input_embeddings().weight.dtype
+            self.value_head = _zero_head(self.policy.config.hidden_size, dtype)
         elif critic and rm_dir is not None:
             self.value = copy.deepcopy(self.reward).requires_grad_(True)
             head = methods.score_head(self.value)

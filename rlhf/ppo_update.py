@@ -125,7 +125,8 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
     aggregated over tokens and responses as ``ppo.loss_aggregation`` says, plus the clipped value loss (a token
     mean) when there is a critic. With the shared critic (``ppo.critic: shared``) one forward pass gives the
     logits and the values, and one backward takes both losses (the value loss's gradient reaches the policy
-    adapter through ``vf_coef``); with the adapter critic the value adapter has a forward and backward of its own.
+    adapter through ``ppo.vf_coef``); with the adapter critic the value adapter has a forward and backward of its
+    own.
 
     Each loss is that of the whole mini-batch, across micro-batches and processes (every micro-batch's aggregate
     is weighted by its share of the mini-batch's tokens or responses, ``ppo_math.batch_share``), and the
@@ -187,7 +188,7 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
                         vpred = predicting(models.values(ids, mask), length)
                     vf_loss, vstats = ppo_math.value_loss(vpred, ro.values[micro], ro.returns[micro], rmask,
                                                           p.value_clip)
-                    objective = objective + p.vf_coef * vf_loss * by_token
+                    objective = objective + p.value_coef * vf_loss * by_token
                     logged += [("value/loss", vf_loss, by_token), ("value/clipfrac", vstats["clipfrac"], by_token)]
                 objective.backward()
                 for key, value, weight in logged:

@@ -141,3 +141,16 @@ def test_ppo_with_the_shared_critic_through_the_cli(parents, tmp_path):
         assert r["policy/ratio_first"] == pytest.approx(1.0, abs=1e-6)
     sft, pol = load_file(runs / "sft" / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert set(pol) == set(sft) and any(not torch.equal(pol[k], sft[k]) for k in pol)
+
+
+def test_each_critic_has_its_own_value_loss_weight():
+    """``vf_coef: null`` is the critic's own weight (0.1 for the adapter critic, 0.01 for the shared one, whose
+    value gradient lands in the policy adapter); a set weight, 0 included, is kept; a negative one is refused."""
+    from rlhf.config import PPOConfig
+    from rlhf.errors import UserError
+
+    assert PPOConfig().value_coef == 0.1 and PPOConfig(critic="shared").value_coef == 0.01
+    assert PPOConfig(critic="shared", vf_coef=0.0).value_coef == 0.0
+    assert PPOConfig(advantage="rloo", samples_per_prompt=2, critic="shared").value_model is None
+    with pytest.raises(UserError, match="ppo.vf_coef must not be negative"):
+        PPOConfig(vf_coef=-1.0).validate("recipe.yaml")

@@ -333,6 +333,76 @@ def generation(p: dict, work: Path, batches: list[int], tokens: int = 64, repeat
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 1c. Where the update's time goes
+# ---------------------------------------------------------------------------------------------------------------
+
+def update_profile(p: dict, batch: int = 32, length: int = 70, keep: int = 65, repeats: int = 4,
+                   compiled: bool = True) -> dict:
+    """One mini-batch of the default recipe's PPO update (``batch`` sequences of ``length`` tokens, the last
+    ``keep`` positions' logits), each pass timed alone (best of ``repeats``), in the precision PPO picks here: the
+    policy's forward, its forward and backward with the shared critic's head, the adapter critic's value adapter
+    forward and backward on top, the forward with every adapter switched off (what LoRA costs), and, with
+    ``compiled``, the shared critic's forward and backward with each decoder layer compiled
+    (``torch.compile``, regional), its compile time included separately."""
+    import torch
+
+    from rlhf import methods, ppo_models
+    from rlhf.config import ModelConfig
+
+    manifest = json.loads((p["sft"] / "manifest.json").read_text())
+    cfg = ModelConfig(**{**manifest["recipe"]["model"], "base": manifest["base"], "attn_implementation": "eager"})
+    out = {"batch": batch, "length": length}
+    ids = torch.randint(3, 400, (batch, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1000
+
+    for critic in ("shared", "adapter"):
+        models = ppo_models.load(cfg, "lora", p["sft"], p["rm"], mixed_precision="auto", critic=critic)
+        models.train(False)
+        out["precision"] = "bf16" if models.autocast else "fp32"
+
+        def policy_step():
+            logits, values = models.policy_and_values(ids, mask, keep)
+            (logits.float().logsumexp(-1).mean() + values.mean()).backward()
+
+        def adapter_step():
+            logits = models.policy_logits(ids, mask, keep)
+            logits.float().logsumexp(-1).mean().backward()
+            models.values(ids, mask).mean().backward()
+
+        def forward():
+            with torch.no_grad():
+                models.policy_logits(ids, mask, keep)
+
+        def bare():
+            with torch.no_grad(), models.bare():
+                models.policy_logits(ids, mask, keep)
+
+        if critic == "shared":
+            out.update({"forward_ms": best(forward), "forward_no_adapters_ms": best(bare),
+                        "shared_step_ms": best(policy_step)})
+            if compiled:
+                t0 = time.perf_counter()
+                for layer in methods.unwrap(models.model).model.layers:
+                    layer.compile(dynamic=False)
+                policy_step()
+                out["compile_s"] = time.perf_counter() - t0
+                out["shared_step_compiled_ms"] = best(policy_step)
+        else:
+            out["adapter_step_ms"] = best(adapter_step)
+        print(f"update profile ({critic}): {out}", file=sys.stderr, flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 2. SFT against the hardware
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -483,6 +553,21 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {batch} | {name} | {w['tokens_per_s']:,.0f} | {w['step_ms']:.2f} ms | "
                              f"{b['arithmetic_ms']:.2f} ms | {w['step_ms'] / b['arithmetic_ms']:.1f}x |")
         lines.append("")
+    if "update" in res:
+        u = res["update"]
+        lines += ["## Where the update's time goes", "",
+                  f"One mini-batch of the default recipe's update ({u['batch']} sequences of {u['length']} tokens, "
+                  f"{u['precision']} as `auto` picks here), each pass timed alone, best of 4:", "",
+                  "| pass | ms |", "|---|---|",
+                  f"| policy forward | {u['forward_ms']:.0f} |",
+                  f"| the same forward with every adapter off (the base alone) | {u['forward_no_adapters_ms']:.0f} |",
+                  f"| policy forward + backward, shared critic (one pass) | {u['shared_step_ms']:.0f} |",
+                  f"| policy forward + backward, then the value adapter's (adapter critic) | "
+                  f"{u['adapter_step_ms']:.0f} |"]
+        if "shared_step_compiled_ms" in u:
+            lines.append(f"| shared critic, each decoder layer compiled (`torch.compile`, after {u['compile_s']:.0f} "
+                         f"s of compiling for this one shape) | {u['shared_step_compiled_ms']:.0f} |")
+        lines.append("")
     if "sft" in res:
         s = res["sft"]
         lines += ["## SFT against the hardware", "",
@@ -513,7 +598,7 @@ def markdown(res: dict) -> str:
 @click.option("--steps", default=4, show_default=True, help="PPO steps per run (the first is warm-up)")
 @click.option("--length", default=24, show_default=True, help="response tokens")
 @click.option("--batches", default="8,64", show_default=True)
-@click.option("--only", type=click.Choice(["ppo", "generation", "sft", "pipeline"]), multiple=True,
+@click.option("--only", type=click.Choice(["ppo", "generation", "update", "sft", "pipeline"]), multiple=True,
               help="run only these parts")
 @click.option("--configs", default="", help="PPO runs to compare, comma-separated (default: all of them; e.g. "
               "ours,ours_shared,trl)")
@@ -521,7 +606,7 @@ def main(out, recipe, trl_python, repeats, steps, length, batches, only, configs
     work = Path(out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     recipe = Path(recipe).resolve()
-    parts = set(only) or {"ppo", "generation", "sft", "pipeline"}
+    parts = set(only) or {"ppo", "generation", "update", "sft", "pipeline"}
     previous = work / "bench.json"  # parts not run this time are kept from the last run
     res = json.loads(previous.read_text()) if previous.exists() and only else {}
     res.update({"date": time.strftime("%Y-%m-%d"), "machine": machine()})
@@ -534,6 +619,8 @@ def main(out, recipe, trl_python, repeats, steps, length, batches, only, configs
                                 length, [c for c in configs.split(",") if c])
     if "generation" in parts:
         res["generation"] = generation(parents(work, recipe), work, [int(b) for b in batches.split(",")])
+    if "update" in parts:
+        res["update"] = update_profile(parents(work, recipe))
     if "sft" in parts:
         res["peak"] = {dt: matmul_peak(dt) for dt in ("float32", "bfloat16")}
         res["sft"] = sft_flops(recipe, work, steps=60)

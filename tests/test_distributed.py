@@ -1,6 +1,7 @@
 """Many processes: two real gloo processes on this CPU give the same weights as one process with twice the batch,
-for SFT, RM (both through TRL's trainers) and PPO (our own loop); only one run directory is written; the shipped
-accelerate configs parse the way accelerate parses them. (FSDP and DeepSpeed shard only on GPUs.)"""
+for SFT, RM (both through TRL's trainers) and PPO (our own loop); two launchers standing for two machines give
+what two processes on one machine give; only one run directory is written; the shipped accelerate configs parse
+the way accelerate parses them. (FSDP and DeepSpeed shard only on GPUs.)"""
 
 from __future__ import annotations
 
@@ -230,6 +231,61 @@ def test_ppo_on_two_processes_matches_one(parents, tmp_path, estimator):
             assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-5), key
     if not gae:
         assert sum(r["objective/resampled"] for r in rows[0]) > 0, "no group was refilled: nothing compared"
+
+
+def _two_nodes(tmp_path: Path, cli_args: list[str]) -> list[str]:
+    """Run ``rlhf CLI_ARGS`` as two machines would (the shipped ``two_nodes.yaml``, copied once per machine with its
+    own ``machine_rank``, the first machine at 127.0.0.1, one process each), both launchers at once on this host;
+    returns their stderr. One thread a process, as ``--num-processes 2`` gives each on this 2-core machine."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    template = yaml.safe_load((ROOT / "recipes" / "accelerate" / "two_nodes.yaml").read_text())
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = []
+    for rank in (0, 1):
+        config = tmp_path / f"node{rank}.yaml"
+        config.write_text(yaml.safe_dump({**template, "num_processes": 2, "machine_rank": rank,
+                                          "main_process_ip": "127.0.0.1", "main_process_port": port}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "rlhf.cli", *cli_args, "--accelerate-config",
+                                       str(config)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"{p.args}\n{out}\n{err}"
+    return [err for _, err in outs]
+
+
+def test_sft_and_ppo_on_two_machines_match_two_processes_on_one(parents, recipe, tmp_path):
+    """``two_nodes.yaml`` as a user fills it in, one launcher per "machine" (``machine_rank`` 0 and 1, rendezvous
+    at the first): SFT and PPO give the weights of the same two processes on one machine, and only machine 0's
+    process writes the run directory."""
+    sft = tmp_path / "sft-nodes" / "sft"
+    _two_nodes(tmp_path, ["sft", "--recipe", str(recipe), *SFT, "--set", "sft.batch_size=4", "--out", str(sft)])
+    assert _manifest(sft)["world_size"] == 2 and _manifest(sft)["distributed"] == "MULTI_CPU"
+    _only_run(sft.parent, "sft")
+    one_node = recipe.parent / "sft2" / "sft"  # test_sft_on_two_processes_matches_one's run
+    if not one_node.exists():
+        run_cli("sft", "--recipe", str(recipe), *SFT, "--set", "sft.batch_size=4", "--num-processes", "2",
+                "--out", str(one_node))
+    assert _max_diff(sft / "adapter_model.safetensors", one_node / "adapter_model.safetensors") < ATOL
+
+    prompt_recipe, _ = parents
+    ppo, one = tmp_path / "ppo-nodes" / "ppo", tmp_path / "ppo-one" / "ppo"
+    sets = [*PPO, "--set", "ppo.batch_size=4", "--set", "ppo.mini_batch_size=4", "--set", "ppo.micro_batch_size=2"]
+    errs = _two_nodes(tmp_path, ["ppo", "--recipe", str(prompt_recipe), *sets, "--out", str(ppo)])
+    assert "(2 processes x 4)" in errs[0] and "(2 processes x 4)" not in errs[1]  # machine 0 speaks for the run
+    run_cli("ppo", "--recipe", str(prompt_recipe), *sets, "--num-processes", "2", "--out", str(one))
+    assert _manifest(ppo)["world_size"] == 2
+    _only_run(ppo.parent, "ppo")
+    for name in ("adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors"):
+        assert _max_diff(ppo / name, one / name) < ATOL, name
 
 
 def test_ppo_refuses_sharded_configs(parents, tmp_path, monkeypatch):

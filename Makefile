@@ -135,7 +135,7 @@ objective-%: install
 	$(BIN)/rlhf ppo --recipe $(RECIPE) --overwrite --out $(OBJECTIVES)/$*-gold --set ppo.samples_per_prompt=4 \
 		--set 'ppo.reward={gold: 4.0}' $(objective_sets.$*) $(ARGS)
 
-# The two critics side by side (docs/ppo.md, "When to choose which"): GAE with the value adapter and with the shared
+# The two critics side by side (docs/ppo.md, "The shared critic"): GAE with the value adapter and with the shared
 # critic (a head on the policy), each against the reward model and against the gold scorer, from the recipe's SFT
 # and RM runs; then one eval of them all (runs/tiny/critics/eval). Needs `make sft rm` first; ~12 min on 2 cores.
 CRITICS := runs/tiny/critics

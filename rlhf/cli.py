@@ -396,6 +396,28 @@ def runs(root):
                    f"{r['headline']}".rstrip())
 
 
+@cli.command()
+@click.argument("base")
+@click.option("--method", type=click.Choice(["lora", "qlora", "full"]), default="lora", show_default=True)
+@click.option("--stage", type=click.Choice(["sft", "rm", "dpo", "ppo", "ppo-shared"]),
+              help="one stage (default: every stage; ppo-shared is PPO with ppo.critic: shared)")
+@click.option("--processes", default=8, show_default=True, type=click.IntRange(min=1),
+              help="GPUs to shard full fine-tuning over")
+@click.option("--rank", default=16, show_default=True, type=click.IntRange(min=1), help="LoRA rank")
+@click.option("--gpu-gb", default=80.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="memory of one GPU")
+def memory(base, method, stage, processes, rank, gpu_gb):
+    """Memory per process each stage needs for BASE (a model directory or hub id: its config.json is read),
+    before activations: weights, gradients and optimizer state, data parallel and sharded (rlhf/memory.py)."""
+    from rlhf import memory as mem
+
+    try:
+        shapes = mem.load_shapes(base)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{base}: no model configuration to read ({str(e).splitlines()[0]})") from None
+    click.echo(mem.describe(base, shapes, method, stage, processes, rank, gpu_gb))
+
+
 @cli.command("methods")
 def list_methods():
     """The fine-tuning methods (recipe adapter.method) and the stages that support each."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -81,13 +82,119 @@ def sharding() -> str | None:
     return None
 
 
-def warn_unsharded(stage: str) -> None:
-    """accelerate applies FSDP and DeepSpeed only on GPUs (and other accelerators); CPU processes given such a
-    config train as plain data parallel. Say so rather than let a user believe the model is sharded."""
-    if sharding() and not torch.cuda.is_available() and is_main():
-        print(f"{stage}: warning: the accelerate config asks for {sharding()}, which accelerate applies only on "
-              "GPUs; these CPU processes run plain data parallel (every process holds the whole model)",
+def prepare_sharding(stage: str) -> None:
+    """Before a trainer stage loads its model, on CPU processes. accelerate applies DeepSpeed only on GPUs (and
+    other accelerators): CPU processes given such a config train as plain data parallel, and this says so rather
+    than let a user believe the model is sharded. FSDP2 does shard CPU processes (``shard_on_cpu``), with every
+    process loading the whole model first: transformers' RAM-efficient loading would leave it on the meta device
+    in all but the first, which the trainer then moves before accelerate hands out the weights."""
+    if torch.cuda.is_available():
+        return
+    if sharding() == "fsdp":
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    if sharding() == "deepspeed" and is_main():
+        print(f"{stage}: warning: the accelerate config asks for deepspeed, which runs only on GPUs; these CPU "
+              "processes run plain data parallel (every process holds the whole model)", file=sys.stderr)
+
+
+def shard_on_cpu(trainer, stage: str) -> bool:
+    """Shard a trainer's model over CPU processes launched with an FSDP config. accelerate turns FSDP on only for
+    GPUs and other accelerators and would run CPU processes as plain data parallel; torch's FSDP2
+    (``fully_shard``) works on a CPU device mesh over gloo, so this switches the trainer's accelerator to FSDP with
+    the plugin the config describes before it prepares the model. From there accelerate's own FSDP2 code runs,
+    the same that runs on GPUs: every parameter becomes a DTensor of which each process holds its shard. Returns
+    whether it did (only FSDP version 2, on CPU processes, with more than one of them)."""
+    if sharding() != "fsdp" or torch.cuda.is_available() or world_size() < 2:
+        return False
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch set from the config
+    if plugin.fsdp_version != 2:
+        raise UserError(f"{stage}: the accelerate config asks for FSDP version {plugin.fsdp_version}; on CPU "
+                        "processes only FSDP2 shards (fsdp_config: fsdp_version: 2, as recipes/accelerate/fsdp.yaml)")
+    from accelerate import PartialState
+
+    from transformers import TrainerCallback
+
+    state = trainer.accelerator.state
+    state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate's own FSDP setup does
+    trainer.is_fsdp_enabled = True
+
+    class _CountShards(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            record_shards(model)
+
+    trainer.add_callback(_CountShards())
+    if is_main():
+        print(f"{stage}: FSDP2 over {world_size()} CPU processes (gloo): each holds a shard of every parameter",
               file=sys.stderr)
+    return True
+
+
+SHARDS: dict | None = None
+"""what ``record_shards`` counted in this process (the run's manifest reports it as ``shards``), else None"""
+
+
+def record_shards(model: torch.nn.Module) -> dict:
+    """Count the parameters each process holds of ``model`` (a DTensor's local shard, or the whole tensor), all of
+    them and the trained ones, against the whole model's: every process takes part; kept in ``SHARDS``."""
+    from torch.distributed.tensor import DTensor
+
+    global SHARDS
+    params = list({id(p): p for p in model.parameters()}.values())  # a tied weight once
+    local = [p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params]
+    held = torch.zeros(world_size(), 2, dtype=torch.float64)
+    held[rank()] = torch.tensor([sum(local), sum(n for n, p in zip(local, params) if p.requires_grad)],
+                                dtype=torch.float64)
+    held = all_sum(held)
+    SHARDS = {"parameters": sum(p.numel() for p in params),
+              "trained": sum(p.numel() for p in params if p.requires_grad),
+              "held_by_process": [int(x) for x in held[:, 0].tolist()],
+              "trained_held_by_process": [int(x) for x in held[:, 1].tolist()]}
+    return SHARDS
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with every sharded tensor (an FSDP2 DTensor) gathered whole, a tied weight under its
+    first name only (as ``save_pretrained`` writes it); every process must call it (the gathering is
+    collective)."""
+    from torch.distributed.tensor import DTensor
+
+    out, seen = {}, set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        value = value.detach()
+        out[key] = value.full_tensor() if isinstance(value, DTensor) else value
+    return out
+
+
+@contextmanager
+def gathered(model: torch.nn.Module):
+    """Every parameter of an FSDP2-sharded ``model`` whole while inside, for passes that do not enter through the
+    root's forward (a score head read off the backbone); nothing for an unsharded model. Every process must enter
+    and run the same passes (gathering is collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ HOLDS = {  # stage -> (trained models, frozen models) besides the shared base
 }
 """trained and frozen models each stage holds; "ppo-shared" is PPO with the shared critic (no value model)"""
 
-SHARDED_STAGES = ("sft", "rm")
-"""the stages that run under an FSDP or DeepSpeed config (on GPUs); DPO and PPO run data parallel"""
+SHARDED_STAGES = ("sft", "rm", "dpo")
+"""the stages that run sharded under an FSDP config (and under DeepSpeed's on GPUs); PPO runs data parallel"""
 
 
 @dataclass(frozen=True)

@@ -253,7 +253,13 @@ def save(trainer_or_model, cfg: AdapterConfig, out: Path) -> None:
     is_trainer = hasattr(trainer_or_model, "save_model")
     model = trainer_or_model.model if is_trainer else trainer_or_model
     if METHODS[cfg.method].kind != "bottleneck":
-        if is_trainer:
+        from rlhf import distributed
+
+        if distributed.is_sharded(model):  # FSDP2 on CPU processes: gathered by every process, written by one
+            state = distributed.full_state_dict(model)
+            if distributed.is_main():
+                model.save_pretrained(str(out), state_dict=state)
+        elif is_trainer:
             trainer_or_model.save_model(str(out))
         else:
             model.save_pretrained(str(out))

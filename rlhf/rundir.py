@@ -262,7 +262,8 @@ class Run:
         """Write the manifest, fsync everything, and move the staging directory into place; returns the manifest."""
         manifest = {"stage": self.stage, "status": "complete", **manifest, "started": self.started,
                     "finished": now(), "seconds": round(time.time() - self.t0, 2), "resumed": self.resumed,
-                    "world_size": distributed.world_size(), "distributed": distributed.kind(), "versions": versions(),
+                    "world_size": distributed.world_size(), "distributed": distributed.kind(),
+                    **({"shards": distributed.SHARDS} if distributed.SHARDS else {}), "versions": versions(),
                     "allocator": allocator.current(),
                     "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         error = None

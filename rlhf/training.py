@@ -222,6 +222,7 @@ def train(trainer, run: Run):
                 control.should_save = control.should_training_stop = True
                 self.stopped_at = state.global_step
 
+    distributed.shard_on_cpu(trainer, run.stage)
     preemption = _Preemption()
     trainer.add_callback(_RecordMetricsLines())
     trainer.add_callback(preemption)

@@ -171,7 +171,7 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
     from transformers import set_seed
 
     d = recipe.dpo
-    distributed.warn_unsharded("dpo")
+    distributed.prepare_sharding("dpo")
     sft_dir, model_cfg, adapter = parent(recipe, policy)
     method_table.check_stage(adapter.method, "dpo", str(sft_dir or recipe.source))
     data, held = training.preference_data(recipe, "dpo")

@@ -151,7 +151,7 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
                                     split=recipe.data.split).rows[:p.eval_samples]
     if distributed.sharding():
         raise UserError(f"ppo: the accelerate config asks for {distributed.sharding()} sharding; the PPO stage runs "
-                        "data-parallel (recipes/accelerate/multi_gpu.yaml, or --num-processes N); SFT and RM run "
+                        "data-parallel (recipes/accelerate/multi_gpu.yaml, or --num-processes N); SFT, RM and DPO run "
                         "sharded")
     base_cfg, method, adapter_cfg = model_source(recipe, sft, rm)
     modeling.check_lengths(modeling.load_config(base_cfg), {"ppo.max_prompt_length + ppo.max_new_tokens":

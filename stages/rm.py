@@ -163,7 +163,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
     from transformers import set_seed
 
     method_table.check_stage(recipe.adapter.method, "rm", recipe.source)
-    distributed.warn_unsharded("rm")
+    distributed.prepare_sharding("rm")
     data, held = training.preference_data(recipe, "rm")
     # rankings train grouped per prompt (InstructGPT) unless rm.comparisons says shuffled; pairs are pairs
     grouped = not formats.is_pairs(data) and recipe.rm.comparisons == "grouped"
@@ -195,7 +195,8 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
 
         # measure: held-out accuracy with the shared scoring function, reward statistics for PPO
         model.eval()
-        metrics, stats = measure_trained(recipe, run, model, tokenizer, train_rows, held_out, result)
+        with distributed.gathered(model):  # FSDP2 on CPU processes: the scoring passes read the whole model
+            metrics, stats = measure_trained(recipe, run, model, tokenizer, train_rows, held_out, result)
         training.save_trained(trainer, tokenizer, recipe, run, "rm")
         return run.finish({
             "base": recipe.model.base,

@@ -24,7 +24,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
 
     # setup: data first (the cheapest thing to get wrong), then the output directory, then the model
     method_table.check_stage(recipe.adapter.method, "sft", recipe.source)
-    distributed.warn_unsharded("sft")
+    distributed.prepare_sharding("sft")
     if not recipe.data.sft:
         raise UserError(f"{recipe.source}: data.sft is required for the sft stage")
     data = formats.load(recipe.data.sft, "sft", fmt=recipe.data.sft_format, columns=recipe.data.columns,

@@ -1,7 +1,8 @@
 """Many processes: two real gloo processes on this CPU give the same weights as one process with twice the batch,
 for SFT, RM (both through TRL's trainers) and PPO (our own loop); two launchers standing for two machines give
 what two processes on one machine give; only one run directory is written; the shipped accelerate configs parse
-the way accelerate parses them. (FSDP and DeepSpeed shard only on GPUs.)"""
+the way accelerate parses them; the FSDP config shards SFT, RM and DPO over CPU processes (FSDP2 over gloo) with
+the same result. (DeepSpeed runs only on GPUs.)"""
 
 from __future__ import annotations
 
@@ -154,35 +155,85 @@ def test_sft_on_two_processes_matches_one(recipe, sft_single):
         (sft_single / "metrics.jsonl").read_text().splitlines())
 
 
-def test_an_fsdp_config_on_cpu_processes_trains_data_parallel_and_says_so(recipe, sft_single, tmp_path):
-    """accelerate turns FSDP on only for GPUs and other accelerators; on CPU processes the shipped FSDP config
-    runs as plain data parallel. The stage says so, and the result is still right."""
-    config = tmp_path / "fsdp_cpu.yaml"  # the shipped FSDP config, in fp32 (bf16 autocast would differ by ~5e-3)
+def _fsdp_config(tmp_path: Path) -> Path:
+    """The shipped FSDP config in fp32 (its bf16 autocast would differ from the one-process fp32 run by ~5e-3)."""
+    config = tmp_path / "fsdp_cpu.yaml"
     config.write_text((ROOT / "recipes" / "accelerate" / "fsdp.yaml").read_text()
                       .replace("mixed_precision: bf16", "mixed_precision: 'no'"))
+    return config
+
+
+def _halves(run: Path, trained_only: bool = False) -> None:
+    """Each of the two processes held half of the parameters (and of the trained ones) while it trained, and
+    together all of them: every weight is split along its first dimension, except a score head's single row,
+    which one process holds whole."""
+    shards = _manifest(run)["shards"]
+    for held, whole in ((shards["held_by_process"], shards["parameters"]),
+                        (shards["trained_held_by_process"], shards["trained"])):
+        assert sum(held) == whole and all(abs(x - whole / 2) <= 0.001 * whole for x in held), (held, whole)
+    assert trained_only or shards["trained"] == shards["parameters"]
+
+
+def test_fsdp2_shards_sft_on_cpu_processes_and_equals_one_process(recipe, sft_single, tmp_path):
+    """The shipped FSDP config on two CPU processes really shards (FSDP2 on a gloo device mesh through accelerate's
+    own FSDP2 code: ``distributed.shard_on_cpu``): each process holds half of every weight, LoRA's and the
+    frozen base's; the adapter equals one process's; and full fine-tuning shards every weight and equals one
+    process's too."""
     out = recipe.parent / "sft_fsdp" / "sft"
     proc = run_cli("sft", "--recipe", str(recipe), *SFT, "--set", "sft.batch_size=4", "--accelerate-config",
-                   str(config), "--num-processes", "2", "--out", str(out))
-    assert "asks for fsdp, which accelerate applies only on GPUs" in proc.stderr
+                   str(_fsdp_config(tmp_path)), "--num-processes", "2", "--out", str(out))
+    assert "FSDP2 over 2 CPU processes" in proc.stderr
     m = _manifest(out)
-    assert m["world_size"] == 2 and m["distributed"] == "MULTI_CPU"
+    assert m["world_size"] == 2 and m["distributed"] == "FSDP"
+    _halves(out, trained_only=True)
     _only_run(out.parent, "sft")
     assert _max_diff(out / "adapter_model.safetensors", sft_single / "adapter_model.safetensors") < ATOL
+
+    full = ("--set", "adapter.method=full", "--set", "sft.lr=1e-4")
+    one, two = tmp_path / "full1" / "sft", tmp_path / "full2" / "sft"
+    ran("sft", "--recipe", str(recipe), *SFT, *full, "--set", "sft.batch_size=8", "--out", str(one))
+    run_cli("sft", "--recipe", str(recipe), *SFT, *full, "--set", "sft.batch_size=4", "--accelerate-config",
+            str(_fsdp_config(tmp_path)), "--num-processes", "2", "--out", str(two))
+    _halves(two)
+    assert _max_diff(two / "model.safetensors", one / "model.safetensors") < ATOL  # the tied head saved once
 
 
 RM = ("--set", "rm.max_steps=3", "--set", "rm.stats_samples=64")
 
 
-def test_rm_on_two_processes_matches_one(recipe):
-    one, two = recipe.parent / "rm1" / "rm", recipe.parent / "rm2" / "rm"
-    ran("rm", "--recipe", str(recipe), *RM, "--set", "rm.batch_size=8", "--out", str(one))  # in this process
-    run_cli("rm", "--recipe", str(recipe), *RM, "--set", "rm.batch_size=4", "--num-processes", "2", "--out", str(two))
+@pytest.mark.parametrize("layout", ["data-parallel", "fsdp2"])
+def test_rm_on_two_processes_matches_one(recipe, tmp_path, layout):
+    """Data parallel, and sharded with the shipped FSDP config (the held-out accuracy and the reward statistics
+    are measured on the gathered model after training)."""
+    one, two = recipe.parent / "rm1" / "rm", tmp_path / "rm2" / "rm"
+    if not one.exists():
+        ran("rm", "--recipe", str(recipe), *RM, "--set", "rm.batch_size=8", "--out", str(one))  # in this process
+    fsdp = ("--accelerate-config", str(_fsdp_config(tmp_path))) if layout == "fsdp2" else ()
+    run_cli("rm", "--recipe", str(recipe), *RM, "--set", "rm.batch_size=4", "--num-processes", "2", *fsdp,
+            "--out", str(two))
     assert _manifest(two)["world_size"] == 2
+    if fsdp:
+        _halves(two, trained_only=True)
     _only_run(two.parent, "rm")
     assert _max_diff(two / "adapter_model.safetensors", one / "adapter_model.safetensors") < ATOL
     a, b = _manifest(one), _manifest(two)
     assert b["metrics"]["eval_accuracy"] == a["metrics"]["eval_accuracy"]
     assert b["reward_stats"]["mean"] == pytest.approx(a["reward_stats"]["mean"], abs=1e-4)
+
+
+@pytest.mark.slow  # DPO goes through the trainer and the save of SFT's sharded test: run with pytest -m slow
+def test_dpo_sharded_over_two_processes_matches_one(parents, tmp_path):
+    """DPO with the shipped FSDP config: the policy and the frozen reference adapters on the sharded base, each
+    process half of every weight; the trained policy equals one process's."""
+    recipe, _ = parents
+    sets = ("--set", "dpo.max_steps=3", "--set", "dpo.eval_fraction=0", "--set", "data.eval_preference=null")
+    one, two = tmp_path / "one" / "dpo", tmp_path / "two" / "dpo"
+    ran("dpo", "--recipe", str(recipe), *sets, "--set", "dpo.batch_size=8", "--out", str(one))
+    run_cli("dpo", "--recipe", str(recipe), *sets, "--set", "dpo.batch_size=4", "--num-processes", "2",
+            "--accelerate-config", str(_fsdp_config(tmp_path)), "--out", str(two))
+    assert _manifest(two)["distributed"] == "FSDP"
+    _halves(two, trained_only=True)
+    assert _max_diff(two / "adapter_model.safetensors", one / "adapter_model.safetensors") < ATOL
 
 
 PPO = ("--set", "ppo.max_steps=3", "--set", "ppo.max_new_tokens=16", "--set", "ppo.eval_every=0",
@@ -262,6 +313,7 @@ def _two_nodes(tmp_path: Path, cli_args: list[str]) -> list[str]:
     return [err for _, err in outs]
 
 
+@pytest.mark.slow  # a minute: run with pytest -m slow
 def test_sft_and_ppo_on_two_machines_match_two_processes_on_one(parents, recipe, tmp_path):
     """``two_nodes.yaml`` as a user fills it in, one launcher per "machine" (``machine_rank`` 0 and 1, rendezvous
     at the first): SFT and PPO give the weights of the same two processes on one machine, and only machine 0's

@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft sample label rm round ppo ppo-gold objectives critics dpo eval browser test test-fast bench gpu-check methods-report clean-runs
+.PHONY: install sft sample label rm round ppo ppo-gold objectives critics dpo eval browser test test-fast bench gpu-check methods-report sharded-memory clean-runs
 
 install: $(STAMP)
 
@@ -188,6 +188,11 @@ gpu-check: install
 # (minutes per method; not part of make test). Writes runs/methods-report/report.md.
 methods-report: install
 	$(BIN)/python tests/bench/methods_report.py $(ARGS)
+
+# Full-fine-tuning PPO's memory per process on a ~103M-parameter random Llama: one process, two data parallel,
+# two FSDP2-sharded (a few minutes; not part of make test). Writes runs/sharded-memory/sharded_memory.md.
+sharded-memory: install
+	$(BIN)/python tests/bench/sharded_memory.py $(ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -22,8 +22,12 @@ class _Group(click.Group):
         except UserError as e:
             if (ctx.obj or {}).get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(getattr(e, "exit_code", 2))  # 2, or 128 + the signal for a preempted run (rlhf.preempt)
+            code = getattr(e, "exit_code", 2)  # 2, or 128 + the signal for a preempted run (rlhf.preempt)
+            from rlhf import distributed
+
+            if not distributed.report_error(str(e), code):  # launched: the launching command prints it once
+                click.echo(f"error: {e}", err=True)
+            ctx.exit(code)
 
 
 def _quiet_libraries() -> None:

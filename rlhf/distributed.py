@@ -24,6 +24,11 @@ from rlhf.errors import UserError
 
 LAUNCHED = "RLHF_LAUNCHED"
 """set in the environment of processes started by ``launch``, so that they do not launch again"""
+ERRORS = "RLHF_ERRORS_DIR"
+"""set by ``launch`` for the processes it starts: the folder where a process that stops on a user error leaves its
+line (``report_error``), which the launching command prints once, with its exit code"""
+TERMINAL = "RLHF_STDERR_TERMINAL"
+"""set by ``launch`` when its own stderr is a terminal (the processes' stderr is a pipe through it)"""
 
 
 def state():
@@ -66,6 +71,8 @@ def kind() -> str:
     """How the processes share the work, as accelerate names it: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED."""
     if not in_launcher():
         return "NO"
+    if SHARDS is not None:  # our own loop sharded its models (``shard``)
+        return "FSDP"
     from accelerate.state import AcceleratorState
 
     if AcceleratorState._shared_state:  # a trainer's Accelerator knows about FSDP / DeepSpeed; the bare state not
@@ -132,17 +139,65 @@ def shard_on_cpu(trainer, stage: str) -> bool:
     return True
 
 
+def shard(models: list[torch.nn.Module]) -> None:
+    """FSDP2 over every process for models our own loop trains (PPO's full fine-tuning), the way accelerate's FSDP2
+    wraps a trainer's model: each decoder layer (the model's ``_no_split_modules``) one unit, the rest (embeddings,
+    final norm, head) the root's. Every parameter becomes a DTensor of which each process holds a shard; a
+    forward through the root gathers one unit at a time and frees it again, a backward reduce-scatters each unit's
+    gradients. The loop's losses are normalised by the whole batch over every process, so the gradients are
+    summed (not averaged) over processes, as ``all_reduce_grads`` sums them for data parallel. On a CPU the
+    mesh is gloo's, which has no pre-multiplied sum: plain sums are asked for."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = init_device_mesh(device().type, (world_size(),))
+    for model in models:
+        layers = set(getattr(model, "_no_split_modules", None) or ())
+        for module in model.modules():
+            if type(module).__name__ in layers:
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        for unit in model.modules():
+            if isinstance(unit, FSDPModule):
+                unit.set_gradient_divide_factor(1.0)
+                unit.set_force_sum_reduction_for_comms(True)
+
+
+def whole(x: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (a DTensor) gathered whole on every process (collective), any other as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def local(x: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded tensor (a DTensor), any other as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` split as the DTensor ``like`` is (this process's shard of it, as a DTensor); ``full`` itself when
+    ``like`` is not sharded. Every process passes the same ``full``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements)
+
+
 SHARDS: dict | None = None
 """what ``record_shards`` counted in this process (the run's manifest reports it as ``shards``), else None"""
 
 
-def record_shards(model: torch.nn.Module) -> dict:
-    """Count the parameters each process holds of ``model`` (a DTensor's local shard, or the whole tensor), all of
-    them and the trained ones, against the whole model's: every process takes part; kept in ``SHARDS``."""
+def record_shards(*models: torch.nn.Module) -> dict:
+    """Count the parameters each process holds of ``models`` (a DTensor's local shard, or the whole tensor), all of
+    them and the trained ones, against the whole models': every process takes part; kept in ``SHARDS``."""
     from torch.distributed.tensor import DTensor
 
     global SHARDS
-    params = list({id(p): p for p in model.parameters()}.values())  # a tied weight once
+    params = list({id(p): p for model in models for p in model.parameters()}.values())  # a tied weight once
     local = [p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params]
     held = torch.zeros(world_size(), 2, dtype=torch.float64)
     held[rank()] = torch.tensor([sum(local), sum(n for n, p in zip(local, params) if p.requires_grad)],
@@ -230,6 +285,9 @@ def any_failed(failed: bool) -> bool:
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum the gradients of ``params`` over all processes, in one flat buffer (a parameter without a gradient
     contributes zeros). The losses are normalised by the global token count, so the sum is the global mean."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if not isinstance(p, DTensor)]  # FSDP2's shards: reduce-scattered in the backward
     if world_size() == 1 or not params:
         return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
@@ -280,11 +338,60 @@ def strip_launch_options(argv: list[str]) -> list[str]:
     return out
 
 
+def stderr_is_terminal() -> bool:
+    """Whether this process's stderr ends on a terminal: its own, or the launching command's (``launch`` passes
+    the processes' stderr through a pipe)."""
+    return sys.stderr.isatty() or os.environ.get(TERMINAL) == "1"
+
+
+def report_error(message: str, code: int) -> bool:
+    """In a process ``launch`` started: leave the error line and exit code for the launching command to print
+    once (not once per process, followed by the launcher's traceback of a failed child). Returns whether it did;
+    if not, the caller prints the line itself."""
+    where = os.environ.get(ERRORS)
+    if not where or not in_launcher():
+        return False
+    try:
+        (Path(where) / os.environ.get("RANK", "0")).write_text(f"{code}\n{message}")
+    except OSError:
+        return False
+    return True
+
+
 def launch(argv: list[str], num_processes: int | None, config_file: str | None) -> int:
-    """Run ``rlhf <argv>`` under ``accelerate launch``; returns its exit code."""
-    env = dict(os.environ, **{LAUNCHED: "1"})
+    """Run ``rlhf <argv>`` under ``accelerate launch``; returns its exit code. The processes' stderr passes
+    through as it comes, until one of them stops on a user error (``report_error``): then the error line is
+    printed once and its exit code returned (2, or 128 + a signal), without the launcher's report of the failed
+    processes. SIGINT reaches the processes from the terminal; a SIGTERM sent to this command is passed on to
+    the launcher, which passes it on to them (both stop gracefully: ``rlhf.preempt``)."""
+    import shutil
+    import signal
+    import tempfile
+
+    errors = Path(tempfile.mkdtemp(prefix="rlhf-errors-"))
+    env = dict(os.environ, **{LAUNCHED: "1", ERRORS: str(errors)})
+    if sys.stderr.isatty():
+        env[TERMINAL] = "1"
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"
     cmd = launch_command(strip_launch_options(argv), num_processes, config_file)
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    handlers = (signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)))
+    try:
+        while chunk := os.read(proc.stderr.fileno(), 1 << 16):
+            if not any(errors.iterdir()):  # after a user error, the rest is the launcher's report of it
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    reported = [f.read_text().split("\n", 1) for f in sorted(errors.iterdir(), key=lambda f: int(f.name))]
+    shutil.rmtree(errors, ignore_errors=True)
+    if code and reported:
+        for line in dict.fromkeys(message for _, message in reported):  # each different line once
+            print(f"error: {line}", file=sys.stderr)
+        return int(reported[0][0])
+    return code
 

@@ -33,8 +33,9 @@ HOLDS = {  # stage -> (trained models, frozen models) besides the shared base
 }
 """trained and frozen models each stage holds; "ppo-shared" is PPO with the shared critic (no value model)"""
 
-SHARDED_STAGES = ("sft", "rm", "dpo")
-"""the stages that run sharded under an FSDP config (and under DeepSpeed's on GPUs); PPO runs data parallel"""
+SHARDED_STAGES = ("sft", "rm", "dpo", "ppo", "ppo-shared")
+"""the stages that run sharded under an FSDP config (SFT, RM and DPO under DeepSpeed's on GPUs too); PPO shards
+full fine-tuning only (LoRA and QLoRA PPO run data parallel)"""
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ def per_process(s: Shapes, method: str, stage: str, processes: int = 1, sharded:
     """Bytes of weights, gradients and optimizer state each process holds for ``stage`` ("sft", "rm", "dpo",
     "ppo", "ppo-shared") with ``method`` ("lora", "qlora" or "full"), data parallel (every process holds it all)
     or ``sharded`` over ``processes`` (FSDP full shard: everything divided, plus the largest layer gathered in
-    bf16 twice, the one computing and the one prefetched). LoRA is r = ``rank`` on every linear layer."""
+    bf16 twice, the one computing and the one prefetched; PPO's rollout gathers the whole policy in bf16 once
+    instead, so that decoding does not gather every layer for every token). LoRA is r = ``rank`` on every linear
+    layer."""
     trained, frozen = HOLDS[stage]
     if method == "full":
         weights = frozen * FROZEN_BF16 * s.parameters
@@ -94,7 +97,7 @@ def per_process(s: Shapes, method: str, stage: str, processes: int = 1, sharded:
     else:
         raise ValueError(f"method {method!r}: lora, qlora or full")
     if sharded and processes > 1:
-        gathered = 2 * FROZEN_BF16 * s.largest_layer
+        gathered = FROZEN_BF16 * (s.parameters if stage.startswith("ppo") else 2 * s.largest_layer)
         weights, training = weights / processes + gathered, training / processes
     return {"weights": weights, "training": training, "total": weights + training}
 
@@ -107,9 +110,7 @@ def fits(s: Shapes, method: str, stage: str, gpu_gb: float, processes: int, head
         return "one GPU each (data parallel)"
     if method != "full" or per_process(s, method, stage, processes, sharded=True)["total"] > budget:
         return "does not fit"
-    if stage in SHARDED_STAGES:
-        return f"FSDP over {processes} (fsdp.yaml)"
-    return f"only sharded over {processes}, which {stage.split('-')[0].upper()} does not do yet"
+    return f"FSDP over {processes} (fsdp.yaml)"
 
 
 # Published shapes (from each model's config.json), so that the docs' table needs no download.

@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from rlhf import encoding, method_table, methods, modeling, ppo_math, precision, rewards, rollout
+from rlhf import distributed, encoding, method_table, methods, modeling, ppo_math, precision, rewards, rollout
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 from rlhf.names import torch_dtype
@@ -50,6 +50,9 @@ class PPOModels(Protocol):
     repeatable: bool | None
     """whether PPO's passes gave the same bits twice in this precision when checked (``precision.repeats``),
     None when not checked"""
+    sharded: bool
+    """whether the models are FSDP2 shards over the processes (``SeparateCopies.shard``): every pass and save is
+    then collective, run by every process alike"""
 
     @property
     def device(self) -> torch.device: ...
@@ -102,7 +105,7 @@ class PPOModels(Protocol):
 
     def save(self, out: Path) -> None:
         """The policy at ``out`` (loadable like an SFT run's), the value model (when there is one) under
-        ``out/value``."""
+        ``out/value``. Every process calls it (sharded weights are gathered); the main process writes."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,6 +216,7 @@ class SharedBase:
     bf16_speedup: float | None = None
     repeatable: bool | None = None
     vocab: int | None = None
+    sharded = False  # LoRA PPO runs data-parallel: a whole base on every process
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
                  value_shift: float = 0.0, value_scale: float = 1.0, critic: str | None = "adapter"):
@@ -404,8 +408,9 @@ class SharedBase:
 
     def save(self, out: Path) -> None:
         """Policy adapter files at ``out`` (loadable by plain peft on the base); the value adapter and head in
-        ``out/value`` with the adapter critic, the head alone with the shared one."""
-
+        ``out/value`` with the adapter critic, the head alone with the shared one; written by the main process."""
+        if not distributed.is_main():
+            return
         tmp = out / ".adapters"
         adapter = self.critic == "adapter"
         self.model.save_pretrained(str(tmp), selected_adapters=["policy", "value"] if adapter else ["policy"])
@@ -422,12 +427,14 @@ class SharedBase:
 
 
 class SeparateCopies:
-    """Policy, reference, reward and value as four full models (full fine-tuning; a ``PPOModels``)."""
+    """Policy, reference, reward and value as four full models (full fine-tuning; a ``PPOModels``), each whole on
+    every process (data parallel) or, under an FSDP config, sharded over the processes (``shard``)."""
 
     autocast: torch.dtype | None = None
     bf16_speedup: float | None = None
     repeatable: bool | None = None
     vocab: int | None = None
+    sharded = False
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
                  value_shift: float = 0.0, value_scale: float = 1.0, critic: str | None = "adapter"):
@@ -472,6 +479,16 @@ class SeparateCopies:
     def config(self):
         return self.policy.config
 
+    def shard(self) -> None:
+        """FSDP2 over every process (``distributed.shard``): the policy and value models, whose gradients and Adam
+        state are then sharded too, and the frozen reference and reward copies. The shared critic's head (one row)
+        stays whole on every process, its gradient all-reduced. The manifest's ``shards`` counts what each
+        process holds."""
+        models = [m for m in (self.policy, self.reference, self.reward, self.value) if m is not None]
+        distributed.shard(models)
+        distributed.record_shards(*models, *([self.value_head] if self.value_head is not None else []))
+        self.sharded = True
+
     def policy_logits(self, input_ids, attention_mask, keep: int, role: str = "policy") -> torch.Tensor:
         model = self.policy if role == "policy" else self.reference
         with autocast(self.device, self.autocast):
@@ -500,7 +517,8 @@ class SeparateCopies:
         if values and self.critic != "shared":
             raise RuntimeError("values come from the sampling pass with the shared critic only")
         head = (lambda hidden: head_values(self.value_head, hidden)) if values else None
-        with autocast(self.device, self.autocast):
+        # sharded: the policy's weights gathered once for the whole rollout, not a unit at a time for every token
+        with autocast(self.device, self.autocast), distributed.gathered(self.policy):
             return rollout.decode(self.policy, input_ids, attention_mask, vocab=self.vocab, value_head=head,
                                   **kwargs)
 
@@ -529,37 +547,47 @@ class SeparateCopies:
             self.value_head.to(device)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained weights, whole (sharded ones gathered: every process calls it), so a resume checkpoint
+        does not depend on how many processes wrote it."""
         state = {}
         for name, model in (("policy", self.policy), ("value", self.value), ("value_head", self.value_head)):
             if model is not None:
-                state.update({f"{name}.{k}": v.clone() for k, v in model.state_dict().items()})
+                weights = distributed.full_state_dict(model) if self.sharded else model.state_dict()
+                state.update({f"{name}.{k}": v.clone() for k, v in weights.items()})
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         for name, model in (("policy", self.policy), ("value", self.value), ("value_head", self.value_head)):
             if model is None:
                 continue
-            model.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")},
-                                  strict=name == "value_head")
+            weights = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            if self.sharded:  # each process keeps its shard of the whole weights
+                own = model.state_dict(keep_vars=True)
+                weights = {k: distributed.shard_like(v, own[k]) for k, v in weights.items() if k in own}
+            model.load_state_dict(weights, strict=name == "value_head")
 
     def save(self, out: Path) -> None:
-        self.policy.save_pretrained(str(out))
-        if self.value is not None:
-            self.value.save_pretrained(str(out / "value"))
-        if self.value_head is not None:
+        for model, where in ((self.policy, out), (self.value, out / "value")):
+            if model is not None:
+                weights = distributed.full_state_dict(model) if self.sharded else None
+                if distributed.is_main():
+                    model.save_pretrained(str(where), state_dict=weights)
+        if self.value_head is not None and distributed.is_main():
             save_value_head(self.value_head, out, "shared")
 
 
 def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
          value_shift: float = 0.0, value_scale: float = 1.0, device: torch.device | str = "cpu",
-         mixed_precision: str = "no", critic: str | None = "adapter", vocab: int | None = None) -> PPOModels:
+         mixed_precision: str = "no", critic: str | None = "adapter", vocab: int | None = None,
+         shard: bool = False) -> PPOModels:
     """The PPO models in the layout ``method`` calls for, on ``device``, every forward pass under the autocast
     that ``mixed_precision`` ("auto", "bf16" or "no") resolves to (``precision.autocast_dtype``; the models' ``autocast``
     and ``bf16_speedup`` say what it resolved to). The value head starts as the reward model's score head mapped
     to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises; without a reward model
     (``rm_dir`` None) it starts at zero on the policy's weights; ``critic`` "shared": a head starting at zero on the
     policy's hidden state; None: no value model at all.
-    ``vocab``: the tokenizer's size (``PPOModels.vocab``)."""
+    ``vocab``: the tokenizer's size (``PPOModels.vocab``). ``shard``: FSDP2 over the processes (full fine-tuning
+    only, ``SeparateCopies.shard``)."""
     device = torch.device(device)
     with modeling.loading(f"{sft_dir or 'base'}" + (f" / {rm_dir}" if rm_dir else ""), cfg.base):
         if method_table.kind(method) == "weights":
@@ -567,6 +595,8 @@ def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | Non
         else:
             models = SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale, critic)
     models.to(device)
+    if shard:
+        models.shard()
     models.vocab = vocab
     width = getattr(models.config, "hidden_size", 1024)
     models.autocast, models.bf16_speedup = precision.autocast_dtype(

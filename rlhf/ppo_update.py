@@ -198,7 +198,8 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
                     first_ratio += (pstats["ratio"] * by_token).item()
             count += 1
             distributed.all_reduce_grads(trainable)
-            norms = {role: torch.nn.utils.clip_grad_norm_(params[role], p.max_grad_norm) for role in params}
+            norms = {role: distributed.whole(torch.nn.utils.clip_grad_norm_(params[role], p.max_grad_norm))
+                     for role in params}  # a sharded model's norm is over every process's shards
             if not all(torch.isfinite(n) for n in norms.values()):  # NaN/inf loss or gradient: skip this update
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1

@@ -17,24 +17,33 @@ from rlhf.rundir import fsync_dir, fsync_tree
 
 
 def optimizer_state(optimizer) -> tuple[dict, dict]:
-    """An optimizer's state as flat tensors plus JSON-able metadata (param groups and which keys exist)."""
+    """An optimizer's state as flat tensors plus JSON-able metadata (param groups and which keys exist). The state
+    of sharded parameters (FSDP2's DTensors) is gathered whole: every process calls this, and the checkpoint is
+    the same whatever the number of processes."""
+    from rlhf.distributed import whole
+
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{idx}.{key}"] = value.detach().clone().contiguous()
+                tensors[f"optimizer.{idx}.{key}"] = whole(value.detach()).clone().contiguous()
             else:
                 scalars[f"{idx}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def load_optimizer_state(optimizer, tensors: dict, meta: dict) -> None:
+    """The state ``optimizer_state`` wrote; a sharded parameter's state is split as the parameter is."""
+    from rlhf.distributed import shard_like
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's indices
     state: dict = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
             _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = value
+            like = params[int(idx)]
+            state.setdefault(int(idx), {})[key] = shard_like(value, like) if value.shape == like.shape else value
     for name, value in meta["scalars"].items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from rlhf import modeling
+from rlhf import distributed, modeling
 from rlhf.encoding import encode_conversations, pad, position_ids
 from rlhf.errors import UserError
 from rlhf.methods import score_head, unwrap
@@ -48,6 +48,15 @@ from rlhf.names import is_local, torch_dtype
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The head's scalar at every position, ``[batch, seq]`` in float32 (values for PPO, rewards at the end)."""
     core = unwrap(model)
+    if distributed.is_sharded(core):  # FSDP2: only the root's forward gathers the embeddings and the head
+        head, out = score_head(model), []
+        hook = head.register_forward_hook(lambda module, args, output: out.append(output))
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                  use_cache=False)
+        finally:
+            hook.remove()
+        return out[0].squeeze(-1).float()
     backbone = getattr(core, core.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state

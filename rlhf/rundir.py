@@ -33,6 +33,28 @@ COMMAND: str | None = None
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "rlhf")
 
 
+def memory_by_process() -> dict[str, list[float]]:
+    """Each process's resident memory in MB, now and at its peak (Linux's VmRSS and VmHWM); every process takes
+    part. Empty where /proc does not say."""
+    import torch
+
+    mine = [0.0, 0.0]
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            for i, key in enumerate(("VmRSS:", "VmHWM:")):
+                if line.startswith(key):
+                    mine[i] = int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    table = torch.zeros(distributed.world_size(), 2, dtype=torch.float64)
+    table[distributed.rank()] = torch.tensor(mine, dtype=torch.float64)
+    table = distributed.all_sum(table)
+    if not table.any():
+        return {}
+    return {"rss_mb": [round(x, 1) for x in table[:, 0].tolist()],
+            "peak_rss_mb": [round(x, 1) for x in table[:, 1].tolist()]}
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -263,7 +285,8 @@ class Run:
         manifest = {"stage": self.stage, "status": "complete", **manifest, "started": self.started,
                     "finished": now(), "seconds": round(time.time() - self.t0, 2), "resumed": self.resumed,
                     "world_size": distributed.world_size(), "distributed": distributed.kind(),
-                    **({"shards": distributed.SHARDS} if distributed.SHARDS else {}), "versions": versions(),
+                    **({"shards": distributed.SHARDS} if distributed.SHARDS else {}),
+                    "memory_by_process": memory_by_process(), "versions": versions(),
                     "allocator": allocator.current(),
                     "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         error = None

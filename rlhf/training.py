@@ -28,7 +28,7 @@ def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def show_progress(recipe: Recipe) -> bool:
     """Progress bars on an interactive terminal (``logging.progress: auto``), or as the recipe forces."""
-    return recipe.logging.progress == "on" or (recipe.logging.progress == "auto" and sys.stderr.isatty())
+    return recipe.logging.progress == "on" or (recipe.logging.progress == "auto" and distributed.stderr_is_terminal())
 
 
 def metrics_callback(run: Run, stage: str, echo: bool, shown=("train/loss", "eval/loss")):

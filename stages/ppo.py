@@ -149,11 +149,8 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     if recipe.data.eval_prompts and p.eval_every:
         eval_prompts = formats.load(recipe.data.eval_prompts, "prompts", columns=recipe.data.columns,
                                     split=recipe.data.split).rows[:p.eval_samples]
-    if distributed.sharding():
-        raise UserError(f"ppo: the accelerate config asks for {distributed.sharding()} sharding; the PPO stage runs "
-                        "data-parallel (recipes/accelerate/multi_gpu.yaml, or --num-processes N); SFT, RM and DPO run "
-                        "sharded")
     base_cfg, method, adapter_cfg = model_source(recipe, sft, rm)
+    check_sharding(method)
     modeling.check_lengths(modeling.load_config(base_cfg), {"ppo.max_prompt_length + ppo.max_new_tokens":
                                                             p.max_prompt_length + p.max_new_tokens}, recipe.source)
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
@@ -164,6 +161,28 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
         with preempt.handlers("ppo"):
             train(s, state)
         return finish(s, state)
+
+
+def check_sharding(method: str) -> None:
+    """PPO shards full fine-tuning with FSDP2 (``ppo_models.SeparateCopies.shard``); an adapter method runs
+    data-parallel (a whole, usually quantized, base on every process and only the adapters' gradients summed), and
+    DeepSpeed is the trainers' (SFT, RM, DPO) on GPUs: a config asking otherwise is an error, not a silent
+    replica."""
+    how = distributed.sharding()
+    if how == "deepspeed":
+        raise UserError("ppo: the accelerate config asks for deepspeed; the PPO stage shards with FSDP2 "
+                        "(recipes/accelerate/fsdp.yaml, full fine-tuning) or runs data-parallel "
+                        "(recipes/accelerate/multi_gpu.yaml, or --num-processes N)")
+    if how == "fsdp" and method_table.kind(method) != "weights":
+        raise UserError(f"ppo: the accelerate config asks for fsdp sharding, but PPO with {method} runs "
+                        "data-parallel: a whole base on every process, only the adapters' gradients summed "
+                        "(recipes/accelerate/multi_gpu.yaml, or --num-processes N); PPO shards full fine-tuning")
+    if how == "fsdp" and distributed.world_size() > 1 and not torch.cuda.is_available():
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        if FullyShardedDataParallelPlugin().fsdp_version != 2:
+            raise UserError("ppo: the accelerate config asks for FSDP version 1; PPO shards with FSDP2 "
+                            "(fsdp_config: fsdp_version: 2, as recipes/accelerate/fsdp.yaml)")
 
 
 def resolve_parents(recipe: Recipe, policy: str | None, reward: str | None | bool
@@ -240,7 +259,8 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     setting, measured = precision_of(run, p)
     models, params, checked = load_checked(
         lambda precision_: ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
-                                           mixed_precision=precision_, critic=p.value_model, vocab=len(tokenizer)),
+                                           mixed_precision=precision_, critic=p.value_model, vocab=len(tokenizer),
+                                           shard=distributed.sharding() == "fsdp" and n_proc > 1),
         setting, measured, p, tokenizer, encoded, reward.in_process, main)
     if reward.in_process:
         reward.model = rewards.TokenReward(models.scores, tokenizer, rm.dir, rm.reward_stats, models.device)
@@ -305,7 +325,8 @@ def start(s: Setup) -> State:
         n_proc = distributed.world_size()
         print(f"ppo: {len(s.encoded)} prompts, {s.steps} steps of {s.global_batch} episodes"
               + (f" ({p.samples_per_prompt} per prompt)" if p.samples_per_prompt > 1 else "")
-              + (f" ({n_proc} processes x {p.batch_size})" if n_proc > 1 else "")
+              + (f" ({n_proc} processes x {p.batch_size}" + (", FSDP2 shards" if s.models.sharded else "") + ")"
+                 if n_proc > 1 else "")
               + f"; advantage {p.advantage}" + (f" ({p.value_model} critic)" if p.value_model else "")
               + f", loss {_objective(p)}, KL in the {p.kl_where} ({p.kl_kind}); training "
               f"{trainable_count(s):,} parameters ({' + '.join(s.params)}); {_precision(s.models)}",
@@ -558,14 +579,16 @@ def save_checkpoint(s: Setup, state: State, snapshot: bool = True) -> None:
     a preemption's checkpoint), and a resume checkpoint: trainable weights, optimizer, KL controller, RNG and
     data position."""
     ckpt = s.run.staging / "checkpoints" / f"step_{state.step:06d}"
-    with s.run.saving() as writer:
-        if writer:
-            if snapshot:
+    with s.run.saving() as writer:  # every process gathers what is sharded; the main one writes
+        if snapshot:
+            if writer:
                 ckpt.mkdir(parents=True)
-                s.models.save(ckpt)
-            opt_tensors, opt_meta = resume.optimizer_state(state.optimizer)
+            s.models.save(ckpt)
+        opt_tensors, opt_meta = resume.optimizer_state(state.optimizer)
+        model_tensors = s.models.trainable_state()
+        if writer:
             rng_tensors, rng_meta = resume.rng_state()
-            tensors = {**{f"model.{k}": v for k, v in s.models.trainable_state().items()}, **opt_tensors,
+            tensors = {**{f"model.{k}": v for k, v in model_tensors.items()}, **opt_tensors,
                        **rng_tensors, "rng.order": state.order_gen.get_state()}
             meta = {"optimizer": opt_meta, "rng": rng_meta, "kl_controller": state.kl_ctl.state_dict(),
                     "reward_stats": reward_stats(s), "mixed_precision": "bf16" if s.models.autocast else "no",
@@ -606,12 +629,13 @@ def finish(s: Setup, state: State) -> dict:
     if within_budget is False and s.main:
         print(f"ppo: warning: final mean KL {final['objective/kl']:.3f} is over ppo.kl_budget={p.kl_budget}; "
               "raise ppo.kl_coef or use ppo.adaptive_kl", file=sys.stderr)
-    bad = [i for i, x in enumerate(x for role in s.params.values() for x in role) if not torch.isfinite(x).all()]
-    if bad:
-        raise TrainingStopped(f"ppo: not saving: {len(bad)} trained tensors hold NaN or inf")
+    bad = [i for i, x in enumerate(x for role in s.params.values() for x in role)
+           if not torch.isfinite(distributed.local(x)).all()]  # a sharded weight: this process's shard
+    if distributed.any_failed(bool(bad)):
+        raise TrainingStopped("ppo: not saving: trained tensors hold NaN or inf")
     with s.run.saving() as writer:
+        s.models.save(s.run.staging)  # every process: a sharded model is gathered
         if writer:
-            s.models.save(s.run.staging)
             s.tokenizer.save_pretrained(str(s.run.staging))
     return s.run.finish({
         "base": s.model_cfg.base,

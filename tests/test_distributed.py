@@ -60,6 +60,16 @@ def test_a_missing_accelerate_config_is_a_one_line_error(tiny_recipe):
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --accelerate-config: nope.yaml: no such file"
 
 
+def test_a_launched_run_stops_on_bad_input_in_one_line(tiny_recipe, tmp_path):
+    """Every process finds the same mistake: the launching command prints it once and exits 2, without the
+    launcher's traceback of the failed processes."""
+    proc = run_cli("ppo", "--recipe", str(tiny_recipe), "--policy", str(tmp_path / "nope"), "--num-processes", "2",
+                   "--out", str(tmp_path / "ppo"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert [x for x in proc.stderr.splitlines() if "error" in x.lower()] == [
+        f"error: {tmp_path / 'nope'}: not a run directory (no manifest.json)"], proc.stderr
+
+
 def test_sampling_keys_give_the_same_draws_in_any_batch():
     keys = episode_keys(7, 3, torch.arange(8))
     assert len(set(keys.tolist())) == 8
@@ -340,9 +350,90 @@ def test_sft_and_ppo_on_two_machines_match_two_processes_on_one(parents, recipe,
         assert _max_diff(ppo / name, one / name) < ATOL, name
 
 
-def test_ppo_refuses_sharded_configs(parents, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def full_parents(tmp_path_factory):
+    """Full fine-tuned SFT and RM runs (every weight trained: PPO then holds four whole copies)."""
+    d = tmp_path_factory.mktemp("full")
+    recipe = write_recipe(d / "full.yaml", run_dir=str(d / "runs"), adapter={"method": "full"})
+    ran("sft", "--recipe", str(recipe), "--set", "sft.max_steps=2", "--set", "sft.lr=1e-4", "--set",
+        "sft.eval_fraction=0")
+    ran("rm", "--recipe", str(recipe), "--set", "rm.max_steps=2", "--set", "rm.lr=1e-4", "--set", "rm.stats_samples=32",
+        "--set", "rm.eval_fraction=0", "--set", "data.eval_preference=null")
+    return recipe
+
+
+FULL_PPO = (*PPO, "--set", "ppo.lr=1e-5", "--set", "ppo.save_every=1")
+HALF = ("--set", "ppo.batch_size=4", "--set", "ppo.mini_batch_size=4", "--set", "ppo.micro_batch_size=2")
+FULL_FILES = ("model.safetensors", "value/model.safetensors", "checkpoints/step_000002/model.safetensors")
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and every process it started, and they started (torchrun's workers have process groups of their
+    own)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, parent pid, ...
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return [pid] + [x for child in children for x in _process_tree(child)]
+
+
+def test_full_ppo_sharded_over_two_processes_matches_one_and_resumes(full_parents, tmp_path):
+    """Full fine-tuning PPO under the shipped FSDP config: the four copies (policy and value trained, reference and
+    reward frozen) are FSDP2 shards over two gloo processes, each holding half of every weight, of the gradients
+    and of the Adam state; the rollout gathers the policy once; the weights equal one process's. Killed with
+    SIGKILL after a checkpoint and resumed, still sharded, it ends with the uninterrupted sharded run's weights
+    bit for bit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = full_parents
+    one, two, resumed = (tmp_path / name / "ppo" for name in ("one", "two", "resumed"))
+    ran("ppo", "--recipe", str(recipe), *FULL_PPO, "--set", "ppo.batch_size=8", "--set", "ppo.mini_batch_size=8",
+        "--set", "ppo.micro_batch_size=4", "--out", str(one))
+    sharded = ("--num-processes", "2", "--accelerate-config", str(_fsdp_config(tmp_path)))
+    proc = run_cli("ppo", "--recipe", str(recipe), *FULL_PPO, *HALF, *sharded, "--out", str(two))
+    assert "(2 processes x 4, FSDP2 shards)" in proc.stderr
+    assert _manifest(two)["distributed"] == "FSDP" and _manifest(two)["world_size"] == 2
+    _halves(two, trained_only=True)
+    _only_run(two.parent, "ppo")
+    for name in FULL_FILES:
+        assert _max_diff(two / name, one / name) < ATOL, name
+
+    # SIGKILL to the whole launch (the launchers and both processes) once the first resume checkpoint is complete
+    work = resumed.parent / ".ppo.work"
+    argv = [sys.executable, "-m", "rlhf.cli", "ppo", "--recipe", str(recipe), *FULL_PPO, *HALF, *sharded,
+            "--out", str(resumed)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.poll() is None and not list(work.glob("step_*")):
+        time.sleep(0.05)
+    assert killed.poll() is None, "the run ended before its first checkpoint"
+    for pid in _process_tree(killed.pid):
+        os.kill(pid, signal.SIGKILL)
+    killed.wait()
+    assert not resumed.exists()
+    run_cli("ppo", *argv[4:], "--resume")
+    assert _manifest(resumed)["resumed"] is True
+    for name in FULL_FILES:
+        a, b = load_file(two / name), load_file(resumed / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_ppo_refuses_configs_it_cannot_shard_with(parents, tmp_path, monkeypatch):
+    """LoRA PPO runs data-parallel (PPO shards full fine-tuning only); DeepSpeed is for the trainer stages."""
     recipe, _ = parents
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
     proc = run_cli("ppo", "--recipe", str(recipe), "--out", str(tmp_path / "ppo"), check=False)
-    assert proc.returncode == 2 and "runs data-parallel" in proc.stderr
+    assert proc.returncode == 2 and "runs data-parallel" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    proc = run_cli("ppo", "--recipe", str(recipe), "--out", str(tmp_path / "ppo"), check=False)
+    assert proc.returncode == 2 and "asks for deepspeed" in proc.stderr
     assert not (tmp_path / "ppo").exists()

@@ -32,24 +32,29 @@ def test_the_tiny_bases_shapes_and_bytes_by_hand():
     # QLoRA: the decoder's weights in 4 bits, the embeddings in bf16
     assert memory.per_process(s, "qlora", "sft")["weights"] == pytest.approx(
         0.52 * (PARAMETERS - 512 * 256) + 2 * 512 * 256)
-    # full PPO sharded over 2: everything halved, plus the largest layer gathered twice in bf16
+    # full SFT sharded over 2: everything halved, plus the largest layer gathered twice in bf16
+    assert memory.per_process(s, "full", "sft", processes=2, sharded=True)["total"] == 16 * PARAMETERS / 2 + 2 * 2 * LAYER
+    # full PPO sharded over 2: everything halved, plus the whole policy gathered in bf16 for the rollout
     sharded = memory.per_process(s, "full", "ppo", processes=2, sharded=True)
-    assert sharded["total"] == (2 * 2 + 2 * 16) * PARAMETERS / 2 + 2 * 2 * LAYER
+    assert sharded["total"] == (2 * 2 + 2 * 16) * PARAMETERS / 2 + 2 * PARAMETERS
 
 
 def test_where_each_layout_fits():
     """A 7B full-fine-tuning PPO (policy and value trained, reference and reward frozen: 36 bytes a parameter) is
-    ~275 GB before activations: no 80 GB card holds it, eight would only sharded, which PPO does not do; LoRA fits
-    one card; full SFT of 7B shards over eight."""
+    ~275 GB before activations: no 80 GB card holds it, eight do sharded (34 GB each, plus the policy gathered
+    whole for the rollout: 50 GB); LoRA fits one card; full SFT of 7B shards over eight."""
     s = memory.published("Qwen2.5-7B")
     assert 7.5e9 < s.parameters < 7.7e9  # Qwen2.5-7B has 7.62B
     assert memory.per_process(s, "full", "ppo")["total"] == pytest.approx(36 * s.parameters)
     assert memory.fits(s, "lora", "ppo", 80, 8) == "one GPU each (data parallel)"
-    assert memory.fits(s, "full", "ppo", 80, 8) == "only sharded over 8, which PPO does not do yet"
+    assert memory.fits(s, "full", "ppo", 80, 8) == "FSDP over 8 (fsdp.yaml)"
+    assert memory.per_process(s, "full", "ppo", 8, sharded=True)["total"] == pytest.approx((36 / 8 + 2) * s.parameters)
     assert memory.fits(s, "full", "sft", 80, 8) == "FSDP over 8 (fsdp.yaml)"
     assert memory.fits(memory.published("Qwen2.5-72B"), "full", "ppo", 80, 8) == "does not fit"
     table = memory.decision_table()
     assert table.count("\n") == 1 + 3 * len(memory.PUBLISHED) and "| Qwen2.5-0.5B (0.5B) | lora |" in table
+    assert table in (ROOT / "docs" / "operations.md").read_text(), "docs/operations.md's table is not the one " \
+        "memory.decision_table() makes now: paste it there"
 
 
 def test_the_memory_command():

@@ -27,6 +27,8 @@ LAUNCHED = "RLHF_LAUNCHED"
 ERRORS = "RLHF_ERRORS_DIR"
 """set by ``launch`` for the processes it starts: the folder where a process that stops on a user error leaves its
 line (``report_error``), which the launching command prints once, with its exit code"""
+CONFIG = "RLHF_ACCELERATE_CONFIG"
+"""set by ``launch`` to the ``--accelerate-config`` file, so that the processes' messages can name it"""
 TERMINAL = "RLHF_STDERR_TERMINAL"
 """set by ``launch`` when its own stderr is a terminal (the processes' stderr is a pipe through it)"""
 
@@ -89,6 +91,12 @@ def sharding() -> str | None:
     return None
 
 
+def config_name() -> str:
+    """"the accelerate config FILE" (the launched command's ``--accelerate-config``), or without the file when it
+    is not known (a process started by ``accelerate launch`` directly)."""
+    return "the accelerate config" + (f" {os.environ[CONFIG]}" if os.environ.get(CONFIG) else "")
+
+
 def prepare_sharding(stage: str) -> None:
     """Before a trainer stage loads its model, on CPU processes. accelerate applies DeepSpeed only on GPUs (and
     other accelerators): CPU processes given such a config train as plain data parallel, and this says so rather
@@ -100,7 +108,7 @@ def prepare_sharding(stage: str) -> None:
     if sharding() == "fsdp":
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     if sharding() == "deepspeed" and is_main():
-        print(f"{stage}: warning: the accelerate config asks for deepspeed, which runs only on GPUs; these CPU "
+        print(f"{stage}: warning: {config_name()} asks for deepspeed, which runs only on GPUs; these CPU "
               "processes run plain data parallel (every process holds the whole model)", file=sys.stderr)
 
 
@@ -117,7 +125,7 @@ def shard_on_cpu(trainer, stage: str) -> bool:
 
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch set from the config
     if plugin.fsdp_version != 2:
-        raise UserError(f"{stage}: the accelerate config asks for FSDP version {plugin.fsdp_version}; on CPU "
+        raise UserError(f"{stage}: {config_name()} asks for FSDP version {plugin.fsdp_version}; on CPU "
                         "processes only FSDP2 shards (fsdp_config: fsdp_version: 2, as recipes/accelerate/fsdp.yaml)")
     from accelerate import PartialState
 
@@ -370,6 +378,8 @@ def launch(argv: list[str], num_processes: int | None, config_file: str | None) 
 
     errors = Path(tempfile.mkdtemp(prefix="rlhf-errors-"))
     env = dict(os.environ, **{LAUNCHED: "1", ERRORS: str(errors)})
+    if config_file:
+        env[CONFIG] = config_file
     if sys.stderr.isatty():
         env[TERMINAL] = "1"
     if not torch.cuda.is_available():

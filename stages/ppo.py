@@ -170,18 +170,18 @@ def check_sharding(method: str) -> None:
     replica."""
     how = distributed.sharding()
     if how == "deepspeed":
-        raise UserError("ppo: the accelerate config asks for deepspeed; the PPO stage shards with FSDP2 "
+        raise UserError(f"ppo: {distributed.config_name()} asks for deepspeed; the PPO stage shards with FSDP2 "
                         "(recipes/accelerate/fsdp.yaml, full fine-tuning) or runs data-parallel "
                         "(recipes/accelerate/multi_gpu.yaml, or --num-processes N)")
     if how == "fsdp" and method_table.kind(method) != "weights":
-        raise UserError(f"ppo: the accelerate config asks for fsdp sharding, but PPO with {method} runs "
+        raise UserError(f"ppo: {distributed.config_name()} asks for fsdp sharding, but PPO with {method} runs "
                         "data-parallel: a whole base on every process, only the adapters' gradients summed "
                         "(recipes/accelerate/multi_gpu.yaml, or --num-processes N); PPO shards full fine-tuning")
     if how == "fsdp" and distributed.world_size() > 1 and not torch.cuda.is_available():
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         if FullyShardedDataParallelPlugin().fsdp_version != 2:
-            raise UserError("ppo: the accelerate config asks for FSDP version 1; PPO shards with FSDP2 "
+            raise UserError(f"ppo: {distributed.config_name()} asks for FSDP version 1; PPO shards with FSDP2 "
                             "(fsdp_config: fsdp_version: 2, as recipes/accelerate/fsdp.yaml)")
 
 

@@ -429,11 +429,15 @@ def test_full_ppo_sharded_over_two_processes_matches_one_and_resumes(full_parent
 def test_ppo_refuses_configs_it_cannot_shard_with(parents, tmp_path, monkeypatch):
     """LoRA PPO runs data-parallel (PPO shards full fine-tuning only); DeepSpeed is for the trainer stages."""
     recipe, _ = parents
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
-    proc = run_cli("ppo", "--recipe", str(recipe), "--out", str(tmp_path / "ppo"), check=False)
-    assert proc.returncode == 2 and "runs data-parallel" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    config = ROOT / "recipes" / "accelerate" / "fsdp.yaml"
+    proc = run_cli("ppo", "--recipe", str(recipe), "--out", str(tmp_path / "ppo"), "--accelerate-config",
+                   str(config), "--num-processes", "2", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert [x for x in proc.stderr.splitlines() if "error" in x] == [
+        f"error: ppo: the accelerate config {config} asks for fsdp sharding, but PPO with lora runs data-parallel: a "
+        "whole base on every process, only the adapters' gradients summed (recipes/accelerate/multi_gpu.yaml, or "
+        "--num-processes N); PPO shards full fine-tuning"]
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for a DeepSpeed config
     proc = run_cli("ppo", "--recipe", str(recipe), "--out", str(tmp_path / "ppo"), check=False)
     assert proc.returncode == 2 and "asks for deepspeed" in proc.stderr
     assert not (tmp_path / "ppo").exists()

@@ -185,6 +185,14 @@ def head_values(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
 
+def sampling_head(models, values: bool):
+    """What ``rollout.decode`` reads values with (its ``value_head``): with ``values``, the shared critic's head on
+    the sampling pass's last hidden states; else None."""
+    if values and models.critic != "shared":
+        raise RuntimeError("values come from the sampling pass with the shared critic only")
+    return (lambda hidden: head_values(models.value_head, hidden)) if values else None
+
+
 def logits_and_values(models, lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared critic's one pass of the causal LM ``lm`` (the policy): its logits of the last ``keep``
@@ -349,13 +357,7 @@ class SharedBase:
         self.use("policy")
         with autocast(self.device, self.autocast):
             return rollout.decode(self.model, input_ids, attention_mask, vocab=self.vocab,
-                                  value_head=self._value_head(values), **kwargs)
-
-    def _value_head(self, values: bool):
-        """The shared critic's head for the sampling pass, or None."""
-        if values and self.critic != "shared":
-            raise RuntimeError("values come from the sampling pass with the shared critic only")
-        return (lambda hidden: head_values(self.value_head, hidden)) if values else None
+                                  value_head=sampling_head(self, values), **kwargs)
 
     # -- training and saving -----------------------------------------------------------------------------------
     def parameters(self, role: str) -> list[nn.Parameter]:
@@ -514,9 +516,7 @@ class SeparateCopies:
             return rewards.sequence_scores(self.reward, input_ids, attention_mask).float()
 
     def sample(self, input_ids, attention_mask, values: bool = False, **kwargs) -> rollout.Samples:
-        if values and self.critic != "shared":
-            raise RuntimeError("values come from the sampling pass with the shared critic only")
-        head = (lambda hidden: head_values(self.value_head, hidden)) if values else None
+        head = sampling_head(self, values)
         # sharded: the policy's weights gathered once for the whole rollout, not a unit at a time for every token
         with autocast(self.device, self.autocast), distributed.gathered(self.policy):
             return rollout.decode(self.policy, input_ids, attention_mask, vocab=self.vocab, value_head=head,

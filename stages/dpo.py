@@ -190,9 +190,10 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
         ref = ("none (reference-free)" if d.reference_free else "the base" if sft_dir is None
                else "the SFT policy" + (" (a frozen copy of its adapter on the same base)" if reference is None
                                         else " (a second copy)"))
-        print(f"dpo: {len(train.rows)} pairs, loss {d.loss} (beta {d.beta}), reference {ref}; {adapter.method} "
-              f"trains {params['trainable']:,} of {params['total']:,} parameters ({params['percent']}%)",
-              file=sys.stderr)
+        if distributed.is_main():
+            print(f"dpo: {len(train.rows)} pairs, loss {d.loss} (beta {d.beta}), reference {ref}; {adapter.method} "
+                  f"trains {params['trainable']:,} of {params['total']:,} parameters ({params['percent']}%)",
+                  file=sys.stderr)
 
         trainer = trainer_class(d.reference_free)(
             model=model, **({} if d.reference_free else {"ref_model": reference}),
@@ -253,6 +254,7 @@ def measure(trainer, result, held_out: bool) -> dict:
         measured = trainer.evaluate()
         metrics.update({k: v for k, v in measured.items() if k.startswith("eval_") and "/" in k or k == "eval_loss"})
         nan = float("nan")
-        print(f"dpo: held-out implicit-reward accuracy {measured.get('eval_rewards/accuracies', nan):.4f}, "
-              f"margin {measured.get('eval_rewards/margins', nan):.4f}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"dpo: held-out implicit-reward accuracy {measured.get('eval_rewards/accuracies', nan):.4f}, "
+                  f"margin {measured.get('eval_rewards/margins', nan):.4f}", file=sys.stderr)
     return metrics

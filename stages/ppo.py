@@ -470,7 +470,9 @@ def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
     measured on the first step's samples (every process's) and kept for the run; the reward adapter reads the
     episodes' token ids and its run's stored statistics."""
     p, terms, rm = s.p, [], s.reward.model
-    texts = [t.strip() for t in s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)]
+    reads_text = bool(s.reward.scorers) or (s.reward.model_weight and not s.reward.in_process)
+    texts = ([t.strip() for t in s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)] if reads_text
+             else None)  # the reward adapter reads the episodes' token ids
     prompts = [s.messages[i] for i in batch]
     if s.reward.model_weight:
         ro.scores = rm.episodes(prompts, texts, ro.ids, ro.mask)

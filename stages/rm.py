@@ -182,10 +182,11 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
                                         training.planned_steps(recipe.rm, len(train_rows)))
         modeling.disable_dropout(model)  # what disable_dropout=True means, functional dropout (OPT) included
         params = modeling.trainable_parameters(model)
-        print(f"rm: {len(train_rows)} " + (f"rankings ({len(train.rankings)} prompts, "
-              f"{sum(len(r['ranks']) for r in train.rows)} responses, InstructGPT loss)" if grouped else "pairs")
-              + f", {recipe.adapter.method} trains {params['trainable']:,} of {params['total']:,} parameters "
-              f"({params['percent']}%)", file=sys.stderr)
+        if distributed.is_main():
+            print(f"rm: {len(train_rows)} " + (f"rankings ({len(train.rankings)} prompts, "
+                  f"{sum(len(r['ranks']) for r in train.rows)} responses, InstructGPT loss)" if grouped else "pairs")
+                  + f", {recipe.adapter.method} trains {params['trainable']:,} of {params['total']:,} parameters "
+                  f"({params['percent']}%)", file=sys.stderr)
         note = modeling.untrained_note(recipe.model, tokenizer)
         if note and distributed.is_main():
             print(f"rm: {note}", file=sys.stderr)
@@ -269,10 +270,11 @@ def measure_trained(recipe: Recipe, run: Run, model, tokenizer, train_rows: list
     responses = [ids for r in train_rows for ids in (r["responses_ids"] if "responses_ids" in r
                                                      else (r["chosen_ids"], r["rejected_ids"]))]
     stats = reward_statistics(model, tokenizer, responses, recipe.rm.stats_samples, recipe.rm.seed, progress=progress)
-    print(f"rm: held-out accuracy {metrics.get('eval_accuracy', float('nan')):.4f}"
-          + (f", top-1 {metrics['eval_top1_accuracy']:.4f}" if "eval_margin_mean" not in metrics
-             and "eval_top1_accuracy" in metrics else "")
-          + f", reward mean {stats['mean']:.4f} std {stats['std']:.4f}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"rm: held-out accuracy {metrics.get('eval_accuracy', float('nan')):.4f}"
+              + (f", top-1 {metrics['eval_top1_accuracy']:.4f}" if "eval_margin_mean" not in metrics
+                 and "eval_top1_accuracy" in metrics else "")
+              + f", reward mean {stats['mean']:.4f} std {stats['std']:.4f}", file=sys.stderr)
     if not (torch.isfinite(torch.tensor(stats["mean"])) and stats["std"] > 0):
         raise RuntimeError(f"reward statistics are degenerate ({stats}); the reward model did not train")
     return metrics, stats

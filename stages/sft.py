@@ -39,8 +39,9 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         model = modeling.attach_adapter(modeling.load_base(recipe.model), recipe.adapter, "CAUSAL_LM",
                                         recipe.model.base, training.planned_steps(recipe.sft, len(train_rows)))
         params = modeling.trainable_parameters(model)
-        print(f"sft: {len(data.rows)} rows, {recipe.adapter.method} trains {params['trainable']:,} of "
-              f"{params['total']:,} parameters ({params['percent']}%)", file=sys.stderr)
+        if distributed.is_main():
+            print(f"sft: {len(data.rows)} rows, {recipe.adapter.method} trains {params['trainable']:,} of "
+                  f"{params['total']:,} parameters ({params['percent']}%)", file=sys.stderr)
         note = modeling.untrained_note(recipe.model, tokenizer)
         if note and distributed.is_main():
             print(f"sft: {note}", file=sys.stderr)

@@ -147,6 +147,10 @@ def shard_on_cpu(trainer, stage: str) -> bool:
     return True
 
 
+_MESH = None
+"""the device mesh of every process, made by the first ``shard``"""
+
+
 def shard(models: list[torch.nn.Module]) -> None:
     """FSDP2 over every process for models our own loop trains (PPO's full fine-tuning), the way accelerate's FSDP2
     wraps a trainer's model: each decoder layer (the model's ``_no_split_modules``) one unit, the rest (embeddings,
@@ -158,7 +162,10 @@ def shard(models: list[torch.nn.Module]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    mesh = init_device_mesh(device().type, (world_size(),))
+    global _MESH
+    if _MESH is None:
+        _MESH = init_device_mesh(device().type, (world_size(),))
+    mesh = _MESH
     for model in models:
         layers = set(getattr(model, "_no_split_modules", None) or ())
         for module in model.modules():

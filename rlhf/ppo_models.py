@@ -439,7 +439,8 @@ class SeparateCopies:
     sharded = False
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
-                 value_shift: float = 0.0, value_scale: float = 1.0, critic: str | None = "adapter"):
+                 value_shift: float = 0.0, value_scale: float = 1.0, critic: str | None = "adapter",
+                 shard: bool = False):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         dtype = torch_dtype(cfg.dtype)
@@ -447,6 +448,8 @@ class SeparateCopies:
         self.policy = AutoModelForCausalLM.from_pretrained(str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
                                                            use_safetensors=True, **kwargs)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        if shard:  # sharded at once: fewer whole copies held at the same time while loading
+            distributed.shard([self.reference])
         self.reward = self.value = self.value_head = None
         self.critic = critic
         if rm_dir is not None:
@@ -472,6 +475,8 @@ class SeparateCopies:
             methods.prepare(self.policy, adapter_cfg, "CAUSAL_LM")
             if self.value is not None:
                 methods.prepare(self.value, adapter_cfg, "SEQ_CLS")
+        if shard:
+            self.shard()
 
     @property
     def device(self):
@@ -483,11 +488,14 @@ class SeparateCopies:
 
     def shard(self) -> None:
         """FSDP2 over every process (``distributed.shard``): the policy and value models, whose gradients and Adam
-        state are then sharded too, and the frozen reference and reward copies. The shared critic's head (one row)
-        stays whole on every process, its gradient all-reduced. The manifest's ``shards`` counts what each
-        process holds."""
+        state are then sharded too, and the frozen reference (sharded as soon as it is copied) and reward copies.
+        Each shard goes to this process's device as it is made (``fully_shard`` places it on the mesh's device), so
+        no whole copy is ever put on a GPU. The shared critic's head (one row) stays whole on every process, its
+        gradient all-reduced. The manifest's ``shards`` counts what each process holds."""
+        from torch.distributed.fsdp import FSDPModule
+
         models = [m for m in (self.policy, self.reference, self.reward, self.value) if m is not None]
-        distributed.shard(models)
+        distributed.shard([m for m in models if not isinstance(m, FSDPModule)])
         distributed.record_shards(*models, *([self.value_head] if self.value_head is not None else []))
         self.sharded = True
 
@@ -541,7 +549,7 @@ class SeparateCopies:
 
     def to(self, device) -> None:
         for model in (self.policy, self.reference, self.reward, self.value):
-            if model is not None:
+            if model is not None and not self.sharded:  # shards are on this process's device already
                 modeling.place(model, device)
         if self.value_head is not None:
             self.value_head.to(device)
@@ -591,12 +599,12 @@ def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | Non
     device = torch.device(device)
     with modeling.loading(f"{sft_dir or 'base'}" + (f" / {rm_dir}" if rm_dir else ""), cfg.base):
         if method_table.kind(method) == "weights":
-            models = SeparateCopies(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale, critic)
+            models = SeparateCopies(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale, critic, shard)
+        elif shard:
+            raise ValueError(f"{method}: PPO shards full copies only (SeparateCopies)")
         else:
             models = SharedBase(cfg, sft_dir, rm_dir, adapter_cfg, value_shift, value_scale, critic)
     models.to(device)
-    if shard:
-        models.shard()
     models.vocab = vocab
     width = getattr(models.config, "hidden_size", 1024)
     models.autocast, models.bf16_speedup = precision.autocast_dtype(

@@ -586,8 +586,9 @@ def save_checkpoint(s: Setup, state: State, snapshot: bool = True) -> None:
             if writer:
                 ckpt.mkdir(parents=True)
             s.models.save(ckpt)
-        opt_tensors, opt_meta = resume.optimizer_state(state.optimizer)
-        model_tensors = s.models.trainable_state()
+        if writer or s.models.sharded:  # gathering shards takes every process
+            opt_tensors, opt_meta = resume.optimizer_state(state.optimizer)
+            model_tensors = s.models.trainable_state()
         if writer:
             rng_tensors, rng_meta = resume.rng_state()
             tensors = {**{f"model.{k}": v for k, v in model_tensors.items()}, **opt_tensors,

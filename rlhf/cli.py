@@ -100,9 +100,10 @@ def cli(ctx, debug):
     ctx.obj = {"debug": debug}
     if not debug:
         _quiet_libraries()
-    from rlhf import rundir
+    from rlhf import distributed, rundir
 
-    rundir.COMMAND = shlex.join(["rlhf", *sys.argv[1:]])
+    # a launched process's own command line lacks --num-processes / --accelerate-config: the launcher's has them
+    rundir.COMMAND = os.environ.get(distributed.COMMAND) or shlex.join(["rlhf", *sys.argv[1:]])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -29,6 +29,9 @@ ERRORS = "RLHF_ERRORS_DIR"
 line (``report_error``), which the launching command prints once, with its exit code"""
 CONFIG = "RLHF_ACCELERATE_CONFIG"
 """set by ``launch`` to the ``--accelerate-config`` file, so that the processes' messages can name it"""
+COMMAND = "RLHF_COMMAND"
+"""set by ``launch`` to the command as the user typed it, launch options included: what the processes' manifest
+records and their resume hint repeats (their own command line has the launch options taken out)"""
 TERMINAL = "RLHF_STDERR_TERMINAL"
 """set by ``launch`` when its own stderr is a terminal (the processes' stderr is a pipe through it)"""
 
@@ -384,7 +387,9 @@ def launch(argv: list[str], num_processes: int | None, config_file: str | None) 
     import tempfile
 
     errors = Path(tempfile.mkdtemp(prefix="rlhf-errors-"))
-    env = dict(os.environ, **{LAUNCHED: "1", ERRORS: str(errors)})
+    import shlex
+
+    env = dict(os.environ, **{LAUNCHED: "1", ERRORS: str(errors), COMMAND: shlex.join(["rlhf", *argv])})
     if config_file:
         env[CONFIG] = config_file
     if sys.stderr.isatty():

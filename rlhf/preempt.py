@@ -41,8 +41,9 @@ def _handler(signum, frame) -> None:
         print(f"{_stage}: {signal.Signals(signum).name} again: stopping now", file=sys.stderr, flush=True)
         os._exit(128 + signum)
     _received = signum
-    print(f"{_stage}: {signal.Signals(signum).name}: finishing this step, then saving a resume checkpoint "
-          "(send it again to stop at once)", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # every process got it; the first one says so
+        print(f"{_stage}: {signal.Signals(signum).name}: finishing this step, then saving a resume checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
 
 
 class handlers:

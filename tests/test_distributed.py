@@ -386,7 +386,8 @@ def test_full_ppo_sharded_over_two_processes_matches_one_and_resumes(full_parent
     reward frozen) are FSDP2 shards over two gloo processes, each holding half of every weight, of the gradients
     and of the Adam state; the rollout gathers the policy once; the weights equal one process's. Killed with
     SIGKILL after a checkpoint and resumed, still sharded, it ends with the uninterrupted sharded run's weights
-    bit for bit."""
+    bit for bit. Stopped with SIGTERM first, it says in one line how to continue, launch options included."""
+    import shlex
     import signal
     import subprocess
     import sys
@@ -405,21 +406,34 @@ def test_full_ppo_sharded_over_two_processes_matches_one_and_resumes(full_parent
     for name in FULL_FILES:
         assert _max_diff(two / name, one / name) < ATOL, name
 
-    # SIGKILL to the whole launch (the launchers and both processes) once the first resume checkpoint is complete
-    work = resumed.parent / ".ppo.work"
+    # SIGTERM to the launching command once a step is logged: every process finishes the step and the main one
+    # writes a resume checkpoint; one line says how to continue, with the launch options
     argv = [sys.executable, "-m", "rlhf.cli", "ppo", "--recipe", str(recipe), *FULL_PPO, *HALF, *sharded,
             "--out", str(resumed)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    killed = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and killed.poll() is None and not list(work.glob("step_*")):
+    stopped = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = resumed.parent / ".ppo.partial" / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and stopped.poll() is None and not (metrics.is_file() and metrics.read_text()):
         time.sleep(0.05)
-    assert killed.poll() is None, "the run ended before its first checkpoint"
+    stopped.send_signal(signal.SIGTERM)
+    err = stopped.communicate(timeout=300)[1]
+    errors = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert stopped.returncode == 143 and "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].endswith(f"continue with `rlhf {shlex.join(argv[3:])} --resume`"), errors  # launch options too
+    assert err.count("SIGTERM: finishing this step") == 1
+
+    # resumed, then SIGKILL to the whole launch (the launcher and both processes) after a newer checkpoint
+    work = resumed.parent / ".ppo.work"
+    seen = sorted(work.glob("step_*"))
+    killed = subprocess.Popen([*argv, "--resume"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    while time.time() < deadline and killed.poll() is None and sorted(work.glob("step_*")) == seen:
+        time.sleep(0.05)
     for pid in _process_tree(killed.pid):
         os.kill(pid, signal.SIGKILL)
     killed.wait()
-    assert not resumed.exists()
-    run_cli("ppo", *argv[4:], "--resume")
+    if not resumed.exists():  # the kill came before the run was published: resume it again
+        run_cli("ppo", *argv[4:], "--resume")
     assert _manifest(resumed)["resumed"] is True
     for name in FULL_FILES:
         a, b = load_file(two / name), load_file(resumed / name)

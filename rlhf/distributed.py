@@ -212,13 +212,11 @@ SHARDS: dict | None = None
 def record_shards(*models: torch.nn.Module) -> dict:
     """Count the parameters each process holds of ``models`` (a DTensor's local shard, or the whole tensor), all of
     them and the trained ones, against the whole models': every process takes part; kept in ``SHARDS``."""
-    from torch.distributed.tensor import DTensor
-
     global SHARDS
     params = list({id(p): p for model in models for p in model.parameters()}.values())  # a tied weight once
-    local = [p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params]
+    held_here = [local(p).numel() for p in params]
     held = torch.zeros(world_size(), 2, dtype=torch.float64)
-    held[rank()] = torch.tensor([sum(local), sum(n for n, p in zip(local, params) if p.requires_grad)],
+    held[rank()] = torch.tensor([sum(held_here), sum(n for n, p in zip(held_here, params) if p.requires_grad)],
                                 dtype=torch.float64)
     held = all_sum(held)
     SHARDS = {"parameters": sum(p.numel() for p in params),
@@ -232,15 +230,11 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s state dict with every sharded tensor (an FSDP2 DTensor) gathered whole, a tied weight under its
     first name only (as ``save_pretrained`` writes it); every process must call it (the gathering is
     collective)."""
-    from torch.distributed.tensor import DTensor
-
     out, seen = {}, set()
     for key, value in model.state_dict(keep_vars=True).items():
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        value = value.detach()
-        out[key] = value.full_tensor() if isinstance(value, DTensor) else value
+        if id(value) not in seen:
+            seen.add(id(value))
+            out[key] = whole(value.detach())
     return out
 
 
@@ -264,10 +258,11 @@ def gathered(model: torch.nn.Module):
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s parameters are FSDP2 shards (DTensors)."""
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors): the root unit holds the first one (the
+    embeddings) whatever else is sharded, so it alone says."""
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return isinstance(next(model.parameters(), None), DTensor)
 
 
 # ---------------------------------------------------------------------------------------------------------------

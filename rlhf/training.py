@@ -26,6 +26,15 @@ def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def train_and_held_out(data, held, fraction: float, seed: int) -> tuple[list, list]:
+    """The training and held-out rows of a preference stage: a held-out file's rows (``held``, loaded from
+    ``data.eval_preference``) beside every row of ``data``, else ``fraction`` of ``data``'s rows (``split_rows``:
+    whole rankings, never single comparisons of a ranking trained on)."""
+    if held is not None:
+        return data.rows, held.rows
+    return split_rows(data.rows, fraction, seed)
+
+
 def show_progress(recipe: Recipe) -> bool:
     """Progress bars on an interactive terminal (``logging.progress: auto``), or as the recipe forces."""
     return recipe.logging.progress == "on" or (recipe.logging.progress == "auto" and distributed.stderr_is_terminal())

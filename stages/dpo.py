@@ -233,16 +233,13 @@ def encode_split(recipe: Recipe, data: formats.Loaded, held: formats.Loaded | No
     never single comparisons of a ranking trained on), encoded; pairs longer than dpo.max_length are left out and
     reported (or refused: ``dpo.on_too_long``)."""
     d = recipe.dpo
-    if held is not None:
-        train_rows, eval_rows = data.rows, held.rows
-    else:
-        train_rows, eval_rows = training.split_rows(data.rows, d.eval_fraction, d.seed)
+    train_rows, eval_rows = training.train_and_held_out(data, held, d.eval_fraction, d.seed)
     train = encode_prompt_pairs(tokenizer, formats.rankings_as_pairs(train_rows), d.max_length)
     held_out = encode_prompt_pairs(tokenizer, formats.rankings_as_pairs(eval_rows), d.max_length)
     encoding.keep_fitting(train, recipe.data.preference, "pairs", "dpo.max_length", d.max_length, "dpo",
                           d.on_too_long)
-    encoding.keep_fitting(held_out, recipe.data.preference, "pairs", "dpo.max_length", d.max_length, "dpo",
-                          held_out=True)
+    encoding.keep_fitting(held_out, recipe.data.eval_preference or recipe.data.preference, "pairs",
+                          "dpo.max_length", d.max_length, "dpo", held_out=True)  # the file the held-out rows came from
     return train, held_out
 
 

@@ -222,10 +222,7 @@ def encode_split(recipe: Recipe, data: formats.Loaded, held: formats.Loaded | No
     """The training and held-out rankings (``data.eval_preference``, else ``rm.eval_fraction`` of whole rankings:
     never single comparisons of a ranking trained on) encoded as PPO's episodes are laid out; rankings longer
     than rm.max_length are left out and reported (or refused: ``rm.on_too_long``)."""
-    if held is not None:
-        train_rows, eval_rows = data.rows, held.rows
-    else:
-        train_rows, eval_rows = training.split_rows(data.rows, recipe.rm.eval_fraction, recipe.rm.seed)
+    train_rows, eval_rows = training.train_and_held_out(data, held, recipe.rm.eval_fraction, recipe.rm.seed)
     limit = recipe.rm.max_length
     train, held_out = encode_rankings(tokenizer, train_rows, limit), encode_rankings(tokenizer, eval_rows, limit)
     unit = "pairs" if formats.is_pairs(data) else "rankings"

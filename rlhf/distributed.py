@@ -215,14 +215,11 @@ def record_shards(*models: torch.nn.Module) -> dict:
     global SHARDS
     params = list({id(p): p for model in models for p in model.parameters()}.values())  # a tied weight once
     held_here = [local(p).numel() for p in params]
-    held = torch.zeros(world_size(), 2, dtype=torch.float64)
-    held[rank()] = torch.tensor([sum(held_here), sum(n for n, p in zip(held_here, params) if p.requires_grad)],
-                                dtype=torch.float64)
-    held = all_sum(held)
+    held = by_process([sum(held_here), sum(n for n, p in zip(held_here, params) if p.requires_grad)])
     SHARDS = {"parameters": sum(p.numel() for p in params),
               "trained": sum(p.numel() for p in params if p.requires_grad),
-              "held_by_process": [int(x) for x in held[:, 0].tolist()],
-              "trained_held_by_process": [int(x) for x in held[:, 1].tolist()]}
+              "held_by_process": [int(row[0]) for row in held],
+              "trained_held_by_process": [int(row[1]) for row in held]}
     return SHARDS
 
 
@@ -276,6 +273,14 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     out = x.detach().to(device(), copy=True)  # NCCL reduces GPU tensors only
     torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
     return out.to(x.device)
+
+
+def by_process(values: list[float]) -> list[list[float]]:
+    """Every process's ``values`` (the same count on each), one row per process in rank order; every process
+    takes part."""
+    table = torch.zeros(world_size(), len(values), dtype=torch.float64)
+    table[rank()] = torch.tensor(values, dtype=torch.float64)
+    return all_sum(table).tolist()
 
 
 def all_mean(values: dict[str, float]) -> dict[str, float]:

@@ -33,11 +33,6 @@ HOLDS = {  # stage -> (trained models, frozen models) besides the shared base
 }
 """trained and frozen models each stage holds; "ppo-shared" is PPO with the shared critic (no value model)"""
 
-SHARDED_STAGES = ("sft", "rm", "dpo", "ppo", "ppo-shared")
-"""the stages that run sharded under an FSDP config (SFT, RM and DPO under DeepSpeed's on GPUs too); PPO shards
-full fine-tuning only (LoRA and QLoRA PPO run data parallel)"""
-
-
 @dataclass(frozen=True)
 class Shapes:
     """What the count needs of a causal LM: its parameters, the share that is embeddings and head (never

@@ -36,8 +36,6 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "b
 def memory_by_process() -> dict[str, list[float]]:
     """Each process's resident memory in MB, now and at its peak (Linux's VmRSS and VmHWM); every process takes
     part. Empty where /proc does not say."""
-    import torch
-
     mine = [0.0, 0.0]
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -46,13 +44,10 @@ def memory_by_process() -> dict[str, list[float]]:
                     mine[i] = int(line.split()[1]) / 1024  # kB
     except OSError:
         pass
-    table = torch.zeros(distributed.world_size(), 2, dtype=torch.float64)
-    table[distributed.rank()] = torch.tensor(mine, dtype=torch.float64)
-    table = distributed.all_sum(table)
-    if not table.any():
+    table = distributed.by_process(mine)
+    if not any(any(row) for row in table):
         return {}
-    return {"rss_mb": [round(x, 1) for x in table[:, 0].tolist()],
-            "peak_rss_mb": [round(x, 1) for x in table[:, 1].tolist()]}
+    return {"rss_mb": [round(row[0], 1) for row in table], "peak_rss_mb": [round(row[1], 1) for row in table]}
 
 
 def versions() -> dict[str, str]:

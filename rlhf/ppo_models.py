@@ -119,16 +119,18 @@ def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     (disabled or merged adapters, extra arguments) goes to peft's own forward."""
     if self.disable_adapters or self.merged or args or kwargs:
         return type(self).forward(self, x, *args, **kwargs)
+    shape = x.shape
+    x = x.reshape(-1, x.shape[-1])  # 2-D from here: ``addmm_`` then updates the base output itself, not a view
+    # of it (in place on a view, autograd would clone the gradient and copy it back into the view in backward)
     result = self.base_layer(x)
-    flat = result.view(-1, result.shape[-1])
     cast = not torch.is_autocast_enabled(x.device.type)
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         h = nn.functional.linear(self.lora_dropout[name](x.to(a.dtype) if cast else x), a) * self.scaling[name]
-        flat.addmm_(h.reshape(-1, h.shape[-1]).to(flat.dtype), b.t().to(flat.dtype))
-    return result
+        result.addmm_(h.to(result.dtype), b.t().to(result.dtype))
+    return result.view(*shape[:-1], result.shape[-1])
 
 
 def use_lean_lora(model: nn.Module) -> int:

@@ -388,6 +388,19 @@ def test_sampling_loop_draws_what_generate_draws_and_keeps_the_log_probs(parents
                                atol=1e-5)
 
 
+def _graph_nodes(fn) -> set[str]:
+    """The names of every autograd node ``fn`` reaches."""
+    names, seen, todo = set(), set(), [fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
 def test_lean_lora_forward_matches_peft(parents):
     """The lean forward PPO gives plain LoRA layers computes peft's outputs and gradients, for every role, the
     bare base included; DoRA is left to peft."""
@@ -410,6 +423,8 @@ def test_lean_lora_forward_matches_peft(parents):
             out["base"] = models._lm(ids, mask, 0)
         out["reward"] = models.scores(ids, mask)
         values = models.values(ids, mask)
+        if lean:  # the adapters' products go into the base output itself: no view for backward to copy into
+            assert "CopySlices" not in _graph_nodes(out["policy"].grad_fn)
         (out["policy"][mask.bool()].logsumexp(-1).sum() + values.sum()).backward()
         out["values"] = values
         out["grads"] = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten()

@@ -59,6 +59,11 @@ def encode_exchange(tokenizer, prompt: list[dict], response: list[dict]) -> tupl
     return prompt_ids, ids
 
 
+def with_responses(prompts: list[list[dict]], responses: list[str]) -> list[list[dict]]:
+    """Each prompt followed by its response as an assistant turn: the conversation a reward model scores."""
+    return [[*p, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+
+
 def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
     """Each conversation (ending with the assistant's response) as the token ids a reward is read on:
     ``modeling.encode_exchange``'s prompt and response, one after the other."""

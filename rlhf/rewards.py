@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from rlhf import distributed, modeling
-from rlhf.encoding import encode_conversations, pad, position_ids
+from rlhf.encoding import encode_conversations, pad, position_ids, with_responses
 from rlhf.errors import UserError
 from rlhf.methods import score_head, unwrap
 from rlhf.modeling import max_positions
@@ -198,8 +198,7 @@ class RunReward(RewardModel):
         self.stats = run.reward_stats
 
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
-        seqs = encode_conversations(
-            self.tokenizer, [[*p, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)])
+        seqs = encode_conversations(self.tokenizer, with_responses(prompts, responses))
         fits = [i for i, s in enumerate(seqs) if self.max_length is None or len(s) <= self.max_length]
         out: list[float | None] = [None] * len(seqs)
         if fits:
@@ -223,8 +222,7 @@ class TokenReward(RewardModel):
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
-        seqs = encode_conversations(
-            self.tokenizer, [[*p, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)])
+        seqs = encode_conversations(self.tokenizer, with_responses(prompts, responses))
         ids, mask = pad(seqs, self.tokenizer.pad_token_id)
         return self.score_ids(ids.to(self.device), mask.to(self.device)).float().cpu().tolist()
 
@@ -304,9 +302,8 @@ class PublishedReward(RewardModel):
     def encode(self, prompt: list[dict], response: str) -> list[int]:
         """One conversation as this model reads it (module docstring)."""
         tok = self.tokenizer
-        conversation = [*prompt, {"role": "assistant", "content": response}]
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(conversation, tokenize=False)
+            text = tok.apply_chat_template(with_responses([prompt], [response])[0], tokenize=False)
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
             question = "\n".join(m["content"] for m in prompt)

@@ -84,11 +84,6 @@ def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: li
     return out
 
 
-def with_responses(prompts: list[list[dict]], responses: list[str]) -> list[list[dict]]:
-    """Each prompt followed by its response as an assistant turn."""
-    return [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling that does not depend on how episodes are batched
 # ---------------------------------------------------------------------------------------------------------------

@@ -82,8 +82,8 @@ def _whole_chunks(partial: Path, settings: dict, rows: list[list[dict]]) -> tupl
     Every kept row must be the one this run would write there: the same settings, the prompt of that line of the
     prompt file (another --prompts or --limit is refused, not mixed in), K responses."""
     done, size, whole = 0, 0, (0, 0)
-    per_chunk = chunk_prompts(settings["num_samples"] * (len(settings["run"]) if isinstance(settings["run"], list)
-                                                         else 1))
+    runs = settings["run"]
+    per_chunk = chunk_prompts(settings["num_samples"] * (len(runs) if isinstance(runs, list) else 1))
     continue_or_restart = "continue it with the same ones, or start again with --overwrite"
     with open(partial, "rb") as f:
         data = f.read()

@@ -8,7 +8,7 @@ import json
 import torch
 
 from conftest import refused, run_cli
-from rlhf import formats, modeling, rewards, rollout
+from rlhf import encoding, formats, modeling, rewards, rollout
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -50,7 +50,7 @@ def test_reward_model_export_scores_the_same(parents, tmp_path):
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     adapter_model, adapter_tokenizer = modeling.load_reward(runs / "rm")
-    convs = rollout.with_responses(_prompts(8), ["The answer is 4.", "Let me think. It is 5."] * 4)
+    convs = encoding.with_responses(_prompts(8), ["The answer is 4.", "Let me think. It is 5."] * 4)
     torch.testing.assert_close(rewards.score_conversations(merged, tokenizer, convs),
                                rewards.score_conversations(adapter_model, adapter_tokenizer, convs),
                                atol=1e-4, rtol=1e-4)

@@ -21,7 +21,7 @@ SMALL = ["ppo.max_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.mi
 
 def _batch(tok):
     prompts = formats.load(str(ROOT / "data/tiny/heldout_prompts.jsonl"), "prompts").rows[:5]
-    convs = rollout.with_responses(prompts, ["The answer is 4.", "Let me think. So the answer is 1 2.",
+    convs = encoding.with_responses(prompts, ["The answer is 4.", "Let me think. So the answer is 1 2.",
                                              "maybe 3.", "The answer is red.", "x"])
     texts = [tok.apply_chat_template(c, tokenize=False) for c in convs]
     tok.padding_side = "left"
@@ -46,7 +46,7 @@ def test_one_base_four_adapters_match_the_separate_models(parents):
     torch.testing.assert_close(pol[real], ref[real], rtol=0, atol=1e-5)  # the policy starts as the SFT policy
     # the reward adapter + score head on the shared base score like the separately loaded reward model
     rm, rm_tok = modeling.load_reward(runs / "rm")
-    convs = rollout.with_responses(formats.load(str(ROOT / "data/tiny/heldout_prompts.jsonl"), "prompts").rows[:5],
+    convs = encoding.with_responses(formats.load(str(ROOT / "data/tiny/heldout_prompts.jsonl"), "prompts").rows[:5],
                                    ["The answer is 4.", "Let me think. So the answer is 1 2.", "maybe 3.",
                                     "The answer is red.", "x"])
     torch.testing.assert_close(scores, rewards.score_conversations(rm, rm_tok, convs), rtol=0, atol=1e-4)

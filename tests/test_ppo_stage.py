@@ -22,7 +22,7 @@ SMALL = ["ppo.max_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.mi
 def _batch(tok):
     prompts = formats.load(str(ROOT / "data/tiny/heldout_prompts.jsonl"), "prompts").rows[:5]
     convs = encoding.with_responses(prompts, ["The answer is 4.", "Let me think. So the answer is 1 2.",
-                                             "maybe 3.", "The answer is red.", "x"])
+                                              "maybe 3.", "The answer is red.", "x"])
     texts = [tok.apply_chat_template(c, tokenize=False) for c in convs]
     tok.padding_side = "left"
     return texts, tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -47,8 +47,8 @@ def test_one_base_four_adapters_match_the_separate_models(parents):
     # the reward adapter + score head on the shared base score like the separately loaded reward model
     rm, rm_tok = modeling.load_reward(runs / "rm")
     convs = encoding.with_responses(formats.load(str(ROOT / "data/tiny/heldout_prompts.jsonl"), "prompts").rows[:5],
-                                   ["The answer is 4.", "Let me think. So the answer is 1 2.", "maybe 3.",
-                                    "The answer is red.", "x"])
+                                    ["The answer is 4.", "Let me think. So the answer is 1 2.", "maybe 3.",
+                                     "The answer is red.", "x"])
     torch.testing.assert_close(scores, rewards.score_conversations(rm, rm_tok, convs), rtol=0, atol=1e-4)
     # the value head starts as the score head on the normalised scale
     models = ppo_models.load(cfg, "lora", runs / "sft", runs / "rm", value_shift=1.5, value_scale=2.0)

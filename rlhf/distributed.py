@@ -382,13 +382,12 @@ def launch(argv: list[str], num_processes: int | None, config_file: str | None) 
     printed once and its exit code returned (2, or 128 + a signal), without the launcher's report of the failed
     processes. SIGINT reaches the processes from the terminal; a SIGTERM sent to this command is passed on to
     the launcher, which passes it on to them (both stop gracefully: ``rlhf.preempt``)."""
+    import shlex
     import shutil
     import signal
     import tempfile
 
     errors = Path(tempfile.mkdtemp(prefix="rlhf-errors-"))
-    import shlex
-
     env = dict(os.environ, **{LAUNCHED: "1", ERRORS: str(errors), COMMAND: shlex.join(["rlhf", *argv])})
     if config_file:
         env[CONFIG] = config_file

@@ -216,17 +216,44 @@ def test_a_suggestion_is_shown_recorded_and_measured_against(tmp_path):
 
 
 def test_overlap_queues(tmp_path):
-    """``--overlap N``: a prompt leaves everyone's queue once N annotators answered it; least covered first."""
+    """``--overlap N``: a prompt leaves everyone's queue once N annotators answered it; least covered first. A skip
+    is no answer: the prompt stays in the others' queues (it was counted as covered, so nobody was shown it)."""
     out, candidates = str(tmp_path / "r.jsonl"), str(write_candidates(tmp_path))
-    alice, bob = (page.LabelApp(candidates, out, name, overlap=1) for name in ("alice", "bob"))
+    alice, bob, carol = (page.LabelApp(candidates, out, name, overlap=1) for name in ("alice", "bob", "carol"))
     first = alice.state()["item"]
     alice.answer({"item": first["index"], "item_sha": first["sha"], "status": "ranked", "ranking": [0, 1, 2]})
     seen = set()
     while (item := bob.state()["item"]) is not None:
         bob.answer({"item": item["index"], "item_sha": item["sha"], "status": "skipped"})
         seen.add(item["index"])
-    assert seen == {0, 1, 2, 3} - {first["index"]} and alice.state()["item"] is None
-    assert alice.state()["complete"] == 4 and bob.state()["left"] == 0
+    assert seen == {0, 1, 2, 3} - {first["index"]}
+    assert bob.state()["left"] == 0 and alice.state()["complete"] == 1  # bob's skips cover nothing
+    assert alice.state()["left"] == 3  # what bob skipped is still wanted, from alice too
+    answered = set()
+    while (item := carol.state()["item"]) is not None:
+        carol.answer({"item": item["index"], "item_sha": item["sha"], "status": "unacceptable"})
+        answered.add(item["index"])
+    assert answered == seen and alice.state()["item"] is None and alice.state()["complete"] == 4
+
+
+def test_a_suggester_that_fails_on_one_prompt_leaves_it_without_a_suggestion(tmp_path):
+    """A suggester that raises on one prompt (a judge whose question is too long, a bug in a scorer file): that
+    prompt is shown and answered without a suggestion, the failure is counted, and the page goes on (every
+    request was a 500 from then on)."""
+    (tmp_path / "picky.py").write_text("def score(prompts, responses):\n"
+                                       "    if '1 + 1' in prompts[0][-1]['content']:\n"
+                                       "        raise ValueError('too long for the judge')\n"
+                                       "    return [float(len(r)) for r in responses]\n")
+    app = page.LabelApp(str(write_candidates(tmp_path)), str(tmp_path / "r.jsonl"), "alice",
+                        suggest=f"{tmp_path / 'picky.py'}:score")
+    shown = []
+    while (state := app.state())["item"] is not None:
+        item = state["item"]
+        shown.append("suggestion" in item)
+        app.answer({"item": item["index"], "item_sha": item["sha"], "status": "ranked", "ranking": [0, 1, 2]})
+    assert shown == [True, False, True, True] and app.state()["suggestion_failures"] == 1
+    rows = app.store.rows()
+    assert len(rows) == 4 and "suggestion" not in rows[1]["label"] and "suggestion" in rows[2]["label"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

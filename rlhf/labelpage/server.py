@@ -44,8 +44,8 @@ class LabelApp:
     """What the page talks to: the candidates, the store, one annotator; every answer checked before it is kept.
 
     Without ``overlap`` the annotator goes through every prompt in file order. With ``overlap`` N, each prompt is
-    wanted from N annotators: the annotator's queue is the prompts they have not answered that fewer than N have,
-    least covered first (ties in an order of this annotator's own, so that annotators working at once start on
+    wanted from N annotators: the annotator's queue is the prompts they have not answered that fewer than N have
+    ranked or found all unacceptable (a skip is no answer: it leaves the prompt to others), least covered first (ties in an order of this annotator's own, so that annotators working at once start on
     different prompts), and it ends when every prompt has its N answers. With ``suggest`` (a scorer or reward-model
     spec) the page shows its scores and ranking beside the responses, and each answer records what was shown."""
 
@@ -59,7 +59,9 @@ class LabelApp:
         self.overlap = overlap
         self.suggest = suggest
         self.suggester = scorers.load(suggest, "--suggest") if suggest else None
-        self._suggestions: dict[int, dict] = {}
+        self._suggestions: dict[int, dict | None] = {}
+        self.suggestion_failures = 0
+        """prompts the suggester failed on (each shown without a suggestion; counted in every state)"""
         target = Path(out)
         if target.resolve() == Path(candidates).resolve() or (
                 target.exists() and Path(candidates).exists() and os.path.samefile(target, candidates)):
@@ -88,10 +90,11 @@ class LabelApp:
             self._mine: set[tuple[int, str]] = set()
             self._everyone: set[tuple[int, str]] = set()
             self._coverage: Counter = Counter()
-        for annotator, key in self.store.log[self._seen:]:
+        for annotator, key, status in self.store.log[self._seen:]:
             if key in self._valid:
                 self._everyone.add(key)
-                self._coverage[key] += 1  # an annotator answers an item once (LabelStore.append's once_for)
+                if status != "skipped":  # a skip is no answer: the prompt stays in the others' queues
+                    self._coverage[key] += 1  # an annotator answers an item once (LabelStore.append's once_for)
                 if annotator == self.annotator:
                     self._mine.add(key)
         self._seen = len(self.store.log)
@@ -119,20 +122,30 @@ class LabelApp:
         item = None if next_index is None else {
             "index": next_index, "sha": self.shas[next_index], "prompt": self.prompts[next_index],
             "responses": self.items[next_index]["responses"]}
-        if item is not None and self.suggester is not None:
+        if item is not None and self.suggester is not None and self.suggestion(next_index) is not None:
             item["suggestion"] = self.suggestion(next_index)
         return {"total": len(self.rankable), "answered": answered, "answered_all": answered_all,
                 "annotator": self.annotator, "item": item, "left": left, "overlap": self.overlap,
-                "complete": complete}
+                "complete": complete,
+                **({"suggestion_failures": self.suggestion_failures} if self.suggester is not None else {})}
 
-    def suggestion(self, index: int) -> dict:
+    def suggestion(self, index: int) -> dict | None:
         """The suggester's scores of a prompt's responses and the places they give (0 best; None where it does not
-        apply), computed once per prompt."""
+        apply), computed once per prompt. Suggestions are advice: a suggester that fails on a prompt (an error, a
+        judge whose question is too long) leaves that prompt without one, says so on the terminal and is counted
+        (``suggestion_failures``); the page goes on."""
         if index not in self._suggestions:
             responses = self.items[index]["responses"]
-            scores = self.suggester([self.prompts[index]] * len(responses), responses)
-            self._suggestions[index] = {"by": self.suggest, "scores": scores,
-                                        "ranking": formats.ranks_from_scores(scores)}
+            try:
+                scores = self.suggester([self.prompts[index]] * len(responses), responses)
+                self._suggestions[index] = {"by": self.suggest, "scores": scores,
+                                            "ranking": formats.ranks_from_scores(scores)}
+            except Exception as e:  # noqa: BLE001 - a suggester's failure must not take the page down
+                self._suggestions[index] = None
+                self.suggestion_failures += 1
+                print(f"label: --suggest {self.suggest} failed on item {index} ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); shown without a suggestion", file=sys.stderr,
+                      flush=True)
         return self._suggestions[index]
 
     def answer(self, body: dict) -> dict:

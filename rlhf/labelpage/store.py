@@ -83,7 +83,7 @@ class LabelStore:
 
     def _reset(self, identity) -> None:
         self.generation += 1
-        self.log: list[tuple[str, tuple[int, str]]] = []  # (annotator, (item, item_sha)) in file order
+        self.log: list[tuple[str, tuple[int, str], str]] = []  # (annotator, (item, item_sha), status), file order
         self._identity = identity  # (device, inode) of the file read: a replaced file is read again from the start
         self._offset = 0  # bytes of complete lines already folded in
         self._lines = 0
@@ -108,7 +108,8 @@ class LabelStore:
             if not raw.strip():
                 continue
             try:
-                annotator, key = answer_key(json.loads(raw))
+                row = json.loads(raw)
+                annotator, key = answer_key(row)
             except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 why = "not a JSON row" if not isinstance(e, ValueError) or isinstance(
                     e, (json.JSONDecodeError, UnicodeDecodeError)) else str(e)
@@ -120,7 +121,7 @@ class LabelStore:
                     print(f"label: {self.path}:{self._lines}: {why} (left out)", file=sys.stderr, flush=True)
                 continue
             self._by.setdefault(annotator, set()).add(key)
-            self.log.append((annotator, key))
+            self.log.append((annotator, key, row["label"].get("status")))
         self._offset += end
 
     def refresh(self, strict: bool = False) -> None:

@@ -22,6 +22,20 @@ def is_local(value: str | Path) -> bool:
             or text.startswith(("/", "./", "../", "~")) or text.count("/") > 1)
 
 
+def run_name(spec: str) -> str:
+    """A policy named the way the project records it: a run directory's path written plainly (``runs/sft/``,
+    ``./runs/sft`` and ``runs//sft`` are all ``runs/sft``), ``base:PATH`` with its path written so too; anything
+    else as it is. One run under two spellings is then one policy (in ``rlhf sample``'s rows and a reward model's
+    ``data.policies``)."""
+    import os
+
+    if not isinstance(spec, str) or not spec:
+        return spec
+    if spec.startswith("base:"):
+        return "base:" + (os.path.normpath(spec[5:]) if spec[5:] else "")
+    return os.path.normpath(spec)
+
+
 def torch_dtype(name: str):
     """The torch dtype a name means (``DTYPE_NAMES``; "auto" stays the string transformers reads)."""
     import torch

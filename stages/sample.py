@@ -6,7 +6,7 @@ on the rankings. Candidates are written as ranking rows without a ranking yet:
 
     {"prompt": ..., "responses": [K texts], "duplicate_of": [null | index of the first identical response],
      "eos": [K booleans: the response ended with EOS], "run": ..., "temperature": ..., "seed": ...,
-     "max_new_tokens": ...}
+     "max_new_tokens": ...[, "icl_shots": ..., "demos_sha256": the demonstrations file's digest]}
 
 Several policies (``rlhf sample RUN1 RUN2 ...``, as InstructGPT and Llama 2 collected comparisons from their latest
 policies) each give K responses to every prompt: a row holds their P x K responses, policy by policy, ``run`` is
@@ -31,6 +31,7 @@ from rlhf import encoding, formats, modeling, rollout, scorers
 from rlhf.formats import duplicates
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
+from rlhf.names import run_name
 
 CHUNK = 64
 """prompts per chunk (fewer when K is large: CHUNK_RESPONSES responses at most): the unit of progress and of
@@ -97,7 +98,7 @@ def _whole_chunks(partial: Path, settings: dict, rows: list[list[dict]]) -> tupl
             raise UserError(f"{partial}:{n}: not a JSON row; {continue_or_restart}") from None
         if not isinstance(row, dict):
             raise UserError(f"{partial}:{n}: not a row of rlhf sample; start again with --overwrite")
-        differing = [k for k in (*SETTINGS, "icl_shots") if row.get(k) != settings.get(k)]
+        differing = [k for k in (*SETTINGS, "icl_shots", "demos_sha256") if row.get(k) != settings.get(k)]
         if differing:
             raise UserError(f"{partial}:{n}: was sampled with other settings ({', '.join(differing)}); "
                             f"{continue_or_restart}")
@@ -125,8 +126,9 @@ def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: 
     prompts done. Unset, the temperature and length are the first run's PPO settings. ``icl_shots``: each
     ``base:`` policy answers every prompt after that many demonstrations from ``demos`` (an SFT file), as eval's
     in-context row does; the row keeps the prompt alone."""
-    run_dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
-    if len(set(run_dirs)) < len(run_dirs):
+    run_dirs = [run_name(r) for r in ([run_dirs] if isinstance(run_dirs, str) else list(run_dirs))]
+    same = [str(Path(r[5:] if r.startswith("base:") else r).expanduser().resolve()) for r in run_dirs]
+    if len(set(same)) < len(same):  # one run under two spellings (runs/sft and runs/sft/) is one policy
         raise UserError(f"a policy is named twice ({', '.join(run_dirs)})")
     demo_rows = demonstrations(run_dirs, icl_shots, demos)
     per_prompt = num_samples * len(run_dirs)
@@ -150,7 +152,7 @@ def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: 
         rows = fitting_prompts(model, tokenizer, rows, max_new_tokens, prompts)
     settings = {"run": run_dirs[0] if len(run_dirs) == 1 else run_dirs, "temperature": temperature, "seed": seed,
                 "max_new_tokens": max_new_tokens, "num_samples": num_samples,
-                **({"icl_shots": icl_shots} if icl_shots else {})}
+                **({"icl_shots": icl_shots, "demos_sha256": formats.sha256(demos)} if icl_shots else {})}
 
     done = 0
     if partial is not None and partial.exists() and resume:

@@ -287,3 +287,29 @@ def test_candidates_from_several_policies_carry_their_policy_through_labels_and_
     info = invoke("info", str(tmp_path / "rm"))  # the policies sampled come before the reward model in its lineage
     assert f"{runs / 'sft'}  [candidates of]" in info and info.index("[candidates of]") < info.index("[rm]")
     assert "trained on responses of: " in (tmp_path / "rm" / "README.md").read_text()
+
+
+def test_one_run_under_two_spellings_is_one_policy_and_a_resume_keeps_its_demonstrations(parents, tmp_path):
+    """`runs/sft` and `runs/sft/` name one policy: sampling both is refused as a policy named twice, rows record the
+    plain spelling, and a reward model's `data.policies` counts rankings that spell it either way as one. A
+    partial file sampled after one demonstrations file is not continued with another (it kept the old rows)."""
+    _, runs = parents
+    common = ["--prompts", PROMPTS, "-k", "2", "--limit", "2", "--max-new-tokens", "8"]
+    assert "a policy is named twice" in invoke("sample", str(runs / "sft"), f"{runs / 'sft'}/", *common, code=2)
+    ran("sample", f"{runs / 'sft'}/", *common, "--out", str(tmp_path / "one.jsonl"))
+    assert {r["run"] for r in rows(tmp_path / "one.jsonl")} == {str(runs / "sft")}
+    assert rm_stage.policies_of([{"policies": ["runs/sft", "runs/sft/"]}, {"policies": ["./runs/sft"]}]) == {
+        "policies": {"runs/sft": 3}}
+
+    base = f"base:{ROOT / 'data' / 'tiny-base'}"
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(line for line in open(ROOT / "data/tiny/sft.jsonl")))
+    sampled = ["sample", base, *common, "--icl-shots", "2", "--demos"]
+    ran(*sampled, str(demos), "--out", str(tmp_path / "a.jsonl"))
+    (tmp_path / "b.jsonl.partial").write_text(open(tmp_path / "a.jsonl").readline())
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(list(open(ROOT / "data/tiny/sft.jsonl"))[100:200]))
+    refusal = invoke(*sampled, str(other), "--out", str(tmp_path / "b.jsonl"), "--resume", code=2)
+    assert "was sampled with other settings (demos_sha256)" in refusal
+    invoke(*sampled, str(demos), "--out", str(tmp_path / "b.jsonl"), "--resume")
+    assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()

@@ -308,8 +308,8 @@ class PPOConfig:
     estimators"""
     policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
     """the policy objective: ppo = the clipped surrogate on token ratios; gspo = the same on each response's
-    length-normalised sequence ratio (Zheng et al. 2025; epsilons ~1e-3: clip_low/clip_high default to the
-    paper's 3e-4/4e-4); cispo = a clipped, non-differentiated importance weight times A times log pi, so no
+    length-normalised sequence ratio (Zheng et al. 2025; its epsilons are a few 1e-4: clip_low/clip_high default
+    to the paper's 3e-4/4e-4); cispo = a clipped, non-differentiated importance weight times A times log pi, so no
     token's gradient is dropped (MiniMax-M1 2025; clip_low defaults to 1, no lower bound, clip_high to 4, a
     weight of at most 5 as in ScaleRL). The equations are in rlhf/ppo_math.py and docs/ppo.md"""
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
@@ -321,10 +321,12 @@ class PPOConfig:
     seq_mean_token_sum_norm for dr_grpo, token_mean otherwise). Over micro-batches and processes it is what one
     process holding the mini-batch would compute"""
     clip_low: float | None = None
-    """the surrogate's lower clip, ratio >= 1 - clip_low; None: ppo.clip (gspo: 3e-4, cispo: 1, no lower bound)"""
+    """the surrogate's lower clip, ratio >= 1 - clip_low, at most 1; None: ppo.clip (gspo: 3e-4, cispo: 1, no lower
+    bound). Each of clip_low and clip_high left null keeps the objective's own default: setting clip_low alone
+    leaves clip_high at ppo.clip (gspo: 4e-4, cispo: 4), not at clip_low"""
     clip_high: float | None = None
-    """the upper clip, ratio <= 1 + clip_high; above clip_low it is DAPO's clip-higher (0.28 with clip_low 0.2);
-    None: ppo.clip (gspo: 4e-4, cispo: 4)"""
+    """the upper clip, ratio <= 1 + clip_high, at most 100; above clip_low it is DAPO's clip-higher (0.28 with
+    clip_low 0.2); None: ppo.clip (gspo: 4e-4, cispo: 4)"""
     overlong_buffer: int = 0
     """DAPO's overlong shaping: the last this many tokens before max_new_tokens cost a penalty growing linearly to
     overlong_penalty at the limit, added to the score (0: off). Separate from missing_eos_penalty, which is flat
@@ -338,7 +340,9 @@ class PPOConfig:
     after that train as they are (objective/flat_groups counts them, objective/resampled the refills). Needs
     samples_per_prompt >= 2; resume and several processes sample what one uninterrupted process would"""
     resample_rounds: int = 3
-    """the most refill rounds per step with drop_flat_groups (each samples only the slots still flat)"""
+    """the most refill rounds per step with drop_flat_groups (each samples only the slots still flat), at most 100;
+    a step also stops refilling once it has tried every prompt of the set, and a step left with every group flat
+    says that it trains on nothing"""
     mini_batch_size: int = 16
     """episodes per optimizer step on one process; must divide batch_size"""
     micro_batch_size: int = 8
@@ -519,13 +523,23 @@ class PPOConfig:
                 fail(key, f"must be positive (or null for the objective's default), got {value}")
         if self.clip_low is not None and self.clip_low > 1:
             fail("clip_low", f"must be at most 1 (a ratio is never below 0), got {self.clip_low}")
+        for key in ("clip", "clip_high"):  # a ratio of 1 + 100 is e^4.6 per token: a wider bound never binds
+            if (getattr(self, key) or 0) > MAX_RATIO_EPSILON:
+                fail(key, f"must be at most {MAX_RATIO_EPSILON:g} (a ratio bound of {1 + MAX_RATIO_EPSILON:g}), got "
+                          f"{getattr(self, key)}")
+        for f in dataclasses.fields(self):  # every number meets float32 tensors in the loop
+            value = getattr(self, f.name)
+            if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+                fail(f.name, f"must be at most {FLOAT32_MAX:.3g} in size (what a float32 holds), got {value}")
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
             fail("overlong_buffer", f"must be in [0, ppo.max_new_tokens={self.max_new_tokens}] (0: off), got "
                                     f"{self.overlong_buffer}")
         if not (0 <= self.overlong_penalty < math.inf):
             fail("overlong_penalty", f"must be 0 or positive, got {self.overlong_penalty}")
-        if self.resample_rounds < 0:
-            fail("resample_rounds", f"must be 0 or more, got {self.resample_rounds}")
+        if not 0 <= self.resample_rounds <= MAX_RESAMPLE_ROUNDS:
+            fail("resample_rounds", f"must be from 0 to {MAX_RESAMPLE_ROUNDS} (each round samples the slots still "
+                                    f"flat again; a reward that flat needs another reward), got "
+                                    f"{self.resample_rounds}")
         if self.drop_flat_groups and self.samples_per_prompt < 2:
             fail("drop_flat_groups", f"needs ppo.samples_per_prompt of at least 2 (a group to be flat), got "
                                      f"{self.samples_per_prompt}")
@@ -747,7 +761,10 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
+            try:
+                return True, float(value)
+            except OverflowError:  # an integer past a float's range: not a finite number
+                return True, math.inf
         if isinstance(value, str) and _FLOAT.match(value.strip()):
             return True, float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         return False, value
@@ -846,6 +863,14 @@ def _failer(where: str, section: str):
     def fail(key: str, message: str):
         raise UserError(f"{where}: {section}.{key} {message}")
     return fail
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_RATIO_EPSILON = 100.0
+"""the widest clip a recipe may ask of a probability ratio (ppo.clip, ppo.clip_high)"""
+MAX_RESAMPLE_ROUNDS = 100
+"""the most refill rounds per step of DAPO's dynamic sampling (ppo.resample_rounds; verl's DAPO recipe stops at
+10 generation batches)"""
 
 
 def _require(fail, obj, keys, inclusive: bool = False) -> None:

@@ -338,6 +338,12 @@ def batch_share(mask: torch.Tensor, how: str, tokens, responses) -> torch.Tensor
 POLICY_LOSSES = ("ppo", "gspo", "cispo")
 """The policy objectives ``policy_loss_terms`` computes."""
 
+LOG_RATIO_CLAMP = 20.0
+"""log pi - log pi_old is clamped to [-20, 20] before it is exponentiated (verl's ``compute_policy_loss`` does the
+same): a sampled token whose old log-prob is below about -88.7 (float32's smallest exp) would otherwise give an
+infinite ratio and a NaN gradient. A ratio of e^20 is clipped by every objective long before; the clamp changes
+nothing inside it."""
+
 
 def policy_loss_terms(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                       objective: str = "ppo", clip_low: float = 0.2, clip_high: float | None = None
@@ -366,11 +372,13 @@ def policy_loss_terms(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
 
         l_t = -sg[clip(r_t, 1 - eps_low, 1 + eps_high)] * A_t * log pi(o_t)
 
-    Stats (token means): ``clipfrac`` (tokens whose clipped term is taken, or for cispo whose weight is clipped),
-    ``approxkl`` (0.5 * (log r_t)^2, an estimate of KL(old || new)) and ``ratio`` (r_t, or s_i for gspo).
+    Every log r_t is clamped to [-20, 20] first (``LOG_RATIO_CLAMP``). Stats (token means): ``clipfrac`` (tokens
+    whose clipped term is taken, or for cispo whose weight is clipped), ``approxkl`` (0.5 * (log r_t)^2, an
+    estimate of KL(old || new)) and ``ratio`` (r_t, or s_i for gspo).
     """
     clip_high = clip_low if clip_high is None else clip_high
     log_ratio = masked(logp - old_logp, mask)  # padding: ratio 1, whatever the two passes computed there
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if objective == "gspo":
         sequence = masked_mean(log_ratio, mask, dim=1)[:, None].detach()
         own = masked(logp, mask)  # padding's log-probs (possibly -inf) kept out of the graph

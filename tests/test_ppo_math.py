@@ -404,6 +404,22 @@ def test_cispo_by_hand():
     torch.testing.assert_close(logp.grad, T([[-1.2 * 2.0 / 2, 0.5 / 2, 0.0]]))
 
 
+@pytest.mark.parametrize("objective", pm.POLICY_LOSSES)
+def test_a_token_sampled_at_a_tiny_log_prob_keeps_the_gradient_finite(objective):
+    """A token the old policy sampled at log-prob -100 (below float32's exp range) that the policy now gives -1:
+    the log-ratio 99 is clamped to 20 before it is exponentiated (as verl does), so the ratio is e^20, not inf,
+    and the gradient is finite (it was NaN for PPO's and GSPO's negative advantages)."""
+    logp = T([[-1.0, -0.5]]).requires_grad_(True)
+    old, adv, mask = T([[-100.0, -0.5]]), T([[-1.0, -1.0]]), T([[1, 1]])
+    terms, stats = pm.policy_loss_terms(logp, old, adv, mask, objective, 0.2, 0.28)
+    pm.aggregate(terms, mask).backward()
+    assert torch.isfinite(terms).all() and torch.isfinite(logp.grad).all(), (terms, logp.grad)
+    assert stats["approxkl"].item() == pytest.approx(0.5 * 20.0 ** 2 / 2)
+    if objective == "ppo":  # the unclipped term is taken (negative advantage): -A * e^20
+        assert terms[0, 0].item() == pytest.approx(math.exp(20.0), rel=1e-5)
+        assert logp.grad[0, 0].item() == 0.0  # past the clamp the log-ratio has no gradient (as in verl)
+
+
 def test_dr_grpo_drops_the_standard_deviation():
     scores = T([1.0, 3.0, 10.0, 30.0, 5.0, 5.0])
     torch.testing.assert_close(pm.dr_grpo_advantages(scores, 2), T([-1.0, 1.0, -10.0, 10.0, 0.0, 0.0]))

@@ -94,10 +94,16 @@ def _recipe(path: str, overrides: tuple[str, ...], base: str | None = None):
 
 @click.group(cls=_Group)
 @click.option("--debug", is_flag=True, help="show tracebacks for input errors")
+@click.option("--allow-changed-base", is_flag=True,
+              help="load a run whose base model or parent run changed since it was trained (refused otherwise)")
 @click.pass_context
-def cli(ctx, debug):
+def cli(ctx, debug, allow_changed_base):
     """Align a causal language model: SFT -> reward model -> PPO, one shared base with adapters."""
     ctx.obj = {"debug": debug}
+    if allow_changed_base:
+        from rlhf import provenance
+
+        os.environ[provenance.ALLOW_ENV] = "1"  # launched processes inherit it
     if not debug:
         _quiet_libraries()
     from rlhf import distributed, rundir
@@ -464,7 +470,7 @@ TRAINING_COMMANDS = ("sft", "rm", "ppo", "dpo", "eval", "sample")
 
 
 def main():
-    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)  # the group's only option: --debug
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)  # the group's options are flags
     if command in TRAINING_COMMANDS:
         from rlhf import allocator
 

@@ -255,11 +255,13 @@ def gathered(model: torch.nn.Module):
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s parameters are FSDP2 shards (DTensors): the root unit holds the first one (the
-    embeddings) whatever else is sharded, so it alone says."""
-    from torch.distributed.tensor import DTensor
+    """Whether ``model`` is FSDP2-sharded: it or one of its modules is an FSDP unit. (Not whether its first
+    parameter is a DTensor: after a forward without a backward, an evaluation, the root unit keeps its
+    parameters gathered as plain tensors, as FSDP2 does for the root, and such a check said "not sharded" on one
+    process: the trainer's save then wrote nothing.)"""
+    from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(next(model.parameters(), None), DTensor)
+    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rlhf import provenance
 from rlhf.errors import UserError
 
 # The one number that sums up a stage (shown by ``rlhf runs`` and ``rlhf info``)
@@ -181,15 +182,16 @@ def lineage(run_dir: Path) -> list[tuple[str, Path, dict]]:
         if path.resolve() in seen:
             return
         seen.add(path.resolve())
-        parents = m.get("parents") or {}
-        # a reward model trained on candidates of several policies (rlhf sample RUN1 RUN2): those runs come
-        # before it, so a later round's lineage shows the round before it
-        sampled = list(parents.items()) + [("candidates of", p) for p in sampled_from(m)]
-        for parent_role, parent in sampled:
-            for p in parent if isinstance(parent, list) else [parent]:
-                pm = _manifest(Path(p)) if p else None
-                if pm is not None:
-                    visit(parent_role, Path(p), pm)
+        parents = m.get("parents") if isinstance(m.get("parents"), dict) else {}
+        # where each parent was recorded (readable from any directory), else as typed; a reward model trained on
+        # candidates of several policies (rlhf sample RUN1 RUN2): those runs come before it, so a later round's
+        # lineage shows the round before it
+        sampled = [(role, p) for role in parents for p in provenance.where(m, role)]
+        sampled += [("candidates of", p) for p in sampled_from(m)]
+        for parent_role, p in sampled:
+            pm = _manifest(Path(p)) if p else None
+            if pm is not None:
+                visit(parent_role, Path(p), pm)
         chain.append((role, path, m))
 
     visit(manifest.get("stage", "run"), run_dir, manifest)

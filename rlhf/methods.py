@@ -248,6 +248,16 @@ BOTTLENECK_CONFIG = "bottleneck_config.json"
 BOTTLENECK_WEIGHTS = "bottleneck_model.safetensors"
 
 
+def saved_files(method: str, where: str = "") -> list[tuple[str, ...]]:
+    """The files ``save`` writes for ``method``, under ``where`` (a folder of the run, or the run itself): each
+    entry is one file, or the names of which one must exist (a whole model's weights may be one file or an index
+    of several). ``Run.finish`` refuses to publish a run that lacks one."""
+    names = {"peft": [("adapter_config.json",), ("adapter_model.safetensors",)],
+             "bottleneck": [(BOTTLENECK_CONFIG,), (BOTTLENECK_WEIGHTS,)],
+             "weights": [("config.json",), ("model.safetensors", "model.safetensors.index.json")]}[METHODS[method].kind]
+    return [tuple(f"{where}/{n}" if where else n for n in entry) for entry in names]
+
+
 def save(trainer_or_model, cfg: AdapterConfig, out: Path) -> None:
     """Write what ``cfg.method`` trained into ``out``: a peft adapter, a bottleneck file, or the whole model."""
     is_trainer = hasattr(trainer_or_model, "save_model")

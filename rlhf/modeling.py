@@ -371,6 +371,7 @@ class ParentRun:
     reward_stats: dict | None
     """a reward model's score mean and std on its training data (None for other stages)"""
     parents: dict
+    """its parents as it recorded them (``parent`` finds one, checked)"""
     manifest: dict
     """everything else the manifest holds"""
 
@@ -378,12 +379,27 @@ class ParentRun:
         """One section of the recipe the run trained with (``rm``, ``sft``, ...)."""
         return self.recipe.get(name) or {}
 
+    def parent(self, role: str) -> Path | None:
+        """Its parent run of ``role`` (``sft``, ``rm``): where it was recorded, checked to be the same run
+        (``provenance.parent_of``); None when it has none."""
+        from rlhf import provenance
+
+        return provenance.parent_of(self.manifest, self.dir, role)
+
 
 def read_run(run_dir: str | Path, kind: str | None = None) -> ParentRun:
-    """A finished run directory, typed (``read_manifest``'s checks: finished, weights intact, of ``kind``)."""
+    """A finished run directory, typed (``read_manifest``'s checks: finished, weights intact, of ``kind``), its
+    base where the run recorded it and checked to be the model it trained on (``provenance.base_of``; a hub id at
+    the commit it recorded, unless its recipe names a revision)."""
+    from rlhf import provenance
+
     manifest = read_manifest(run_dir, kind)
-    return ParentRun(dir=Path(run_dir), stage=manifest["stage"],
-                     model=model_config_of(manifest, base=manifest["base"]),
+    pinned = ((manifest.get("resolved") or {}).get("base") or {}).get("revision") \
+        if isinstance(manifest.get("resolved"), dict) else None
+    model = model_config_of(manifest, base=provenance.base_of(manifest, run_dir))
+    if pinned and not model.revision:
+        model.revision = pinned
+    return ParentRun(dir=Path(run_dir), stage=manifest["stage"], model=model,
                      method=(manifest.get("adapter") or {}).get("method"),
                      adapter=AdapterConfig(**manifest["recipe"]["adapter"]), recipe=manifest["recipe"],
                      reward_stats=manifest.get("reward_stats"), parents=manifest.get("parents") or {},

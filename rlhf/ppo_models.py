@@ -107,6 +107,10 @@ class PPOModels(Protocol):
         """The policy at ``out`` (loadable like an SFT run's), the value model (when there is one) under
         ``out/value``. Every process calls it (sharded weights are gathered); the main process writes."""
 
+    def saved_files(self, method: str) -> list[tuple[str, ...]]:
+        """The files ``save`` writes for a run of ``method`` (``methods.saved_files``' entries), which the
+        finished run must hold."""
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # A leaner forward for plain LoRA layers
@@ -410,6 +414,13 @@ class SharedBase:
         if missing.unexpected_keys:
             raise UserError(f"resume checkpoint does not fit the model (e.g. {missing.unexpected_keys[0]})")
 
+    def saved_files(self, method: str) -> list[tuple[str, ...]]:
+        """What ``save`` writes (``Run.finish`` checks it): the policy adapter, and the critic's adapter and head
+        or head alone."""
+        critic = {"adapter": [*methods.saved_files(method, "value"), ("value/value_head.safetensors",)],
+                  "shared": [("value/value_head.safetensors",)]}.get(self.critic, [])
+        return [*methods.saved_files(method), *critic]
+
     def save(self, out: Path) -> None:
         """Policy adapter files at ``out`` (loadable by plain peft on the base); the value adapter and head in
         ``out/value`` with the adapter critic, the head alone with the shared one; written by the main process."""
@@ -575,6 +586,13 @@ class SeparateCopies:
                 own = model.state_dict(keep_vars=True)
                 weights = {k: distributed.shard_like(v, own[k]) for k, v in weights.items() if k in own}
             model.load_state_dict(weights, strict=name == "value_head")
+
+    def saved_files(self, method: str) -> list[tuple[str, ...]]:
+        """What ``save`` writes (``Run.finish`` checks it): the policy, and the value model or the shared critic's
+        head."""
+        critic = (methods.saved_files("full", "value") if self.value is not None else
+                  [("value/value_head.safetensors",)] if self.value_head is not None else [])
+        return [*methods.saved_files("full"), *critic]
 
     def save(self, out: Path) -> None:
         for model, where in ((self.policy, out), (self.value, out / "value")):

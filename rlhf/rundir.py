@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from rlhf import allocator, distributed
-from rlhf.errors import UserError
+from rlhf.errors import TrainingStopped, UserError
 
 # The command line that started this process, as the user typed it (set by the CLI; manifests record it).
 COMMAND: str | None = None
@@ -275,8 +275,10 @@ class Run:
             raise UserError(f"{self.final}: cannot save the run ({e.strerror or e}); the previous output, if any, "
                             "is untouched") from None
 
-    def finish(self, manifest: dict) -> dict:
-        """Write the manifest, fsync everything, and move the staging directory into place; returns the manifest."""
+    def finish(self, manifest: dict, files: list[str | tuple[str, ...]] = ()) -> dict:
+        """Write the manifest, fsync everything, and move the staging directory into place; returns the manifest.
+        ``files``: what the stage promises its run holds (paths in the run; a tuple: one of these), each checked
+        to be there and not empty before anything is published, and listed in the manifest with its size."""
         manifest = {"stage": self.stage, "status": "complete", **manifest, "started": self.started,
                     "finished": now(), "seconds": round(time.time() - self.t0, 2), "resumed": self.resumed,
                     "world_size": distributed.world_size(), "distributed": distributed.kind(),
@@ -287,12 +289,32 @@ class Run:
         error = None
         if self.main:
             try:
+                manifest["files"] = self.promised(files)
+                from rlhf import provenance
+
+                manifest["resolved"] = provenance.record(manifest.get("base"), manifest.get("parents"))
                 self._publish(manifest)
             except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes know
                 error = e
         if distributed.any_failed(error is not None):  # every process returns once the run is in place
             raise error or UserError(f"{self.final}: the main process could not save the run")
         return manifest
+
+    def promised(self, files: list[str | tuple[str, ...]]) -> dict[str, int]:
+        """The size of each promised file in the staging directory (``finish``); a missing or empty one stops the
+        run before it is marked complete, so a run directory never looks finished without its weights."""
+        sizes, missing = {}, []
+        for entry in files:
+            names = (entry,) if isinstance(entry, str) else tuple(entry)
+            found = [n for n in names if (self.staging / n).is_file() and (self.staging / n).stat().st_size > 0]
+            if not found:
+                missing.append(" or ".join(names))
+            sizes.update({n: (self.staging / n).stat().st_size for n in found})
+        if missing:
+            raise TrainingStopped(
+                f"{self.stage}: the run wrote no {', '.join(missing)}, which it must hold; it is not marked complete "
+                f"and {self.final} is left as it was (this is a bug: please report it with the command)")
+        return sizes
 
     def _publish(self, manifest: dict) -> None:
         self._close_trackers()

@@ -173,6 +173,12 @@ def check_finite(model, stage: str) -> None:
         raise TrainingStopped(f"{stage}: not saving: {len(bad)} trained tensors hold NaN or inf (e.g. {bad[0]})")
 
 
+def trained_files(method: str) -> list[tuple[str, ...]]:
+    """What a trainer-based stage's run holds when it is done: the weights ``method`` saves and the tokenizer
+    (``Run.finish`` checks them)."""
+    return [*methods.saved_files(method), ("tokenizer_config.json",)]
+
+
 def save_trained(trainer, tokenizer, recipe: Recipe, run: Run, stage: str) -> None:
     """Save what a trainer trained (refusing NaN/inf weights) and the tokenizer into the run's staging directory.
     Every process takes part (a sharded model is gathered); only the main one writes."""

@@ -224,7 +224,7 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
             # the model settings DPO ran with: the SFT run's base and method (later loads of this run use them)
             "recipe": {**recipe.to_dict(), "model": dataclasses.asdict(model_cfg),
                        "adapter": dataclasses.asdict(adapter)},
-        })
+        }, files=training.trained_files(adapter.method))
 
 
 def encode_split(recipe: Recipe, data: formats.Loaded, held: formats.Loaded | None, tokenizer

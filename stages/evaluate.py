@@ -55,9 +55,9 @@ def reference_of(row: Row) -> tuple[bool, Path | None, ModelConfig | None]:
     if row.run_dir is None:
         return False, None, None
     run = modeling.read_run(row.run_dir)
-    parent = run.parents.get("sft")
-    if run.stage in ("ppo", "dpo") and parent:
-        return True, Path(parent), None
+    parent = run.parent("sft") if run.stage in ("ppo", "dpo") else None
+    if parent is not None:
+        return True, parent, None
     return True, None, run.model
 
 
@@ -204,7 +204,7 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
             "pictures": pictures,
             "seed": e.seed,
             "recipe": recipe.to_dict(),
-        })
+        }, files=["responses.jsonl", "summary.json", "summary.md"])
 
 
 def icl_demos(recipe: Recipe) -> list:

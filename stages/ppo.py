@@ -351,8 +351,9 @@ def train(s: Setup, state: State) -> None:
 
         # 2 score (refilling the slots of flat groups with new prompts when ppo.drop_flat_groups) and KL-shape
         score(s, ro, batch, state)
+        rounds = 0
         if p.drop_flat_groups:
-            ro, batch = refill_flat_groups(s, state, step, ro, batch)
+            ro, batch, rounds = refill_flat_groups(s, state, step, ro, batch)
         response, response_mask, length = ro.response, ro.response_mask, ro.response.shape[1]
         with torch.no_grad():
             ro.ref_logp = ppo_math.logprobs_from_logits(
@@ -380,6 +381,7 @@ def train(s: Setup, state: State) -> None:
         # 5 KL controller, metrics, evaluation, checkpoints
         row = log_step(s, state, step, ro, update, clock)
         _show(s, bar, row, step)
+        warn_flat(s, state, step, row, rounds)
         state.step = step
         saved = bool(p.save_every and step % p.save_every == 0 and step != s.steps)
         if saved:
@@ -431,23 +433,31 @@ def roll_out(s: Setup, step: int, batch: list[int], episodes: torch.Tensor) -> R
 
 
 def refill_flat_groups(s: Setup, state: State, step: int, ro: Rollout, batch: list[int]
-                       ) -> tuple[Rollout, list[int]]:
+                       ) -> tuple[Rollout, list[int], int]:
     """DAPO's dynamic sampling (Yu et al. 2025, section 3.2), slot by slot: the step's G prompt slots (over every
     process) whose K scores are all equal are refilled, in slot order, with the next prompts of the run's order,
-    sampled and scored; again for the slots still flat, up to ``ppo.resample_rounds`` rounds. Round r's episode
-    in slot j, response k, has key index ``r * global_batch + j * K + k``: which process holds a slot and what else
-    is sampled beside it change nothing, so several processes and a resumed run refill exactly as one
-    uninterrupted process does. Sets ``ro.resampled`` (slots refilled, over every process)."""
+    sampled and scored; again for the slots still flat, up to ``ppo.resample_rounds`` rounds, and never past one
+    pass over the prompt set within a step (a reward that is flat everywhere would otherwise refill forever). Round
+    r's episode in slot j, response k, has key index ``r * global_batch + j * K + k``: which process holds a slot
+    and what else is sampled beside it change nothing, so several processes and a resumed run refill exactly as
+    one uninterrupted process does. Sets ``ro.resampled`` (slots refilled, over every process); returns the
+    rollout, its prompts and the rounds refilled. Refilling that runs long says how far it got."""
     p, K = s.p, s.p.samples_per_prompt
     mine = p.batch_size // K  # slots on this process; slot j of the step is process j // mine's
+    started, rounds = time.time(), 0
     for round_ in range(1, p.resample_rounds + 1):
         flat = torch.zeros(mine * distributed.world_size())
         flat[s.rank * mine:(s.rank + 1) * mine] = ppo_math.flat_groups(ro.shaped, K).float().cpu()
         slots = distributed.all_sum(flat).nonzero().reshape(-1).tolist()
-        if not slots:
-            break
+        if not slots or ro.resampled + len(slots) > len(s.encoded):
+            break  # nothing flat, or every prompt of the set has been tried in this step
+        if s.main and time.time() - started > 10:
+            print(f"ppo: step {step}: refill round {round_} of up to {p.resample_rounds}: {len(slots)} of "
+                  f"{len(flat)} prompt groups still flat ({ro.resampled} refilled so far)", file=sys.stderr,
+                  flush=True)
         prompts = draw(s, state, len(slots))
         ro.resampled += len(slots)
+        rounds = round_
         refill = [(slot - s.rank * mine, prompt) for slot, prompt in zip(slots, prompts) if slot // mine == s.rank]
         if not refill:
             continue  # none of the slots still flat is this process's
@@ -460,7 +470,29 @@ def refill_flat_groups(s: Setup, state: State, step: int, ro: Rollout, batch: li
         ro = replace_rows(ro, rows, new, s.tokenizer.pad_token_id)
         for (g, prompt) in refill:
             batch[g * K:(g + 1) * K] = [prompt] * K
-    return ro, batch
+    return ro, batch, rounds
+
+
+def flat_steps(history: list[dict]) -> int:
+    """Steps so far whose every prompt group scored the same for all its responses (``objective/flat_groups``
+    1)."""
+    return sum(row.get("objective/flat_groups") == 1.0 for row in history)
+
+
+def warn_flat(s: Setup, state: State, step: int, row: dict, rounds: int) -> None:
+    """One line when a step trains on nothing: every prompt group's K responses scored the same (a critic-free
+    estimator's advantages are then 0 for every token, up to the KL term), after ``rounds`` refill rounds of
+    dynamic sampling. Said at the first such step and every 10th after it; the manifest counts them."""
+    if s.p.samples_per_prompt < 2 or s.p.value_model is not None or row.get("objective/flat_groups") != 1.0:
+        return
+    flat = flat_steps(state.history)
+    if s.main and flat % 10 == 1:
+        refilled = (f" after {rounds} refill round{'s' * (rounds != 1)} of ppo.drop_flat_groups"
+                    if s.p.drop_flat_groups else "")
+        print(f"ppo: warning: step {step} trains on nothing: every one of its prompts' "
+              f"{s.p.samples_per_prompt} responses got the same score{refilled} (the reward is flat: mean score "
+              f"{row['objective/score_shaped']:.4g}); check ppo.reward" + (
+                  f" ({flat} such steps so far)" if flat > 1 else ""), file=sys.stderr)
 
 
 def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
@@ -632,6 +664,10 @@ def finish(s: Setup, state: State) -> dict:
     if within_budget is False and s.main:
         print(f"ppo: warning: final mean KL {final['objective/kl']:.3f} is over ppo.kl_budget={p.kl_budget}; "
               "raise ppo.kl_coef or use ppo.adaptive_kl", file=sys.stderr)
+    flat = flat_steps(state.history)
+    if flat == s.steps and p.samples_per_prompt > 1 and p.value_model is None and s.main:
+        print(f"ppo: warning: all {s.steps} steps trained on nothing: every prompt's {p.samples_per_prompt} "
+              "responses always got the same score (the policy moved by the KL term alone)", file=sys.stderr)
     bad = [i for i, x in enumerate(x for role in s.params.values() for x in role)
            if not torch.isfinite(distributed.local(x)).all()]  # a sharded weight: this process's shard
     if distributed.any_failed(bool(bad)):
@@ -655,6 +691,7 @@ def finish(s: Setup, state: State) -> dict:
         "data": {"prompts": s.prompts.summary(), "prompts_used": len(s.encoded),
                  "prompts_too_long": len(s.prompts.rows) - len(s.encoded)},
         "metrics": {"steps": s.steps, "episodes": s.steps * s.global_batch,
+                    **({"flat_steps": flat} if p.samples_per_prompt > 1 else {}),
                     **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
         "reward_stats": reward_stats(s),
         "kl_controller": state.kl_ctl.state_dict(),
@@ -666,7 +703,7 @@ def finish(s: Setup, state: State) -> dict:
         "seed": p.seed,
         # the model settings PPO ran with (later loads of this run use them)
         "recipe": {**s.recipe.to_dict(), "model": dataclasses.asdict(s.model_cfg)},
-    })
+    }, files=[*s.models.saved_files(s.method), ("tokenizer_config.json",)])
 
 
 def reward_stats(s: Setup) -> dict | None:

@@ -25,6 +25,7 @@ import torch
 from rlhf import distributed, encoding, formats, method_table, methods, modeling, ranking, rewards, training
 from rlhf.rundir import Run
 from rlhf.config import Recipe
+from rlhf.names import run_name
 
 
 @dataclass
@@ -214,7 +215,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
             "reward_stats": stats,
             "seed": recipe.rm.seed,
             "recipe": recipe.to_dict(),
-        })
+        }, files=training.trained_files(recipe.adapter.method))
 
 
 def encode_split(recipe: Recipe, data: formats.Loaded, held: formats.Loaded | None, tokenizer
@@ -280,7 +281,7 @@ def measure_trained(recipe: Recipe, run: Run, model, tokenizer, train_rows: list
 def policies_of(rows: list[dict]) -> dict:
     """``{"policies": {run: responses}}`` for rankings of several policies' candidates (``rlhf sample RUN1 RUN2``):
     where the training responses came from, for the manifest; nothing for data without that tag."""
-    counts = Counter(p for r in rows for p in r.get("policies", ()))
+    counts = Counter(run_name(p) for r in rows for p in r.get("policies", ()))  # one run under two spellings: once
     return {"policies": dict(counts)} if counts else {}
 
 

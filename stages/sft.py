@@ -76,7 +76,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
             "metrics": metrics,
             "seed": recipe.sft.seed,
             "recipe": recipe.to_dict(),
-        })
+        }, files=training.trained_files(recipe.adapter.method))
 
 
 def _report_truncation(trainer, recipe: Recipe, n_train: int, n_eval: int) -> dict:

@@ -230,6 +230,27 @@ def test_dynamic_sampling_refills_flat_groups(parents, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["metrics"]["episodes"] == 3 * 8
 
 
+def test_a_flat_reward_ends_the_refills_and_says_the_step_trains_on_nothing(parents, tmp_path):
+    """A reward that is the same for every response: dynamic sampling stops after one pass over the prompt set
+    (6 prompts here, whatever ppo.resample_rounds says), and the run says in one line that its steps train on
+    nothing; the manifest counts them."""
+    recipe, _ = parents
+    (tmp_path / "const.py").write_text("def const(prompts, responses):\n    return [0.5 for _ in responses]\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?"}) + "\n" for i in range(6)))
+    out = tmp_path / "ppo"
+    sets = SMALL + ["ppo.advantage=grpo", "ppo.samples_per_prompt=4", "ppo.max_steps=2", "ppo.eval_every=0",
+                    f"ppo.reward={{{tmp_path / 'const.py'}:const: 1.0}}", "ppo.drop_flat_groups=true",
+                    "ppo.resample_rounds=100", f"data.prompts={prompts}", "ppo.missing_eos_penalty=null"]
+    proc = run_cli("ppo", "--recipe", str(recipe), "--out", str(out), *[x for kv in sets for x in ("--set", kv)])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["objective/flat_groups"] == 1.0 and r["objective/resampled"] <= 6 for r in rows), rows
+    warned = [x for x in proc.stderr.splitlines() if "trains on nothing" in x]
+    assert len(warned) == 1 and "step 1 " in warned[0] and "the reward is flat" in warned[0], proc.stderr
+    assert "all 2 steps trained on nothing" in proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["flat_steps"] == 2
+
+
 def test_critic_free_from_the_bare_base_with_full_finetuning(tiny_recipe, tmp_path):
     """The separate-copies layout (full fine-tuning) without a critic: no value model is loaded or saved."""
     out = tmp_path / "ppo"

@@ -190,3 +190,28 @@ def test_a_failed_save_keeps_the_previous_run(tmp_path, monkeypatch):
         sft.main(recipe, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert not list(out.parent.glob(".sft.*")), "the failed attempt leaves nothing behind"
+
+
+def test_a_run_without_its_weights_is_never_marked_complete(tmp_path, monkeypatch):
+    """A save that writes nothing and says nothing (as the trainer's does under an FSDP config when it thinks the
+    model is not sharded): the run stops with one line naming the missing file instead of being published
+    complete, and the finished run it was to replace is untouched. Every file a run promises is listed in its
+    manifest with its size."""
+    import trl
+
+    from rlhf.errors import UserError
+    from stages import sft
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs")),
+                         ["sft.max_steps=1", "sft.eval_fraction=0"])
+    sft.main(recipe)
+    out = recipe.stage_dir("sft")
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"}
+    assert files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").stat().st_size
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    monkeypatch.setattr(trl.SFTTrainer, "save_model", lambda self, *a, **k: None)
+    with pytest.raises(UserError, match="the run wrote no adapter_config.json, adapter_model.safetensors, which it must hold"):
+        sft.main(recipe, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -51,7 +51,9 @@ def test_reward_model_ranks_heldout_pairs(pipeline):
     runs, _ = pipeline
     m = json.loads((runs / "rm" / "manifest.json").read_text())
     assert m["metrics"]["eval_pairs"] == 400
-    assert m["metrics"]["eval_accuracy"] >= 0.92
+    # 0.920 on an AMD EPYC, 0.905 on an Intel Xeon with AMX (the same library versions: the CPUs' fp32 kernels
+    # differ in their last digits, and 250 steps carry that into a few of the 400 pairs); chance is 0.5
+    assert m["metrics"]["eval_accuracy"] >= 0.88
     assert m["reward_stats"]["std"] > 0
 
 

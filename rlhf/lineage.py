@@ -19,24 +19,42 @@ HEADLINE = {"sft": ("eval_loss", "held-out loss"), "rm": ("eval_accuracy", "held
 
 
 def _manifest(run_dir: Path) -> dict | None:
+    """A run's manifest, or None where there is none or it is not a JSON object (damaged, binary, a list)."""
     try:
-        return json.loads((Path(run_dir) / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = json.loads((Path(run_dir) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or bad UTF-8
         return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _number(value) -> float | None:
+    """A manifest's number, or None for anything else (a hand-edited or damaged manifest shows a gap, never a
+    traceback)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+        return float(value)
+    return None
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def headline(manifest: dict) -> str:
     stage = manifest.get("stage")
-    metrics = manifest.get("metrics") or {}
+    metrics = _dict(manifest.get("metrics"))
     if stage == "eval":
-        best = [(name, row.get("gold")) for name, row in metrics.items() if isinstance(row, dict)]
-        golds = [f"{n} {g:.3f}" for n, g in best if g is not None]
+        golds = [f"{n} {_number(row.get('gold')):.3f}" for n, row in metrics.items()
+                 if isinstance(row, dict) and _number(row.get("gold")) is not None]
         return "gold: " + ", ".join(golds) if golds else ""
-    if stage in HEADLINE and HEADLINE[stage][0] in metrics:
+    if stage in HEADLINE and _number(metrics.get(HEADLINE[stage][0])) is not None:
         key, label = HEADLINE[stage]
-        text = f"{label} {metrics[key]:.4g}"
-        if stage == "ppo" and "eval/gold" in metrics:
-            text += f", held-out gold {metrics['eval/gold']:.3f}"
+        text = f"{label} {_number(metrics[key]):.4g}"
+        if stage == "ppo" and _number(metrics.get("eval/gold")) is not None:
+            text += f", held-out gold {_number(metrics['eval/gold']):.3f}"
         return text
     return ""
 
@@ -45,10 +63,11 @@ def precision_line(manifest: dict) -> str:
     """A PPO run's precision and whether it repeats bit for bit (its manifest's ``mixed_precision``,
     ``bf16_speedup`` and ``repeatable``: rlhf/precision.py)."""
     text = "bf16 autocast" if manifest.get("mixed_precision") == "bf16" else "fp32"
-    if manifest.get("bf16_speedup"):
-        text += f" (bf16 measured {manifest['bf16_speedup']:.2f}x fp32)"
-    return text + {True: ", repeats bit for bit", False: ", does NOT repeat bit for bit (resume is not exact)",
-                   None: ", repeatability not checked"}[manifest.get("repeatable")]
+    if _number(manifest.get("bf16_speedup")):
+        text += f" (bf16 measured {_number(manifest['bf16_speedup']):.2f}x fp32)"
+    repeatable = manifest.get("repeatable")
+    return text + {True: ", repeats bit for bit", False: ", does NOT repeat bit for bit (resume is not exact)"}.get(
+        repeatable if isinstance(repeatable, bool) else None, ", repeatability not checked")
 
 
 def _data_lines(data: dict) -> list[str]:
@@ -126,11 +145,13 @@ def model_card(manifest: dict) -> str:
 
 
 def status(run_dir: Path) -> str:
-    """complete | resumable | failed | interrupted for a run directory or its leftovers."""
+    """complete | damaged | resumable | failed | interrupted for a run directory or its leftovers."""
     run_dir = Path(run_dir)
     manifest = _manifest(run_dir)
     if manifest is not None and manifest.get("status") == "complete":
         return "complete"
+    if manifest is None and (run_dir / "manifest.json").is_file():
+        return "damaged"  # a manifest that is not a JSON object: not a run any stage can read
     work = run_dir.parent / f".{run_dir.name}.work"
     staging = run_dir.parent / f".{run_dir.name}.partial"
     if work.is_dir() and any(work.iterdir()):
@@ -151,8 +172,9 @@ def list_runs(root: Path) -> list[dict]:
         if any(part.startswith(".") for part in run_dir.relative_to(root).parts):
             continue  # staging directories are reported under their final name
         manifest = _manifest(run_dir) or {}
-        found[run_dir] = {"path": str(run_dir), "stage": manifest.get("stage", "?"), "status": status(run_dir),
-                          "finished": manifest.get("finished", ""), "headline": headline(manifest)}
+        found[run_dir] = {"path": str(run_dir), "stage": _text(manifest.get("stage")) or "?",
+                          "status": status(run_dir), "finished": _text(manifest.get("finished")),
+                          "headline": headline(manifest)}
     for leftover in sorted(root.rglob(".*.partial")):
         run_dir = leftover.parent / leftover.name[1:-len(".partial")]
         if run_dir in found:
@@ -165,8 +187,8 @@ def list_runs(root: Path) -> list[dict]:
 
 def sampled_from(manifest: dict) -> list[str]:
     """The policies whose candidates a reward model's rankings hold (its ``data.policies``), ``base:`` ones aside."""
-    policies = (manifest.get("data") or {}).get("policies") or {}
-    return [p for p in policies if not str(p).startswith("base:")]
+    policies = _dict(_dict(manifest.get("data")).get("policies"))
+    return [p for p in policies if isinstance(p, str) and p and not p.startswith("base:")]
 
 
 def lineage(run_dir: Path) -> list[tuple[str, Path, dict]]:
@@ -204,12 +226,12 @@ def describe(run_dir: Path) -> str:
     base = chain[0][2].get("base")
     lines = [f"base   {base}"]
     for role, path, m in chain:
-        adapter = m.get("adapter") or {}
-        params = adapter.get("parameters") or {}
+        adapter = _dict(m.get("adapter"))
+        trainable = _number(_dict(adapter.get("parameters")).get("trainable"))
         facts = [f"{m.get('stage')}", f"status {status(path)}"]
         if adapter:
             facts.append(f"method {adapter.get('method')}"
-                         + (f" ({params['trainable']:,} trainable)" if "trainable" in params else ""))
+                         + (f" ({int(trainable):,} trainable)" if trainable is not None else ""))
         if m.get("base") != base:
             facts.append(f"base {m.get('base')}")
         if headline(m):
@@ -217,7 +239,8 @@ def describe(run_dir: Path) -> str:
         if "repeatable" in m:
             facts.append(precision_line(m))
         if m.get("finished"):
-            facts.append(f"finished {m['finished']} ({m.get('seconds')} s)")
+            seconds = _number(m.get("seconds"))
+            facts.append(f"finished {m['finished']}" + (f" ({seconds:g} s)" if seconds is not None else ""))
         lines.append(f"  -> {path}  [{role}]\n       " + "; ".join(facts))
     last = chain[-1][2]
     lines.append(f"command: {last.get('command')}")

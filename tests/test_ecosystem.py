@@ -123,6 +123,35 @@ def test_info_shows_the_lineage_and_runs_lists_status(parents, ppo_run, tmp_path
     assert "interrupted" in status[str(root / "other" / "sft")]
 
 
+def test_info_and_runs_survive_damaged_manifests(tmp_path):
+    """Manifests that are a list, binary, or hold text where numbers go: `rlhf runs` lists the others and marks the
+    unreadable ones damaged, `rlhf info` shows what it can or says in one line that there is no run (each was a
+    traceback)."""
+    from conftest import ran
+
+    cases = {"list": b"[1, 2]", "binary": bytes(range(128, 256)),
+             "text-numbers": json.dumps({"stage": "sft", "status": "complete", "metrics": {"eval_loss": "abc"},
+                                         "adapter": {"method": "lora", "parameters": {"trainable": "many"}},
+                                         "finished": 5, "seconds": "x", "parents": "runs/sft", "base": 3}).encode(),
+             "odd-ppo": json.dumps({"stage": "ppo", "status": "complete", "parents": {"sft": ["list"], "rm": 5},
+                                    "metrics": {"objective/score": 1.5, "eval/gold": "x"},
+                                    "bf16_speedup": "fast", "repeatable": "yes"}).encode(),
+             "good": json.dumps({"stage": "rm", "status": "complete", "metrics": {"eval_accuracy": 0.9},
+                                 "data": {"policies": [1, 2]}}).encode()}
+    for name, content in cases.items():
+        (tmp_path / "r" / name).mkdir(parents=True)
+        (tmp_path / "r" / name / "manifest.json").write_bytes(content)
+    status = {line.split()[0]: line for line in ran("runs", str(tmp_path)).splitlines()}
+    assert len(status) == 5 and "damaged" in status[str(tmp_path / "r" / "list")]
+    assert "damaged" in status[str(tmp_path / "r" / "binary")]
+    assert "held-out pair accuracy 0.9" in status[str(tmp_path / "r" / "good")]
+    for name in ("list", "binary"):
+        refused("info", str(tmp_path / "r" / name), expect="not a run directory (no readable manifest.json)")
+    assert "method lora; finished 5" in ran("info", str(tmp_path / "r" / "text-numbers"))
+    assert "reward-model score 1.5; fp32, repeatability not checked" in ran("info",
+                                                                                    str(tmp_path / "r" / "odd-ppo"))
+
+
 def test_progress_bars_on_a_terminal_and_lines_in_logs(parents, ppo_run):
     _, proc = ppo_run
     assert "ppo: 100%" in proc.stderr and "ppo: step 1/3" not in proc.stderr  # logging.progress=on: a bar

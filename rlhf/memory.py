@@ -65,10 +65,43 @@ def shapes(config) -> Shapes:
 
 
 def load_shapes(base: str) -> Shapes:
-    """``shapes`` of a model directory or hub id (its config.json alone is read)."""
+    """``shapes`` of a model directory or hub id (its config.json alone is read), refusing in one line what is not
+    a causal language model transformers can build from that configuration alone: a configuration that needs the
+    repository's own code (never run, never asked about), an encoder-only or other non-causal architecture, and
+    impossible sizes (zero heads, negative or fractional counts), which transformers would take or crash on."""
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return shapes(AutoConfig.from_pretrained(base))
+    from rlhf.errors import UserError
+
+    try:
+        config = AutoConfig.from_pretrained(base, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise UserError(f"{base}: its configuration is the repository's own code (auto_map); rlhf memory "
+                            "never runs it: count a published architecture of the same shapes instead") from None
+        raise UserError(f"{base}: no model configuration to read ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - a value transformers' own checks refuse (a fractional count)
+        raise UserError(f"{base}: an impossible model configuration ({_first_line(e)})") from None
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        not architectures or any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                                 for a in architectures))
+    if not causal or getattr(config, "is_encoder_decoder", False):
+        what = ", ".join(architectures) or config.model_type
+        raise UserError(f"{base}: is {what}, not a causal language model (this project trains decoder-only models)")
+    try:
+        s = shapes(config)
+    except Exception as e:  # noqa: BLE001 - zero heads, negative sizes: transformers fails somewhere inside
+        raise UserError(f"{base}: an impossible model configuration ({_first_line(e)})") from None
+    if s.parameters <= 0 or s.largest_layer <= 0:
+        raise UserError(f"{base}: an impossible model configuration ({s.parameters} parameters, no decoder layer)")
+    return s
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def per_process(s: Shapes, method: str, stage: str, processes: int = 1, sharded: bool = False,

@@ -20,6 +20,7 @@ A pass that differs only between processes (and repeats within one) is not caugh
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -109,8 +110,9 @@ def cached_speedup(device: torch.device, width: int) -> tuple[float | None, str 
     except (OSError, ValueError):
         known = {}
     entry = known.get(key) if isinstance(known, dict) else None
-    if isinstance(entry, dict) and isinstance(entry.get("bf16_speedup"), (int, float)):
-        return float(entry["bf16_speedup"]), entry.get("measured")
+    kept = entry.get("bf16_speedup") if isinstance(entry, dict) else None
+    if isinstance(kept, (int, float)) and not isinstance(kept, bool) and math.isfinite(kept) and kept > 0:
+        return float(kept), entry.get("measured")  # anything else (NaN, Infinity, 0, text) is measured again
     speedup = round(bf16_speedup(device, width), 3)  # as kept: the first run decides as every later one
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     if distributed.is_main():

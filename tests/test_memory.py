@@ -62,3 +62,31 @@ def test_the_memory_command():
     assert f"{PARAMETERS:,} parameters" in out and "FSDP over 2" in out
     assert [line.split()[0] for line in out.splitlines()[1:]] == list(memory.HOLDS)
     refused("memory", "no/such/model", expect="no/such/model: no model configuration to read")
+
+
+@pytest.mark.parametrize("case,change,expect", [
+    ("zero-heads", {"num_attention_heads": 0}, "an impossible model configuration"),
+    ("negative", {"hidden_size": -256}, "an impossible model configuration"),
+    ("fractional", {"num_hidden_layers": 2.5}, "an impossible model configuration"),
+    ("encoder", {"model_type": "bert", "architectures": ["BertModel"]}, "is BertModel, not a causal language model"),
+    ("remote-code", {"model_type": "mything", "auto_map": {"AutoConfig": "configuration_mything.MyConfig"}},
+     "its configuration is the repository's own code (auto_map); rlhf memory never runs it"),
+])
+def test_memory_refuses_what_is_not_a_causal_lm_it_can_build_in_one_line(tmp_path, case, change, expect):
+    """Each was a traceback, a report for an impossible model, or (remote code) a "run custom code? [y/N]" prompt."""
+    import json
+
+    config = {**json.loads((ROOT / "data" / "tiny-base" / "config.json").read_text()), **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "configuration_mything.py").write_text("raise SystemExit('remote code ran')\n")
+    refused("memory", str(tmp_path), expect=f"{tmp_path}: {expect}")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_memory_refuses_a_gpu_size_that_is_not_a_positive_finite_number(value):
+    from click.testing import CliRunner
+
+    from rlhf.cli import cli
+
+    result = CliRunner().invoke(cli, ["memory", str(ROOT / "data" / "tiny-base"), "--gpu-gb", value])
+    assert result.exit_code == 2 and "Invalid value for '--gpu-gb'" in result.output, result.output

@@ -5,6 +5,7 @@ speed measurement kept, "auto" falling back to fp32 where bf16 does not repeat, 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -87,6 +88,11 @@ def test_auto_resolution_and_the_speed_kept_per_machine(tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "cache" / "precision.json").read_text())) == 2
     (tmp_path / "cache" / "precision.json").write_text("{not json")  # a broken cache is measured around
     assert precision.cached_speedup(CPU, 256)[0] > 0
+    for kept_value in ("NaN", "Infinity", "-Infinity", "0", '"fast"', "true"):  # nor is a number that is not one
+        (tmp_path / "cache" / "precision.json").write_text(
+            f'{{"{precision.machine_key(256)}": {{"bf16_speedup": {kept_value}}}}}')
+        speedup = precision.cached_speedup(CPU, 256)[0]
+        assert math.isfinite(speedup) and speedup > 0, kept_value
     monkeypatch.setenv("RLHF_CACHE_DIR", "/proc/nowhere")  # and one that cannot be written
     assert precision.cached_speedup(CPU, 256)[0] > 0
 

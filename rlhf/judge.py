@@ -24,6 +24,7 @@ passes for K candidates).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -74,6 +75,8 @@ class Judge:
             self.tokenizer = modeling.load_tokenizer(cfg)
             self.model = modeling.load_base(cfg, device=device or modeling.accelerator()).eval()
         self.model.requires_grad_(False)
+        self.too_long = 0
+        """questions longer than the judge's positions, each scored None ("cannot tell") rather than cut"""
         self.grade_ids = self._answer_ids(GRADE_WORDS)
         self.compare_ids = self._answer_ids(COMPARE_WORDS)
 
@@ -92,20 +95,26 @@ class Judge:
         return encoding.encode_prompt(self.tokenizer, [{"role": "user", "content": question}])
 
     @torch.no_grad()
-    def first_of_two(self, questions: list[str], answer_ids: tuple[int, int]) -> list[float]:
+    def first_of_two(self, questions: list[str], answer_ids: tuple[int, int]) -> list[float | None]:
         """Each question's probability of the first answer against the second: ``sigmoid(l_first - l_second)``
-        of the reply's first-token logits (batched, left-padded, positions counted over real tokens)."""
+        of the reply's first-token logits (batched, left-padded, positions counted over real tokens). A question
+        longer than the judge's positions is None, "cannot tell": cut from either end it would lose the
+        conversation's start or the answers being judged, and a verdict on what the judge did not read is no
+        verdict. Counted in ``too_long`` and said on stderr, once per call."""
         from rlhf import encoding, methods, modeling
 
         sequences = [self.encode(q) for q in questions]
         limit = modeling.max_positions(methods.unwrap(self.model).config)
-        longest = max((len(s) for s in sequences), default=0)
-        if limit is not None and longest > limit:
-            raise UserError(f"judge:{self.spec}: a question of {longest} tokens is longer than the judge's {limit} "
-                            "positions")
+        over = [i for i, s in enumerate(sequences) if limit is not None and len(s) > limit]
+        if over:
+            self.too_long += len(over)
+            print(f"judge:{self.spec}: {len(over)} of {len(sequences)} questions are longer than its {limit} "
+                  f"positions (the longest {max(len(sequences[i]) for i in over)} tokens): scored None, not judged "
+                  f"({self.too_long} so far)", file=sys.stderr)
         device = next(self.model.parameters()).device
-        out = [0.0] * len(sequences)
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        out: list[float | None] = [None] * len(sequences)
+        skip = set(over)
+        order = sorted((i for i in range(len(sequences)) if i not in skip), key=lambda i: len(sequences[i]))
         first, second = answer_ids
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
@@ -117,25 +126,29 @@ class Judge:
                 out[i] = p
         return out
 
-    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        """Grades: each response's probability of "Yes"."""
+    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
+        """Grades: each response's probability of "Yes" (None: too long to judge)."""
         return self.first_of_two([GRADE_TEMPLATE.format(conversation=conversation_text(p), response=r)
                                   for p, r in zip(prompts, responses)], self.grade_ids)
 
-    def prefer(self, prompt: list[dict], pairs: list[tuple[str, str]]) -> list[float]:
-        """``P(a > b)`` of each pair, asked in both orders and averaged."""
+    def prefer(self, prompt: list[dict], pairs: list[tuple[str, str]]) -> list[float | None]:
+        """``P(a > b)`` of each pair, asked in both orders and averaged (None when either order is too long)."""
         conv = conversation_text(prompt)
         asked = [COMPARE_TEMPLATE.format(conversation=conv, a=a, b=b) for a, b in pairs]
         swapped = [COMPARE_TEMPLATE.format(conversation=conv, a=b, b=a) for a, b in pairs]
         p = self.first_of_two(asked + swapped, self.compare_ids)
         n = len(pairs)
-        return [(p[i] + 1.0 - p[n + i]) / 2 for i in range(n)]
+        return [None if p[i] is None or p[n + i] is None else (p[i] + 1.0 - p[n + i]) / 2 for i in range(n)]
 
-    def rank(self, prompt: list[dict], responses: list[str]) -> list[float]:
-        """Each candidate's mean probability of beating each other candidate (every pair asked once per order)."""
+    def rank(self, prompt: list[dict], responses: list[str]) -> list[float | None]:
+        """Each candidate's mean probability of beating each other candidate (every pair asked once per order);
+        every candidate None when a comparison was too long to judge (``rlhf label`` leaves the prompt out and
+        counts it)."""
         k = len(responses)
         pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
         p = self.prefer(prompt, [(responses[i], responses[j]) for i, j in pairs])
+        if any(v is None for v in p):
+            return [None] * k
         wins = [0.0] * k
         for (i, j), v in zip(pairs, p):
             wins[i] += v

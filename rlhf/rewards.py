@@ -28,6 +28,7 @@ reward column, ``rlhf label --by``, ``rm:`` scorers and PPO all take what it ret
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -236,7 +237,7 @@ def _config(spec: str):
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{spec}: neither a run directory (no manifest.json) nor a model directory (no config.json)")
     try:
-        return AutoConfig.from_pretrained(str(path) if path.exists() else spec)
+        return AutoConfig.from_pretrained(str(path) if path.exists() else spec, trust_remote_code=False)
     except Exception as e:  # offline, unknown id, a damaged config: one line naming the model
         raise UserError(f"{spec}: could not load a model config ({type(e).__name__}: {str(e).splitlines()[0]})"
                         ) from None
@@ -284,8 +285,9 @@ class PublishedReward(RewardModel):
         self.config = check(spec)
         source = str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-            self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch_dtype(dtype or "auto"))
+            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch_dtype(dtype or "auto"),
+                                                                            trust_remote_code=False)
         except Exception as e:
             raise UserError(f"{spec}: could not load the reward model ({type(e).__name__}: "
                             f"{str(e).splitlines()[0]})") from None
@@ -294,13 +296,18 @@ class PublishedReward(RewardModel):
         self.pad_token_id = self.model.config.pad_token_id
         self.identity = identity(spec, self.config)
         self.positions = max_positions(self.model.config)
+        self.truncated = 0
+        """conversations longer than the model's positions, cut from the left (``encode``)"""
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def encode(self, prompt: list[dict], response: str) -> list[int]:
-        """One conversation as this model reads it (module docstring)."""
+        """One conversation as this model reads it (module docstring). One longer than the model's positions is cut
+        from the left, whatever the tokenizer's truncation side: the prompt's start goes, the response (what is
+        scored, where the model pools) stays; a leading special token (BOS, CLS) is kept in front. Counted in
+        ``truncated``. (Cut from the right, the response went and the prompt was scored, silently.)"""
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(with_responses([prompt], [response])[0], tokenize=False)
@@ -309,7 +316,9 @@ class PublishedReward(RewardModel):
             question = "\n".join(m["content"] for m in prompt)
             ids = tok(question, response)["input_ids"]
         if self.positions is not None and len(ids) > self.positions:
-            ids = ids[-self.positions:] if tok.truncation_side == "left" else ids[:self.positions]
+            first = ids[:1] if ids[0] in set(tok.all_special_ids) else []
+            ids = first + ids[len(ids) - self.positions + len(first):]
+            self.truncated += 1
         return ids
 
     @torch.no_grad()
@@ -327,4 +336,10 @@ class PublishedReward(RewardModel):
         return out
 
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
-        return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)])
+        before = self.truncated
+        sequences = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        if self.truncated > before:
+            print(f"rm:{self.spec}: {self.truncated - before} of {len(sequences)} conversations are longer than its "
+                  f"{self.positions} positions: cut from the left (the prompt's start), keeping the response "
+                  f"({self.truncated} so far)", file=sys.stderr)
+        return self.score_ids(sequences)

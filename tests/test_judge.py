@@ -110,3 +110,28 @@ def test_a_judge_is_a_scorer_and_what_cannot_judge_is_refused(judges, tmp_path):
         scorers.load(f"judge:{tmp_path / 'nowhere'}", "--by")
     with pytest.raises(UserError, match="names no model"):
         scorers.load("judge:", "--by")
+
+
+@pytest.mark.fast
+def test_a_question_longer_than_the_judge_is_none_and_counted_not_a_stopped_run(judges, tmp_path, capsys):
+    """A response longer than the judge's positions: that grade is None ("cannot tell", counted), the others are
+    judged as before; ranking a prompt with such a candidate leaves that prompt out of `rlhf label`, counted, and
+    labels the rest (it stopped the run, naming neither the file nor the row)."""
+    from rlhf import modeling
+    from rlhf.judge import Judge
+
+    judge = Judge(str(judges["gpt2"]), device="cpu")
+    positions = modeling.max_positions(judge.model.config)
+    huge = "word " * (2 * positions)
+    grades = judge(PROMPTS, [RESPONSES[0], huge, RESPONSES[2]])
+    assert grades[1] is None and grades[0] == pytest.approx(judge(PROMPTS[:1], RESPONSES[:1])[0], abs=1e-6)
+    assert judge.too_long == 1 and "longer than its" in capsys.readouterr().err
+    assert judge.rank(PROMPTS[0], ["a", huge, "b"]) == [None, None, None]
+
+    candidates = tmp_path / "candidates.jsonl"
+    rows = [{"prompt": p[-1]["content"], "responses": [r, r + " Indeed.", "I do not know."]}
+            for p, r in zip(PROMPTS, RESPONSES)]
+    rows[1]["responses"][2] = huge
+    candidates.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = ran("label", str(candidates), "--by", f"judge:{judges['gpt2']}", "--out", str(tmp_path / "r.jsonl"))
+    assert '"written": 2' in out and '"not_applicable": 1' in out

@@ -72,6 +72,25 @@ def test_scores_equal_the_models_own_forward(published, name):
 
 
 @pytest.mark.fast
+@pytest.mark.parametrize("name", ["qwen2", "gpt2"])
+def test_a_conversation_longer_than_a_published_model_keeps_its_response(published, name, capsys):
+    """Past the model's positions the conversation is cut from the left: the response, which is scored, stays,
+    and the score is the model's own forward on the kept tail (behind the leading special token, if any). It was
+    cut from the right: the response went and the prompt was scored, silently. Counted and said."""
+    from rlhf.rewards import PublishedReward
+
+    rm = PublishedReward(str(published[name]), device="cpu")
+    long_prompt = [{"role": "user", "content": "Tell me about this: " + "blah " * (2 * rm.positions)}]
+    a, b = rm([long_prompt, long_prompt], ["The answer is 5.", "I do not know at all, sorry."])
+    assert a != b and rm.truncated == 2 and "cut from the left" in capsys.readouterr().err
+    ids = rm.encode(long_prompt, "The answer is 5.")
+    assert len(ids) == rm.positions and "The answer is 5." in rm.tokenizer.decode(ids[-16:])
+    with torch.no_grad():
+        own = rm.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert a == pytest.approx(own, abs=1e-5)
+
+
+@pytest.mark.fast
 def test_what_is_not_a_reward_model_is_refused(published, tmp_path):
     from rlhf.errors import UserError
     from rlhf.rewards import check

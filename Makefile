@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sft sample label rm round ppo ppo-gold objectives critics dpo eval browser test test-fast bench gpu-check methods-report sharded-memory clean-runs
+.PHONY: install sft sample label rm round round-check ppo ppo-gold objectives critics dpo eval browser test test-fast bench gpu-check methods-report sharded-memory clean-runs
 
 install: $(STAMP)
 
@@ -63,15 +63,23 @@ rm: install
 ROUND   ?= 2
 ROUND_K ?= 2
 ROUND_DIR = $(RANKED)/round$(ROUND)
-ROUND_PREVIOUS = $(if $(filter 2,$(ROUND)),$(RANKED),$(RANKED)/round$(shell expr $(ROUND) - 1))
+ROUND_PREVIOUS = $(if $(filter 2,$(ROUND)),$(RANKED),$(RANKED)/round$(shell expr $(ROUND) - 1 2>/dev/null))
 ROUND_POLICIES = base:data/tiny-base $(RANKED)/sft $(ROUND_PREVIOUS)/ppo --icl-shots 3 --demos data/tiny/sft.jsonl
-ROUND_RANKINGS = $(RANKED)/rankings.jsonl $(foreach n,$(shell seq 2 $(ROUND)),$(RANKED)/round$(n)/rankings.jsonl)
+ROUND_RANKINGS = $(RANKED)/rankings.jsonl $(foreach n,$(shell seq 2 $(ROUND) 2>/dev/null),$(RANKED)/round$(n)/rankings.jsonl)
+ROUND_ONE = make sft sample label rm ppo eval RECIPE=$(RECIPE)
 # $(call once,OUT,COMMAND): nothing when OUT finished, --resume when it was interrupted, else a new run
 once = if [ -f $(1)/manifest.json ]; then echo "round $(ROUND): $(1) is done"; \
 	elif [ -d $(dir $(1)).$(notdir $(1)).partial ]; then $(2) --out $(1) --resume; else $(2) --out $(1); fi
 
-round: install
-	@test -f $(ROUND_PREVIOUS)/ppo/manifest.json || { echo "round $(ROUND) needs $(ROUND_PREVIOUS)/ppo" >&2; exit 2; }
+# what a round needs before anything runs: a round number (2, 3, ...) and the previous round's PPO run
+ROUND_NUMBER = make round: ROUND is the number of the round to run, 2 or more (round 1 is $(ROUND_ONE)); got '$(ROUND)'
+ROUND_MISSING = make round: round $(ROUND) needs the PPO run of the round before it at $(ROUND_PREVIOUS)/ppo \
+	($(if $(filter 2,$(ROUND)),$(ROUND_ONE),make round ROUND=$(shell expr $(ROUND) - 1 2>/dev/null) RECIPE=$(RECIPE)) makes it)
+round-check:
+	@case "$(ROUND)" in ''|*[!0-9]*|0*|1) echo "$(ROUND_NUMBER)" >&2; exit 2;; esac
+	@test -f $(ROUND_PREVIOUS)/ppo/manifest.json || { echo "$(ROUND_MISSING)" >&2; exit 2; }
+
+round: round-check install
 	mkdir -p $(ROUND_DIR)/rm_data
 	test -f $(ROUND_DIR)/candidates.jsonl || $(BIN)/rlhf sample $(ROUND_POLICIES) \
 		--prompts data/tiny/prompts.jsonl -k $(ROUND_K) --seed $(ROUND)0 --out $(ROUND_DIR)/candidates.jsonl --resume

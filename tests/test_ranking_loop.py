@@ -313,3 +313,18 @@ def test_one_run_under_two_spellings_is_one_policy_and_a_resume_keeps_its_demons
     assert "was sampled with other settings (demos_sha256)" in refusal
     invoke(*sampled, str(demos), "--out", str(tmp_path / "b.jsonl"), "--resume")
     assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
+
+
+@pytest.mark.parametrize("round_,expect", [
+    ("0", "ROUND is the number of the round to run, 2 or more (round 1 is make sft sample label rm ppo eval"),
+    ("1", "got '1'"), ("abc", "got 'abc'"),
+    ("3", "round 3 needs the PPO run of the round before it at nowhere/round2/ppo (make round ROUND=2"),
+])
+def test_make_round_says_what_a_round_number_is_and_what_must_exist_first(round_, expect):
+    """`make round` with ROUND=0, 1 or abc talked about directories that are not rounds (and `expr` errors)."""
+    import subprocess
+
+    proc = subprocess.run(["make", "-s", "round-check", f"ROUND={round_}", "RANKED=nowhere"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("make round: ") and expect in proc.stderr, proc.stderr
+    assert "expr:" not in proc.stderr and "seq:" not in proc.stderr

@@ -18,7 +18,20 @@ from rlhf.errors import UserError
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if ctx.parent is None:  # the whole command succeeded (on this process)
+                from rlhf import distributed
+
+                distributed.shut_down()
+            return result
+        except RuntimeError as e:  # in a launched run: another process died under a collective
+            from rlhf import distributed
+
+            if (ctx.obj or {}).get("debug") or not distributed.lost_peer(e):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            distributed.report_error(f"{ctx.invoked_subcommand}: lost another process of the run ({first[:200]})", 1)
+            ctx.exit(1)
         except UserError as e:
             if (ctx.obj or {}).get("debug"):
                 raise
@@ -51,6 +64,18 @@ def _quiet_libraries() -> None:
         tf_logging.disable_progress_bar()
 
 
+class FiniteFloat(click.FloatRange):
+    """A number in a range that is also finite (click's FloatRange lets nan and inf through)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
 def recipe_options(f):
     f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="override one recipe key, e.g. --set sft.lr=1e-4 (repeatable)")(f)
@@ -74,7 +99,9 @@ def _relaunch(num_processes: int | None, accelerate_config: str | None) -> None:
 
     if not (num_processes or accelerate_config) or os.environ.get(distributed.LAUNCHED) or distributed.in_launcher():
         return
-    sys.exit(distributed.launch(sys.argv[1:], num_processes, accelerate_config))
+    from rlhf import launch
+
+    sys.exit(launch.launch(sys.argv[1:], num_processes, accelerate_config))
 
 
 def _echo(message: str) -> None:
@@ -100,6 +127,9 @@ def _recipe(path: str, overrides: tuple[str, ...], base: str | None = None):
 def cli(ctx, debug, allow_changed_base):
     """Align a causal language model: SFT -> reward model -> PPO, one shared base with adapters."""
     ctx.obj = {"debug": debug}
+    from rlhf import distributed
+
+    distributed.mark_started()  # in a launched process: the launching command can tell a killed one
     if allow_changed_base:
         from rlhf import provenance
 
@@ -260,12 +290,12 @@ def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_sho
               help="responses per prompt and policy: 1 is greedy; K > 1 samples K candidates to rank (rlhf label)")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="write the rows here (whole, or not at all) instead of printing them")
-@click.option("--temperature", type=click.FloatRange(min=0), help="sampling temperature (default: the run's "
+@click.option("--temperature", type=FiniteFloat(min=0), help="sampling temperature (default: the run's "
               "ppo.temperature for K > 1, 0 = greedy for K = 1)")
 @click.option("--max-new-tokens", type=click.IntRange(min=1),
               help="response length limit (default: the run's ppo.max_new_tokens, else 64)")
 @click.option("--seed", default=0, show_default=True, help="sampling seed (the same seed gives the same file)")
-@click.option("--limit", type=int, help="use only the first N prompts")
+@click.option("--limit", type=click.IntRange(min=1), help="use only the first N prompts")
 @click.option("--scorer", "scorer_specs", multiple=True,
               help="score each response with this scorer where it applies (built-in name, module:function or "
                    "file.py:function; repeatable; default gold when printing greedy responses)")
@@ -415,7 +445,7 @@ def runs(root):
 @click.option("--processes", default=8, show_default=True, type=click.IntRange(min=1),
               help="GPUs to shard full fine-tuning over")
 @click.option("--rank", default=16, show_default=True, type=click.IntRange(min=1), help="LoRA rank")
-@click.option("--gpu-gb", default=80.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--gpu-gb", default=80.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="memory of one GPU")
 def memory(base, method, stage, processes, rank, gpu_gb):
     """Memory per process each stage needs for BASE (a model directory or hub id: its config.json is read),
@@ -479,7 +509,13 @@ def main():
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-    cli(prog_name="rlhf")
+    try:
+        cli(prog_name="rlhf")
+    except SystemExit as e:  # click ends every command so, success included
+        from rlhf import distributed
+
+        distributed.mark_ended(e.code)  # launched: how this process ended (rlhf/launch.py reads it)
+        raise
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Many processes: launching a stage under ``accelerate launch``, and what the stages need to agree across ranks.
+"""Many processes: what the stages need to agree across ranks, FSDP2 sharding, and what a launched process tells
+the command that launched it.
 
 A stage runs the same way in one process or in many. ``rlhf <stage> --num-processes N`` (or
-``--accelerate-config FILE``) re-runs the same command under ``accelerate launch``; ``accelerate launch -m
-rlhf.cli <stage> ...`` works directly too. Inside, every process holds a full copy of the data order and of the
+``--accelerate-config FILE``) re-runs the same command under ``accelerate launch`` (``rlhf.launch``);
+``accelerate launch -m rlhf.cli <stage> ...`` works directly too. Inside, every process holds a full copy of the data order and of the
 recipe; the trainer stages let transformers' Trainer (through accelerate) split batches and all-reduce
 gradients, the PPO stage does both itself with the helpers below. Only the main process writes.
 
@@ -13,7 +14,6 @@ On a machine without a GPU, accelerate's ``--cpu`` flag starts ONE process whate
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,14 +154,39 @@ _MESH = None
 """the device mesh of every process, made by the first ``shard``"""
 
 
-def shard(models: list[torch.nn.Module]) -> None:
+def loader(from_main: bool):
+    """``load(cls, path, **kwargs)``: ``cls.from_pretrained(path, **kwargs)``; with ``from_main`` (a model about
+    to be sharded with ``shard(..., from_main=True)``) only on the main process, the others building the same
+    model from its configuration with every parameter on the meta device (no memory; buffers such as rotary
+    tables are real), to receive their shards from the main process. accelerate's RAM-efficient loading does the
+    same for the trainers on GPUs."""
+    def load(cls, path: str, **kwargs):
+        if not from_main or is_main() or world_size() == 1:
+            return cls.from_pretrained(path, **kwargs)
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        config_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "num_labels") if k in kwargs}
+        config = AutoConfig.from_pretrained(path, **config_kwargs)
+        with init_empty_weights():
+            model = cls.from_config(config, dtype=kwargs.get("dtype"), trust_remote_code=kwargs.get(
+                "trust_remote_code", False), **({"attn_implementation": kwargs["attn_implementation"]}
+                                                if kwargs.get("attn_implementation") else {}))
+        model.tie_weights()  # as loading ties them (a tied head is one parameter, sharded once)
+        return model
+    return load
+
+
+def shard(models: list[torch.nn.Module], from_main: bool = False) -> None:
     """FSDP2 over every process for models our own loop trains (PPO's full fine-tuning), the way accelerate's FSDP2
     wraps a trainer's model: each decoder layer (the model's ``_no_split_modules``) one unit, the rest (embeddings,
     final norm, head) the root's. Every parameter becomes a DTensor of which each process holds a shard; a
     forward through the root gathers one unit at a time and frees it again, a backward reduce-scatters each unit's
     gradients. The loop's losses are normalised by the whole batch over every process, so the gradients are
     summed (not averaged) over processes, as ``all_reduce_grads`` sums them for data parallel. On a CPU the
-    mesh is gloo's, which has no pre-multiplied sum: plain sums are asked for."""
+    mesh is gloo's, which has no pre-multiplied sum: plain sums are asked for. ``from_main``: only the main
+    process holds the weights (``loader``); the others' meta parameters are given memory for their shards
+    alone, filled from the main process's copy, one tensor at a time (``_fill_from_main``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -170,6 +195,8 @@ def shard(models: list[torch.nn.Module]) -> None:
         _MESH = init_device_mesh(device().type, (world_size(),))
     mesh = _MESH
     for model in models:
+        whole = model.state_dict() if from_main and is_main() else None
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if from_main else {}
         layers = set(getattr(model, "_no_split_modules", None) or ())
         for module in model.modules():
             if type(module).__name__ in layers:
@@ -179,6 +206,37 @@ def shard(models: list[torch.nn.Module]) -> None:
             if isinstance(unit, FSDPModule):
                 unit.set_gradient_divide_factor(1.0)
                 unit.set_force_sum_reduction_for_comms(True)
+        if from_main:
+            _fill_from_main(model, whole, buffers)
+
+
+def _fill_from_main(model: torch.nn.Module, whole: dict | None, buffers: dict) -> None:
+    """Every process's shard of ``model``'s state from the main process's whole tensors (``whole``, None on the
+    others): each sharded tensor scattered from the main process (``distribute_tensor``'s source rank), each whole
+    one broadcast. On the other processes the meta parameters first get memory for their shards (``to_empty``)
+    and the buffers their values back (``to_empty`` leaves them uninitialised)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not is_main():
+        model.to_empty(device=device())
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers and not buffers[name].is_meta:
+                    b.copy_(buffers[name])
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name, value in model.state_dict(keep_vars=True).items():
+            if id(value) in seen:  # a tied weight: filled once
+                continue
+            seen.add(id(value))
+            if isinstance(value, DTensor):
+                source = (whole[name].to(device(), value.dtype) if whole is not None
+                          else torch.empty(value.shape, dtype=value.dtype, device=device()))
+                value.copy_(distribute_tensor(source, value.device_mesh, value.placements, src_data_rank=0))
+            else:
+                source = whole[name].to(device(), value.dtype) if whole is not None else torch.empty_like(value)
+                torch.distributed.broadcast(source, src=0)
+                value.copy_(source)
 
 
 def whole(x: torch.Tensor) -> torch.Tensor:
@@ -209,17 +267,34 @@ SHARDS: dict | None = None
 """what ``record_shards`` counted in this process (the run's manifest reports it as ``shards``), else None"""
 
 
+def resident_memory() -> tuple[float, float]:
+    """This process's resident memory in MB, now and at its peak so far (Linux's VmRSS and VmHWM); zeros where
+    /proc does not say."""
+    mine = [0.0, 0.0]
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            for i, key in enumerate(("VmRSS:", "VmHWM:")):
+                if line.startswith(key):
+                    mine[i] = int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return mine[0], mine[1]
+
+
 def record_shards(*models: torch.nn.Module) -> dict:
     """Count the parameters each process holds of ``models`` (a DTensor's local shard, or the whole tensor), all of
-    them and the trained ones, against the whole models': every process takes part; kept in ``SHARDS``."""
+    them and the trained ones, against the whole models', and each process's peak resident memory so far (what
+    loading and sharding took); every process takes part; kept in ``SHARDS``."""
     global SHARDS
     params = list({id(p): p for model in models for p in model.parameters()}.values())  # a tied weight once
     held_here = [local(p).numel() for p in params]
-    held = by_process([sum(held_here), sum(n for n, p in zip(held_here, params) if p.requires_grad)])
+    held = by_process([sum(held_here), sum(n for n, p in zip(held_here, params) if p.requires_grad),
+                       resident_memory()[1]])
     SHARDS = {"parameters": sum(p.numel() for p in params),
               "trained": sum(p.numel() for p in params if p.requires_grad),
               "held_by_process": [int(row[0]) for row in held],
-              "trained_held_by_process": [int(row[1]) for row in held]}
+              "trained_held_by_process": [int(row[1]) for row in held],
+              "loaded_peak_rss_mb": [round(row[2], 1) for row in held]}
     return SHARDS
 
 
@@ -320,43 +395,8 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launching
+# Inside a launched process (the launching command is rlhf/launch.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-def launch_command(argv: list[str], num_processes: int | None, config_file: str | None) -> list[str]:
-    """The ``accelerate launch`` command (an argument list, never a shell string) that runs ``rlhf <argv>``."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if config_file:
-        if not Path(config_file).is_file():
-            raise UserError(f"--accelerate-config: {config_file}: no such file")
-        cmd += ["--config_file", config_file]
-    if num_processes:
-        cmd += ["--num_processes", str(num_processes)]
-        if not config_file and num_processes > 1:
-            cmd += ["--multi_gpu"]  # on a CPU machine too: with ACCELERATE_USE_CPU it starts gloo processes
-        if not config_file:
-            cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if not torch.cuda.is_available():
-            threads = max(1, (os.cpu_count() or 1) // num_processes)
-            cmd += ["--num_cpu_threads_per_process", str(threads)]
-    return cmd + ["-m", "rlhf.cli", *argv]
-
-
-def strip_launch_options(argv: list[str]) -> list[str]:
-    """``argv`` without ``--num-processes``/``--accelerate-config`` (and their values)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in ("--num-processes", "--accelerate-config"):
-            skip = True
-            continue
-        if arg.startswith(("--num-processes=", "--accelerate-config=")):
-            continue
-        out.append(arg)
-    return out
-
 
 def stderr_is_terminal() -> bool:
     """Whether this process's stderr ends on a terminal: its own, or the launching command's (``launch`` passes
@@ -378,43 +418,51 @@ def report_error(message: str, code: int) -> bool:
     return True
 
 
-def launch(argv: list[str], num_processes: int | None, config_file: str | None) -> int:
-    """Run ``rlhf <argv>`` under ``accelerate launch``; returns its exit code. The processes' stderr passes
-    through as it comes, until one of them stops on a user error (``report_error``): then the error line is
-    printed once and its exit code returned (2, or 128 + a signal), without the launcher's report of the failed
-    processes. SIGINT reaches the processes from the terminal; a SIGTERM sent to this command is passed on to
-    the launcher, which passes it on to them (both stop gracefully: ``rlhf.preempt``)."""
-    import shlex
-    import shutil
-    import signal
-    import tempfile
+def _leave(name: str, text: str = "") -> None:
+    """In a process ``launch`` started: leave a file for the launching command in its folder."""
+    where = os.environ.get(ERRORS)
+    if where and in_launcher():
+        try:
+            (Path(where) / name).write_text(text)
+        except OSError:
+            pass
 
-    errors = Path(tempfile.mkdtemp(prefix="rlhf-errors-"))
-    env = dict(os.environ, **{LAUNCHED: "1", ERRORS: str(errors), COMMAND: shlex.join(["rlhf", *argv])})
-    if config_file:
-        env[CONFIG] = config_file
-    if sys.stderr.isatty():
-        env[TERMINAL] = "1"
-    if not torch.cuda.is_available():
-        env["ACCELERATE_USE_CPU"] = "true"
-    cmd = launch_command(strip_launch_options(argv), num_processes, config_file)
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-    handlers = (signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)))
-    try:
-        while chunk := os.read(proc.stderr.fileno(), 1 << 16):
-            if not any(errors.iterdir()):  # after a user error, the rest is the launcher's report of it
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.buffer.flush()
-        code = proc.wait()
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
-    reported = [f.read_text().split("\n", 1) for f in sorted(errors.iterdir(), key=lambda f: int(f.name))]
-    shutil.rmtree(errors, ignore_errors=True)
-    if code and reported:
-        for line in dict.fromkeys(message for _, message in reported):  # each different line once
-            print(f"error: {line}", file=sys.stderr)
-        return int(reported[0][0])
-    return code
 
+def mark_started() -> None:
+    """In a process ``launch`` started: say it started (``mark_ended`` says how it ended). A process that started
+    and never ended was killed mid-run (``launch`` says so)."""
+    _leave(f"started-{os.environ.get('RANK', '0')}")
+
+
+def mark_ended(code) -> None:
+    """In a process ``launch`` started, as Python ends it (success, an error, a graceful stop): its exit status.
+    What happens after (a library's thread crashing while the interpreter tears down) is not the run's."""
+    _leave(f"exited-{os.environ.get('RANK', '0')}", str(code if isinstance(code, int) else (0 if code is None else 1)))
+
+
+def shut_down() -> None:
+    """After a command that succeeded on every process: leave the process group together (a barrier, then
+    ``destroy_process_group``), so that no process exits while another's communication threads still talk to
+    it (gloo's threads then abort the exiting process: 'terminate called without an active exception')."""
+    if in_launcher() and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def note_run(stage: str, final: Path) -> None:
+    """In a process ``launch`` started: the run directory the command writes, so that the launching command can
+    say, if a process dies, whether there is a resume checkpoint to continue from."""
+    _leave("run", f"{stage}\n{Path(final).resolve()}")
+
+
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted", "Socket Timeout")
+"""what gloo and NCCL say when another process of the run died under a collective"""
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process of a launched run went away."""
+    if not in_launcher() or not os.environ.get(ERRORS):
+        return False
+    network = getattr(torch.distributed, "DistNetworkError", ())
+    return isinstance(error, network) or (isinstance(error, RuntimeError) and any(x in str(error) for x in LOST_PEER))

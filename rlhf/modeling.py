@@ -349,6 +349,11 @@ def read_manifest(run_dir: str | Path, kind: str | None = None) -> dict:
     if kind is not None and manifest.get("stage") not in RUN_KINDS[kind]:
         raise UserError(f"{run_dir}: is a {manifest.get('stage')!r} run, not a {kind} "
                         f"({' or '.join(RUN_KINDS[kind])})")
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    missing = [name for name in files if not (Path(run_dir) / name).is_file()]
+    if missing:
+        raise UserError(f"{run_dir}: {', '.join(missing)} missing (the run finished with it; was it moved or "
+                        "deleted?)")
     verify_weights(run_dir)
     return manifest
 
@@ -423,7 +428,8 @@ def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None,
     with loading(run_dir, cfg.base):
         model = methods.load(
             Path(run_dir), run.method, lambda: load_base(cfg),
-            lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), use_safetensors=True))
+            lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), use_safetensors=True,
+                                                              trust_remote_code=cfg.trust_remote_code))
     return place(model.eval(), device or accelerator()), tokenizer
 
 
@@ -447,5 +453,6 @@ def load_reward(run_dir: str | Path, model_cfg: ModelConfig | None = None,
         model = methods.load(
             Path(run_dir), run.method, base,
             lambda path: AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(cfg.dtype),
+                                                                            trust_remote_code=cfg.trust_remote_code,
                                                                             num_labels=1, use_safetensors=True))
     return place(model.eval(), device or accelerator()), tokenizer

@@ -168,7 +168,10 @@ def linear_head(weights: dict[str, torch.Tensor], dtype: torch.dtype, shift: flo
                 bias: bool = False) -> nn.Linear:
     """A linear head from saved weights, computing ``(w x + b - shift) / scale`` (with a bias when asked)."""
     out_features, in_features = weights["weight"].shape
-    head = nn.Linear(in_features, out_features, bias=bias or "bias" in weights, dtype=dtype)
+    head = nn.Linear(in_features, out_features, bias=bias or "bias" in weights, dtype=dtype,
+                     device=weights["weight"].device)
+    if head.weight.is_meta:  # shapes only (a sharded run's other processes): the main process sends the values
+        return head
     with torch.no_grad():
         head.weight.copy_(weights["weight"] / scale)
         if head.bias is not None:
@@ -458,16 +461,20 @@ class SeparateCopies:
 
         dtype = torch_dtype(cfg.dtype)
         kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-        self.policy = AutoModelForCausalLM.from_pretrained(str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
-                                                           use_safetensors=True, **kwargs)
+        kwargs["trust_remote_code"] = cfg.trust_remote_code  # never asked at a prompt
+        # sharded: only the main process reads the weights; the others build each model's shapes on the meta device
+        # (no memory) and receive their shards from it when it is sharded (``distributed.shard``'s from_main)
+        load = distributed.loader(from_main=shard)
+        self.policy = load(AutoModelForCausalLM, str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
+                           use_safetensors=True, **kwargs)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
         if shard:  # sharded at once: fewer whole copies held at the same time while loading
-            distributed.shard([self.reference])
+            distributed.shard([self.reference], from_main=True)
         self.reward = self.value = self.value_head = None
         self.critic = critic
         if rm_dir is not None:
-            self.reward = AutoModelForSequenceClassification.from_pretrained(
-                str(rm_dir), dtype=dtype, num_labels=1, use_safetensors=True, **kwargs)
+            self.reward = load(AutoModelForSequenceClassification, str(rm_dir), dtype=dtype, num_labels=1,
+                               use_safetensors=True, **kwargs)
             self.reward.requires_grad_(False).eval()
         if critic == "shared":  # a head on the policy's hidden state
             dtype = self.policy.get_input_embeddings().weight.dtype
@@ -478,8 +485,8 @@ class SeparateCopies:
             weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
             self.value.score = linear_head(weights, head.weight.dtype, value_shift, value_scale, bias=True)
         elif critic:  # scorers alone: the value model starts from the policy, predicting 0
-            self.value = AutoModelForSequenceClassification.from_pretrained(
-                str(sft_dir) if sft_dir else cfg.base, dtype=dtype, num_labels=1, use_safetensors=True, **kwargs)
+            self.value = load(AutoModelForSequenceClassification, str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
+                              num_labels=1, use_safetensors=True, **kwargs)
             if self.value.config.pad_token_id is None:
                 self.value.config.pad_token_id = self.policy.config.pad_token_id
             self.value.score = _zero_head(self.value.config.hidden_size,
@@ -508,7 +515,7 @@ class SeparateCopies:
         from torch.distributed.fsdp import FSDPModule
 
         models = [m for m in (self.policy, self.reference, self.reward, self.value) if m is not None]
-        distributed.shard([m for m in models if not isinstance(m, FSDPModule)])
+        distributed.shard([m for m in models if not isinstance(m, FSDPModule)], from_main=True)
         distributed.record_shards(*models, *([self.value_head] if self.value_head is not None else []))
         self.sharded = True
 

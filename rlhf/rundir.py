@@ -13,6 +13,7 @@ the run's ``work`` directory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shlex
@@ -36,15 +37,7 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "b
 def memory_by_process() -> dict[str, list[float]]:
     """Each process's resident memory in MB, now and at its peak (Linux's VmRSS and VmHWM); every process takes
     part. Empty where /proc does not say."""
-    mine = [0.0, 0.0]
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            for i, key in enumerate(("VmRSS:", "VmHWM:")):
-                if line.startswith(key):
-                    mine[i] = int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    table = distributed.by_process(mine)
+    table = distributed.by_process(list(distributed.resident_memory()))
     if not any(any(row) for row in table):
         return {}
     return {"rss_mb": [round(row[0], 1) for row in table], "peak_rss_mb": [round(row[1], 1) for row in table]}
@@ -81,11 +74,24 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def json_safe(value):
+    """``value`` with every NaN or infinity replaced by None: JSON has no such numbers, and a manifest holding
+    them (Python writes ``NaN``, ``Infinity``) is unreadable to most readers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file; a non-finite number
+    is written as null (``json_safe``)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
+        json.dump(json_safe(data), f, indent=2, default=str, allow_nan=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -190,6 +196,8 @@ class Run:
         self.staging = parent / f".{self.final.name}.partial"
         self.work = parent / f".{self.final.name}.work"
         """scratch space for resume checkpoints; removed when the run finishes"""
+        if self.main:
+            distributed.note_run(stage, self.final)  # launched: where the launching command looks for a checkpoint
         self.lock = RunLock(parent / f".{self.final.name}.lock") if self.main else None
         """one writer per run directory: held by the main process from here until the run is published or
         abandoned (the kernel drops it when the process dies, however it dies)"""

@@ -75,7 +75,8 @@ def load_models(cfg: ModelConfig, adapter: AdapterConfig, sft_dir: Path | None, 
         return modeling.attach_adapter(modeling.load_base(cfg), adapter, "CAUSAL_LM", cfg.base, total_steps), None
 
     def whole(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), use_safetensors=True)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), use_safetensors=True,
+                                                    trust_remote_code=cfg.trust_remote_code)
 
     with modeling.loading(sft_dir, cfg.base):
         if kind == "peft":

@@ -150,7 +150,12 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
         eval_prompts = formats.load(recipe.data.eval_prompts, "prompts", columns=recipe.data.columns,
                                     split=recipe.data.split).rows[:p.eval_samples]
     base_cfg, method, adapter_cfg = model_source(recipe, sft, rm)
-    check_sharding(method)
+    parent = rm or sft
+    fixed_by = f" (the method of {parent.dir}, which PPO continues)" if parent is not None else ""
+    if parent is not None and recipe.adapter.method != method and distributed.is_main():
+        print(f"ppo: adapter.method {recipe.adapter.method} in {recipe.source} is not used: PPO continues with "
+              f"{method}, the method {parent.dir} trained with", file=sys.stderr)
+    check_sharding(method, fixed_by)
     modeling.check_lengths(modeling.load_config(base_cfg), {"ppo.max_prompt_length + ppo.max_new_tokens":
                                                             p.max_prompt_length + p.max_new_tokens}, recipe.source)
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
@@ -163,19 +168,19 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
         return finish(s, state)
 
 
-def check_sharding(method: str) -> None:
+def check_sharding(method: str, fixed_by: str = "") -> None:
     """PPO shards full fine-tuning with FSDP2 (``ppo_models.SeparateCopies.shard``); an adapter method runs
     data-parallel (a whole, usually quantized, base on every process and only the adapters' gradients summed), and
     DeepSpeed is the trainers' (SFT, RM, DPO) on GPUs: a config asking otherwise is an error, not a silent
-    replica."""
+    replica. ``fixed_by`` says which parent run fixed the method (PPO continues its parents')."""
     how = distributed.sharding()
     if how == "deepspeed":
         raise UserError(f"ppo: {distributed.config_name()} asks for deepspeed; the PPO stage shards with FSDP2 "
                         "(recipes/accelerate/fsdp.yaml, full fine-tuning) or runs data-parallel "
                         "(recipes/accelerate/multi_gpu.yaml, or --num-processes N)")
     if how == "fsdp" and method_table.kind(method) != "weights":
-        raise UserError(f"ppo: {distributed.config_name()} asks for fsdp sharding, but PPO with {method} runs "
-                        "data-parallel: a whole base on every process, only the adapters' gradients summed "
+        raise UserError(f"ppo: {distributed.config_name()} asks for fsdp sharding, but PPO with {method}{fixed_by} "
+                        "runs data-parallel: a whole base on every process, only the adapters' gradients summed "
                         "(recipes/accelerate/multi_gpu.yaml, or --num-processes N); PPO shards full fine-tuning")
     if how == "fsdp" and distributed.world_size() > 1 and not torch.cuda.is_available():
         from accelerate.utils import FullyShardedDataParallelPlugin

@@ -33,7 +33,7 @@ def recipe_set(stage: str, *assignments: str):
 def another_base(ctx):
     """An SFT run whose manifest names a base of another shape than its adapter was made for."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from rlhf import modeling
+    from rlhf import modeling, provenance
 
     other = ctx.tmp / "other-base"
     tok = modeling.load_tokenizer(modeling.ModelConfig(base=str(ROOT / "data" / "tiny-base")))
@@ -43,6 +43,7 @@ def another_base(ctx):
     run = ctx.copy_run("sft", "moved-sft")
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["base"] = str(other)
+    manifest["resolved"]["base"] = provenance.base_record(str(other))  # recorded where and what it is, too
     (run / "manifest.json").write_text(json.dumps(manifest))
     return ["sample", str(run), "--prompts", str(ROOT / "data/tiny/heldout_prompts.jsonl"), "--limit", "2"]
 

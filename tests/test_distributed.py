@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FLAT_WHEN_EVEN, ROOT, ran, run_cli, write_recipe
-from rlhf import distributed, ppo_math
+from conftest import FLAT_WHEN_EVEN, ROOT, ran, refused, run_cli, write_recipe
+from rlhf import distributed, launch, ppo_math
 from rlhf.rollout import episode_keys, gumbel_max, hash_uniform
 
 CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
@@ -45,9 +45,9 @@ def _manifest(run: Path) -> dict:
 
 def test_launch_command_is_an_argument_list_without_our_options():
     argv = ["sft", "--recipe", "r.yaml", "--num-processes", "2", "--set", "sft.lr=1e-4", "--accelerate-config=x"]
-    inner = distributed.strip_launch_options(argv)
+    inner = launch.strip_launch_options(argv)
     assert inner == ["sft", "--recipe", "r.yaml", "--set", "sft.lr=1e-4"]
-    cmd = distributed.launch_command(inner, 2, None)
+    cmd = launch.launch_command(inner, 2, None)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "2"
     if not torch.cuda.is_available():  # --cpu would start one process; --multi_gpu + ACCELERATE_USE_CPU starts two
@@ -58,6 +58,23 @@ def test_launch_command_is_an_argument_list_without_our_options():
 def test_a_missing_accelerate_config_is_a_one_line_error(tiny_recipe):
     proc = run_cli("sft", "--recipe", str(tiny_recipe), "--accelerate-config", "nope.yaml", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --accelerate-config: nope.yaml: no such file"
+
+
+@pytest.mark.parametrize("content,expect", [
+    ("", "an accelerate config is a mapping of settings"),
+    ("- a\n- b\n", "an accelerate config is a mapping of settings (distributed_type, num_processes, ...), not list"),
+    ("distributed_type: FSDP\nnum_processes: [2\n", "bad.yaml:3: not valid YAML"),
+    ("distributed_type: SUPERFAST\n", "distributed_type 'SUPERFAST' is not one accelerate knows"),
+    ("distributed_type: MULTI_CPU\nnum_processes: many\n", "num_processes must be a whole number of at least 1"),
+    ("distributed_type: FSDP\nfsdp_config: 3\n", "fsdp_config must be a mapping, got 3"),
+])
+def test_a_bad_accelerate_config_is_a_one_line_error_naming_it(tiny_recipe, tmp_path, content, expect):
+    """Empty, a list, malformed YAML, an unknown distributed type, values of the wrong type: each was a traceback
+    from accelerate's launcher."""
+    (tmp_path / "bad.yaml").write_text(content)
+    line = refused("sft", "--recipe", str(tiny_recipe), "--accelerate-config", str(tmp_path / "bad.yaml"),
+                   expect=expect)
+    assert str(tmp_path / "bad.yaml") in line
 
 
 def test_a_launched_run_stops_on_bad_input_in_one_line(tiny_recipe, tmp_path):
@@ -383,12 +400,22 @@ def _process_tree(pid: int) -> list[int]:
     return [pid] + [x for child in children for x in _process_tree(child)]
 
 
+def _rank_of(pid: int) -> str | None:
+    """The RANK a launched process runs as (from its environment), or None."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((x[5:].decode() for x in env if x.startswith(b"RANK=")), None)
+
+
 def test_full_ppo_sharded_over_two_processes_matches_one_and_resumes(full_parents, tmp_path):
     """Full fine-tuning PPO under the shipped FSDP config: the four copies (policy and value trained, reference and
     reward frozen) are FSDP2 shards over two gloo processes, each holding half of every weight, of the gradients
     and of the Adam state; the rollout gathers the policy once; the weights equal one process's. Killed with
-    SIGKILL after a checkpoint and resumed, still sharded, it ends with the uninterrupted sharded run's weights
-    bit for bit. Stopped with SIGTERM first, it says in one line how to continue, launch options included."""
+    SIGKILL (one of its processes) after a checkpoint and resumed, still sharded, it ends with the uninterrupted
+    sharded run's weights bit for bit. Stopped with SIGTERM first, it says in one line how to continue, launch
+    options included; with a process killed, which one died and how to continue."""
     import shlex
     import signal
     import subprocess
@@ -424,17 +451,25 @@ def test_full_ppo_sharded_over_two_processes_matches_one_and_resumes(full_parent
     assert errors[0].endswith(f"continue with `rlhf {shlex.join(argv[3:])} --resume`"), errors  # launch options too
     assert err.count("SIGTERM: finishing this step") == 1
 
-    # resumed, then SIGKILL to the whole launch (the launcher and both processes) after a newer checkpoint
+    # resumed, then SIGKILL to one of the two processes (as the out-of-memory killer does) after a newer
+    # checkpoint: the other stops with it, and the launch ends in one line saying which process died, by what, and
+    # how to continue from the checkpoint it kept (it was the launcher's traceback, and nothing on resuming)
     work = resumed.parent / ".ppo.work"
     seen = sorted(work.glob("step_*"))
     killed = subprocess.Popen([*argv, "--resume"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.PIPE, text=True)
     while time.time() < deadline and killed.poll() is None and sorted(work.glob("step_*")) == seen:
         time.sleep(0.05)
-    for pid in _process_tree(killed.pid):
+    victim = [pid for pid in _process_tree(killed.pid) if _rank_of(pid) == "1"]
+    for pid in victim:
         os.kill(pid, signal.SIGKILL)
-    killed.wait()
-    if not resumed.exists():  # the kill came before the run was published: resume it again
+    err = killed.communicate(timeout=300)[1]
+    if killed.returncode != 0:  # else the run ended before the kill: nothing to check
+        errors = [x for x in err.splitlines() if x.startswith("error: ")]
+        assert victim and killed.returncode == 137 and "Traceback" not in err and len(errors) == 1, err
+        assert errors[0].startswith("error: ppo: process 1 of the run was killed by SIGKILL") and errors[0].endswith(
+            f"its newest resume checkpoint is kept: continue with `rlhf {shlex.join(argv[3:])} --resume`"), errors
+        assert sorted(work.glob("step_*")) != seen  # the checkpoint it had is kept
         run_cli("ppo", *argv[4:], "--resume")
     assert _manifest(resumed)["resumed"] is True
     for name in FULL_FILES:
@@ -442,17 +477,51 @@ def test_full_ppo_sharded_over_two_processes_matches_one_and_resumes(full_parent
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_sharded_ppo_reads_the_weights_on_the_main_process_alone(tmp_path):
+    """Full-fine-tuning PPO sharded over two processes: the main process loads each copy and scatters the shards,
+    the other builds its copies on the meta device and never holds one whole (it loaded every copy whole, as the
+    main one does, and sharded it after). On a random Llama of 19.5M parameters (78 MB a copy in fp32; policy and
+    reference, GRPO from the base against gold) the second process's peak memory after loading is below the
+    main one's by about those two copies less their shards (measured: 451 against 564 MB; before, 527 and 527);
+    the weights themselves equal one process's (test_full_ppo_sharded_...)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sharded_memory", ROOT / "tests" / "bench" / "sharded_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.build_base(tmp_path / "base", 512, 6)
+    recipe = write_recipe(tmp_path / "r.yaml", run_dir=str(tmp_path / "runs"), model={"base": str(tmp_path / "base")},
+                          adapter={"method": "full"})
+    sets = ["ppo.reward={gold: 1.0}", "ppo.advantage=grpo", "ppo.samples_per_prompt=2", "ppo.batch_size=2",
+            "ppo.mini_batch_size=2", "ppo.micro_batch_size=2", "ppo.max_new_tokens=8", "ppo.max_steps=1",
+            "ppo.eval_every=0", "ppo.mixed_precision=no"]
+    run_cli("ppo", "--recipe", str(recipe), "--policy", "base", "--out", str(tmp_path / "ppo"), "--num-processes",
+            "2", "--accelerate-config", str(_fsdp_config(tmp_path)), *[x for kv in sets for x in ("--set", kv)])
+    main, other = _manifest(tmp_path / "ppo")["shards"]["loaded_peak_rss_mb"]
+    assert other < main - 50, (main, other)
+
+
 def test_ppo_refuses_configs_it_cannot_shard_with(parents, tmp_path, monkeypatch):
-    """LoRA PPO runs data-parallel (PPO shards full fine-tuning only); DeepSpeed is for the trainer stages."""
-    recipe, _ = parents
+    """LoRA PPO runs data-parallel (PPO shards full fine-tuning only); DeepSpeed is for the trainer stages. A
+    recipe asking for full fine-tuning from LoRA parents is told which parent fixed the method."""
+    recipe, runs = parents
     config = ROOT / "recipes" / "accelerate" / "fsdp.yaml"
     proc = run_cli("ppo", "--recipe", str(recipe), "--out", str(tmp_path / "ppo"), "--accelerate-config",
-                   str(config), "--num-processes", "2", check=False)
+                   str(config), "--num-processes", "2", "--set", "adapter.method=full", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert [x for x in proc.stderr.splitlines() if "error" in x] == [
-        f"error: ppo: the accelerate config {config} asks for fsdp sharding, but PPO with lora runs data-parallel: a "
-        "whole base on every process, only the adapters' gradients summed (recipes/accelerate/multi_gpu.yaml, or "
-        "--num-processes N); PPO shards full fine-tuning"]
+        f"error: ppo: the accelerate config {config} asks for fsdp sharding, but PPO with lora (the method of "
+        f"{runs / 'rm'}, which PPO continues) runs data-parallel: a whole base on every process, only the adapters' "
+        "gradients summed (recipes/accelerate/multi_gpu.yaml, or --num-processes N); PPO shards full fine-tuning"]
+    from click.testing import CliRunner
+
+    from rlhf.cli import cli
+
+    # in one process, the recipe's method that PPO does not use is named (then a length error stops it early)
+    result = CliRunner().invoke(cli, ["ppo", "--recipe", str(recipe), "--out", str(tmp_path / "ppo"), "--set",
+                                      "adapter.method=full", "--set", "ppo.max_prompt_length=100000"])
+    assert result.exit_code == 2 and f"ppo: adapter.method full in {recipe}" in result.stderr and \
+        f"is not used: PPO continues with lora, the method {runs / 'rm'} trained with" in result.stderr, result.stderr
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for a DeepSpeed config
     proc = run_cli("ppo", "--recipe", str(recipe), "--out", str(tmp_path / "ppo"), check=False)
     assert proc.returncode == 2 and "asks for deepspeed" in proc.stderr

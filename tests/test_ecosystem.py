@@ -162,3 +162,25 @@ def test_progress_bars_on_a_terminal_and_lines_in_logs(parents, ppo_run):
     steps = sorted({line.split()[2] for line in log.splitlines() if line.startswith("sft: step ")})
     assert steps == ["10/30", "20/30", "30/30"], log  # a line every logging_every=10 steps
     assert "\r" not in log and "it/s]" not in log and "%|" not in log, log  # and no bar
+
+
+def test_a_manifest_never_holds_numbers_json_cannot_read(tmp_path):
+    """NaN and infinity (a kept speed-up, a metric) are written as null: Python wrote `Infinity`, which most JSON
+    readers refuse."""
+    from rlhf.rundir import write_json
+
+    write_json(tmp_path / "m.json", {"bf16_speedup": float("inf"), "metrics": {"loss": float("nan"), "ok": 1.5},
+                                     "list": [float("-inf"), 2]})
+    text = (tmp_path / "m.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text) == {"bf16_speedup": None, "metrics": {"loss": None, "ok": 1.5}, "list": [None, 2]}
+
+
+def test_sample_refuses_a_limit_below_one():
+    """`--limit -15` kept prompts from the front without a word (a slice from the end)."""
+    from click.testing import CliRunner
+
+    from rlhf.cli import cli
+
+    result = CliRunner().invoke(cli, ["sample", "runs/x", "--prompts", "p.jsonl", "--limit", "-15"])
+    assert result.exit_code == 2 and "Invalid value for '--limit'" in result.output, result.output

@@ -87,17 +87,20 @@ def main(hidden: int, layers: int, out: Path) -> None:
         if proc.returncode != 0:
             raise SystemExit(f"{label}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
         m = json.loads((run / "manifest.json").read_text())
+        shards = m.get("shards") or {}
         rows.append({"layout": label, "seconds": m["seconds"], **m["memory_by_process"],
                      "parameters": m["adapter"]["parameters"]["total"],
-                     "held_by_process": (m.get("shards") or {}).get("held_by_process")})
+                     "held_by_process": shards.get("held_by_process"),
+                     "loaded_peak_rss_mb": shards.get("loaded_peak_rss_mb")})
     lines = [f"Full-fine-tuning PPO, a {parameters / 1e6:.0f}M-parameter random Llama (hidden {hidden}, {layers} "
              "layers), fp32, 2 steps of 8 episodes; resident memory per process (MB):", "",
-             "| layout | peak per process | at the end per process | parameters held per process | wall |",
-             "|---|---|---|---|---|"]
+             "| layout | peak once loaded | peak per process | at the end per process | parameters held per process "
+             "| wall |", "|---|---|---|---|---|---|"]
     for r in rows:
         held = ", ".join(f"{x / 1e6:.0f}M" for x in r["held_by_process"]) if r["held_by_process"] else \
             f"{r['parameters'] / 1e6:.0f}M (every copy whole)"
-        lines.append(f"| {r['layout']} | {', '.join(f'{x:,.0f}' for x in r['peak_rss_mb'])} | "
+        loaded = ", ".join(f"{x:,.0f}" for x in r["loaded_peak_rss_mb"]) if r["loaded_peak_rss_mb"] else "-"
+        lines.append(f"| {r['layout']} | {loaded} | {', '.join(f'{x:,.0f}' for x in r['peak_rss_mb'])} | "
                      f"{', '.join(f'{x:,.0f}' for x in r['rss_mb'])} | {held} | {r['seconds']:.0f} s |")
     (out / "sharded_memory.md").write_text("\n".join(lines) + "\n")
     (out / "sharded_memory.json").write_text(json.dumps({"parameters": parameters, "rows": rows}, indent=2))

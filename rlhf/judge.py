@@ -77,6 +77,7 @@ class Judge:
         self.model.requires_grad_(False)
         self.too_long = 0
         """questions longer than the judge's positions, each scored None ("cannot tell") rather than cut"""
+        self._long_calls = 0
         self.grade_ids = self._answer_ids(GRADE_WORDS)
         self.compare_ids = self._answer_ids(COMPARE_WORDS)
 
@@ -100,7 +101,8 @@ class Judge:
         of the reply's first-token logits (batched, left-padded, positions counted over real tokens). A question
         longer than the judge's positions is None, "cannot tell": cut from either end it would lose the
         conversation's start or the answers being judged, and a verdict on what the judge did not read is no
-        verdict. Counted in ``too_long`` and said on stderr, once per call."""
+        verdict. Counted in ``too_long`` and said on stderr (the first call that had one, and every tenth after:
+        PPO calls a judge every step)."""
         from rlhf import encoding, methods, modeling
 
         sequences = [self.encode(q) for q in questions]
@@ -108,6 +110,8 @@ class Judge:
         over = [i for i, s in enumerate(sequences) if limit is not None and len(s) > limit]
         if over:
             self.too_long += len(over)
+            self._long_calls += 1
+        if over and self._long_calls % 10 == 1:
             print(f"judge:{self.spec}: {len(over)} of {len(sequences)} questions are longer than its {limit} "
                   f"positions (the longest {max(len(sequences[i]) for i in over)} tokens): scored None, not judged "
                   f"({self.too_long} so far)", file=sys.stderr)

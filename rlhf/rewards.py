@@ -298,6 +298,7 @@ class PublishedReward(RewardModel):
         self.positions = max_positions(self.model.config)
         self.truncated = 0
         """conversations longer than the model's positions, cut from the left (``encode``)"""
+        self._cutting_calls = 0
 
     @property
     def device(self) -> torch.device:
@@ -321,6 +322,11 @@ class PublishedReward(RewardModel):
             self.truncated += 1
         return ids
 
+    def _said(self) -> bool:
+        """Whether to say it this time: the first call that cut, and every tenth after (PPO calls every step)."""
+        self._cutting_calls += 1
+        return self._cutting_calls % 10 == 1
+
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> list[float]:
         """The model's own forward on each token sequence (its pooled single logit)."""
@@ -338,7 +344,7 @@ class PublishedReward(RewardModel):
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
         before = self.truncated
         sequences = [self.encode(p, r) for p, r in zip(prompts, responses)]
-        if self.truncated > before:
+        if self.truncated > before and self._said():
             print(f"rm:{self.spec}: {self.truncated - before} of {len(sequences)} conversations are longer than its "
                   f"{self.positions} positions: cut from the left (the prompt's start), keeping the response "
                   f"({self.truncated} so far)", file=sys.stderr)

@@ -399,11 +399,8 @@ def read_run(run_dir: str | Path, kind: str | None = None) -> ParentRun:
     from rlhf import provenance
 
     manifest = read_manifest(run_dir, kind)
-    pinned = ((manifest.get("resolved") or {}).get("base") or {}).get("revision") \
-        if isinstance(manifest.get("resolved"), dict) else None
     model = model_config_of(manifest, base=provenance.base_of(manifest, run_dir))
-    if pinned and not model.revision:
-        model.revision = pinned
+    model.revision = model.revision or provenance.revision_of(manifest)
     return ParentRun(dir=Path(run_dir), stage=manifest["stage"], model=model,
                      method=(manifest.get("adapter") or {}).get("method"),
                      adapter=AdapterConfig(**manifest["recipe"]["adapter"]), recipe=manifest["recipe"],

@@ -226,6 +226,18 @@ def save_value_head(head: nn.Linear, out: Path, critic: str) -> None:
               metadata={"critic": critic, "reads": reads})
 
 
+@contextmanager
+def _score_head_apart():
+    """Loading a reward-model run's adapter onto the causal LM: its file also holds the score head (peft saves it
+    with a SEQ_CLS adapter), which has no place there and which PPO reads itself (``score_head_weights``); peft
+    warns about it ("Found unexpected adapter keys: [...score.weight]") every time, and nothing is wrong."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Found unexpected adapter keys: \['[^,\]]*score\.weight'\]")
+        yield
+
+
 class SharedBase:
     """Policy, reference, reward and value as four adapters on one base model (a ``PPOModels``)."""
 
@@ -251,13 +263,15 @@ class SharedBase:
         self.reward_head = self.value_head = None
         self.critic = critic
         if rm_dir is not None:
-            self.model.load_adapter(str(rm_dir), adapter_name="reward")
+            with _score_head_apart():
+                self.model.load_adapter(str(rm_dir), adapter_name="reward")
             head = score_head_weights(Path(rm_dir))
             self.reward_head = linear_head(head, dtype).requires_grad_(False)
             # the pad token the reward model was trained with: a score is read where its training pooled
             self.reward_pad_id = modeling.load_tokenizer(cfg, str(rm_dir)).pad_token_id
         if critic == "adapter" and rm_dir is not None:
-            self.model.load_adapter(str(rm_dir), adapter_name="value", is_trainable=True)
+            with _score_head_apart():
+                self.model.load_adapter(str(rm_dir), adapter_name="value", is_trainable=True)
             # the value head starts as the score head on the scale PPO's rewards use (normalised when they are)
             self.value_head = linear_head(head, dtype, value_shift, value_scale, bias=True)
         elif critic == "adapter":  # scorers alone: the value model starts from the policy, predicting 0

@@ -163,6 +163,26 @@ def record(base: str | None, parents: dict | None) -> dict:
 _WARNED: set[str] = set()
 
 
+def _recorded(manifest: dict, role: str | None = None):
+    """The manifest's ``resolved`` record of its base (``role`` None) or of its parents of ``role``; None for a
+    manifest without one (from before it, or hand-edited)."""
+    resolved = manifest.get("resolved") if isinstance(manifest.get("resolved"), dict) else {}
+    if role is None:
+        return resolved.get("base")
+    parents = resolved.get("parents") if isinstance(resolved.get("parents"), dict) else {}
+    return parents.get(role)
+
+
+def _parents(manifest: dict) -> dict:
+    return manifest.get("parents") if isinstance(manifest.get("parents"), dict) else {}
+
+
+def revision_of(manifest: dict) -> str | None:
+    """The hub commit a run recorded for a base that is a hub id, or None."""
+    rec = _recorded(manifest)
+    return rec.get("revision") if isinstance(rec, dict) else None
+
+
 def _changed(message: str) -> None:
     if not allowed():
         raise UserError(f"{message}; rlhf --allow-changed-base ... loads it anyway")
@@ -175,8 +195,7 @@ def base_of(manifest: dict, run_dir: str | Path) -> str:
     """Where to load a finished run's base from: the recorded path, else the base as typed (from the current
     directory), refusing a base whose fingerprint is not the recorded one, or none at all (module docstring).
     A run without the record (from before it) gives its base as typed; a hub id, its id."""
-    typed = manifest.get("base")
-    rec = ((manifest.get("resolved") or {}).get("base")) if isinstance(manifest.get("resolved"), dict) else None
+    typed, rec = manifest.get("base"), _recorded(manifest)
     if not isinstance(rec, dict) or not rec.get("path") or not isinstance(typed, str):
         return typed
     recorded, want = rec["path"], rec.get("fingerprint")
@@ -201,11 +220,9 @@ def parent_of(manifest: dict, run_dir: str | Path, role: str) -> Path | None:
     """A finished run's parent run of ``role`` (``sft``, ``rm``), found where it was recorded (else as typed),
     refused when it is not the run it was (its manifest changed: retrained or replaced); None when it has
     none."""
-    typed = (manifest.get("parents") or {}).get(role)
+    typed, rec = _parents(manifest).get(role), _recorded(manifest, role)
     if not isinstance(typed, str) or not typed:
         return None
-    rec = ((manifest.get("resolved") or {}).get("parents") or {}).get(role) \
-        if isinstance(manifest.get("resolved"), dict) else None
     if not isinstance(rec, dict) or not rec.get("path"):
         return Path(typed)
     candidates = [p for p in dict.fromkeys((rec["path"], typed)) if (Path(p).expanduser() / "manifest.json").is_file()]
@@ -223,9 +240,7 @@ def parent_of(manifest: dict, run_dir: str | Path, role: str) -> Path | None:
 def where(manifest: dict, role: str) -> list[str]:
     """Where each of a run's parents of ``role`` is to be found, unchecked (for showing lineage): the recorded
     path when it is there, else the path as typed."""
-    typed = (manifest.get("parents") or {}).get(role)
-    rec = ((manifest.get("resolved") or {}).get("parents") or {}).get(role) \
-        if isinstance(manifest.get("resolved"), dict) else None
+    typed, rec = _parents(manifest).get(role), _recorded(manifest, role)
     typed, rec = (typed, rec) if isinstance(typed, list) else ([typed], [rec])
     out = []
     for value, r in zip(typed, rec if isinstance(rec, list) and len(rec) == len(typed) else [None] * len(typed)):

@@ -20,12 +20,12 @@ class _Group(click.Group):
         try:
             result = super().invoke(ctx)
             if ctx.parent is None:  # the whole command succeeded (on this process)
-                from rlhf import distributed
+                from rlhf.scale import distributed
 
                 distributed.shut_down()
             return result
         except RuntimeError as e:  # in a launched run: another process died under a collective
-            from rlhf import distributed
+            from rlhf.scale import distributed
 
             if (ctx.obj or {}).get("debug") or not distributed.lost_peer(e):
                 raise
@@ -35,8 +35,8 @@ class _Group(click.Group):
         except UserError as e:
             if (ctx.obj or {}).get("debug"):
                 raise
-            code = getattr(e, "exit_code", 2)  # 2, or 128 + the signal for a preempted run (rlhf.preempt)
-            from rlhf import distributed
+            code = getattr(e, "exit_code", 2)  # 2, or 128 + the signal for a preempted run (rlhf.runs.preempt)
+            from rlhf.scale import distributed
 
             if not distributed.report_error(str(e), code):  # launched: the launching command prints it once
                 click.echo(f"error: {e}", err=True)
@@ -95,18 +95,18 @@ def launch_options(f):
 
 def _relaunch(num_processes: int | None, accelerate_config: str | None) -> None:
     """Re-run this very command under ``accelerate launch`` when asked to (and not already launched)."""
-    from rlhf import distributed
+    from rlhf.scale import distributed
 
     if not (num_processes or accelerate_config) or os.environ.get(distributed.LAUNCHED) or distributed.in_launcher():
         return
-    from rlhf import launch
+    from rlhf.scale import launch
 
     sys.exit(launch.launch(sys.argv[1:], num_processes, accelerate_config))
 
 
 def _echo(message: str) -> None:
     """A result line, printed once (by the main process when there are many)."""
-    from rlhf import distributed
+    from rlhf.scale import distributed
 
     if distributed.is_main():
         click.echo(message)
@@ -127,16 +127,17 @@ def _recipe(path: str, overrides: tuple[str, ...], base: str | None = None):
 def cli(ctx, debug, allow_changed_base):
     """Align a causal language model: SFT -> reward model -> PPO, one shared base with adapters."""
     ctx.obj = {"debug": debug}
-    from rlhf import distributed
+    from rlhf.scale import distributed
 
     distributed.mark_started()  # in a launched process: the launching command can tell a killed one
     if allow_changed_base:
-        from rlhf import provenance
+        from rlhf.runs import provenance
 
         os.environ[provenance.ALLOW_ENV] = "1"  # launched processes inherit it
     if not debug:
         _quiet_libraries()
-    from rlhf import distributed, rundir
+    from rlhf.runs import rundir
+    from rlhf.scale import distributed
 
     # a launched process's own command line lacks --num-processes / --accelerate-config: the launcher's has them
     rundir.COMMAND = os.environ.get(distributed.COMMAND) or shlex.join(["rlhf", *sys.argv[1:]])
@@ -270,7 +271,7 @@ def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_sho
     and plots."""
     import json
 
-    from rlhf.training import show_progress
+    from rlhf.models.training import show_progress
     from stages import evaluate as stage
 
     extra = ((f"eval.samples={samples}",) if samples is not None else ()) + (
@@ -406,7 +407,7 @@ def export(run_dir, out, merge, overwrite):
     """Export an sft/ppo policy or an rm reward model as a Hugging Face model directory."""
     import json
 
-    from rlhf.export import export as run_export
+    from rlhf.runs.export import export as run_export
 
     info = run_export(run_dir, out, merge=merge, overwrite=overwrite)
     click.echo(json.dumps({k: v for k, v in info.items() if k != "versions"}) + f" -> {out}")
@@ -416,7 +417,7 @@ def export(run_dir, out, merge, overwrite):
 @click.argument("run_dir", type=click.Path())
 def info(run_dir):
     """The lineage of a run (base -> sft -> rm -> ppo) with each step's key facts."""
-    from rlhf import lineage
+    from rlhf.runs import lineage
 
     click.echo(lineage.describe(run_dir))
 
@@ -425,7 +426,7 @@ def info(run_dir):
 @click.argument("root", default="runs", type=click.Path())
 def runs(root):
     """The run directories under ROOT (default runs/): stage, status, headline metric."""
-    from rlhf import lineage
+    from rlhf.runs import lineage
 
     rows = lineage.list_runs(root)
     if not rows:
@@ -449,8 +450,8 @@ def runs(root):
               help="memory of one GPU")
 def memory(base, method, stage, processes, rank, gpu_gb):
     """Memory per process each stage needs for BASE (a model directory or hub id: its config.json is read),
-    before activations: weights, gradients and optimizer state, data parallel and sharded (rlhf/memory.py)."""
-    from rlhf import memory as mem
+    before activations: weights, gradients and optimizer state, data parallel and sharded (rlhf/scale/memory.py)."""
+    from rlhf.scale import memory as mem
 
     try:
         shapes = mem.load_shapes(base)
@@ -462,7 +463,7 @@ def memory(base, method, stage, processes, rank, gpu_gb):
 @cli.command("methods")
 def list_methods():
     """The fine-tuning methods (recipe adapter.method) and the stages that support each."""
-    from rlhf import method_table
+    from rlhf.models import method_table
 
     click.echo(method_table.support_matrix())
     click.echo("\nLoRA on an 8-bit base: adapter.method lora with model.quantization 8bit. "
@@ -502,19 +503,19 @@ TRAINING_COMMANDS = ("sft", "rm", "ppo", "dpo", "eval", "sample")
 def main():
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)  # the group's options are flags
     if command in TRAINING_COMMANDS:
-        from rlhf import allocator
+        from rlhf.scale import allocator
 
         try:
-            allocator.reexec_with_preload(sys.argv[1:])  # tcmalloc where the system has it (rlhf/allocator.py)
+            allocator.reexec_with_preload(sys.argv[1:])  # tcmalloc where the system has it (rlhf/scale/allocator.py)
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
     try:
         cli(prog_name="rlhf")
     except SystemExit as e:  # click ends every command so, success included
-        from rlhf import distributed
+        from rlhf.scale import distributed
 
-        distributed.mark_ended(e.code)  # launched: how this process ended (rlhf/launch.py reads it)
+        distributed.mark_ended(e.code)  # launched: how this process ended (rlhf/scale/launch.py reads it)
         raise
 
 

@@ -3,7 +3,7 @@
 Loading checks every key and type against these dataclasses, then each section's values (its ``validate``) and the
 combinations between sections (``Recipe.validate``); any problem is a ``UserError`` naming the file and the key.
 Where a default differs from the upstream library's, the field's docstring names the upstream one. This module
-needs no torch (the method table it checks against is plain data, ``rlhf.method_table``).
+needs no torch (the method table it checks against is plain data, ``rlhf.models.method_table``).
 
 ``--set section.key=value`` overrides one key (the value is read as YAML, so ``--set sft.lr=1e-4`` is a number and
 ``--set adapter.target_modules=[q_proj,v_proj]`` a list).
@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rlhf import method_table
+from rlhf.models import method_table
 from rlhf.names import is_local
 from rlhf.errors import UserError
 
@@ -125,7 +125,7 @@ class DataConfig:
     """format of the SFT rows; "auto" detects it from the first row's fields"""
     preference: str | None = None
     """the reward model's data: ranked pairs, or rankings of K responses per prompt (same kinds of source as
-    data.sft; rlhf/formats.py lists the formats)"""
+    data.sft; rlhf/text/formats.py lists the formats)"""
     preference_format: Literal["auto", "prompt_chosen_rejected", "implicit_prompt", "alpaca", "sharegpt",
                                "responses", "completions", "argilla"] = "auto"
     """format of the preference rows (pairs or rankings); "auto" detects it from the first row's fields"""
@@ -279,7 +279,7 @@ class PPOConfig:
     ``advantage`` picks the estimator: ``gae`` is PPO with a critic (``critic``: a value adapter + head, or a
     head on the policy's hidden state; GAE); ``grpo``, ``dr_grpo``, ``rloo`` and ``reinforce_pp`` are critic-free
     (no value model is created, trained or saved; value_clip, vf_coef and lam do not apply). The maths of each is
-    in ``rlhf.ppo_math``.
+    in ``rlhf.ppo.ppo_math``.
     """
 
     lr: float = 1e-5
@@ -311,7 +311,7 @@ class PPOConfig:
     length-normalised sequence ratio (Zheng et al. 2025; its epsilons are a few 1e-4: clip_low/clip_high default
     to the paper's 3e-4/4e-4); cispo = a clipped, non-differentiated importance weight times A times log pi, so no
     token's gradient is dropped (MiniMax-M1 2025; clip_low defaults to 1, no lower bound, clip_high to 4, a
-    weight of at most 5 as in ScaleRL). The equations are in rlhf/ppo_math.py and docs/ppo.md"""
+    weight of at most 5 as in ScaleRL). The equations are in rlhf/ppo/ppo_math.py and docs/ppo.md"""
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
                               "seq_mean_token_sum_norm"] | None = None
     """how per-token losses (policy, entropy, KL as a loss) become one: token_mean = over all tokens of the
@@ -413,7 +413,7 @@ class PPOConfig:
     definition)"""
     reward: dict[str, float] = field(default_factory=lambda: {"reward_model": 1.0})
     """what PPO maximises, a weighted sum: ``reward_model`` weighs the reward model's score (normalised when
-    ppo.normalize_reward), any other key is a scorer (rlhf/scorers.py: a built-in name such as gold, or
+    ppo.normalize_reward), any other key is a scorer (rlhf/feedback/scorers.py: a built-in name such as gold, or
     package.module:function, or file.py:function) weighing its value as it is. Without a reward_model term PPO
     needs no reward model (RL against verifiable rewards). A scorer's None ("does not apply") adds 0"""
     normalize_reward: bool = True
@@ -591,7 +591,7 @@ class EvalConfig:
     scorers: list[str] = field(default_factory=list)
     """scorers whose means (with 95% intervals) are columns beside the reward, here and in PPO's held-out
     evaluations: built-in names (gold, correctness, style: the tiny world's), package.module:function,
-    file.py:function, or label=any of those (rlhf/scorers.py)"""
+    file.py:function, or label=any of those (rlhf/feedback/scorers.py)"""
 
     def validate(self, where: str) -> None:
         fail = _failer(where, "eval")

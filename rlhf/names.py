@@ -1,9 +1,11 @@
 """How the project reads a name a user gives it, in one place and without torch: a local path or a hub id, which
-files are data, and which dtype a name means.
+files are data, which dtype a name means, one run however it is spelt; and where measurements of this machine are
+kept (``cache_dir``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -20,6 +22,14 @@ def is_local(value: str | Path) -> bool:
     text = str(value)
     return (Path(text).expanduser().exists() or text.endswith(DATA_SUFFIXES)
             or text.startswith(("/", "./", "../", "~")) or text.count("/") > 1)
+
+
+def cache_dir() -> Path:
+    """Where measurements of this machine are kept: ``$RLHF_CACHE_DIR``, else ``$XDG_CACHE_HOME/rlhf``, else
+    ``~/.cache/rlhf``."""
+    if os.environ.get("RLHF_CACHE_DIR"):
+        return Path(os.environ["RLHF_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlhf"
 
 
 def run_name(spec: str) -> str:

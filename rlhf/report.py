@@ -38,7 +38,7 @@ def win_rate(ours: list[float], theirs: list[float]) -> float:
 
 def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sequence KL estimate of the sampled response: sum_t (log pi(y_t) - log pi_ref(y_t)) over real tokens."""
-    from rlhf.ppo_math import sequence_sum
+    from rlhf.ppo.ppo_math import sequence_sum
 
     return sequence_sum(logp - ref_logp, mask)
 

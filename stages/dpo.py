@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf import distributed, encoding, formats, method_table, methods, modeling, training
+from rlhf.models import method_table, methods, modeling, training
+from rlhf.scale import distributed
+from rlhf.text import encoding, formats
 from rlhf.config import AdapterConfig, ModelConfig, Recipe
 from rlhf.names import torch_dtype
-from rlhf.rundir import Run
+from rlhf.runs.rundir import Run
 
 TRL_LOSS = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
 """dpo.loss -> TRL DPOConfig.loss_type (simpo runs through TRL's CPOTrainer)"""

@@ -1,5 +1,5 @@
 """Evaluation: policies side by side on held-out prompts, scored by the reward model and by the recipe's scorers
-(``eval.scorers``: the tiny world's gold, correctness and style, or any of your own, ``rlhf.scorers``).
+(``eval.scorers``: the tiny world's gold, correctness and style, or any of your own, ``rlhf.feedback.scorers``).
 
 setup (prompts, reward model, the rows to compare: an in-context-learning baseline on the untuned base, then the
 listed policies) -> for each row: generate (greedy, or k samples), score, KL to the row's reference -> report
@@ -16,8 +16,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf import adapters, encoding, formats, method_table, modeling, report, rewards, rollout, scorers
-from rlhf.rundir import Run
+from rlhf import report
+from rlhf.engine import rollout
+from rlhf.feedback import rewards, scorers
+from rlhf.models import method_table, modeling, one_base
+from rlhf.text import encoding, formats
+from rlhf.runs.rundir import Run
 from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import UserError
 
@@ -61,7 +65,7 @@ def reference_of(row: Row) -> tuple[bool, Path | None, ModelConfig | None]:
     return True, None, run.model
 
 
-def row_models(row: Row, model_cfg: ModelConfig, shared: adapters.OneBase | None):
+def row_models(row: Row, model_cfg: ModelConfig, shared: one_base.OneBase | None):
     """The row's policy, its tokenizer and its reference (None: no KL): adapters on the shared base where the row
     and its reference fit on it, else models of their own."""
     has_ref, ref_dir, ref_base = reference_of(row)
@@ -83,7 +87,7 @@ def row_models(row: Row, model_cfg: ModelConfig, shared: adapters.OneBase | None
 
 
 def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward: rewards.RewardModel, progress: bool,
-                 shared: adapters.OneBase | None = None, scorer_list: list[scorers.Scorer] = ()) -> list[dict]:
+                 shared: one_base.OneBase | None = None, scorer_list: list[scorers.Scorer] = ()) -> list[dict]:
     """Generate, score and measure one row; returns one record per (prompt, sample)."""
     e = recipe.eval
     model, tokenizer, reference = row_models(row, recipe.model, shared)
@@ -158,10 +162,10 @@ def markdown_table(summary: dict, baseline: str, names: list[str] = ()) -> str:
 
 def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None = None, prompts: str | None = None,
          out: str | Path | None = None, overwrite: bool = False, progress: bool = False,
-         one_base: bool = True) -> dict:
+         share_base: bool = True) -> dict:
     """Evaluate the recipe's (or the given) policies; returns the summary written to the run directory. With
-    ``one_base`` (and a reward model trained with an adapter) the base is loaded once and every row that shares it
-    is an adapter on it (``adapters.OneBase``); otherwise each model is a copy of its own."""
+    ``share_base`` (and a reward model trained with an adapter) the base is loaded once and every row that shares it
+    is an adapter on it (``one_base.OneBase``); otherwise each model is a copy of its own."""
     e = recipe.eval
     scorer_list = scorers.load_all(e.scorers, f"{recipe.source}: eval.scorers")
     names = [s.name for s in scorer_list]
@@ -175,7 +179,7 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
     if not rows:
         raise UserError(f"{recipe.source}: nothing to evaluate (eval.policies is empty and eval.icl_shots is 0)")
     demos = icl_demos(recipe)
-    reward_dir, reward_model, shared = reward_for(recipe, reward, one_base, progress)
+    reward_dir, reward_model, shared = reward_for(recipe, reward, share_base, progress)
     dropped, prompt_rows = fitting_prompts(recipe, prompt_rows, source, reward_model)
     # with many processes every one evaluates everything (the same numbers) and the main one writes
     with Run(Path(out) if out else recipe.stage_dir("eval"), "eval", overwrite=overwrite) as run:
@@ -221,8 +225,8 @@ def icl_demos(recipe: Recipe) -> list:
     return demos
 
 
-def reward_for(recipe: Recipe, reward: str | None, one_base: bool, progress: bool = False
-               ) -> tuple[Path, rewards.RewardModel, adapters.OneBase | None]:
+def reward_for(recipe: Recipe, reward: str | None, share_base: bool, progress: bool = False
+               ) -> tuple[Path, rewards.RewardModel, one_base.OneBase | None]:
     """The reward model every row is scored with: ``(its run directory or id, the model, the shared base when
     rows are adapters on the reward model's base)``. A run's reward model scores every response within its
     positions (eval reports a reward for every row, whatever the run's rm.max_length)."""
@@ -230,8 +234,8 @@ def reward_for(recipe: Recipe, reward: str | None, one_base: bool, progress: boo
     batch = recipe.eval.batch_size
     if reward and not rewards.is_run(reward):  # a published reward model: its own tokenizer and template
         return reward_dir, rewards.load(reward, batch_size=batch), None
-    if one_base and method_table.kind(modeling.read_run(reward_dir, "reward model").method) == "peft":
-        shared = adapters.OneBase(reward_dir)
+    if share_base and method_table.kind(modeling.read_run(reward_dir, "reward model").method) == "peft":
+        shared = one_base.OneBase(reward_dir)
         return reward_dir, rewards.RunReward(reward_dir, shared.reward, shared.reward_tokenizer, batch_size=batch,
                                              max_length=None, progress=progress), shared
     return reward_dir, rewards.RunReward(reward_dir, batch_size=batch, max_length=None, progress=progress), None

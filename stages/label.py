@@ -1,9 +1,9 @@
 """Label: rank each prompt's candidate responses (``rlhf sample --num-samples K``) with a scorer, a reward model or
 an LLM judge.
 
-The middle of InstructGPT's reward-model step, done by a machine: a scorer (``rlhf/scorers.py``: the tiny world's
-gold scorer plays a simulated annotator) or a reward model (``rlhf/rewards.py``) scores every candidate, and the
-scores order them; an LLM judge (``judge:MODEL``, ``rlhf/judge.py``: AI feedback, RLAIF) compares each prompt's
+The middle of InstructGPT's reward-model step, done by a machine: a scorer (``rlhf/feedback/scorers.py``: the tiny world's
+gold scorer plays a simulated annotator) or a reward model (``rlhf/feedback/rewards.py``) scores every candidate, and the
+scores order them; an LLM judge (``judge:MODEL``, ``rlhf/feedback/judge.py``: AI feedback, RLAIF) compares each prompt's
 candidates pair by pair, in both orders, and a candidate's score is its mean probability of beating the others.
 A person ranking by hand writes the same kind of row:
 
@@ -25,10 +25,11 @@ import random
 import sys
 from pathlib import Path
 
-from rlhf import formats, scorers
+from rlhf.feedback import scorers
+from rlhf.text import formats
 from rlhf.errors import UserError
-from rlhf.formats import duplicates, ranks_from_scores
-from rlhf.labelpage.server import LabelApp, make_server
+from rlhf.text.formats import duplicates, ranks_from_scores
+from rlhf.feedback.labelpage.server import LabelApp, make_server
 
 
 def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, overwrite: bool = False) -> dict:
@@ -41,7 +42,7 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
     if not (math.isfinite(noise) and noise >= 0):
         raise UserError(f"--noise must be a finite number, 0 or more, got {noise}")
     rows = formats.load(candidates, "candidates").rows
-    score = scorers.load(by, "--by")  # a scorer spec, a reward model (rlhf.rewards) or a judge (rlhf.judge)
+    score = scorers.load(by, "--by")  # a scorer spec, a reward model (rlhf.feedback.rewards) or a judge (rlhf.feedback.judge)
     rank = getattr(score.fn, "rank", None)  # a judge compares each prompt's candidates, pair by pair
     if rank is not None:
         values = [v for r in rows for v in rank(r["prompt"], [t.strip() for t in r["responses"]])]
@@ -124,7 +125,7 @@ def serve(candidates: str, out: str, annotator: str, host: str = "127.0.0.1", po
 
 def agreement_report(rankings: str) -> dict:
     """``labelpage.store.agreement`` of a rankings file."""
-    from rlhf.labelpage.store import LabelStore, agreement, answer_key
+    from rlhf.feedback.labelpage.store import LabelStore, agreement, answer_key
 
     if not Path(rankings).is_file():
         raise UserError(f"{rankings}: file not found")

@@ -11,8 +11,8 @@ one base) and ``start`` what it changes (optimizer, KL controller, data order: a
     loss term when ``ppo.kl_in`` says so)
   5 KL controller, metrics, periodic evaluation and checkpoints (``log_step``, ``save_checkpoint``)
 and ``finish`` saves the policy adapter (plus the value adapter and head with a critic), metrics and the manifest.
-The rollout's container, its advantages and the update (steps 3-4) live in ``rlhf.ppo_update``, the maths in
-``rlhf.ppo_math``; which adapter a forward pass uses lives in ``rlhf.ppo_models``.
+The rollout's container, its advantages and the update (steps 3-4) live in ``rlhf.ppo.ppo_update``, the maths in
+``rlhf.ppo.ppo_math``; which adapter a forward pass uses lives in ``rlhf.ppo.ppo_models``.
 """
 
 from __future__ import annotations
@@ -27,18 +27,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import (distributed, encoding, formats, method_table, modeling, ppo_math, ppo_models, precision, preempt,
-                  resume, rewards, scorers)
-from rlhf.rundir import Run
+from rlhf.feedback import rewards, scorers
+from rlhf.models import method_table, modeling
+from rlhf.ppo import ppo_math, ppo_models, precision
+from rlhf.runs import preempt, resume
+from rlhf.scale import distributed
+from rlhf.text import encoding, formats
+from rlhf.runs.rundir import Run
 from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
 from rlhf.errors import TrainingStopped, UserError
-from rlhf.ppo_math import predicting
-from rlhf.ppo_models import PPOModels
-from rlhf.ppo_update import (Rollout, advantages, guard_nonfinite, ppo_epochs, probe_pass, replace_rows,
+from rlhf.ppo.ppo_math import predicting
+from rlhf.ppo.ppo_models import PPOModels
+from rlhf.ppo.ppo_update import (Rollout, advantages, guard_nonfinite, ppo_epochs, probe_pass, replace_rows,
                              response_logits)
-from rlhf.encoding import left_pad
-from rlhf.rollout import episode_keys
-from rlhf.training import show_progress
+from rlhf.text.encoding import left_pad
+from rlhf.engine.rollout import episode_keys
+from rlhf.models.training import show_progress
 
 ROLES = {True: ("policy", "value"), False: ("policy",)}
 """the trained parameters, with a critic (ppo.advantage gae: the value adapter and head, or the shared critic's

@@ -6,7 +6,7 @@ with them) -> save.
 
 Pairs train with TRL's own collator and Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected [- margin])``.
 Rankings of K responses per prompt train, by default (``rm.comparisons: grouped``), with the InstructGPT loss
-(``rlhf/ranking.py``): one batch element is one prompt's K responses, all C(K,2) comparisons, K forward passes.
+(``rlhf/feedback/ranking.py``): one batch element is one prompt's K responses, all C(K,2) comparisons, K forward passes.
 That is the same RewardTrainer with two pieces replaced (``RankingCollator`` and ``RankingRewardTrainer.
 compute_loss``), so checkpoints, resume, logging and evaluation stay TRL's. ``rm.comparisons: shuffled`` trains
 the same comparisons as independent pairs instead (the setting InstructGPT found to overfit).
@@ -22,8 +22,11 @@ from pathlib import Path
 
 import torch
 
-from rlhf import distributed, encoding, formats, method_table, methods, modeling, ranking, rewards, training
-from rlhf.rundir import Run
+from rlhf.feedback import ranking, rewards
+from rlhf.models import method_table, methods, modeling, training
+from rlhf.scale import distributed
+from rlhf.text import encoding, formats
+from rlhf.runs.rundir import Run
 from rlhf.config import Recipe
 from rlhf.names import run_name
 
@@ -307,7 +310,7 @@ def score(reward: str, data_path: str, out: str | None = None, on_bad_row: str =
         else:
             rows.append({**r, "scores": these})
     if out:
-        from rlhf.rundir import write_jsonl
+        from rlhf.runs.rundir import write_jsonl
 
         write_jsonl(out, rows)  # atomically: an interrupted score never leaves half a file
     return {**ranking_metrics(scores, encoded), "dropped_too_long": encoded.dropped}

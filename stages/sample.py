@@ -27,8 +27,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf import encoding, formats, modeling, rollout, scorers
-from rlhf.formats import duplicates
+from rlhf.engine import rollout
+from rlhf.feedback import scorers
+from rlhf.models import modeling
+from rlhf.text import encoding, formats
+from rlhf.text.formats import duplicates
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 from rlhf.names import run_name

@@ -1,7 +1,7 @@
 """SFT: supervised instruction tuning on demonstrations, with the loss on response tokens only.
 
 setup (data, tokenizer, base + adapter) -> TRL's SFTTrainer -> save adapter, tokenizer, metrics and manifest.
-Every data format becomes conversational ``{prompt, completion}`` rows (see ``rlhf.formats``), which TRL renders
+Every data format becomes conversational ``{prompt, completion}`` rows (see ``rlhf.text.formats``), which TRL renders
 with the tokenizer's chat template and masks so that only the completion tokens carry loss.
 """
 
@@ -10,8 +10,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rlhf import distributed, formats, method_table, modeling, training
-from rlhf.rundir import Run
+from rlhf.models import method_table, modeling, training
+from rlhf.scale import distributed
+from rlhf.text import formats
+from rlhf.runs.rundir import Run
 from rlhf.config import Recipe
 from rlhf.errors import UserError
 

@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
-# the suite's own cache of machine measurements (mixed_precision: auto's bf16 speed, rlhf/precision.py): measured
+# the suite's own cache of machine measurements (mixed_precision: auto's bf16 speed, rlhf/ppo/precision.py): measured
 # once by the first PPO run, so every test (and every process it starts) decides the same way, and the user's
 # cache is left alone
 os.environ.setdefault("RLHF_CACHE_DIR", tempfile.mkdtemp(prefix="rlhf-test-cache-"))

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from rlhf import allocator
+from rlhf.scale import allocator
 from rlhf.errors import UserError
 
 pytestmark = [pytest.mark.fast, pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")]
@@ -56,7 +56,7 @@ def _fake_library(tmp_path, name: str) -> str:
 
 
 def _allocator_of_a_process(env: dict) -> str:
-    code = "from rlhf import allocator; print(allocator.current())"
+    code = "from rlhf.scale import allocator; print(allocator.current())"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           check=True)
     return proc.stdout.strip()
@@ -73,11 +73,11 @@ def test_an_explicit_library_is_what_the_reexecuted_command_runs_on(tmp_path):
     """``RLHF_ALLOCATOR=PATH``: the command re-executes itself with that library mapped into the process."""
     lib = _fake_library(tmp_path, "libjemalloc.so.2")
     env = {**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, allocator.ENV: lib}
-    code = "from rlhf import allocator; allocator.reexec_with_preload(['--probe']); print('not re-executed')"
+    code = "from rlhf.scale import allocator; allocator.reexec_with_preload(['--probe']); print('not re-executed')"
     # the re-execution runs `python -m rlhf.cli --probe`: here a cli that prints what the new process runs on
     probe = tmp_path / "probe"
     (probe / "rlhf").mkdir(parents=True)
-    (probe / "rlhf" / "cli.py").write_text("from rlhf import allocator\nprint(allocator.current())\n")
+    (probe / "rlhf" / "cli.py").write_text("from rlhf.scale import allocator\nprint(allocator.current())\n")
     (probe / "rlhf" / "__init__.py").write_text(
         f"__path__.append({str(ROOT / 'rlhf')!r})\n")  # the package's own modules beside that cli
     proc = subprocess.run([sys.executable, "-c", code], cwd=probe, env=env, capture_output=True, text=True)

@@ -33,7 +33,8 @@ def recipe_set(stage: str, *assignments: str):
 def another_base(ctx):
     """An SFT run whose manifest names a base of another shape than its adapter was made for."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from rlhf import modeling, provenance
+    from rlhf.models import modeling
+    from rlhf.runs import provenance
 
     other = ctx.tmp / "other-base"
     tok = modeling.load_tokenizer(modeling.ModelConfig(base=str(ROOT / "data" / "tiny-base")))

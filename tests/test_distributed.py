@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FLAT_WHEN_EVEN, ROOT, ran, refused, run_cli, write_recipe
-from rlhf import distributed, launch, ppo_math
-from rlhf.rollout import episode_keys, gumbel_max, hash_uniform
+from rlhf.ppo import ppo_math
+from rlhf.scale import distributed, launch
+from rlhf.engine.rollout import episode_keys, gumbel_max, hash_uniform
 
 CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 # Two processes sum their gradients in another order than one process does; fp32 rounding stays far below this

@@ -145,7 +145,7 @@ def test_the_reference_adapter_is_an_exact_copy_of_the_sft_adapter(method):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rlhf import methods
+    from rlhf.models import methods
     from rlhf.config import AdapterConfig
     from stages.dpo import copy_reference_adapter
 
@@ -181,7 +181,7 @@ def test_disable_dropout_reaches_functional_dropout():
     train mode two passes differ until modeling.disable_dropout zeroes them; the config keeps its rates."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from rlhf import modeling
+    from rlhf.models import modeling
 
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=32, ffn_dim=64, num_hidden_layers=2,

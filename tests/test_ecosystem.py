@@ -8,7 +8,10 @@ import json
 import torch
 
 from conftest import refused, run_cli
-from rlhf import encoding, formats, modeling, rewards, rollout
+from rlhf.engine import rollout
+from rlhf.feedback import rewards
+from rlhf.models import modeling
+from rlhf.text import encoding, formats
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -167,7 +170,7 @@ def test_progress_bars_on_a_terminal_and_lines_in_logs(parents, ppo_run):
 def test_a_manifest_never_holds_numbers_json_cannot_read(tmp_path):
     """NaN and infinity (a kept speed-up, a metric) are written as null: Python wrote `Infinity`, which most JSON
     readers refuse."""
-    from rlhf.rundir import write_json
+    from rlhf.runs.rundir import write_json
 
     write_json(tmp_path / "m.json", {"bf16_speedup": float("inf"), "metrics": {"loss": float("nan"), "ok": 1.5},
                                      "list": [float("-inf"), 2]})

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, refused, run_cli
 from rlhf import report
-from rlhf.encoding import icl_prompts
+from rlhf.text.encoding import icl_prompts
 
 
 def test_win_rate_counts_ties_half():
@@ -92,7 +92,7 @@ def _records(out):
 def test_eval_on_one_base_gives_the_numbers_of_separate_copies(parents, ppo_run, tmp_path, monkeypatch):
     """Rows that share the reward model's base are adapters on one copy of it: the base is loaded once instead of
     once per model, and every response, reward and gold score is what separate copies give."""
-    from rlhf import modeling
+    from rlhf.models import modeling
     from rlhf.config import load_recipe
     from stages import evaluate
 
@@ -102,11 +102,11 @@ def test_eval_on_one_base_gives_the_numbers_of_separate_copies(parents, ppo_run,
     original = modeling.load_base
     monkeypatch.setattr(modeling, "load_base", lambda *a, **k: loads.append(1) or original(*a, **k))
     results = {}
-    for one_base in (True, False):
+    for share in (True, False):
         loads.clear()
         evaluate.main(recipe, policies=["base", str(runs / "sft"), str(ppo_run[0])], reward=str(runs / "rm"),
-                      out=tmp_path / str(one_base), one_base=one_base)
-        results[one_base] = (_records(tmp_path / str(one_base)), len(loads))
+                      out=tmp_path / str(share), share_base=share)
+        results[share] = (_records(tmp_path / str(share)), len(loads))
     (shared, shared_loads), (separate, separate_loads) = results[True], results[False]
     assert shared_loads == 1 and separate_loads == 7  # reward, ICL base, base; sft + its base; ppo + its sft's base
     assert len(shared) == len(separate) == 4 * 8
@@ -126,7 +126,9 @@ def test_every_command_runs_its_models_where_it_placed_them(parents, ppo_run, tm
     and held-out evaluation, eval and sample; Hugging Face ``generate`` raises."""
     from click.testing import CliRunner
 
-    from rlhf import adapters, methods, modeling, rewards, rollout
+    from rlhf.engine import rollout
+    from rlhf.feedback import rewards
+    from rlhf.models import methods, modeling, one_base
     from rlhf.cli import cli
 
     recipe_path, runs = parents
@@ -141,7 +143,7 @@ def test_every_command_runs_its_models_where_it_placed_them(parents, ppo_run, tm
 
     def root(model):
         owner = getattr(model, "owner", None) or model.__dict__.get("_owner")
-        return methods.unwrap(owner.model if isinstance(owner, adapters.OneBase) else model)
+        return methods.unwrap(owner.model if isinstance(owner, one_base.OneBase) else model)
 
     used = []
 
@@ -180,7 +182,7 @@ def test_every_command_runs_its_models_where_it_placed_them(parents, ppo_run, tm
 
 
 def test_place_moves_every_loader_s_model_to_the_device_it_is_given(parents):
-    from rlhf import modeling
+    from rlhf.models import modeling
     from rlhf.config import ModelConfig
 
     _, runs = parents
@@ -194,7 +196,7 @@ def test_place_moves_every_loader_s_model_to_the_device_it_is_given(parents):
 
 
 def test_a_reward_model_that_scores_nan_stops_eval_with_one_line_naming_the_row(parents, tmp_path, monkeypatch):
-    from rlhf import rewards
+    from rlhf.feedback import rewards
     from rlhf.config import load_recipe
     from rlhf.errors import UserError
     from stages import evaluate

@@ -16,7 +16,10 @@ import yaml
 from click.testing import CliRunner
 
 from families import BY_NAME, FAMILIES, build, write_data
-from rlhf import encoding, formats, modeling, ppo_models, rewards
+from rlhf.feedback import rewards
+from rlhf.models import modeling
+from rlhf.ppo import ppo_models
+from rlhf.text import encoding, formats
 from rlhf.cli import cli
 from rlhf.config import ModelConfig
 from stages.rm import encode_rankings, trl_pairs
@@ -182,7 +185,7 @@ def test_a_limit_that_drops_most_rows_says_so_loudly(capsys):
 def test_what_a_family_cannot_do_is_a_clear_error_and_conv1d_takes_bottlenecks(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rlhf import methods
+    from rlhf.models import methods
     from rlhf.config import AdapterConfig
     from rlhf.errors import UserError
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import formats
+from rlhf.text import formats
 from rlhf.errors import UserError
 
 pytestmark = pytest.mark.fast  # the fast tier (make test-fast)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ran, write_recipe
-from rlhf import modeling
+from rlhf.models import modeling
 
 
 def test_full_pipeline_sft_rm_ppo_eval(tmp_path):

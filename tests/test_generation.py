@@ -11,9 +11,11 @@ import torch
 
 from conftest import ROOT
 from families import BY_NAME, FAMILIES, build
-from rlhf import encoding, modeling, rollout
+from rlhf.engine import rollout
+from rlhf.models import modeling
+from rlhf.text import encoding
 from rlhf.config import ModelConfig
-from rlhf.ppo_math import logprobs_from_logits
+from rlhf.ppo.ppo_math import logprobs_from_logits
 
 pytestmark = pytest.mark.fast
 
@@ -218,7 +220,7 @@ def test_prompt_learning_models_decode_from_their_training_forward(kind, tmp_pat
 def test_ids_the_tokenizer_does_not_have_are_never_drawn_and_take_no_probability():
     """The tiny base's embedding has 512 rows for a 430-token tokenizer: the engine draws only real ids, greedy or
     sampled, and its log-probs are renormalised over them, the same as PPO's scoring pass computes."""
-    from rlhf.ppo_math import entropy_from_logits, restrict_vocab
+    from rlhf.ppo.ppo_math import entropy_from_logits, restrict_vocab
 
     base = str(ROOT / "data" / "tiny-base")
     model = modeling.load_base(ModelConfig(base=base)).eval()
@@ -250,7 +252,7 @@ def test_ids_the_tokenizer_does_not_have_are_never_drawn_and_take_no_probability
 
 
 def test_restrict_vocab_by_hand():
-    from rlhf.ppo_math import entropy_from_logits, restrict_vocab
+    from rlhf.ppo.ppo_math import entropy_from_logits, restrict_vocab
 
     logits = torch.tensor([[1.0, 2.0, 9.0, 9.0]])  # ids 2 and 3 are past a 2-token tokenizer
     restricted = restrict_vocab(logits, 2)

@@ -1,4 +1,4 @@
-"""The LLM judge (``rlhf.judge``): random-initialised causal models of two families (Qwen2 with its chat template,
+"""The LLM judge (``rlhf.feedback.judge``): random-initialised causal models of two families (Qwen2 with its chat template,
 GPT-2 with the fallback one) judging through the real code paths. The mechanics are what is tested: each verdict
 is the answer tokens' probability in the judge's own forward, comparisons are asked in both orders, and the judge
 labels candidates and scores responses wherever a scorer goes."""
@@ -30,7 +30,7 @@ def _by_hand(path, question: str, words: tuple[str, str]) -> float:
     answer words' first tokens renormalised."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf import modeling
+    from rlhf.models import modeling
     from rlhf.config import ModelConfig
 
     tok = modeling.load_tokenizer(ModelConfig(base=str(path)))
@@ -46,7 +46,7 @@ def _by_hand(path, question: str, words: tuple[str, str]) -> float:
 @pytest.mark.fast
 @pytest.mark.parametrize("name", ["qwen2", "gpt2"])
 def test_a_grade_is_the_yes_probability_of_the_judge_s_own_forward(judges, name):
-    from rlhf.judge import GRADE_TEMPLATE, GRADE_WORDS, Judge, conversation_text
+    from rlhf.feedback.judge import GRADE_TEMPLATE, GRADE_WORDS, Judge, conversation_text
 
     judge = Judge(str(judges[name]), device="cpu", batch_size=2)  # batches of 2: left padding is exercised
     grades = judge(PROMPTS, RESPONSES)
@@ -60,7 +60,7 @@ def test_a_grade_is_the_yes_probability_of_the_judge_s_own_forward(judges, name)
 
 @pytest.mark.fast
 def test_comparisons_are_asked_in_both_orders_and_averaged(judges):
-    from rlhf.judge import COMPARE_TEMPLATE, COMPARE_WORDS, Judge, conversation_text
+    from rlhf.feedback.judge import COMPARE_TEMPLATE, COMPARE_WORDS, Judge, conversation_text
 
     judge = Judge(str(judges["qwen2"]), device="cpu")
     prompt, a, b = PROMPTS[0], "The answer is 5.", "5"
@@ -79,7 +79,7 @@ def test_comparisons_are_asked_in_both_orders_and_averaged(judges):
 @pytest.mark.fast
 @pytest.mark.parametrize("name", ["qwen2", "gpt2"])
 def test_the_judge_labels_candidates_through_the_cli(judges, name, tmp_path):
-    from rlhf.judge import Judge
+    from rlhf.feedback.judge import Judge
 
     candidates = tmp_path / "candidates.jsonl"
     rows = [{"prompt": p[-1]["content"], "responses": [r, r + " Indeed.", "I do not know."]}
@@ -98,9 +98,9 @@ def test_the_judge_labels_candidates_through_the_cli(judges, name, tmp_path):
 
 @pytest.mark.fast
 def test_a_judge_is_a_scorer_and_what_cannot_judge_is_refused(judges, tmp_path):
-    from rlhf import scorers
+    from rlhf.feedback import scorers
     from rlhf.errors import UserError
-    from rlhf.judge import Judge
+    from rlhf.feedback.judge import Judge
 
     scorer = scorers.load(f"judge:{judges['gpt2']}", "eval.scorers")
     assert scorer.name == "judge" and scorer(PROMPTS, RESPONSES) == pytest.approx(
@@ -117,8 +117,8 @@ def test_a_question_longer_than_the_judge_is_none_and_counted_not_a_stopped_run(
     """A response longer than the judge's positions: that grade is None ("cannot tell", counted), the others are
     judged as before; ranking a prompt with such a candidate leaves that prompt out of `rlhf label`, counted, and
     labels the rest (it stopped the run, naming neither the file nor the row)."""
-    from rlhf import modeling
-    from rlhf.judge import Judge
+    from rlhf.models import modeling
+    from rlhf.feedback.judge import Judge
 
     judge = Judge(str(judges["gpt2"]), device="cpu")
     positions = modeling.max_positions(judge.model.config)

@@ -11,9 +11,9 @@ import urllib.request
 
 import pytest
 
-from rlhf import formats
-from rlhf.labelpage import server as page
-from rlhf.labelpage.store import LabelStore, agreement, check_ranking, item_sha, kendall_tau_b, pair_agreement
+from rlhf.text import formats
+from rlhf.feedback.labelpage import server as page
+from rlhf.feedback.labelpage.store import LabelStore, agreement, check_ranking, item_sha, kendall_tau_b, pair_agreement
 from stages import label as stage
 
 pytestmark = pytest.mark.fast

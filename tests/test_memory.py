@@ -1,4 +1,4 @@
-"""The memory calculator (``rlhf memory``, rlhf/memory.py): byte counts by hand on the tiny base's shapes, the
+"""The memory calculator (``rlhf memory``, rlhf/scale/memory.py): byte counts by hand on the tiny base's shapes, the
 published shapes it ships for the docs' table, and the command's output and refusal."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import ROOT, ran, refused
-from rlhf import memory
+from rlhf.scale import memory
 
 pytestmark = pytest.mark.fast
 

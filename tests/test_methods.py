@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, ran, run_cli, write_recipe
-from rlhf import method_table, methods, modeling
+from rlhf.models import method_table, methods, modeling
 from rlhf.config import AdapterConfig, ModelConfig, load_recipe
 from rlhf.errors import UserError
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import write_recipe
-from rlhf import ppo_models
+from rlhf.ppo import ppo_models
 from rlhf.config import load_recipe
 from rlhf.errors import TrainingStopped
 

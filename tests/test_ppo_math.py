@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf import ppo_math as pm
+from rlhf.ppo import ppo_math as pm
 
 pytestmark = pytest.mark.fast  # the fast tier (make test-fast)
 

@@ -12,7 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FLAT_WHEN_EVEN, ROOT, ran, refused, run_cli
-from rlhf import allocator, encoding, formats, modeling, ppo_math, ppo_models, ppo_update, precision, rewards, rollout
+from rlhf.engine import rollout
+from rlhf.feedback import rewards
+from rlhf.models import modeling
+from rlhf.ppo import ppo_math, ppo_models, ppo_update, precision
+from rlhf.scale import allocator
+from rlhf.text import encoding, formats
 from rlhf.config import ModelConfig, load_recipe
 
 SMALL = ["ppo.max_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
@@ -73,7 +78,7 @@ def test_ppo_cli_moves_policy_and_value_only(parents, tmp_path, monkeypatch):
     # "auto": bf16 only where bf16 products measured fast enough on this CPU
     assert (m["mixed_precision"] == "bf16") == (m["bf16_speedup"] >= precision.BF16_MIN_SPEEDUP)
     assert m["repeatable"] is True  # PPO's passes gave the same bits twice here (tests/test_precision.py)
-    # tcmalloc preloaded where the system has it, unless turned off (rlhf/allocator.py)
+    # tcmalloc preloaded where the system has it, unless turned off (rlhf/scale/allocator.py)
     wanted = allocator.find_tcmalloc() and os.environ.get(allocator.ENV, "auto") != "system"
     assert m["allocator"] == ("tcmalloc" if wanted else "system")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -352,7 +357,7 @@ def test_a_resumed_run_keeps_the_precision_it_started_with(tmp_path):
     measurement, or it would not continue bit for bit."""
     from types import SimpleNamespace
 
-    from rlhf import resume
+    from rlhf.runs import resume
     from stages import ppo
 
     p = load_recipe(ROOT / "recipes" / "tiny.yaml").ppo

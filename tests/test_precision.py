@@ -1,4 +1,4 @@
-"""Which precision PPO runs in, and whether it repeats bit for bit (rlhf/precision.py): the bit comparison, the
+"""Which precision PPO runs in, and whether it repeats bit for bit (rlhf/ppo/precision.py): the bit comparison, the
 check that catches a pass reading memory it never wrote, PPO's own pass checked in fp32 and bf16, the per-machine
 speed measurement kept, "auto" falling back to fp32 where bf16 does not repeat, and two identical runs compared."""
 
@@ -12,10 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, ran
-from rlhf import encoding, modeling, ppo_models, precision
+from rlhf.models import modeling
+from rlhf.ppo import ppo_models, precision
+from rlhf.text import encoding
 from rlhf.config import AdapterConfig, ModelConfig, load_recipe
-from rlhf.ppo_update import probe_pass
-from rlhf.encoding import left_pad
+from rlhf.ppo.ppo_update import probe_pass
+from rlhf.text.encoding import left_pad
 
 CPU = torch.device("cpu")
 SMALL = ["ppo.max_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=4",

@@ -14,7 +14,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, TINY, ran, refused
-from rlhf import modeling, provenance
+from rlhf.models import modeling
+from rlhf.runs import provenance
 
 
 def _checkout(where: Path, perturb: float = 0.0) -> Path:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf.ranking import ranking_accuracy, ranking_loss, ranking_pairs
+from rlhf.feedback.ranking import ranking_accuracy, ranking_loss, ranking_pairs
 
 pytestmark = pytest.mark.fast
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from rlhf import formats
+from rlhf.text import formats
 from rlhf.errors import UserError
 
 pytestmark = pytest.mark.fast

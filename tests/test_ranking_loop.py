@@ -11,8 +11,10 @@ import torch
 from click.testing import CliRunner
 
 from conftest import ROOT, ran, refused, run_cli
-from rlhf import formats, modeling, ranking, rewards
-from rlhf.formats import ranks_from_scores
+from rlhf.feedback import ranking, rewards
+from rlhf.models import modeling
+from rlhf.text import formats
+from rlhf.text.formats import ranks_from_scores
 from rlhf.cli import cli
 from stages import rm as rm_stage
 from stages import sample as sample_stage

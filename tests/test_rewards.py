@@ -1,4 +1,4 @@
-"""Reward models through one interface (``rlhf.rewards``): published ones (small random-initialised
+"""Reward models through one interface (``rlhf.feedback.rewards``): published ones (small random-initialised
 sequence-classification models of two families with other vocabularies than the tiny base's: Qwen2 with a chat
 template and a pad token, GPT-2 with neither) used for eval, PPO and labelling, each score equal to the model's own
 forward on the text as its authors' code would encode it; and this project's reward-model runs, whose every
@@ -61,7 +61,7 @@ def _authors_score(path: Path, prompt, response) -> float:
 @pytest.mark.fast
 @pytest.mark.parametrize("name", ["qwen2", "gpt2"])
 def test_scores_equal_the_models_own_forward(published, name):
-    from rlhf.rewards import PublishedReward
+    from rlhf.feedback.rewards import PublishedReward
 
     rm = PublishedReward(str(published[name]), device="cpu", batch_size=8)
     assert rm.pad_token_id == (None if name == "gpt2" else rm.tokenizer.pad_token_id)  # gpt2: one at a time
@@ -77,7 +77,7 @@ def test_a_conversation_longer_than_a_published_model_keeps_its_response(publish
     """Past the model's positions the conversation is cut from the left: the response, which is scored, stays,
     and the score is the model's own forward on the kept tail (behind the leading special token, if any). It was
     cut from the right: the response went and the prompt was scored, silently. Counted and said."""
-    from rlhf.rewards import PublishedReward
+    from rlhf.feedback.rewards import PublishedReward
 
     rm = PublishedReward(str(published[name]), device="cpu")
     long_prompt = [{"role": "user", "content": "Tell me about this: " + "blah " * (2 * rm.positions)}]
@@ -93,7 +93,7 @@ def test_a_conversation_longer_than_a_published_model_keeps_its_response(publish
 @pytest.mark.fast
 def test_what_is_not_a_reward_model_is_refused(published, tmp_path):
     from rlhf.errors import UserError
-    from rlhf.rewards import check
+    from rlhf.feedback.rewards import check
 
     causal = build(BY_NAME["qwen2"], tmp_path / "causal")
     with pytest.raises(UserError, match="is a causal language model, not a reward model"):
@@ -113,7 +113,7 @@ def test_what_is_not_a_reward_model_is_refused(published, tmp_path):
 
 
 def test_eval_ppo_and_labelling_with_a_published_reward_model(published, parents, tmp_path):
-    from rlhf.rewards import PublishedReward
+    from rlhf.feedback.rewards import PublishedReward
 
     recipe, runs = parents
     rm_dir = str(published["qwen2"])
@@ -159,7 +159,9 @@ def test_every_spelling_and_form_of_a_run_scores_as_the_run_s_own_model(parents)
     """A reward-model run read by ``rewards.load`` (as eval's ``--reward``), as a scorer (``rm:RUN`` or the bare
     directory, as ``rlhf label --by``) and in PPO's token form gives the scores of the run's own model and its
     stored statistics; a response longer than the run's rm.max_length gets None (it never learnt to read one)."""
-    from rlhf import encoding, modeling, rewards, scorers
+    from rlhf.feedback import rewards, scorers
+    from rlhf.models import modeling
+    from rlhf.text import encoding
 
     _, runs = parents
     prompts, responses = [p for p, _ in CONVERSATIONS], [r for _, r in CONVERSATIONS]
@@ -187,7 +189,7 @@ def test_every_spelling_and_form_of_a_run_scores_as_the_run_s_own_model(parents)
 
 @pytest.mark.fast
 def test_a_published_model_s_statistics_are_measured_once_and_kept(published):
-    from rlhf.rewards import PublishedReward
+    from rlhf.feedback.rewards import PublishedReward
 
     rm = PublishedReward(str(published["gpt2"]), device="cpu")
     assert rm.stats is None

@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, refused, run_cli, write_recipe
-from rlhf import formats, modeling, rewards
+from rlhf.feedback import rewards
+from rlhf.models import modeling
+from rlhf.text import formats
 from rlhf.config import ModelConfig
 
 HELDOUT = ROOT / "data" / "tiny" / "heldout_preference.jsonl"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf import rollout
-from rlhf.rollout import UNIFORM_BITS, episode_keys, gumbel_max, gumbel_noise, hash_uniform, uniform_from_bits
+from rlhf.engine import rollout
+from rlhf.engine.rollout import UNIFORM_BITS, episode_keys, gumbel_max, gumbel_noise, hash_uniform, uniform_from_bits
 
 
 @pytest.mark.fast

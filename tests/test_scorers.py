@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from rlhf import ppo_math, scorers
+from rlhf.feedback import scorers
+from rlhf.ppo import ppo_math
 from rlhf.config import load_recipe
 from rlhf.errors import UserError
 
@@ -165,7 +166,7 @@ def test_label_refuses_a_reward_model_that_scores_non_finite(tmp_path, monkeypat
     candidates = tmp_path / "c.jsonl"
     candidates.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "responses": ["a b", "c d"]}) + "\n"
                                   for i in range(3)))
-    from rlhf import rewards
+    from rlhf.feedback import rewards
 
     (tmp_path / "rm").mkdir()
     monkeypatch.setattr(rewards, "load", lambda spec: lambda prompts, responses: [0.5, 0.1, 0.2, bad, 0.3, 0.4])

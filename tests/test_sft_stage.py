@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, ran, refused, run_cli, write_recipe
-from rlhf import formats, modeling
+from rlhf.models import modeling
+from rlhf.text import formats
 from rlhf.config import load_recipe
 
 FEW = ("--set", "sft.max_steps=4", "--set", "sft.eval_every=2", "--set", "sft.logging_every=1")

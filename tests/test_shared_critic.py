@@ -13,7 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import ROOT, ran
-from rlhf import encoding, formats, methods, modeling, ppo_math, ppo_models, ppo_update, rollout
+from rlhf.engine import rollout
+from rlhf.models import methods, modeling
+from rlhf.ppo import ppo_math, ppo_models, ppo_update
+from rlhf.text import encoding, formats
 from rlhf.config import ModelConfig, load_recipe
 
 CFG = ModelConfig(base=str(ROOT / "data" / "tiny-base"))

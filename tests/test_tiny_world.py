@@ -97,7 +97,7 @@ def test_preference_pairs_are_ranked_by_gold():
 def test_untrained_rows_by_hand():
     import torch
 
-    from rlhf.modeling import untrained_rows
+    from rlhf.models.modeling import untrained_rows
 
     g = torch.Generator().manual_seed(0)
     trained = torch.randn(8, 16, generator=g)
@@ -119,7 +119,7 @@ def test_untrained_rows_are_reinitialised_the_same_way_at_every_load(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from rlhf import modeling
+    from rlhf.models import modeling
     from rlhf.config import ModelConfig
 
     shipped = ROOT / "data" / "tiny-base"
@@ -158,7 +158,7 @@ def test_a_base_whose_chat_markers_were_never_trained(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from families import BY_NAME, build
-    from rlhf import modeling
+    from rlhf.models import modeling
     from rlhf.config import ModelConfig
 
     base = build(BY_NAME["llama3"], tmp_path / "llama3-base")

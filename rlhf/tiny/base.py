@@ -133,9 +133,9 @@ def build_base(out_dir: str | Path, minutes: float = 8.0, seed: int = 0, log=pri
     log(f"tokenizer: {len(tokenizer)} tokens; model: {n_params / 1e6:.2f}M parameters")
     stats = pretrain(model, tokenizer, minutes, seed, log=log)
     # pretraining never sees the chat markers, most bytes or the padding rows: they stay in one cluster that
-    # adapters cannot move; the shipped base has them re-initialised (rlhf.modeling.reinit_untrained_rows), so
+    # adapters cannot move; the shipped base has them re-initialised (rlhf.models.modeling.reinit_untrained_rows), so
     # that plain peft and every loader see the same base
-    from rlhf.modeling import reinit_untrained_rows
+    from rlhf.models.modeling import reinit_untrained_rows
 
     reinitialised = len(reinit_untrained_rows(model, len(tokenizer)))
     stats.update(parameters=n_params, vocab=len(tokenizer), seed=seed, shape=MODEL_SHAPE,

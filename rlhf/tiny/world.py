@@ -169,7 +169,7 @@ def score(prompt: str, response: str) -> float:
 
 
 def _batched(part):
-    """A scorer (``rlhf.scorers``) from one measure of ``gold_parts``: None for prompts from elsewhere."""
+    """A scorer (``rlhf.feedback.scorers``) from one measure of ``gold_parts``: None for prompts from elsewhere."""
     def scorer(prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
         out = []
         for messages, response in zip(prompts, responses):

@@ -85,7 +85,8 @@ def parents(work: Path, recipe: Path) -> dict[str, Path]:
             run(RLHF + ["export", str(src), "--merge", "--out", str(merged[name]), "--overwrite"])
     ids = work / "prompt_ids.json"
     if not ids.exists():
-        from rlhf import encoding, formats, modeling
+        from rlhf.models import modeling
+        from rlhf.text import encoding, formats
         from rlhf.config import load_recipe
 
         r = load_recipe(str(recipe))
@@ -137,13 +138,13 @@ def import_floor(python: str, modules: str) -> float:
 def runs_to_compare() -> dict[str, dict]:
     """The PPO runs of the comparison: which side, with which environment (and TRL's bf16 switch). Without
     tcmalloc on the system, ours runs on glibc's malloc only and TRL is not rerun under tcmalloc."""
-    from rlhf import allocator
+    from rlhf.scale import allocator
 
     tcmalloc = allocator.find_tcmalloc()
     configs = {"ours": {"side": "ours", "env": {}},
                "trl": {"side": "trl", "env": {}},
                "trl_bf16": {"side": "trl", "env": {}, "bf16": True},
-               # what "auto" falls back to where bf16 does not repeat bit for bit (rlhf/precision.py)
+               # what "auto" falls back to where bf16 does not repeat bit for bit (rlhf/ppo/precision.py)
                "ours_fp32": {"side": "ours", "env": {}, "sets": ("ppo.mixed_precision=no",)},
                # GAE with the value head on the policy's hidden state: one forward and backward per mini-batch
                "ours_shared": {"side": "ours", "env": {}, "sets": ("ppo.critic=shared",)}}
@@ -272,7 +273,10 @@ def generation(p: dict, work: Path, batches: list[int], tokens: int = 64, repeat
     CPU's measured fp32 matmul peak."""
     import torch
 
-    from rlhf import encoding, formats, modeling, ppo_models, precision, rollout
+    from rlhf.engine import rollout
+    from rlhf.models import modeling
+    from rlhf.ppo import ppo_models, precision
+    from rlhf.text import encoding, formats
     from rlhf.config import ModelConfig
 
     manifest = json.loads((p["sft"] / "manifest.json").read_text())
@@ -346,7 +350,8 @@ def update_profile(p: dict, batch: int = 32, length: int = 70, keep: int = 65, r
     (``torch.compile``, regional), its compile time included separately."""
     import torch
 
-    from rlhf import methods, ppo_models
+    from rlhf.models import methods
+    from rlhf.ppo import ppo_models
     from rlhf.config import ModelConfig
 
     manifest = json.loads((p["sft"] / "manifest.json").read_text())
@@ -468,7 +473,7 @@ def pipeline(recipe: Path, work: Path) -> dict:
 def machine() -> dict:
     import torch
 
-    from rlhf import allocator
+    from rlhf.scale import allocator
 
     cpu, flags = "", []
     if Path("/proc/cpuinfo").exists():

@@ -7,7 +7,7 @@ is installed. Then PPO runs at batch 64 with 128-token responses, and the check 
 episodes/s, the time of each phase (generation, scoring, update), peak GPU memory, and at step 1 the
 policy-reference KL and the first mini-batch's probability ratio: ~0 and ~1 when the sampling pass and the
 training pass compute the same log-probs. It also says whether PPO repeats bit for bit on the device: the run's own
-check (``rlhf.precision.repeats``, the manifest's ``repeatable``) and the pipeline's PPO run a second time, its
+check (``rlhf.ppo.precision.repeats``, the manifest's ``repeatable``) and the pipeline's PPO run a second time, its
 adapter compared with the first's. One table on stdout; gpu_check.json and gpu_check.md in --out.
 
 ``--tiny`` runs the same code on the CPU with a 2-layer model of the same family and small batches (the test suite
@@ -168,7 +168,10 @@ def decode_latency(work: Path, method: str, tokens: int, batches: tuple[int, ...
     launches and Python, not by arithmetic or memory."""
     import torch
 
-    from rlhf import encoding, modeling, ppo_models, rollout
+    from rlhf.engine import rollout
+    from rlhf.models import modeling
+    from rlhf.ppo import ppo_models
+    from rlhf.text import encoding
     from rlhf.config import ModelConfig
 
     runs = work / "runs" / method

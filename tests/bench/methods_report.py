@@ -61,7 +61,9 @@ def run_one(recipe_path: str, method: str, overrides: list[str], out: Path, limi
 
     from bench import own_peak_mb  # this directory: the script's own
 
-    from rlhf import formats, modeling, rollout
+    from rlhf.engine import rollout
+    from rlhf.models import modeling
+    from rlhf.text import formats
     from rlhf.config import load_recipe
     from rlhf.tiny import world
     from stages import sft

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.encoding import left_pad
+from rlhf.text.encoding import left_pad
 
 
 @dataclass
@@ -68,8 +68,8 @@ def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: li
                       batch_size: int = 32) -> list[torch.Tensor]:
     """Log-probabilities of each response's tokens under ``model`` (temperature 1, over the tokenizer's ids as the
     engine samples), one tensor per response."""
-    from rlhf.encoding import position_ids
-    from rlhf.ppo_math import logprobs_from_logits, restrict_vocab
+    from rlhf.text.encoding import position_ids
+    from rlhf.ppo.ppo_math import logprobs_from_logits, restrict_vocab
 
     rendered = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_prompts(tokenizer, prompts)]
     out = []
@@ -150,7 +150,7 @@ def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
 
 def _forward_owner(model):
     """The module whose ``forward`` a generation call reaches (a view of a shared base names it ``wrapped``)."""
-    from rlhf.modeling import unwrap
+    from rlhf.models.modeling import unwrap
 
     return unwrap(getattr(model, "wrapped", model))
 
@@ -231,8 +231,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     """
     from transformers import DynamicCache, StaticCache
 
-    from rlhf.encoding import position_ids
-    from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits, restrict_vocab
+    from rlhf.text.encoding import position_ids
+    from rlhf.ppo.ppo_math import entropy_from_logits, logprobs_from_logits, restrict_vocab
 
     device = input_ids.device
     batch, prompt = input_ids.shape

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf import method_table, methods, modeling
+from rlhf.models import method_table, methods, modeling
 from rlhf.config import ModelConfig
 
 SAME_BASE_KEYS = ("dtype", "quantization", "revision", "untrained_rows")
@@ -149,7 +149,7 @@ class _RewardView(nn.Module):
 
 
 def _score_head(run_dir: Path, dtype: torch.dtype) -> nn.Linear:
-    from rlhf.ppo_models import linear_head, score_head_weights
+    from rlhf.ppo.ppo_models import linear_head, score_head_weights
 
     return linear_head(score_head_weights(run_dir), dtype).requires_grad_(False)
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from rlhf.rundir import fsync_dir, fsync_tree
+from rlhf.runs.rundir import fsync_dir, fsync_tree
 
 
 def optimizer_state(optimizer) -> tuple[dict, dict]:
     """An optimizer's state as flat tensors plus JSON-able metadata (param groups and which keys exist). The state
     of sharded parameters (FSDP2's DTensors) is gathered whole: every process calls this, and the checkpoint is
     the same whatever the number of processes."""
-    from rlhf.distributed import whole
+    from rlhf.scale.distributed import whole
 
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -35,7 +35,7 @@ def optimizer_state(optimizer) -> tuple[dict, dict]:
 
 def load_optimizer_state(optimizer, tensors: dict, meta: dict) -> None:
     """The state ``optimizer_state`` wrote; a sharded parameter's state is split as the parameter is."""
-    from rlhf.distributed import shard_like
+    from rlhf.scale.distributed import shard_like
 
     params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's indices
     state: dict = {}

@@ -14,9 +14,9 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from rlhf import formats
+from rlhf.text import formats
 from rlhf.errors import UserError
-from rlhf.labelpage.store import AlreadyAnswered, LabelStore, item_sha
+from rlhf.feedback.labelpage.store import AlreadyAnswered, LabelStore, item_sha
 
 MAX_BODY = 16 * 1024
 """bytes a request body may hold (an answer is a few dozen)"""
@@ -51,7 +51,7 @@ class LabelApp:
 
     def __init__(self, candidates: str, out: str, annotator: str, overlap: int | None = None,
                  suggest: str | None = None):
-        from rlhf import scorers
+        from rlhf.feedback import scorers
 
         self.annotator = _check_annotator(annotator)
         if overlap is not None and overlap < 1:

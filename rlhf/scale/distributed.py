@@ -2,7 +2,7 @@
 the command that launched it.
 
 A stage runs the same way in one process or in many. ``rlhf <stage> --num-processes N`` (or
-``--accelerate-config FILE``) re-runs the same command under ``accelerate launch`` (``rlhf.launch``);
+``--accelerate-config FILE``) re-runs the same command under ``accelerate launch`` (``rlhf.scale.launch``);
 ``accelerate launch -m rlhf.cli <stage> ...`` works directly too. Inside, every process holds a full copy of the data order and of the
 recipe; the trainer stages let transformers' Trainer (through accelerate) split batches and all-reduce
 gradients, the PPO stage does both itself with the helpers below. Only the main process writes.
@@ -395,7 +395,7 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Inside a launched process (the launching command is rlhf/launch.py)
+# Inside a launched process (the launching command is rlhf/scale/launch.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 def stderr_is_terminal() -> bool:

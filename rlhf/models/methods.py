@@ -11,7 +11,7 @@ Three kinds of method:
 - **weights** (bitfit, freeze, full): a subset of the base's own weights trains (biases, the top blocks, or all);
   saved as a plain Hugging Face model directory.
 
-Which stage supports which method is the table ``rlhf.method_table.METHODS`` (plain data without torch,
+Which stage supports which method is the table ``rlhf.models.method_table.METHODS`` (plain data without torch,
 re-exported here); ``rlhf methods`` prints it and the recipe check enforces it.
 """
 
@@ -30,7 +30,7 @@ from rlhf.errors import UserError
 if TYPE_CHECKING:
     from rlhf.config import AdapterConfig, ModelConfig
 
-from rlhf.method_table import METHODS
+from rlhf.models.method_table import METHODS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def save(trainer_or_model, cfg: AdapterConfig, out: Path) -> None:
     is_trainer = hasattr(trainer_or_model, "save_model")
     model = trainer_or_model.model if is_trainer else trainer_or_model
     if METHODS[cfg.method].kind != "bottleneck":
-        from rlhf import distributed
+        from rlhf.scale import distributed
 
         if distributed.is_sharded(model):  # FSDP2 on CPU processes: gathered by every process, written by one
             state = distributed.full_state_dict(model)

@@ -58,7 +58,8 @@ class Judge:
     """A judge model on this process's accelerator, frozen, in eval mode (module docstring)."""
 
     def __init__(self, spec: str, device: torch.device | str | None = None, batch_size: int = 8):
-        from rlhf import modeling, rewards
+        from rlhf.feedback import rewards
+        from rlhf.models import modeling
         from rlhf.config import ModelConfig
 
         if not spec:
@@ -91,7 +92,7 @@ class Judge:
 
     def encode(self, question: str) -> list[int]:
         """One question as a user turn, with the generation prompt: where the judge's reply starts."""
-        from rlhf import encoding
+        from rlhf.text import encoding
 
         return encoding.encode_prompt(self.tokenizer, [{"role": "user", "content": question}])
 
@@ -103,7 +104,8 @@ class Judge:
         conversation's start or the answers being judged, and a verdict on what the judge did not read is no
         verdict. Counted in ``too_long`` and said on stderr (the first call that had one, and every tenth after:
         PPO calls a judge every step)."""
-        from rlhf import encoding, methods, modeling
+        from rlhf.models import methods, modeling
+        from rlhf.text import encoding
 
         sequences = [self.encode(q) for q in questions]
         limit = modeling.max_positions(methods.unwrap(self.model).config)

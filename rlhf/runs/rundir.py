@@ -6,7 +6,7 @@ renames the staging directory into place. A crash leaves at most a staging direc
 that looks complete. An existing finished run is replaced only with ``--overwrite``, and even then the old one is
 moved aside first and deleted only after the new one is in place.
 
-Resume checkpoints (what a loop needs to continue: optimizer, RNG, data position) are ``rlhf.resume``; they live in
+Resume checkpoints (what a loop needs to continue: optimizer, RNG, data position) are ``rlhf.runs.resume``; they live in
 the run's ``work`` directory.
 """
 
@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from rlhf import allocator, distributed
+from rlhf.scale import allocator, distributed
 from rlhf.errors import TrainingStopped, UserError
 
 # The command line that started this process, as the user typed it (set by the CLI; manifests record it).
@@ -298,7 +298,7 @@ class Run:
         if self.main:
             try:
                 manifest["files"] = self.promised(files)
-                from rlhf import provenance
+                from rlhf.runs import provenance
 
                 manifest["resolved"] = provenance.record(manifest.get("base"), manifest.get("parents"))
                 self._publish(manifest)
@@ -327,7 +327,8 @@ class Run:
     def _publish(self, manifest: dict) -> None:
         self._close_trackers()
         with self.saving():
-            from rlhf import lineage, report
+            from rlhf import report
+            from rlhf.runs import lineage
 
             report.plot_training_curves(self.staging, self.stage)
             (self.staging / "README.md").write_text(lineage.model_card(manifest), encoding="utf-8")
@@ -366,7 +367,7 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is not None:  # any failure, Ctrl-C included: nothing half-written is published
-                self.abandon(quiet=getattr(exc, "says_how_to_resume", False))  # rlhf.preempt.Preempted
+                self.abandon(quiet=getattr(exc, "says_how_to_resume", False))  # rlhf.runs.preempt.Preempted
         finally:
             self._release()
 

@@ -93,7 +93,7 @@ def keep_fitting(encoded, source: str, unit: str, key: str, limit: int, stage: s
     ``on_too_long`` is "error" and any was too long, and when none fits (``advice`` ends that message; default:
     raise ``key``); otherwise, and for ``held_out`` rows always, what was left out is reported in one line by the
     main process."""
-    from rlhf import distributed
+    from rlhf.scale import distributed
 
     total = len(encoded.rows) + encoded.dropped
     if not held_out:

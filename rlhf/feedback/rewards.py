@@ -1,6 +1,6 @@
 """Rewards: one way to read a reward model, whatever it is and wherever it is used.
 
-A reward model is a scorer (``rlhf/scorers.py``) with normalisation statistics:
+A reward model is a scorer (``rlhf/feedback/scorers.py``) with normalisation statistics:
 
     rm(prompts, responses) -> list[float | None]      # prompts as message lists, responses as text
     rm.stats                                           # {"mean", "std", ...} or None until measured
@@ -34,11 +34,12 @@ from typing import Callable
 
 import torch
 
-from rlhf import distributed, modeling
-from rlhf.encoding import encode_conversations, pad, position_ids, with_responses
+from rlhf.models import modeling
+from rlhf.scale import distributed
+from rlhf.text.encoding import encode_conversations, pad, position_ids, with_responses
 from rlhf.errors import UserError
-from rlhf.methods import score_head, unwrap
-from rlhf.modeling import max_positions
+from rlhf.models.methods import score_head, unwrap
+from rlhf.models.modeling import max_positions
 from rlhf.names import is_local, torch_dtype
 
 
@@ -157,7 +158,7 @@ class RewardModel:
     def measure(self, scores: torch.Tensor, measured_on: str) -> dict:
         """The statistics, measured once: mean and std of ``scores`` over every process's samples (a published
         model has no manifest to read them from); a constant score gets std 1. Kept once set."""
-        from rlhf import distributed
+        from rlhf.scale import distributed
 
         if self.stats is None:
             moments = distributed.all_mean({"mean": scores.mean().item(), "sq": (scores ** 2).mean().item()})

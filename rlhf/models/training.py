@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
-from rlhf import distributed, methods, preempt
-from rlhf.rundir import Run
+from rlhf.models import methods
+from rlhf.runs import preempt
+from rlhf.scale import distributed
+from rlhf.runs.rundir import Run
 from rlhf.config import AdapterConfig, Recipe, TrainConfig
 from rlhf.errors import TrainingStopped
 
@@ -108,7 +110,7 @@ def trainer_kwargs(recipe: Recipe, s: TrainConfig, output_dir: Path, has_eval: b
 def preference_data(recipe: Recipe, stage: str):
     """The preference data the RM and DPO stages train on (``data.preference``) and hold out
     (``data.eval_preference``, or None), each pairs or rankings; files the labelling loop writes must exist."""
-    from rlhf import formats
+    from rlhf.text import formats
     from rlhf.errors import UserError
 
     if not recipe.data.preference:
@@ -228,7 +230,7 @@ def train(trainer, run: Run):
                 (ckpt / "metrics_lines").write_text(str(run.metrics_lines()))
 
     class _Preemption(TrainerCallback):
-        """On SIGTERM/SIGINT: a resume checkpoint at the end of the step, then stop (``rlhf.preempt``). After the
+        """On SIGTERM/SIGINT: a resume checkpoint at the end of the step, then stop (``rlhf.runs.preempt``). After the
         last step there is nothing to resume: the stage finishes instead."""
         stopped_at: int | None = None
 

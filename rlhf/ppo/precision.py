@@ -10,7 +10,7 @@
 - **repeatability**: a run resumes bit for bit only if each pass gives the same bits every time it runs on the
   same inputs. ``repeats`` runs a pass twice, with the memory it could read uninitialised filled first with NaN
   and then with ones, and compares every output bit for bit; "auto" keeps bf16 only where PPO's own pass (the
-  policy sampling, its forward and backward: ``rlhf.ppo_update.probe_pass``) repeats. On one Xeon with AMX two
+  policy sampling, its forward and backward: ``rlhf.ppo.ppo_update.probe_pass``) repeats. On one Xeon with AMX two
   identical bf16 runs differed from the first sampled step while fp32 runs were identical; this check is what
   makes "auto" fall back to fp32 there.
 
@@ -31,7 +31,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from rlhf import distributed
+from rlhf import names
+from rlhf.scale import distributed
 
 BF16_MIN_SPEEDUP = 1.3
 """``mixed_precision: auto`` picks bf16 on a CPU only where bf16 products measured at least this much faster"""
@@ -73,14 +74,6 @@ def bf16_speedup(device: torch.device, width: int) -> float | None:
     return best[torch.float32] / best[torch.bfloat16]
 
 
-def cache_dir() -> Path:
-    """Where measurements of this machine are kept: ``$RLHF_CACHE_DIR``, else ``$XDG_CACHE_HOME/rlhf``, else
-    ``~/.cache/rlhf``."""
-    if os.environ.get("RLHF_CACHE_DIR"):
-        return Path(os.environ["RLHF_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlhf"
-
-
 def machine_key(width: int) -> str:
     """What a speed measurement depends on: the CPU (model name and its bf16 flags), torch, the thread count and
     the product width measured."""
@@ -99,12 +92,12 @@ def machine_key(width: int) -> str:
 
 
 def cached_speedup(device: torch.device, width: int) -> tuple[float | None, str | None]:
-    """``bf16_speedup`` as first measured on this machine (``cache_dir()/precision.json``), measuring and keeping
+    """``bf16_speedup`` as first measured on this machine (``names.cache_dir()/precision.json``), measuring and keeping
     it when there is none, and when it was measured: ``(speedup, iso date)``; ``(None, None)`` on a GPU. A cache
     that cannot be read or written is measured around, never an error."""
     if device.type != "cpu":
         return None, None
-    path, key = cache_dir() / "precision.json", machine_key(width)
+    path, key = names.cache_dir() / "precision.json", machine_key(width)
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):

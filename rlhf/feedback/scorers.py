@@ -14,10 +14,10 @@ A recipe names a scorer by a *spec*:
 - a Python reference, ``package.module:function`` (importable) or ``path/to/file.py:function`` (relative to the
   current directory);
 - a reward model, ``rm:`` and a run directory of this project, a model directory or a hub id of a published
-  sequence-classification reward model (``rlhf.rewards``; named ``rm`` unless labelled); a directory needs no
+  sequence-classification reward model (``rlhf.feedback.rewards``; named ``rm`` unless labelled); a directory needs no
   ``rm:``;
 - an LLM judge, ``judge:`` and a causal chat model (a model directory, a hub id or a policy run): its probability
-  of answering "Yes" to whether the response is correct and helpful (``rlhf.judge``; named ``judge`` unless
+  of answering "Yes" to whether the response is correct and helpful (``rlhf.feedback.judge``; named ``judge`` unless
   labelled);
 - any of those under a label of your own, ``label=spec`` (the label names its column and metrics).
 
@@ -165,12 +165,12 @@ def load(spec: str, where: str = "scorer") -> Scorer:
     """The scorer a spec names (module docstring); ``where`` (a recipe key) starts every error."""
     label, ref = spec.split("=", 1) if "=" in spec else (None, spec)
     label, ref = (label.strip() if label else None), ref.strip()
-    if ref.startswith("judge:"):  # a causal chat model asked to grade (rlhf.judge)
-        from rlhf import judge
+    if ref.startswith("judge:"):  # a causal chat model asked to grade (rlhf.feedback.judge)
+        from rlhf.feedback import judge
 
         return _named(label or "judge", spec, ref, judge.Judge(ref[6:]), where)
     if ref.startswith("rm:") or Path(ref).expanduser().is_dir():  # a reward model: a run or model directory, a hub id
-        from rlhf import rewards
+        from rlhf.feedback import rewards
 
         if ref == "rm:":
             raise UserError(f"{where}: scorer {spec!r} names no reward model (rm:RUN_DIR, rm:MODEL_DIR or rm:HUB_ID)")

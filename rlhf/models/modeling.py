@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from rlhf import methods
+from rlhf.models import methods
 from rlhf.config import AdapterConfig, ModelConfig, model_config_of
 from rlhf.errors import UserError
 from rlhf.names import torch_dtype
-from rlhf.methods import unwrap
+from rlhf.models.methods import unwrap
 
 # Used when a tokenizer has no chat template of its own. The assistant turn carries generation markers (TRL's
 # assistant-only loss needs them) and ends with the EOS token, so a trained model learns to stop.
@@ -151,7 +151,7 @@ def check_lengths(config, limits: dict[str, int], where: str) -> None:
 
 def accelerator() -> torch.device:
     """This process's device: its GPU when there is one (accelerate's), else the CPU."""
-    from rlhf import distributed
+    from rlhf.scale import distributed
 
     return distributed.device()
 
@@ -258,7 +258,7 @@ def reinit_untrained_rows(model, vocab: int) -> list[int]:
 
 def attach_adapter(model, cfg: AdapterConfig, task_type: str = "CAUSAL_LM", base: str | None = None,
                    total_steps: int = 0):
-    """Make ``model`` trainable as ``cfg.method`` says (see ``rlhf.methods``)."""
+    """Make ``model`` trainable as ``cfg.method`` says (see ``rlhf.models.methods``)."""
     return methods.prepare(model, cfg, task_type, tokenizer_path=base, total_steps=total_steps)
 
 
@@ -387,7 +387,7 @@ class ParentRun:
     def parent(self, role: str) -> Path | None:
         """Its parent run of ``role`` (``sft``, ``rm``): where it was recorded, checked to be the same run
         (``provenance.parent_of``); None when it has none."""
-        from rlhf import provenance
+        from rlhf.runs import provenance
 
         return provenance.parent_of(self.manifest, self.dir, role)
 
@@ -396,7 +396,7 @@ def read_run(run_dir: str | Path, kind: str | None = None) -> ParentRun:
     """A finished run directory, typed (``read_manifest``'s checks: finished, weights intact, of ``kind``), its
     base where the run recorded it and checked to be the model it trained on (``provenance.base_of``; a hub id at
     the commit it recorded, unless its recipe names a revision)."""
-    from rlhf import provenance
+    from rlhf.runs import provenance
 
     manifest = read_manifest(run_dir, kind)
     model = model_config_of(manifest, base=provenance.base_of(manifest, run_dir))

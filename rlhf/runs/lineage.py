@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf import provenance
+from rlhf.runs import provenance
 from rlhf.errors import UserError
 
 # The one number that sums up a stage (shown by ``rlhf runs`` and ``rlhf info``)
@@ -61,7 +61,7 @@ def headline(manifest: dict) -> str:
 
 def precision_line(manifest: dict) -> str:
     """A PPO run's precision and whether it repeats bit for bit (its manifest's ``mixed_precision``,
-    ``bf16_speedup`` and ``repeatable``: rlhf/precision.py)."""
+    ``bf16_speedup`` and ``repeatable``: rlhf/ppo/precision.py)."""
     text = "bf16 autocast" if manifest.get("mixed_precision") == "bf16" else "fp32"
     if _number(manifest.get("bf16_speedup")):
         text += f" (bf16 measured {_number(manifest['bf16_speedup']):.2f}x fp32)"

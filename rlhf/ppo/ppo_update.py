@@ -1,10 +1,10 @@
 """The PPO step's pieces that act on one batch of episodes: the ``Rollout`` they live in, replacing its rows
 (dynamic sampling's refills), the advantages by ``ppo.advantage``, and the update (``ppo_epochs``: the PPO epochs
 over shuffled mini-batches, and the guard that stops a run whose updates are all non-finite); ``probe_pass``, a
-step in small that ``rlhf.precision.repeats`` runs twice to tell whether the run will repeat bit for bit.
+step in small that ``rlhf.ppo.precision.repeats`` runs twice to tell whether the run will repeat bit for bit.
 
 ``stages/ppo.py`` holds the loop that calls them: sampling, scoring, metrics, checkpoints. The maths lives in
-``rlhf.ppo_math``; which adapter a forward pass uses in ``rlhf.ppo_models``.
+``rlhf.ppo.ppo_math``; which adapter a forward pass uses in ``rlhf.ppo.ppo_models``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rlhf import distributed, ppo_math
+from rlhf.ppo import ppo_math
+from rlhf.scale import distributed
 from rlhf.config import PPOConfig
 from rlhf.errors import TrainingStopped
-from rlhf.ppo_math import predicting
-from rlhf.ppo_models import PPOModels
-from rlhf.rollout import episode_keys
+from rlhf.ppo.ppo_math import predicting
+from rlhf.ppo.ppo_models import PPOModels
+from rlhf.engine.rollout import episode_keys
 
 
 @dataclass

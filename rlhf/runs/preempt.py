@@ -4,7 +4,7 @@ The first signal only sets a flag; the training loop checks it at the end of eve
 by all processes, so they stop at the same step), writes a resume checkpoint whatever ``save_every`` says, and
 raises ``Preempted``: one line on how to resume, exit status 128 + the signal (143 for SIGTERM, 130 for SIGINT).
 A second signal ends the process at once (the newest resume checkpoint is what ``--resume`` continues from, as
-after a kill). Handlers are installed only while a run directory is open (``rlhf.rundir.Run``), and only in the
+after a kill). Handlers are installed only while a run directory is open (``rlhf.runs.rundir.Run``), and only in the
 main thread.
 """
 
@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from rlhf import distributed
+from rlhf.scale import distributed
 from rlhf.errors import UserError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -28,7 +28,7 @@ _stage = "rlhf"
 class Preempted(UserError):
     """Training stopped at a step boundary on a signal, with a resume checkpoint written."""
 
-    says_how_to_resume = True  # the run directory adds no line of its own (rlhf.rundir.Run.abandon)
+    says_how_to_resume = True  # the run directory adds no line of its own (rlhf.runs.rundir.Run.abandon)
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -77,7 +77,7 @@ def requested() -> bool:
 def stop(stage: str, step: int, total: int) -> Preempted:
     """The exception that ends a preempted stage after ``step`` of ``total`` steps, its checkpoint written: the
     message says how to continue."""
-    from rlhf import rundir
+    from rlhf.runs import rundir
 
     signum = _received if _received is not None else signal.SIGTERM
     command = rundir.COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])

@@ -1,7 +1,7 @@
 """Launching: ``rlhf <stage> --num-processes N`` (or ``--accelerate-config FILE``) re-runs the same command under
 ``accelerate launch`` and reports how it ended, once, for every process.
 
-The processes find what the launcher asked of them through ``rlhf.distributed`` (ranks, sharding, the folder where
+The processes find what the launcher asked of them through ``rlhf.scale.distributed`` (ranks, sharding, the folder where
 a process that stops on a user error leaves its line: ``distributed.report_error``); this module is the launching
 command's side: the launcher's command line, a check of the config file before anything starts, and the reading
 of how the processes ended (a user error, a process that died, or a bug).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.distributed import COMMAND, CONFIG, ERRORS, LAUNCHED, TERMINAL
+from rlhf.scale.distributed import COMMAND, CONFIG, ERRORS, LAUNCHED, TERMINAL
 from rlhf.errors import UserError
 
 
@@ -152,7 +152,7 @@ def _death(errors: Path, held: bytes, code: int, command: str) -> tuple[str, int
     line = f"{stage or 'rlhf'}: process {who} of the run {how}, and the others stopped with it"
     resume = command if "--resume" in command.split() else command + " --resume"
     if final is not None:
-        from rlhf import lineage
+        from rlhf.runs import lineage
 
         status = lineage.status(Path(final))
         if status == "resumable":
@@ -173,7 +173,7 @@ def launch(argv: list[str], num_processes: int | None, config_file: str | None) 
     one line says which, by what, and how to go on from the resume checkpoint the run kept, and the exit code is
     128 + the signal; otherwise (a bug) what was held back is shown. SIGINT reaches the processes from the
     terminal; a SIGTERM sent to this command is passed on to the launcher, which passes it on to them (both stop
-    gracefully: ``rlhf.preempt``)."""
+    gracefully: ``rlhf.runs.preempt``)."""
     import shlex
     import shutil
     import signal

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf import method_table, methods, modeling, rundir
+from rlhf.models import method_table, methods, modeling
+from rlhf.runs import rundir
 from rlhf.errors import UserError
 
 PROBE = [{"role": "user", "content": "Reverse the words: the model is exported"}]

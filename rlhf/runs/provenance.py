@@ -46,7 +46,7 @@ def allowed() -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _cache_path() -> Path:
-    from rlhf.precision import cache_dir
+    from rlhf.names import cache_dir
 
     return cache_dir() / "fingerprints.json"
 

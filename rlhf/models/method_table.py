@@ -1,7 +1,7 @@
 """The fine-tuning methods as plain data: what each ``adapter.method`` is, which stages support it and why not.
 
 No torch here: the recipe check reads this table, and ``import rlhf.config`` must work without torch. Turning a
-method into a trainable model is ``rlhf.methods``.
+method into a trainable model is ``rlhf.models.methods``.
 """
 
 from __future__ import annotations

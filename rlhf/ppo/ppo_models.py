@@ -9,7 +9,7 @@ forward pass selects its adapter first:
 - ``value``      trainable, initialised from the reward model's adapter, read through a value head initialised
                  from the score head
 
-Without a reward model (a reward of scorers alone, ``rlhf.scorers``) there is no ``reward`` adapter, and the
+Without a reward model (a reward of scorers alone, ``rlhf.feedback.scorers``) there is no ``reward`` adapter, and the
 value adapter starts as the SFT adapter (a fresh one without SFT) under a value head that starts at zero. With the
 shared critic (``ppo.critic: shared``, ``critic="shared"``) there is no value adapter either: a value head, starting
 at zero, reads the policy's own last hidden state, so one forward pass of the policy gives logits and values
@@ -32,11 +32,16 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from rlhf import distributed, encoding, method_table, methods, modeling, ppo_math, precision, rewards, rollout
+from rlhf.engine import rollout
+from rlhf.feedback import rewards
+from rlhf.models import method_table, methods, modeling
+from rlhf.ppo import ppo_math, precision
+from rlhf.scale import distributed
+from rlhf.text import encoding
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 from rlhf.names import torch_dtype
-from rlhf.precision import autocast
+from rlhf.ppo.precision import autocast
 
 class PPOModels(Protocol):
     """What the PPO loop needs of its four models (policy, reference, reward, value), whichever layout holds them.
@@ -154,7 +159,7 @@ def use_lean_lora(model: nn.Module) -> int:
 
 def score_head_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The score head saved inside a reward-model adapter (peft's modules_to_save), as ``{weight[, bias]}``: what
-    PPO's reward and value heads and eval's reward head (``rlhf.adapters``) are built from, by ``linear_head``."""
+    PPO's reward and value heads and eval's reward head (``rlhf.models.one_base``) are built from, by ``linear_head``."""
     from safetensors.torch import load_file
 
     weights = load_file(run_dir / "adapter_model.safetensors")

@@ -703,7 +703,7 @@ def load_preferences(source: str, data) -> Loaded:
 
 def ranking_as_pairs(row: dict) -> list[dict]:
     """Every comparison of a ranking row as a preference pair ``{prompt, chosen, rejected[, margin]}``."""
-    from rlhf.ranking import ranking_pairs
+    from rlhf.feedback.ranking import ranking_pairs
 
     extra = {"margin": row["margin"]} if "margin" in row else {}
     return [{"prompt": row["prompt"], "chosen": row["responses"][w], "rejected": row["responses"][l], **extra}

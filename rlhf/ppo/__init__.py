@@ -1,0 +1,1 @@
+"""PPO and its critic-free variants: the equations, the four models, the update, the precision."""

@@ -1,0 +1,1 @@
+"""Run directories: atomic publish, manifests, resume, preemption, lineage, provenance, export."""

@@ -1,0 +1,1 @@
+"""Text in: data files in every supported format, and chats turned into token ids."""

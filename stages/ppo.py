@@ -38,8 +38,8 @@ from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
 from rlhf.errors import TrainingStopped, UserError
 from rlhf.ppo.ppo_math import predicting
 from rlhf.ppo.ppo_models import PPOModels
-from rlhf.ppo.ppo_update import (Rollout, advantages, guard_nonfinite, ppo_epochs, probe_pass, replace_rows,
-                             response_logits)
+from rlhf.engine.episodes import Episodes, Scored, replace_rows
+from rlhf.ppo.ppo_update import Batch, advantages, guard_nonfinite, ppo_epochs, probe_pass, response_logits
 from rlhf.text.encoding import left_pad
 from rlhf.engine.rollout import episode_keys
 from rlhf.models.training import show_progress
@@ -354,41 +354,31 @@ def train(s: Setup, state: State) -> None:
         clock = [time.time()]
         # 1 rollout: sample samples_per_prompt responses per prompt with the policy (a prompt's K episodes are
         # consecutive rows, each with its own key); log-probs and entropies come from the sampling pass itself
-        batch = [i for i in next_batch(s, state) for _ in range(p.samples_per_prompt)]  # each episode's prompt
-        ro = roll_out(s, step, batch, torch.arange(s.rank * p.batch_size, (s.rank + 1) * p.batch_size))
+        prompts = [i for i in next_batch(s, state) for _ in range(p.samples_per_prompt)]  # each episode's prompt
+        episodes = roll_out(s, step, prompts, torch.arange(s.rank * p.batch_size, (s.rank + 1) * p.batch_size))
         clock.append(time.time())
 
-        # 2 score (refilling the slots of flat groups with new prompts when ppo.drop_flat_groups) and KL-shape
-        score(s, ro, batch, state)
-        rounds = 0
+        # 2 score (refilling the slots of flat groups with new prompts when ppo.drop_flat_groups)
+        scored, rounds, resampled = score(s, episodes, prompts, state), 0, 0
         if p.drop_flat_groups:
-            ro, batch, rounds = refill_flat_groups(s, state, step, ro, batch)
-        response, response_mask, length = ro.response, ro.response_mask, ro.response.shape[1]
-        with torch.no_grad():
-            ro.ref_logp = ppo_math.logprobs_from_logits(
-                response_logits(models, ro.ids, ro.mask, length, role="reference"), response, p.temperature)
-            if p.value_model == "adapter":  # the shared critic's came with the sampling pass
-                ro.values = predicting(models.values(ro.ids, ro.mask), length)
-        reward_kl_coef = state.kl_ctl.value if p.kl_where == "reward" else 0.0
-        ro.rewards, ro.kl = ppo_math.kl_penalized_rewards(ro.shaped, ro.logp, ro.ref_logp, response_mask,
-                                                          reward_kl_coef, p.kl_kind)
+            scored, prompts, rounds, resampled = refill_flat_groups(s, state, step, scored, prompts)
 
-        # 3 advantages and returns (``advantages``)
-        advantages(p, ro, reward_kl_coef)
+        # 3 KL-shape the rewards, advantages and returns (``to_batch``)
+        batch = to_batch(s, state, scored)
         clock.append(time.time())
 
         # 4 PPO epochs over shuffled mini-batches; every process updates or none does (non-finite rewards)
-        finite = bool(torch.isfinite(ro.rewards).all() and torch.isfinite(ro.advantages).all()
-                      and (ro.values is None or torch.isfinite(ro.values).all()))
+        finite = bool(torch.isfinite(batch.rewards).all() and torch.isfinite(batch.advantages).all()
+                      and (batch.values is None or torch.isfinite(batch.values).all()))
         if not distributed.any_failed(not finite):
-            update = ppo_epochs(models, state.optimizer, s.params, ro, p, step, state.kl_ctl.value)
+            update = ppo_epochs(models, state.optimizer, s.params, batch, p, step, state.kl_ctl.value)
         else:
             update = {"nonfinite/skipped_updates": p.updates_per_step}
         clock.append(time.time())
         state.bad_in_a_row = guard_nonfinite(update, p, step, state.bad_in_a_row)
 
         # 5 KL controller, metrics, evaluation, checkpoints
-        row = log_step(s, state, step, ro, update, clock)
+        row = log_step(s, state, step, scored, batch, resampled, update, clock)
         _show(s, bar, row, step)
         warn_flat(s, state, step, row, rounds)
         state.step = step
@@ -425,61 +415,59 @@ def draw(s: Setup, state: State, n: int) -> list[int]:
     return drawn
 
 
-def roll_out(s: Setup, step: int, batch: list[int], episodes: torch.Tensor) -> Rollout:
-    """Sample one response for each of ``batch``'s prompts, episode ``episodes[i]`` (its global index in the step)
-    with its own key; the sampling pass keeps each token's log-prob and entropy (and the shared critic's value)."""
+def roll_out(s: Setup, step: int, prompts: list[int], episodes: torch.Tensor) -> Episodes:
+    """Sample one response for each of ``prompts`` (indices into the prompt set), episode ``episodes[i]`` (its global
+    index in the step) with its own key; the sampling pass keeps each token's log-prob and entropy (and the shared
+    critic's value)."""
     p, tok = s.p, s.tokenizer
-    query, query_mask = (t.to(s.models.device) for t in left_pad([s.encoded[i] for i in batch], tok.pad_token_id))
+    query, query_mask = (t.to(s.models.device) for t in left_pad([s.encoded[i] for i in prompts], tok.pad_token_id))
     sampled = s.models.sample(query, query_mask, keys=episode_keys(p.seed, step, episodes),
                               temperature=p.temperature, max_new_tokens=p.max_new_tokens,
                               min_new_tokens=p.min_new_tokens, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id, values=p.value_model == "shared")
     response, response_mask, stopped = ppo_math.truncate_after_eos(sampled.tokens, tok.eos_token_id,
                                                                    tok.pad_token_id)
-    return Rollout(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, response_mask], 1),
-                   response=response, response_mask=response_mask, stopped=stopped, logp=sampled.logprobs,
-                   entropy=sampled.entropy, values=sampled.values)
+    return Episodes(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, response_mask], 1),
+                    response=response, response_mask=response_mask, stopped=stopped, logp=sampled.logprobs,
+                    entropy=sampled.entropy, sampling_values=sampled.values)
 
 
-def refill_flat_groups(s: Setup, state: State, step: int, ro: Rollout, batch: list[int]
-                       ) -> tuple[Rollout, list[int], int]:
+def refill_flat_groups(s: Setup, state: State, step: int, scored: Scored, prompts: list[int]
+                       ) -> tuple[Scored, list[int], int, int]:
     """DAPO's dynamic sampling (Yu et al. 2025, section 3.2), slot by slot: the step's G prompt slots (over every
     process) whose K scores are all equal are refilled, in slot order, with the next prompts of the run's order,
     sampled and scored; again for the slots still flat, up to ``ppo.resample_rounds`` rounds, and never past one
     pass over the prompt set within a step (a reward that is flat everywhere would otherwise refill forever). Round
     r's episode in slot j, response k, has key index ``r * global_batch + j * K + k``: which process holds a slot
     and what else is sampled beside it change nothing, so several processes and a resumed run refill exactly as
-    one uninterrupted process does. Sets ``ro.resampled`` (slots refilled, over every process); returns the
-    rollout, its prompts and the rounds refilled. Refilling that runs long says how far it got."""
+    one uninterrupted process does. Returns the scored episodes, their prompts, the rounds refilled and the slots
+    refilled (over every process). Refilling that runs long says how far it got."""
     p, K = s.p, s.p.samples_per_prompt
     mine = p.batch_size // K  # slots on this process; slot j of the step is process j // mine's
-    started, rounds = time.time(), 0
+    started, rounds, resampled = time.time(), 0, 0
     for round_ in range(1, p.resample_rounds + 1):
         flat = torch.zeros(mine * distributed.world_size())
-        flat[s.rank * mine:(s.rank + 1) * mine] = ppo_math.flat_groups(ro.shaped, K).float().cpu()
+        flat[s.rank * mine:(s.rank + 1) * mine] = ppo_math.flat_groups(scored.shaped, K).float().cpu()
         slots = distributed.all_sum(flat).nonzero().reshape(-1).tolist()
-        if not slots or ro.resampled + len(slots) > len(s.encoded):
+        if not slots or resampled + len(slots) > len(s.encoded):
             break  # nothing flat, or every prompt of the set has been tried in this step
         if s.main and time.time() - started > 10:
             print(f"ppo: step {step}: refill round {round_} of up to {p.resample_rounds}: {len(slots)} of "
-                  f"{len(flat)} prompt groups still flat ({ro.resampled} refilled so far)", file=sys.stderr,
-                  flush=True)
-        prompts = draw(s, state, len(slots))
-        ro.resampled += len(slots)
-        rounds = round_
-        refill = [(slot - s.rank * mine, prompt) for slot, prompt in zip(slots, prompts) if slot // mine == s.rank]
+                  f"{len(flat)} prompt groups still flat ({resampled} refilled so far)", file=sys.stderr, flush=True)
+        drawn = draw(s, state, len(slots))
+        resampled, rounds = resampled + len(slots), round_
+        refill = [(slot - s.rank * mine, prompt) for slot, prompt in zip(slots, drawn) if slot // mine == s.rank]
         if not refill:
             continue  # none of the slots still flat is this process's
-        new_batch = [prompt for _, prompt in refill for _ in range(K)]
-        episodes = torch.tensor([round_ * s.global_batch + (s.rank * mine + g) * K + k for g, _ in refill
-                                 for k in range(K)])
-        new = roll_out(s, step, new_batch, episodes)
-        score(s, new, new_batch, state)
+        new_prompts = [prompt for _, prompt in refill for _ in range(K)]
+        keys = torch.tensor([round_ * s.global_batch + (s.rank * mine + g) * K + k for g, _ in refill
+                             for k in range(K)])
+        new = score(s, roll_out(s, step, new_prompts, keys), new_prompts, state)
         rows = torch.tensor([g * K + k for g, _ in refill for k in range(K)])
-        ro = replace_rows(ro, rows, new, s.tokenizer.pad_token_id)
+        scored = replace_rows(scored, rows, new, s.tokenizer.pad_token_id)
         for (g, prompt) in refill:
-            batch[g * K:(g + 1) * K] = [prompt] * K
-    return ro, batch, rounds
+            prompts[g * K:(g + 1) * K] = [prompt] * K
+    return scored, prompts, rounds, resampled
 
 
 def flat_steps(history: list[dict]) -> int:
@@ -504,58 +492,81 @@ def warn_flat(s: Setup, state: State, step: int, row: dict, rounds: int) -> None
                   f" ({flat} such steps so far)" if flat > 1 else ""), file=sys.stderr)
 
 
-def score(s: Setup, ro: Rollout, batch: list[int], state: State) -> None:
-    """The rollout's total score: the reward model's (standardised with its statistics when ppo.normalize_reward)
+def score(s: Setup, episodes: Episodes, prompts: list[int], state: State) -> Scored:
+    """The episodes' total score: the reward model's (standardised with its statistics when ppo.normalize_reward)
     and each scorer's on the decoded response, weighted and summed (``ppo.reward``), and the shaped score (the
-    total after the missing-EOS penalty and clipping, ``ro.shaped``). A published reward model's statistics are
-    measured on the first step's samples (every process's) and kept for the run; the reward adapter reads the
-    episodes' token ids and its run's stored statistics."""
-    p, terms, rm = s.p, [], s.reward.model
+    total after the missing-EOS penalty and clipping). A published reward model's statistics are measured on the
+    first step's samples (every process's) and kept for the run; the reward adapter reads the episodes' token ids
+    and its run's stored statistics."""
+    p, weighted, rm = s.p, [], s.reward.model
     reads_text = bool(s.reward.scorers) or (s.reward.model_weight and not s.reward.in_process)
-    texts = ([t.strip() for t in s.tokenizer.batch_decode(ro.response, skip_special_tokens=True)] if reads_text
-             else None)  # the reward adapter reads the episodes' token ids
-    prompts = [s.messages[i] for i in batch]
+    texts = ([t.strip() for t in s.tokenizer.batch_decode(episodes.response, skip_special_tokens=True)]
+             if reads_text else None)  # the reward adapter reads the episodes' token ids
+    messages = [s.messages[i] for i in prompts]
+    scores = overlong = None
     if s.reward.model_weight:
-        ro.scores = rm.episodes(prompts, texts, ro.ids, ro.mask)
-        stats = rm.stats or rm.measure(ro.scores, f"the {s.global_batch} episodes of step {state.step + 1}")
+        scores = rm.episodes(messages, texts, episodes.ids, episodes.mask)
+        stats = rm.stats or rm.measure(scores, f"the {s.global_batch} episodes of step {state.step + 1}")
         normalise = (stats["mean"], stats["std"]) if p.normalize_reward else (None, None)
-        terms.append((ppo_math.shape_scores(ro.scores, ro.stopped, *normalise), s.reward.model_weight))
+        weighted.append((ppo_math.shape_scores(scores, episodes.stopped, *normalise), s.reward.model_weight))
     if p.overlong_buffer:  # DAPO's overlong shaping, a term of its own
-        ro.overlong = ppo_math.overlong_penalty(ro.response_mask.sum(1), p.max_new_tokens, p.overlong_buffer,
-                                                p.overlong_penalty)
-        terms.append((ro.overlong, 1.0))
-    ro.terms = {}
+        overlong = ppo_math.overlong_penalty(episodes.response_mask.sum(1), p.max_new_tokens, p.overlong_buffer,
+                                             p.overlong_penalty)
+        weighted.append((overlong, 1.0))
+    terms = {}
     for scorer, weight in s.reward.scorers:
-        values = [0.0 if v is None else v for v in scorer(prompts, texts)]  # "does not apply" adds 0
-        ro.terms[scorer.name] = torch.tensor(values, dtype=torch.float32, device=ro.response.device)
-        terms.append((ro.terms[scorer.name], weight))
-    ro.total = ppo_math.weighted_score(terms)
-    ro.shaped = ppo_math.shape_scores(ro.total, ro.stopped, missing_eos_penalty=p.missing_eos_penalty,
-                                      clip=p.reward_clip)
+        values = [0.0 if v is None else v for v in scorer(messages, texts)]  # "does not apply" adds 0
+        terms[scorer.name] = torch.tensor(values, dtype=torch.float32, device=episodes.response.device)
+        weighted.append((terms[scorer.name], weight))
+    total = ppo_math.weighted_score(weighted)
+    shaped = ppo_math.shape_scores(total, episodes.stopped, missing_eos_penalty=p.missing_eos_penalty,
+                                   clip=p.reward_clip)
+    return Scored(episodes=episodes, scores=scores, terms=terms, overlong=overlong, total=total, shaped=shaped)
 
 
-def log_step(s: Setup, state: State, step: int, ro: Rollout, update: dict, clock: list[float]) -> dict:
+def to_batch(s: Setup, state: State, scored: Scored) -> Batch:
+    """What the update trains on: the reference's log-probs, the critic's values (the value adapter's own pass;
+    the shared critic's came with the sampling pass), the KL-shaped per-token rewards (``kl_coef`` times the KL
+    in them when ``ppo.kl_in`` is the reward) and the advantages and returns of ``ppo.advantage``."""
+    p, models, episodes = s.p, s.models, scored.episodes
+    with torch.no_grad():
+        ref_logp = ppo_math.logprobs_from_logits(response_logits(models, episodes.ids, episodes.mask,
+                                                                 episodes.length, role="reference"),
+                                                 episodes.response, p.temperature)
+        values = (predicting(models.values(episodes.ids, episodes.mask), episodes.length)
+                  if p.value_model == "adapter" else episodes.sampling_values)
+    reward_kl_coef = state.kl_ctl.value if p.kl_where == "reward" else 0.0
+    rewards, kl = ppo_math.kl_penalized_rewards(scored.shaped, episodes.logp, ref_logp, episodes.response_mask,
+                                                reward_kl_coef, p.kl_kind)
+    advantage, returns = advantages(p, scored, values, ref_logp, rewards, reward_kl_coef)
+    return Batch(episodes=episodes, ref_logp=ref_logp, values=values, rewards=rewards, kl=kl, advantages=advantage,
+                 returns=returns)
+
+
+def log_step(s: Setup, state: State, step: int, scored: Scored, batch: Batch, resampled: int, update: dict,
+             clock: list[float]) -> dict:
     """The step's metrics (means over processes) after the KL controller's update, with a held-out evaluation
     every ``ppo.eval_every`` steps and at the end; written to ``metrics.jsonl`` and the history."""
-    mask, K = ro.response_mask, s.p.samples_per_prompt
-    seq_kl = ppo_math.sequence_sum(ro.kl, mask)
+    episodes, K = scored.episodes, s.p.samples_per_prompt
+    mask = episodes.response_mask
+    seq_kl = ppo_math.sequence_sum(batch.kl, mask)
     non_score = -state.kl_ctl.value * seq_kl  # the KL penalty, in the reward or as a loss term
     row = {
-        **({"objective/score": ro.scores.mean().item()} if ro.scores is not None else {}),
-        **{f"objective/scorer/{name}": values.mean().item() for name, values in ro.terms.items()},
-        **({"objective/overlong": ro.overlong.mean().item()} if ro.overlong is not None else {}),
-        "objective/score_total": ro.total.mean().item(),
-        "objective/score_shaped": ro.shaped.mean().item(),
+        **({"objective/score": scored.scores.mean().item()} if scored.scores is not None else {}),
+        **{f"objective/scorer/{name}": values.mean().item() for name, values in scored.terms.items()},
+        **({"objective/overlong": scored.overlong.mean().item()} if scored.overlong is not None else {}),
+        "objective/score_total": scored.total.mean().item(),
+        "objective/score_shaped": scored.shaped.mean().item(),
         "objective/kl": seq_kl.mean().item(),
         "objective/non_score_reward": non_score.mean().item(),
-        "objective/rlhf_reward": (ro.shaped + non_score).mean().item(),
-        "objective/entropy": ppo_math.sequence_sum(ro.entropy, mask).mean().item(),
+        "objective/rlhf_reward": (scored.shaped + non_score).mean().item(),
+        "objective/entropy": ppo_math.sequence_sum(episodes.entropy, mask).mean().item(),
         # prompts whose K responses all scored the same: no signal for the group estimators
-        **({"objective/flat_groups": ppo_math.flat_groups(ro.shaped, K).float().mean().item()} if K > 1 else {}),
-        **({"objective/resampled": float(ro.resampled)} if s.p.drop_flat_groups else {}),
+        **({"objective/flat_groups": ppo_math.flat_groups(scored.shaped, K).float().mean().item()} if K > 1 else {}),
+        **({"objective/resampled": float(resampled)} if s.p.drop_flat_groups else {}),
         **update,
         "response/length": mask.sum(1).float().mean().item(),
-        "response/eos_rate": ro.stopped.float().mean().item(),
+        "response/eos_rate": episodes.stopped.float().mean().item(),
         **{f"time/{phase}_s": b - a for phase, a, b in zip(("generation", "scoring", "update"), clock, clock[1:])},
     }
     row = {"step": step, "episodes": step * s.global_batch, **distributed.all_mean(row)}

@@ -19,6 +19,7 @@ from rlhf.ppo import ppo_math, ppo_models, ppo_update, precision
 from rlhf.scale import allocator
 from rlhf.text import encoding, formats
 from rlhf.config import ModelConfig, load_recipe
+from rlhf.engine.episodes import Episodes, Scored, replace_rows
 
 SMALL = ["ppo.max_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
          "ppo.max_new_tokens=16", "ppo.eval_every=1", "ppo.eval_samples=4"]
@@ -266,11 +267,12 @@ def test_critic_free_from_the_bare_base_with_full_finetuning(tiny_recipe, tmp_pa
     assert (out / "model.safetensors").is_file() and not (out / "value").exists()
 
 
-def test_replace_rows_repads_both_rollouts():
-    """A refilled slot's episodes replace rows of the step's rollout, whatever their prompt and response widths:
-    prompts stay left-padded, responses right-padded, every per-episode field follows its row."""
+def test_replace_rows_repads_both_batches_of_episodes():
+    """A refilled slot's episodes replace rows of the step's scored episodes, whatever their prompt and response
+    widths: prompts stay left-padded, responses right-padded, every per-episode field follows its row, and the
+    old value is left as it was (each phase returns a new value)."""
 
-    def rollout(prompts, responses, base):
+    def scored(prompts, responses, base):
         q = max(map(len, prompts))
         r = max(map(len, responses))
         ids = torch.tensor([[0] * (q - len(a)) + a + b + [0] * (r - len(b)) for a, b in zip(prompts, responses)])
@@ -278,56 +280,59 @@ def test_replace_rows_repads_both_rollouts():
                              for a, b in zip(prompts, responses)])
         rmask = mask[:, q:]
         n = len(prompts)
-        return ppo_update.Rollout(ids=ids, mask=mask, response=ids[:, q:], response_mask=rmask,
-                           stopped=torch.ones(n, dtype=torch.bool), logp=-rmask.float() * base,
-                           entropy=rmask.float() * base, scores=torch.arange(n) + base, terms={"gold": torch.arange(n) + base},
-                           total=torch.arange(n) + base, shaped=torch.arange(n) + base)
+        episodes = Episodes(ids=ids, mask=mask, response=ids[:, q:], response_mask=rmask,
+                            stopped=torch.ones(n, dtype=torch.bool), logp=-rmask.float() * base,
+                            entropy=rmask.float() * base, sampling_values=None)
+        return Scored(episodes=episodes, scores=torch.arange(n) + base, terms={"gold": torch.arange(n) + base},
+                      overlong=None, total=torch.arange(n) + base, shaped=torch.arange(n) + base)
 
-    old = rollout([[5, 6], [7]], [[8], [9, 9, 9]], 10.0)
-    new = rollout([[1, 2, 3]], [[4, 4]], 20.0)
-    merged = ppo_update.replace_rows(old, torch.tensor([0]), new, pad_id=0)
-    assert merged.ids.tolist() == [[1, 2, 3, 4, 4, 0], [0, 0, 7, 9, 9, 9]]
-    assert merged.mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
-    assert merged.response.tolist() == [[4, 4, 0], [9, 9, 9]]
-    assert merged.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
-    assert merged.logp.tolist() == [[-20.0, -20.0, 0.0], [-10.0, -10.0, -10.0]]
+    old = scored([[5, 6], [7]], [[8], [9, 9, 9]], 10.0)
+    new = scored([[1, 2, 3]], [[4, 4]], 20.0)
+    merged = replace_rows(old, torch.tensor([0]), new, pad_id=0)
+    e = merged.episodes
+    assert e.ids.tolist() == [[1, 2, 3, 4, 4, 0], [0, 0, 7, 9, 9, 9]]
+    assert e.mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert e.response.tolist() == [[4, 4, 0], [9, 9, 9]]
+    assert e.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert e.logp.tolist() == [[-20.0, -20.0, 0.0], [-10.0, -10.0, -10.0]] and e.sampling_values is None
     for field in ("scores", "total", "shaped"):
         assert getattr(merged, field).tolist() == [20.0, 11.0]
     assert merged.terms["gold"].tolist() == [20.0, 11.0] and old.shaped.tolist() == [10.0, 11.0]  # old kept
+    assert merged.overlong is None and old.episodes.ids.tolist() == [[5, 6, 8, 0, 0], [0, 7, 9, 9, 9]]
 
 
 def test_advantages_group_consecutive_rows_by_hand():
-    """The loop's estimators on a rollout of 2 prompts x K = 2 responses with hand-picked scores and KLs."""
+    """The loop's estimators on 2 prompts x K = 2 responses with hand-picked scores and KLs."""
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
     logp = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, 0.0, 0.0], [-1.0, -1.0, -1.0], [-0.5, -0.5, 0.0]])
     ref = logp - torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.25, 0.25, 0.0]])  # k1 = logp-ref
     shaped = torch.tensor([3.0, 1.0, 0.0, 2.0])
+    episodes = Episodes(ids=None, mask=None, response=None, response_mask=mask, stopped=None, logp=logp,
+                        entropy=None, sampling_values=None)
+    scored = Scored(episodes=episodes, scores=None, terms={}, overlong=None, total=shaped, shaped=shaped)
 
-    def rollout(estimator, coef, **kw):
+    def estimate(estimator, coef, **kw):
         p = load_recipe(ROOT / "recipes" / "tiny.yaml", [f"ppo.advantage={estimator}", "ppo.samples_per_prompt=2",
                                                          *[f"ppo.{k}={v}" for k, v in kw.items()]]).ppo
-        ro = ppo_update.Rollout(ids=None, mask=None, response=None, response_mask=mask, stopped=None, logp=logp,
-                         ref_logp=ref, shaped=shaped)
-        ro.rewards, ro.kl = ppo_math.kl_penalized_rewards(shaped, logp, ref, mask, coef, p.kl_kind)
-        ppo_update.advantages(p, ro, coef)
-        return ro
+        rewards, _ = ppo_math.kl_penalized_rewards(shaped, logp, ref, mask, coef, p.kl_kind)
+        return ppo_update.advantages(p, scored, None, ref, rewards, coef)
 
     # rloo, KL in the reward (beta 1): sequence rewards 3 - 1 = 2, 1 - 1 = 0 | 0 - 0 = 0, 2 - 0.5 = 1.5;
     # leave-one-out: 2, -2 | -1.5, 1.5, on every real token (no whitening)
-    ro = rollout("rloo", 1.0, whiten_advantages="false")
-    assert ro.advantages.tolist() == [[2.0, 2.0, 0.0], [-2.0, 0.0, 0.0], [-1.5, -1.5, -1.5], [1.5, 1.5, 0.0]]
-    assert ro.returns is None
+    advantages, returns = estimate("rloo", 1.0, whiten_advantages="false")
+    assert advantages.tolist() == [[2.0, 2.0, 0.0], [-2.0, 0.0, 0.0], [-1.5, -1.5, -1.5], [1.5, 1.5, 0.0]]
+    assert returns is None
     # grpo, KL as a loss term (beta 0 in the reward): scores 3, 1 -> +-1/(sqrt(2) + 1e-4); 0, 2 -> -+ the same
     a = 1 / (math.sqrt(2) + 1e-4)
-    ro = rollout("grpo", 0.0)
-    torch.testing.assert_close(ro.advantages, torch.tensor([[a, a, 0.0], [-a, 0.0, 0.0], [-a, -a, -a], [a, a, 0.0]]))
+    advantages, _ = estimate("grpo", 0.0)
+    torch.testing.assert_close(advantages, torch.tensor([[a, a, 0.0], [-a, 0.0, 0.0], [-a, -a, -a], [a, a, 0.0]]))
     # reinforce_pp, K = 2: group-mean baseline on the score (1, -1 | -1, 1), per-token KL (beta 1) in the reward,
     # returns to go, then whitened over the batch's 8 real tokens
-    ro = rollout("reinforce_pp", 1.0)
+    advantages, _ = estimate("reinforce_pp", 1.0)
     rewards = torch.tensor([[-0.5, 0.5, 0.0], [-2.0, 0.0, 0.0], [0.0, 0.0, -1.0], [-0.25, 0.75, 0.0]])
     returns = torch.tensor([[0.0, 0.5, 0.0], [-2.0, 0.0, 0.0], [-1.0, -1.0, -1.0], [0.5, 0.75, 0.0]])
     torch.testing.assert_close(ppo_math.returns_to_go(rewards, mask), returns)
-    torch.testing.assert_close(ro.advantages, ppo_math.masked_whiten(returns, mask))
+    torch.testing.assert_close(advantages, ppo_math.masked_whiten(returns, mask))
 
 
 def test_ppo_refuses_wrong_parents(parents, tmp_path):

@@ -18,6 +18,7 @@ from rlhf.models import methods, modeling
 from rlhf.ppo import ppo_math, ppo_models, ppo_update
 from rlhf.text import encoding, formats
 from rlhf.config import ModelConfig, load_recipe
+from rlhf.engine.episodes import Episodes
 
 CFG = ModelConfig(base=str(ROOT / "data" / "tiny-base"))
 
@@ -43,9 +44,9 @@ def _rollout(models, tok, n=4, tokens=10):
                             max_new_tokens=tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                             values=True)
     response, rmask, stopped = ppo_math.truncate_after_eos(sampled.tokens, tok.eos_token_id, tok.pad_token_id)
-    return ppo_update.Rollout(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, rmask], 1),
-                              response=response, response_mask=rmask, stopped=stopped, logp=sampled.logprobs,
-                              entropy=sampled.entropy, values=sampled.values)
+    return Episodes(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, rmask], 1), response=response,
+                    response_mask=rmask, stopped=stopped, logp=sampled.logprobs, entropy=sampled.entropy,
+                    sampling_values=sampled.values)
 
 
 def test_one_pass_gives_the_policy_logits_and_the_values_by_hand(parents):
@@ -56,7 +57,7 @@ def test_one_pass_gives_the_policy_logits_and_the_values_by_hand(parents):
     models = _shared(runs)
     tok = modeling.load_tokenizer(CFG, str(runs / "sft"))
     ro = _rollout(models, tok)
-    ids, mask, length = ro.ids, ro.mask, ro.response.shape[1]
+    ids, mask, length = ro.ids, ro.mask, ro.length
     with torch.no_grad():
         logits, values = models.policy_and_values(ids, mask, length + 1)
         assert torch.equal(logits, models.policy_logits(ids, mask, keep=length + 1))
@@ -69,7 +70,8 @@ def test_one_pass_gives_the_policy_logits_and_the_values_by_hand(parents):
     torch.testing.assert_close(models.values(ids, mask)[:, -length - 1:], by_hand, rtol=0, atol=1e-5)
     # the decode's value of each response token's state: the same numbers from the KV-cache pass
     real = ro.response_mask.bool()
-    torch.testing.assert_close(ro.values[real], ppo_math.predicting(values, length)[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ro.sampling_values[real], ppo_math.predicting(values, length)[real], rtol=0,
+                               atol=1e-5)
     assert [tuple(x.shape) for x in models.parameters("value")] == [(1, 256), (1,)]
     assert not any(".value." in n for n, _ in models.model.named_parameters())
     with pytest.raises(RuntimeError, match="shared critic only"):
@@ -87,10 +89,12 @@ def test_the_value_loss_reaches_the_policy_adapter_through_vf_coef(parents):
     models = _shared(runs)
     tok = modeling.load_tokenizer(CFG, str(runs / "sft"))
     ro = _rollout(models, tok)
-    length, rmask = ro.response.shape[1], ro.response_mask
-    ro.advantages = torch.linspace(-1, 1, ro.response.numel()).reshape(ro.response.shape) * rmask
-    ro.returns = (ro.values + 1.0) * rmask
-    ro.ref_logp = ro.logp.clone()
+    length, rmask = ro.length, ro.response_mask
+    returns = (ro.sampling_values + 1.0) * rmask
+    batch = ppo_update.Batch(episodes=ro, ref_logp=ro.logp.clone(), values=ro.sampling_values,
+                             rewards=torch.zeros_like(rmask, dtype=torch.float32), kl=torch.zeros_like(ro.logp),
+                             advantages=torch.linspace(-1, 1, ro.response.numel()).reshape(ro.response.shape) * rmask,
+                             returns=returns)
     params = {role: models.parameters(role) for role in ("policy", "value")}
     base = load_recipe(recipe).ppo
 
@@ -98,7 +102,7 @@ def test_the_value_loss_reaches_the_policy_adapter_through_vf_coef(parents):
         p = dataclasses.replace(base, critic="shared", ppo_epochs=1, batch_size=4, mini_batch_size=4,
                                 micro_batch_size=4, lr=0.0, vf_coef=vf_coef, max_grad_norm=1e9)
         optimizer = torch.optim.SGD([{"params": x} for x in params.values()], lr=0.0)
-        stats = ppo_update.ppo_epochs(models, optimizer, params, ro, p, step=1, kl_coef=0.0)
+        stats = ppo_update.ppo_epochs(models, optimizer, params, batch, p, step=1, kl_coef=0.0)
         assert stats["policy/ratio_first"] == pytest.approx(1.0, abs=1e-5)
         return [x.grad.clone() for role in params.values() for x in role]
 
@@ -109,7 +113,7 @@ def test_the_value_loss_reaches_the_policy_adapter_through_vf_coef(parents):
     # the value loss's own gradient in the policy adapter, by autograd on a fresh forward
     policy = params["policy"]
     values = ppo_math.predicting(models.policy_and_values(ro.ids, ro.mask, length + 1)[1], length)
-    vf = 0.5 * ppo_math.masked_mean((values - ro.returns) ** 2, rmask)
+    vf = 0.5 * ppo_math.masked_mean((values - returns) ** 2, rmask)
     expected = torch.autograd.grad(vf, policy, allow_unused=True)
     moved = 0
     for got, off, own in zip(with_value, without, expected):

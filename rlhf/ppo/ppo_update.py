@@ -1,5 +1,5 @@
-"""The PPO step's pieces that act on one batch of episodes: the ``Rollout`` they live in, replacing its rows
-(dynamic sampling's refills), the advantages by ``ppo.advantage``, and the update (``ppo_epochs``: the PPO epochs
+"""The PPO step's pieces that act on one batch of episodes: the ``Batch`` the update trains on, the advantages
+by ``ppo.advantage``, and the update (``ppo_epochs``: the PPO epochs
 over shuffled mini-batches, and the guard that stops a run whose updates are all non-finite); ``probe_pass``, a
 step in small that ``rlhf.ppo.precision.repeats`` runs twice to tell whether the run will repeat bit for bit.
 
@@ -9,12 +9,10 @@ step in small that ``rlhf.ppo.precision.repeats`` runs twice to tell whether the
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rlhf.ppo import ppo_math
 from rlhf.scale import distributed
@@ -22,94 +20,56 @@ from rlhf.config import PPOConfig
 from rlhf.errors import TrainingStopped
 from rlhf.ppo.ppo_math import predicting
 from rlhf.ppo.ppo_models import PPOModels
+from rlhf.engine.episodes import Episodes, Scored
 from rlhf.engine.rollout import episode_keys
 
 
-@dataclass
-class Rollout:
-    """One batch of episodes. ``ids``/``mask`` are prompt + response ``[B, Lq + Lr]`` (prompts left-padded,
-    responses right-padded after their first EOS); per-token tensors are ``[B, Lr]`` over response tokens."""
+@dataclass(frozen=True)
+class Batch:
+    """What the update trains on: the episodes, their reference log-probs and KL-shaped rewards, the critic's
+    values at rollout time, and the advantages (and value targets) the estimator made of them, built whole once
+    the episodes are scored (``stages/ppo.py``)."""
 
-    ids: torch.Tensor
-    mask: torch.Tensor
-    response: torch.Tensor
-    response_mask: torch.Tensor
-    stopped: torch.Tensor
-    logp: torch.Tensor = None
-    ref_logp: torch.Tensor = None
-    values: torch.Tensor = None
-    """the critic's values (None without a critic; the shared critic's come from the sampling pass)"""
-    entropy: torch.Tensor = None
-    scores: torch.Tensor = None
-    """the reward model's raw scores (None without a reward model term)"""
-    terms: dict = None
-    """each scorer term's values (None counted as 0), by scorer name"""
-    overlong: torch.Tensor = None
-    """the overlong shaping's term (None when ppo.overlong_buffer is 0)"""
-    resampled: int = 0
-    """the step's prompt slots refilled because their group was flat (ppo.drop_flat_groups), over every process"""
-    total: torch.Tensor = None
-    """the weighted sum of the terms, before the missing-EOS penalty and clipping"""
-    shaped: torch.Tensor = None
-    rewards: torch.Tensor = None
-    kl: torch.Tensor = None
-    advantages: torch.Tensor = None
-    returns: torch.Tensor = None
+    episodes: Episodes
+    ref_logp: torch.Tensor
+    """the reference's log-prob of each response token"""
+    values: torch.Tensor | None
+    """the critic's value of each response state (None without a critic)"""
+    rewards: torch.Tensor
+    """per-token rewards: the KL penalty when it is in the reward, the shaped score at the last token"""
+    kl: torch.Tensor
+    """per-token KL estimate to the reference"""
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
     """the value targets (None without a critic)"""
 
 
-def replace_rows(ro: Rollout, rows: torch.Tensor, new: Rollout, pad_id: int) -> Rollout:
-    """``ro`` with its ``rows`` replaced by ``new``'s episodes (sampled and scored), both re-padded to the longer
-    prompt and the longer response: prompts stay left-padded and responses right-padded."""
-    lq = max(x.ids.shape[1] - x.response.shape[1] for x in (ro, new))
-    lr = max(x.response.shape[1] for x in (ro, new))
-
-    def widen(x: Rollout) -> dict:
-        q, length = x.ids.shape[1] - x.response.shape[1], x.response.shape[1]
-        whole = {"ids": pad_id, "mask": 0}
-        tokens = {"response": pad_id, "response_mask": 0, "logp": 0.0, "entropy": 0.0,
-                  **({"values": 0.0} if x.values is not None else {})}
-        out = {k: F.pad(getattr(x, k), (lq - q, lr - length), value=v) for k, v in whole.items()}
-        out.update({k: F.pad(getattr(x, k), (0, lr - length), value=v) for k, v in tokens.items()})
-        return out
-
-    merged, incoming = widen(ro), widen(new)
-    for key in list(merged) + ["stopped", "scores", "total", "shaped", "overlong"]:
-        if key not in merged:
-            if getattr(ro, key) is None:
-                continue
-            merged[key], incoming[key] = getattr(ro, key).clone(), getattr(new, key)
-        merged[key][rows.to(merged[key].device)] = incoming[key]
-    terms = {name: values.clone() for name, values in ro.terms.items()}
-    for name in terms:
-        terms[name][rows.to(terms[name].device)] = new.terms[name]
-    return dataclasses.replace(ro, **merged, terms=terms)
-
-
-def advantages(p: PPOConfig, ro: Rollout, reward_kl_coef: float) -> None:
-    """``ro.advantages`` (and ``ro.returns`` with a critic) by ``ppo.advantage``, from the rollout's KL-shaped
-    rewards (``reward_kl_coef``: the KL's weight in them, 0 when the KL is a loss term). A prompt's K responses are
-    consecutive rows of this process (groups never straddle processes); statistics over the whole batch are over
-    every process's tokens, as one process holding the whole batch would compute them."""
-    mask, K = ro.response_mask, p.samples_per_prompt
-    whiten = p.whiten_advantages
+def advantages(p: PPOConfig, scored: Scored, values: torch.Tensor | None, ref_logp: torch.Tensor,
+               rewards: torch.Tensor, reward_kl_coef: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(advantages, returns)`` by ``ppo.advantage`` (returns, the value targets, only with a critic), from the
+    episodes' KL-shaped ``rewards`` (``reward_kl_coef``: the KL's weight in them, 0 when the KL is a loss term). A
+    prompt's K responses are consecutive rows of this process (groups never straddle processes); statistics over
+    the whole batch are over every process's tokens, as one process holding the whole batch would compute them."""
+    episodes = scored.episodes
+    mask, K = episodes.response_mask, p.samples_per_prompt
+    whiten, returns = p.whiten_advantages, None
     if p.advantage == "gae":
-        ro.advantages, ro.returns = ppo_math.gae(ro.rewards, ro.values, mask, p.gamma, p.lam)
+        advantage, returns = ppo_math.gae(rewards, values, mask, p.gamma, p.lam)
     elif p.advantage == "reinforce_pp":  # returns normalised over the batch: that normalisation is the estimator
-        rewards = ro.rewards
         if K > 1:  # the group's mean score as a baseline (REINFORCE++-baseline)
-            rewards, _ = ppo_math.kl_penalized_rewards(ppo_math.group_baseline(ro.shaped, K), ro.logp, ro.ref_logp,
-                                                       mask, reward_kl_coef, p.kl_kind)
-        ro.advantages, whiten = ppo_math.returns_to_go(rewards, mask, p.gamma), True
+            rewards, _ = ppo_math.kl_penalized_rewards(ppo_math.group_baseline(scored.shaped, K), episodes.logp,
+                                                       ref_logp, mask, reward_kl_coef, p.kl_kind)
+        advantage, whiten = ppo_math.returns_to_go(rewards, mask, p.gamma), True
     elif p.advantage in ("grpo", "dr_grpo"):  # one advantage per response, from its sequence reward, centred in
         # its group (and divided by the group's std for grpo); no batch whitening, which would divide again
         estimator = ppo_math.grpo_advantages if p.advantage == "grpo" else ppo_math.dr_grpo_advantages
-        ro.advantages = ppo_math.per_token(estimator(ppo_math.sequence_sum(ro.rewards, mask), K), mask)
+        advantage = ppo_math.per_token(estimator(ppo_math.sequence_sum(rewards, mask), K), mask)
         whiten = False
     else:  # rloo
-        ro.advantages = ppo_math.per_token(ppo_math.rloo_advantages(ppo_math.sequence_sum(ro.rewards, mask), K), mask)
+        advantage = ppo_math.per_token(ppo_math.rloo_advantages(ppo_math.sequence_sum(rewards, mask), K), mask)
     if whiten:
-        ro.advantages = ppo_math.masked_whiten(ro.advantages, mask, total=distributed.all_sum)
+        advantage = ppo_math.masked_whiten(advantage, mask, total=distributed.all_sum)
+    return advantage, returns
 
 
 def response_logits(models: PPOModels, ids, mask, length: int, role: str = "policy") -> torch.Tensor:
@@ -118,7 +78,7 @@ def response_logits(models: PPOModels, ids, mask, length: int, role: str = "poli
     return predicting(models.policy_logits(ids, mask, keep=length + 1, role=role), length)
 
 
-def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, step: int, kl_coef: float) -> dict:
+def ppo_epochs(models: PPOModels, optimizer, params, batch: Batch, p: PPOConfig, step: int, kl_coef: float) -> dict:
     """``ppo_epochs`` passes over the rollout in shuffled mini-batches; one optimizer step per mini-batch,
     gradients accumulated over micro-batches; stops early when the approximate KL passes ``early_stop_kl``.
     The loss: the policy objective (``ppo.policy_loss``: the clipped surrogate, GSPO's or CISPO's) minus the
@@ -134,7 +94,8 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
     gradients are summed over processes before clipping: every process then holds the gradient one process would
     compute on all of it. Logged figures are token means (the losses: their aggregates).
     """
-    B, length = ro.ids.shape[0], ro.response.shape[1]
+    episodes = batch.episodes
+    B, length = episodes.size, episodes.length
     how, horizon, (clip_low, clip_high) = p.aggregation, p.max_new_tokens, p.clip_range
     trainable = [x for role in params.values() for x in role]
     totals: dict[str, float] = {}
@@ -148,14 +109,14 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
         epoch_kl = 0.0  # this process's part of the epoch's mean approximate KL
         # a shuffle of this process's episodes, fixed by (seed, step, epoch, process): resume needs no RNG state
         perm = torch.randperm(B, generator=torch.Generator().manual_seed(
-            hash((p.seed, step, epoch, distributed.rank())) & 0x7FFFFFFF)).to(ro.ids.device)
+            hash((p.seed, step, epoch, distributed.rank())) & 0x7FFFFFFF)).to(episodes.ids.device)
         for start_ in range(0, B, p.mini_batch_size):
             optimizer.zero_grad(set_to_none=True)
             rows = perm[start_:start_ + p.mini_batch_size]
-            tokens = distributed.all_sum(ro.response_mask[rows].sum().float()).clamp(min=1)
+            tokens = distributed.all_sum(episodes.response_mask[rows].sum().float()).clamp(min=1)
             responses = len(rows) * distributed.world_size()  # every process's mini-batch is the same size
             for micro in rows.split(p.micro_batch_size):
-                ids, mask, rmask = ro.ids[micro], ro.mask[micro], ro.response_mask[micro]
+                ids, mask, rmask = episodes.ids[micro], episodes.mask[micro], episodes.response_mask[micro]
                 by_token = rmask.sum() / tokens  # this micro-batch's part of the mini-batch's token means
                 share = ppo_math.batch_share(rmask, how, tokens, responses)  # and of its losses
                 vpred = None
@@ -163,8 +124,8 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
                     logits, vpred = (predicting(x, length) for x in models.policy_and_values(ids, mask, length + 1))
                 else:
                     logits = response_logits(models, ids, mask, length)
-                logp = ppo_math.logprobs_from_logits(logits, ro.response[micro], p.temperature)
-                terms, pstats = ppo_math.policy_loss_terms(logp, ro.logp[micro], ro.advantages[micro], rmask,
+                logp = ppo_math.logprobs_from_logits(logits, episodes.response[micro], p.temperature)
+                terms, pstats = ppo_math.policy_loss_terms(logp, episodes.logp[micro], batch.advantages[micro], rmask,
                                                            p.policy_loss, clip_low, clip_high)
                 pg_loss = ppo_math.aggregate(terms, rmask, how, horizon)
                 if p.entropy_coef:  # the bonus is differentiated; without one the entropy is only logged
@@ -178,7 +139,7 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
                           by_token), ("policy/approxkl", pstats["approxkl"], by_token),
                           ("policy/clipfrac", pstats["clipfrac"], by_token), ("policy/ratio", pstats["ratio"], by_token)]
                 if p.kl_where == "loss":
-                    kl = ppo_math.kl_loss(logp, ro.ref_logp[micro], rmask, p.kl_kind, how, horizon)
+                    kl = ppo_math.kl_loss(logp, batch.ref_logp[micro], rmask, p.kl_kind, how, horizon)
                     loss = loss + kl_coef * kl
                     logged.append(("policy/kl_loss", kl, share))
                 objective = loss * share
@@ -187,7 +148,7 @@ def ppo_epochs(models: PPOModels, optimizer, params, ro: Rollout, p: PPOConfig, 
                         objective.backward()
                         objective = 0.0
                         vpred = predicting(models.values(ids, mask), length)
-                    vf_loss, vstats = ppo_math.value_loss(vpred, ro.values[micro], ro.returns[micro], rmask,
+                    vf_loss, vstats = ppo_math.value_loss(vpred, batch.values[micro], batch.returns[micro], rmask,
                                                           p.value_clip)
                     objective = objective + p.value_coef * vf_loss * by_token
                     logged += [("value/loss", vf_loss, by_token), ("value/clipfrac", vstats["clipfrac"], by_token)]

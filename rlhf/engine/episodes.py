@@ -1,0 +1,107 @@
+"""A batch of episodes, each phase of a PPO step a new value built whole: what sampling made (``Episodes``), what
+the reward made of it (``Scored``), and, in ``rlhf.ppo.ppo_update``, what the update trains on (``Batch``).
+
+No field waits for a later phase to fill it: a phase reads the value before it and returns the next. A field that
+does not apply (no reward model, no overlong shaping, no value head in the sampling pass) is None from the start.
+
+Tensors are ``[B, Lq + Lr]`` for the whole sequence (prompts left-padded) and ``[B, Lr]`` per response token
+(responses right-padded after their first EOS). Room for what comes next: several turns will lay environment
+tokens between sampled ones, so ``response_mask`` (today: every response token up to the first EOS, all of them
+sampled by the policy) will split into the tokens that count for the loss and the tokens the policy sampled; and
+``logp`` is the sampler's own log-prob of each sampled token (the behaviour policy, mu), which equals the
+training forward's only while the two compute the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Episodes:
+    """What sampling made (``stages/ppo.py``'s ``roll_out``, from the engine's ``rollout.Samples``)."""
+
+    ids: torch.Tensor
+    """prompt and response token ids, ``[B, Lq + Lr]``"""
+    mask: torch.Tensor
+    """their attention mask"""
+    response: torch.Tensor
+    """the response tokens, ``[B, Lr]``, pad after the first EOS"""
+    response_mask: torch.Tensor
+    """1 on each response token up to and including its first EOS (the tokens the policy sampled and the loss
+    counts)"""
+    stopped: torch.Tensor
+    """``[B]``: whether the response ended with EOS (not at max_new_tokens)"""
+    logp: torch.Tensor
+    """the sampler's log-prob of each sampled token at the sampling temperature (the behaviour policy's)"""
+    entropy: torch.Tensor
+    """the sampling distribution's entropy at each response position"""
+    sampling_values: torch.Tensor | None
+    """a value head's output beside each sampled token when the sampling pass computes it (the shared critic),
+    else None"""
+
+    @property
+    def size(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def length(self) -> int:
+        """Lr, the longest response's length (the batch's response width)."""
+        return self.response.shape[1]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What the reward made of the episodes (``stages/ppo.py``'s ``score``)."""
+
+    episodes: Episodes
+    scores: torch.Tensor | None
+    """the reward model's raw score of each episode (None without a reward-model term)"""
+    terms: dict[str, torch.Tensor]
+    """each scorer term's values (a "does not apply" counted as 0), by scorer name"""
+    overlong: torch.Tensor | None
+    """DAPO's overlong shaping term (None when ppo.overlong_buffer is 0)"""
+    total: torch.Tensor
+    """the weighted sum of the terms, before the missing-EOS penalty and clipping"""
+    shaped: torch.Tensor
+    """the total after the missing-EOS penalty and clipping: the score the advantages start from"""
+
+
+def replace_rows(old: Scored, rows: torch.Tensor, new: Scored, pad_id: int) -> Scored:
+    """``old`` with its ``rows`` replaced by ``new``'s episodes, sampled and scored (dynamic sampling's refills),
+    both re-padded to the longer prompt and the longer response: prompts stay left-padded and responses
+    right-padded."""
+    a, b = old.episodes, new.episodes
+    lq = max(x.ids.shape[1] - x.length for x in (a, b))
+    lr = max(x.length for x in (a, b))
+    whole = {"ids": pad_id, "mask": 0}  # left-padded
+    tokens = {"response": pad_id, "response_mask": 0, "logp": 0.0, "entropy": 0.0, "sampling_values": 0.0}
+
+    def widen(x: Episodes) -> dict:
+        q = x.ids.shape[1] - x.length
+        out = {k: F.pad(getattr(x, k), (lq - q, lr - x.length), value=v) for k, v in whole.items()}
+        out.update({k: F.pad(getattr(x, k), (0, lr - x.length), value=v) for k, v in tokens.items()
+                    if getattr(x, k) is not None})
+        return {**out, "stopped": x.stopped}
+
+    merged, incoming = widen(a), widen(b)
+    for key, value in merged.items():
+        value = value.clone()
+        value[rows.to(value.device)] = incoming[key]
+        merged[key] = value
+    episodes = replace(a, **merged)
+    scored = {}
+    for f in fields(Scored):
+        if f.name in ("episodes", "terms") or getattr(old, f.name) is None:
+            continue
+        value = getattr(old, f.name).clone()
+        value[rows.to(value.device)] = getattr(new, f.name)
+        scored[f.name] = value
+    terms = {}
+    for name, values in old.terms.items():
+        terms[name] = values.clone()
+        terms[name][rows.to(values.device)] = new.terms[name]
+    return replace(old, episodes=episodes, terms=terms, **scored)

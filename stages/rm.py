@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rlhf.feedback import ranking, rewards
-from rlhf.models import method_table, methods, modeling, training
+from rlhf.models import heads, method_table, modeling, training
 from rlhf.scale import distributed
 from rlhf.text import encoding, formats
 from rlhf.runs.rundir import Run
@@ -178,7 +178,7 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         set_seed(recipe.rm.seed)
         tokenizer = modeling.load_tokenizer(recipe.model)
         base = modeling.load_base(recipe.model, kind="score")
-        base.config.pad_token_id = tokenizer.pad_token_id  # where the head is read: see rewards.reward_index
+        base.config.pad_token_id = tokenizer.pad_token_id  # where the head is read: see heads.reward_index
         train, held_out = encode_split(recipe, data, held, tokenizer)
         # what the trainer reads: whole rankings (grouped), or every comparison as TRL's chosen/rejected pair
         train_rows = train.rows if grouped else trl_pairs(train)
@@ -252,7 +252,7 @@ def make_trainer(recipe: Recipe, run: Run, model, tokenizer, train_rows: list[di
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tokenizer)
     if recipe.model.quantization:  # TRL casts a quantized model's trainable weights to bf16; the score head
         # reads hidden states in the compute dtype, so it keeps that dtype
-        methods.score_head(model).to(model.get_input_embeddings().weight.dtype)
+        heads.score_head(model).to(model.get_input_embeddings().weight.dtype)
     training.quiet_trainer(trainer, run, recipe, "rm", shown=("train/loss", "train/accuracy", "eval/accuracy"))
     training.method_callbacks(trainer, recipe.adapter)
     return trainer

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from families import BY_NAME, FAMILIES, build, write_data
 from rlhf.feedback import rewards
-from rlhf.models import modeling
+from rlhf.models import heads, modeling
 from rlhf.ppo import ppo_models
 from rlhf.text import encoding, formats
 from rlhf.cli import cli
@@ -124,7 +124,7 @@ def test_family_through_every_stage(name, world, tmp_path):
     batch = DataCollatorForPreference(pad_token_id=rtok.pad_token_id)(trl_pairs(encoded)[:6])
     with torch.no_grad():
         trained = reward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
-        read = rewards.sequence_scores(reward, batch["input_ids"], batch["attention_mask"])
+        read = heads.sequence_scores(reward, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(read, trained, rtol=0, atol=1e-4)  # TRL's forward pools where we read
     kept = [formats.ranking_as_pairs(r)[0] for r in encoded.rankings[:6]]
     split = [encoding.encode_exchange(rtok, p["prompt"], p[side]) for side in ("chosen", "rejected") for p in kept]
@@ -168,8 +168,8 @@ def test_rewards_are_read_at_the_last_token_that_is_not_pad():
                         [7, 8, 9, 3, 0],    # a distinct EOS (3) is read itself
                         [0, 0, 0, 0, 0]])   # nothing but pad: its last real token
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0], [0, 0, 1, 1, 0]])
-    assert rewards.reward_index(ids, mask, pad).tolist() == [3, 3, 3]
-    assert rewards.reward_index(ids, mask, None).tolist() == [4, 3, 3]
+    assert heads.reward_index(ids, mask, pad).tolist() == [3, 3, 3]
+    assert heads.reward_index(ids, mask, None).tolist() == [4, 3, 3]
 
 
 def test_a_limit_that_drops_most_rows_says_so_loudly(capsys):

@@ -160,6 +160,7 @@ def test_every_spelling_and_form_of_a_run_scores_as_the_run_s_own_model(parents)
     directory, as ``rlhf label --by``) and in PPO's token form gives the scores of the run's own model and its
     stored statistics; a response longer than the run's rm.max_length gets None (it never learnt to read one)."""
     from rlhf.feedback import rewards, scorers
+    from rlhf.models import heads
     from rlhf.models import modeling
     from rlhf.text import encoding
 
@@ -179,7 +180,7 @@ def test_every_spelling_and_form_of_a_run_scores_as_the_run_s_own_model(parents)
     assert limit == json.loads((runs / "rm" / "manifest.json").read_text())["recipe"]["rm"]["max_length"]
     scored = direct(prompts + prompts[:1], responses + [" ".join(["seven"] * limit)])
     assert scored[-1] is None and scored[:3] == pytest.approx(expected, abs=1e-5)
-    token = rewards.TokenReward(lambda ids, mask: rewards.sequence_scores(model, ids, mask), tok, runs / "rm",
+    token = rewards.TokenReward(lambda ids, mask: heads.sequence_scores(model, ids, mask), tok, runs / "rm",
                                 direct.stats, torch.device("cpu"))
     assert token(prompts, responses) == pytest.approx(expected, abs=1e-5)
     ids, mask = encoding.pad(encoding.encode_conversations(

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, refused, run_cli, write_recipe
 from rlhf.feedback import rewards
-from rlhf.models import modeling
+from rlhf.models import heads, modeling
 from rlhf.text import formats
 from rlhf.config import ModelConfig
 
@@ -29,12 +29,12 @@ def test_scores_do_not_depend_on_padding_side():
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         assert (batch["attention_mask"] == 0).any(), "the batch must actually be padded"
         with torch.no_grad():
-            scores[side] = rewards.sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+            scores[side] = heads.sequence_scores(model, batch["input_ids"], batch["attention_mask"])
     singles = []
     for t in texts:  # no padding at all
         b = tok([t], return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
-            singles.append(rewards.sequence_scores(model, b["input_ids"], b["attention_mask"]))
+            singles.append(heads.sequence_scores(model, b["input_ids"], b["attention_mask"]))
     torch.testing.assert_close(scores["left"], scores["right"], rtol=0, atol=1e-5)
     torch.testing.assert_close(scores["right"], torch.cat(singles), rtol=0, atol=1e-5)
 

@@ -34,70 +34,18 @@ from typing import Callable
 
 import torch
 
-from rlhf.models import modeling
-from rlhf.scale import distributed
-from rlhf.text.encoding import encode_conversations, pad, position_ids, with_responses
+from rlhf.models import heads, modeling
+from rlhf.text.encoding import encode_conversations, pad, with_responses
 from rlhf.errors import UserError
-from rlhf.models.methods import score_head, unwrap
+from rlhf.models.methods import unwrap
 from rlhf.models.modeling import max_positions
 from rlhf.names import is_local, torch_dtype
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Score heads: reward-model scores and PPO's values, read the same way everywhere
-# ---------------------------------------------------------------------------------------------------------------
-
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The head's scalar at every position, ``[batch, seq]`` in float32 (values for PPO, rewards at the end)."""
-    core = unwrap(model)
-    if distributed.is_sharded(core):  # FSDP2: only the root's forward gathers the embeddings and the head
-        head, out = score_head(model), []
-        hook = head.register_forward_hook(lambda module, args, output: out.append(output))
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                  use_cache=False)
-        finally:
-            hook.remove()
-        return out[0].squeeze(-1).float()
-    backbone = getattr(core, core.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-    return score_head(model)(hidden).squeeze(-1).float()
-
-
-def reward_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
-    """Where a reward is read in each row: the last real token that is not ``pad_token_id``, which is where
-    transformers' sequence-classification models pool (and so where TRL's reward trainer trains the head). With
-    pad == EOS that is the token before the final EOS; with a distinct pad token, the EOS itself. A row of pad
-    tokens only is read at its last real token. Independent of the padding side."""
-    real = attention_mask.bool()
-    if pad_token_id is not None:
-        keep = real & (input_ids != pad_token_id)
-        real = torch.where(keep.any(-1, keepdim=True), keep, real)
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * real.long()).argmax(-1)
-
-
-def pad_id(model) -> int | None:
-    """The pad token id a sequence-classification model pools by (its ``config.pad_token_id``)."""
-    config = unwrap(model).config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(config, "pad_token_id", None)
-
-
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    pad_token_id: int | None = None) -> torch.Tensor:
-    """Reward of each sequence, ``[batch]``: the head read at ``reward_index`` (the model's own pad token id
-    unless another is given), the position the model's own forward pools at and the reward trainer trained."""
-    scores = token_scores(model, input_ids, attention_mask)
-    index = reward_index(input_ids, attention_mask, pad_id(model) if pad_token_id is None else pad_token_id)
-    return scores[torch.arange(scores.shape[0], device=scores.device), index]
 
 
 @torch.no_grad()
 def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32,
                     progress: bool = False) -> torch.Tensor:
-    """Reward-model scores of token sequences, ``[n]``, read at ``rewards.reward_index``. A sequence longer than
+    """Reward-model scores of token sequences, ``[n]``, read at ``heads.reward_index``. A sequence longer than
     the model's positions is an error (callers drop rows by the recipe's lengths first)."""
     from tqdm.auto import tqdm
 
@@ -111,7 +59,7 @@ def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_
     for start in tqdm(range(0, len(sequences), batch_size), disable=not progress, desc="score"):
         idx = order[start:start + batch_size]
         ids, mask = pad([sequences[i] for i in idx], pad_token_id)
-        scores[idx] = sequence_scores(model, ids.to(device), mask.to(device)).float().cpu()
+        scores[idx] = heads.sequence_scores(model, ids.to(device), mask.to(device)).float().cpu()
     return scores
 
 

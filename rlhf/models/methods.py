@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rlhf.errors import UserError
+from rlhf.models import heads
 
 if TYPE_CHECKING:
     from rlhf.config import AdapterConfig, ModelConfig
@@ -117,7 +118,7 @@ def prepare(model, cfg: AdapterConfig, task_type: str = "CAUSAL_LM", tokenizer_p
     else:
         mark_trainable(model, cfg)
     if task_type == "SEQ_CLS":
-        score_head(model).requires_grad_(True)
+        heads.score_head(model).requires_grad_(True)
     return model
 
 
@@ -140,16 +141,6 @@ def check_targets(model, targets: list[str]) -> None:
 def unwrap(model):
     """The transformers model inside a peft wrapper (LoRA layers are injected in place, so they still apply)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def score_head(model):
-    """The scalar head of a sequence-classification model (``score`` in most architectures)."""
-    core = unwrap(model)
-    for name in ("score", "classifier", "v_head"):
-        head = getattr(core, name, None)
-        if head is not None:
-            return head
-    raise UserError(f"{type(core).__name__} has no score head (expected an attribute 'score' or 'classifier')")
 
 
 def mark_trainable(model, cfg: AdapterConfig) -> None:

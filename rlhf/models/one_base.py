@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf.models import method_table, methods, modeling
+from rlhf.models import heads, method_table, methods, modeling
 from rlhf.config import ModelConfig
 
 SAME_BASE_KEYS = ("dtype", "quantization", "revision", "untrained_rows")
@@ -50,7 +50,8 @@ class OneBase:
         self.model.eval()
         self.names: dict[str, str] = {}
         """run directory -> adapter name"""
-        head = _score_head(self.reward_dir, base.get_input_embeddings().weight.dtype).to(base.device)
+        head = heads.linear_head(heads.score_head_weights(self.reward_dir), base.get_input_embeddings().weight.dtype)
+        head = head.requires_grad_(False).to(base.device)
         config = copy.copy(methods.unwrap(self.model).config)
         config.pad_token_id = self.reward_tokenizer.pad_token_id  # where the reward model's forward pools
         self.reward = _RewardView(self, head, config)
@@ -130,7 +131,7 @@ class _PolicyView:
 
 
 class _RewardView(nn.Module):
-    """The reward model as ``rewards.sequence_scores`` reads one: a backbone (the shared one, under the reward
+    """The reward model as ``heads.sequence_scores`` reads one: a backbone (the shared one, under the reward
     adapter) and a score head, with the reward model's pad token in its config."""
 
     base_model_prefix = "backbone_under_reward"
@@ -146,10 +147,4 @@ class _RewardView(nn.Module):
         owner = self.__dict__["_owner"]
         owner.model.set_adapter("reward")
         return owner.backbone()
-
-
-def _score_head(run_dir: Path, dtype: torch.dtype) -> nn.Linear:
-    from rlhf.ppo.ppo_models import linear_head, score_head_weights
-
-    return linear_head(score_head_weights(run_dir), dtype).requires_grad_(False)
 

@@ -33,8 +33,7 @@ import torch
 from torch import nn
 
 from rlhf.engine import rollout
-from rlhf.feedback import rewards
-from rlhf.models import method_table, methods, modeling
+from rlhf.models import heads, method_table, methods, modeling
 from rlhf.ppo import ppo_math, precision
 from rlhf.scale import distributed
 from rlhf.text import encoding
@@ -157,54 +156,12 @@ def use_lean_lora(model: nn.Module) -> int:
     return len(layers)
 
 
-def score_head_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The score head saved inside a reward-model adapter (peft's modules_to_save), as ``{weight[, bias]}``: what
-    PPO's reward and value heads and eval's reward head (``rlhf.models.one_base``) are built from, by ``linear_head``."""
-    from safetensors.torch import load_file
-
-    weights = load_file(run_dir / "adapter_model.safetensors")
-    head = {k.rsplit(".", 1)[1]: v for k, v in weights.items() if ".score." in k or k.endswith(".score.weight")}
-    if "weight" not in head:
-        raise UserError(f"{run_dir}: the reward adapter holds no score head")
-    return head
-
-
-def linear_head(weights: dict[str, torch.Tensor], dtype: torch.dtype, shift: float = 0.0, scale: float = 1.0,
-                bias: bool = False) -> nn.Linear:
-    """A linear head from saved weights, computing ``(w x + b - shift) / scale`` (with a bias when asked)."""
-    out_features, in_features = weights["weight"].shape
-    head = nn.Linear(in_features, out_features, bias=bias or "bias" in weights, dtype=dtype,
-                     device=weights["weight"].device)
-    if head.weight.is_meta:  # shapes only (a sharded run's other processes): the main process sends the values
-        return head
-    with torch.no_grad():
-        head.weight.copy_(weights["weight"] / scale)
-        if head.bias is not None:
-            head.bias.copy_((weights.get("bias", torch.zeros(out_features)) - shift) / scale)
-    return head
-
-
-def _zero_head(width: int, dtype: torch.dtype) -> nn.Linear:
-    """A value head that predicts 0 everywhere at the start (weights and bias zero)."""
-    head = nn.Linear(width, 1, bias=True, dtype=dtype)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    return head
-
-
-def head_values(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """A value head on hidden states ``[..., H]``: ``[...]`` in float32, the head itself in its own precision
-    (outside any autocast, in the update and in the sampling pass alike)."""
-    with torch.autocast(hidden.device.type, enabled=False):
-        return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
-
-
 def sampling_head(models, values: bool):
     """What ``rollout.decode`` reads values with (its ``value_head``): with ``values``, the shared critic's head on
     the sampling pass's last hidden states; else None."""
     if values and models.critic != "shared":
         raise RuntimeError("values come from the sampling pass with the shared critic only")
-    return (lambda hidden: head_values(models.value_head, hidden)) if values else None
+    return (lambda hidden: heads.head_values(models.value_head, hidden)) if values else None
 
 
 def logits_and_values(models, lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -217,18 +174,7 @@ def logits_and_values(models, lm: nn.Module, input_ids: torch.Tensor, attention_
         out = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                  position_ids=encoding.position_ids(attention_mask), logits_to_keep=keep, output_hidden_states=True)
     return (ppo_math.restrict_vocab(out.logits, models.vocab),
-            head_values(models.value_head, out.hidden_states[-1][:, -keep:]))
-
-
-def save_value_head(head: nn.Linear, out: Path, critic: str) -> None:
-    """The value head at ``out/value/value_head.safetensors``, its metadata saying which hidden state it reads
-    (``critic``: "adapter", the value adapter's or value model's; "shared", the policy's)."""
-    from safetensors.torch import save_file
-
-    (out / "value").mkdir(parents=True, exist_ok=True)
-    reads = "the policy's last hidden state" if critic == "shared" else "the value adapter's last hidden state"
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / "value" / "value_head.safetensors"),
-              metadata={"critic": critic, "reads": reads})
+            heads.head_values(models.value_head, out.hidden_states[-1][:, -keep:]))
 
 
 @contextmanager
@@ -270,23 +216,23 @@ class SharedBase:
         if rm_dir is not None:
             with _score_head_apart():
                 self.model.load_adapter(str(rm_dir), adapter_name="reward")
-            head = score_head_weights(Path(rm_dir))
-            self.reward_head = linear_head(head, dtype).requires_grad_(False)
+            head = heads.score_head_weights(Path(rm_dir))
+            self.reward_head = heads.linear_head(head, dtype).requires_grad_(False)
             # the pad token the reward model was trained with: a score is read where its training pooled
             self.reward_pad_id = modeling.load_tokenizer(cfg, str(rm_dir)).pad_token_id
         if critic == "adapter" and rm_dir is not None:
             with _score_head_apart():
                 self.model.load_adapter(str(rm_dir), adapter_name="value", is_trainable=True)
             # the value head starts as the score head on the scale PPO's rewards use (normalised when they are)
-            self.value_head = linear_head(head, dtype, value_shift, value_scale, bias=True)
+            self.value_head = heads.linear_head(head, dtype, value_shift, value_scale, bias=True)
         elif critic == "adapter":  # scorers alone: the value model starts from the policy, predicting 0
             if sft_dir is not None:
                 self.model.load_adapter(str(sft_dir), adapter_name="value", is_trainable=True)
             else:
                 self.model.add_adapter("value", methods.peft_config(adapter_cfg, "CAUSAL_LM", cfg.base))
-            self.value_head = _zero_head(self.config.hidden_size, dtype)
+            self.value_head = heads.zero_head(self.config.hidden_size, dtype)
         elif critic == "shared":  # a head on the policy's hidden state: the score head read another adapter's
-            self.value_head = _zero_head(self.config.hidden_size, dtype)
+            self.value_head = heads.zero_head(self.config.hidden_size, dtype)
         # peft's set_adapter walks every module and resets requires_grad (~5 ms a switch here, a dozen switches a
         # step): switch once through it, fix trainability for good (policy and value train; reference and reward
         # never do), and from then on only repoint the adapter layers
@@ -361,7 +307,7 @@ class SharedBase:
         if not self.critic:
             raise RuntimeError("PPO runs without a critic (ppo.advantage is critic-free)")
         hidden = self._hidden("policy" if self.critic == "shared" else "value", input_ids, attention_mask)
-        return head_values(self.value_head, hidden)
+        return heads.head_values(self.value_head, hidden)
 
     def policy_and_values(self, input_ids, attention_mask, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The policy's logits and the shared critic's values of the last ``keep`` positions, from one pass (the
@@ -370,12 +316,12 @@ class SharedBase:
         return logits_and_values(self, self.model, input_ids, attention_mask, keep)
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
-        """Reward of each whole sequence, read where the reward model trained (``rewards.reward_index``),
+        """Reward of each whole sequence, read where the reward model trained (``heads.reward_index``),
         ``[batch]``."""
         if self.reward_head is None:
             raise RuntimeError("PPO runs without a reward model (ppo.reward has no reward_model term)")
         hidden = self._hidden("reward", input_ids, attention_mask)
-        index = rewards.reward_index(input_ids, attention_mask, self.reward_pad_id)
+        index = heads.reward_index(input_ids, attention_mask, self.reward_pad_id)
         last = hidden[torch.arange(len(hidden), device=hidden.device), index]
         return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
 
@@ -460,7 +406,7 @@ class SharedBase:
             leftover.unlink() if leftover.is_file() else None
         tmp.rmdir()
         if self.critic:
-            save_value_head(self.value_head, out, self.critic)
+            heads.save_value_head(self.value_head, out, self.critic)
 
 
 class SeparateCopies:
@@ -497,19 +443,19 @@ class SeparateCopies:
             self.reward.requires_grad_(False).eval()
         if critic == "shared":  # a head on the policy's hidden state
             dtype = self.policy.get_input_embeddings().weight.dtype
-            self.value_head = _zero_head(self.policy.config.hidden_size, dtype)
+            self.value_head = heads.zero_head(self.policy.config.hidden_size, dtype)
         elif critic and rm_dir is not None:
             self.value = copy.deepcopy(self.reward).requires_grad_(True)
-            head = methods.score_head(self.value)
+            head = heads.score_head(self.value)
             weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            self.value.score = linear_head(weights, head.weight.dtype, value_shift, value_scale, bias=True)
+            self.value.score = heads.linear_head(weights, head.weight.dtype, value_shift, value_scale, bias=True)
         elif critic:  # scorers alone: the value model starts from the policy, predicting 0
             self.value = load(AutoModelForSequenceClassification, str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
                               num_labels=1, use_safetensors=True, **kwargs)
             if self.value.config.pad_token_id is None:
                 self.value.config.pad_token_id = self.policy.config.pad_token_id
-            self.value.score = _zero_head(self.value.config.hidden_size,
-                                          methods.score_head(self.value).weight.dtype)
+            self.value.score = heads.zero_head(self.value.config.hidden_size,
+                                          heads.score_head(self.value).weight.dtype)
         if adapter_cfg is not None and adapter_cfg.method != "full":  # bitfit / freeze: the same weights as in SFT
             methods.prepare(self.policy, adapter_cfg, "CAUSAL_LM")
             if self.value is not None:
@@ -551,7 +497,7 @@ class SeparateCopies:
         if self.critic == "shared":
             return self.policy_and_values(input_ids, attention_mask, input_ids.shape[1])[1]
         with autocast(self.device, self.autocast):
-            return rewards.token_scores(self.value, input_ids, attention_mask).float()
+            return heads.token_scores(self.value, input_ids, attention_mask).float()
 
     def policy_and_values(self, input_ids, attention_mask, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         return logits_and_values(self, self.policy, input_ids, attention_mask, keep)
@@ -560,7 +506,7 @@ class SeparateCopies:
         if self.reward is None:
             raise RuntimeError("PPO runs without a reward model (ppo.reward has no reward_model term)")
         with autocast(self.device, self.autocast):
-            return rewards.sequence_scores(self.reward, input_ids, attention_mask).float()
+            return heads.sequence_scores(self.reward, input_ids, attention_mask).float()
 
     def sample(self, input_ids, attention_mask, values: bool = False, **kwargs) -> rollout.Samples:
         head = sampling_head(self, values)
@@ -627,7 +573,7 @@ class SeparateCopies:
                 if distributed.is_main():
                     model.save_pretrained(str(where), state_dict=weights)
         if self.value_head is not None and distributed.is_main():
-            save_value_head(self.value_head, out, "shared")
+            heads.save_value_head(self.value_head, out, "shared")
 
 
 def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,

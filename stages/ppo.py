@@ -44,9 +44,6 @@ from rlhf.text.encoding import left_pad
 from rlhf.engine.rollout import episode_keys
 from rlhf.models.training import show_progress
 
-ROLES = {True: ("policy", "value"), False: ("policy",)}
-"""the trained parameters, with a critic (ppo.advantage gae: the value adapter and head, or the shared critic's
-head alone) and without"""
 
 
 @dataclass
@@ -74,7 +71,7 @@ class Setup:
     eval_encoded: list[list[int]] | None
     eval_scorers: list[scorers.Scorer]
     params: dict[str, list[torch.nn.Parameter]]
-    """the trainable parameters of "policy" and (with a critic) "value" """
+    """the trainable parameters of "policy" and (with a critic) "value", the critic's"""
     steps: int
     rank: int
     main: bool
@@ -291,7 +288,7 @@ def load_checked(load, setting: str, measured: float | None, p: PPOConfig, token
         models = load(attempt)
         measured = models.bf16_speedup = measured if measured is not None else models.bf16_speedup
         models.train(False)  # dropout off in every pass: the log-prob ratios compare like with like
-        params = {role: models.parameters(role) for role in ROLES[p.value_model is not None]}
+        params = {role: models.parameters(role) for role in ("policy", "value")[:1 + (models.critic is not None)]}
         query, query_mask = (x.to(models.device) for x in left_pad(encoded[:4], tokenizer.pad_token_id))
         checked = time.perf_counter()
         models.repeatable = precision.repeats(lambda: probe_pass(
@@ -336,7 +333,7 @@ def start(s: Setup) -> State:
               + (f" ({p.samples_per_prompt} per prompt)" if p.samples_per_prompt > 1 else "")
               + (f" ({n_proc} processes x {p.batch_size}" + (", FSDP2 shards" if s.models.sharded else "") + ")"
                  if n_proc > 1 else "")
-              + f"; advantage {p.advantage}" + (f" ({p.value_model} critic)" if p.value_model else "")
+              + f"; advantage {p.advantage}" + (f" ({s.models.critic.name} critic)" if s.models.critic else "")
               + f", loss {_objective(p)}, KL in the {p.kl_where} ({p.kl_kind}); training "
               f"{trainable_count(s):,} parameters ({' + '.join(s.params)}); {_precision(s.models)}",
               file=sys.stderr)
@@ -424,7 +421,8 @@ def roll_out(s: Setup, step: int, prompts: list[int], episodes: torch.Tensor) ->
     sampled = s.models.sample(query, query_mask, keys=episode_keys(p.seed, step, episodes),
                               temperature=p.temperature, max_new_tokens=p.max_new_tokens,
                               min_new_tokens=p.min_new_tokens, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, values=p.value_model == "shared")
+                              pad_token_id=tok.pad_token_id,
+                              values=s.models.critic is not None and s.models.critic.on_policy_pass)
     response, response_mask, stopped = ppo_math.truncate_after_eos(sampled.tokens, tok.eos_token_id,
                                                                    tok.pad_token_id)
     return Episodes(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, response_mask], 1),
@@ -480,7 +478,7 @@ def warn_flat(s: Setup, state: State, step: int, row: dict, rounds: int) -> None
     """One line when a step trains on nothing: every prompt group's K responses scored the same (a critic-free
     estimator's advantages are then 0 for every token, up to the KL term), after ``rounds`` refill rounds of
     dynamic sampling. Said at the first such step and every 10th after it; the manifest counts them."""
-    if s.p.samples_per_prompt < 2 or s.p.value_model is not None or row.get("objective/flat_groups") != 1.0:
+    if s.p.samples_per_prompt < 2 or s.models.critic is not None or row.get("objective/flat_groups") != 1.0:
         return
     flat = flat_steps(state.history)
     if s.main and flat % 10 == 1:
@@ -533,8 +531,9 @@ def to_batch(s: Setup, state: State, scored: Scored) -> Batch:
         ref_logp = ppo_math.logprobs_from_logits(response_logits(models, episodes.ids, episodes.mask,
                                                                  episodes.length, role="reference"),
                                                  episodes.response, p.temperature)
-        values = (predicting(models.values(episodes.ids, episodes.mask), episodes.length)
-                  if p.value_model == "adapter" else episodes.sampling_values)
+        critic = models.critic
+        values = (None if critic is None else episodes.sampling_values if critic.on_policy_pass
+                  else predicting(critic.values(episodes.ids, episodes.mask), episodes.length))
     reward_kl_coef = state.kl_ctl.value if p.kl_where == "reward" else 0.0
     rewards, kl = ppo_math.kl_penalized_rewards(scored.shaped, episodes.logp, ref_logp, episodes.response_mask,
                                                 reward_kl_coef, p.kl_kind)
@@ -685,7 +684,7 @@ def finish(s: Setup, state: State) -> dict:
         print(f"ppo: warning: final mean KL {final['objective/kl']:.3f} is over ppo.kl_budget={p.kl_budget}; "
               "raise ppo.kl_coef or use ppo.adaptive_kl", file=sys.stderr)
     flat = flat_steps(state.history)
-    if flat == s.steps and p.samples_per_prompt > 1 and p.value_model is None and s.main:
+    if flat == s.steps and p.samples_per_prompt > 1 and s.models.critic is None and s.main:
         print(f"ppo: warning: all {s.steps} steps trained on nothing: every prompt's {p.samples_per_prompt} "
               "responses always got the same score (the policy moved by the KL term alone)", file=sys.stderr)
     bad = [i for i, x in enumerate(x for role in s.params.values() for x in role)
@@ -700,7 +699,7 @@ def finish(s: Setup, state: State) -> dict:
         "base": s.model_cfg.base,
         "parents": {"sft": str(s.sft_dir) if s.sft_dir else None, "rm": str(s.rm_dir) if s.rm_dir else None},
         "reward": s.reward.describe(),
-        "advantage": {"estimator": p.advantage, "samples_per_prompt": p.samples_per_prompt, "critic": p.value_model,
+        "advantage": {"estimator": p.advantage, "samples_per_prompt": p.samples_per_prompt, "critic": s.models.critic.name if s.models.critic else None,
                       "kl_in": p.kl_where, "kl_estimator": p.kl_kind},
         "objective": {"policy_loss": p.policy_loss, "loss_aggregation": p.aggregation, "clip": list(p.clip_range),
                       "overlong": {"buffer": p.overlong_buffer, "penalty": p.overlong_penalty}

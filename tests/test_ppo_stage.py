@@ -59,7 +59,7 @@ def test_one_base_four_adapters_match_the_separate_models(parents):
     # the value head starts as the score head on the normalised scale
     models = ppo_models.load(cfg, "lora", runs / "sft", runs / "rm", value_shift=1.5, value_scale=2.0)
     with torch.no_grad():
-        values = models.values(ids, mask)[torch.arange(len(ids)), encoding.last_index(mask)]
+        values = models.critic.values(ids, mask)[torch.arange(len(ids)), encoding.last_index(mask)]
     torch.testing.assert_close(values, (scores - 1.5) / 2.0, rtol=0, atol=1e-4)
 
 
@@ -453,7 +453,7 @@ def test_lean_lora_forward_matches_peft(parents):
         with models.bare():
             out["base"] = models._lm(ids, mask, 0)
         out["reward"] = models.scores(ids, mask)
-        values = models.values(ids, mask)
+        values = models.critic.values(ids, mask)
         if lean:  # the adapters' products go into the base output itself: no view for backward to copy into
             assert "CopySlices" not in _graph_nodes(out["policy"].grad_fn)
         (out["policy"][mask.bool()].logsumexp(-1).sum() + values.sum()).backward()

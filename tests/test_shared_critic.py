@@ -27,9 +27,9 @@ def _shared(runs, **kw):
     models = ppo_models.load(CFG, "lora", runs / "sft", runs / "rm", critic="shared", **kw)
     models.train(False)
     with torch.no_grad():  # a head that reads something: it starts at zero
-        models.value_head.weight.copy_(torch.randn(models.value_head.weight.shape,
+        models.critic.head.weight.copy_(torch.randn(models.critic.head.weight.shape,
                                                    generator=torch.Generator().manual_seed(0)) * 0.1)
-        models.value_head.bias.fill_(0.25)
+        models.critic.head.bias.fill_(0.25)
     return models
 
 
@@ -59,15 +59,15 @@ def test_one_pass_gives_the_policy_logits_and_the_values_by_hand(parents):
     ro = _rollout(models, tok)
     ids, mask, length = ro.ids, ro.mask, ro.length
     with torch.no_grad():
-        logits, values = models.policy_and_values(ids, mask, length + 1)
+        logits, values = models.critic.with_policy(ids, mask, length + 1)
         assert torch.equal(logits, models.policy_logits(ids, mask, keep=length + 1))
         models.use("policy")
         hidden = methods.unwrap(models.model).model(input_ids=ids, attention_mask=mask,
                                                      position_ids=encoding.position_ids(mask)).last_hidden_state
-    w, b = models.value_head.weight[0], models.value_head.bias[0]
+    w, b = models.critic.head.weight[0], models.critic.head.bias[0]
     by_hand = (hidden[:, -length - 1:] * w).sum(-1) + b
     torch.testing.assert_close(values, by_hand, rtol=0, atol=1e-5)
-    torch.testing.assert_close(models.values(ids, mask)[:, -length - 1:], by_hand, rtol=0, atol=1e-5)
+    torch.testing.assert_close(models.critic.values(ids, mask)[:, -length - 1:], by_hand, rtol=0, atol=1e-5)
     # the decode's value of each response token's state: the same numbers from the KV-cache pass
     real = ro.response_mask.bool()
     torch.testing.assert_close(ro.sampling_values[real], ppo_math.predicting(values, length)[real], rtol=0,
@@ -107,12 +107,12 @@ def test_the_value_loss_reaches_the_policy_adapter_through_vf_coef(parents):
         return [x.grad.clone() for role in params.values() for x in role]
 
     with_value, without = grads(0.5), grads(0.0)
-    bias = models.value_head.bias
+    bias = models.critic.head.bias
     index = next(i for i, x in enumerate(x for role in params.values() for x in role) if x is bias)
     assert with_value[index].item() == pytest.approx(-0.5, abs=1e-4)
     # the value loss's own gradient in the policy adapter, by autograd on a fresh forward
     policy = params["policy"]
-    values = ppo_math.predicting(models.policy_and_values(ro.ids, ro.mask, length + 1)[1], length)
+    values = ppo_math.predicting(models.critic.with_policy(ro.ids, ro.mask, length + 1)[1], length)
     vf = 0.5 * ppo_math.masked_mean((values - returns) ** 2, rmask)
     expected = torch.autograd.grad(vf, policy, allow_unused=True)
     moved = 0

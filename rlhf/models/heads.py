@@ -125,12 +125,11 @@ def head_values(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
 
-def save_value_head(head: nn.Linear, out: Path, critic: str) -> None:
-    """The value head at ``out/value/value_head.safetensors``, its metadata saying which hidden state it reads
-    (``critic``: "adapter", the value adapter's or value model's; "shared", the policy's)."""
+def save_value_head(head: nn.Linear, out: Path, critic: str, reads: str) -> None:
+    """The value head at ``out/value/value_head.safetensors``, its metadata naming the ``critic`` and which hidden
+    state it ``reads``."""
     from safetensors.torch import save_file
 
     (out / "value").mkdir(parents=True, exist_ok=True)
-    reads = "the policy's last hidden state" if critic == "shared" else "the value adapter's last hidden state"
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / "value" / "value_head.safetensors"),
               metadata={"critic": critic, "reads": reads})

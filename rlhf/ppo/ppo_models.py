@@ -6,16 +6,14 @@ forward pass selects its adapter first:
 - ``policy``     trainable, initialised from the SFT adapter
 - ``reference``  the SFT adapter again, frozen
 - ``reward``     the reward model's adapter, frozen, read through the reward model's score head
-- ``value``      trainable, initialised from the reward model's adapter, read through a value head initialised
-                 from the score head
+- ``value``      the adapter critic's (``rlhf.ppo.critics``): trainable, initialised from the reward model's
+                 adapter, read through a value head initialised from the score head
 
-Without a reward model (a reward of scorers alone, ``rlhf.feedback.scorers``) there is no ``reward`` adapter, and the
-value adapter starts as the SFT adapter (a fresh one without SFT) under a value head that starts at zero. With the
-shared critic (``ppo.critic: shared``, ``critic="shared"``) there is no value adapter either: a value head, starting
-at zero, reads the policy's own last hidden state, so one forward pass of the policy gives logits and values
-(``policy_and_values``) and the sampling pass gives the rollout's values. With a critic-free advantage estimator
-(``ppo.advantage``: grpo, dr_grpo, rloo, reinforce_pp) there is no value adapter or head at all (``critic=None``):
-nothing of it is created, trained or saved.
+Without a reward model (a reward of scorers alone, ``rlhf.feedback.scorers``) there is no ``reward`` adapter. The
+critic is an object of its own (``models.critic``, ``rlhf.ppo.critics``): the value adapter above, or the shared
+critic's value head on the policy's own last hidden state (``ppo.critic: shared``: no value adapter, and the policy's
+passes give the values too), or None with a critic-free advantage estimator (``ppo.advantage``: grpo, dr_grpo,
+rloo, reinforce_pp), when nothing of a critic is created, trained or saved.
 
 With a method that trains base weights (full, bitfit, freeze) they are separate model copies. Both layouts are
 ``PPOModels`` (the interface the PPO loop is written against), so the loop does not know which one it runs on.
@@ -34,7 +32,7 @@ from torch import nn
 
 from rlhf.engine import rollout
 from rlhf.models import heads, method_table, methods, modeling
-from rlhf.ppo import ppo_math, precision
+from rlhf.ppo import critics, ppo_math, precision
 from rlhf.scale import distributed
 from rlhf.text import encoding
 from rlhf.config import ModelConfig
@@ -73,17 +71,14 @@ class PPOModels(Protocol):
     """the tokenizer's size: ids at or above it (a padded embedding's rows) are never sampled and take no
     probability in ``sample`` and ``policy_logits`` alike (``ppo_math.restrict_vocab``); None: every id"""
 
-    critic: str | None
-    """the value model: "adapter" (its own adapter or copy under a value head), "shared" (a value head on the
-    policy's last hidden state) or None (a critic-free estimator; ``values`` must not be called)"""
+    critic: critics.Critic | None
+    """the critic (``rlhf.ppo.critics``): its values, parameters, saving and loading, and whether its values come
+    with the policy's passes; None for a critic-free estimator"""
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The value head at every position, ``[B, L]`` in float32."""
-
-    def policy_and_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shared critic's one pass: the policy's logits of the last ``keep`` positions (as ``policy_logits``)
-        and the value head on the same positions' last hidden state, ``([B, keep, vocab], [B, keep])``."""
+    def policy_with_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the policy: its logits of the last ``keep`` positions (as ``policy_logits``) and the same
+        positions' last hidden states (what the shared critic's head reads), ``([B, keep, vocab], [B, keep, H])``."""
 
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The reward model's score of each whole sequence, ``[B]`` in float32."""
@@ -95,7 +90,7 @@ class PPOModels(Protocol):
         before each token too."""
 
     def parameters(self, role: str) -> list[nn.Parameter]:
-        """The trainable parameters of "policy" or "value" (none for "value" without a critic)."""
+        """The trainable parameters of "policy" or "value" (the critic's; none without a critic)."""
 
     def all_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the four models, each once (for the manifest's parameter count)."""
@@ -156,25 +151,15 @@ def use_lean_lora(model: nn.Module) -> int:
     return len(layers)
 
 
-def sampling_head(models, values: bool):
-    """What ``rollout.decode`` reads values with (its ``value_head``): with ``values``, the shared critic's head on
-    the sampling pass's last hidden states; else None."""
-    if values and models.critic != "shared":
-        raise RuntimeError("values come from the sampling pass with the shared critic only")
-    return (lambda hidden: heads.head_values(models.value_head, hidden)) if values else None
-
-
-def logits_and_values(models, lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def logits_and_hidden(models, lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared critic's one pass of the causal LM ``lm`` (the policy): its logits of the last ``keep``
-    positions, exactly as ``policy_logits`` computes them (the same forward, asked for its hidden states too), and
-    ``models.value_head`` on the same positions' final hidden state (after the last norm: what the LM head
-    reads)."""
+    """One pass of the causal LM ``lm`` (the policy): its logits of the last ``keep`` positions, exactly as
+    ``policy_logits`` computes them (the same forward, asked for its hidden states too), and the same positions'
+    final hidden state (after the last norm: what the LM head reads), which the shared critic's head reads."""
     with autocast(models.device, models.autocast):
         out = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                  position_ids=encoding.position_ids(attention_mask), logits_to_keep=keep, output_hidden_states=True)
-    return (ppo_math.restrict_vocab(out.logits, models.vocab),
-            heads.head_values(models.value_head, out.hidden_states[-1][:, -keep:]))
+    return ppo_math.restrict_vocab(out.logits, models.vocab), out.hidden_states[-1][:, -keep:]
 
 
 @contextmanager
@@ -203,6 +188,7 @@ class SharedBase:
         from peft import PeftModel, get_peft_model
 
         base = modeling.load_base(cfg)
+        self.base_name = cfg.base
         if sft_dir is not None:
             self.model = PeftModel.from_pretrained(base, str(sft_dir), adapter_name="policy", is_trainable=True)
             self.model.load_adapter(str(sft_dir), adapter_name="reference")
@@ -211,28 +197,15 @@ class SharedBase:
                                         adapter_name="policy")
         self.has_reference_adapter = sft_dir is not None
         dtype = base.get_input_embeddings().weight.dtype  # a quantized base keeps its embeddings unquantized
-        self.reward_head = self.value_head = None
-        self.critic = critic
+        self.reward_head, head = None, None
         if rm_dir is not None:
-            with _score_head_apart():
-                self.model.load_adapter(str(rm_dir), adapter_name="reward")
+            self.load_reward_adapter(rm_dir, "reward")
             head = heads.score_head_weights(Path(rm_dir))
             self.reward_head = heads.linear_head(head, dtype).requires_grad_(False)
             # the pad token the reward model was trained with: a score is read where its training pooled
             self.reward_pad_id = modeling.load_tokenizer(cfg, str(rm_dir)).pad_token_id
-        if critic == "adapter" and rm_dir is not None:
-            with _score_head_apart():
-                self.model.load_adapter(str(rm_dir), adapter_name="value", is_trainable=True)
-            # the value head starts as the score head on the scale PPO's rewards use (normalised when they are)
-            self.value_head = heads.linear_head(head, dtype, value_shift, value_scale, bias=True)
-        elif critic == "adapter":  # scorers alone: the value model starts from the policy, predicting 0
-            if sft_dir is not None:
-                self.model.load_adapter(str(sft_dir), adapter_name="value", is_trainable=True)
-            else:
-                self.model.add_adapter("value", methods.peft_config(adapter_cfg, "CAUSAL_LM", cfg.base))
-            self.value_head = heads.zero_head(self.config.hidden_size, dtype)
-        elif critic == "shared":  # a head on the policy's hidden state: the score head read another adapter's
-            self.value_head = heads.zero_head(self.config.hidden_size, dtype)
+        self.critic = critics.KINDS[critic].for_shared_base(self, sft_dir, rm_dir, adapter_cfg, head, dtype,
+                                                            value_shift, value_scale) if critic else None
         # peft's set_adapter walks every module and resets requires_grad (~5 ms a switch here, a dozen switches a
         # step): switch once through it, fix trainability for good (policy and value train; reference and reward
         # never do), and from then on only repoint the adapter layers
@@ -244,6 +217,11 @@ class SharedBase:
                             and m is not self.model.base_model]
         self._active = "policy"
         self.lean_lora_layers = use_lean_lora(self.model)
+
+    def load_reward_adapter(self, rm_dir: Path, name: str, trainable: bool = False) -> None:
+        """A reward-model run's adapter as adapter ``name`` (its file's score head set apart: PPO reads it itself)."""
+        with _score_head_apart():
+            self.model.load_adapter(str(rm_dir), adapter_name=name, is_trainable=trainable)
 
     # -- adapter switching -----------------------------------------------------------------------------------
     def use(self, role: str) -> None:
@@ -295,32 +273,24 @@ class SharedBase:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                               position_ids=encoding.position_ids(attention_mask), logits_to_keep=keep).logits
 
-    def _hidden(self, role, input_ids, attention_mask):
+    def hidden(self, role: str, input_ids, attention_mask) -> torch.Tensor:
+        """The backbone's last hidden state at every position under the adapter of ``role``."""
         self.use(role)
         with autocast(self.device, self.autocast):
             return self._backbone()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                     position_ids=encoding.position_ids(attention_mask)).last_hidden_state
 
-    def values(self, input_ids, attention_mask) -> torch.Tensor:
-        """Value head output at every position, ``[batch, seq]`` (the head itself in full precision), on the value
-        adapter's hidden state, or the policy's with the shared critic."""
-        if not self.critic:
-            raise RuntimeError("PPO runs without a critic (ppo.advantage is critic-free)")
-        hidden = self._hidden("policy" if self.critic == "shared" else "value", input_ids, attention_mask)
-        return heads.head_values(self.value_head, hidden)
-
-    def policy_and_values(self, input_ids, attention_mask, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The policy's logits and the shared critic's values of the last ``keep`` positions, from one pass (the
-        logits are exactly ``policy_logits``': the same forward, which also returns its hidden states)."""
+    def policy_with_hidden(self, input_ids, attention_mask, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's logits of the last ``keep`` positions and their last hidden states, from one pass."""
         self.use("policy")
-        return logits_and_values(self, self.model, input_ids, attention_mask, keep)
+        return logits_and_hidden(self, self.model, input_ids, attention_mask, keep)
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
         """Reward of each whole sequence, read where the reward model trained (``heads.reward_index``),
         ``[batch]``."""
         if self.reward_head is None:
             raise RuntimeError("PPO runs without a reward model (ppo.reward has no reward_model term)")
-        hidden = self._hidden("reward", input_ids, attention_mask)
+        hidden = self.hidden("reward", input_ids, attention_mask)
         index = heads.reward_index(input_ids, attention_mask, self.reward_pad_id)
         last = hidden[torch.arange(len(hidden), device=hidden.device), index]
         return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
@@ -331,23 +301,22 @@ class SharedBase:
         self.use("policy")
         with autocast(self.device, self.autocast):
             return rollout.decode(self.model, input_ids, attention_mask, vocab=self.vocab,
-                                  value_head=sampling_head(self, values), **kwargs)
+                                  value_head=critics.sampling_head(self.critic, values), **kwargs)
 
     # -- training and saving -----------------------------------------------------------------------------------
     def parameters(self, role: str) -> list[nn.Parameter]:
-        """The trainable parameters of ``policy`` or ``value`` (the value head included)."""
-        params = [p for n, p in self.model.named_parameters() if f".{role}." in n or n.endswith(f".{role}")]
-        if role == "value" and self.critic:
-            params += list(self.value_head.parameters())
-        return params
+        """The trainable parameters of ``policy`` or ``value`` (the critic's: its adapter and head)."""
+        if role == "value":
+            return self.critic.parameters() if self.critic is not None else []
+        return [p for n, p in self.model.named_parameters() if f".{role}." in n or n.endswith(f".{role}")]
 
     def all_parameters(self) -> list[nn.Parameter]:
-        return list(self.model.parameters()) + (list(self.value_head.parameters()) if self.critic else [])
+        return list(self.model.parameters()) + [x for m in _critic_modules(self) for x in m.parameters()]
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
-        if self.critic:
-            self.value_head.train(mode)
+        if self.critic is not None:
+            self.critic.train(mode)
 
     def keep_frozen_in(self, dtype: torch.dtype) -> None:
         """Store the frozen base's linear weights in ``dtype`` (bf16 under bf16 autocast: the products are the same,
@@ -360,53 +329,48 @@ class SharedBase:
     def to(self, device) -> None:
         """Move everything to ``device`` (a quantized base was already placed there when it was loaded)."""
         modeling.place(self.model, device)
-        for head in (self.reward_head, self.value_head):
+        for head in (self.reward_head, *_critic_modules(self)):
             if head is not None:
                 head.to(device)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Everything PPO changes: the policy and value adapters and the value head (for resume checkpoints)."""
-        state = {k: v for k, v in self.model.state_dict().items() if ".policy." in k or ".value." in k}
-        if self.critic:
-            state.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
-        return state
+        """Everything PPO changes: the policy adapter and the critic's weights (for resume checkpoints)."""
+        state = {k: v for k, v in self.model.state_dict().items() if ".policy." in k}
+        return {**state, **(self.critic.trainable_state(False) if self.critic is not None else {})}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        head = {k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")}
-        if self.critic:
-            self.value_head.load_state_dict(head)
-        elif head:
-            raise UserError("resume checkpoint holds a value head, but this run has no critic (ppo.advantage)")
+        if self.critic is not None:
+            self.critic.load_trainable_state(state, False)
+        else:
+            critics.no_critic_state(state)
         missing = self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("value_head.")},
                                              strict=False)
         if missing.unexpected_keys:
             raise UserError(f"resume checkpoint does not fit the model (e.g. {missing.unexpected_keys[0]})")
 
     def saved_files(self, method: str) -> list[tuple[str, ...]]:
-        """What ``save`` writes (``Run.finish`` checks it): the policy adapter, and the critic's adapter and head
-        or head alone."""
-        critic = {"adapter": [*methods.saved_files(method, "value"), ("value/value_head.safetensors",)],
-                  "shared": [("value/value_head.safetensors",)]}.get(self.critic, [])
-        return [*methods.saved_files(method), *critic]
+        """What ``save`` writes (``Run.finish`` checks it): the policy adapter, and the critic's files."""
+        return [*methods.saved_files(method), *(self.critic.saved_files(method) if self.critic is not None else [])]
 
     def save(self, out: Path) -> None:
-        """Policy adapter files at ``out`` (loadable by plain peft on the base); the value adapter and head in
-        ``out/value`` with the adapter critic, the head alone with the shared one; written by the main process."""
-        if not distributed.is_main():
-            return
-        tmp = out / ".adapters"
-        adapter = self.critic == "adapter"
-        self.model.save_pretrained(str(tmp), selected_adapters=["policy", "value"] if adapter else ["policy"])
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            (tmp / "policy" / name).replace(out / name)
-        if adapter:
-            (tmp / "value").replace(out / "value")
-        tmp.joinpath("policy").rmdir()
-        for leftover in tmp.iterdir():  # peft writes a README next to the adapters
-            leftover.unlink() if leftover.is_file() else None
-        tmp.rmdir()
-        if self.critic:
-            heads.save_value_head(self.value_head, out, self.critic)
+        """Policy adapter files at ``out`` (loadable by plain peft on the base), the critic's under ``out/value``;
+        written by the main process."""
+        if distributed.is_main():
+            tmp = out / ".adapters"
+            self.model.save_pretrained(str(tmp), selected_adapters=["policy"])
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                (tmp / "policy" / name).replace(out / name)
+            tmp.joinpath("policy").rmdir()
+            for leftover in tmp.iterdir():  # peft writes a README next to the adapters
+                leftover.unlink() if leftover.is_file() else None
+            tmp.rmdir()
+        if self.critic is not None:
+            self.critic.save(out, False)
+
+
+def _critic_modules(models) -> list[nn.Module]:
+    """The modules a layout's critic holds beside the layout's own models (none without a critic)."""
+    return models.critic.modules() if models.critic is not None else []
 
 
 class SeparateCopies:
@@ -430,36 +394,27 @@ class SeparateCopies:
         # sharded: only the main process reads the weights; the others build each model's shapes on the meta device
         # (no memory) and receive their shards from it when it is sharded (``distributed.shard``'s from_main)
         load = distributed.loader(from_main=shard)
-        self.policy = load(AutoModelForCausalLM, str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
-                           use_safetensors=True, **kwargs)
+        source = str(sft_dir) if sft_dir else cfg.base
+        self.policy = load(AutoModelForCausalLM, source, dtype=dtype, use_safetensors=True, **kwargs)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
         if shard:  # sharded at once: fewer whole copies held at the same time while loading
             distributed.shard([self.reference], from_main=True)
-        self.reward = self.value = self.value_head = None
-        self.critic = critic
+        self.reward = None
         if rm_dir is not None:
             self.reward = load(AutoModelForSequenceClassification, str(rm_dir), dtype=dtype, num_labels=1,
                                use_safetensors=True, **kwargs)
             self.reward.requires_grad_(False).eval()
-        if critic == "shared":  # a head on the policy's hidden state
-            dtype = self.policy.get_input_embeddings().weight.dtype
-            self.value_head = heads.zero_head(self.policy.config.hidden_size, dtype)
-        elif critic and rm_dir is not None:
-            self.value = copy.deepcopy(self.reward).requires_grad_(True)
-            head = heads.score_head(self.value)
-            weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            self.value.score = heads.linear_head(weights, head.weight.dtype, value_shift, value_scale, bias=True)
-        elif critic:  # scorers alone: the value model starts from the policy, predicting 0
-            self.value = load(AutoModelForSequenceClassification, str(sft_dir) if sft_dir else cfg.base, dtype=dtype,
-                              num_labels=1, use_safetensors=True, **kwargs)
-            if self.value.config.pad_token_id is None:
-                self.value.config.pad_token_id = self.policy.config.pad_token_id
-            self.value.score = heads.zero_head(self.value.config.hidden_size,
-                                          heads.score_head(self.value).weight.dtype)
+
+        def value(path: str):  # the value model of a critic started from the policy's weights
+            return load(AutoModelForSequenceClassification, path, dtype=dtype, num_labels=1, use_safetensors=True,
+                        **kwargs)
+
+        self.critic = critics.KINDS[critic].for_copies(self, sft_dir, rm_dir, value, source, value_shift,
+                                                       value_scale) if critic else None
         if adapter_cfg is not None and adapter_cfg.method != "full":  # bitfit / freeze: the same weights as in SFT
             methods.prepare(self.policy, adapter_cfg, "CAUSAL_LM")
-            if self.value is not None:
-                methods.prepare(self.value, adapter_cfg, "SEQ_CLS")
+            if getattr(self.critic, "copy", None) is not None:
+                methods.prepare(self.critic.copy, adapter_cfg, "SEQ_CLS")
         if shard:
             self.shard()
 
@@ -471,6 +426,15 @@ class SeparateCopies:
     def config(self):
         return self.policy.config
 
+    def autocasting(self):
+        """The autocast every forward pass of these models runs under."""
+        return autocast(self.device, self.autocast)
+
+    def _models(self) -> list[nn.Module]:
+        """The whole models: policy, reference, reward (when there is one) and the critic's value model."""
+        return [m for m in (self.policy, self.reference, self.reward, getattr(self.critic, "copy", None))
+                if m is not None]
+
     def shard(self) -> None:
         """FSDP2 over every process (``distributed.shard``): the policy and value models, whose gradients and Adam
         state are then sharded too, and the frozen reference (sharded as soon as it is copied) and reward copies.
@@ -479,9 +443,9 @@ class SeparateCopies:
         gradient all-reduced. The manifest's ``shards`` counts what each process holds."""
         from torch.distributed.fsdp import FSDPModule
 
-        models = [m for m in (self.policy, self.reference, self.reward, self.value) if m is not None]
+        models = self._models()
         distributed.shard([m for m in models if not isinstance(m, FSDPModule)], from_main=True)
-        distributed.record_shards(*models, *([self.value_head] if self.value_head is not None else []))
+        distributed.record_shards(*models, *[m for m in _critic_modules(self) if m not in models])
         self.sharded = True
 
     def policy_logits(self, input_ids, attention_mask, keep: int, role: str = "policy") -> torch.Tensor:
@@ -491,16 +455,8 @@ class SeparateCopies:
                            position_ids=encoding.position_ids(attention_mask), logits_to_keep=keep).logits
         return ppo_math.restrict_vocab(logits, self.vocab)
 
-    def values(self, input_ids, attention_mask) -> torch.Tensor:
-        if not self.critic:
-            raise RuntimeError("PPO runs without a critic (ppo.advantage is critic-free)")
-        if self.critic == "shared":
-            return self.policy_and_values(input_ids, attention_mask, input_ids.shape[1])[1]
-        with autocast(self.device, self.autocast):
-            return heads.token_scores(self.value, input_ids, attention_mask).float()
-
-    def policy_and_values(self, input_ids, attention_mask, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return logits_and_values(self, self.policy, input_ids, attention_mask, keep)
+    def policy_with_hidden(self, input_ids, attention_mask, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_hidden(self, self.policy, input_ids, attention_mask, keep)
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
         if self.reward is None:
@@ -509,71 +465,63 @@ class SeparateCopies:
             return heads.sequence_scores(self.reward, input_ids, attention_mask).float()
 
     def sample(self, input_ids, attention_mask, values: bool = False, **kwargs) -> rollout.Samples:
-        head = sampling_head(self, values)
+        head = critics.sampling_head(self.critic, values)
         # sharded: the policy's weights gathered once for the whole rollout, not a unit at a time for every token
         with autocast(self.device, self.autocast), distributed.gathered(self.policy):
             return rollout.decode(self.policy, input_ids, attention_mask, vocab=self.vocab, value_head=head,
                                   **kwargs)
 
     def parameters(self, role: str) -> list[nn.Parameter]:
-        model = self.policy if role == "policy" else self.value if self.value is not None else self.value_head
-        return [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        if role == "value":
+            return self.critic.parameters() if self.critic is not None else []
+        return [p for p in self.policy.parameters() if p.requires_grad]
 
     def all_parameters(self) -> list[nn.Parameter]:
-        return [x for m in (self.policy, self.reference, self.reward, self.value, self.value_head) if m is not None
-                for x in m.parameters()]
+        models = self._models()
+        return [x for m in models + [m for m in _critic_modules(self) if m not in models] for x in m.parameters()]
 
     def train(self, mode: bool = True) -> None:
-        for model in (self.policy, self.value, self.value_head):
-            if model is not None:
-                model.train(mode)
+        self.policy.train(mode)
+        if self.critic is not None:
+            self.critic.train(mode)
 
     def keep_frozen_in(self, dtype: torch.dtype) -> None:
         """Nothing: the frozen reference and reward copies keep their dtype (only SharedBase stores its frozen
         base in the autocast dtype)."""
 
     def to(self, device) -> None:
-        for model in (self.policy, self.reference, self.reward, self.value):
-            if model is not None and not self.sharded:  # shards are on this process's device already
+        models = self._models()
+        for model in models:
+            if not self.sharded:  # shards are on this process's device already
                 modeling.place(model, device)
-        if self.value_head is not None:
-            self.value_head.to(device)
+        for module in _critic_modules(self):
+            if module not in models:  # a head
+                module.to(device)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trained weights, whole (sharded ones gathered: every process calls it), so a resume checkpoint
         does not depend on how many processes wrote it."""
-        state = {}
-        for name, model in (("policy", self.policy), ("value", self.value), ("value_head", self.value_head)):
-            if model is not None:
-                weights = distributed.full_state_dict(model) if self.sharded else model.state_dict()
-                state.update({f"{name}.{k}": v.clone() for k, v in weights.items()})
-        return state
+        weights = distributed.full_state_dict(self.policy) if self.sharded else self.policy.state_dict()
+        state = {f"policy.{k}": v.clone() for k, v in weights.items()}
+        return {**state, **(self.critic.trainable_state(self.sharded) if self.critic is not None else {})}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        for name, model in (("policy", self.policy), ("value", self.value), ("value_head", self.value_head)):
-            if model is None:
-                continue
-            weights = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-            if self.sharded:  # each process keeps its shard of the whole weights
-                own = model.state_dict(keep_vars=True)
-                weights = {k: distributed.shard_like(v, own[k]) for k, v in weights.items() if k in own}
-            model.load_state_dict(weights, strict=name == "value_head")
+        critics.load_copy(self.policy, "policy", state, self.sharded)
+        if self.critic is not None:
+            self.critic.load_trainable_state(state, self.sharded)
+        else:
+            critics.no_critic_state(state)
 
     def saved_files(self, method: str) -> list[tuple[str, ...]]:
-        """What ``save`` writes (``Run.finish`` checks it): the policy, and the value model or the shared critic's
-        head."""
-        critic = (methods.saved_files("full", "value") if self.value is not None else
-                  [("value/value_head.safetensors",)] if self.value_head is not None else [])
-        return [*methods.saved_files("full"), *critic]
+        """What ``save`` writes (``Run.finish`` checks it): the policy, and the critic's files."""
+        return [*methods.saved_files("full"), *(self.critic.saved_files(method) if self.critic is not None else [])]
 
     def save(self, out: Path) -> None:
-        for model, where in ((self.policy, out), (self.value, out / "value")):
-            if model is not None:
-                weights = distributed.full_state_dict(model) if self.sharded else None
-                if distributed.is_main():
-                    model.save_pretrained(str(where), state_dict=weights)
-        if self.value_head is not None and distributed.is_main():
-            heads.save_value_head(self.value_head, out, "shared")
+        weights = distributed.full_state_dict(self.policy) if self.sharded else None
+        if distributed.is_main():
+            self.policy.save_pretrained(str(out), state_dict=weights)
+        if self.critic is not None:
+            self.critic.save(out, self.sharded)
 
 
 def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
@@ -584,8 +532,8 @@ def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | Non
     that ``mixed_precision`` ("auto", "bf16" or "no") resolves to (``precision.autocast_dtype``; the models' ``autocast``
     and ``bf16_speedup`` say what it resolved to). The value head starts as the reward model's score head mapped
     to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises; without a reward model
-    (``rm_dir`` None) it starts at zero on the policy's weights; ``critic`` "shared": a head starting at zero on the
-    policy's hidden state; None: no value model at all.
+    (``rm_dir`` None) it starts at zero on the policy's weights; ``critic`` names the critic (``critics.KINDS``:
+    "shared", a head starting at zero on the policy's hidden state), None for no critic at all.
     ``vocab``: the tokenizer's size (``PPOModels.vocab``). ``shard``: FSDP2 over the processes (full fine-tuning
     only, ``SeparateCopies.shard``)."""
     device = torch.device(device)

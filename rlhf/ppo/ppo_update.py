@@ -84,10 +84,10 @@ def ppo_epochs(models: PPOModels, optimizer, params, batch: Batch, p: PPOConfig,
     The loss: the policy objective (``ppo.policy_loss``: the clipped surrogate, GSPO's or CISPO's) minus the
     entropy bonus, plus ``kl_coef`` times the KL to the reference when ``ppo.kl_in`` makes it a loss term, each
     aggregated over tokens and responses as ``ppo.loss_aggregation`` says, plus the clipped value loss (a token
-    mean) when there is a critic. With the shared critic (``ppo.critic: shared``) one forward pass gives the
-    logits and the values, and one backward takes both losses (the value loss's gradient reaches the policy
-    adapter through ``ppo.vf_coef``); with the adapter critic the value adapter has a forward and backward of its
-    own.
+    mean) when there is a critic. A critic whose values come with the policy's pass (the shared critic) gives
+    them from the one forward that gives the logits, and one backward takes both losses (the value loss's
+    gradient reaches the policy's weights through ``ppo.vf_coef``); another (the adapter critic) has a forward and
+    backward of its own.
 
     Each loss is that of the whole mini-batch, across micro-batches and processes (every micro-batch's aggregate
     is weighted by its share of the mini-batch's tokens or responses, ``ppo_math.batch_share``), and the
@@ -103,7 +103,8 @@ def ppo_epochs(models: PPOModels, optimizer, params, batch: Batch, p: PPOConfig,
     epochs_run = 0
     first_ratio = 0.0  # this process's part of the first mini-batch's mean ratio, before any update of the step
     grad_norms: dict[str, list[float]] = {role: [] for role in params}
-    shared = "value" in params and p.value_model == "shared"
+    critic = models.critic
+    joint = critic is not None and critic.on_policy_pass  # one pass gives the policy's logits and the values
     for epoch in range(p.ppo_epochs):
         epochs_run += 1
         epoch_kl = 0.0  # this process's part of the epoch's mean approximate KL
@@ -120,8 +121,8 @@ def ppo_epochs(models: PPOModels, optimizer, params, batch: Batch, p: PPOConfig,
                 by_token = rmask.sum() / tokens  # this micro-batch's part of the mini-batch's token means
                 share = ppo_math.batch_share(rmask, how, tokens, responses)  # and of its losses
                 vpred = None
-                if shared:  # one pass: the policy's logits and the values on its hidden state
-                    logits, vpred = (predicting(x, length) for x in models.policy_and_values(ids, mask, length + 1))
+                if joint:  # one pass: the policy's logits and the values on its hidden state
+                    logits, vpred = (predicting(x, length) for x in critic.with_policy(ids, mask, length + 1))
                 else:
                     logits = response_logits(models, ids, mask, length)
                 logp = ppo_math.logprobs_from_logits(logits, episodes.response[micro], p.temperature)
@@ -143,11 +144,11 @@ def ppo_epochs(models: PPOModels, optimizer, params, batch: Batch, p: PPOConfig,
                     loss = loss + kl_coef * kl
                     logged.append(("policy/kl_loss", kl, share))
                 objective = loss * share
-                if "value" in params:
-                    if vpred is None:  # the value adapter's own pass, after the policy's graph is freed
+                if critic is not None:
+                    if vpred is None:  # the critic's own pass, after the policy's graph is freed
                         objective.backward()
                         objective = 0.0
-                        vpred = predicting(models.values(ids, mask), length)
+                        vpred = predicting(critic.values(ids, mask), length)
                     vf_loss, vstats = ppo_math.value_loss(vpred, batch.values[micro], batch.returns[micro], rmask,
                                                           p.value_clip)
                     objective = objective + p.value_coef * vf_loss * by_token
@@ -219,8 +220,8 @@ def probe_pass(models: PPOModels, params: dict[str, list[torch.nn.Parameter]], q
     logits = response_logits(models, ids, mask, length)
     loss = ppo_math.logprobs_from_logits(logits, response, p.temperature).mean()
     outputs.append(logits.detach())
-    if "value" in params:
-        values = models.values(ids, mask)
+    if models.critic is not None:
+        values = models.critic.values(ids, mask)
         loss = loss + values.float().pow(2).mean()
         outputs.append(values.detach())
     trainable = [x for role in params.values() for x in role]

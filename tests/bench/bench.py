@@ -375,13 +375,13 @@ def update_profile(p: dict, batch: int = 32, length: int = 70, keep: int = 65, r
         out["precision"] = "bf16" if models.autocast else "fp32"
 
         def policy_step():
-            logits, values = models.policy_and_values(ids, mask, keep)
+            logits, values = models.critic.with_policy(ids, mask, keep)
             (logits.float().logsumexp(-1).mean() + values.mean()).backward()
 
         def adapter_step():
             logits = models.policy_logits(ids, mask, keep)
             logits.float().logsumexp(-1).mean().backward()
-            models.values(ids, mask).mean().backward()
+            models.critic.values(ids, mask).mean().backward()
 
         def forward():
             with torch.no_grad():

@@ -232,13 +232,15 @@ def reward_for(recipe: Recipe, reward: str | None, share_base: bool, progress: b
     positions (eval reports a reward for every row, whatever the run's rm.max_length)."""
     reward_dir = Path(reward) if reward else recipe.stage_dir("rm")
     batch = recipe.eval.batch_size
-    if reward and not rewards.is_run(reward):  # a published reward model: its own tokenizer and template
-        return reward_dir, rewards.load(reward, batch_size=batch), None
-    if share_base and method_table.kind(modeling.read_run(reward_dir, "reward model").method) == "peft":
+    model = (rewards.load(reward, batch_size=batch, max_length=None) if reward else
+             rewards.RunReward(reward_dir, batch_size=batch, max_length=None))
+    if model.run is None:  # a published reward model: its own tokenizer and template
+        return reward_dir, model, None
+    if share_base and method_table.kind(model.run.method) == "peft":
         shared = one_base.OneBase(reward_dir)
-        return reward_dir, rewards.RunReward(reward_dir, shared.reward, shared.reward_tokenizer, batch_size=batch,
+        return reward_dir, rewards.RunReward(model.run, shared.reward, shared.reward_tokenizer, batch_size=batch,
                                              max_length=None, progress=progress), shared
-    return reward_dir, rewards.RunReward(reward_dir, batch_size=batch, max_length=None, progress=progress), None
+    return reward_dir, rewards.RunReward(model.run, batch_size=batch, max_length=None, progress=progress), None
 
 
 def fitting_prompts(recipe: Recipe, prompt_rows: list, source: str, reward_model: rewards.RewardModel

@@ -84,20 +84,15 @@ class Setup:
         return self.p.global_batch(distributed.world_size())
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reward:
     """What PPO maximises (``ppo.reward``): the reward model's weight (0: no reward model) and the scorers'."""
 
     model_weight: float
     scorers: list[tuple[scorers.Scorer, float]]
-    model: rewards.RewardModel | None = None
-    """the reward model weighed by ``model_weight``: a published one (``--reward`` a model, not a run) from the
-    start, or the reward adapter on the policy's base once the models are loaded (``rewards.TokenReward``)"""
-
-    @property
-    def in_process(self) -> bool:
-        """Whether the reward model is the reward adapter on the policy's base (not a separate published model)."""
-        return bool(self.model_weight) and (self.model is None or isinstance(self.model, rewards.TokenReward))
+    model: rewards.RewardModel | None
+    """the reward model weighed by ``model_weight``: a reward-model run's adapter on the policy's base, reading the
+    episodes' token ids (``rewards.TokenReward``), or a published model reading their text; None without one"""
 
     def describe(self) -> dict:
         """For the manifest: each term's weight (scorers by name, with the spec they load from)."""
@@ -138,11 +133,13 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     if reward and not model_weight:
         raise UserError(f"--reward {reward}: {recipe.source}: ppo.reward has no reward_model term, so PPO uses no "
                         "reward model")
-    published = None
-    if reward and not rewards.is_run(reward):  # a published reward model: a separate frozen model, text in
-        published = rewards.load(reward, dtype=recipe.model.dtype, device=distributed.device(),
-                                 batch_size=p.micro_batch_size)
-    sft, rm = resolve_parents(recipe, policy, reward if model_weight and published is None else False)
+    sft = None if policy == "base" else modeling.read_run(policy or recipe.stage_dir("sft"), "policy")
+    # the reward model, decided once: a run of ours (its adapter will sit on the policy's base, nothing loaded here)
+    # or a published model (a separate frozen model reading text, loaded now)
+    reward_model = (rewards.load(reward, dtype=recipe.model.dtype, device=distributed.device(),
+                                 batch_size=p.micro_batch_size) if reward else
+                    rewards.RunReward(recipe.stage_dir("rm"))) if model_weight else None
+    rm = check_parents(sft, reward_model.run if reward_model is not None else None)
     eval_scorers = scorers.load_all(recipe.eval.scorers, f"{recipe.source}: eval.scorers") if p.eval_every else []
     prompts = formats.load(recipe.data.prompts, "prompts", columns=recipe.data.columns, split=recipe.data.split,
                            on_bad_row=recipe.data.on_bad_row)
@@ -161,7 +158,7 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
                                                             p.max_prompt_length + p.max_new_tokens}, recipe.source)
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
         run.track(recipe)
-        s = setup(recipe, run, (base_cfg, method, adapter_cfg), sft, rm, Reward(model_weight, terms, published),
+        s = setup(recipe, run, (base_cfg, method, adapter_cfg), sft, rm, (model_weight, terms, reward_model),
                   prompts, eval_prompts, eval_scorers)
         state = start(s)
         with preempt.handlers("ppo"):
@@ -191,21 +188,16 @@ def check_sharding(method: str, fixed_by: str = "") -> None:
                             "(fsdp_config: fsdp_version: 2, as recipes/accelerate/fsdp.yaml)")
 
 
-def resolve_parents(recipe: Recipe, policy: str | None, reward: str | None | bool
-                    ) -> tuple[modeling.ParentRun | None, modeling.ParentRun | None]:
-    """The SFT and RM runs, checked: finished, the right stages, the same base and method. ``reward`` False: no
-    reward model (a reward of scorers alone); ``policy`` "base": no SFT run."""
-    sft = None if policy == "base" else modeling.read_run(policy or recipe.stage_dir("sft"), "policy")
-    if reward is False:
-        return sft, None
-    rm = modeling.read_run(reward or recipe.stage_dir("rm"), "reward model")
-    if sft is not None:
+def check_parents(sft: modeling.ParentRun | None, rm: modeling.ParentRun | None) -> modeling.ParentRun | None:
+    """The reward-model run (None: a published reward model, or none), checked against the SFT run: one base and
+    one adapter method for both, since the reward adapter sits on the policy's base."""
+    if sft is not None and rm is not None:
         if not modeling.same_base(sft.model.base, rm.model.base):
             raise UserError(f"{sft.dir} was trained on base {sft.model.base!r} but {rm.dir} on {rm.model.base!r}; "
                             "PPO needs one base for both")
         if sft.method != rm.method:
             raise UserError(f"{sft.dir} ({sft.method}) and {rm.dir} ({rm.method}) must use the same adapter method")
-    return sft, rm
+    return rm
 
 
 def model_source(recipe: Recipe, sft: modeling.ParentRun | None, rm: modeling.ParentRun | None
@@ -219,7 +211,7 @@ def model_source(recipe: Recipe, sft: modeling.ParentRun | None, rm: modeling.Pa
 
 
 def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfig], sft: modeling.ParentRun | None,
-          rm: modeling.ParentRun | None, reward: Reward, prompts, eval_prompts: list[list[dict]] | None,
+          rm: modeling.ParentRun | None, reward: tuple, prompts, eval_prompts: list[list[dict]] | None,
           eval_scorers: list[scorers.Scorer]) -> Setup:
     """The four models on one base (``source``: its settings, the method and its options, ``model_source``), the
     tokenizer, the encoded prompts and the trainable parameters."""
@@ -239,8 +231,9 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     shift, scale = 0.0, 1.0
     if rm is not None and p.normalize_reward:
         shift, scale = rm.reward_stats["mean"], rm.reward_stats["std"]
-    if reward.in_process:  # the value head starts on the reward model's scale
-        scale = scale / reward.model_weight
+    model_weight, terms, reward_model = reward  # weight, scorers, the reward model (``main``)
+    if rm is not None:  # the reward adapter on the policy's base: the value head starts on the reward model's scale
+        scale = scale / model_weight
     n_proc, main = distributed.world_size(), distributed.is_main()
     encoded, kept = encoding.encode_prompts(tokenizer, prompts.rows, p.max_prompt_length)
     too_long = len(prompts.rows) - len(kept)
@@ -267,9 +260,10 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
         lambda precision_: ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
                                            mixed_precision=precision_, critic=p.value_model, vocab=len(tokenizer),
                                            shard=distributed.sharding() == "fsdp" and n_proc > 1),
-        setting, measured, p, tokenizer, encoded, reward.in_process, main)
-    if reward.in_process:
-        reward.model = rewards.TokenReward(models.scores, tokenizer, rm.dir, rm.reward_stats, models.device)
+        setting, measured, p, tokenizer, encoded, main)
+    if rm is not None:  # the run's reward model is its adapter on the policy's base, reading token ids
+        reward_model = rewards.TokenReward(models.scores, tokenizer, rm.dir, rm.reward_stats, models.device)
+    reward = Reward(model_weight, terms, reward_model)
     return Setup(recipe=recipe, p=p, run=run, models=models, tokenizer=tokenizer, model_cfg=model_cfg,
                  method=method, sft_dir=sft_dir, rm_dir=rm_dir, reward=reward,
                  prompts=prompts, encoded=encoded, messages=[prompts.rows[i] for i in kept],
@@ -279,7 +273,7 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
 
 
 def load_checked(load, setting: str, measured: float | None, p: PPOConfig, tokenizer, encoded: list[list[int]],
-                 reward_in_process: bool, main: bool) -> tuple[PPOModels, dict, float]:
+                 main: bool) -> tuple[PPOModels, dict, float]:
     """The models loaded in ``setting``'s precision (``load(setting)``), their trainable parameters by role and the
     seconds the repeatability check took. The check (``precision.repeats`` of ``probe_pass`` on the first prompts)
     sets ``models.repeatable``; "auto" falls back to fp32 where bf16 passes do not repeat bit for bit. The bf16
@@ -292,8 +286,7 @@ def load_checked(load, setting: str, measured: float | None, p: PPOConfig, token
         query, query_mask = (x.to(models.device) for x in left_pad(encoded[:4], tokenizer.pad_token_id))
         checked = time.perf_counter()
         models.repeatable = precision.repeats(lambda: probe_pass(
-            models, params, query, query_mask, p, tokenizer.eos_token_id, tokenizer.pad_token_id,
-            reward_in_process), models.device)
+            models, params, query, query_mask, p, tokenizer.eos_token_id, tokenizer.pad_token_id), models.device)
         checked = time.perf_counter() - checked
         if models.repeatable or models.autocast is None or attempt != "auto":
             break
@@ -497,7 +490,7 @@ def score(s: Setup, episodes: Episodes, prompts: list[int], state: State) -> Sco
     first step's samples (every process's) and kept for the run; the reward adapter reads the episodes' token ids
     and its run's stored statistics."""
     p, weighted, rm = s.p, [], s.reward.model
-    reads_text = bool(s.reward.scorers) or (s.reward.model_weight and not s.reward.in_process)
+    reads_text = bool(s.reward.scorers) or (rm is not None and not rm.reads_ids)
     texts = ([t.strip() for t in s.tokenizer.batch_decode(episodes.response, skip_special_tokens=True)]
              if reads_text else None)  # the reward adapter reads the episodes' token ids
     messages = [s.messages[i] for i in prompts]

@@ -59,11 +59,11 @@ def test_ppo_probe_pass_repeats_here(setting):
     rows = [[{"role": "user", "content": q}] for q in ("What is 2 plus 3?", "Name a colour.", "Say hi.")]
     query, mask = left_pad(encoding.encode_prompts(tok, rows, 64)[0], tok.pad_token_id)
     params = {role: models.parameters(role) for role in ("policy", "value")}
-    outputs = probe_pass(models, params, query, mask, p, tok.eos_token_id, tok.pad_token_id, reward=False)
+    outputs = probe_pass(models, params, query, mask, p, tok.eos_token_id, tok.pad_token_id)
     assert len(outputs) > 5 and all(torch.isfinite(x.float()).all() for x in outputs[1:])
     assert all(x.grad is None for role in params.values() for x in role)  # nothing left behind
     same = precision.repeats(lambda: probe_pass(models, params, query, mask, p, tok.eos_token_id,
-                                                tok.pad_token_id, reward=False), CPU)
+                                                tok.pad_token_id), CPU)
     if setting == "bf16" and not same:
         pytest.skip(f"bf16 passes do not repeat bit for bit on this CPU ({precision.machine_key(256)}): "
                     "mixed_precision auto runs fp32 here")

@@ -25,12 +25,10 @@ passes for K candidates).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
 from rlhf.errors import UserError
-from rlhf.names import is_local
 
 GRADE_TEMPLATE = (
     "You are judging an assistant's answer.\n\n"
@@ -58,20 +56,18 @@ class Judge:
     """A judge model on this process's accelerator, frozen, in eval mode (module docstring)."""
 
     def __init__(self, spec: str, device: torch.device | str | None = None, batch_size: int = 8):
-        from rlhf.feedback import rewards
         from rlhf.models import modeling
         from rlhf.config import ModelConfig
 
         if not spec:
             raise UserError("judge: names no model (judge:MODEL_DIR, judge:HUB_ID or judge:RUN_DIR)")
         self.spec, self.batch_size = spec, batch_size
-        if rewards.is_run(spec):
-            if modeling.read_run(spec).stage == "rm":
+        found = modeling.find(spec, what="a judge", prefix="judge:")
+        if isinstance(found, modeling.ParentRun):
+            if found.stage == "rm":
                 raise UserError(f"judge:{spec} is a reward-model run; a judge is a chat model (use rm:{spec})")
-            self.model, self.tokenizer = modeling.load_policy(spec, device=device)
+            self.model, self.tokenizer = modeling.load_policy(found.dir, device=device)
         else:
-            if is_local(spec) and not Path(spec).expanduser().exists():
-                raise UserError(f"judge:{spec}: not found (a model directory, a hub id or a run directory)")
             cfg = ModelConfig(base=spec)
             self.tokenizer = modeling.load_tokenizer(cfg)
             self.model = modeling.load_base(cfg, device=device or modeling.accelerator()).eval()

@@ -81,6 +81,12 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
 class RewardModel:
     """What every reward model offers (module docstring)."""
 
+    run: modeling.ParentRun | None = None
+    """the reward-model run of ours it is (its adapter can sit on the policy's base); None for a published model"""
+    reads_ids = False
+    """whether it scores PPO's episodes by their token ids (the reward adapter on the policy's base) rather than
+    by their decoded text"""
+
     identity: dict | None = None
     """a published model's id, revision and directory hash (manifests and lineage); None for a run of this
     project (recorded as a parent run instead)"""
@@ -115,37 +121,53 @@ class RewardModel:
         return self.stats
 
 
-def is_run(spec: str | Path) -> bool:
-    """Whether ``spec`` is a run directory of this project (it has a manifest)."""
-    return (Path(spec).expanduser() / "manifest.json").is_file()
-
-
 def load(spec: str | Path, dtype: str | None = None, device: torch.device | str | None = None,
          batch_size: int = 16, max_length: int | str = "run") -> RewardModel:
-    """The reward model ``spec`` names (module docstring). ``max_length`` (run directories): "run" for the run's
-    own ``rm.max_length``, or None for no limit but the model's positions (eval: every response gets a score)."""
+    """The reward model ``spec`` names (module docstring): a run of ours (``RunReward``, whose ``run`` says so:
+    its adapter can sit on the policy's base, and it loads nothing until it scores) or a published model
+    (``PublishedReward``, loaded now). ``max_length`` (run directories): "run" for the run's own
+    ``rm.max_length``, or None for no limit but the model's positions (eval: every response gets a score)."""
     spec = str(spec)
     ref = spec[3:] if spec.startswith("rm:") else spec
     if not ref:
         raise UserError(f"{spec!r} names no reward model (rm:RUN_DIR, rm:MODEL_DIR or rm:HUB_ID)")
-    if is_run(ref):
-        return RunReward(ref, device=device, batch_size=batch_size, max_length=max_length)
+    found = modeling.find(ref, "reward model", "a reward model")
+    if isinstance(found, modeling.ParentRun):
+        return RunReward(found, device=device, batch_size=batch_size, max_length=max_length)
     return PublishedReward(ref, dtype=dtype, device=device, batch_size=batch_size)
 
 
 class RunReward(RewardModel):
-    """A reward-model run of this project; ``model`` and ``tokenizer`` when the caller already holds them (eval's
-    shared base), else loaded from the run."""
+    """A reward-model run of this project (``run``); ``model`` and ``tokenizer`` when the caller already holds them
+    (eval's shared base), else loaded from the run when first needed (PPO never needs them: its reward adapter
+    sits on the policy's base, ``TokenReward``)."""
 
-    def __init__(self, run_dir: str | Path, model=None, tokenizer=None, device: torch.device | str | None = None,
-                 batch_size: int = 32, max_length: int | str | None = "run", progress: bool = False):
-        run = modeling.read_run(run_dir, "reward model")
-        self.run_dir, self.batch_size, self.progress = run.dir, batch_size, progress
-        if model is None:
-            model, tokenizer = modeling.load_reward(run.dir, device=device)
-        self.model, self.tokenizer, self.config = model, tokenizer, unwrap(model).config
-        self.max_length = run.section("rm")["max_length"] if max_length == "run" else max_length
-        self.stats = run.reward_stats
+    def __init__(self, run: modeling.ParentRun | str | Path, model=None, tokenizer=None,
+                 device: torch.device | str | None = None, batch_size: int = 32, max_length: int | str | None = "run",
+                 progress: bool = False):
+        self.run = run if isinstance(run, modeling.ParentRun) else modeling.read_run(run, "reward model")
+        self.run_dir, self.batch_size, self.progress, self.device = self.run.dir, batch_size, progress, device
+        self._model, self._tokenizer = model, tokenizer
+        self.max_length = self.run.section("rm")["max_length"] if max_length == "run" else max_length
+        self.stats = self.run.reward_stats
+
+    def _load(self) -> None:
+        if self._model is None:
+            self._model, self._tokenizer = modeling.load_reward(self.run_dir, device=self.device)
+
+    @property
+    def model(self):
+        self._load()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        self._load()
+        return self._tokenizer
+
+    @property
+    def config(self):
+        return unwrap(self.model).config
 
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
         seqs = encode_conversations(self.tokenizer, with_responses(prompts, responses))
@@ -161,6 +183,8 @@ class RunReward(RewardModel):
 
 class TokenReward(RewardModel):
     """PPO's reward adapter on the policy's base: ``score_ids(ids, mask) -> [n]`` reads the policy's tokens."""
+
+    reads_ids = True
 
     def __init__(self, score_ids: Callable, tokenizer, run_dir: Path, stats: dict | None, device: torch.device):
         self.score_ids, self.tokenizer, self.run_dir, self.stats = score_ids, tokenizer, run_dir, stats

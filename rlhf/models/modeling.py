@@ -16,7 +16,7 @@ import torch
 from rlhf.models import methods
 from rlhf.config import AdapterConfig, ModelConfig, model_config_of
 from rlhf.errors import UserError
-from rlhf.names import torch_dtype
+from rlhf.names import is_local, torch_dtype
 from rlhf.models.methods import unwrap
 
 # Used when a tokenizer has no chat template of its own. The assistant turn carries generation markers (TRL's
@@ -406,6 +406,19 @@ def read_run(run_dir: str | Path, kind: str | None = None) -> ParentRun:
                      adapter=AdapterConfig(**manifest["recipe"]["adapter"]), recipe=manifest["recipe"],
                      reward_stats=manifest.get("reward_stats"), parents=manifest.get("parents") or {},
                      manifest=manifest)
+
+
+def find(spec: str, kind: str | None = None, what: str = "a model", prefix: str = "") -> ParentRun | str:
+    """What a model spec a user gives names: a finished run directory of this project (``read_run``'s checks; of
+    ``kind`` when given), or else a model directory or hub id, returned as given. The one parser for ``rm:``
+    scorers and ``--reward`` (``rewards.load``) and ``judge:`` (``rlhf.feedback.judge``); a local path that does not
+    exist is refused (``prefix`` and the spec, then what ``what`` may be)."""
+    path = Path(spec).expanduser()
+    if (path / "manifest.json").is_file():
+        return read_run(spec, kind)
+    if is_local(spec) and not path.exists():
+        raise UserError(f"{prefix}{spec}: not found ({what} is a run directory, a model directory or a hub id)")
+    return spec
 
 
 def load_policy(run_dir: str | Path, model_cfg: ModelConfig | None = None,

@@ -80,6 +80,9 @@ class PPOModels(Protocol):
         """One pass of the policy: its logits of the last ``keep`` positions (as ``policy_logits``) and the same
         positions' last hidden states (what the shared critic's head reads), ``([B, keep, vocab], [B, keep, H])``."""
 
+    has_reward: bool
+    """whether the models hold a reward model (a reward-model run's adapter or copy)"""
+
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The reward model's score of each whole sequence, ``[B]`` in float32."""
 
@@ -217,6 +220,10 @@ class SharedBase:
                             and m is not self.model.base_model]
         self._active = "policy"
         self.lean_lora_layers = use_lean_lora(self.model)
+
+    @property
+    def has_reward(self) -> bool:
+        return self.reward_head is not None
 
     def load_reward_adapter(self, rm_dir: Path, name: str, trainable: bool = False) -> None:
         """A reward-model run's adapter as adapter ``name`` (its file's score head set apart: PPO reads it itself)."""
@@ -425,6 +432,10 @@ class SeparateCopies:
     @property
     def config(self):
         return self.policy.config
+
+    @property
+    def has_reward(self) -> bool:
+        return self.reward is not None
 
     def autocasting(self):
         """The autocast every forward pass of these models runs under."""

@@ -199,11 +199,10 @@ def guard_nonfinite(stats: dict, p: PPOConfig, step: int, bad_in_a_row: int) -> 
 
 
 def probe_pass(models: PPOModels, params: dict[str, list[torch.nn.Parameter]], query: torch.Tensor,
-               query_mask: torch.Tensor, p: PPOConfig, eos_token_id: int, pad_token_id: int,
-               reward: bool) -> list[torch.Tensor]:
+               query_mask: torch.Tensor, p: PPOConfig, eos_token_id: int, pad_token_id: int) -> list[torch.Tensor]:
     """Every kind of pass a PPO step makes, in small, for ``precision.repeats``: the policy samples up to 8
-    tokens for ``query`` (keyed, with the KV cache, as a rollout does), the reference (and with ``reward`` the
-    reward model) scores them, and the policy's (and the critic's) forward and backward run on them. Returns the
+    tokens for ``query`` (keyed, with the KV cache, as a rollout does), the reference (and the reward model the
+    models hold) scores them, and the policy's (and the critic's) forward and backward run on them. Returns the
     outputs and the trainable parameters' gradients; leaves no gradient behind (``torch.autograd.grad``)."""
     keys = episode_keys(p.seed, 0, torch.arange(len(query)))
     sampled = models.sample(query, query_mask, keys=keys, temperature=p.temperature,
@@ -215,7 +214,7 @@ def probe_pass(models: PPOModels, params: dict[str, list[torch.nn.Parameter]], q
     outputs = [sampled.tokens, sampled.logprobs]
     with torch.no_grad():
         outputs.append(response_logits(models, ids, mask, length, role="reference"))
-        if reward:
+        if models.has_reward:
             outputs.append(models.scores(ids, mask))
     logits = response_logits(models, ids, mask, length)
     loss = ppo_math.logprobs_from_logits(logits, response, p.temperature).mean()

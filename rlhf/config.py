@@ -559,11 +559,6 @@ class PPOConfig:
             if not math.isfinite(weight):
                 fail(f"reward.{key}", f"must be a finite weight, got {weight}")
 
-    @property
-    def uses_reward_model(self) -> bool:
-        """Whether the reward model is a term of the reward (else PPO needs none)."""
-        return self.reward.get("reward_model", 0.0) != 0.0
-
 
 @dataclass
 class EvalConfig:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import FLAT_WHEN_EVEN, ROOT, ran, refused, run_cli
 from rlhf.engine import rollout
 from rlhf.feedback import rewards
-from rlhf.models import modeling
+from rlhf.models import heads, modeling
 from rlhf.ppo import ppo_math, ppo_models, ppo_update, precision
 from rlhf.scale import allocator
 from rlhf.text import encoding, formats
@@ -59,7 +59,7 @@ def test_one_base_four_adapters_match_the_separate_models(parents):
     # the value head starts as the score head on the normalised scale
     models = ppo_models.load(cfg, "lora", runs / "sft", runs / "rm", value_shift=1.5, value_scale=2.0)
     with torch.no_grad():
-        values = models.critic.values(ids, mask)[torch.arange(len(ids)), encoding.last_index(mask)]
+        values = models.critic.values(ids, mask)[torch.arange(len(ids)), heads.reward_index(ids, mask, None)]
     torch.testing.assert_close(values, (scores - 1.5) / 2.0, rtol=0, atol=1e-4)
 
 

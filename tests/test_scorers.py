@@ -146,8 +146,7 @@ def test_reward_terms_from_the_recipe(tmp_path, user_module):
     recipe = load_recipe(None, ["ppo.reward={reward_model: 1.0, gold: 4.0, 'my_scorers:half': 0.0}"])
     weight, terms = scorers.reward_terms(recipe.ppo.reward, "ppo.reward")
     assert weight == 1.0 and [(s.name, w) for s, w in terms] == [("gold", 4.0)]  # weight 0: left out
-    assert recipe.ppo.uses_reward_model
-    assert not load_recipe(None, ["ppo.reward={gold: 1}"]).ppo.uses_reward_model
+    assert scorers.reward_terms(load_recipe(None, ["ppo.reward={gold: 1}"]).ppo.reward, "ppo.reward")[0] == 0.0
     with pytest.raises(UserError, match="ppo.reward needs a term with a non-zero weight"):
         load_recipe(None, ["ppo.reward={reward_model: 0}"])
     with pytest.raises(UserError, match="ppo.reward must be a mapping of names to numbers, got"):

@@ -114,18 +114,20 @@ class Judge:
                   f"positions (the longest {max(len(sequences[i]) for i in over)} tokens): scored None, not judged "
                   f"({self.too_long} so far)", file=sys.stderr)
         device = next(self.model.parameters()).device
-        out: list[float | None] = [None] * len(sequences)
-        skip = set(over)
-        order = sorted((i for i in range(len(sequences)) if i not in skip), key=lambda i: len(sequences[i]))
         first, second = answer_ids
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            ids, mask = encoding.left_pad([sequences[i] for i in idx], self.tokenizer.pad_token_id)
+
+        def forward(ids, mask):  # left-padded: every question's reply starts at the last column
             ids, mask = ids.to(device), mask.to(device)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=encoding.position_ids(mask),
                                 use_cache=False).logits[:, -1].float()
-            for i, p in zip(idx, torch.sigmoid(logits[:, first] - logits[:, second]).tolist()):
-                out[i] = p
+            return torch.sigmoid(logits[:, first] - logits[:, second])
+
+        fitting = [i for i in range(len(sequences)) if i not in set(over)]
+        judged = encoding.by_length([sequences[i] for i in fitting], forward, self.batch_size,
+                                    self.tokenizer.pad_token_id, side="left")
+        out: list[float | None] = [None] * len(sequences)
+        for i, p in zip(fitting, judged):
+            out[i] = p
         return out
 
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from rlhf.models import heads, modeling
-from rlhf.text.encoding import encode_conversations, pad, with_responses
+from rlhf.text.encoding import by_length, encode_conversations, pad, with_responses
 from rlhf.errors import UserError
 from rlhf.models.methods import unwrap
 from rlhf.models.modeling import max_positions
@@ -47,20 +47,14 @@ def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_
                     progress: bool = False) -> torch.Tensor:
     """Reward-model scores of token sequences, ``[n]``, read at ``heads.reward_index``. A sequence longer than
     the model's positions is an error (callers drop rows by the recipe's lengths first)."""
-    from tqdm.auto import tqdm
-
     limit = max_positions(unwrap(model).config)
     longest = max((len(s) for s in sequences), default=0)
     if limit is not None and longest > limit:
         raise UserError(f"a sequence of {longest} tokens is longer than the reward model's {limit} positions")
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of similar length pad less
-    scores = torch.zeros(len(sequences))
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(sequences), batch_size), disable=not progress, desc="score"):
-        idx = order[start:start + batch_size]
-        ids, mask = pad([sequences[i] for i in idx], pad_token_id)
-        scores[idx] = heads.sequence_scores(model, ids.to(device), mask.to(device)).float().cpu()
-    return scores
+    scores = by_length(sequences, lambda ids, mask: heads.sequence_scores(model, ids.to(device), mask.to(device))
+                       .float().cpu(), batch_size, pad_token_id, progress="score" if progress else None)
+    return torch.tensor(scores, dtype=torch.float32)
 
 
 def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32,
@@ -302,17 +296,13 @@ class PublishedReward(RewardModel):
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> list[float]:
-        """The model's own forward on each token sequence (its pooled single logit)."""
-        out = [0.0] * len(sequences)
-        size = self.batch_size if self.pad_token_id is not None else 1
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        for start in range(0, len(order), size):
-            idx = order[start:start + size]
-            ids, mask = pad([sequences[i] for i in idx], self.pad_token_id or 0, "right")
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            for i, v in zip(idx, logits[:, 0].float().cpu().tolist()):
-                out[i] = v
-        return out
+        """The model's own forward on each token sequence (its pooled single logit); a sequence at a time for a
+        model without a pad token (its forward could not tell padding from text)."""
+        def forward(ids, mask):
+            return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits[:, 0].float()
+
+        return by_length(sequences, forward, self.batch_size if self.pad_token_id is not None else 1,
+                         self.pad_token_id or 0)
 
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
         before = self.truncated

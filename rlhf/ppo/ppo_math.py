@@ -418,19 +418,14 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return aggregate(terms, mask), stats
 
 
-def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token KL estimates to the reference, differentiable through ``logp`` (0 on padding)."""
-    # the log-ratio is masked before the estimator: a padding position's gap can exceed the ~88.7 nats where exp
-    # overflows, and 0 * inf in the backward pass of a masked-afterwards k3 is NaN
-    return masked(KL_ESTIMATORS[estimator](masked(logp, mask), masked(ref_logp, mask)), mask)
-
-
 def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k3",
             how: str = "token_mean", horizon: int | None = None) -> torch.Tensor:
     """The KL to the reference as a loss term (GRPO, Shao et al. 2024 eq. 3-4): the estimate aggregated like the
     policy loss (``aggregate``; the token mean by default), differentiated through the policy's current log-probs
     ``logp``; the loop adds ``beta`` times it to the policy loss. k3 (``kl_k3``) is GRPO's choice: its gradient
-    pulls towards the reference, where k1's is zero in expectation under the sampling policy."""
+    pulls towards the reference, where k1's is zero in expectation under the sampling policy. The log-probs are
+    masked before the estimator: a padding position's gap can exceed the ~88.7 nats where exp overflows, and
+    0 * inf in the backward pass of a k3 masked afterwards is NaN."""
     return aggregate(KL_ESTIMATORS[estimator](masked(logp, mask), masked(ref_logp, mask)), mask, how, horizon)
 
 

@@ -132,10 +132,22 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row, whatever the padding side."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(-1)
+def by_length(sequences: list[list[int]], forward, batch_size: int, pad_id: int, side: str = "right",
+              progress: str | None = None) -> list:
+    """``forward(ids, mask) -> [b]`` over ``sequences`` in batches of ``batch_size``, sorted by length first so
+    that each batch pads little (``pad`` on ``side``), each sequence's value at its own index: the one batching
+    loop of reward models, published ones and judges, which keep only their forward. ``progress``: a bar with
+    that label."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out: list = [None] * len(sequences)
+    for start in tqdm(range(0, len(order), batch_size), disable=progress is None, desc=progress):
+        idx = order[start:start + batch_size]
+        ids, mask = pad([sequences[i] for i in idx], pad_id, side)
+        for i, value in zip(idx, forward(ids, mask).tolist()):
+            out[i] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

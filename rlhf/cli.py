@@ -104,6 +104,11 @@ def _relaunch(num_processes: int | None, accelerate_config: str | None) -> None:
     sys.exit(launch.launch(sys.argv[1:], num_processes, accelerate_config))
 
 
+def _command() -> str:
+    """The command line a run's manifest records (``cli`` keeps it)."""
+    return click.get_current_context().find_root().obj["command"]
+
+
 def _echo(message: str) -> None:
     """A result line, printed once (by the main process when there are many)."""
     from rlhf.scale import distributed
@@ -136,11 +141,9 @@ def cli(ctx, debug, allow_changed_base):
         os.environ[provenance.ALLOW_ENV] = "1"  # launched processes inherit it
     if not debug:
         _quiet_libraries()
-    from rlhf.runs import rundir
-    from rlhf.scale import distributed
-
-    # a launched process's own command line lacks --num-processes / --accelerate-config: the launcher's has them
-    rundir.COMMAND = os.environ.get(distributed.COMMAND) or shlex.join(["rlhf", *sys.argv[1:]])
+    # the command line each run's manifest records; a launched process's own lacks --num-processes /
+    # --accelerate-config: the launcher's has them
+    ctx.obj["command"] = os.environ.get(distributed.COMMAND) or shlex.join(["rlhf", *sys.argv[1:]])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -157,7 +160,8 @@ def sft(recipe_path, overrides, base, out, overwrite, resume, num_processes, acc
 
     recipe = _recipe(recipe_path, overrides, base)
     _relaunch(num_processes, accelerate_config)
-    manifest = stage.main(recipe, out=out, overwrite=overwrite, resume=resume)
+    manifest = stage.main(recipe, out=out, overwrite=overwrite, resume=resume,
+                          command=_command())
     m = manifest["metrics"]
     _echo(f"sft: {m['steps']} steps, train loss {m['train_loss']:.4f}"
                + (f", eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else "")
@@ -183,7 +187,8 @@ def rm(ctx, recipe_path, overrides, base, out, overwrite, resume, num_processes,
 
     recipe = _recipe(recipe_path, overrides, base)
     _relaunch(num_processes, accelerate_config)
-    manifest = stage.main(recipe, out=out, overwrite=overwrite, resume=resume)
+    manifest = stage.main(recipe, out=out, overwrite=overwrite, resume=resume,
+                          command=_command())
     m = manifest["metrics"]
     _echo(f"rm: {m['steps']} steps, train loss {m['train_loss']:.4f}"
                + (f", held-out accuracy {m['eval_accuracy']:.4f}" if "eval_accuracy" in m else "")
@@ -220,7 +225,8 @@ def ppo(recipe_path, overrides, policy, reward, out, overwrite, resume, num_proc
 
     recipe = _recipe(recipe_path, overrides)
     _relaunch(num_processes, accelerate_config)
-    manifest = stage.main(recipe, policy=policy, reward=reward, out=out, overwrite=overwrite, resume=resume)
+    manifest = stage.main(recipe, policy=policy, reward=reward, out=out, overwrite=overwrite, resume=resume,
+                          command=_command())
     m = manifest["metrics"]
     score = m.get("objective/score", m["objective/score_total"])
     _echo(f"ppo: {m['steps']} steps, score {score:.4f}, kl {m['objective/kl']:.4f}"
@@ -242,7 +248,8 @@ def dpo(recipe_path, overrides, policy, out, overwrite, resume, num_processes, a
 
     recipe = _recipe(recipe_path, overrides)
     _relaunch(num_processes, accelerate_config)
-    manifest = stage.main(recipe, policy=policy, out=out, overwrite=overwrite, resume=resume)
+    manifest = stage.main(recipe, policy=policy, out=out, overwrite=overwrite, resume=resume,
+                          command=_command())
     m = manifest["metrics"]
     _echo(f"dpo: {m['steps']} steps, train loss {m['train_loss']:.4f}"
           + (f", held-out implicit-reward accuracy {m['eval_rewards/accuracies']:.4f}"
@@ -280,7 +287,7 @@ def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_sho
     recipe = _recipe(recipe_path, (*overrides, *extra))
     _relaunch(num_processes, accelerate_config)
     stage.main(recipe, policies=list(policies) or None, reward=reward, prompts=prompts, out=out,
-               overwrite=overwrite, progress=show_progress(recipe))
+               overwrite=overwrite, progress=show_progress(recipe), command=_command())
     _echo(f"eval: report in {out or recipe.stage_dir('eval')}")
 
 

@@ -26,6 +26,7 @@ from rlhf.scale import distributed
 from rlhf.text import encoding, formats
 from rlhf.config import AdapterConfig, ModelConfig, Recipe
 from rlhf.names import torch_dtype
+from rlhf.runs.manifest import Manifest
 from rlhf.runs.rundir import Run
 
 TRL_LOSS = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
@@ -168,8 +169,9 @@ def trainer_args(recipe: Recipe, work: Path, has_eval: bool):
 
 
 def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = None, overwrite: bool = False,
-         resume: bool = False) -> dict:
-    """Run DPO as the recipe says; returns the manifest written to the run directory."""
+         resume: bool = False, command: str | None = None) -> dict:
+    """Run DPO as the recipe says; returns the manifest written to the run directory (``command``: the command line
+    the manifest records)."""
     from datasets import Dataset
     from transformers import set_seed
 
@@ -179,7 +181,8 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
     method_table.check_stage(adapter.method, "dpo", str(sft_dir or recipe.source))
     data, held = training.preference_data(recipe, "dpo")
     modeling.check_lengths(modeling.load_config(model_cfg), {"dpo.max_length": d.max_length}, recipe.source)
-    with Run(Path(out) if out else recipe.stage_dir("dpo"), "dpo", overwrite=overwrite, resume=resume) as run:
+    with Run(Path(out) if out else recipe.stage_dir("dpo"), "dpo", overwrite=overwrite, resume=resume,
+             command=command) as run:
         run.track(recipe)
         set_seed(d.seed)
         tokenizer = modeling.load_tokenizer(model_cfg, str(sft_dir) if sft_dir else None)
@@ -190,13 +193,9 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
             if m is not None:         # at step 0 only with every rate zeroed
                 modeling.disable_dropout(m)
         params = modeling.trainable_parameters(model)
-        ref = ("none (reference-free)" if d.reference_free else "the base" if sft_dir is None
-               else "the SFT policy" + (" (a frozen copy of its adapter on the same base)" if reference is None
-                                        else " (a second copy)"))
-        if distributed.is_main():
-            print(f"dpo: {len(train.rows)} pairs, loss {d.loss} (beta {d.beta}), reference {ref}; {adapter.method} "
-                  f"trains {params['trainable']:,} of {params['total']:,} parameters ({params['percent']}%)",
-                  file=sys.stderr)
+        ref = reference_words(d, sft_dir, reference)
+        training.announce("dpo", f"{len(train.rows)} pairs, loss {d.loss} (beta {d.beta}), reference {ref}",
+                          adapter.method, params, [], tokenizer)
 
         trainer = trainer_class(d.reference_free)(
             model=model, **({} if d.reference_free else {"ref_model": reference}),
@@ -205,7 +204,7 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
         training.quiet_trainer(trainer, run, recipe, "dpo",
                                shown=("train/loss", "train/rewards/accuracies", "eval/rewards/accuracies"))
         training.method_callbacks(trainer, adapter)
-        result = training.train(trainer, run)
+        result, shards = training.train(trainer, run)
         metrics = measure(trainer, result, bool(held_out.rows))
 
         # save the policy alone (TRL's frozen "ref" adapter is a copy of the SFT adapter the manifest names)
@@ -213,21 +212,29 @@ def main(recipe: Recipe, policy: str | None = None, out: str | Path | None = Non
         if "ref" in getattr(unwrapped, "peft_config", {}):
             unwrapped.delete_adapter("ref")
         training.save_trained(trainer, tokenizer, dataclasses.replace(recipe, adapter=adapter), run, "dpo")
-        return run.finish({
-            "base": model_cfg.base,
-            "parents": {"sft": str(sft_dir) if sft_dir else None},
-            "adapter": {"method": adapter.method, "parameters": params},
-            "dpo": {"loss": d.loss, "beta": d.beta, "reference": ref,
-                    **({"simpo_gamma": d.simpo_gamma} if d.reference_free else {})},
-            "data": {"preference": data.summary(), "eval_preference": held.summary() if held else None,
-                     "train_pairs": len(train.rows), "eval_pairs": len(held_out.rows),
-                     "pairs_too_long": train.dropped, "eval_pairs_too_long": held_out.dropped},
-            "metrics": metrics,
-            "seed": d.seed,
+        return run.finish(Manifest(
+            base=model_cfg.base, parents={"sft": str(sft_dir) if sft_dir else None},
+            adapter={"method": adapter.method, "parameters": params},
+            data={"preference": data.summary(), "eval_preference": held.summary() if held else None,
+                  "train_pairs": len(train.rows), "eval_pairs": len(held_out.rows),
+                  "pairs_too_long": train.dropped, "eval_pairs_too_long": held_out.dropped},
+            metrics=metrics, seed=d.seed,
             # the model settings DPO ran with: the SFT run's base and method (later loads of this run use them)
-            "recipe": {**recipe.to_dict(), "model": dataclasses.asdict(model_cfg),
-                       "adapter": dataclasses.asdict(adapter)},
-        }, files=training.trained_files(adapter.method))
+            recipe={**recipe.to_dict(), "model": dataclasses.asdict(model_cfg), "adapter": dataclasses.asdict(adapter)},
+            shards=shards,
+            sections={"dpo": {"loss": d.loss, "beta": d.beta, "reference": ref,
+                              **({"simpo_gamma": d.simpo_gamma} if d.reference_free else {})}},
+        ), files=training.trained_files(adapter.method))
+
+
+def reference_words(d, sft_dir: Path | None, reference) -> str:
+    """What DPO's reference is, in words for the start line and the manifest."""
+    if d.reference_free:
+        return "none (reference-free)"
+    if sft_dir is None:
+        return "the base"
+    return "the SFT policy" + (" (a frozen copy of its adapter on the same base)" if reference is None
+                               else " (a second copy)")
 
 
 def encode_split(recipe: Recipe, data: formats.Loaded, held: formats.Loaded | None, tokenizer

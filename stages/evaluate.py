@@ -21,6 +21,7 @@ from rlhf.engine import rollout
 from rlhf.feedback import rewards, scorers
 from rlhf.models import method_table, modeling, one_base
 from rlhf.text import encoding, formats
+from rlhf.runs.manifest import Manifest
 from rlhf.runs.rundir import Run
 from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import UserError
@@ -162,10 +163,11 @@ def markdown_table(summary: dict, baseline: str, names: list[str] = ()) -> str:
 
 def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None = None, prompts: str | None = None,
          out: str | Path | None = None, overwrite: bool = False, progress: bool = False,
-         share_base: bool = True) -> dict:
+         share_base: bool = True, command: str | None = None) -> dict:
     """Evaluate the recipe's (or the given) policies; returns the summary written to the run directory. With
     ``share_base`` (and a reward model trained with an adapter) the base is loaded once and every row that shares it
-    is an adapter on it (``one_base.OneBase``); otherwise each model is a copy of its own."""
+    is an adapter on it (``one_base.OneBase``); otherwise each model is a copy of its own. ``command``: the command
+    line the manifest records."""
     e = recipe.eval
     scorer_list = scorers.load_all(e.scorers, f"{recipe.source}: eval.scorers")
     names = [s.name for s in scorer_list]
@@ -182,7 +184,7 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
     reward_dir, reward_model, shared = reward_for(recipe, reward, share_base, progress)
     dropped, prompt_rows = fitting_prompts(recipe, prompt_rows, source, reward_model)
     # with many processes every one evaluates everything (the same numbers) and the main one writes
-    with Run(Path(out) if out else recipe.stage_dir("eval"), "eval", overwrite=overwrite) as run:
+    with Run(Path(out) if out else recipe.stage_dir("eval"), "eval", overwrite=overwrite, command=command) as run:
         records = []
         for row in rows:
             if run.main:
@@ -197,18 +199,15 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
                 pictures = draw(rows, records, run.staging)
         if run.main:
             print(table, end="")
-        return run.finish({
-            "base": recipe.model.base,
-            "parents": {"policies": [str(r.run_dir) if r.run_dir else r.name for r in rows],
-                        "rm": None if reward_model.identity else str(reward_dir)},
-            **({"reward_model": reward_model.identity} if reward_model.identity else {}),
-            "data": {"prompts": source, "prompts_used": len(prompt_rows), "prompts_too_long": dropped},
-            "scorers": {x.name: x.spec for x in scorer_list},
-            "metrics": summary,
-            "pictures": pictures,
-            "seed": e.seed,
-            "recipe": recipe.to_dict(),
-        }, files=["responses.jsonl", "summary.json", "summary.md"])
+        return run.finish(Manifest(
+            base=recipe.model.base,
+            parents={"policies": [str(r.run_dir) if r.run_dir else r.name for r in rows],
+                     "rm": None if reward_model.identity else str(reward_dir)},
+            data={"prompts": source, "prompts_used": len(prompt_rows), "prompts_too_long": dropped},
+            metrics=summary, seed=e.seed, recipe=recipe.to_dict(),
+            sections={**({"reward_model": reward_model.identity} if reward_model.identity else {}),
+                      "scorers": {x.name: x.spec for x in scorer_list}, "pictures": pictures},
+        ), files=["responses.jsonl", "summary.json", "summary.md"])
 
 
 def icl_demos(recipe: Recipe) -> list:

@@ -33,6 +33,7 @@ from rlhf.ppo import ppo_math, ppo_models, precision
 from rlhf.runs import preempt, resume
 from rlhf.scale import distributed
 from rlhf.text import encoding, formats
+from rlhf.runs.manifest import Manifest
 from rlhf.runs.rundir import Run
 from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
 from rlhf.errors import TrainingStopped, UserError
@@ -124,8 +125,9 @@ class State:
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, out: str | Path | None = None,
-         overwrite: bool = False, resume: bool = False) -> dict:
-    """Run PPO as the recipe says; returns the manifest written to the run directory."""
+         overwrite: bool = False, resume: bool = False, command: str | None = None) -> dict:
+    """Run PPO as the recipe says; returns the manifest written to the run directory (``command``: the command line
+    the manifest records)."""
     p = recipe.ppo
     if not recipe.data.prompts:
         raise UserError(f"{recipe.source}: data.prompts is required for the ppo stage")
@@ -156,7 +158,8 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
     check_sharding(method, fixed_by)
     modeling.check_lengths(modeling.load_config(base_cfg), {"ppo.max_prompt_length + ppo.max_new_tokens":
                                                             p.max_prompt_length + p.max_new_tokens}, recipe.source)
-    with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume) as run:
+    with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume,
+             command=command) as run:
         run.track(recipe)
         s = setup(recipe, run, (base_cfg, method, adapter_cfg), sft, rm, (model_weight, terms, reward_model),
                   prompts, eval_prompts, eval_scorers)
@@ -379,7 +382,7 @@ def train(s: Setup, state: State) -> None:
             if not saved:
                 save_checkpoint(s, state, snapshot=False)
             bar.close()
-            raise preempt.stop("ppo", step, s.steps)
+            raise preempt.stop("ppo", step, s.steps, s.run.command)
     bar.close()
 
 
@@ -688,34 +691,42 @@ def finish(s: Setup, state: State) -> dict:
         s.models.save(s.run.staging)  # every process: a sharded model is gathered
         if writer:
             s.tokenizer.save_pretrained(str(s.run.staging))
-    return s.run.finish({
-        "base": s.model_cfg.base,
-        "parents": {"sft": str(s.sft_dir) if s.sft_dir else None, "rm": str(s.rm_dir) if s.rm_dir else None},
+    return s.run.finish(Manifest(
+        base=s.model_cfg.base,
+        parents={"sft": str(s.sft_dir) if s.sft_dir else None, "rm": str(s.rm_dir) if s.rm_dir else None},
+        adapter={"method": s.method, "parameters": {"trainable": trainable_count(s),
+                                                    "total": sum(x.numel() for x in s.models.all_parameters())}},
+        data={"prompts": s.prompts.summary(), "prompts_used": len(s.encoded),
+              "prompts_too_long": len(s.prompts.rows) - len(s.encoded)},
+        metrics={"steps": s.steps, "episodes": s.steps * s.global_batch,
+                 **({"flat_steps": flat} if p.samples_per_prompt > 1 else {}),
+                 **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
+        reward_stats=reward_stats(s), seed=p.seed, shards=s.models.shards,
+        # the model settings PPO ran with (later loads of this run use them)
+        recipe={**s.recipe.to_dict(), "model": dataclasses.asdict(s.model_cfg)},
+        sections=sections(s, state, within_budget),
+    ), files=[*s.models.saved_files(s.method), ("tokenizer_config.json",)])
+
+
+def sections(s: Setup, state: State, within_budget: bool | None) -> dict:
+    """PPO's own sections of its manifest: the reward, the estimator, the objective, the KL controller and
+    budget, and the precision its passes ran in."""
+    p = s.p
+    return {
         "reward": s.reward.describe(),
-        "advantage": {"estimator": p.advantage, "samples_per_prompt": p.samples_per_prompt, "critic": s.models.critic.name if s.models.critic else None,
+        "advantage": {"estimator": p.advantage, "samples_per_prompt": p.samples_per_prompt,
+                      "critic": s.models.critic.name if s.models.critic else None,
                       "kl_in": p.kl_where, "kl_estimator": p.kl_kind},
         "objective": {"policy_loss": p.policy_loss, "loss_aggregation": p.aggregation, "clip": list(p.clip_range),
                       "overlong": {"buffer": p.overlong_buffer, "penalty": p.overlong_penalty}
                       if p.overlong_buffer else None},
-        "adapter": {"method": s.method,
-                    "parameters": {"trainable": trainable_count(s),
-                                   "total": sum(x.numel() for x in s.models.all_parameters())}},
-        "data": {"prompts": s.prompts.summary(), "prompts_used": len(s.encoded),
-                 "prompts_too_long": len(s.prompts.rows) - len(s.encoded)},
-        "metrics": {"steps": s.steps, "episodes": s.steps * s.global_batch,
-                    **({"flat_steps": flat} if p.samples_per_prompt > 1 else {}),
-                    **{k: v for k, v in final.items() if "/" in k and not k.startswith("time/")}},
-        "reward_stats": reward_stats(s),
         "kl_controller": state.kl_ctl.state_dict(),
         "mixed_precision": "bf16" if s.models.autocast else "no",
         "bf16_speedup": s.models.bf16_speedup,
         "repeatable": s.models.repeatable,
         "repeat_check_s": round(s.repeat_check_s, 3),
         "kl_budget": {"budget": p.kl_budget, "within": within_budget},
-        "seed": p.seed,
-        # the model settings PPO ran with (later loads of this run use them)
-        "recipe": {**s.recipe.to_dict(), "model": dataclasses.asdict(s.model_cfg)},
-    }, files=[*s.models.saved_files(s.method), ("tokenizer_config.json",)])
+    }
 
 
 def reward_stats(s: Setup) -> dict | None:

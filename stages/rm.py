@@ -26,6 +26,7 @@ from rlhf.feedback import ranking, rewards
 from rlhf.models import heads, method_table, modeling, training
 from rlhf.scale import distributed
 from rlhf.text import encoding, formats
+from rlhf.runs.manifest import Manifest
 from rlhf.runs.rundir import Run
 from rlhf.config import Recipe
 from rlhf.names import run_name
@@ -162,8 +163,10 @@ def reward_statistics(model, tokenizer, seqs: list[list[int]], samples: int, see
     return {"mean": scores.mean().item(), "std": scores.std().item(), "responses": len(seqs)}
 
 
-def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, resume: bool = False) -> dict:
-    """Train the reward model as the recipe says; returns the manifest written to the run directory."""
+def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
+         command: str | None = None) -> dict:
+    """Train the reward model as the recipe says; returns the manifest written to the run directory (``command``:
+    the command line the manifest records)."""
     from transformers import set_seed
 
     method_table.check_stage(recipe.adapter.method, "rm", recipe.source)
@@ -173,7 +176,8 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
     grouped = not formats.is_pairs(data) and recipe.rm.comparisons == "grouped"
     modeling.check_lengths(modeling.load_config(recipe.model), {"rm.max_length": recipe.rm.max_length},
                            recipe.source)
-    with Run(Path(out) if out else recipe.stage_dir("rm"), "rm", overwrite=overwrite, resume=resume) as run:
+    with Run(Path(out) if out else recipe.stage_dir("rm"), "rm", overwrite=overwrite, resume=resume,
+             command=command) as run:
         run.track(recipe)
         set_seed(recipe.rm.seed)
         tokenizer = modeling.load_tokenizer(recipe.model)
@@ -186,39 +190,29 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
                                         training.planned_steps(recipe.rm, len(train_rows)))
         modeling.disable_dropout(model)  # what disable_dropout=True means, functional dropout (OPT) included
         params = modeling.trainable_parameters(model)
-        if distributed.is_main():
-            print(f"rm: {len(train_rows)} " + (f"rankings ({len(train.rankings)} prompts, "
-                  f"{sum(len(r['ranks']) for r in train.rows)} responses, InstructGPT loss)" if grouped else "pairs")
-                  + f", {recipe.adapter.method} trains {params['trainable']:,} of {params['total']:,} parameters "
-                  f"({params['percent']}%)", file=sys.stderr)
-        note = modeling.untrained_note(recipe.model, tokenizer)
-        if note and distributed.is_main():
-            print(f"rm: {note}", file=sys.stderr)
+        training.announce("rm", f"{len(train_rows)} " + (
+            f"rankings ({len(train.rankings)} prompts, {sum(len(r['ranks']) for r in train.rows)} responses, "
+            "InstructGPT loss)" if grouped else "pairs"), recipe.adapter.method, params,
+            modeling.reinitialised(base), tokenizer)
         trainer = make_trainer(recipe, run, model, tokenizer, train_rows,
                                held_out.rows if grouped else trl_pairs(held_out), grouped)
-        result = training.train(trainer, run)
+        result, shards = training.train(trainer, run)
 
         # measure: held-out accuracy with the shared scoring function, reward statistics for PPO
         model.eval()
         with distributed.gathered(model):  # FSDP2 on CPU processes: the scoring passes read the whole model
             metrics, stats = measure_trained(recipe, run, model, tokenizer, train_rows, held_out, result)
         training.save_trained(trainer, tokenizer, recipe, run, "rm")
-        return run.finish({
-            "base": recipe.model.base,
-            "untrained_rows_reinitialised": len(modeling.REINITIALISED.get(recipe.model.base, []))
-            if recipe.model.untrained_rows == "reinit" else 0,
-            "parents": {},
-            "adapter": {"method": recipe.adapter.method, "parameters": params},
-            "data": {"preference": data.summary(), "eval_preference": held.summary() if held else None,
-                     "loss": "instructgpt_ranking" if grouped else "bradley_terry",
-                     "unit": "rankings" if grouped else "pairs", "train_rows": len(train_rows),
-                     "eval_rows": len(held_out.rows), "rows_too_long": train.dropped,
-                     "eval_rows_too_long": held_out.dropped, **policies_of(data.rows)},
-            "metrics": metrics,
-            "reward_stats": stats,
-            "seed": recipe.rm.seed,
-            "recipe": recipe.to_dict(),
-        }, files=training.trained_files(recipe.adapter.method))
+        return run.finish(Manifest(
+            base=recipe.model.base, untrained_rows_reinitialised=len(modeling.reinitialised(base)), parents={},
+            adapter={"method": recipe.adapter.method, "parameters": params},
+            data={"preference": data.summary(), "eval_preference": held.summary() if held else None,
+                  "loss": "instructgpt_ranking" if grouped else "bradley_terry",
+                  "unit": "rankings" if grouped else "pairs", "train_rows": len(train_rows),
+                  "eval_rows": len(held_out.rows), "rows_too_long": train.dropped,
+                  "eval_rows_too_long": held_out.dropped, **policies_of(data.rows)},
+            metrics=metrics, reward_stats=stats, seed=recipe.rm.seed, recipe=recipe.to_dict(), shards=shards,
+        ), files=training.trained_files(recipe.adapter.method))
 
 
 def encode_split(recipe: Recipe, data: formats.Loaded, held: formats.Loaded | None, tokenizer

@@ -13,13 +13,16 @@ from pathlib import Path
 from rlhf.models import method_table, modeling, training
 from rlhf.scale import distributed
 from rlhf.text import formats
+from rlhf.runs.manifest import Manifest
 from rlhf.runs.rundir import Run
 from rlhf.config import Recipe
 from rlhf.errors import UserError
 
 
-def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, resume: bool = False) -> dict:
-    """Run SFT as the recipe says; returns the manifest written to the run directory."""
+def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
+         command: str | None = None) -> dict:
+    """Run SFT as the recipe says; returns the manifest written to the run directory (``command``: the command line
+    the manifest records, as the CLI was given it)."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
@@ -33,52 +36,41 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
                         split=recipe.data.split, on_bad_row=recipe.data.on_bad_row)
     modeling.check_lengths(modeling.load_config(recipe.model), {"sft.max_length": recipe.sft.max_length},
                            recipe.source)
-    with Run(Path(out) if out else recipe.stage_dir("sft"), "sft", overwrite=overwrite, resume=resume) as run:
+    with Run(Path(out) if out else recipe.stage_dir("sft"), "sft", overwrite=overwrite, resume=resume,
+             command=command) as run:
         run.track(recipe)
         set_seed(recipe.sft.seed)
         tokenizer = modeling.load_tokenizer(recipe.model)
         train_rows, eval_rows = training.split_rows(data.rows, recipe.sft.eval_fraction, recipe.sft.seed)
-        model = modeling.attach_adapter(modeling.load_base(recipe.model), recipe.adapter, "CAUSAL_LM",
-                                        recipe.model.base, training.planned_steps(recipe.sft, len(train_rows)))
+        base = modeling.load_base(recipe.model)
+        model = modeling.attach_adapter(base, recipe.adapter, "CAUSAL_LM", recipe.model.base,
+                                        training.planned_steps(recipe.sft, len(train_rows)))
         params = modeling.trainable_parameters(model)
-        if distributed.is_main():
-            print(f"sft: {len(data.rows)} rows, {recipe.adapter.method} trains {params['trainable']:,} of "
-                  f"{params['total']:,} parameters ({params['percent']}%)", file=sys.stderr)
-        note = modeling.untrained_note(recipe.model, tokenizer)
-        if note and distributed.is_main():
-            print(f"sft: {note}", file=sys.stderr)
+        training.announce("sft", f"{len(data.rows)} rows", recipe.adapter.method, params,
+                          modeling.reinitialised(base), tokenizer)
 
         # train
         args = SFTConfig(**training.trainer_kwargs(recipe, recipe.sft, run.work, bool(eval_rows)),
                          completion_only_loss=True, packing=False)
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(train_rows),
-            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-            processing_class=tokenizer,
-        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                             processing_class=tokenizer)
         lengths = _report_truncation(trainer, recipe, len(train_rows), len(eval_rows))
         training.quiet_trainer(trainer, run, recipe, "sft")
         training.method_callbacks(trainer, recipe.adapter)
-        result = training.train(trainer, run)
+        result, shards = training.train(trainer, run)
         metrics = {"train_loss": result.training_loss, "steps": result.global_step}
         if eval_rows:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 
         # save
         training.save_trained(trainer, tokenizer, recipe, run, "sft")
-        return run.finish({
-            "base": recipe.model.base,
-            "untrained_rows_reinitialised": len(modeling.REINITIALISED.get(recipe.model.base, []))
-            if recipe.model.untrained_rows == "reinit" else 0,
-            "parents": {},
-            "adapter": {"method": recipe.adapter.method, "parameters": params},
-            "data": {"sft": data.summary(), "train_rows": len(train_rows), "eval_rows": len(eval_rows), **lengths},
-            "metrics": metrics,
-            "seed": recipe.sft.seed,
-            "recipe": recipe.to_dict(),
-        }, files=training.trained_files(recipe.adapter.method))
+        return run.finish(Manifest(
+            base=recipe.model.base, untrained_rows_reinitialised=len(modeling.reinitialised(base)), parents={},
+            adapter={"method": recipe.adapter.method, "parameters": params},
+            data={"sft": data.summary(), "train_rows": len(train_rows), "eval_rows": len(eval_rows), **lengths},
+            metrics=metrics, seed=recipe.sft.seed, recipe=recipe.to_dict(), shards=shards,
+        ), files=training.trained_files(recipe.adapter.method))
 
 
 def _report_truncation(trainer, recipe: Recipe, n_train: int, n_eval: int) -> dict:

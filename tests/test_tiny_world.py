@@ -141,8 +141,9 @@ def test_untrained_rows_are_reinitialised_the_same_way_at_every_load(tmp_path):
 
     kept = modeling.load_base(ModelConfig(base=str(raw), untrained_rows="keep")).get_input_embeddings().weight
     assert modeling.untrained_rows(kept, vocab).tolist() == sorted(collapsed)
-    a, b = (modeling.load_base(ModelConfig(base=str(raw))).get_input_embeddings().weight.detach() for _ in range(2))
-    assert modeling.REINITIALISED[str(raw)] == sorted(collapsed)
+    loaded = [modeling.load_base(ModelConfig(base=str(raw))) for _ in range(2)]
+    a, b = (m.get_input_embeddings().weight.detach() for m in loaded)
+    assert modeling.reinitialised(loaded[0]) == sorted(collapsed)
     assert torch.equal(a, b)  # the same base at every load: adapters trained on it stay valid
     assert modeling.untrained_rows(a, vocab).numel() == 0  # and nothing is left to find (idempotent)
     untouched = [i for i in range(weight.shape[0]) if i not in collapsed]
@@ -169,7 +170,7 @@ def test_a_base_whose_chat_markers_were_never_trained(tmp_path):
         weights[name][markers] = 1e-9 * torch.randn(len(markers), weights[name].shape[1])
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
     model = modeling.load_base(ModelConfig(base=str(base)))
-    assert modeling.REINITIALISED[str(base)] == sorted(markers)
+    assert modeling.reinitialised(model) == sorted(markers)
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         rows = module.weight.detach()[markers]
         typical = module.weight.detach().norm(dim=-1).median()

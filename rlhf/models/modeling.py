@@ -192,19 +192,19 @@ def load_base(cfg: ModelConfig, kind: str = "causal", device: torch.device | str
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.base}: cannot load the base model ({str(e).splitlines()[0]})") from None
     if cfg.untrained_rows == "reinit":
-        rows = reinit_untrained_rows(model, len(load_tokenizer(cfg)))
-        if rows:
-            REINITIALISED[cfg.base] = rows
+        model.reinitialised_rows = reinit_untrained_rows(model, len(load_tokenizer(cfg)))
     return place(model, device)
 
 
-REINITIALISED: dict[str, list[int]] = {}
-"""base -> the embedding rows ``load_base`` re-initialised in this process (for the log and the manifest)"""
+def reinitialised(model) -> list[int]:
+    """The embedding rows ``load_base`` re-initialised in ``model`` (for the log and the manifest); none with
+    ``model.untrained_rows: keep``."""
+    return list(getattr(model, "reinitialised_rows", []))
 
 
-def untrained_note(cfg: ModelConfig, tokenizer) -> str | None:
-    """What ``load_base`` did to the base's untrained rows, in words for a stage's log; None when nothing."""
-    rows = REINITIALISED.get(cfg.base, []) if cfg.untrained_rows == "reinit" else []
+def untrained_note(rows: list[int], tokenizer) -> str | None:
+    """What ``load_base`` did to the base's untrained ``rows`` (``reinitialised``), in words for a stage's log;
+    None when nothing."""
     if not rows:
         return None
     named = ", ".join(repr(t) for t in tokenizer.convert_ids_to_tokens([i for i in rows if i < len(tokenizer)][:5]))

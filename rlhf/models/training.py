@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.models import methods
+from rlhf.models import methods, modeling
 from rlhf.runs import preempt
 from rlhf.scale import distributed
 from rlhf.runs.rundir import Run
@@ -175,6 +175,18 @@ def check_finite(model, stage: str) -> None:
         raise TrainingStopped(f"{stage}: not saving: {len(bad)} trained tensors hold NaN or inf (e.g. {bad[0]})")
 
 
+def announce(stage: str, what: str, method: str, params: dict, reinitialised: list[int], tokenizer) -> None:
+    """The stage's start line on the main process: what it trains on, what ``method`` trains, and what
+    ``load_base`` did to the base's untrained embedding rows, if anything."""
+    if not distributed.is_main():
+        return
+    print(f"{stage}: {what}, {method} trains {params['trainable']:,} of {params['total']:,} parameters "
+          f"({params['percent']}%)", file=sys.stderr)
+    note = modeling.untrained_note(reinitialised, tokenizer)
+    if note:
+        print(f"{stage}: {note}", file=sys.stderr)
+
+
 def trained_files(method: str) -> list[tuple[str, ...]]:
     """What a trainer-based stage's run holds when it is done: the weights ``method`` saves and the tokenizer
     (``Run.finish`` checks them)."""
@@ -210,9 +222,11 @@ def latest_checkpoint(work: Path) -> Path | None:
     return max(done, key=lambda d: int(d.name.split("-")[1]), default=None)
 
 
-def train(trainer, run: Run):
+def train(trainer, run: Run) -> tuple:
     """``trainer.train()``, continuing from the newest complete checkpoint when the run is resumed (metrics.jsonl
-    goes back to what it held when that checkpoint was saved)."""
+    goes back to what it held when that checkpoint was saved). Returns the trainer's result and, where the model was
+    sharded over CPU processes (``distributed.shard_on_cpu``), what each process held (the manifest's ``shards``;
+    else None)."""
     from transformers import TrainerCallback
 
     class _RecordMetricsLines(TrainerCallback):
@@ -239,7 +253,7 @@ def train(trainer, run: Run):
                 control.should_save = control.should_training_stop = True
                 self.stopped_at = state.global_step
 
-    distributed.shard_on_cpu(trainer, run.stage)
+    counter = distributed.shard_on_cpu(trainer, run.stage)
     preemption = _Preemption()
     trainer.add_callback(_RecordMetricsLines())
     trainer.add_callback(preemption)
@@ -251,6 +265,7 @@ def train(trainer, run: Run):
     with preempt.handlers(run.stage):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if preemption.stopped_at is not None:
-            raise preempt.stop(run.stage, preemption.stopped_at, trainer.state.max_steps)
+            raise preempt.stop(run.stage, preemption.stopped_at, trainer.state.max_steps, run.command)
     # the trainer's final average loss is each process's own; the run reports the mean over all of them
-    return result._replace(training_loss=distributed.all_mean({"loss": result.training_loss})["loss"])
+    return (result._replace(training_loss=distributed.all_mean({"loss": result.training_loss})["loss"]),
+            counter.shards if counter else None)

@@ -55,6 +55,9 @@ class PPOModels(Protocol):
     sharded: bool
     """whether the models are FSDP2 shards over the processes (``SeparateCopies.shard``): every pass and save is
     then collective, run by every process alike"""
+    shards: dict | None
+    """what each process holds of the sharded models (``distributed.record_shards``; the manifest's ``shards``),
+    None when not sharded"""
 
     @property
     def device(self) -> torch.device: ...
@@ -185,6 +188,7 @@ class SharedBase:
     repeatable: bool | None = None
     vocab: int | None = None
     sharded = False  # LoRA PPO runs data-parallel: a whole base on every process
+    shards: dict | None = None
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
                  value_shift: float = 0.0, value_scale: float = 1.0, critic: str | None = "adapter"):
@@ -389,6 +393,7 @@ class SeparateCopies:
     repeatable: bool | None = None
     vocab: int | None = None
     sharded = False
+    shards: dict | None = None
 
     def __init__(self, cfg: ModelConfig, sft_dir: Path | None, rm_dir: Path | None, adapter_cfg=None,
                  value_shift: float = 0.0, value_scale: float = 1.0, critic: str | None = "adapter",
@@ -456,7 +461,7 @@ class SeparateCopies:
 
         models = self._models()
         distributed.shard([m for m in models if not isinstance(m, FSDPModule)], from_main=True)
-        distributed.record_shards(*models, *[m for m in _critic_modules(self) if m not in models])
+        self.shards = distributed.record_shards(*models, *[m for m in _critic_modules(self) if m not in models])
         self.sharded = True
 
     def policy_logits(self, input_ids, attention_mask, keep: int, role: str = "policy") -> torch.Tensor:
@@ -540,8 +545,8 @@ def load(cfg: ModelConfig, method: str, sft_dir: Path | None, rm_dir: Path | Non
          mixed_precision: str = "no", critic: str | None = "adapter", vocab: int | None = None,
          shard: bool = False) -> PPOModels:
     """The PPO models in the layout ``method`` calls for, on ``device``, every forward pass under the autocast
-    that ``mixed_precision`` ("auto", "bf16" or "no") resolves to (``precision.autocast_dtype``; the models' ``autocast``
-    and ``bf16_speedup`` say what it resolved to). The value head starts as the reward model's score head mapped
+    that ``mixed_precision`` ("auto", "bf16" or "no") resolves to (``precision.autocast_dtype``; the models'
+    ``autocast`` and ``bf16_speedup`` say what it resolved to). The value head starts as the reward model's score head mapped
     to ``(score - value_shift) / value_scale``, the scale of the rewards PPO optimises; without a reward model
     (``rm_dir`` None) it starts at zero on the policy's weights; ``critic`` names the critic (``critics.KINDS``:
     "shared", a head starting at zero on the policy's hidden state), None for no critic at all.

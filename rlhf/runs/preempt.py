@@ -11,11 +11,9 @@ main thread.
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from rlhf.scale import distributed
 from rlhf.errors import UserError
@@ -74,13 +72,10 @@ def requested() -> bool:
     return distributed.any_failed(_received is not None)
 
 
-def stop(stage: str, step: int, total: int) -> Preempted:
+def stop(stage: str, step: int, total: int, command: str) -> Preempted:
     """The exception that ends a preempted stage after ``step`` of ``total`` steps, its checkpoint written: the
-    message says how to continue."""
-    from rlhf.runs import rundir
-
+    message says how to continue (``command``: the run's command line, ``Run.command``)."""
     signum = _received if _received is not None else signal.SIGTERM
-    command = rundir.COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     if "--resume" not in command.split():
         command += " --resume"
     return Preempted(f"{stage}: stopped by {signal.Signals(signum).name} after step {step} of {total}; a resume "

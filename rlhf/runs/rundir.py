@@ -25,11 +25,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from rlhf.scale import allocator, distributed
 from rlhf.errors import TrainingStopped, UserError
-
-# The command line that started this process, as the user typed it (set by the CLI; manifests record it).
-COMMAND: str | None = None
+from rlhf.runs.manifest import Manifest
+from rlhf.scale import allocator, distributed
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "rlhf")
 
@@ -184,9 +182,12 @@ class Run:
     unless ``overwrite`` discards them, so resumable work is never deleted by accident.
     """
 
-    def __init__(self, final: Path, stage: str, overwrite: bool = False, resume: bool = False):
+    def __init__(self, final: Path, stage: str, overwrite: bool = False, resume: bool = False,
+                 command: str | None = None):
         self.final = Path(final)
         self.stage = stage
+        self.command = command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        """the command line that started the run, as the user typed it (the CLI passes it; manifests record it)"""
         self.started = now()
         self.t0 = time.time()
         self.resumed = resume
@@ -283,30 +284,31 @@ class Run:
             raise UserError(f"{self.final}: cannot save the run ({e.strerror or e}); the previous output, if any, "
                             "is untouched") from None
 
-    def finish(self, manifest: dict, files: list[str | tuple[str, ...]] = ()) -> dict:
-        """Write the manifest, fsync everything, and move the staging directory into place; returns the manifest.
-        ``files``: what the stage promises its run holds (paths in the run; a tuple: one of these), each checked
-        to be there and not empty before anything is published, and listed in the manifest with its size."""
-        manifest = {"stage": self.stage, "status": "complete", **manifest, "started": self.started,
-                    "finished": now(), "seconds": round(time.time() - self.t0, 2), "resumed": self.resumed,
-                    "world_size": distributed.world_size(), "distributed": distributed.kind(),
-                    **({"shards": distributed.SHARDS} if distributed.SHARDS else {}),
-                    "memory_by_process": memory_by_process(), "versions": versions(),
-                    "allocator": allocator.current(),
-                    "command": COMMAND or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    def finish(self, manifest: Manifest, files: list[str | tuple[str, ...]] = ()) -> dict:
+        """Write the manifest, with what the run itself knows, fsync everything, and move the staging directory
+        into place; returns the manifest as written. ``files``: what the stage promises its run holds (paths in the
+        run; a tuple: one of these), each checked to be there and not empty before anything is published, and
+        listed in the manifest with its size."""
+        written = {**manifest.to_json(self.stage), "started": self.started, "finished": now(),
+                   "seconds": round(time.time() - self.t0, 2), "resumed": self.resumed,
+                   "world_size": distributed.world_size(),
+                   "distributed": "FSDP" if manifest.shards else distributed.kind(),  # our loop's own FSDP2 too
+                   **({"shards": manifest.shards} if manifest.shards else {}),
+                   "memory_by_process": memory_by_process(), "versions": versions(),
+                   "allocator": allocator.current(), "command": self.command}
         error = None
         if self.main:
             try:
-                manifest["files"] = self.promised(files)
+                written["files"] = self.promised(files)
                 from rlhf.runs import provenance
 
-                manifest["resolved"] = provenance.record(manifest.get("base"), manifest.get("parents"))
-                self._publish(manifest)
+                written["resolved"] = provenance.record(manifest.base, manifest.parents)
+                self._publish(written)
             except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes know
                 error = e
         if distributed.any_failed(error is not None):  # every process returns once the run is in place
             raise error or UserError(f"{self.final}: the main process could not save the run")
-        return manifest
+        return written
 
     def promised(self, files: list[str | tuple[str, ...]]) -> dict[str, int]:
         """The size of each promised file in the staging directory (``finish``); a missing or empty one stops the

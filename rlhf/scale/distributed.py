@@ -73,11 +73,10 @@ def device() -> torch.device:
 
 
 def kind() -> str:
-    """How the processes share the work, as accelerate names it: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED."""
+    """How the processes share the work, as accelerate names it: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED (a
+    trainer's; PPO's own loop shards with ``shard``, and its run says FSDP from the shards it counted)."""
     if not in_launcher():
         return "NO"
-    if SHARDS is not None:  # our own loop sharded its models (``shard``)
-        return "FSDP"
     from accelerate.state import AcceleratorState
 
     if AcceleratorState._shared_state:  # a trainer's Accelerator knows about FSDP / DeepSpeed; the bare state not
@@ -115,15 +114,16 @@ def prepare_sharding(stage: str) -> None:
               "processes run plain data parallel (every process holds the whole model)", file=sys.stderr)
 
 
-def shard_on_cpu(trainer, stage: str) -> bool:
+def shard_on_cpu(trainer, stage: str):
     """Shard a trainer's model over CPU processes launched with an FSDP config. accelerate turns FSDP on only for
     GPUs and other accelerators and would run CPU processes as plain data parallel; torch's FSDP2
     (``fully_shard``) works on a CPU device mesh over gloo, so this switches the trainer's accelerator to FSDP with
     the plugin the config describes before it prepares the model. From there accelerate's own FSDP2 code runs,
     the same that runs on GPUs: every parameter becomes a DTensor of which each process holds its shard. Returns
-    whether it did (only FSDP version 2, on CPU processes, with more than one of them)."""
+    None where it does not (only FSDP version 2, on CPU processes, with more than one of them), else a callback
+    whose ``shards`` holds what ``record_shards`` counted when training began (for the run's manifest)."""
     if sharding() != "fsdp" or torch.cuda.is_available() or world_size() < 2:
-        return False
+        return None
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch set from the config
@@ -140,14 +140,17 @@ def shard_on_cpu(trainer, stage: str) -> bool:
     trainer.is_fsdp_enabled = True
 
     class _CountShards(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            record_shards(model)
+        shards: dict | None = None
 
-    trainer.add_callback(_CountShards())
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.shards = record_shards(model)
+
+    counter = _CountShards()
+    trainer.add_callback(counter)
     if is_main():
         print(f"{stage}: FSDP2 over {world_size()} CPU processes (gloo): each holds a shard of every parameter",
               file=sys.stderr)
-    return True
+    return counter
 
 
 _MESH = None
@@ -263,10 +266,6 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements)
 
 
-SHARDS: dict | None = None
-"""what ``record_shards`` counted in this process (the run's manifest reports it as ``shards``), else None"""
-
-
 def resident_memory() -> tuple[float, float]:
     """This process's resident memory in MB, now and at its peak so far (Linux's VmRSS and VmHWM); zeros where
     /proc does not say."""
@@ -284,18 +283,16 @@ def resident_memory() -> tuple[float, float]:
 def record_shards(*models: torch.nn.Module) -> dict:
     """Count the parameters each process holds of ``models`` (a DTensor's local shard, or the whole tensor), all of
     them and the trained ones, against the whole models', and each process's peak resident memory so far (what
-    loading and sharding took); every process takes part; kept in ``SHARDS``."""
-    global SHARDS
+    loading and sharding took); every process takes part. The run's manifest reports it as ``shards``."""
     params = list({id(p): p for model in models for p in model.parameters()}.values())  # a tied weight once
     held_here = [local(p).numel() for p in params]
     held = by_process([sum(held_here), sum(n for n, p in zip(held_here, params) if p.requires_grad),
                        resident_memory()[1]])
-    SHARDS = {"parameters": sum(p.numel() for p in params),
-              "trained": sum(p.numel() for p in params if p.requires_grad),
-              "held_by_process": [int(row[0]) for row in held],
-              "trained_held_by_process": [int(row[1]) for row in held],
-              "loaded_peak_rss_mb": [round(row[2], 1) for row in held]}
-    return SHARDS
+    return {"parameters": sum(p.numel() for p in params),
+            "trained": sum(p.numel() for p in params if p.requires_grad),
+            "held_by_process": [int(row[0]) for row in held],
+            "trained_held_by_process": [int(row[1]) for row in held],
+            "loaded_peak_rss_mb": [round(row[2], 1) for row in held]}
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

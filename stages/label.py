@@ -1,10 +1,11 @@
 """Label: rank each prompt's candidate responses (``rlhf sample --num-samples K``) with a scorer, a reward model or
 an LLM judge.
 
-The middle of InstructGPT's reward-model step, done by a machine: a scorer (``rlhf/feedback/scorers.py``: the tiny world's
-gold scorer plays a simulated annotator) or a reward model (``rlhf/feedback/rewards.py``) scores every candidate, and the
-scores order them; an LLM judge (``judge:MODEL``, ``rlhf/feedback/judge.py``: AI feedback, RLAIF) compares each prompt's
-candidates pair by pair, in both orders, and a candidate's score is its mean probability of beating the others.
+The middle of InstructGPT's reward-model step, done by a machine: a scorer (``rlhf/feedback/scorers.py``: the tiny
+world's gold scorer plays a simulated annotator) or a reward model (``rlhf/feedback/rewards.py``) scores every
+candidate, and the scores order them; an LLM judge (``judge:MODEL``, ``rlhf/feedback/judge.py``: AI feedback, RLAIF)
+compares each prompt's candidates pair by pair, in both orders, and a candidate's score is its mean probability of
+beating the others.
 A person ranking by hand writes the same kind of row:
 
     {...the candidate row..., "ranking": [place of each response: 0 best, equal = tie],
@@ -42,16 +43,7 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
     if not (math.isfinite(noise) and noise >= 0):
         raise UserError(f"--noise must be a finite number, 0 or more, got {noise}")
     rows = formats.load(candidates, "candidates").rows
-    score = scorers.load(by, "--by")  # a scorer spec, a reward model (rlhf.feedback.rewards) or a judge (rlhf.feedback.judge)
-    rank = getattr(score.fn, "rank", None)  # a judge compares each prompt's candidates, pair by pair
-    if rank is not None:
-        values = [v for r in rows for v in rank(r["prompt"], [t.strip() for t in r["responses"]])]
-        scorers.require_finite(values, f"--by {by}", [r["prompt"] for r in rows for _ in r["responses"]],
-                               f" of {candidates}")
-    else:
-        values = score([r["prompt"] for r in rows for _ in r["responses"]],
-                       [text for r in rows for text in r["responses"]])
-
+    values = label_scores(rows, by, candidates)
     rng = random.Random(seed)
     written = not_applicable = all_tied = comparisons = 0
     tmp = target.with_name(target.name + ".tmp")
@@ -93,6 +85,20 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
               f"labeller does not apply to every response, {all_tied} where every response scored the same)",
               file=sys.stderr)
     return stats
+
+
+def label_scores(rows: list[dict], by: str, candidates: str) -> list[float | None]:
+    """The labeller's score of every candidate response, prompt after prompt (None where it does not apply). ``by``
+    is a scorer spec, a reward model (``rlhf.feedback.rewards``) or a judge (``rlhf.feedback.judge``), which
+    compares each prompt's candidates pair by pair."""
+    score = scorers.load(by, "--by")
+    rank = getattr(score.fn, "rank", None)
+    prompts = [r["prompt"] for r in rows for _ in r["responses"]]
+    if rank is None:
+        return score(prompts, [text for r in rows for text in r["responses"]])
+    values = [v for r in rows for v in rank(r["prompt"], [t.strip() for t in r["responses"]])]
+    scorers.require_finite(values, f"--by {by}", prompts, f" of {candidates}")
+    return values
 
 
 def serve(candidates: str, out: str, annotator: str, host: str = "127.0.0.1", port: int = 8765,

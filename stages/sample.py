@@ -129,28 +129,15 @@ def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: 
     prompts done. Unset, the temperature and length are the first run's PPO settings. ``icl_shots``: each
     ``base:`` policy answers every prompt after that many demonstrations from ``demos`` (an SFT file), as eval's
     in-context row does; the row keeps the prompt alone."""
-    run_dirs = [run_name(r) for r in ([run_dirs] if isinstance(run_dirs, str) else list(run_dirs))]
-    same = [str(Path(r[5:] if r.startswith("base:") else r).expanduser().resolve()) for r in run_dirs]
-    if len(set(same)) < len(same):  # one run under two spellings (runs/sft and runs/sft/) is one policy
-        raise UserError(f"a policy is named twice ({', '.join(run_dirs)})")
+    run_dirs = policy_names(run_dirs, num_samples)
     demo_rows = demonstrations(run_dirs, icl_shots, demos)
     per_prompt = num_samples * len(run_dirs)
-    if not 1 <= per_prompt <= MAX_SAMPLES:
-        raise UserError(f"--num-samples must be from 1 to {MAX_SAMPLES}, got {num_samples}" if len(run_dirs) == 1
-                        else f"--num-samples x {len(run_dirs)} policies must be from 1 to {MAX_SAMPLES}, got "
-                             f"{per_prompt}")
     scorer_list = scorers.load_all(list(scorer_specs), "--scorer")
     target, partial = output_paths(out, overwrite, resume)  # before loading a model: the cheap mistakes first
     rows = formats.load(prompts, "prompts").rows[:limit]
 
     policies = [load(r) for r in run_dirs]
-    recipe = policies[0][2]
-    if temperature is None:  # candidates are sampled as PPO samples (the run's ppo.temperature); one is greedy
-        temperature = (recipe or {}).get("ppo", {}).get("temperature", 1.0) if per_prompt > 1 else 0.0
-    if num_samples > 1 and temperature == 0:
-        raise UserError("--num-samples above 1 needs a temperature above 0 (greedy responses are all the same)")
-    if max_new_tokens is None:
-        max_new_tokens = (recipe or {}).get("ppo", {}).get("max_new_tokens", 64)
+    temperature, max_new_tokens = sampling(policies[0][2], temperature, max_new_tokens, num_samples, per_prompt)
     for model, tokenizer, _ in policies:
         rows = fitting_prompts(model, tokenizer, rows, max_new_tokens, prompts)
     settings = {"run": run_dirs[0] if len(run_dirs) == 1 else run_dirs, "temperature": temperature, "seed": seed,
@@ -192,6 +179,34 @@ def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: 
     if target is not None:
         os.replace(partial, target)
     return len(rows)
+
+
+def policy_names(run_dirs: list[str] | str, num_samples: int) -> list[str]:
+    """The policies to sample from, each spelt one way (``names.run_name``), checked: none named twice, and from 1
+    to ``MAX_SAMPLES`` responses per prompt in all."""
+    run_dirs = [run_name(r) for r in ([run_dirs] if isinstance(run_dirs, str) else list(run_dirs))]
+    same = [str(Path(r[5:] if r.startswith("base:") else r).expanduser().resolve()) for r in run_dirs]
+    if len(set(same)) < len(same):  # one run under two spellings (runs/sft and runs/sft/) is one policy
+        raise UserError(f"a policy is named twice ({', '.join(run_dirs)})")
+    per_prompt = num_samples * len(run_dirs)
+    if not 1 <= per_prompt <= MAX_SAMPLES:
+        raise UserError(f"--num-samples must be from 1 to {MAX_SAMPLES}, got {num_samples}" if len(run_dirs) == 1
+                        else f"--num-samples x {len(run_dirs)} policies must be from 1 to {MAX_SAMPLES}, got "
+                             f"{per_prompt}")
+    return run_dirs
+
+
+def sampling(recipe: dict | None, temperature: float | None, max_new_tokens: int | None, num_samples: int,
+             per_prompt: int) -> tuple[float, int]:
+    """The temperature and length to sample with: as given, else the first run's PPO settings (candidates are
+    sampled as PPO samples; one response per prompt is greedy)."""
+    if temperature is None:
+        temperature = (recipe or {}).get("ppo", {}).get("temperature", 1.0) if per_prompt > 1 else 0.0
+    if num_samples > 1 and temperature == 0:
+        raise UserError("--num-samples above 1 needs a temperature above 0 (greedy responses are all the same)")
+    if max_new_tokens is None:
+        max_new_tokens = (recipe or {}).get("ppo", {}).get("max_new_tokens", 64)
+    return temperature, max_new_tokens
 
 
 @dataclass

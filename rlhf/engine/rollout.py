@@ -200,6 +200,22 @@ CHECK_EVERY_ON_GPU = 8
 question waits for the queued work); a CPU has no queue, so it asks after every token"""
 
 
+def _cache_for(model, width: int, static: bool | None) -> tuple[dict, bool, bool]:
+    """The KV cache ``decode`` runs over, for ``width`` positions: the forward's cache argument (none for a
+    prompt-learning model), whether it is static (preallocated; ``static`` False forces the growing cache), and
+    whether the model runs uncached."""
+    from transformers import DynamicCache, StaticCache
+
+    config = getattr(model, "config", None)
+    uncached = prompt_learning(model)
+    static = config is not None and static_cache_supported(model) and static is not False and not uncached
+    if static:
+        cache = StaticCache(config=config, max_cache_len=width)
+    else:
+        cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    return ({} if uncached else {cache_keyword(model): cache}), static, uncached
+
+
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float,
            max_new_tokens: int, eos_token_id: int, pad_token_id: int, keys: torch.Tensor | None = None,
@@ -229,30 +245,19 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     tokens to every pass; Hugging Face ``generate`` with peft 0.21 and transformers 5.24 ignored a prefix-tuning
     adapter's prefixes, and drifted from the full forward for prompt tuning after a few tokens).
     """
-    from transformers import DynamicCache, StaticCache
-
     from rlhf.text.encoding import position_ids
     from rlhf.ppo.ppo_math import entropy_from_logits, logprobs_from_logits, restrict_vocab
 
     device = input_ids.device
     batch, prompt = input_ids.shape
-    width = prompt + max_new_tokens
-    config = getattr(model, "config", None)
-    uncached = prompt_learning(model)
-    static = config is not None and static_cache_supported(model) and static is not False and not uncached
-    if static:
-        cache = StaticCache(config=config, max_cache_len=width)
-    else:
-        cache = DynamicCache(config=config) if config is not None else DynamicCache()
-    cache_arg = {} if uncached else {cache_keyword(model): cache}
+    cache_arg, static, uncached = _cache_for(model, prompt + max_new_tokens, static)
     mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], 1)
     positions = position_ids(mask)
     greedy = temperature == 0
     scale = 1.0 if greedy else float(temperature)
     keys = None if greedy else keys.to(device)
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(batch, max_new_tokens, device=device)
-    entropy = torch.zeros(batch, max_new_tokens, device=device)
+    logprobs, entropy = (torch.zeros(batch, max_new_tokens, device=device) for _ in range(2))
     values = torch.zeros(batch, max_new_tokens, device=device) if value_head is not None else None
     hidden = {"output_hidden_states": True} if value_head is not None else {}
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -274,11 +279,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
             values[:, t] = value_head(out.hidden_states[-1][:, -1])
         logits = restrict_vocab(logits, vocab)
         allowed = logits if t >= min_new_tokens else logits.index_fill(-1, eos, -torch.inf)
-        if greedy:
-            token = allowed.argmax(-1)
-        else:
-            columns = _columns(logits.shape[-1], device) if columns is None else columns
-            token = gumbel_max(allowed, keys, t, columns)
+        columns = _columns(logits.shape[-1], device) if columns is None and not greedy else columns
+        token = allowed.argmax(-1) if greedy else gumbel_max(allowed, keys, t, columns)
         token = token.masked_fill(done, pad_token_id)
         tokens[:, t] = token
         logprobs[:, t] = logprobs_from_logits(logits, token)  # the same functions as the update's

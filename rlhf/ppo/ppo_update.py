@@ -95,16 +95,13 @@ def ppo_epochs(models: PPOModels, optimizer, params, batch: Batch, p: PPOConfig,
     compute on all of it. Logged figures are token means (the losses: their aggregates).
     """
     episodes = batch.episodes
-    B, length = episodes.size, episodes.length
-    how, horizon, (clip_low, clip_high) = p.aggregation, p.max_new_tokens, p.clip_range
+    B = episodes.size
     trainable = [x for role in params.values() for x in role]
     totals: dict[str, float] = {}
     count = skipped = 0  # mini-batches, and skipped updates
     epochs_run = 0
     first_ratio = 0.0  # this process's part of the first mini-batch's mean ratio, before any update of the step
     grad_norms: dict[str, list[float]] = {role: [] for role in params}
-    critic = models.critic
-    joint = critic is not None and critic.on_policy_pass  # one pass gives the policy's logits and the values
     for epoch in range(p.ppo_epochs):
         epochs_run += 1
         epoch_kl = 0.0  # this process's part of the epoch's mean approximate KL
@@ -117,59 +114,19 @@ def ppo_epochs(models: PPOModels, optimizer, params, batch: Batch, p: PPOConfig,
             tokens = distributed.all_sum(episodes.response_mask[rows].sum().float()).clamp(min=1)
             responses = len(rows) * distributed.world_size()  # every process's mini-batch is the same size
             for micro in rows.split(p.micro_batch_size):
-                ids, mask, rmask = episodes.ids[micro], episodes.mask[micro], episodes.response_mask[micro]
-                by_token = rmask.sum() / tokens  # this micro-batch's part of the mini-batch's token means
-                share = ppo_math.batch_share(rmask, how, tokens, responses)  # and of its losses
-                vpred = None
-                if joint:  # one pass: the policy's logits and the values on its hidden state
-                    logits, vpred = (predicting(x, length) for x in critic.with_policy(ids, mask, length + 1))
-                else:
-                    logits = response_logits(models, ids, mask, length)
-                logp = ppo_math.logprobs_from_logits(logits, episodes.response[micro], p.temperature)
-                terms, pstats = ppo_math.policy_loss_terms(logp, episodes.logp[micro], batch.advantages[micro], rmask,
-                                                           p.policy_loss, clip_low, clip_high)
-                pg_loss = ppo_math.aggregate(terms, rmask, how, horizon)
-                if p.entropy_coef:  # the bonus is differentiated; without one the entropy is only logged
-                    entropies = ppo_math.entropy_from_logits(logits, p.temperature)
-                    loss = pg_loss - p.entropy_coef * ppo_math.aggregate(entropies, rmask, how, horizon)
-                else:
-                    with torch.no_grad():
-                        entropies = ppo_math.entropy_from_logits(logits, p.temperature)
-                    loss = pg_loss
-                logged = [("policy/loss", pg_loss, share), ("policy/entropy", ppo_math.masked_mean(entropies, rmask),
-                          by_token), ("policy/approxkl", pstats["approxkl"], by_token),
-                          ("policy/clipfrac", pstats["clipfrac"], by_token), ("policy/ratio", pstats["ratio"], by_token)]
-                if p.kl_where == "loss":
-                    kl = ppo_math.kl_loss(logp, batch.ref_logp[micro], rmask, p.kl_kind, how, horizon)
-                    loss = loss + kl_coef * kl
-                    logged.append(("policy/kl_loss", kl, share))
-                objective = loss * share
-                if critic is not None:
-                    if vpred is None:  # the critic's own pass, after the policy's graph is freed
-                        objective.backward()
-                        objective = 0.0
-                        vpred = predicting(critic.values(ids, mask), length)
-                    vf_loss, vstats = ppo_math.value_loss(vpred, batch.values[micro], batch.returns[micro], rmask,
-                                                          p.value_clip)
-                    objective = objective + p.value_coef * vf_loss * by_token
-                    logged += [("value/loss", vf_loss, by_token), ("value/clipfrac", vstats["clipfrac"], by_token)]
-                objective.backward()
+                logged, approxkl, ratio = micro_batch(models, batch, micro, p, kl_coef, tokens, responses)
                 for key, value, weight in logged:
                     totals[key] = totals.get(key, 0.0) + (value * weight).item()  # summed: the mini-batch's
-                epoch_kl += (pstats["approxkl"] * by_token).item()
+                epoch_kl += approxkl.item()
                 if count == 0:
-                    first_ratio += (pstats["ratio"] * by_token).item()
+                    first_ratio += ratio.item()
             count += 1
-            distributed.all_reduce_grads(trainable)
-            norms = {role: distributed.whole(torch.nn.utils.clip_grad_norm_(params[role], p.max_grad_norm))
-                     for role in params}  # a sharded model's norm is over every process's shards
-            if not all(torch.isfinite(n) for n in norms.values()):  # NaN/inf loss or gradient: skip this update
-                optimizer.zero_grad(set_to_none=True)
+            norms = clipped_update(optimizer, params, trainable, p.max_grad_norm)
+            if norms is None:
                 skipped += 1
                 continue
             for role, norm in norms.items():
-                grad_norms[role].append(norm.item())
-            optimizer.step()
+                grad_norms[role].append(norm)
         # the epoch's mean approximate KL over all processes' tokens: every process stops together
         epoch_kl = distributed.all_sum(torch.tensor(epoch_kl)).item() / (B // p.mini_batch_size)
         if p.early_stop_kl is not None and epoch_kl > p.early_stop_kl:
@@ -185,6 +142,77 @@ def ppo_epochs(models: PPOModels, optimizer, params, batch: Batch, p: PPOConfig,
     stats["ppo/epochs_run"] = epochs_run
     stats["nonfinite/skipped_updates"] = skipped
     return stats
+
+
+def micro_batch(models: PPOModels, batch: Batch, micro: torch.Tensor, p: PPOConfig, kl_coef: float,
+                tokens: torch.Tensor, responses: int) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """One micro-batch's forward passes and backward (``ppo_epochs``), its losses weighted by its share of the
+    mini-batch of ``tokens`` response tokens and ``responses`` responses over every process. Returns the logged
+    ``(name, value, weight)`` triples and this micro-batch's part of the mini-batch's approximate KL and ratio."""
+    episodes, length = batch.episodes, batch.episodes.length
+    ids, mask, rmask = episodes.ids[micro], episodes.mask[micro], episodes.response_mask[micro]
+    by_token = rmask.sum() / tokens  # this micro-batch's part of the mini-batch's token means
+    share = ppo_math.batch_share(rmask, p.aggregation, tokens, responses)  # and of its losses
+    critic = models.critic
+    vpred = None
+    if critic is not None and critic.on_policy_pass:  # one pass: the policy's logits and the values on its hidden
+        logits, vpred = (predicting(x, length) for x in critic.with_policy(ids, mask, length + 1))
+    else:
+        logits = response_logits(models, ids, mask, length)
+    loss, logged, pstats = policy_objective(logits, batch, micro, p, kl_coef, share, by_token)
+    objective = loss * share
+    if critic is not None:
+        if vpred is None:  # the critic's own pass, after the policy's graph is freed
+            objective.backward()
+            objective = 0.0
+            vpred = predicting(critic.values(ids, mask), length)
+        vf_loss, vstats = ppo_math.value_loss(vpred, batch.values[micro], batch.returns[micro], rmask, p.value_clip)
+        objective = objective + p.value_coef * vf_loss * by_token
+        logged += [("value/loss", vf_loss, by_token), ("value/clipfrac", vstats["clipfrac"], by_token)]
+    objective.backward()
+    return logged, pstats["approxkl"] * by_token, pstats["ratio"] * by_token
+
+
+def policy_objective(logits: torch.Tensor, batch: Batch, micro: torch.Tensor, p: PPOConfig, kl_coef: float,
+                     share: torch.Tensor, by_token: torch.Tensor) -> tuple[torch.Tensor, list, dict]:
+    """A micro-batch's policy loss (before its ``share``): the objective ``ppo.policy_loss`` names, minus the
+    entropy bonus, plus the KL to the reference when ``ppo.kl_in`` makes it a loss term; with what it logs and the
+    objective's statistics (``ppo_math.policy_loss_terms``)."""
+    episodes, how, horizon = batch.episodes, p.aggregation, p.max_new_tokens
+    rmask = episodes.response_mask[micro]
+    clip_low, clip_high = p.clip_range
+    logp = ppo_math.logprobs_from_logits(logits, episodes.response[micro], p.temperature)
+    terms, pstats = ppo_math.policy_loss_terms(logp, episodes.logp[micro], batch.advantages[micro], rmask,
+                                               p.policy_loss, clip_low, clip_high)
+    pg_loss = ppo_math.aggregate(terms, rmask, how, horizon)
+    if p.entropy_coef:  # the bonus is differentiated; without one the entropy is only logged
+        entropies = ppo_math.entropy_from_logits(logits, p.temperature)
+        loss = pg_loss - p.entropy_coef * ppo_math.aggregate(entropies, rmask, how, horizon)
+    else:
+        with torch.no_grad():
+            entropies = ppo_math.entropy_from_logits(logits, p.temperature)
+        loss = pg_loss
+    logged = [("policy/loss", pg_loss, share), ("policy/entropy", ppo_math.masked_mean(entropies, rmask), by_token),
+              ("policy/approxkl", pstats["approxkl"], by_token), ("policy/clipfrac", pstats["clipfrac"], by_token),
+              ("policy/ratio", pstats["ratio"], by_token)]
+    if p.kl_where == "loss":
+        kl = ppo_math.kl_loss(logp, batch.ref_logp[micro], rmask, p.kl_kind, how, horizon)
+        loss = loss + kl_coef * kl
+        logged.append(("policy/kl_loss", kl, share))
+    return loss, logged, pstats
+
+
+def clipped_update(optimizer, params: dict, trainable: list, max_norm: float) -> dict[str, float] | None:
+    """The optimizer step of one mini-batch: gradients summed over processes, each role's clipped to ``max_norm``
+    (a sharded model's norm is over every process's shards). Returns each role's norm before clipping, or None
+    when one is not finite (a NaN/inf loss or gradient): the update is skipped and the gradients dropped."""
+    distributed.all_reduce_grads(trainable)
+    norms = {role: distributed.whole(torch.nn.utils.clip_grad_norm_(params[role], max_norm)) for role in params}
+    if not all(torch.isfinite(n) for n in norms.values()):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    return {role: norm.item() for role, norm in norms.items()}
 
 
 def guard_nonfinite(stats: dict, p: PPOConfig, step: int, bad_in_a_row: int) -> int:

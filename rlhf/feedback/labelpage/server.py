@@ -7,12 +7,15 @@ starts it.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import sys
 import threading
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from rlhf.text import formats
 from rlhf.errors import UserError
@@ -185,85 +188,86 @@ def read_json_body(headers, stream) -> tuple[tuple[int, dict] | None, object]:
         return (400, {"error": "the body is not JSON"}), None
 
 
+class Handler(BaseHTTPRequestHandler):
+    """A request to the page: every one must carry the server's access token (``make_server``)."""
+
+    app: LabelApp
+    token: str
+    server_version = "rlhf-label"
+    sys_version = ""
+
+    def log_message(self, *args):  # the terminal shows saves, not every request
+        pass
+
+    def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in HEADERS.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, code: int, data: dict) -> None:
+        self._send(code, json.dumps(data).encode("utf-8"), "application/json")
+
+    def _authorised(self) -> bool:
+        given = self.headers.get("X-Label-Token") or parse_qs(urlsplit(self.path).query).get("token", [""])[0]
+        if hmac.compare_digest(given.encode(), self.token.encode()):
+            return True
+        self._json(401, {"error": "missing or wrong access token (open the URL the server printed)"})
+        return False
+
+    def handle_one_request(self):
+        """Every failure inside a request is an answer with a message, never a dropped connection."""
+        try:
+            super().handle_one_request()
+        except (ConnectionError, TimeoutError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the page must stay up; the terminal gets one line
+            print(f"label: request failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            try:
+                self._json(500, {"error": f"the server failed on this request ({type(e).__name__}: {e})"})
+            except OSError:
+                pass
+
+    def do_GET(self):
+        if not self._authorised():
+            return
+        path = urlsplit(self.path).path
+        if path == "/api/next":
+            return self._json(200, self.app.state())
+        if path not in ASSETS:
+            return self._json(404, {"error": f"no such page {path}"})
+        name, content_type = ASSETS[path]
+        body = (PAGE / name).read_bytes()
+        if name == "index.html":  # the assets are fetched with the token too
+            for asset in ("app.js", "app.css"):
+                body = body.replace(f'"{asset}"'.encode(), f'"{asset}?token={self.token}"'.encode())
+        self._send(200, body, content_type)
+
+    def do_POST(self):
+        if not self._authorised():
+            return
+        if urlsplit(self.path).path != "/api/answer":
+            return self._json(404, {"error": "no such endpoint"})
+        refused, body = read_json_body(self.headers, self.rfile)
+        if refused:
+            return self._json(*refused)
+        try:
+            state = self.app.answer(body)
+        except AlreadyAnswered as e:
+            return self._json(409, {"error": str(e)})
+        except ValueError as e:
+            return self._json(400, {"error": str(e)})
+        print(f"label: saved item {body['item']} ({body['status']}) by {self.app.annotator}: "
+              f"{state['answered']}/{state['total']}", file=sys.stderr, flush=True)
+        self._json(200, state)
+
+
 def make_server(app: LabelApp, host: str, port: int, token: str):
     """A threading HTTP server for the page; every request must carry ``token`` (query or X-Label-Token)."""
-    import hmac
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from urllib.parse import parse_qs, urlsplit
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "rlhf-label"
-        sys_version = ""
-
-        def log_message(self, *args):  # the terminal shows saves, not every request
-            pass
-
-        def _send(self, code: int, body: bytes, content_type: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in HEADERS.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, code: int, data: dict) -> None:
-            self._send(code, json.dumps(data).encode("utf-8"), "application/json")
-
-        def _authorised(self) -> bool:
-            given = self.headers.get("X-Label-Token") or parse_qs(urlsplit(self.path).query).get("token", [""])[0]
-            if hmac.compare_digest(given.encode(), token.encode()):
-                return True
-            self._json(401, {"error": "missing or wrong access token (open the URL the server printed)"})
-            return False
-
-        def handle_one_request(self):
-            """Every failure inside a request is an answer with a message, never a dropped connection."""
-            try:
-                super().handle_one_request()
-            except (ConnectionError, TimeoutError):
-                raise
-            except Exception as e:  # noqa: BLE001 - the page must stay up; the terminal gets one line
-                print(f"label: request failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                try:
-                    self._json(500, {"error": f"the server failed on this request ({type(e).__name__}: {e})"})
-                except OSError:
-                    pass
-
-        def do_GET(self):
-            if not self._authorised():
-                return
-            path = urlsplit(self.path).path
-            if path == "/api/next":
-                return self._json(200, app.state())
-            if path not in ASSETS:
-                return self._json(404, {"error": f"no such page {path}"})
-            name, content_type = ASSETS[path]
-            body = (PAGE / name).read_bytes()
-            if name == "index.html":  # the assets are fetched with the token too
-                for asset in ("app.js", "app.css"):
-                    body = body.replace(f'"{asset}"'.encode(), f'"{asset}?token={token}"'.encode())
-            self._send(200, body, content_type)
-
-        def do_POST(self):
-            if not self._authorised():
-                return
-            if urlsplit(self.path).path != "/api/answer":
-                return self._json(404, {"error": "no such endpoint"})
-            refused, body = read_json_body(self.headers, self.rfile)
-            if refused:
-                return self._json(*refused)
-            try:
-                state = app.answer(body)
-            except AlreadyAnswered as e:
-                return self._json(409, {"error": str(e)})
-            except ValueError as e:
-                return self._json(400, {"error": str(e)})
-            print(f"label: saved item {body['item']} ({body['status']}) by {app.annotator}: "
-                  f"{state['answered']}/{state['total']}", file=sys.stderr, flush=True)
-            self._json(200, state)
-
-    server = ThreadingHTTPServer((host, port), Handler)
+    handler = type("Handler", (Handler,), {"app": app, "token": token})
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server

@@ -265,6 +265,11 @@ class DPOConfig(TrainConfig):
         return self.loss == "simpo"
 
 
+VF_COEF = {"adapter": 0.1, "shared": 0.01}
+"""each critic's own value-loss weight (``ppo.vf_coef`` unset): the shared critic's value gradient shares the
+policy adapter and its clipping budget, so it takes less (docs/ppo.md)"""
+
+
 @dataclass
 class PPOConfig:
     """PPO against the reward model, with a KL penalty to the frozen SFT reference.
@@ -282,9 +287,7 @@ class PPOConfig:
     in ``rlhf.ppo.ppo_math``.
     """
 
-    lr: float = 1e-5
-    """learning rate for the policy and value adapters (AdamW, constant); TRL 0.28's PPOConfig default is 3e-6,
-    for full fine-tuning"""
+    # -- sizes: what a step samples and how the update splits it
     batch_size: int = 64
     """episodes (responses) per PPO step on one process (N processes: N x batch_size per step), drawn for
     batch_size / samples_per_prompt prompts"""
@@ -292,67 +295,14 @@ class PPOConfig:
     """K: responses sampled for each prompt of a step, each with its own key (deterministic: resume and several
     processes sample the same ones); must divide batch_size. grpo, dr_grpo and rloo compare a prompt's K responses with
     each other and need K >= 2 (4 to 16 in the papers)"""
-    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
-    """the advantage estimator: gae = PPO with a critic (Schulman et al. 2016); grpo = a response's reward
-    standardised within its prompt's group of K (Shao et al. 2024); dr_grpo = its reward minus the group's mean,
-    without GRPO's division by the group's std (Liu et al. 2025); rloo = its reward minus the mean reward of
-    the K - 1 others (Ahmadian et al. 2024); reinforce_pp = per-token KL-shaped returns normalised over the whole
-    batch, minus the group's mean score first when K > 1 (Hu 2025). Critic-free estimators need no value model:
-    less memory and about half the update work"""
-    critic: Literal["adapter", "shared"] = "adapter"
-    """gae's critic: adapter = a value adapter of its own on the base, under a value head (started from the reward
-    model's adapter and score head), with its own forward and backward passes; shared = a value head on the
-    policy's own last hidden state (TRL <= 0.11's value-head model): the policy's forward gives logits and values
-    at once, the rollout's values come from the sampling pass, and the value loss (times vf_coef) trains the
-    policy adapter too. About half the update's work; the head starts at zero. Ignored by critic-free
-    estimators"""
-    policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
-    """the policy objective: ppo = the clipped surrogate on token ratios; gspo = the same on each response's
-    length-normalised sequence ratio (Zheng et al. 2025; its epsilons are a few 1e-4: clip_low/clip_high default
-    to the paper's 3e-4/4e-4); cispo = a clipped, non-differentiated importance weight times A times log pi, so no
-    token's gradient is dropped (MiniMax-M1 2025; clip_low defaults to 1, no lower bound, clip_high to 4, a
-    weight of at most 5 as in ScaleRL). The equations are in rlhf/ppo/ppo_math.py and docs/ppo.md"""
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
-                              "seq_mean_token_sum_norm"] | None = None
-    """how per-token losses (policy, entropy, KL as a loss) become one: token_mean = over all tokens of the
-    mini-batch (DAPO); seq_mean_token_mean = each response's token mean, averaged (GRPO's paper, GSPO);
-    seq_mean_token_sum = each response's token sum, averaged; seq_mean_token_sum_norm = that over the constant
-    max_new_tokens (Dr. GRPO). None: the objective's own (seq_mean_token_mean for gspo,
-    seq_mean_token_sum_norm for dr_grpo, token_mean otherwise). Over micro-batches and processes it is what one
-    process holding the mini-batch would compute"""
-    clip_low: float | None = None
-    """the surrogate's lower clip, ratio >= 1 - clip_low, at most 1; None: ppo.clip (gspo: 3e-4, cispo: 1, no lower
-    bound). Each of clip_low and clip_high left null keeps the objective's own default: setting clip_low alone
-    leaves clip_high at ppo.clip (gspo: 4e-4, cispo: 4), not at clip_low"""
-    clip_high: float | None = None
-    """the upper clip, ratio <= 1 + clip_high, at most 100; above clip_low it is DAPO's clip-higher (0.28 with
-    clip_low 0.2); None: ppo.clip (gspo: 4e-4, cispo: 4)"""
-    overlong_buffer: int = 0
-    """DAPO's overlong shaping: the last this many tokens before max_new_tokens cost a penalty growing linearly to
-    overlong_penalty at the limit, added to the score (0: off). Separate from missing_eos_penalty, which is flat
-    and for responses that never end"""
-    overlong_penalty: float = 1.0
-    """the overlong shaping's penalty at max_new_tokens"""
-    drop_flat_groups: bool = False
-    """DAPO's dynamic sampling: a prompt whose K responses all got the same score carries no signal for a group
-    estimator; its slot in the step is refilled with the next prompt's K responses (sampled and scored), up to
-    resample_rounds times, so the step trains on batch_size episodes from informative groups. Slots still flat
-    after that train as they are (objective/flat_groups counts them, objective/resampled the refills). Needs
-    samples_per_prompt >= 2; resume and several processes sample what one uninterrupted process would"""
-    resample_rounds: int = 3
-    """the most refill rounds per step with drop_flat_groups (each samples only the slots still flat), at most 100;
-    a step also stops refilling once it has tried every prompt of the set, and a step left with every group flat
-    says that it trains on nothing"""
     mini_batch_size: int = 16
     """episodes per optimizer step on one process; must divide batch_size"""
     micro_batch_size: int = 8
     """episodes per forward/backward pass (gradient accumulation); must divide mini_batch_size"""
     ppo_epochs: int = 4
     """passes over each rollout batch"""
-    epochs: float = 1.0
-    """passes over the prompt set (ignored when max_steps is set)"""
-    max_steps: int | None = None
-    """PPO steps (rollout + update) to run; overrides epochs"""
+
+    # -- sampling: what each step generates
     max_new_tokens: int = 48
     """longest response sampled"""
     min_new_tokens: int = 0
@@ -364,13 +314,38 @@ class PPOConfig:
     max_prompt_length + max_new_tokens must fit the model's positions"""
     temperature: float = 1.0
     """sampling temperature; log-probabilities are computed at the same temperature"""
-    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
-    """bf16 autocast for every forward and backward pass of the loop (weights and optimizer stay fp32): "auto"
-    uses it for an fp32, unquantized base on a GPU with bf16, or on a CPU where bf16 matrix products measured at
-    least 1.3x faster than fp32 (AMX CPUs: ~4x; AVX512-BF16 without AMX: 0.55x-2.3x; measured once per machine and
-    kept in ~/.cache/rlhf), and only where PPO's passes in bf16 give the same bits twice (checked before the first
-    step; else fp32, so runs repeat and resume bit for bit); "bf16" forces it; "no" keeps everything fp32. The
-    manifest records the choice, the measurement and whether the passes repeat (``repeatable``)"""
+    drop_flat_groups: bool = False
+    """DAPO's dynamic sampling: a prompt whose K responses all got the same score carries no signal for a group
+    estimator; its slot in the step is refilled with the next prompt's K responses (sampled and scored), up to
+    resample_rounds times, so the step trains on batch_size episodes from informative groups. Slots still flat
+    after that train as they are (objective/flat_groups counts them, objective/resampled the refills). Needs
+    samples_per_prompt >= 2; resume and several processes sample what one uninterrupted process would"""
+    resample_rounds: int = 3
+    """the most refill rounds per step with drop_flat_groups (each samples only the slots still flat), at most 100;
+    a step also stops refilling once it has tried every prompt of the set, and a step left with every group flat
+    says that it trains on nothing"""
+
+    # -- reward: what PPO maximises, and how the score is shaped
+    reward: dict[str, float] = field(default_factory=lambda: {"reward_model": 1.0})
+    """what PPO maximises, a weighted sum: ``reward_model`` weighs the reward model's score (normalised when
+    ppo.normalize_reward), any other key is a scorer (rlhf/feedback/scorers.py: a built-in name such as gold, or
+    package.module:function, or file.py:function) weighing its value as it is. Without a reward_model term PPO
+    needs no reward model (RL against verifiable rewards). A scorer's None ("does not apply") adds 0"""
+    normalize_reward: bool = True
+    """standardise the reward model's score with its stored mean and std (from its manifest)"""
+    reward_clip: float | None = 5.0
+    """clip the total score to [-reward_clip, reward_clip] (after the missing-EOS penalty); None to disable"""
+    missing_eos_penalty: float | None = 1.0
+    """subtracted from the total score of a response that never emits EOS; None to disable. TRL 0.28's PPOConfig
+    default is None (its examples pass 1.0)"""
+    overlong_buffer: int = 0
+    """DAPO's overlong shaping: the last this many tokens before max_new_tokens cost a penalty growing linearly to
+    overlong_penalty at the limit, added to the score (0: off). Separate from missing_eos_penalty, which is flat
+    and for responses that never end"""
+    overlong_penalty: float = 1.0
+    """the overlong shaping's penalty at max_new_tokens"""
+
+    # -- KL to the reference
     kl_coef: float = 0.05
     """beta, the weight of the per-token KL penalty (initial value when adaptive)"""
     kl_estimator: Literal["k1", "k3"] | None = None
@@ -391,40 +366,83 @@ class PPOConfig:
     kl_budget: float | None = None
     """the mean sequence KL to the reference the run is meant to end within, in nats: the manifest records
     whether it did and a warning is printed when not; None for no budget"""
+
+    # -- estimator and objective
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
+    """the advantage estimator: gae = PPO with a critic (Schulman et al. 2016); grpo = a response's reward
+    standardised within its prompt's group of K (Shao et al. 2024); dr_grpo = its reward minus the group's mean,
+    without GRPO's division by the group's std (Liu et al. 2025); rloo = its reward minus the mean reward of
+    the K - 1 others (Ahmadian et al. 2024); reinforce_pp = per-token KL-shaped returns normalised over the whole
+    batch, minus the group's mean score first when K > 1 (Hu 2025). Critic-free estimators need no value model:
+    less memory and about half the update work"""
     gamma: float = 1.0
     """discount factor"""
     lam: float = 0.95
     """GAE lambda"""
-    clip: float = 0.2
-    """surrogate clipping epsilon"""
-    value_clip: float = 0.2
-    """value clipping epsilon"""
-    vf_coef: float | None = None
-    """weight of the value loss; None: the critic's own, 0.1 with the adapter critic (the weight scales only the
-    value adapter's gradient) and 0.01 with the shared critic, whose value-loss gradient shares the policy
-    adapter and its clipping budget (on the tiny world 0.1 there cost style and doubled the KL; docs/ppo.md)"""
-    entropy_coef: float = 0.0
-    """weight of the entropy bonus"""
-    max_grad_norm: float = 1.0
-    """gradient clipping threshold, applied to the policy and the value parameters separately"""
     whiten_advantages: bool = True
     """normalise advantages to mean 0, std 1 over the batch's response tokens (gae and rloo; grpo standardises
     within each group, dr_grpo deliberately does not, and reinforce_pp normalises over the batch by
     definition)"""
-    reward: dict[str, float] = field(default_factory=lambda: {"reward_model": 1.0})
-    """what PPO maximises, a weighted sum: ``reward_model`` weighs the reward model's score (normalised when
-    ppo.normalize_reward), any other key is a scorer (rlhf/feedback/scorers.py: a built-in name such as gold, or
-    package.module:function, or file.py:function) weighing its value as it is. Without a reward_model term PPO
-    needs no reward model (RL against verifiable rewards). A scorer's None ("does not apply") adds 0"""
-    normalize_reward: bool = True
-    """standardise the reward model's score with its stored mean and std (from its manifest)"""
-    reward_clip: float | None = 5.0
-    """clip the total score to [-reward_clip, reward_clip] (after the missing-EOS penalty); None to disable"""
-    missing_eos_penalty: float | None = 1.0
-    """subtracted from the total score of a response that never emits EOS; None to disable. TRL 0.28's PPOConfig
-    default is None (its examples pass 1.0)"""
+    policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
+    """the policy objective: ppo = the clipped surrogate on token ratios; gspo = the same on each response's
+    length-normalised sequence ratio (Zheng et al. 2025; its epsilons are a few 1e-4: clip_low/clip_high default
+    to the paper's 3e-4/4e-4); cispo = a clipped, non-differentiated importance weight times A times log pi, so no
+    token's gradient is dropped (MiniMax-M1 2025; clip_low defaults to 1, no lower bound, clip_high to 4, a
+    weight of at most 5 as in ScaleRL). The equations are in rlhf/ppo/ppo_math.py and docs/ppo.md"""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                              "seq_mean_token_sum_norm"] | None = None
+    """how per-token losses (policy, entropy, KL as a loss) become one: token_mean = over all tokens of the
+    mini-batch (DAPO); seq_mean_token_mean = each response's token mean, averaged (GRPO's paper, GSPO);
+    seq_mean_token_sum = each response's token sum, averaged; seq_mean_token_sum_norm = that over the constant
+    max_new_tokens (Dr. GRPO). None: the objective's own (seq_mean_token_mean for gspo,
+    seq_mean_token_sum_norm for dr_grpo, token_mean otherwise). Over micro-batches and processes it is what one
+    process holding the mini-batch would compute"""
+    clip: float = 0.2
+    """surrogate clipping epsilon"""
+    clip_low: float | None = None
+    """the surrogate's lower clip, ratio >= 1 - clip_low, at most 1; None: ppo.clip (gspo: 3e-4, cispo: 1, no lower
+    bound). Each of clip_low and clip_high left null keeps the objective's own default: setting clip_low alone
+    leaves clip_high at ppo.clip (gspo: 4e-4, cispo: 4), not at clip_low"""
+    clip_high: float | None = None
+    """the upper clip, ratio <= 1 + clip_high, at most 100; above clip_low it is DAPO's clip-higher (0.28 with
+    clip_low 0.2); None: ppo.clip (gspo: 4e-4, cispo: 4)"""
+    entropy_coef: float = 0.0
+    """weight of the entropy bonus"""
     early_stop_kl: float | None = None
     """stop the remaining PPO epochs of a step once the mean approximate KL passes this; None to disable"""
+
+    # -- critic (gae only)
+    critic: Literal["adapter", "shared"] = "adapter"
+    """gae's critic: adapter = a value adapter of its own on the base, under a value head (started from the reward
+    model's adapter and score head), with its own forward and backward passes; shared = a value head on the
+    policy's own last hidden state (TRL <= 0.11's value-head model): the policy's forward gives logits and values
+    at once, the rollout's values come from the sampling pass, and the value loss (times vf_coef) trains the
+    policy adapter too. About half the update's work; the head starts at zero. Ignored by critic-free
+    estimators"""
+    vf_coef: float | None = None
+    """weight of the value loss; None: the critic's own, 0.1 with the adapter critic (the weight scales only the
+    value adapter's gradient) and 0.01 with the shared critic, whose value-loss gradient shares the policy
+    adapter and its clipping budget (on the tiny world 0.1 there cost style and doubled the KL; docs/ppo.md)"""
+    value_clip: float = 0.2
+    """value clipping epsilon"""
+
+    # -- schedule, optimisation, precision and checkpoints
+    lr: float = 1e-5
+    """learning rate for the policy and value adapters (AdamW, constant); TRL 0.28's PPOConfig default is 3e-6,
+    for full fine-tuning"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold, applied to the policy and the value parameters separately"""
+    epochs: float = 1.0
+    """passes over the prompt set (ignored when max_steps is set)"""
+    max_steps: int | None = None
+    """PPO steps (rollout + update) to run; overrides epochs"""
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    """bf16 autocast for every forward and backward pass of the loop (weights and optimizer stay fp32): "auto"
+    uses it for an fp32, unquantized base on a GPU with bf16, or on a CPU where bf16 matrix products measured at
+    least 1.3x faster than fp32 (AMX CPUs: ~4x; AVX512-BF16 without AMX: 0.55x-2.3x; measured once per machine and
+    kept in ~/.cache/rlhf), and only where PPO's passes in bf16 give the same bits twice (checked before the first
+    step; else fp32, so runs repeat and resume bit for bit); "bf16" forces it; "no" keeps everything fp32. The
+    manifest records the choice, the measurement and whether the passes repeat (``repeatable``)"""
     eval_every: int = 10
     """PPO steps between reward and gold evaluations on a sample of held-out prompts (0 to disable)"""
     eval_samples: int = 64
@@ -457,7 +475,7 @@ class PPOConfig:
     @property
     def value_coef(self) -> float:
         """The value loss's weight: ``vf_coef``, or the critic's own."""
-        return self.vf_coef if self.vf_coef is not None else 0.01 if self.critic == "shared" else 0.1
+        return self.vf_coef if self.vf_coef is not None else VF_COEF[self.critic]
 
     @property
     def kl_where(self) -> str:

@@ -66,7 +66,7 @@ def with_responses(prompts: list[list[dict]], responses: list[str]) -> list[list
 
 def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
     """Each conversation (ending with the assistant's response) as the token ids a reward is read on:
-    ``modeling.encode_exchange``'s prompt and response, one after the other."""
+    ``encode_exchange``'s prompt and response, one after the other."""
     out = []
     for conv in conversations:
         split = max(i for i, m in enumerate(conv) if m["role"] != "assistant") + 1 if any(

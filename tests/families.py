@@ -51,6 +51,63 @@ PHI3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
+# Qwen2.5-Instruct's template as it ships, tools included: Hermes-style <tool_call> JSON in the assistant turn, tool
+# results as <tool_response> blocks in a user turn
+QWEN25_TOOLS_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
 
 @dataclass
 class Family:
@@ -128,15 +185,11 @@ def corpus(seed: int = 0) -> list[str]:
     return [sentence(rng, rng.randint(4, 14)) for _ in range(600)] + [str(i) for i in range(100)]
 
 
-def build(family: Family, out: Path, seed: int = 0, config: dict | None = None, dtype=None,
-          device: str = "cpu") -> Path:
-    """Write ``family``'s tokenizer and a random-initialised model (safetensors) to ``out``; returns ``out``.
-    ``config`` overrides the family's small shape (e.g. a real model's sizes and vocabulary); the weights are made
-    on ``device`` and saved in ``dtype`` (default float32)."""
-    import torch
-    import transformers
+def make_tokenizer(family: Family, seed: int = 0, template: str | None = None):
+    """``family``'s tokenizer (a small byte-level BPE with the family's special tokens), with its chat template or
+    ``template``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -147,8 +200,21 @@ def build(family: Family, out: Path, seed: int = 0, config: dict | None = None, 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **family.tokens,
                                         additional_special_tokens=[t for t in family.specials
                                                                    if t not in family.tokens.values()])
-    if family.template:
-        tokenizer.chat_template = family.template
+    if template or family.template:
+        tokenizer.chat_template = template or family.template
+    return tokenizer
+
+
+def build(family: Family, out: Path, seed: int = 0, config: dict | None = None, dtype=None,
+          device: str = "cpu") -> Path:
+    """Write ``family``'s tokenizer and a random-initialised model (safetensors) to ``out``; returns ``out``.
+    ``config`` overrides the family's small shape (e.g. a real model's sizes and vocabulary); the weights are made
+    on ``device`` and saved in ``dtype`` (default float32)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = make_tokenizer(family, seed)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))
 

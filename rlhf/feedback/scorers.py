@@ -136,12 +136,15 @@ def _quote(prompt: list[dict]) -> str:
     return f"prompt {content[:60]!r}"
 
 
-def _import(module: str, where: str):
+def import_reference(module: str, where: str, what: str = "scorer"):
+    """The module a reference names (``module`` of ``module:NAME``): a Python file (``.py``, loaded once) or an
+    importable module; a missing one or one that raises on import is a one-line error naming it (``what`` it is
+    the ``what`` of: a scorer, an environment)."""
     if module.endswith(".py"):
         path = Path(module).expanduser()
         if not path.is_file():
-            raise UserError(f"{where}: scorer file {module} not found")
-        name = f"rlhf_scorer_{abs(hash(str(path.resolve())))}"
+            raise UserError(f"{where}: {what} file {module} not found")
+        name = f"rlhf_{what}_{abs(hash(str(path.resolve())))}"
         if name in sys.modules:
             return sys.modules[name]
         spec = importlib.util.spec_from_file_location(name, path)
@@ -151,14 +154,14 @@ def _import(module: str, where: str):
             spec.loader.exec_module(loaded)
         except Exception as e:
             del sys.modules[name]
-            raise UserError(f"{where}: importing scorer file {module} raised {_describe(e)}") from None
+            raise UserError(f"{where}: importing {what} file {module} raised {_describe(e)}") from None
         return loaded
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        raise UserError(f"{where}: scorer module {module} not found ({e.name} is not importable)") from None
+        raise UserError(f"{where}: {what} module {module} not found ({e.name} is not importable)") from None
     except Exception as e:
-        raise UserError(f"{where}: importing scorer module {module} raised {_describe(e)}") from None
+        raise UserError(f"{where}: importing {what} module {module} raised {_describe(e)}") from None
 
 
 def load(spec: str, where: str = "scorer") -> Scorer:
@@ -187,7 +190,7 @@ def load(spec: str, where: str = "scorer") -> Scorer:
         close = difflib.get_close_matches(ref, BUILTIN, n=1)
         raise UserError(f"{where}: unknown scorer {spec!r}" + (f" (did you mean {close[0]!r}?)" if close else
                         f"; built-in: {', '.join(BUILTIN)}, or package.module:function, or file.py:function"))
-    obj = getattr(_import(module, where), attr, None)
+    obj = getattr(import_reference(module, where), attr, None)
     if obj is None:
         raise UserError(f"{where}: {module} has no {attr!r} (scorer {spec!r})")
     if inspect.isclass(obj):

@@ -23,11 +23,31 @@ SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>
 PAD, EOS = "<|pad|>", "<|end|>"
 
 # Roles map to their marker token; the assistant turn is wrapped in generation markers so that TRL's
-# assistant-only loss can find it. The prompt rendered alone is a prefix of prompt + response.
+# assistant-only loss can find it. The prompt rendered alone is a prefix of prompt + response. With tools (TRL's
+# environment contract, rlhf.engine.environments), a system turn lists them by name and parameters (the tiny
+# base's positions are few: no JSON schemas), an assistant turn writes each call as Hermes / Qwen2.5 do
+# (<tool_call>{"name": ..., "arguments": {...}}</tool_call>, inside its generation markers: calls are trained on),
+# and a tool's result is a user turn in <tool_response> tags (never trained on).
+# A conversation without tools renders exactly as before.
 CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "<|system|>Tools:{%- for tool in tools -%}"
+    "{%- set f = tool['function'] if tool['function'] is defined else tool -%}"
+    "{%- set names = f['parameters']['properties'] if f['parameters'] is defined else {} -%}"
+    "{{ '\\n' }}{{ f['name'] }}({{ names | join(', ') }})"
+    "{%- endfor -%}"
+    "{{ '\\n' }}Call one as <tool_call>{\"name\": NAME, \"arguments\": {...}}</tool_call><|end|>"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
-    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "<|assistant|>{% generation %}{{ message['content'] or '' }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set call = call['function'] if call['function'] is defined else call -%}"
+    "<tool_call>{\"name\": \"{{ call['name'] }}\", \"arguments\": {{ call['arguments'] | tojson }}}</tool_call>"
+    "{%- endfor -%}"
+    "<|end|>{% endgeneration %}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "<|user|><tool_response>{{ message['content'] }}</tool_response><|end|>"
     "{%- else -%}"
     "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
     "{%- endif -%}"

@@ -435,3 +435,19 @@ def test_overlong_penalty_by_hand():
     torch.testing.assert_close(pm.overlong_penalty(lengths, 10, 4, factor=0.5), T([0.0, 0.0, -0.125, -0.375, -0.5]))
     with pytest.raises(ValueError, match="overlong buffer"):
         pm.overlong_penalty(lengths, 10, 0)
+
+
+def test_tokens_an_environment_wrote_are_no_step_of_gae_or_the_returns():
+    """Two turns of an episode with the environment's 2 tokens between them (mask 1 0 0 1 1, padding after): GAE
+    and the returns skip them, as if the sampled tokens were consecutive, and are 0 on them. By hand, gamma 0.9,
+    lambda 0.5: the last token's delta = 1 - 0.8 = 0.2; the one before it: 0 + 0.9 * 0.8 - 0.6 = 0.12, A = 0.12 +
+    0.45 * 0.2 = 0.21; the first: 0 + 0.9 * 0.6 - 0.5 = 0.04, A = 0.04 + 0.45 * 0.21 = 0.1345."""
+    mask = T([[1, 0, 0, 1, 1, 0]])
+    rewards = T([[0.0, 9.0, 9.0, 0.0, 1.0, 9.0]])  # what sits under the masked-out tokens is never read
+    values = T([[0.5, 9.0, 9.0, 0.6, 0.8, 9.0]])
+    advantages, returns = pm.gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    torch.testing.assert_close(advantages, T([[0.1345, 0.0, 0.0, 0.21, 0.2, 0.0]]))
+    torch.testing.assert_close(returns, T([[0.6345, 0.0, 0.0, 0.81, 1.0, 0.0]]))
+    squeezed, _ = pm.gae(T([[0.0, 0.0, 1.0]]), T([[0.5, 0.6, 0.8]]), T([[1, 1, 1]]), gamma=0.9, lam=0.5)
+    torch.testing.assert_close(advantages[mask.bool()], squeezed[0])
+    torch.testing.assert_close(pm.returns_to_go(rewards, mask, gamma=0.5), T([[0.25, 0.0, 0.0, 0.5, 1.0, 0.0]]))

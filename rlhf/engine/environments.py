@@ -148,6 +148,8 @@ class Parsed:
 
     calls: tuple[ToolCall, ...] = ()
     errors: tuple[str, ...] = ()
+    content: str | None = None
+    """the turn's text outside its calls (a message's ``content`` beside its ``tool_calls``); None: all of it"""
 
     @property
     def any(self) -> bool:
@@ -176,17 +178,18 @@ def parse_calls(text: str, fmt: str) -> Parsed:
     if fmt == "hermes":
         bodies = [(m.group(1), bool(m.group(2))) for m in _HERMES.finditer(text)]
         return _parsed([_one_call(body, "arguments") if closed else (None, "a <tool_call> was never closed")
-                        for body, closed in bodies])
+                        for body, closed in bodies], _HERMES.sub("", text).strip())
     if fmt == "llama3_json":
         body = text.strip().removeprefix("<|python_tag|>").strip()
         if not (body.startswith("{") and '"name"' in body):
-            return Parsed()
-        return _parsed([_one_call(body, "parameters")])
+            return Parsed(content=text)
+        return _parsed([_one_call(body, "parameters")], "")
     raise ValueError(f"unknown tool-call format {fmt!r}; known: {', '.join(FORMATS)}")
 
 
-def _parsed(results: list[tuple[ToolCall | None, str | None]]) -> Parsed:
-    return Parsed(tuple(c for c, _ in results if c is not None), tuple(e for _, e in results if e is not None))
+def _parsed(results: list[tuple[ToolCall | None, str | None]], content: str) -> Parsed:
+    return Parsed(tuple(c for c, _ in results if c is not None), tuple(e for _, e in results if e is not None),
+                  content)
 
 
 def _one_call(body: str, key: str) -> tuple[ToolCall | None, str | None]:

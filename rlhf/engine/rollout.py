@@ -165,8 +165,11 @@ def cache_keyword(model) -> str:
 
 
 def prompt_learning(model) -> bool:
-    """Whether ``model`` is a peft prompt-learning model (prompt, prefix or P-tuning): its forward prepends virtual
-    tokens or key/value prefixes itself, which no cache of ours can hold."""
+    """Whether ``model`` is a peft prompt-learning model (prompt, prefix or P-tuning, SFT-only methods): its forward
+    prepends virtual tokens or key/value prefixes itself, which no cache of ours can hold. ``decode`` runs such a
+    model with no cache: a full forward over prompt + response so far at each token, exactly the forward it was
+    trained with (Hugging Face ``generate`` with peft 0.21 and transformers 5.24 ignored a prefix-tuning adapter's
+    prefixes, and drifted from the full forward for prompt tuning after a few tokens)."""
     config = getattr(getattr(model, "wrapped", model), "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
 
@@ -220,7 +223,7 @@ def _cache_for(model, width: int, static: bool | None) -> tuple[dict, bool, bool
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float,
            max_new_tokens: int, eos_token_id: int, pad_token_id: int, keys: torch.Tensor | None = None,
            min_new_tokens: int = 0, static: bool | None = None, vocab: int | None = None,
-           value_head=None) -> Samples:
+           value_head=None, offsets: torch.Tensor | None = None) -> Samples:
     """The generation engine: a response to each left-padded prompt, with each token's log-probability and the
     distribution's entropy (so that PPO's rollout does not compute them again). Every command generates here.
 
@@ -232,18 +235,17 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     ``vocab`` (the tokenizer's size): ids at or above it, rows of a padded embedding that decode to nothing, are
     never drawn and take no probability (``ppo_math.restrict_vocab``, which PPO's scoring passes apply too).
     ``value_head`` (PPO's shared critic: final hidden states ``[B, H]`` -> ``[B]``) is applied to the hidden state
-    each token is drawn from, giving the rollout's values without a pass of their own.
+    each token is drawn from, giving the rollout's values without a pass of their own. ``offsets`` (``[B]``, default
+    0): where each row's response so far stands, so that the noise of a later turn of a multi-turn episode is drawn
+    at the episode's own positions (``rlhf.engine.agent``), never again at those of its first turn.
 
     Static shapes: one forward pass over the prompts, then one per new token reading only the last position's
     logits, over a KV cache preallocated for ``prompt + max_new_tokens`` positions (transformers' ``StaticCache``)
     and an attention mask and positions built once for that whole width (causal masking hides the slots not yet
     written). A row that has finished keeps its slot (it decodes pad, masked out of everything that reads the
     response); the loop stops when every row has produced EOS. An architecture without static-cache support runs
-    the same loop over a growing cache (``static`` False forces that, for measurements). A prompt-learning model
-    (``prompt_learning``: prompt, prefix or P-tuning, SFT-only methods) runs it with no cache: a full forward over
-    prompt + response so far at each token, exactly the forward it was trained with (peft prepends its virtual
-    tokens to every pass; Hugging Face ``generate`` with peft 0.21 and transformers 5.24 ignored a prefix-tuning
-    adapter's prefixes, and drifted from the full forward for prompt tuning after a few tokens).
+    the same loop over a growing cache (``static`` False forces that, for measurements), and a prompt-learning model
+    with no cache at all (``prompt_learning``).
     """
     from rlhf.text.encoding import position_ids
     from rlhf.ppo.ppo_math import entropy_from_logits, logprobs_from_logits, restrict_vocab
@@ -256,6 +258,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
     greedy = temperature == 0
     scale = 1.0 if greedy else float(temperature)
     keys = None if greedy else keys.to(device)
+    offsets = 0 if offsets is None else offsets.to(device)
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs, entropy = (torch.zeros(batch, max_new_tokens, device=device) for _ in range(2))
     values = torch.zeros(batch, max_new_tokens, device=device) if value_head is not None else None
@@ -280,7 +283,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temp
         logits = restrict_vocab(logits, vocab)
         allowed = logits if t >= min_new_tokens else logits.index_fill(-1, eos, -torch.inf)
         columns = _columns(logits.shape[-1], device) if columns is None and not greedy else columns
-        token = allowed.argmax(-1) if greedy else gumbel_max(allowed, keys, t, columns)
+        token = allowed.argmax(-1) if greedy else gumbel_max(allowed, keys, offsets + t, columns)
         token = token.masked_fill(done, pad_token_id)
         tokens[:, t] = token
         logprobs[:, t] = logprobs_from_logits(logits, token)  # the same functions as the update's

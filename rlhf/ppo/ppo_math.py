@@ -183,25 +183,29 @@ def kl_penalized_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: tor
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), right to left:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), right to left over the masked-in tokens:
 
-        delta_t = r_t + gamma * V_{t+1} - V_t           (V after the last real token is 0)
-        A_t     = delta_t + gamma * lambda * A_{t+1}
+        delta_t = r_t + gamma * V_next - V_t            (V after the last real token is 0)
+        A_t     = delta_t + gamma * lambda * A_next
         R_t     = A_t + V_t                             (the value targets)
 
-    Returns ``(advantages, returns)``, zero on padding.
+    where "next" is the next masked-in token: tokens masked out between two of them (what an environment wrote
+    between two turns of an episode) are no action and no step, part of the transition from one sampled token's
+    state to the next. With the mask a run of ones then padding, next is t + 1. Returns ``(advantages,
+    returns)``, zero where masked out.
     """
     values = masked(values, mask)
     rewards = masked(rewards, mask)
-    mask = mask.to(values.dtype)
+    on = mask.bool()
     T = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(last)
     for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        advantages[:, t] = last
+        last = torch.where(on[:, t], delta + gamma * lam * last, last)
+        next_value = torch.where(on[:, t], values[:, t], next_value)
+        advantages[:, t] = torch.where(on[:, t], last, 0.0)
     return advantages, masked(advantages + values, mask)
 
 
@@ -268,18 +272,19 @@ def dr_grpo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """Discounted returns of per-token rewards, right to left (REINFORCE; Hu 2025 "REINFORCE++", eq. 5 with the
-    per-token KL in r_t):
+    """Discounted returns of per-token rewards, right to left over the masked-in tokens (REINFORCE; Hu 2025
+    "REINFORCE++", eq. 5 with the per-token KL in r_t):
 
-        G_t = r_t + gamma * G_{t+1}                     (G after the last real token is 0)
+        G_t = r_t + gamma * G_next                      (G after the last real token is 0)
 
-    ``[B, T]``, zero on padding."""
-    rewards, mask = masked(rewards, mask), mask.to(rewards.dtype)
+    "next" as in ``gae``: tokens masked out between two masked-in ones are skipped, not discounted. ``[B, T]``,
+    zero where masked out."""
+    rewards, on = masked(rewards, mask), mask.bool()
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = (rewards[:, t] + gamma * running) * mask[:, t]
-        out[:, t] = running
+        running = torch.where(on[:, t], rewards[:, t] + gamma * running, running)
+        out[:, t] = torch.where(on[:, t], running, 0.0)
     return out
 
 

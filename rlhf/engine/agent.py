@@ -1,0 +1,161 @@
+"""Multi-turn episodes: the policy answers, calls tools, reads what they return and answers again, token in and
+token out.
+
+Each turn samples through the engine (``rollout.decode``) from the episode's ids so far: the prompt, every token the
+policy sampled, and the ids the chat template writes for the environment's messages (``environments.
+continuation_ids``), appended as ids. Sampled ids are never decoded and encoded again: a turn's text is decoded only
+to read its tool calls. Each response token is marked sampled (1: the policy chose it, the loss and the KL count
+it) or written by the environment (0). A turn's noise is drawn at the episode's own response positions (``offsets``),
+so no two tokens of an episode share a draw, and an episode depends on its key alone, as single-turn sampling does.
+
+An episode ends when a turn calls no tool (its answer), when a turn stops without EOS (cut by the token limit),
+after ``Limits.max_turns`` turns, or when the environment's reply would pass ``Limits.max_tokens``. Episodes of one
+batch end at different turns; each turn samples only the episodes still going.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from rlhf.engine import environments
+from rlhf.engine.environments import Environment, Limits, Parsed
+from rlhf.errors import UserError
+from rlhf.text.encoding import left_pad
+
+
+@dataclass
+class Episode:
+    """One multi-turn episode as it grows (``roll_out``)."""
+
+    prompt: list[int]
+    instance: object
+    """the environment instance it acts on (reward functions may read it afterwards)"""
+    response: list[int] = field(default_factory=list)
+    """every token after the prompt: sampled ones and the environment's, in order"""
+    sampled: list[int] = field(default_factory=list)
+    """per response token: 1 sampled by the policy, 0 written by the environment"""
+    logp: list[float] = field(default_factory=list)
+    """the sampler's log-prob of each sampled token (0 for the environment's)"""
+    entropy: list[float] = field(default_factory=list)
+    turns: int = 0
+    calls: int = 0
+    failures: Counter = field(default_factory=Counter)
+    """failed tool calls by kind (``environments.FAILURES``)"""
+    messages: list[dict] = field(default_factory=list)
+    """the episode as chat messages after the prompt (the assistant's text, tool results), for reading"""
+    ended: str | None = None
+    """why it ended: ``answered``, ``max_turns``, ``max_tokens`` or ``cut`` (a turn stopped by the token limit)"""
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the policy ended the episode itself (an answer with EOS), not a limit."""
+        return self.ended == "answered"
+
+
+Sampler = Callable[..., object]
+"""``sample(query, query_mask, keys=..., offsets=..., max_new_tokens=...)`` -> ``rollout.Samples``: the engine with
+the run's temperature, EOS and pad fixed (``PPOModels.sample`` or ``rollout.decode`` bound to a model)"""
+
+
+def roll_out(sample: Sampler, tokenizer, prompts: list[list[int]], env: Environment, rows: list[dict],
+             keys: torch.Tensor, limits: Limits, max_new_tokens: int,
+             parse: Callable[[str], Parsed] | None = None) -> list[Episode]:
+    """Run one episode per prompt (token ids, already rendered with the environment's tools and ``reset``'s text),
+    each on a fresh instance of ``env`` reset with its ``rows`` entry; ``keys[i]`` is episode i's sampling key.
+    ``max_new_tokens`` bounds one turn; ``parse`` reads a turn's calls (default: the template's own format)."""
+    if parse is None:
+        fmt = environments.call_format(tokenizer.chat_template)
+        if fmt is None:
+            raise ValueError("the chat template writes no tool calls (no <tool_call> format): an environment "
+                             "needs a template that renders tools")
+        parse = lambda text: environments.parse_calls(text, fmt)  # noqa: E731
+    schemas = list(env.schemas)
+    check_prefix(tokenizer, schemas)
+    episodes = [Episode(list(p), env.make(row)[0]) for p, row in zip(prompts, rows)]
+    going = list(range(len(episodes)))
+    while going:
+        budget = [limits.max_tokens - len(episodes[i].response) for i in going]
+        turn = sample_turn(sample, tokenizer, [episodes[i] for i in going], keys[going],
+                           min(max_new_tokens, max(budget)))
+        still = []
+        for i, (ids, logp, entropy) in zip(going, turn):
+            ep = episodes[i]
+            room = limits.max_tokens - len(ep.response)
+            ids, logp, entropy = ids[:room], logp[:room], entropy[:room]
+            if act(ep, ids, logp, entropy, tokenizer, parse, schemas, limits):
+                still.append(i)
+        going = still
+    return episodes
+
+
+def check_prefix(tokenizer, schemas: list[dict]) -> None:
+    """Refuse a chat template that renders earlier turns differently once later ones follow (Qwen3 drops earlier
+    reasoning, for instance): appended ids would not be what it writes. Such a template needs each turn trained as a
+    row of its own, which multi-turn episodes do not do yet."""
+    try:
+        environments.continuation_ids(tokenizer, [{"role": "tool", "name": schemas[0]["function"]["name"],
+                                                   "content": "0"}], schemas)
+    except environments.PrefixBroken as e:
+        raise UserError(f"{tokenizer.name_or_path}: {e}; multi-turn episodes append ids and need a template "
+                        "that keeps earlier turns as they were") from None
+
+
+def sample_turn(sample: Sampler, tokenizer, episodes: list[Episode], keys: torch.Tensor, max_new_tokens: int
+                ) -> list[tuple[list[int], list[float], list[float]]]:
+    """One turn of each episode: its sampled ids up to and including EOS (all of them when cut), their log-probs
+    and entropies. The engine reads each episode's ids so far, left-padded."""
+    eos = tokenizer.eos_token_id
+    query, mask = left_pad([ep.prompt + ep.response for ep in episodes], tokenizer.pad_token_id)
+    offsets = torch.tensor([len(ep.response) for ep in episodes])
+    out = sample(query, mask, keys=keys, offsets=offsets, max_new_tokens=max_new_tokens)
+    turns = []
+    for row in range(len(episodes)):
+        ids = out.tokens[row].tolist()
+        n = ids.index(eos) + 1 if eos in ids else len(ids)
+        turns.append((ids[:n], out.logprobs[row, :n].tolist(), out.entropy[row, :n].tolist()))
+    return turns
+
+
+def act(ep: Episode, ids: list[int], logp: list[float], entropy: list[float], tokenizer,
+        parse: Callable[[str], Parsed], schemas: list[dict], limits: Limits) -> bool:
+    """Add a sampled turn to ``ep`` and answer its tool calls; returns whether the episode goes on."""
+    eos = tokenizer.eos_token_id
+    ep.response += ids
+    ep.sampled += [1] * len(ids)
+    ep.logp += logp
+    ep.entropy += entropy
+    ep.turns += 1
+    ended_with_eos = bool(ids) and ids[-1] == eos
+    text = tokenizer.decode(ids[:-1] if ended_with_eos else ids, skip_special_tokens=False)
+    parsed = parse(text)
+    ep.messages.append({"role": "assistant", "content": text if parsed.content is None else parsed.content,
+                        **({"tool_calls": [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                           for c in parsed.calls]} if parsed.calls else {})})
+    if not ended_with_eos:
+        ep.ended = "cut"
+        return False
+    if not parsed.any:
+        ep.ended = "answered"
+        return False
+    if ep.turns >= limits.max_turns:
+        ep.ended = "max_turns"
+        return False
+    results = [environments.malformed(e) for e in parsed.errors]
+    tools = environments.tools_of(ep.instance)
+    results += [environments.run_tool(tools, call, limits) for call in parsed.calls]
+    ep.calls += len(results)
+    ep.failures.update(r.failure for r in results if r.failure)
+    written = environments.continuation_ids(tokenizer, [r.message() for r in results], schemas)
+    if len(ep.response) + len(written) >= limits.max_tokens:
+        ep.ended = "max_tokens"
+        return False
+    ep.messages += [r.message() for r in results]
+    ep.response += written
+    ep.sampled += [0] * len(written)
+    ep.logp += [0.0] * len(written)
+    ep.entropy += [0.0] * len(written)
+    return True

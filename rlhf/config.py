@@ -426,6 +426,20 @@ class PPOConfig:
     value_clip: float = 0.2
     """value clipping epsilon"""
 
+    # -- agents: multi-turn episodes with tools (docs/agents.md)
+    environment: str | None = None
+    """an environment whose tools the policy may call over several turns: FILE.py:Class, package.module:Class or a
+    built-in (tiny:calculator), a class written to TRL's environment_factory contract (rlhf/engine/environments.py).
+    null: one response per prompt. max_new_tokens then bounds each turn"""
+    max_turns: int = 4
+    """assistant turns per episode at most (a call in the last one is not run)"""
+    max_episode_tokens: int = 256
+    """tokens after the prompt per episode at most, sampled and written by the environment together"""
+    tool_timeout: float = 5.0
+    """seconds a tool call may take; past it the model reads that it timed out (counted as agent/tool_timeout)"""
+    max_tool_output: int = 1000
+    """characters of a tool's result the model reads; the rest is cut and said to be cut"""
+
     # -- schedule, optimisation, precision and checkpoints
     lr: float = 1e-5
     """learning rate for the policy and value adapters (AdamW, constant); TRL 0.28's PPOConfig default is 3e-6,
@@ -566,6 +580,11 @@ class PPOConfig:
                                        f"responses to one prompt), got {self.samples_per_prompt}")
         if self.kl_where == "loss" and self.kl_estimator == "k1":
             fail("kl_estimator", "k1 as a loss term has zero gradient in expectation; use k3 (or kl_in: reward)")
+        for key in ("max_turns", "max_episode_tokens", "max_tool_output"):
+            if getattr(self, key) < 1:
+                fail(key, f"must be at least 1, got {getattr(self, key)}")
+        if not 0 < self.tool_timeout < math.inf:
+            fail("tool_timeout", f"must be a positive number of seconds, got {self.tool_timeout}")
         if self.batch_size % self.mini_batch_size:
             fail("mini_batch_size", f"({self.mini_batch_size}) must divide ppo.batch_size ({self.batch_size})")
         if self.mini_batch_size % self.micro_batch_size:

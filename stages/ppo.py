@@ -39,6 +39,7 @@ from rlhf.config import AdapterConfig, ModelConfig, PPOConfig, Recipe
 from rlhf.errors import TrainingStopped, UserError
 from rlhf.ppo.ppo_math import predicting
 from rlhf.ppo.ppo_models import PPOModels
+from rlhf.engine import agent, environments
 from rlhf.engine.episodes import Episodes, Scored, replace_rows
 from rlhf.ppo.ppo_update import Batch, advantages, guard_nonfinite, ppo_epochs, probe_pass, response_logits
 from rlhf.text.encoding import left_pad
@@ -71,6 +72,8 @@ class Setup:
     eval_prompts: list[list[dict]] | None
     eval_encoded: list[list[int]] | None
     eval_scorers: list[scorers.Scorer]
+    env: environments.Environment | None
+    """the environment of multi-turn episodes (``ppo.environment``), or None for one response per prompt"""
     params: dict[str, list[torch.nn.Parameter]]
     """the trainable parameters of "policy" and (with a critic) "value", the critic's"""
     steps: int
@@ -83,6 +86,17 @@ class Setup:
     def global_batch(self) -> int:
         """Episodes per PPO step over every process."""
         return self.p.global_batch(distributed.world_size())
+
+    @property
+    def tools(self) -> list[dict] | None:
+        """The environment's tools as the chat template gets them, or None without one."""
+        return list(self.env.schemas) if self.env is not None else None
+
+    @property
+    def limits(self) -> environments.Limits:
+        p = self.p
+        return environments.Limits(max_turns=p.max_turns, max_tokens=p.max_episode_tokens, timeout_s=p.tool_timeout,
+                                   max_output_chars=p.max_tool_output)
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,7 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
                     rewards.RunReward(recipe.stage_dir("rm"))) if model_weight else None
     rm = check_parents(sft, reward_model.run if reward_model is not None else None)
     eval_scorers = scorers.load_all(recipe.eval.scorers, f"{recipe.source}: eval.scorers") if p.eval_every else []
+    env = environments.load(p.environment, f"{recipe.source}: ppo.environment") if p.environment else None
     prompts = formats.load(recipe.data.prompts, "prompts", columns=recipe.data.columns, split=recipe.data.split,
                            on_bad_row=recipe.data.on_bad_row)
     eval_prompts = None
@@ -156,13 +171,14 @@ def main(recipe: Recipe, policy: str | None = None, reward: str | None = None, o
         print(f"ppo: adapter.method {recipe.adapter.method} in {recipe.source} is not used: PPO continues with "
               f"{method}, the method {parent.dir} trained with", file=sys.stderr)
     check_sharding(method, fixed_by)
-    modeling.check_lengths(modeling.load_config(base_cfg), {"ppo.max_prompt_length + ppo.max_new_tokens":
-                                                            p.max_prompt_length + p.max_new_tokens}, recipe.source)
+    longest = ("max_episode_tokens", p.max_episode_tokens) if env else ("max_new_tokens", p.max_new_tokens)
+    modeling.check_lengths(modeling.load_config(base_cfg), {f"ppo.max_prompt_length + ppo.{longest[0]}":
+                                                            p.max_prompt_length + longest[1]}, recipe.source)
     with Run(Path(out) if out else recipe.stage_dir("ppo"), "ppo", overwrite=overwrite, resume=resume,
              command=command) as run:
         run.track(recipe)
         s = setup(recipe, run, (base_cfg, method, adapter_cfg), sft, rm, (model_weight, terms, reward_model),
-                  prompts, eval_prompts, eval_scorers)
+                  prompts, eval_prompts, eval_scorers, env)
         state = start(s)
         with preempt.handlers("ppo"):
             train(s, state)
@@ -215,9 +231,10 @@ def model_source(recipe: Recipe, sft: modeling.ParentRun | None, rm: modeling.Pa
 
 def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfig], sft: modeling.ParentRun | None,
           rm: modeling.ParentRun | None, reward: tuple, prompts, eval_prompts: list[list[dict]] | None,
-          eval_scorers: list[scorers.Scorer]) -> Setup:
+          eval_scorers: list[scorers.Scorer], env: environments.Environment | None) -> Setup:
     """The four models on one base (``source``: its settings, the method and its options, ``model_source``), the
-    tokenizer, the encoded prompts and the trainable parameters."""
+    tokenizer, the encoded prompts (with the environment's tools, when there is one) and the trainable
+    parameters."""
     p = recipe.ppo
     sft_dir, rm_dir = (x.dir if x is not None else None for x in (sft, rm))
     torch.manual_seed(p.seed)
@@ -238,7 +255,10 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     if rm is not None:  # the reward adapter on the policy's base: the value head starts on the reward model's scale
         scale = scale / model_weight
     n_proc, main = distributed.world_size(), distributed.is_main()
-    encoded, kept = encoding.encode_prompts(tokenizer, prompts.rows, p.max_prompt_length)
+    tools = list(env.schemas) if env is not None else None
+    if env is not None:
+        agent.check_template(tokenizer, tools)
+    encoded, kept = encoding.encode_prompts(tokenizer, prompts.rows, p.max_prompt_length, tools)
     too_long = len(prompts.rows) - len(kept)
     if len(encoded) < p.prompts_per_step(n_proc):
         raise UserError(f"{recipe.data.prompts}: {len(encoded)} prompts" + (
@@ -249,15 +269,7 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     if main:
         encoding.report_dropped("ppo", too_long, len(prompts.rows), f"prompts of {recipe.data.prompts}",
                                 "ppo.max_prompt_length", p.max_prompt_length)
-    eval_encoded = None
-    if eval_prompts:
-        eval_encoded, eval_kept = encoding.encode_prompts(tokenizer, eval_prompts, p.max_prompt_length)
-        if main:
-            encoding.report_dropped("ppo", len(eval_prompts) - len(eval_kept), len(eval_prompts),
-                                    f"held-out prompts of {recipe.data.eval_prompts}", "ppo.max_prompt_length",
-                                    p.max_prompt_length)
-        eval_prompts = [eval_prompts[i] for i in eval_kept]
-        eval_encoded = eval_encoded or None
+    eval_prompts, eval_encoded = encode_eval(recipe, tokenizer, eval_prompts, tools, main)
     setting, measured = precision_of(run, p)
     models, params, checked = load_checked(
         lambda precision_: ppo_models.load(model_cfg, method, sft_dir, rm_dir, adapter_cfg, shift, scale, dev,
@@ -270,9 +282,23 @@ def setup(recipe: Recipe, run: Run, source: tuple[ModelConfig, str, AdapterConfi
     return Setup(recipe=recipe, p=p, run=run, models=models, tokenizer=tokenizer, model_cfg=model_cfg,
                  method=method, sft_dir=sft_dir, rm_dir=rm_dir, reward=reward,
                  prompts=prompts, encoded=encoded, messages=[prompts.rows[i] for i in kept],
-                 eval_prompts=eval_prompts, eval_encoded=eval_encoded, eval_scorers=eval_scorers, params=params,
+                 eval_prompts=eval_prompts, eval_encoded=eval_encoded, eval_scorers=eval_scorers, env=env,
+                 params=params,
                  steps=p.total_steps(len(encoded), n_proc), rank=distributed.rank(), main=main,
                  repeat_check_s=checked)
+
+
+def encode_eval(recipe: Recipe, tokenizer, eval_prompts: list[list[dict]] | None, tools: list[dict] | None,
+                main: bool) -> tuple[list[list[dict]] | None, list[list[int]] | None]:
+    """The held-out prompts within ppo.max_prompt_length and their ids (None when there are none)."""
+    if not eval_prompts:
+        return eval_prompts, None
+    limit = recipe.ppo.max_prompt_length
+    eval_encoded, eval_kept = encoding.encode_prompts(tokenizer, eval_prompts, limit, tools)
+    if main:
+        encoding.report_dropped("ppo", len(eval_prompts) - len(eval_kept), len(eval_prompts),
+                                f"held-out prompts of {recipe.data.eval_prompts}", "ppo.max_prompt_length", limit)
+    return [eval_prompts[i] for i in eval_kept], eval_encoded or None
 
 
 def load_checked(load, setting: str, measured: float | None, p: PPOConfig, tokenizer, encoded: list[list[int]],
@@ -413,6 +439,8 @@ def roll_out(s: Setup, step: int, prompts: list[int], episodes: torch.Tensor) ->
     index in the step) with its own key; the sampling pass keeps each token's log-prob and entropy (and the shared
     critic's value)."""
     p, tok = s.p, s.tokenizer
+    if s.env is not None:
+        return play(s, [s.messages[i] for i in prompts], episode_keys(p.seed, step, episodes), p.temperature)
     query, query_mask = (t.to(s.models.device) for t in left_pad([s.encoded[i] for i in prompts], tok.pad_token_id))
     sampled = s.models.sample(query, query_mask, keys=episode_keys(p.seed, step, episodes),
                               temperature=p.temperature, max_new_tokens=p.max_new_tokens,
@@ -422,8 +450,24 @@ def roll_out(s: Setup, step: int, prompts: list[int], episodes: torch.Tensor) ->
     response, response_mask, stopped = ppo_math.truncate_after_eos(sampled.tokens, tok.eos_token_id,
                                                                    tok.pad_token_id)
     return Episodes(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, response_mask], 1),
-                    response=response, response_mask=response_mask, stopped=stopped, logp=sampled.logprobs,
-                    entropy=sampled.entropy, sampling_values=sampled.values)
+                    response=response, response_mask=response_mask, sampled=response_mask, stopped=stopped,
+                    logp=sampled.logprobs, entropy=sampled.entropy, sampling_values=sampled.values)
+
+
+def play(s: Setup, messages: list[list[dict]], keys: torch.Tensor, temperature: float) -> Episodes:
+    """Multi-turn episodes of the policy with the environment's tools (``rlhf.engine.agent``): each turn at most
+    ppo.max_new_tokens, each episode within ppo.max_turns and ppo.max_episode_tokens; the environment is reset with
+    the prompt row (its ``prompt``)."""
+    p, tok = s.p, s.tokenizer
+
+    def sample(query, mask, **kwargs):
+        return s.models.sample(query.to(s.models.device), mask.to(s.models.device), temperature=temperature,
+                               min_new_tokens=p.min_new_tokens, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, **kwargs)
+
+    played = agent.roll_out(sample, tok, messages, s.env, [{"prompt": m} for m in messages], keys, s.limits,
+                            p.max_new_tokens)
+    return agent.to_episodes(played, tok.pad_token_id, s.models.device)
 
 
 def refill_flat_groups(s: Setup, state: State, step: int, scored: Scored, prompts: list[int]
@@ -494,8 +538,10 @@ def score(s: Setup, episodes: Episodes, prompts: list[int], state: State) -> Sco
     and its run's stored statistics."""
     p, weighted, rm = s.p, [], s.reward.model
     reads_text = bool(s.reward.scorers) or (rm is not None and not rm.reads_ids)
-    texts = ([t.strip() for t in s.tokenizer.batch_decode(episodes.response, skip_special_tokens=True)]
-             if reads_text else None)  # the reward adapter reads the episodes' token ids
+    texts = None  # the reward adapter reads the episodes' token ids
+    if reads_text:  # scorers read a multi-turn episode's answer, its last turn
+        texts = [t.strip() for t in (episodes.turns.answers if episodes.turns is not None else
+                                     s.tokenizer.batch_decode(episodes.response, skip_special_tokens=True))]
     messages = [s.messages[i] for i in prompts]
     scores = overlong = None
     if s.reward.model_weight:
@@ -504,7 +550,7 @@ def score(s: Setup, episodes: Episodes, prompts: list[int], state: State) -> Sco
         normalise = (stats["mean"], stats["std"]) if p.normalize_reward else (None, None)
         weighted.append((ppo_math.shape_scores(scores, episodes.stopped, *normalise), s.reward.model_weight))
     if p.overlong_buffer:  # DAPO's overlong shaping, a term of its own
-        overlong = ppo_math.overlong_penalty(episodes.response_mask.sum(1), p.max_new_tokens, p.overlong_buffer,
+        overlong = ppo_math.overlong_penalty(episodes.sampled.sum(1), p.max_new_tokens, p.overlong_buffer,
                                              p.overlong_penalty)
         weighted.append((overlong, 1.0))
     terms = {}
@@ -512,6 +558,11 @@ def score(s: Setup, episodes: Episodes, prompts: list[int], state: State) -> Sco
         values = [0.0 if v is None else v for v in scorer(messages, texts)]  # "does not apply" adds 0
         terms[scorer.name] = torch.tensor(values, dtype=torch.float32, device=episodes.response.device)
         weighted.append((terms[scorer.name], weight))
+    if s.env is not None and s.env.owns_reward:  # the environment scores its own episodes (TRL: weight 1)
+        name = s.env.cls.__name__
+        terms[name] = torch.tensor([float(x.get_reward()) for x in episodes.turns.instances],
+                                   device=episodes.response.device)
+        weighted.append((terms[name], 1.0))
     total = ppo_math.weighted_score(weighted)
     shaped = ppo_math.shape_scores(total, episodes.stopped, missing_eos_penalty=p.missing_eos_penalty,
                                    clip=p.reward_clip)
@@ -528,10 +579,10 @@ def to_batch(s: Setup, state: State, scored: Scored) -> Batch:
                                                                  episodes.length, role="reference"),
                                                  episodes.response, p.temperature)
         critic = models.critic
-        values = (None if critic is None else episodes.sampling_values if critic.on_policy_pass
+        values = (None if critic is None else episodes.sampling_values if episodes.sampling_values is not None
                   else predicting(critic.values(episodes.ids, episodes.mask), episodes.length))
     reward_kl_coef = state.kl_ctl.value if p.kl_where == "reward" else 0.0
-    rewards, kl = ppo_math.kl_penalized_rewards(scored.shaped, episodes.logp, ref_logp, episodes.response_mask,
+    rewards, kl = ppo_math.kl_penalized_rewards(scored.shaped, episodes.logp, ref_logp, episodes.sampled,
                                                 reward_kl_coef, p.kl_kind)
     advantage, returns = advantages(p, scored, values, ref_logp, rewards, reward_kl_coef)
     return Batch(episodes=episodes, ref_logp=ref_logp, values=values, rewards=rewards, kl=kl, advantages=advantage,
@@ -543,7 +594,7 @@ def log_step(s: Setup, state: State, step: int, scored: Scored, batch: Batch, re
     """The step's metrics (means over processes) after the KL controller's update, with a held-out evaluation
     every ``ppo.eval_every`` steps and at the end; written to ``metrics.jsonl`` and the history."""
     episodes, K = scored.episodes, s.p.samples_per_prompt
-    mask = episodes.response_mask
+    mask = episodes.sampled
     seq_kl = ppo_math.sequence_sum(batch.kl, mask)
     non_score = -state.kl_ctl.value * seq_kl  # the KL penalty, in the reward or as a loss term
     row = {
@@ -562,6 +613,7 @@ def log_step(s: Setup, state: State, step: int, scored: Scored, batch: Batch, re
         **update,
         "response/length": mask.sum(1).float().mean().item(),
         "response/eos_rate": episodes.stopped.float().mean().item(),
+        **(agent_metrics(episodes.turns) if episodes.turns is not None else {}),
         **{f"time/{phase}_s": b - a for phase, a, b in zip(("generation", "scoring", "update"), clock, clock[1:])},
     }
     row = {"step": step, "episodes": step * s.global_batch, **distributed.all_mean(row)}
@@ -595,23 +647,39 @@ def _show(s: Setup, bar, row: dict, step: int) -> None:
               file=sys.stderr)
 
 
+def agent_metrics(turns, prefix: str = "agent") -> dict:
+    """Means over a batch's multi-turn episodes: turns, tool calls, each kind of failed call, and how they
+    ended."""
+    row = {f"{prefix}/turns": turns.turns.float().mean().item(), f"{prefix}/calls": turns.calls.float().mean().item()}
+    row.update({f"{prefix}/tool_{kind}": n.float().mean().item() for kind, n in turns.failures.items()})
+    row.update({f"{prefix}/ended_{why}": sum(e == why for e in turns.ended) / len(turns.ended)
+                for why in agent.ENDINGS})
+    return row
+
+
 @torch.no_grad()
 def evaluate(s: Setup, prompts: list[list[dict]], encoded: list[list[int]]) -> dict:
-    """Greedy responses to held-out prompts: the reward model's mean score (when PPO uses one), and each of
-    eval.scorers' mean over the prompts it applies to."""
+    """Greedy responses to held-out prompts (greedy episodes with an environment): the reward model's mean score
+    (when PPO uses one), and each of eval.scorers' mean over the prompts it applies to (on an episode's answer)."""
     models, tokenizer = s.models, s.tokenizer
-    ids, mask = (t.to(models.device) for t in left_pad(encoded, tokenizer.pad_token_id))
-    out = models.sample(ids, mask, temperature=0.0, max_new_tokens=s.p.max_new_tokens,
-                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    response, rmask, stopped = ppo_math.truncate_after_eos(out.tokens, tokenizer.eos_token_id,
-                                                           tokenizer.pad_token_id)
+    if s.env is not None:
+        episodes = play(s, prompts, torch.zeros(len(prompts), dtype=torch.long), 0.0)
+        ids, mask, rmask, stopped = episodes.ids, episodes.mask, episodes.sampled, episodes.stopped
+        texts = episodes.turns.answers
+    else:
+        ids, mask = (t.to(models.device) for t in left_pad(encoded, tokenizer.pad_token_id))
+        out = models.sample(ids, mask, temperature=0.0, max_new_tokens=s.p.max_new_tokens,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        response, rmask, stopped = ppo_math.truncate_after_eos(out.tokens, tokenizer.eos_token_id,
+                                                               tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+        ids, mask = torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)
     result = {}
-    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
     if s.reward.model_weight:
-        result["eval/score"] = s.reward.model.episodes(
-            prompts, [t.strip() for t in texts], torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)
-        ).mean().item()
+        result["eval/score"] = s.reward.model.episodes(prompts, [t.strip() for t in texts], ids, mask).mean().item()
     result.update({"eval/eos_rate": stopped.float().mean().item(), "eval/length": rmask.sum(1).float().mean().item()})
+    if s.env is not None:
+        result.update(agent_metrics(episodes.turns, "eval"))
     for scorer in s.eval_scorers:
         values = [v for v in scorer(prompts, texts) if v is not None]
         if values:
@@ -726,6 +794,10 @@ def sections(s: Setup, state: State, within_budget: bool | None) -> dict:
         "repeatable": s.models.repeatable,
         "repeat_check_s": round(s.repeat_check_s, 3),
         "kl_budget": {"budget": p.kl_budget, "within": within_budget},
+        **({"environment": {"spec": s.env.spec, "tools": list(s.env.tool_names), "owns_reward": s.env.owns_reward,
+                            "max_turns": p.max_turns, "max_episode_tokens": p.max_episode_tokens,
+                            "max_new_tokens_per_turn": p.max_new_tokens, "tool_timeout": p.tool_timeout,
+                            "max_tool_output": p.max_tool_output}} if s.env is not None else {}),
     }
 
 

@@ -4,6 +4,8 @@ reasons counted, and the engine's log-probs are the training forward's on the co
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -60,8 +62,7 @@ def test_episodes_end_at_their_own_turns_and_the_mask_covers_exactly_what_was_sa
         4: [_ids(tok, CALL)] * 5,                                                  # calls forever
     }
     sampler = Scripted(tok, {k: [list(t) for t in v] for k, v in scripts.items()})
-    prompts = [tok.apply_chat_template([{"role": "user", "content": f"What is {i} + 1?"}], tools=schemas,
-                                       add_generation_prompt=True, tokenize=True, return_dict=False) for i in range(5)]
+    prompts = [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(5)]
     limits = environments.Limits(max_turns=3, max_tokens=400)
     episodes = agent.roll_out(sampler, tok, prompts, env, [{}] * 5, torch.arange(5), limits, max_new_tokens=80)
 
@@ -81,7 +82,9 @@ def test_episodes_end_at_their_own_turns_and_the_mask_covers_exactly_what_was_sa
     # the second turn read the prompt, the first turn and the result as ids, and drew its noise past them
     query, mask, keys, offsets = sampler.seen[1]
     row = keys.index(0)
-    assert query[row][mask[row].bool()].tolist() == prompts[0] + scripts[0][0] + result
+    assert first.prompt == tok.apply_chat_template(prompts[0], tools=schemas, add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)
+    assert query[row][mask[row].bool()].tolist() == first.prompt + scripts[0][0] + result
     assert offsets[row] == len(scripts[0][0]) + len(result)
     assert tok.decode(result) == "<|user|><tool_response>85</tool_response><|end|><|assistant|>"
     assert first.messages[1] == {"role": "tool", "name": "add", "content": "85"}
@@ -99,8 +102,7 @@ def test_the_token_limit_ends_an_episode_before_the_environment_overflows_it():
     tok = _tiny()
     env = environments.load("tiny:calculator")
     sampler = Scripted(tok, {0: [_ids(tok, CALL), _ids(tok, "The answer is 85.")]})
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 37 + 48?"}], add_generation_prompt=True,
-                                     tokenize=True, return_dict=False)
+    prompt = [{"role": "user", "content": "What is 37 + 48?"}]
     ep, = agent.roll_out(sampler, tok, [prompt], env, [{}], torch.tensor([0]),
                          environments.Limits(max_tokens=len(_ids(tok, CALL)) + 3), max_new_tokens=100)
     assert ep.ended == "max_tokens" and ep.turns == 1 and ep.sampled == [1] * len(_ids(tok, CALL))
@@ -111,8 +113,10 @@ def test_a_template_without_a_tool_format_is_refused():
 
     from rlhf.engine import agent, environments
 
+    from rlhf.errors import UserError
+
     tok = make_tokenizer(BY_NAME["llama3"])
-    with pytest.raises(ValueError, match="writes no tool calls"):
+    with pytest.raises(UserError, match="writes no tool calls"):
         agent.roll_out(None, tok, [[1]], environments.load("tiny:calculator"), [{}], torch.tensor([0]),
                        environments.Limits(), 8)
 
@@ -143,9 +147,7 @@ def test_the_engines_log_probs_are_the_training_forwards_on_the_concatenated_ids
         return rollout.decode(model, query, mask, temperature=1.0, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id, vocab=len(tok), **kwargs)
 
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tools=list(env.schemas), tokenize=True,
-                                       add_generation_prompt=True, return_dict=False)
-               for q in ("What is 3 + 4?", "Sort these numbers: 5 1 3")]
+    prompts = [[{"role": "user", "content": q}] for q in ("What is 3 + 4?", "Sort these numbers: 5 1 3")]
     episodes = agent.roll_out(sample, tok, prompts, env, [{}, {}], torch.tensor([11, 12]),
                               environments.Limits(max_turns=4, max_tokens=160), 24, parse=parse)
     assert any(0 in ep.sampled for ep in episodes)  # environment tokens lie between sampled ones
@@ -159,3 +161,45 @@ def test_the_engines_log_probs_are_the_training_forwards_on_the_concatenated_ids
         sampled = torch.tensor(ep.sampled, dtype=torch.bool)
         torch.testing.assert_close(logp[sampled], torch.tensor(ep.logp)[sampled], atol=2e-5, rtol=0)
         torch.testing.assert_close(entropy[sampled], torch.tensor(ep.entropy)[sampled], atol=2e-5, rtol=0)
+
+
+def test_environment_tokens_get_no_gradient_no_kl_and_no_advantage():
+    """A batch of scripted episodes as PPO trains on it (``to_episodes``): the policy loss with an entropy bonus
+    and the KL as a loss term gives the logits at the environment's positions exactly zero gradient; the KL in the
+    reward is zero there; GAE's advantages are zero there and equal GAE over the sampled tokens alone."""
+    from rlhf.config import PPOConfig
+    from rlhf.engine import agent, environments
+    from rlhf.ppo import ppo_math
+    from rlhf.ppo.ppo_update import Batch, policy_objective
+
+    tok = _tiny()
+    env = environments.load("tiny:calculator")
+    sampler = Scripted(tok, {0: [_ids(tok, CALL), _ids(tok, "The answer is 85.")],
+                             1: [_ids(tok, "The answer is 2.")]})
+    played = agent.roll_out(sampler, tok, [[{"role": "user", "content": "What is 37 + 48?"}],
+                                           [{"role": "user", "content": "What is 1 + 1?"}]], env, [{}, {}],
+                            torch.tensor([0, 1]), environments.Limits(), 100)
+    episodes = agent.to_episodes(played, tok.pad_token_id, "cpu")
+    sampled, real = episodes.sampled.bool(), episodes.response_mask.bool()
+    assert (real & ~sampled).any() and (sampled <= real).all()  # environment tokens inside the response
+    assert episodes.turns.answers == ["The answer is 85.", "The answer is 2."]
+    assert episodes.turns.calls.tolist() == [1, 0] and episodes.turns.ended == ["answered", "answered"]
+    B, L = episodes.response.shape
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, L, 64, generator=g).requires_grad_()
+    response = episodes.response.clamp(max=63)
+    old = ppo_math.logprobs_from_logits(logits.detach(), response)
+    ref = old + 0.1 * torch.randn(B, L, generator=g)
+    rewards, kl = ppo_math.kl_penalized_rewards(torch.tensor([1.0, 0.0]), old, ref, episodes.sampled, 0.1)
+    assert (kl[~sampled] == 0).all() and (rewards[~sampled] == 0).all() and (kl[sampled] != 0).any()
+    values = torch.randn(B, L, generator=g)
+    advantages, returns = ppo_math.gae(rewards, values, episodes.sampled, 1.0, 0.95)
+    assert (advantages[~sampled] == 0).all()
+    alone, _ = ppo_math.gae(rewards[0][sampled[0]][None], values[0][sampled[0]][None], torch.ones(1, sampled[0].sum()))
+    torch.testing.assert_close(advantages[0][sampled[0]], alone[0])
+    batch = Batch(episodes=dataclasses.replace(episodes, response=response, logp=old), ref_logp=ref, values=values,
+                  rewards=rewards, kl=kl, advantages=advantages, returns=returns)
+    p = PPOConfig(kl_in="loss", kl_estimator="k3", entropy_coef=0.01)
+    loss, _, _ = policy_objective(logits, batch, torch.arange(B), p, 0.1, torch.tensor(1.0), torch.tensor(1.0))
+    loss.backward()
+    assert logits.grad[~sampled].abs().max() == 0 and logits.grad[sampled].abs().sum() > 0

@@ -281,7 +281,7 @@ def test_replace_rows_repads_both_batches_of_episodes():
         rmask = mask[:, q:]
         n = len(prompts)
         episodes = Episodes(ids=ids, mask=mask, response=ids[:, q:], response_mask=rmask,
-                            stopped=torch.ones(n, dtype=torch.bool), logp=-rmask.float() * base,
+                            sampled=rmask, stopped=torch.ones(n, dtype=torch.bool), logp=-rmask.float() * base,
                             entropy=rmask.float() * base, sampling_values=None)
         return Scored(episodes=episodes, scores=torch.arange(n) + base, terms={"gold": torch.arange(n) + base},
                       overlong=None, total=torch.arange(n) + base, shaped=torch.arange(n) + base)
@@ -307,8 +307,8 @@ def test_advantages_group_consecutive_rows_by_hand():
     logp = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, 0.0, 0.0], [-1.0, -1.0, -1.0], [-0.5, -0.5, 0.0]])
     ref = logp - torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.25, 0.25, 0.0]])  # k1 = logp-ref
     shaped = torch.tensor([3.0, 1.0, 0.0, 2.0])
-    episodes = Episodes(ids=None, mask=None, response=None, response_mask=mask, stopped=None, logp=logp,
-                        entropy=None, sampling_values=None)
+    episodes = Episodes(ids=None, mask=None, response=None, response_mask=mask, sampled=mask, stopped=None,
+                        logp=logp, entropy=None, sampling_values=None)
     scored = Scored(episodes=episodes, scores=None, terms={}, overlong=None, total=shaped, shaped=shaped)
 
     def estimate(estimator, coef, **kw):

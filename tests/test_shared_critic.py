@@ -45,7 +45,7 @@ def _rollout(models, tok, n=4, tokens=10):
                             values=True)
     response, rmask, stopped = ppo_math.truncate_after_eos(sampled.tokens, tok.eos_token_id, tok.pad_token_id)
     return Episodes(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, rmask], 1), response=response,
-                    response_mask=rmask, stopped=stopped, logp=sampled.logprobs, entropy=sampled.entropy,
+                    response_mask=rmask, sampled=rmask, stopped=stopped, logp=sampled.logprobs, entropy=sampled.entropy,
                     sampling_values=sampled.values)
 
 

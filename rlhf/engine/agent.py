@@ -23,8 +23,9 @@ import torch
 
 from rlhf.engine import environments
 from rlhf.engine.environments import Environment, Limits, Parsed
+from rlhf.engine.episodes import Episodes, Turns
 from rlhf.errors import UserError
-from rlhf.text.encoding import left_pad
+from rlhf.text.encoding import encode_prompt, left_pad
 
 
 @dataclass
@@ -51,31 +52,39 @@ class Episode:
     """why it ended: ``answered``, ``max_turns``, ``max_tokens`` or ``cut`` (a turn stopped by the token limit)"""
 
     @property
+    def answer(self) -> str:
+        """The text of its last assistant turn (what a scorer reads)."""
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
+
+    @property
     def stopped(self) -> bool:
         """Whether the policy ended the episode itself (an answer with EOS), not a limit."""
         return self.ended == "answered"
 
+
+ENDINGS = ("answered", "cut", "max_turns", "max_tokens")
+"""why an episode ends (``Episode.ended``)"""
 
 Sampler = Callable[..., object]
 """``sample(query, query_mask, keys=..., offsets=..., max_new_tokens=...)`` -> ``rollout.Samples``: the engine with
 the run's temperature, EOS and pad fixed (``PPOModels.sample`` or ``rollout.decode`` bound to a model)"""
 
 
-def roll_out(sample: Sampler, tokenizer, prompts: list[list[int]], env: Environment, rows: list[dict],
+def roll_out(sample: Sampler, tokenizer, prompts: list[list[dict]], env: Environment, rows: list[dict],
              keys: torch.Tensor, limits: Limits, max_new_tokens: int,
              parse: Callable[[str], Parsed] | None = None) -> list[Episode]:
-    """Run one episode per prompt (token ids, already rendered with the environment's tools and ``reset``'s text),
-    each on a fresh instance of ``env`` reset with its ``rows`` entry; ``keys[i]`` is episode i's sampling key.
-    ``max_new_tokens`` bounds one turn; ``parse`` reads a turn's calls (default: the template's own format)."""
-    if parse is None:
-        fmt = environments.call_format(tokenizer.chat_template)
-        if fmt is None:
-            raise ValueError("the chat template writes no tool calls (no <tool_call> format): an environment "
-                             "needs a template that renders tools")
-        parse = lambda text: environments.parse_calls(text, fmt)  # noqa: E731
+    """Run one episode per prompt (chat messages), each on a fresh instance of ``env`` reset with its ``rows``
+    entry, the prompt rendered with the environment's tools and the text ``reset`` returned (``prompt_ids``);
+    ``keys[i]`` is episode i's sampling key. ``max_new_tokens`` bounds one turn; ``parse`` reads a turn's calls
+    (default: the template's own format)."""
     schemas = list(env.schemas)
-    check_prefix(tokenizer, schemas)
-    episodes = [Episode(list(p), env.make(row)[0]) for p, row in zip(prompts, rows)]
+    fmt = check_template(tokenizer, schemas)
+    if parse is None:
+        parse = lambda text: environments.parse_calls(text, fmt)  # noqa: E731
+    episodes = []
+    for messages, row in zip(prompts, rows):
+        instance, observation = env.make(row)
+        episodes.append(Episode(prompt_ids(tokenizer, messages, observation, schemas), instance))
     going = list(range(len(episodes)))
     while going:
         budget = [limits.max_tokens - len(episodes[i].response) for i in going]
@@ -92,16 +101,58 @@ def roll_out(sample: Sampler, tokenizer, prompts: list[list[int]], env: Environm
     return episodes
 
 
-def check_prefix(tokenizer, schemas: list[dict]) -> None:
-    """Refuse a chat template that renders earlier turns differently once later ones follow (Qwen3 drops earlier
-    reasoning, for instance): appended ids would not be what it writes. Such a template needs each turn trained as a
-    row of its own, which multi-turn episodes do not do yet."""
+def prompt_ids(tokenizer, messages: list[dict], observation: str | None, schemas: list[dict]) -> list[int]:
+    """An episode's prompt as ids: its messages, the text ``reset`` returned added to the last one (as TRL adds
+    it), rendered with the tools and the generation prompt."""
+    if observation:
+        messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + observation}]
+    return encode_prompt(tokenizer, messages, tools=schemas)
+
+
+def to_episodes(episodes: list[Episode], pad_id: int, device) -> Episodes:
+    """The batch the PPO step trains on: prompts left-padded, responses right-padded, the sampled tokens marked,
+    and what the episodes did (``Turns``: final answers, instances, turns, calls, failures by kind)."""
+    query, query_mask = left_pad([ep.prompt for ep in episodes], pad_id)
+    width = max(1, max(len(ep.response) for ep in episodes))
+
+    def right(rows, value, dtype):
+        out = torch.full((len(rows), width), value, dtype=dtype)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = torch.tensor(row, dtype=dtype)
+        return out.to(device)
+
+    response = right([ep.response for ep in episodes], pad_id, torch.long)
+    response_mask = right([[1] * len(ep.response) for ep in episodes], 0, torch.long)
+    turns = Turns(answers=[ep.answer for ep in episodes], instances=[ep.instance for ep in episodes],
+                  turns=torch.tensor([ep.turns for ep in episodes]), calls=torch.tensor([ep.calls for ep in episodes]),
+                  failures={k: torch.tensor([ep.failures[k] for ep in episodes]) for k in environments.FAILURES},
+                  ended=[ep.ended for ep in episodes])
+    return Episodes(ids=torch.cat([query.to(device), response], 1),
+                    mask=torch.cat([query_mask.to(device), response_mask], 1), response=response,
+                    response_mask=response_mask, sampled=right([ep.sampled for ep in episodes], 0, torch.long),
+                    stopped=torch.tensor([ep.stopped for ep in episodes], device=device),
+                    logp=right([ep.logp for ep in episodes], 0.0, torch.float32),
+                    entropy=right([ep.entropy for ep in episodes], 0.0, torch.float32), sampling_values=None,
+                    turns=turns)
+
+
+def check_template(tokenizer, schemas: list[dict]) -> str:
+    """The tool-call format of the tokenizer's chat template (``environments.call_format``), checked to render
+    tools, and to keep earlier turns as they were once later ones follow (Qwen3 drops earlier reasoning, for
+    instance: appended ids would then not be what it writes; such a template needs each turn trained as a row of
+    its own, which multi-turn episodes do not do yet). Refusals are one line naming the tokenizer."""
+    fmt = environments.call_format(tokenizer.chat_template)
+    if fmt is None:
+        raise UserError(f"{tokenizer.name_or_path}: its chat template writes no tool calls (no <tool_call> or "
+                        "Llama 3.1 JSON format), so the policy cannot call an environment's tools; use a template "
+                        "that renders tools (docs/agents.md)")
     try:
         environments.continuation_ids(tokenizer, [{"role": "tool", "name": schemas[0]["function"]["name"],
                                                    "content": "0"}], schemas)
     except environments.PrefixBroken as e:
         raise UserError(f"{tokenizer.name_or_path}: {e}; multi-turn episodes append ids and need a template "
                         "that keeps earlier turns as they were") from None
+    return fmt
 
 
 def sample_turn(sample: Sampler, tokenizer, episodes: list[Episode], keys: torch.Tensor, max_new_tokens: int

@@ -5,10 +5,10 @@ No field waits for a later phase to fill it: a phase reads the value before it a
 does not apply (no reward model, no overlong shaping, no value head in the sampling pass) is None from the start.
 
 Tensors are ``[B, Lq + Lr]`` for the whole sequence (prompts left-padded) and ``[B, Lr]`` per response token
-(responses right-padded after their first EOS). Room for what comes next: several turns will lay environment
-tokens between sampled ones, so ``response_mask`` (today: every response token up to the first EOS, all of them
-sampled by the policy) will split into the tokens that count for the loss and the tokens the policy sampled; and
-``logp`` is the sampler's own log-prob of each sampled token (the behaviour policy, mu), which equals the
+(responses right-padded). A multi-turn episode (``rlhf.engine.agent``) lays the environment's tokens between
+sampled ones: ``response_mask`` marks every real response token (what the forward passes read) and ``sampled``
+those the policy sampled (what the loss, the KL and the advantages count); for a single response they are the
+same. ``logp`` is the sampler's own log-prob of each sampled token (the behaviour policy, mu), which equals the
 training forward's only while the two compute the same numbers.
 """
 
@@ -31,10 +31,13 @@ class Episodes:
     response: torch.Tensor
     """the response tokens, ``[B, Lr]``, pad after the first EOS"""
     response_mask: torch.Tensor
-    """1 on each response token up to and including its first EOS (the tokens the policy sampled and the loss
-    counts)"""
+    """1 on each real response token: up to and including its first EOS, or every turn of a multi-turn episode
+    with the environment's tokens between them"""
+    sampled: torch.Tensor
+    """1 on each response token the policy sampled: what the loss, the KL and the advantages count (the
+    environment's tokens are 0)"""
     stopped: torch.Tensor
-    """``[B]``: whether the response ended with EOS (not at max_new_tokens)"""
+    """``[B]``: whether the policy ended the episode with EOS (not a length or turn limit)"""
     logp: torch.Tensor
     """the sampler's log-prob of each sampled token at the sampling temperature (the behaviour policy's)"""
     entropy: torch.Tensor
@@ -42,6 +45,8 @@ class Episodes:
     sampling_values: torch.Tensor | None
     """a value head's output beside each sampled token when the sampling pass computes it (the shared critic),
     else None"""
+    turns: "Turns | None" = None
+    """what multi-turn episodes did beyond their tokens; None for single responses"""
 
     @property
     def size(self) -> int:
@@ -51,6 +56,38 @@ class Episodes:
     def length(self) -> int:
         """Lr, the longest response's length (the batch's response width)."""
         return self.response.shape[1]
+
+
+@dataclass(frozen=True)
+class Turns:
+    """What multi-turn episodes did (``rlhf.engine.agent``), one entry per episode."""
+
+    answers: list[str]
+    """the text of each episode's last assistant turn: what scorers read"""
+    instances: list
+    """each episode's environment instance, as the episode left it (``get_reward`` reads it)"""
+    turns: torch.Tensor
+    """``[B]`` assistant turns"""
+    calls: torch.Tensor
+    """``[B]`` tool calls made (malformed ones included)"""
+    failures: dict[str, torch.Tensor]
+    """``[B]`` failed calls of each kind (``environments.FAILURES``)"""
+    ended: list[str]
+    """why each episode ended (``agent.Episode.ended``)"""
+
+    def replaced(self, rows: list[int], new: "Turns") -> "Turns":
+        """These episodes with ``rows`` replaced by ``new``'s, in order."""
+        lists = {k: list(getattr(self, k)) for k in ("answers", "instances", "ended")}
+        tensors = {"turns": self.turns.clone(), "calls": self.calls.clone()}
+        failures = {k: v.clone() for k, v in self.failures.items()}
+        for j, row in enumerate(rows):
+            for k in lists:
+                lists[k][row] = getattr(new, k)[j]
+            for k in tensors:
+                tensors[k][row] = getattr(new, k)[j]
+            for k in failures:
+                failures[k][row] = new.failures[k][j]
+        return Turns(**lists, **tensors, failures=failures)
 
 
 @dataclass(frozen=True)
@@ -78,7 +115,8 @@ def replace_rows(old: Scored, rows: torch.Tensor, new: Scored, pad_id: int) -> S
     lq = max(x.ids.shape[1] - x.length for x in (a, b))
     lr = max(x.length for x in (a, b))
     whole = {"ids": pad_id, "mask": 0}  # left-padded
-    tokens = {"response": pad_id, "response_mask": 0, "logp": 0.0, "entropy": 0.0, "sampling_values": 0.0}
+    tokens = {"response": pad_id, "response_mask": 0, "sampled": 0, "logp": 0.0, "entropy": 0.0,
+              "sampling_values": 0.0}
 
     def widen(x: Episodes) -> dict:
         q = x.ids.shape[1] - x.length
@@ -92,6 +130,8 @@ def replace_rows(old: Scored, rows: torch.Tensor, new: Scored, pad_id: int) -> S
         value = value.clone()
         value[rows.to(value.device)] = incoming[key]
         merged[key] = value
+    if a.turns is not None:
+        merged["turns"] = a.turns.replaced(rows.tolist(), b.turns)
     episodes = replace(a, **merged)
     scored = {}
     for f in fields(Scored):

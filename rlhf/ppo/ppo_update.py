@@ -51,7 +51,7 @@ def advantages(p: PPOConfig, scored: Scored, values: torch.Tensor | None, ref_lo
     prompt's K responses are consecutive rows of this process (groups never straddle processes); statistics over
     the whole batch are over every process's tokens, as one process holding the whole batch would compute them."""
     episodes = scored.episodes
-    mask, K = episodes.response_mask, p.samples_per_prompt
+    mask, K = episodes.sampled, p.samples_per_prompt
     whiten, returns = p.whiten_advantages, None
     if p.advantage == "gae":
         advantage, returns = ppo_math.gae(rewards, values, mask, p.gamma, p.lam)
@@ -111,7 +111,7 @@ def ppo_epochs(models: PPOModels, optimizer, params, batch: Batch, p: PPOConfig,
         for start_ in range(0, B, p.mini_batch_size):
             optimizer.zero_grad(set_to_none=True)
             rows = perm[start_:start_ + p.mini_batch_size]
-            tokens = distributed.all_sum(episodes.response_mask[rows].sum().float()).clamp(min=1)
+            tokens = distributed.all_sum(episodes.sampled[rows].sum().float()).clamp(min=1)
             responses = len(rows) * distributed.world_size()  # every process's mini-batch is the same size
             for micro in rows.split(p.micro_batch_size):
                 logged, approxkl, ratio = micro_batch(models, batch, micro, p, kl_coef, tokens, responses)
@@ -150,7 +150,7 @@ def micro_batch(models: PPOModels, batch: Batch, micro: torch.Tensor, p: PPOConf
     mini-batch of ``tokens`` response tokens and ``responses`` responses over every process. Returns the logged
     ``(name, value, weight)`` triples and this micro-batch's part of the mini-batch's approximate KL and ratio."""
     episodes, length = batch.episodes, batch.episodes.length
-    ids, mask, rmask = episodes.ids[micro], episodes.mask[micro], episodes.response_mask[micro]
+    ids, mask, rmask = episodes.ids[micro], episodes.mask[micro], episodes.sampled[micro]
     by_token = rmask.sum() / tokens  # this micro-batch's part of the mini-batch's token means
     share = ppo_math.batch_share(rmask, p.aggregation, tokens, responses)  # and of its losses
     critic = models.critic
@@ -179,7 +179,7 @@ def policy_objective(logits: torch.Tensor, batch: Batch, micro: torch.Tensor, p:
     entropy bonus, plus the KL to the reference when ``ppo.kl_in`` makes it a loss term; with what it logs and the
     objective's statistics (``ppo_math.policy_loss_terms``)."""
     episodes, how, horizon = batch.episodes, p.aggregation, p.max_new_tokens
-    rmask = episodes.response_mask[micro]
+    rmask = episodes.sampled[micro]
     clip_low, clip_high = p.clip_range
     logp = ppo_math.logprobs_from_logits(logits, episodes.response[micro], p.temperature)
     terms, pstats = ppo_math.policy_loss_terms(logp, episodes.logp[micro], batch.advantages[micro], rmask,

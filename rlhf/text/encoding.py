@@ -17,19 +17,21 @@ import torch
 from rlhf.errors import UserError
 
 
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+def encode_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """A prompt (a list of messages) as the token ids a policy answers: chat-templated with the generation
-    prompt, no special tokens added beyond what the template writes."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt (and ``tools``' JSON schemas, for an environment's episodes), no special tokens added beyond what the
+    template writes."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> tuple[list[list[int]], list[int]]:
+def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int, tools: list[dict] | None = None
+                   ) -> tuple[list[list[int]], list[int]]:
     """``encode_prompt`` of each prompt; returns those of at most ``max_length`` tokens and the indices of the
     prompts they came from (longer ones are left out)."""
     out, kept = [], []
     for i, messages in enumerate(prompts):
-        ids = encode_prompt(tokenizer, messages)
+        ids = encode_prompt(tokenizer, messages, tools)
         if len(ids) <= max_length:
             out.append(ids)
             kept.append(i)

@@ -203,3 +203,29 @@ def test_environment_tokens_get_no_gradient_no_kl_and_no_advantage():
     loss, _, _ = policy_objective(logits, batch, torch.arange(B), p, 0.1, torch.tensor(1.0), torch.tensor(1.0))
     loss.backward()
     assert logits.grad[~sampled].abs().max() == 0 and logits.grad[sampled].abs().sum() > 0
+
+
+def test_refilled_rows_carry_their_turns():
+    """Dynamic sampling's refills (``replace_rows``) replace multi-turn rows whole: tokens, the sampled mask (0 on
+    the padding the wider batch adds) and what the episodes did."""
+    from rlhf.engine import agent, environments
+    from rlhf.engine.episodes import Scored, replace_rows
+
+    tok = _tiny()
+    env = environments.load("tiny:calculator")
+
+    def batch(scripts, keys):
+        played = agent.roll_out(Scripted(tok, scripts), tok, [[{"role": "user", "content": "What is 37 + 48?"}]]
+                                * len(keys), env, [{}] * len(keys), torch.tensor(keys), environments.Limits(), 100)
+        episodes = agent.to_episodes(played, tok.pad_token_id, "cpu")
+        zeros = torch.zeros(len(keys))
+        return Scored(episodes=episodes, scores=None, terms={}, overlong=None, total=zeros, shaped=zeros)
+
+    old = batch({0: [_ids(tok, "The answer is 1.")], 1: [_ids(tok, "The answer is 2.")]}, [0, 1])
+    new = batch({5: [_ids(tok, CALL), _ids(tok, "The answer is 85.")]}, [5])
+    merged = replace_rows(old, torch.tensor([1]), new, tok.pad_token_id).episodes
+    assert merged.turns.answers == ["The answer is 1.", "The answer is 85."]
+    assert merged.turns.calls.tolist() == [0, 1] and merged.turns.turns.tolist() == [1, 2]
+    assert merged.sampled[1].tolist() == new.episodes.sampled[0].tolist()
+    assert merged.sampled[0].sum() == old.episodes.sampled[0].sum() and merged.sampled.shape == merged.response.shape
+    assert merged.turns.instances[1] is new.episodes.turns.instances[0]

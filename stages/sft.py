@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rlhf.models import method_table, modeling, training
 from rlhf.scale import distributed
-from rlhf.text import formats
+from rlhf.text import encoding, formats
 from rlhf.runs.manifest import Manifest
 from rlhf.runs.rundir import Run
 from rlhf.config import Recipe
@@ -23,7 +23,6 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
          command: str | None = None) -> dict:
     """Run SFT as the recipe says; returns the manifest written to the run directory (``command``: the command line
     the manifest records, as the CLI was given it)."""
-    from datasets import Dataset
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
@@ -52,8 +51,8 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
         # train
         args = SFTConfig(**training.trainer_kwargs(recipe, recipe.sft, run.work, bool(eval_rows)),
                          completion_only_loss=True, packing=False)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
-                             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset(tokenizer, train_rows, recipe),
+                             eval_dataset=dataset(tokenizer, eval_rows, recipe) if eval_rows else None,
                              processing_class=tokenizer)
         lengths = _report_truncation(trainer, recipe, len(train_rows), len(eval_rows))
         training.quiet_trainer(trainer, run, recipe, "sft")
@@ -71,6 +70,27 @@ def main(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
             data={"sft": data.summary(), "train_rows": len(train_rows), "eval_rows": len(eval_rows), **lengths},
             metrics=metrics, seed=recipe.sft.seed, recipe=recipe.to_dict(), shards=shards,
         ), files=training.trained_files(recipe.adapter.method))
+
+
+def dataset(tokenizer, rows: list[dict], recipe: Recipe):
+    """The rows as TRL's SFTTrainer reads them: conversational prompt/completion rows, which it renders and masks
+    itself (loss on the completion); or, when the data uses tools, the ids and the loss mask made here
+    (``encoding.encode_turns``: loss on the assistant's turns, calls included, never on a tool's result). TRL's
+    arrow dataset would merge the arguments of different tool calls into one record type, giving each call the
+    others' argument names as nulls, so tool rows are tokenized before they reach it."""
+    from datasets import Dataset
+
+    if not any("tools" in row for row in rows):
+        return Dataset.from_list(rows)
+    encoded = []
+    for i, row in enumerate(rows):
+        try:
+            ids, mask = encoding.encode_turns(tokenizer, row["prompt"], row["completion"], row.get("tools"))
+        except ValueError as e:
+            raise UserError(f"{recipe.data.sft}: a tool-using conversation cannot be laid out for training "
+                            f"({e}): {row['prompt'][-1]['content'][:60]!r}") from None
+        encoded.append({"input_ids": ids, "completion_mask": mask})
+    return Dataset.from_list(encoded)
 
 
 def _report_truncation(trainer, recipe: Recipe, n_train: int, n_eval: int) -> dict:

@@ -206,15 +206,15 @@ def make_tokenizer(family: Family, seed: int = 0, template: str | None = None):
 
 
 def build(family: Family, out: Path, seed: int = 0, config: dict | None = None, dtype=None,
-          device: str = "cpu") -> Path:
+          device: str = "cpu", template: str | None = None) -> Path:
     """Write ``family``'s tokenizer and a random-initialised model (safetensors) to ``out``; returns ``out``.
     ``config`` overrides the family's small shape (e.g. a real model's sizes and vocabulary); the weights are made
-    on ``device`` and saved in ``dtype`` (default float32)."""
+    on ``device`` and saved in ``dtype`` (default float32); ``template`` replaces the family's chat template."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
-    tokenizer = make_tokenizer(family, seed)
+    tokenizer = make_tokenizer(family, seed, template)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))
 

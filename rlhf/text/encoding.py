@@ -38,6 +38,31 @@ def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int, tools:
     return out, kept
 
 
+def encode_turns(tokenizer, prompt: list[dict], completion: list[dict], tools: list[dict] | None = None
+                 ) -> tuple[list[int], list[int]]:
+    """A conversation with tool calls as SFT trains on it: the ids of prompt + completion and the loss mask, 1 on
+    what each assistant turn of the completion adds after the generation prompt before it (its text and calls, up
+    to its end-of-turn), 0 on the prompt and on what the tools' results add. The same convention as a plain
+    response's completion mask, on any template (no generation markers needed). A template that does not render
+    the conversation so far as a prefix of the longer one is refused for the row (``ValueError``)."""
+    def render(messages, generation: bool) -> list[int]:
+        out = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=generation,
+                                            tokenize=True, return_dict=False)
+        return list(out)
+
+    conversation = prompt + completion
+    ids = render(conversation, False)
+    mask = [0] * len(ids)
+    for k in range(len(prompt), len(conversation)):
+        if conversation[k]["role"] != "assistant":
+            continue
+        before, upto = render(conversation[:k], True), render(conversation[:k + 1], False)
+        if ids[:len(upto)] != upto or upto[:len(before)] != before:
+            raise ValueError("the chat template does not render the conversation so far as a prefix of the whole")
+        mask[len(before):len(upto)] = [1] * (len(upto) - len(before))
+    return ids, mask
+
+
 def encode_exchange(tokenizer, prompt: list[dict], response: list[dict]) -> tuple[list[int], list[int]]:
     """A prompt and its response as token ids, laid out as PPO lays out an episode: the prompt rendered with the
     chat template's generation prompt, then the tokens the template puts after it for the response, up to and

@@ -319,6 +319,8 @@ def sft_prompt_completion(row: dict) -> dict:
 def sft_messages(row: dict) -> dict:
     if "messages" not in row:
         raise RowError("missing field 'messages'")
+    if _uses_tools(row, row["messages"]):
+        return _tool_conversation(_tool_messages(row["messages"], "messages"), row, "messages")
     return _split_last_assistant(_messages(row["messages"], "messages"), "messages")
 
 
@@ -330,7 +332,136 @@ def sft_alpaca(row: dict) -> dict:
 
 
 def sft_sharegpt(row: dict) -> dict:
+    turns = row.get("conversations")
+    if isinstance(turns, list) and ("tools" in row or any(
+            isinstance(t, dict) and t.get("from") in SHAREGPT_TOOL_TURNS for t in turns)):
+        return _tool_conversation(_sharegpt_tool_messages(turns), row, "conversations")
     return _split_last_assistant(_sharegpt_messages(row), "conversations")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tool-using conversations (SFT): OpenAI-style messages, LLaMA-Factory's ShareGPT
+# ---------------------------------------------------------------------------------------------------------------
+
+SHAREGPT_TOOL_TURNS = ("function_call", "observation")
+"""LLaMA-Factory's ShareGPT speakers for a tool call (its value a JSON call) and the tool's result"""
+
+
+def _uses_tools(row: dict, messages: Any) -> bool:
+    return "tools" in row or (isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages))
+
+
+def _call(value: Any, where: str) -> dict:
+    """One tool call as the chat templates read it, ``{"type": "function", "function": {"name", "arguments"}}``,
+    from OpenAI's shape (``arguments`` an object or a JSON string) or a bare ``{name, arguments}``."""
+    function = value.get("function", value) if isinstance(value, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise RowError(f"{where} must be a tool call with a 'name'")
+    arguments = function.get("arguments", function.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            raise RowError(f"{where}.arguments is not JSON") from None
+    if not isinstance(arguments, dict):
+        raise RowError(f"{where}.arguments must be an object")
+    return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+def _tool_messages(value: Any, key: str) -> list[dict]:
+    """Messages of a tool-using conversation: as ``_messages``, and assistant turns may carry ``tool_calls`` (their
+    content then empty or null), and ``tool`` turns hold a tool's result (a string, or any JSON value)."""
+    if not isinstance(value, list) or not value:
+        raise RowError(f"field '{key}' must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(m, dict) or "role" not in m:
+            raise RowError(f"{where} must be an object with 'role' and 'content'")
+        role, content = m["role"], m.get("content")
+        if role not in (*ROLES, "tool"):
+            raise RowError(f"{where} has unknown role {role!r} (expected {', '.join(ROLES)} or tool)")
+        calls = m.get("tool_calls") or []
+        if role == "assistant" and calls:
+            if not isinstance(calls, list):
+                raise RowError(f"{where}.tool_calls must be a list")
+            out.append({"role": role, "content": content or "",
+                        "tool_calls": [_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]})
+            continue
+        if role == "tool":
+            text = content if isinstance(content, str) else json.dumps(content)
+            out.append({"role": "tool", "content": text, **({"name": m["name"]} if isinstance(m.get("name"), str)
+                                                              else {})})
+            continue
+        if not isinstance(content, str):
+            raise RowError(f"{where}.content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _sharegpt_tool_messages(turns: list) -> list[dict]:
+    """LLaMA-Factory's ShareGPT with tools: a ``function_call`` turn is the assistant's call (its value one JSON
+    call or a list of them), an ``observation`` turn the tool's result."""
+    out, last_call = [], None
+    for i, turn in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
+            raise RowError(f"{where} must be an object with 'from' and a string 'value'")
+        speaker, value = turn["from"], turn["value"]
+        if speaker == "function_call":
+            try:
+                calls = json.loads(value)
+            except ValueError:
+                raise RowError(f"{where}.value is not a JSON tool call") from None
+            calls = [_call(c, where) for c in (calls if isinstance(calls, list) else [calls])]
+            last_call = calls[-1]["function"]["name"]
+            out.append({"role": "assistant", "content": "", "tool_calls": calls})
+        elif speaker == "observation":
+            out.append({"role": "tool", "content": value, **({"name": last_call} if last_call else {})})
+        elif speaker in SHAREGPT_ROLES:
+            out.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+        else:
+            raise RowError(f"{where} has unknown speaker {speaker!r} (expected "
+                           f"{', '.join([*SHAREGPT_ROLES, *SHAREGPT_TOOL_TURNS])})")
+    return out
+
+
+def _row_tools(row: dict) -> list[dict]:
+    """A row's ``tools``: a list of JSON schemas, or that list as a JSON string (LLaMA-Factory); each
+    ``{"type": "function", "function": {...}}`` or a bare function schema with a ``name``."""
+    tools = row.get("tools")
+    if tools is None:
+        return []
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else []
+        except ValueError:
+            raise RowError("field 'tools' is not JSON") from None
+    if not isinstance(tools, list):
+        raise RowError("field 'tools' must be a list of tool schemas")
+    out = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RowError(f"tools[{i}] must be a tool schema with a 'name'")
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _tool_conversation(messages: list[dict], row: dict, key: str) -> dict:
+    """A tool-using conversation as an SFT row: the prompt up to its last user turn, the completion after it (the
+    assistant's calls and answers, trained on, and the tools' results between them, not trained on), and the
+    tools the template lists."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise RowError(f"field '{key}' has no user turn")
+    prompt, completion = messages[:users[-1] + 1], messages[users[-1] + 1:]
+    if not completion or completion[-1]["role"] != "assistant":
+        raise RowError(f"field '{key}' must end with an assistant message (the response to train on)")
+    if not (completion[-1]["content"].strip() or completion[-1].get("tool_calls")):
+        raise RowError("empty response")
+    return {"prompt": prompt, "completion": completion, "tools": _row_tools(row)}
 
 
 SFT_FORMATS: dict[str, Callable[[dict], dict]] = {

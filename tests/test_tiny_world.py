@@ -75,6 +75,31 @@ def test_heldout_prompts_are_never_trained_on():
         assert not heldout & {r["prompt"] for r in _read(name)}, name
 
 
+def test_tool_demonstrations_call_the_calculator_for_most_sums_and_answer_the_rest_directly():
+    """sft_tools.jsonl (recipes/tiny-agent.yaml): OpenAI-style conversations with the calculator's tools; about
+    three quarters of the `add` tasks call add with the prompt's own numbers and answer with its result, every
+    other task is answered directly; all answers correct; no held-out prompt."""
+    from rlhf.text import formats
+    from rlhf.tiny.environments import schemas
+
+    rows = formats.load(str(DATA / "sft_tools.jsonl"), "sft").rows
+    heldout = {r["prompt"] for r in _read("heldout_prompts")} | {r["prompt"] for r in _read("heldout_preference")}
+    calls = {"add": 0, "other": 0}
+    adds = 0
+    for row in rows:
+        prompt = row["prompt"][-1]["content"]
+        assert prompt not in heldout and row["tools"] == schemas()
+        assert world.gold_parts(prompt, row["completion"][-1]["content"])["correct"] == 1.0
+        kind = world.parse_prompt(prompt)[0]
+        adds += kind == "add"
+        if len(row["completion"]) > 1:
+            call, result = row["completion"][0]["tool_calls"][0]["function"], row["completion"][1]["content"]
+            calls["add" if kind == "add" else "other"] += 1
+            assert f"What is {call['arguments']['a']} + {call['arguments']['b']}?" == prompt
+            assert result == world.parse_prompt(prompt)[1]
+    assert calls["other"] == 0 and 0.7 < calls["add"] / adds < 0.8 and len(rows) == 4000
+
+
 def test_demonstrations_are_correct_but_mixed_in_style():
     rows = _read("sft")
     parts = [world.gold_parts(r["prompt"], r["completion"]) for r in rows]

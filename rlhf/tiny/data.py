@@ -14,6 +14,7 @@ from rlhf.tiny import world
 # rows per file of the default world
 SIZES = {
     "sft": 4000,
+    "sft_tools": 4000,
     "preference": 4000,
     "prompts": 2000,
     "heldout_prompts": 200,
@@ -81,7 +82,33 @@ def build_rows(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, 
         "prompts": [{"prompt": t.prompt} for t in _unique_tasks(rng, sizes["prompts"], set(train_pool))],
         "heldout_prompts": [{"prompt": t.prompt} for t in heldout],
         "heldout_preference": [preference_pair(rng, t) for t in heldout_pairs],
+        # drawn last, from a generator of its own: the other files stay as they were before it existed
+        "sft_tools": tool_demonstrations(random.Random(seed + 7919), sizes["sft_tools"], set(train_pool)),
     }
+
+
+TOOL_SHARE = 0.75
+"""share of ``add`` demonstrations in ``sft_tools`` that ask the calculator first"""
+
+
+def tool_demonstrations(rng: random.Random, n: int, exclude: set[str]) -> list[dict]:
+    """SFT rows for agents (``recipes/tiny-agent.yaml``): OpenAI-style ``messages`` with the calculator's tools
+    (``tiny:calculator``). Most ``add`` demonstrations call ``add`` with the prompt's two numbers, read the result
+    and answer with it; the other tasks are answered directly, so the policy learns when a call pays."""
+    from rlhf.tiny.environments import Calculator, schemas
+
+    tools = schemas()
+    rows = []
+    for task in _unique_tasks(rng, n, exclude):
+        messages = [{"role": "user", "content": task.prompt}]
+        if task.kind == "add" and rng.random() < TOOL_SHARE:
+            a, b = (int(x) for x in task.prompt.removeprefix("What is ").rstrip("?").split(" + "))
+            call = {"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}
+            messages += [{"role": "assistant", "content": "", "tool_calls": [call]},
+                         {"role": "tool", "name": "add", "content": str(Calculator().add(a, b))}]
+        rows.append({"messages": messages + [{"role": "assistant", "content": demonstration(rng, task)}],
+                     "tools": tools})
+    return rows
 
 
 def write(out_dir: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, Path]:

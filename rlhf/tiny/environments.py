@@ -41,6 +41,14 @@ class Calculator:
         return _whole(a, "a") - _whole(b, "b")
 
 
+def schemas() -> list[dict]:
+    """The calculator's tools as the chat template gets them (``get_json_schema`` of each, as
+    ``rlhf.engine.environments.load`` describes them)."""
+    from rlhf.engine import environments
+
+    return list(environments.load("tiny:calculator").schemas)
+
+
 def _whole(x, name: str) -> int:
     """``x`` as a whole number of at most 30 digits (a bool is not one); else a ValueError the model reads."""
     if isinstance(x, bool) or not isinstance(x, (int, float, str)):

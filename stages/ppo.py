@@ -613,7 +613,7 @@ def log_step(s: Setup, state: State, step: int, scored: Scored, batch: Batch, re
         **update,
         "response/length": mask.sum(1).float().mean().item(),
         "response/eos_rate": episodes.stopped.float().mean().item(),
-        **(agent_metrics(episodes.turns) if episodes.turns is not None else {}),
+        **(agent.metrics(episodes.turns) if episodes.turns is not None else {}),
         **{f"time/{phase}_s": b - a for phase, a, b in zip(("generation", "scoring", "update"), clock, clock[1:])},
     }
     row = {"step": step, "episodes": step * s.global_batch, **distributed.all_mean(row)}
@@ -647,16 +647,6 @@ def _show(s: Setup, bar, row: dict, step: int) -> None:
               file=sys.stderr)
 
 
-def agent_metrics(turns, prefix: str = "agent") -> dict:
-    """Means over a batch's multi-turn episodes: turns, tool calls, each kind of failed call, and how they
-    ended."""
-    row = {f"{prefix}/turns": turns.turns.float().mean().item(), f"{prefix}/calls": turns.calls.float().mean().item()}
-    row.update({f"{prefix}/tool_{kind}": n.float().mean().item() for kind, n in turns.failures.items()})
-    row.update({f"{prefix}/ended_{why}": sum(e == why for e in turns.ended) / len(turns.ended)
-                for why in agent.ENDINGS})
-    return row
-
-
 @torch.no_grad()
 def evaluate(s: Setup, prompts: list[list[dict]], encoded: list[list[int]]) -> dict:
     """Greedy responses to held-out prompts (greedy episodes with an environment): the reward model's mean score
@@ -679,7 +669,7 @@ def evaluate(s: Setup, prompts: list[list[dict]], encoded: list[list[int]]) -> d
         result["eval/score"] = s.reward.model.episodes(prompts, [t.strip() for t in texts], ids, mask).mean().item()
     result.update({"eval/eos_rate": stopped.float().mean().item(), "eval/length": rmask.sum(1).float().mean().item()})
     if s.env is not None:
-        result.update(agent_metrics(episodes.turns, "eval"))
+        result.update(agent.metrics(episodes.turns, "eval"))
     for scorer in s.eval_scorers:
         values = [v for v in scorer(prompts, texts) if v is not None]
         if values:

@@ -210,3 +210,13 @@ def act(ep: Episode, ids: list[int], logp: list[float], entropy: list[float], to
     ep.logp += [0.0] * len(written)
     ep.entropy += [0.0] * len(written)
     return True
+
+
+def metrics(turns: Turns, prefix: str = "agent") -> dict:
+    """Means over a batch's multi-turn episodes: turns, tool calls, each kind of failed call, and how they
+    ended."""
+    row = {f"{prefix}/turns": turns.turns.float().mean().item(), f"{prefix}/calls": turns.calls.float().mean().item()}
+    row.update({f"{prefix}/tool_{kind}": n.float().mean().item() for kind, n in turns.failures.items()})
+    row.update({f"{prefix}/ended_{why}": sum(e == why for e in turns.ended) / len(turns.ended)
+                for why in ENDINGS})
+    return row

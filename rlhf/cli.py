@@ -269,10 +269,12 @@ def dpo(recipe_path, overrides, policy, out, overwrite, resume, num_processes, a
 @click.option("--scorer", "scorer_specs", multiple=True,
               help="a scorer column (built-in name, module:function or file.py:function; repeatable); replaces "
                    "eval.scorers")
+@click.option("--env", help="play each answer as a multi-turn episode with this environment's tools (FILE.py:Class, "
+              "module:Class or a built-in); overrides eval.environment")
 @click.option("--out", type=click.Path(file_okay=False), help="output directory (default runs/<name>/eval)")
 @click.option("--overwrite", is_flag=True, help="replace a finished evaluation in the output directory")
 @launch_options
-def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_shots, scorer_specs, out, overwrite,
+def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_shots, scorer_specs, env, out, overwrite,
              num_processes, accelerate_config):
     """Compare policies on held-out prompts: reward, scorers (eval.scorers), win rate, KL, length; with a report
     and plots."""
@@ -283,7 +285,8 @@ def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_sho
 
     extra = ((f"eval.samples={samples}",) if samples is not None else ()) + (
         (f"eval.icl_shots={icl_shots}",) if icl_shots is not None else ()) + (
-        (f"eval.scorers={json.dumps(list(scorer_specs))}",) if scorer_specs else ())
+        (f"eval.scorers={json.dumps(list(scorer_specs))}",) if scorer_specs else ()) + (
+        (f"eval.environment={env}",) if env else ())
     recipe = _recipe(recipe_path, (*overrides, *extra))
     _relaunch(num_processes, accelerate_config)
     stage.main(recipe, policies=list(policies) or None, reward=reward, prompts=prompts, out=out,
@@ -310,10 +313,12 @@ def evaluate(recipe_path, overrides, policies, reward, prompts, samples, icl_sho
 @click.option("--icl-shots", default=0, show_default=True, type=click.IntRange(min=0),
               help="base: policies answer each prompt after this many demonstrations (eval's in-context row)")
 @click.option("--demos", type=click.Path(dir_okay=False), help="the SFT file --icl-shots draws demonstrations from")
+@click.option("--env", help="play each response as a multi-turn episode with this environment's tools (FILE.py:Class, "
+              "module:Class or a built-in such as tiny:calculator; docs/agents.md): rows hold whole episodes")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out file")
 @click.option("--resume", is_flag=True, help="continue the interrupted run that left OUT.partial")
 def sample(run_dirs, prompts, num_samples, out, temperature, max_new_tokens, seed, limit, scorer_specs, icl_shots,
-           demos, overwrite, resume):
+           demos, env, overwrite, resume):
     """Responses of a run's policy (or of `base:PATH`) to a prompt file, as JSON lines: greedy ones with scores,
     or K sampled candidates per prompt to rank (`rlhf label`, or by hand) for the reward model. Several RUN_DIRS
     mix their candidates per prompt, each response tagged with its policy."""
@@ -323,7 +328,7 @@ def sample(run_dirs, prompts, num_samples, out, temperature, max_new_tokens, see
         scorer_specs = ("gold",)
     n = stage.main(list(run_dirs), prompts, out, num_samples=num_samples, temperature=temperature,
                    max_new_tokens=max_new_tokens, seed=seed, limit=limit, scorer_specs=list(scorer_specs),
-                   overwrite=overwrite, resume=resume, icl_shots=icl_shots, demos=demos,
+                   overwrite=overwrite, resume=resume, icl_shots=icl_shots, demos=demos, env=env,
                    progress=sys.stderr.isatty(), echo=click.echo)
     if out:
         click.echo(f"sample: {n} prompts x {num_samples * len(run_dirs)} responses -> {out}")

@@ -624,6 +624,11 @@ class EvalConfig:
     """scorers whose means (with 95% intervals) are columns beside the reward, here and in PPO's held-out
     evaluations: built-in names (gold, correctness, style: the tiny world's), package.module:function,
     file.py:function, or label=any of those (rlhf/feedback/scorers.py)"""
+    environment: str | None = None
+    """an environment (as ppo.environment names one) every policy answers with: each answer is a multi-turn episode
+    under ppo's limits (ppo.max_turns, ppo.max_episode_tokens, ...), eval.max_new_tokens per turn; the table adds
+    turns, tool calls and failed calls per episode. The reward model scores whole episodes, scorers the last
+    answer, the KL the policy's own tokens (docs/agents.md)"""
 
     def validate(self, where: str) -> None:
         fail = _failer(where, "eval")

@@ -9,6 +9,7 @@ proxy vs gold reward across PPO's training-time evaluations).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rlhf import report
-from rlhf.engine import rollout
+from rlhf.engine import agent, environments, rollout
 from rlhf.feedback import rewards, scorers
 from rlhf.models import method_table, modeling, one_base
 from rlhf.text import encoding, formats
@@ -88,8 +89,11 @@ def row_models(row: Row, model_cfg: ModelConfig, shared: one_base.OneBase | None
 
 
 def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward: rewards.RewardModel, progress: bool,
-                 shared: one_base.OneBase | None = None, scorer_list: list[scorers.Scorer] = ()) -> list[dict]:
-    """Generate, score and measure one row; returns one record per (prompt, sample)."""
+                 shared: one_base.OneBase | None = None, scorer_list: list[scorers.Scorer] = (),
+                 play: agent.Play | None = None) -> list[dict]:
+    """Generate, score and measure one row; returns one record per (prompt, sample). With ``play`` each answer is
+    an episode: the reward model scores the whole of it, the scorers its last answer, and the KL counts the tokens
+    the policy sampled."""
     e = recipe.eval
     model, tokenizer, reference = row_models(row, recipe.model, shared)
     inputs = encoding.icl_prompts(prompts, demos, row.icl_shots, e.seed) if row.icl_shots else prompts
@@ -104,23 +108,62 @@ def evaluate_row(row: Row, recipe: Recipe, prompts, demos, reward: rewards.Rewar
     questions = [p[-1]["content"] for p in prompts]
     records = []
     for sample in range(e.samples):
-        gens = rollout.generate(model, tokenizer, inputs, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                temperature=0.0 if e.samples == 1 else e.temperature, seed=e.seed + sample,
-                                progress=progress)
-        scores = reward(prompts, gens.texts)
+        gens = answer(model, tokenizer, inputs, e, sample, play, progress)
+        scores = reward(prompts, gens.responses, play.tools if play else None)
         scorers.require_finite(scores, "eval: the reward model", prompts, f" of {row.name}")
         kls = [None] * len(prompts)
         if reference is not None:
-            logp = rollout.response_logprobs(model, tokenizer, inputs, gens.token_ids, e.batch_size)
-            ref = rollout.response_logprobs(reference, tokenizer, inputs, gens.token_ids, e.batch_size)
-            kls = [report.sequence_kl(a, b, torch.ones_like(a)).item() for a, b in zip(logp, ref)]
+            logp = rollout.response_logprobs(model, tokenizer, inputs, gens.token_ids, e.batch_size, gens.prompt_ids)
+            ref = rollout.response_logprobs(reference, tokenizer, inputs, gens.token_ids, e.batch_size,
+                                            gens.prompt_ids)
+            kls = [report.sequence_kl(a, b, m).item() for a, b, m in zip(logp, ref, gens.sampled)]
         scored = {s.name: s(prompts, gens.texts) for s in scorer_list}
         for i, q in enumerate(questions):
             rec = {"policy": row.name, "prompt_index": i, "sample": sample, "prompt": q,
                    "response": gens.texts[i], "reward": scores[i], "eos": gens.stopped[i],
                    "length": gens.lengths[i], "kl": kls[i], **{name: v[i] for name, v in scored.items()}}
+            if play is not None:
+                rec.update({**gens.episodes[i].record(), "episode": gens.responses[i]})
             records.append(rec)
     return records
+
+
+@dataclass
+class Answers:
+    """A row's answers to the prompts, single responses or episodes, as ``evaluate_row`` reads them."""
+
+    texts: list[str]
+    """what scorers read: each response, or each episode's last answer"""
+    responses: list
+    """what the reward model scores: the texts, or each episode's messages"""
+    stopped: list[bool]
+    lengths: list[int]
+    """tokens the policy sampled"""
+    token_ids: list[list[int]]
+    """each response's ids after its prompt (an episode's include what the environment wrote)"""
+    sampled: list[torch.Tensor]
+    """per token of ``token_ids``: 1 sampled by the policy (the KL counts it), 0 written by the environment"""
+    prompt_ids: list[list[int]] | None = None
+    """each episode's prompt ids (rendered with its tools); None for single responses"""
+    episodes: list | None = None
+
+
+def answer(model, tokenizer, inputs: list[list[dict]], e, sample: int, play: agent.Play | None,
+           progress: bool) -> Answers:
+    """Sample ``sample``'s answers: greedy for one sample per prompt, else at eval.temperature; episodes with
+    ``play``'s environment (eval.max_new_tokens bounds each turn)."""
+    temperature, seed = 0.0 if e.samples == 1 else e.temperature, e.seed + sample
+    if play is None:
+        gens = rollout.generate(model, tokenizer, inputs, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                temperature=temperature, seed=seed, progress=progress)
+        return Answers(gens.texts, gens.texts, gens.stopped, gens.lengths, gens.token_ids,
+                       [torch.ones(len(t)) for t in gens.token_ids])
+    played = agent.generate(model, tokenizer, inputs, play.env, play.limits, e.max_new_tokens, e.batch_size,
+                            temperature, seed, progress=progress)
+    return Answers([ep.answer.strip() for ep in played], [ep.messages for ep in played],
+                   [ep.stopped for ep in played], [sum(ep.sampled) for ep in played], [ep.response for ep in played],
+                   [torch.tensor(ep.sampled, dtype=torch.float32) for ep in played], [ep.prompt for ep in played],
+                   played)
 
 
 def summarise(rows: list[Row], records: list[dict], e, names: list[str] = ()) -> dict:
@@ -138,6 +181,8 @@ def summarise(rows: list[Row], records: list[dict], e, names: list[str] = ()) ->
              "length": sum(x["length"] for x in recs) / len(recs),
              "eos_rate": sum(x["eos"] for x in recs) / len(recs), "responses": len(recs),
              "kl": (sum(x["kl"] for x in recs) / len(recs)) if recs[0]["kl"] is not None else None}
+        if "turns" in recs[0]:  # episodes: turns, tool calls and failed calls per episode
+            s.update({k: sum(x[k] for x in recs) / len(recs) for k in EPISODE_COLUMNS})
         for name in names:
             values = [x[name] for x in recs if x[name] is not None]
             if values:
@@ -147,9 +192,15 @@ def summarise(rows: list[Row], records: list[dict], e, names: list[str] = ()) ->
     return summary
 
 
+EPISODE_COLUMNS = ("turns", "calls", "failed")
+"""what eval reports of episodes (means per episode): assistant turns, tool calls, failed tool calls"""
+
+
 def markdown_table(summary: dict, baseline: str, names: list[str] = ()) -> str:
-    """The summary as a table: a column per scorer that applied to some row."""
+    """The summary as a table: a column per scorer that applied to some row (and for episodes, turns, tool calls
+    and failed calls per episode)."""
     shown = [n for n in names if any(n in s for s in summary.values())]
+    shown += [k for k in EPISODE_COLUMNS if any(k in s for s in summary.values())]
     head = ["policy", "reward (95% CI)"] + shown + [f"win rate vs {baseline}", "KL to ref", "length", "EOS rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in summary.items():
@@ -181,15 +232,18 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
     if not rows:
         raise UserError(f"{recipe.source}: nothing to evaluate (eval.policies is empty and eval.icl_shots is 0)")
     demos = icl_demos(recipe)
+    play = agent.Play(environments.load(e.environment, f"{recipe.source}: eval.environment"),
+                environments.Limits.of(recipe.ppo)) if e.environment else None
     reward_dir, reward_model, shared = reward_for(recipe, reward, share_base, progress)
-    dropped, prompt_rows = fitting_prompts(recipe, prompt_rows, source, reward_model)
+    dropped, prompt_rows = fitting_prompts(recipe, prompt_rows, source, reward_model, play)
     # with many processes every one evaluates everything (the same numbers) and the main one writes
     with Run(Path(out) if out else recipe.stage_dir("eval"), "eval", overwrite=overwrite, command=command) as run:
         records = []
         for row in rows:
             if run.main:
                 print(f"eval: {row.name} on {len(prompt_rows)} prompts x {e.samples}", file=sys.stderr, flush=True)
-            records += evaluate_row(row, recipe, prompt_rows, demos, reward_model, progress, shared, scorer_list)
+            records += evaluate_row(row, recipe, prompt_rows, demos, reward_model, progress, shared, scorer_list,
+                                    play)
         summary = summarise(rows, records, e, names)
         table = markdown_table(summary, rows[0].name, names)
         pictures = []
@@ -206,6 +260,8 @@ def main(recipe: Recipe, policies: list[str] | None = None, reward: str | None =
             data={"prompts": source, "prompts_used": len(prompt_rows), "prompts_too_long": dropped},
             metrics=summary, seed=e.seed, recipe=recipe.to_dict(),
             sections={**({"reward_model": reward_model.identity} if reward_model.identity else {}),
+                      **({"environment": {"spec": e.environment, "tools": list(play.env.tool_names),
+                                          "limits": dataclasses.asdict(play.limits)}} if play else {}),
                       "scorers": {x.name: x.spec for x in scorer_list}, "pictures": pictures},
         ), files=["responses.jsonl", "summary.json", "summary.md"])
 
@@ -242,20 +298,23 @@ def reward_for(recipe: Recipe, reward: str | None, share_base: bool, progress: b
     return reward_dir, rewards.RunReward(model.run, batch_size=batch, max_length=None, progress=progress), None
 
 
-def fitting_prompts(recipe: Recipe, prompt_rows: list, source: str, reward_model: rewards.RewardModel
-                    ) -> tuple[int, list]:
+def fitting_prompts(recipe: Recipe, prompt_rows: list, source: str, reward_model: rewards.RewardModel,
+                    play: agent.Play | None = None) -> tuple[int, list]:
     """The prompts every row answers: those within the prompt limit PPO trained with that leave room for
-    eval.max_new_tokens within the model's positions (longer ones are left out and counted); and how many were
-    left out."""
+    eval.max_new_tokens (an episode: ppo.max_episode_tokens) within the model's positions (longer ones are left out
+    and counted); and how many were left out. Episodes' prompts are measured rendered with the tools."""
     e = recipe.eval
     limit, key = recipe.ppo.max_prompt_length, "ppo.max_prompt_length"
+    room, room_key = (e.max_new_tokens, "eval.max_new_tokens") if play is None else (
+        play.limits.max_tokens, "ppo.max_episode_tokens")
     positions = modeling.max_positions(reward_model.config)
-    if positions is not None and positions - e.max_new_tokens < limit:
-        limit, key = positions - e.max_new_tokens, f"(the model's {positions} positions - eval.max_new_tokens)"
+    if positions is not None and positions - room < limit:
+        limit, key = positions - room, f"(the model's {positions} positions - {room_key})"
     if limit <= 0:
-        raise UserError(f"{recipe.source}: eval.max_new_tokens={e.max_new_tokens} leaves no room for a prompt in "
-                        f"the model's {positions} positions")
-    kept = encoding.encode_prompts(reward_model.tokenizer, prompt_rows, limit)[1]
+        raise UserError(f"{recipe.source}: {room_key}={room} leaves no room for a prompt in the model's {positions} "
+                        "positions")
+    kept = encoding.encode_prompts(reward_model.tokenizer, prompt_rows, limit,
+                                   None if play is None else play.tools)[1]
     if not kept:
         raise UserError(f"{source}: every prompt is longer than {key}={limit} tokens")
     encoding.report_dropped("eval", len(prompt_rows) - len(kept), len(prompt_rows), f"prompts of {source}", key,

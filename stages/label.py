@@ -29,7 +29,7 @@ from pathlib import Path
 from rlhf.feedback import scorers
 from rlhf.text import formats
 from rlhf.errors import UserError
-from rlhf.text.formats import duplicates, ranks_from_scores
+from rlhf.text.formats import duplicates, ranks_from_scores, response_key
 from rlhf.feedback.labelpage.server import LabelApp, make_server
 
 
@@ -69,7 +69,8 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
                         "label_scores": mine})
             f.write(json.dumps(row) + "\n")
             written += 1
-            places = list(dict(zip(r["responses"], ranking)).values())  # identical responses count once
+            # identical responses count once
+            places = list(dict(zip(map(response_key, r["responses"]), ranking)).values())
             comparisons += sum(1 for a in places for b in places if a < b)
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename publishes it
@@ -90,13 +91,18 @@ def main(candidates: str, by: str, out: str, noise: float = 0.0, seed: int = 0, 
 def label_scores(rows: list[dict], by: str, candidates: str) -> list[float | None]:
     """The labeller's score of every candidate response, prompt after prompt (None where it does not apply). ``by``
     is a scorer spec, a reward model (``rlhf.feedback.rewards``) or a judge (``rlhf.feedback.judge``), which
-    compares each prompt's candidates pair by pair."""
+    compares each prompt's candidates pair by pair. Of an episode (``rlhf sample --env``) a reward model scores the
+    whole of it, rendered with its tools, as it trained; scorers and judges read its last answer."""
+    from rlhf.feedback import rewards
+
     score = scorers.load(by, "--by")
     rank = getattr(score.fn, "rank", None)
     prompts = [r["prompt"] for r in rows for _ in r["responses"]]
+    if isinstance(score.fn, rewards.RewardModel) and any(isinstance(x, list) for r in rows for x in r["responses"]):
+        return [v for r in rows for v in scorers.candidate_scores(score, r["prompt"], r["responses"], r["tools"])]
     if rank is None:
-        return score(prompts, [text for r in rows for text in r["responses"]])
-    values = [v for r in rows for v in rank(r["prompt"], [t.strip() for t in r["responses"]])]
+        return score(prompts, [text for r in rows for text in r["texts"]])
+    values = [v for r in rows for v in rank(r["prompt"], [t.strip() for t in r["texts"]])]
     scorers.require_finite(values, f"--by {by}", prompts, f" of {candidates}")
     return values
 

@@ -94,9 +94,7 @@ class Setup:
 
     @property
     def limits(self) -> environments.Limits:
-        p = self.p
-        return environments.Limits(max_turns=p.max_turns, max_tokens=p.max_episode_tokens, timeout_s=p.tool_timeout,
-                                   max_output_chars=p.max_tool_output)
+        return environments.Limits.of(self.p)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ def encode_rankings(tokenizer, rankings: list[dict], max_length: int) -> Encoded
     (a pair: either side), as the reward trainer would leave it out. A pair's margin is kept."""
     rows, kept = [], []
     for r in rankings:
-        ids = [sum(encoding.encode_exchange(tokenizer, r["prompt"], resp), []) for resp in r["responses"]]
+        ids = [sum(encoding.encode_exchange(tokenizer, r["prompt"], resp, r.get("tools")), [])
+               for resp in r["responses"]]
         if max(map(len, ids)) > max_length:
             continue
         rows.append({"responses_ids": ids, "ranks": r["ranks"], **({"margin": r["margin"]} if "margin" in r else {})})

@@ -17,6 +17,14 @@ Output goes to ``OUT.partial`` chunk by chunk and becomes ``OUT`` only when ever
 from the generation engine (``rollout.generate``), response j of prompt i drawing its noise from its own key
 (``seed``, i * K + j), so an interrupted run continued with ``--resume`` writes the same file an uninterrupted one
 would (on the same machine and library versions), whatever the batch size.
+
+With an environment (``--env``, as ``ppo.environment`` names one) each response is a whole multi-turn episode
+(``rlhf.engine.agent``): the list of messages after the prompt, the assistant's tool calls, the tools' results and
+its last answer, in the shape OpenAI-style tool conversations take. The row gains the environment's ``tools`` (the
+schemas the policy saw), ``env`` and ``episodes`` (per response: turns, tool calls, failed calls and why it
+ended). Scorers read each episode's last answer; ``rlhf label`` ranks episodes as it ranks responses, and the
+reward model trains on the whole episode, rendered with the tools (``encoding.encode_exchange``). The limits are
+the first run's (``ppo.max_turns``, ``ppo.max_episode_tokens``, ...); ``--max-new-tokens`` bounds one turn.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.engine import rollout
+from rlhf.engine import agent, environments, rollout
 from rlhf.feedback import scorers
 from rlhf.models import modeling
 from rlhf.text import encoding, formats
@@ -57,18 +65,22 @@ def load(run_dir: str):
     return model, tokenizer, modeling.read_run(run_dir).recipe
 
 
-def fitting_prompts(model, tokenizer, rows: list[list[dict]], max_new_tokens: int, source: str) -> list:
-    """The prompts with room for ``max_new_tokens`` within the model's positions; longer ones are left out."""
-    positions = modeling.max_positions(model.config)
-    if positions is None:
-        return rows
-    if max_new_tokens >= positions:
-        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                        f"{positions} positions")
-    kept = encoding.encode_prompts(tokenizer, rows, positions - max_new_tokens)[1]
-    encoding.report_dropped("sample", len(rows) - len(kept), len(rows), f"prompts of {source}",
-                            "(the model's positions - --max-new-tokens)", positions - max_new_tokens)
-    return [rows[i] for i in kept]
+def fitting_prompts(policies: list, rows: list[list[dict]], max_new_tokens: int, source: str,
+                    tools: list[dict] | None = None) -> list:
+    """The prompts with room for ``max_new_tokens`` within every policy's positions (rendered with an
+    environment's ``tools``); longer ones are left out."""
+    for model, tokenizer, _ in policies:
+        positions = modeling.max_positions(model.config)
+        if positions is None:
+            continue
+        if max_new_tokens >= positions:
+            raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                            f"{positions} positions")
+        kept = encoding.encode_prompts(tokenizer, rows, positions - max_new_tokens, tools)[1]
+        encoding.report_dropped("sample", len(rows) - len(kept), len(rows), f"prompts of {source}",
+                                "(the model's positions - --max-new-tokens)", positions - max_new_tokens)
+        rows = [rows[i] for i in kept]
+    return rows
 
 
 def prompt_field(messages: list[dict]):
@@ -101,7 +113,7 @@ def _whole_chunks(partial: Path, settings: dict, rows: list[list[dict]]) -> tupl
             raise UserError(f"{partial}:{n}: not a JSON row; {continue_or_restart}") from None
         if not isinstance(row, dict):
             raise UserError(f"{partial}:{n}: not a row of rlhf sample; start again with --overwrite")
-        differing = [k for k in (*SETTINGS, "icl_shots", "demos_sha256") if row.get(k) != settings.get(k)]
+        differing = [k for k in (*SETTINGS, "icl_shots", "demos_sha256", "env") if row.get(k) != settings.get(k)]
         if differing:
             raise UserError(f"{partial}:{n}: was sampled with other settings ({', '.join(differing)}); "
                             f"{continue_or_restart}")
@@ -113,8 +125,10 @@ def _whole_chunks(partial: Path, settings: dict, rows: list[list[dict]]) -> tupl
                             f"--limit?); {continue_or_restart}")
         responses = row.get("responses")
         want = settings["num_samples"] * (len(settings["run"]) if isinstance(settings["run"], list) else 1)
-        if not isinstance(responses, list) or len(responses) != want or not all(isinstance(r, str) for r in responses):
-            raise UserError(f"{partial}:{n}: needs {want} responses (texts); start again with --overwrite")
+        if not isinstance(responses, list) or len(responses) != want or not all(
+                isinstance(r, list if settings.get("env") else str) for r in responses):
+            raise UserError(f"{partial}:{n}: needs {want} responses ({'episodes' if settings.get('env') else 'texts'})"
+                            "; start again with --overwrite")
         done, size = done + 1, size + len(raw) + 1
         if done % per_chunk == 0 or done == len(rows):
             whole = (done, size)
@@ -124,13 +138,15 @@ def _whole_chunks(partial: Path, settings: dict, rows: list[list[dict]]) -> tupl
 def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: int = 1,
          temperature: float | None = None, max_new_tokens: int | None = None, seed: int = 0, limit: int | None = None,
          scorer_specs: list[str] = (), overwrite: bool = False, resume: bool = False, batch_size: int = 128,
-         icl_shots: int = 0, demos: str | None = None, progress: bool = False, echo=print) -> int:
+         icl_shots: int = 0, demos: str | None = None, env: str | None = None, progress: bool = False,
+         echo=print) -> int:
     """Sample and write (or print) the responses of one policy or several (``run_dirs``); returns the number of
     prompts done. Unset, the temperature and length are the first run's PPO settings. ``icl_shots``: each
     ``base:`` policy answers every prompt after that many demonstrations from ``demos`` (an SFT file), as eval's
-    in-context row does; the row keeps the prompt alone."""
+    in-context row does; the row keeps the prompt alone. ``env``: each response is an episode (module docstring)."""
     run_dirs = policy_names(run_dirs, num_samples)
-    demo_rows = demonstrations(run_dirs, icl_shots, demos)
+    demo_rows = demonstrations(run_dirs, icl_shots, demos, env)
+    environment = environments.load(env, "--env") if env else None
     per_prompt = num_samples * len(run_dirs)
     scorer_list = scorers.load_all(list(scorer_specs), "--scorer")
     target, partial = output_paths(out, overwrite, resume)  # before loading a model: the cheap mistakes first
@@ -138,17 +154,16 @@ def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: 
 
     policies = [load(r) for r in run_dirs]
     temperature, max_new_tokens = sampling(policies[0][2], temperature, max_new_tokens, num_samples, per_prompt)
-    for model, tokenizer, _ in policies:
-        rows = fitting_prompts(model, tokenizer, rows, max_new_tokens, prompts)
+    play = None if environment is None else agent.Play(environment, environments.Limits.of(
+        (policies[0][2] or {}).get("ppo", {})))
+    rows = fitting_prompts(policies, rows, max_new_tokens if play is None else play.limits.max_tokens, prompts,
+                           tools=None if play is None else play.tools)
     settings = {"run": run_dirs[0] if len(run_dirs) == 1 else run_dirs, "temperature": temperature, "seed": seed,
                 "max_new_tokens": max_new_tokens, "num_samples": num_samples,
-                **({"icl_shots": icl_shots, "demos_sha256": formats.sha256(demos)} if icl_shots else {})}
+                **({"icl_shots": icl_shots, "demos_sha256": formats.sha256(demos)} if icl_shots else {}),
+                **({"env": env} if env else {})}
 
-    done = 0
-    if partial is not None and partial.exists() and resume:
-        done, size = _whole_chunks(partial, settings, rows)
-        os.truncate(partial, size)
-        print(f"sample: resuming after {done} of {len(rows)} prompts", file=sys.stderr)
+    done = continued(partial, resume, settings, rows)
     sink = open(partial, "a" if done else "w", encoding="utf-8") if partial is not None else None
     per_chunk = chunk_prompts(per_prompt)
     try:
@@ -158,9 +173,10 @@ def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: 
             inputs = [with_demonstrations(r, p, chunk, start, demo_rows, icl_shots, seed, max_new_tokens)
                       for r, p in zip(run_dirs, policies)]
             gens = generate_mixed(policies, inputs, start, num_samples, max_new_tokens, batch_size, temperature,
-                                  seed, progress)
+                                  seed, progress, play)
             scored = {s.name: s(repeated, gens.texts) for s in scorer_list}
-            for line in lines(chunk, gens, scored, per_prompt, settings, quick=target is None and per_prompt == 1):
+            for line in lines(chunk, gens, scored, per_prompt, settings, quick=target is None and per_prompt == 1,
+                              tools=None if play is None else play.tools):
                 if len(run_dirs) > 1:
                     line["policies"] = [r for r in run_dirs for _ in range(num_samples)]
                 if sink is None:
@@ -179,6 +195,17 @@ def main(run_dirs: list[str] | str, prompts: str, out: str | None, num_samples: 
     if target is not None:
         os.replace(partial, target)
     return len(rows)
+
+
+def continued(partial: Path | None, resume: bool, settings: dict, rows: list[list[dict]]) -> int:
+    """The prompts a partial file being resumed already holds in whole chunks (the cut chunk after them is
+    removed), else 0."""
+    if partial is None or not partial.exists() or not resume:
+        return 0
+    done, size = _whole_chunks(partial, settings, rows)
+    os.truncate(partial, size)
+    print(f"sample: resuming after {done} of {len(rows)} prompts", file=sys.stderr)
+    return done
 
 
 def policy_names(run_dirs: list[str] | str, num_samples: int) -> list[str]:
@@ -214,13 +241,23 @@ class Mixed:
     """The responses of a chunk's prompts, prompt by prompt, policy by policy (what ``lines`` reads)."""
 
     texts: list[str]
+    """what scorers read: each response, or each episode's last answer"""
     stopped: list[bool]
+    episodes: list[agent.Episode] | None = None
+    """with an environment: the episodes themselves"""
+
+    @property
+    def responses(self) -> list:
+        """What a row stores: the texts, or each episode's messages."""
+        return self.texts if self.episodes is None else [e.messages for e in self.episodes]
 
 
-def demonstrations(run_dirs: list[str], icl_shots: int, demos: str | None) -> list[dict]:
+def demonstrations(run_dirs: list[str], icl_shots: int, demos: str | None, env: str | None = None) -> list[dict]:
     """The SFT rows ``base:`` policies draw demonstrations from (none without ``icl_shots``), checked."""
     if not icl_shots:
         return []
+    if env:
+        raise UserError("--icl-shots cannot be combined with --env (demonstrations are single responses)")
     if not any(r.startswith("base:") for r in run_dirs):
         raise UserError("--icl-shots gives demonstrations to base: policies, and none is named")
     if not demos:
@@ -245,20 +282,27 @@ def with_demonstrations(run: str, policy, chunk: list[list[dict]], start: int, d
 
 
 def generate_mixed(policies: list, inputs: list[list[list[dict]]], start: int, k: int, max_new_tokens: int,
-                   batch_size: int, temperature: float, seed: int, progress: bool) -> Mixed:
+                   batch_size: int, temperature: float, seed: int, progress: bool,
+                   play: agent.Play | None = None) -> Mixed:
     """K responses of each policy to each of its ``inputs`` (one list per policy: the chunk of prompts from prompt
-    ``start`` on, as that policy reads them); response j of policy p to prompt i draws its noise from key
-    ``(i * P + p) * K + j`` (one policy: ``i * K + j``, as ever)."""
+    ``start`` on, as that policy reads them), or K episodes with ``play``'s environment; response j of policy p to
+    prompt i draws its noise from key ``(i * P + p) * K + j`` (one policy: ``i * K + j``, as ever)."""
     P, n = len(policies), len(inputs[0])
-    texts, stopped = [None] * (n * P * k), [None] * (n * P * k)
+    texts, stopped, episodes = [None] * (n * P * k), [None] * (n * P * k), [None] * (n * P * k)
     for p, (model, tokenizer, _) in enumerate(policies):
         slots = [(i * P + p) * k + j for i in range(n) for j in range(k)]
-        gens = rollout.generate(model, tokenizer, [m for m in inputs[p] for _ in range(k)],
-                                max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-                                seed=seed, indices=[start * P * k + slot for slot in slots], progress=progress)
-        for slot, text, stop in zip(slots, gens.texts, gens.stopped):
-            texts[slot], stopped[slot] = text, stop
-    return Mixed(texts, stopped)
+        prompts, indices = [m for m in inputs[p] for _ in range(k)], [start * P * k + slot for slot in slots]
+        if play is None:
+            gens = rollout.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    temperature=temperature, seed=seed, indices=indices, progress=progress)
+            made = zip(gens.texts, gens.stopped, [None] * len(slots))
+        else:
+            played = agent.generate(model, tokenizer, prompts, play.env, play.limits, max_new_tokens, batch_size,
+                                    temperature, seed, indices, progress=progress)
+            made = ((e.answer.strip(), e.stopped, e) for e in played)
+        for slot, (text, stop, episode) in zip(slots, made):
+            texts[slot], stopped[slot], episodes[slot] = text, stop, episode
+    return Mixed(texts, stopped, episodes if play is not None else None)
 
 
 def output_paths(out: str | None, overwrite: bool, resume: bool) -> tuple[Path | None, Path | None]:
@@ -277,20 +321,27 @@ def output_paths(out: str | None, overwrite: bool, resume: bool) -> tuple[Path |
     return target, partial
 
 
-def lines(chunk: list[list[dict]], gens, scored: dict, num_samples: int, settings: dict, quick: bool) -> list[dict]:
+def lines(chunk: list[list[dict]], gens: Mixed, scored: dict, num_samples: int, settings: dict, quick: bool,
+          tools: list[dict] | None = None) -> list[dict]:
     """One output line per prompt of ``chunk``: its K responses with their duplicates, EOS flags, the settings and
     the scorers' values; with ``quick`` (one greedy response, printed) just the prompt's text, the response, its
-    EOS flag and the scores that apply."""
+    EOS flag and the scores that apply. Episodes add the environment's ``tools`` and what each episode did (with
+    ``quick``: the episode's messages beside its answer)."""
     out = []
     for i, messages in enumerate(chunk):
         at = slice(i * num_samples, (i + 1) * num_samples)
-        texts = gens.texts[at]
+        responses = gens.responses[at]
+        records = None if gens.episodes is None else [e.record() for e in gens.episodes[at]]
         if quick:
-            line = {"prompt": messages[-1]["content"], "response": texts[0], "eos": gens.stopped[at][0]}
+            line = {"prompt": messages[-1]["content"], "response": gens.texts[at][0], "eos": gens.stopped[at][0]}
+            if records:
+                line.update({"episode": responses[0], **records[0]})
             line.update({name: v[at][0] for name, v in scored.items() if v[at][0] is not None})
         else:
-            line = {"prompt": prompt_field(messages), "responses": texts, "duplicate_of": duplicates(texts),
+            line = {"prompt": prompt_field(messages), "responses": responses, "duplicate_of": duplicates(responses),
                     "eos": gens.stopped[at], **settings}
+            if records:
+                line.update({"tools": tools, "episodes": records})
             if scored:
                 line["scores"] = {name: v[at] for name, v in scored.items()}
         out.append(line)

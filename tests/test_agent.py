@@ -229,3 +229,30 @@ def test_refilled_rows_carry_their_turns():
     assert merged.sampled[1].tolist() == new.episodes.sampled[0].tolist()
     assert merged.sampled[0].sum() == old.episodes.sampled[0].sum() and merged.sampled.shape == merged.response.shape
     assert merged.turns.instances[1] is new.episodes.turns.instances[0]
+
+
+def test_an_episode_as_data_renders_to_the_ids_ppo_played():
+    """``rlhf sample --env`` stores an episode as messages; the reward model trains on them rendered with the tools
+    (``encode_exchange``), and PPO's reward adapter reads the played ids: with sampled ids the tokenizer's own, the
+    two are the same sequence, so a reward model trained on labelled episodes is read where it was trained. A turn
+    with a malformed call keeps its text as sampled."""
+    from rlhf.engine import agent, environments
+    from rlhf.text import encoding, formats
+
+    tok = _tiny()
+    env = environments.load("tiny:calculator")
+    broken = "<tool_call>{'name': 'add'}</tool_call>"
+    scripts = {0: [_ids(tok, CALL), _ids(tok, "The answer is 85.")],
+               1: [_ids(tok, broken), _ids(tok, "I am not sure, but maybe 9.")]}
+    prompts = [[{"role": "user", "content": "What is 37 + 48?"}], [{"role": "user", "content": "What is 4 + 5?"}]]
+    played = agent.roll_out(Scripted(tok, scripts), tok, prompts, env, [{}, {}], torch.arange(2),
+                            environments.Limits(max_turns=3, max_tokens=400), max_new_tokens=80)
+    assert played[1].messages[0] == {"role": "assistant", "content": broken}
+    assert played[1].failures == {"malformed": 1}
+    for prompt, ep in zip(prompts, played):
+        response = formats._response(ep.messages, "responses[0]")  # as the ranking formats read it back
+        assert response == ep.messages
+        prompt_ids, response_ids = encoding.encode_exchange(tok, prompt, response, list(env.schemas))
+        assert prompt_ids + response_ids == ep.prompt + ep.response
+    assert formats.duplicates([played[0].messages, played[1].messages, played[0].messages]) == [None, None, 0]
+    assert formats.answer(played[0].messages) == "The answer is 85."

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from conftest import ran, refused
+from conftest import ROOT, ran, refused
+from rlhf.tiny.environments import schemas
 
 TRL_ENV = '''
 class AddEnv:
@@ -68,3 +69,42 @@ def test_a_bad_environment_is_refused_before_any_model_loads(parents, tmp_path):
     refused("ppo", "--recipe", str(recipe), "--out", str(tmp_path / "ppo"), "--set", "ppo.environment=calculator",
             expect="unknown environment 'calculator'")
     assert not (tmp_path / "ppo").exists()
+
+
+def test_the_instructgpt_loop_runs_on_episodes(parents, tmp_path):
+    """Sample K episodes with the calculator, rank them, train the reward model on them and evaluate with the
+    environment, all through the CLI: the candidates hold whole episodes with the tools, the rankings keep them,
+    the reward model reads them rendered with the tools, and eval reports turns, calls and correctness by kind."""
+    recipe, runs = parents
+    candidates, ranked = tmp_path / "candidates.jsonl", tmp_path / "ranked.jsonl"
+    ran("sample", str(runs / "sft"), "--prompts", str(ROOT / "data/tiny/prompts.jsonl"), "--limit", "12", "-k", "3",
+        "--env", "tiny:calculator", "--max-new-tokens", "24", "--out", str(candidates))
+    rows = [json.loads(x) for x in candidates.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["env"] == "tiny:calculator" and len(r["responses"]) == 3 for r in rows)
+    assert rows[0]["tools"] == schemas()
+    for r in rows:
+        for episode, record in zip(r["responses"], r["episodes"]):
+            assert episode[-1]["role"] == "assistant" and record["turns"] == sum(
+                m["role"] == "assistant" for m in episode)
+    ran("label", str(candidates), "--by", "gold", "--out", str(ranked))
+    labelled = [json.loads(x) for x in ranked.read_text().splitlines()]
+    assert labelled and all(r["tools"] == schemas() and isinstance(r["responses"][0], list) for r in labelled)
+
+    ran("rm", "--recipe", str(recipe), "--out", str(tmp_path / "rm"), "--set", f"data.preference={ranked}",
+        "--set", "data.eval_preference=null", "--set", "rm.max_steps=2", "--set", "rm.max_length=400",
+        "--set", "rm.stats_samples=20")
+    data = json.loads((tmp_path / "rm" / "manifest.json").read_text())["data"]
+    assert data["unit"] == "rankings" and data["rows_too_long"] == 0
+    assert data["train_rows"] + data["eval_rows"] == len(labelled)
+
+    ran("eval", "--recipe", str(recipe), "--policy", str(runs / "sft"), "--reward", str(tmp_path / "rm"),
+        "--env", "tiny:calculator", "--scorer", "correctness", "--scorer", "correct_add", "--scorer", "correct_sort",
+        "--set", "eval.limit=8", "--set", "eval.icl_shots=0", "--set", "eval.max_new_tokens=24",
+        "--out", str(tmp_path / "eval"))
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())[str(runs / "sft")]
+    assert summary["turns"] >= 1 and summary["calls"] >= 0 and "correct_add" in summary
+    records = [json.loads(x) for x in (tmp_path / "eval" / "responses.jsonl").read_text().splitlines()]
+    assert all(r["episode"][-1]["content"].strip() == r["response"] for r in records)
+    assert all((r["correct_add"] is None) == (not r["prompt"].startswith("What is")) for r in records)
+    manifest = json.loads((tmp_path / "eval" / "manifest.json").read_text())
+    assert manifest["environment"]["spec"] == "tiny:calculator"

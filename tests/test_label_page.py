@@ -202,3 +202,44 @@ def test_overlap_gives_two_annotators_their_own_queues(browser, tmp_path):
             for name in ("alice", "bob"):
                 assert sorted(item for who, item in order if who == name) == [0, 1, 2]
             assert all(("suggestion" in r["label"]) == (r["label"]["annotator"] == "alice") for r in rows)
+
+
+def test_episodes_show_their_calls_and_results_and_rank_like_responses(browser, tmp_path):
+    """Candidates of ``rlhf sample --env`` (each response a whole episode): the page shows each call as
+    name(arguments), each result, then the answer, all as text; the ranking written is one the reward model
+    reads, episodes and tools kept."""
+    from rlhf.text import formats
+    from rlhf.tiny.environments import schemas
+
+    def episode(a, b, result, answer):
+        return [{"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}]},
+            {"role": "tool", "name": "add", "content": result}, {"role": "assistant", "content": answer}]
+
+    row = {"prompt": "What is 37 + 48?", "env": "tiny:calculator", "tools": schemas(), "responses": [
+        episode(16, 14, "30", "The answer is 30."), episode(37, 48, "85", "The answer is 85."),
+        [{"role": "assistant", "content": "The answer is 84."}],
+        episode(37, 48, "<img src=x onerror=\"window.__pwned = 3\">", "maybe 85.")]}
+    candidates = tmp_path / "candidates.jsonl"
+    candidates.write_text(json.dumps(row) + "\n")
+    out = tmp_path / "rankings.jsonl"
+    server, url = start(candidates, out)
+    try:
+        browser.get(url)
+        wait_for_prompt(browser, "What is 37 + 48?")
+        cards = browser.find_elements(By.CSS_SELECTOR, "#responses .response .body")
+        assert [c.text.splitlines() for c in cards] == [
+            ["→ calls add(a=16, b=14)", "← add returned: 30", "The answer is 30."],
+            ["→ calls add(a=37, b=48)", "← add returned: 85", "The answer is 85."],
+            ["The answer is 84."],
+            ["→ calls add(a=37, b=48)", '← add returned: <img src=x onerror="window.__pwned = 3">', "maybe 85."]]
+        assert browser.execute_script("return window.__pwned") is None
+        assert not browser.find_elements(By.CSS_SELECTOR, "#responses img")
+        keys(browser, "2", "4", "3", Keys.ENTER)
+        WebDriverWait(browser, 10).until(lambda d: "Every prompt is answered" in shown_prompt(d))
+    finally:
+        server.terminate()
+        server.wait()
+    ranked = formats.load(str(out), "ranking").rows
+    assert len(ranked) == 1 and ranked[0]["ranks"] == [3, 0, 2, 1]
+    assert ranked[0]["responses"][1] == row["responses"][1] and ranked[0]["tools"] == schemas()

@@ -56,10 +56,27 @@ class Episode:
         """The text of its last assistant turn (what a scorer reads)."""
         return next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
 
+    def record(self) -> dict:
+        """What a file keeps of it beside its messages: turns, tool calls, failed calls and why it ended."""
+        return {"turns": self.turns, "calls": self.calls, "failed": sum(self.failures.values()), "ended": self.ended}
+
     @property
     def stopped(self) -> bool:
         """Whether the policy ended the episode itself (an answer with EOS), not a limit."""
         return self.ended == "answered"
+
+
+@dataclass(frozen=True)
+class Play:
+    """An environment and the limits its episodes are played under (``rlhf sample --env``, ``rlhf eval``)."""
+
+    env: Environment
+    limits: Limits
+
+    @property
+    def tools(self) -> list[dict]:
+        """The environment's tools as the chat template gets them (``tools=``)."""
+        return list(self.env.schemas)
 
 
 ENDINGS = ("answered", "cut", "max_turns", "max_tokens")
@@ -99,6 +116,35 @@ def roll_out(sample: Sampler, tokenizer, prompts: list[list[dict]], env: Environ
                 still.append(i)
         going = still
     return episodes
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], env: Environment, limits: Limits, max_new_tokens: int,
+             batch_size: int = 32, temperature: float = 0.0, seed: int = 0, indices: list[int] | None = None,
+             rows: list[dict] | None = None, progress: bool = False) -> list[Episode]:
+    """Whole episodes of ``model`` with ``env``, one per prompt: what ``rollout.generate`` is to single responses
+    (``rlhf sample --env``, ``rlhf eval`` with an environment). Greedy when ``temperature`` is 0; episode ``i``
+    draws its noise from ``episode_keys(seed, 0, indices[i])``, so it depends on its seed and index alone, not on
+    the batch it was played in. ``rows[i]`` resets episode i's environment (default: ``{"prompt": prompts[i]}``);
+    ``max_new_tokens`` bounds one turn."""
+    from tqdm.auto import tqdm
+
+    from rlhf.engine.rollout import decode, episode_keys
+
+    indices = list(range(len(prompts))) if indices is None else indices
+    rows = [{"prompt": m} for m in prompts] if rows is None else rows
+    device = getattr(model, "device", None) or torch.device("cpu")
+
+    def sample(query, mask, **kwargs):
+        return decode(model, query.to(device), mask.to(device), temperature=temperature,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab=len(tokenizer),
+                      **kwargs)
+
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="episodes"):
+        at = slice(start, start + batch_size)
+        keys = episode_keys(seed, 0, torch.tensor(indices[at]))
+        out += roll_out(sample, tokenizer, prompts[at], env, rows[at], keys, limits, max_new_tokens)
+    return out
 
 
 def prompt_ids(tokenizer, messages: list[dict], observation: str | None, schemas: list[dict]) -> list[int]:
@@ -183,9 +229,11 @@ def act(ep: Episode, ids: list[int], logp: list[float], entropy: list[float], to
     ended_with_eos = bool(ids) and ids[-1] == eos
     text = tokenizer.decode(ids[:-1] if ended_with_eos else ids, skip_special_tokens=False)
     parsed = parse(text)
-    ep.messages.append({"role": "assistant", "content": text if parsed.content is None else parsed.content,
-                        **({"tool_calls": [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                           for c in parsed.calls]} if parsed.calls else {})})
+    # a turn with a malformed call is kept as written (its calls unparsed), so the episode reads as it was sampled
+    ep.messages.append({"role": "assistant", "content": text if parsed.content is None or parsed.errors else
+                        parsed.content, **({"tool_calls": [
+                            {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                            for c in parsed.calls]} if parsed.calls and not parsed.errors else {})})
     if not ended_with_eos:
         ep.ended = "cut"
         return False

@@ -55,6 +55,15 @@ class Limits:
     max_output_chars: int = 1000
     """characters of a tool's result the model sees; the rest is cut and said to be cut"""
 
+    @classmethod
+    def of(cls, ppo) -> "Limits":
+        """The limits a recipe's ``ppo`` section sets: a ``PPOConfig``, or its dict in a run's manifest (keys it
+        lacks keep their defaults)."""
+        get = ppo.get if isinstance(ppo, dict) else lambda key, default: getattr(ppo, key, default)
+        return cls(max_turns=get("max_turns", cls.max_turns), max_tokens=get("max_episode_tokens", cls.max_tokens),
+                   timeout_s=get("tool_timeout", cls.timeout_s),
+                   max_output_chars=get("max_tool_output", cls.max_output_chars))
+
 
 @dataclass(frozen=True)
 class Environment:

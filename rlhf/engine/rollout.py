@@ -64,14 +64,16 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: list[list[int]],
-                      batch_size: int = 32) -> list[torch.Tensor]:
+def response_logprobs(model, tokenizer, prompts: list[list[dict]] | None, responses: list[list[int]],
+                      batch_size: int = 32, prompt_ids: list[list[int]] | None = None) -> list[torch.Tensor]:
     """Log-probabilities of each response's tokens under ``model`` (temperature 1, over the tokenizer's ids as the
-    engine samples), one tensor per response."""
+    engine samples), one tensor per response; after ``prompt_ids`` when given (an episode's prompt, rendered with
+    its tools), else after each prompt rendered."""
     from rlhf.text.encoding import position_ids
     from rlhf.ppo.ppo_math import logprobs_from_logits, restrict_vocab
 
-    rendered = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_prompts(tokenizer, prompts)]
+    rendered = prompt_ids if prompt_ids is not None else [
+        tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_prompts(tokenizer, prompts)]
     out = []
     for start in range(0, len(rendered), batch_size):
         seqs = [q + r for q, r in zip(rendered[start:start + batch_size], responses[start:start + batch_size])]

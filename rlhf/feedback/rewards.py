@@ -90,7 +90,9 @@ class RewardModel:
     config = None
     """the model's transformers config (its positions)"""
 
-    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
+    def __call__(self, prompts: list[list[dict]], responses: list[str | list[dict]],
+                 tools: list[dict] | None = None) -> list[float | None]:
+        """Scores of texts, or of episodes (lists of messages after the prompt) played with ``tools``."""
         raise NotImplementedError
 
     def episodes(self, prompts: list[list[dict]], responses: list[str], ids: torch.Tensor,
@@ -163,8 +165,9 @@ class RunReward(RewardModel):
     def config(self):
         return unwrap(self.model).config
 
-    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
-        seqs = encode_conversations(self.tokenizer, with_responses(prompts, responses))
+    def __call__(self, prompts: list[list[dict]], responses: list[str | list[dict]],
+                 tools: list[dict] | None = None) -> list[float | None]:
+        seqs = encode_conversations(self.tokenizer, with_responses(prompts, responses), tools)
         fits = [i for i, s in enumerate(seqs) if self.max_length is None or len(s) <= self.max_length]
         out: list[float | None] = [None] * len(seqs)
         if fits:
@@ -189,8 +192,9 @@ class TokenReward(RewardModel):
         return self.score_ids(ids, mask)
 
     @torch.no_grad()
-    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
-        seqs = encode_conversations(self.tokenizer, with_responses(prompts, responses))
+    def __call__(self, prompts: list[list[dict]], responses: list[str | list[dict]],
+                 tools: list[dict] | None = None) -> list[float | None]:
+        seqs = encode_conversations(self.tokenizer, with_responses(prompts, responses), tools)
         ids, mask = pad(seqs, self.tokenizer.pad_token_id)
         return self.score_ids(ids.to(self.device), mask.to(self.device)).float().cpu().tolist()
 
@@ -271,18 +275,19 @@ class PublishedReward(RewardModel):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, prompt: list[dict], response: str) -> list[int]:
+    def encode(self, prompt: list[dict], response: str | list[dict], tools: list[dict] | None = None) -> list[int]:
         """One conversation as this model reads it (module docstring). One longer than the model's positions is cut
         from the left, whatever the tokenizer's truncation side: the prompt's start goes, the response (what is
         scored, where the model pools) stays; a leading special token (BOS, CLS) is kept in front. Counted in
         ``truncated``. (Cut from the right, the response went and the prompt was scored, silently.)"""
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(with_responses([prompt], [response])[0], tokenize=False)
+            text = tok.apply_chat_template(with_responses([prompt], [response])[0], tools=tools or None,
+                                           tokenize=False)
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
             question = "\n".join(m["content"] for m in prompt)
-            ids = tok(question, response)["input_ids"]
+            ids = tok(question, response if isinstance(response, str) else response[-1]["content"])["input_ids"]
         if self.positions is not None and len(ids) > self.positions:
             first = ids[:1] if ids[0] in set(tok.all_special_ids) else []
             ids = first + ids[len(ids) - self.positions + len(first):]
@@ -304,9 +309,10 @@ class PublishedReward(RewardModel):
         return by_length(sequences, forward, self.batch_size if self.pad_token_id is not None else 1,
                          self.pad_token_id or 0)
 
-    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
+    def __call__(self, prompts: list[list[dict]], responses: list[str | list[dict]],
+                 tools: list[dict] | None = None) -> list[float | None]:
         before = self.truncated
-        sequences = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        sequences = [self.encode(p, r, tools) for p, r in zip(prompts, responses)]
         if self.truncated > before and self._said():
             print(f"rm:{self.spec}: {self.truncated - before} of {len(sequences)} conversations are longer than its "
                   f"{self.positions} positions: cut from the left (the prompt's start), keeping the response "

@@ -10,7 +10,8 @@ instantiated once (no arguments) and its instances called, so it can load what i
 
 A recipe names a scorer by a *spec*:
 
-- a built-in name (``BUILTIN``): ``gold``, ``correctness``, ``style`` (the tiny world's scorer and its halves);
+- a built-in name (``BUILTIN``): ``gold``, ``correctness``, ``style`` (the tiny world's scorer and its halves), and
+  ``correct_add``, ``correct_sort``, ``correct_reverse``, ``correct_count`` (correctness by task kind);
 - a Python reference, ``package.module:function`` (importable) or ``path/to/file.py:function`` (relative to the
   current directory);
 - a reward model, ``rm:`` and a run directory of this project, a model directory or a hub id of a published
@@ -46,6 +47,9 @@ BUILTIN = {
     "correctness": ("rlhf.tiny.world", "correctness_scores",
                     "1 for the tiny world's exact answer (lists: the share of positions right), else 0"),
     "style": ("rlhf.tiny.world", "style_scores", "1 for the tiny world's concise form 'The answer is X.', else 0"),
+    **{f"correct_{kind}": ("rlhf.tiny.world", f"correct_{kind}_scores",
+                           f"correctness on the tiny world's {kind} tasks alone (None on the others)")
+       for kind in ("add", "sort", "reverse", "count")},
 }
 """name -> (module, function, what it measures)"""
 
@@ -103,6 +107,22 @@ class Scorer:
             except Exception:
                 return f" on row {i + 1} ({_quote(p)}, response {r[:60]!r})"
         return ""
+
+
+def candidate_scores(scorer: Scorer, prompt: list[dict], responses: list, tools: list[dict] | None = None
+                     ) -> list[float | None]:
+    """One prompt's candidates scored (``rlhf label``, the labelling page's suggestions): texts, or episodes of an
+    environment (lists of messages, ``rlhf sample --env``), which a reward model scores whole, rendered with their
+    ``tools`` as it trained, and every other scorer by its last answer."""
+    from rlhf.feedback import rewards
+    from rlhf.text.formats import answer
+
+    prompts = [prompt] * len(responses)
+    if isinstance(scorer.fn, rewards.RewardModel) and any(isinstance(r, list) for r in responses):
+        values = scorer.fn(prompts, responses, tools=tools or None)
+        require_finite(values, scorer.spec, prompts)
+        return values
+    return scorer(prompts, [answer(r) for r in responses])
 
 
 def require_finite(values, who: str, prompts: list[list[dict]], where: str = "") -> None:

@@ -63,7 +63,8 @@ def encode_turns(tokenizer, prompt: list[dict], completion: list[dict], tools: l
     return ids, mask
 
 
-def encode_exchange(tokenizer, prompt: list[dict], response: list[dict]) -> tuple[list[int], list[int]]:
+def encode_exchange(tokenizer, prompt: list[dict], response: list[dict], tools: list[dict] | None = None
+                    ) -> tuple[list[int], list[int]]:
     """A prompt and its response as token ids, laid out as PPO lays out an episode: the prompt rendered with the
     chat template's generation prompt, then the tokens the template puts after it for the response, up to and
     including the first EOS (what a policy samples before it stops). ``response`` is a list of messages ending
@@ -73,11 +74,16 @@ def encode_exchange(tokenizer, prompt: list[dict], response: list[dict]) -> tupl
     PPO, eval, ``rlhf rm score``) is read on them, so a reward is always read where it was trained. Where the
     template does not render the prompt as a prefix of the whole conversation, the response is its text followed
     by EOS.
+
+    An episode of an environment (``response``: the assistant's tool calls, the tools' results, its last answer)
+    is rendered with the environment's ``tools``, as the policy saw it: the prompt part is everything before the
+    last answer, so the reward model reads the whole episode and is read at its end.
     """
     prompt = prompt + response[:-1]
     content = response[-1]["content"]
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": content}], tokenize=False)
+    tools = tools or None
+    prompt_text = tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + [response[-1]], tools=tools, tokenize=False)
     completion = full[len(prompt_text):] if full.startswith(prompt_text) else content + tokenizer.eos_token
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
@@ -86,19 +92,23 @@ def encode_exchange(tokenizer, prompt: list[dict], response: list[dict]) -> tupl
     return prompt_ids, ids
 
 
-def with_responses(prompts: list[list[dict]], responses: list[str]) -> list[list[dict]]:
-    """Each prompt followed by its response as an assistant turn: the conversation a reward model scores."""
-    return [[*p, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+def with_responses(prompts: list[list[dict]], responses: list[str | list[dict]]) -> list[list[dict]]:
+    """Each prompt followed by its response as an assistant turn (or an episode's messages): the conversation a
+    reward model scores."""
+    return [[*p, *([{"role": "assistant", "content": r}] if isinstance(r, str) else r)]
+            for p, r in zip(prompts, responses)]
 
 
-def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+def encode_conversations(tokenizer, conversations: list[list[dict]], tools: list[dict] | None = None
+                         ) -> list[list[int]]:
     """Each conversation (ending with the assistant's response) as the token ids a reward is read on:
-    ``encode_exchange``'s prompt and response, one after the other."""
+    ``encode_exchange``'s prompt and response, one after the other (rendered with ``tools`` for an
+    environment's episodes)."""
     out = []
     for conv in conversations:
         split = max(i for i, m in enumerate(conv) if m["role"] != "assistant") + 1 if any(
             m["role"] != "assistant" for m in conv) else 0
-        prompt_ids, response_ids = encode_exchange(tokenizer, conv[:split], conv[split:])
+        prompt_ids, response_ids = encode_exchange(tokenizer, conv[:split], conv[split:], tools)
         out.append(prompt_ids + response_ids)
     return out
 

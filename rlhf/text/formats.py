@@ -491,6 +491,8 @@ def _response(value: Any, key: str, allow_empty: bool = False) -> list[dict]:
     it is what a policy said, and its place teaches the reward model something."""
     if isinstance(value, dict):
         value = [value]
+    if isinstance(value, list) and _uses_tools({}, value):  # an episode with tool calls (rlhf sample --env)
+        return _episode(value, key)
     if isinstance(value, list) and value and all(isinstance(t, dict) and "from" in t for t in value):
         value = _sharegpt_messages({"conversations": value})
     if not isinstance(value, (str, list)):
@@ -637,14 +639,25 @@ def _rank(value: Any, where: str) -> int:
     return int(value)
 
 
-def duplicates(texts: list[str]) -> list[int | None]:
-    """For each response, the index of the first identical one before it, or None (a candidates file's
-    ``duplicate_of``: ``rlhf sample`` writes it, ``rlhf label`` shows a copy once)."""
+def response_key(response: str | list[dict]) -> str:
+    """What makes two responses the same: the text, or an episode's messages (``rlhf sample --env``) whole."""
+    return response if isinstance(response, str) else json.dumps(response, sort_keys=True)
+
+
+def answer(response: str | list[dict]) -> str:
+    """What scorers read of a response: the text, or an episode's last assistant answer."""
+    return response if isinstance(response, str) else response[-1].get("content") or ""
+
+
+def duplicates(responses: list[str | list[dict]]) -> list[int | None]:
+    """For each response (a text or an episode), the index of the first identical one before it, or None (a
+    candidates file's ``duplicate_of``: ``rlhf sample`` writes it, ``rlhf label`` shows a copy once)."""
     first: dict[str, int] = {}
     out = []
-    for i, text in enumerate(texts):
-        out.append(first.get(text))
-        first.setdefault(text, i)
+    for i, response in enumerate(responses):
+        key = response_key(response)
+        out.append(first.get(key))
+        first.setdefault(key, i)
     return out
 
 
@@ -674,6 +687,9 @@ def _ranked(prompt: list[dict], responses: list[list[dict]], ranks: list[int], r
     if len(set(kept_ranks)) < 2:
         raise RowError(f"every response is tied (ranks {kept_ranks}): the ranking makes no comparison")
     out = {"prompt": prompt, "responses": kept_responses, "ranks": kept_ranks}
+    tools = _row_tools(row)
+    if tools:  # episodes of an environment: the reward model reads them rendered with its tools
+        out["tools"] = tools
     policies = row.get("policies")  # rlhf sample: the run each response came from (several) or the run (one)
     if policies is None and isinstance(row.get("run"), str):
         policies = [row["run"]] * len(responses)
@@ -773,15 +789,29 @@ def rank_argilla(row: dict) -> dict:
 
 
 def candidates(row: dict) -> dict:
-    """A row of ``rlhf sample --num-samples K`` (responses not yet ranked): the prompt as messages, the response
-    texts, and the row itself (its provenance is carried along)."""
+    """A row of ``rlhf sample --num-samples K`` (responses not yet ranked): the prompt as messages, the responses
+    (texts, or episodes: lists of messages ending with the assistant's answer, ``rlhf sample --env``), what scorers
+    read of them (``texts``), the tools episodes were played with, and the row itself (its provenance is carried
+    along)."""
     responses = row.get("responses")
     if not isinstance(responses, list) or not responses:
-        raise RowError("field 'responses' must be a non-empty list of response texts")
+        raise RowError("field 'responses' must be a non-empty list of response texts or episodes")
     for i, r in enumerate(responses):
-        if not isinstance(r, str):
-            raise RowError(f"responses[{i}] must be a string, got {type(r).__name__}")
-    return {"prompt": prompt_only(row), "responses": responses, "row": row}
+        if isinstance(r, list):
+            _episode(r, f"responses[{i}]")
+        elif not isinstance(r, str):
+            raise RowError(f"responses[{i}] must be a string or an episode (a list of messages), got "
+                           f"{type(r).__name__}")
+    return {"prompt": prompt_only(row), "responses": responses, "texts": [answer(r) for r in responses],
+            "tools": _row_tools(row), "row": row}
+
+
+def _episode(value: list, key: str) -> list[dict]:
+    """An episode (``rlhf sample --env``): tool-using messages after the prompt, ending with the assistant's."""
+    messages = _tool_messages(value, key)
+    if messages[-1]["role"] != "assistant":
+        raise RowError(f"field '{key}' must end with an assistant message")
+    return messages
 
 
 def _pair_as_ranking(parse: Callable[[dict], dict]) -> Callable[[dict], dict]:

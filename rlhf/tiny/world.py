@@ -168,19 +168,21 @@ def score(prompt: str, response: str) -> float:
     return 0.5 * parts["correct"] + 0.5 * parts["style"]
 
 
-def _batched(part):
-    """A scorer (``rlhf.feedback.scorers``) from one measure of ``gold_parts``: None for prompts from elsewhere."""
+def _batched(part, kind: str | None = None):
+    """A scorer (``rlhf.feedback.scorers``) from one measure of ``gold_parts``: None for prompts from elsewhere (and,
+    with ``kind``, for the world's prompts of another kind)."""
     def scorer(prompts: list[list[dict]], responses: list[str]) -> list[float | None]:
         out = []
         for messages, response in zip(prompts, responses):
             question = messages[-1]["content"]
-            if parse_prompt(question) is None:
+            parsed = parse_prompt(question)
+            if parsed is None or kind not in (None, parsed[0]):
                 out.append(None)
             else:
                 parts = gold_parts(question, response)
                 out.append(0.5 * parts["correct"] + 0.5 * parts["style"] if part == "gold" else parts[part])
         return out
-    scorer.__name__ = f"{part}_scores"
+    scorer.__name__ = f"{part}_{kind}_scores" if kind else f"{part}_scores"
     return scorer
 
 
@@ -190,6 +192,10 @@ correctness_scores = _batched("correct")
 """correctness alone (built-in name ``correctness``)"""
 style_scores = _batched("style")
 """style alone (built-in name ``style``)"""
+correct_add_scores, correct_sort_scores, correct_reverse_scores, correct_count_scores = (
+    _batched("correct", kind) for kind in KINDS)
+"""correctness on one kind of task, None on the others (built-in names ``correct_add``, ...: eval's columns by task
+kind)"""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 "use strict";
 
 const token = new URLSearchParams(location.search).get("token") || "";
-let item = null;       // {index, sha, prompt: [{role, content}], responses: [text]}
+let item = null;       // {index, sha, prompt: [{role, content}], responses: [text or episode messages]}
 let groups = [];       // places so far, best first: each a list of response indices (a tie holds several)
 let tieNext = false;   // "=" was pressed: the next response joins the last place
 let busy = false;      // a save is on its way: no second answer until the server confirms
@@ -52,6 +52,26 @@ function showProgress(state) {
   $("progress").textContent = `${done} · ${state.annotator}: ${state.answered} · ${state.left} left for you`;
 }
 
+// A response: its text, or an episode (rlhf sample --env), each step on a line of its own: the assistant's words,
+// its tool calls as name(arguments), each tool's result, and the final answer last.
+function responseView(response) {
+  if (typeof response === "string") return el("div", "text", response);
+  const box = el("div", "episode");
+  for (const m of response) {
+    if (m.role === "tool") {
+      box.append(el("div", "step result", `\u2190 ${m.name || "tool"} returned: ${m.content}`));
+      continue;
+    }
+    if (m.content) box.append(el("div", "step text", m.content));
+    for (const call of m.tool_calls || []) {
+      const f = call.function || call;
+      const args = Object.entries(f.arguments || {}).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ");
+      box.append(el("div", "step call", `\u2192 calls ${f.name}(${args})`));
+    }
+  }
+  return box;
+}
+
 function render() {
   const conversation = $("conversation");
   const responses = $("responses");
@@ -84,7 +104,7 @@ function render() {
     tieButton.disabled = p >= 0 || groups.length === 0;
     tieButton.addEventListener("click", () => choose(i, true));
     const body = el("div", "body");
-    body.append(el("div", "text", text));
+    body.append(responseView(text));
     if (item.suggestion) {  // label serve --suggest: a scorer's view, shown beside the response, never applied
       const score = item.suggestion.scores[i];
       const placeShown = item.suggestion.ranking[i];

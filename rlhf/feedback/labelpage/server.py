@@ -74,7 +74,8 @@ class LabelApp:
         self.prompts = [r["prompt"] for r in loaded]
         self.shas = [item_sha(row) for row in self.items]
         # a row whose responses are all the same text has nothing to rank: never served, counted
-        self.rankable = [i for i, r in enumerate(loaded) if len(set(r["responses"])) >= 2]
+        self.rankable = [i for i, r in enumerate(loaded) if len(set(map(formats.response_key, r["responses"]))) >= 2]
+        self.tools = [r["tools"] for r in loaded]
         self.unrankable = len(self.items) - len(self.rankable)
         self.store = LabelStore(target)
         self.store.refresh(strict=True)  # an existing --out must be an answers file of the page, line by line
@@ -137,10 +138,12 @@ class LabelApp:
         apply), computed once per prompt. Suggestions are advice: a suggester that fails on a prompt (an error, a
         judge whose question is too long) leaves that prompt without one, says so on the terminal and is counted
         (``suggestion_failures``); the page goes on."""
+        from rlhf.feedback import scorers
+
         if index not in self._suggestions:
             responses = self.items[index]["responses"]
             try:
-                scores = self.suggester([self.prompts[index]] * len(responses), responses)
+                scores = scorers.candidate_scores(self.suggester, self.prompts[index], responses, self.tools[index])
                 self._suggestions[index] = {"by": self.suggest, "scores": scores,
                                             "ranking": formats.ranks_from_scores(scores)}
             except Exception as e:  # noqa: BLE001 - a suggester's failure must not take the page down
@@ -160,7 +163,7 @@ class LabelApp:
             raise ValueError(f"unknown item {item!r}")
         if body.get("item_sha") != self.shas[item]:
             raise ValueError(f"item {item} is not the prompt the page showed (the candidates file changed?)")
-        if len(set(self.items[item]["responses"])) < 2:
+        if len(set(map(formats.response_key, self.items[item]["responses"]))) < 2:
             raise ValueError(f"item {item} has nothing to rank (one distinct response)")
         suggestion = self.suggestion(item) if self.suggester is not None else None  # what the page showed
         with self.lock:  # the check and the append happen under the file's lock (LabelStore.append)

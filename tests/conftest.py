@@ -76,9 +76,9 @@ def flat_when_even(prompts, responses):
 process samples them (tests write it next to their run and name it in ``ppo.reward``)."""
 
 
-def write_recipe(path: Path, **sections) -> Path:
-    """The tiny recipe with some sections replaced or extended (``sft={"max_steps": 3}``)."""
-    recipe = yaml.safe_load(TINY.read_text())
+def write_recipe(path: Path, template: Path = TINY, **sections) -> Path:
+    """The tiny recipe (or ``template``) with some sections replaced or extended (``sft={"max_steps": 3}``)."""
+    recipe = yaml.safe_load(template.read_text())
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(recipe.get(key), dict):
             recipe[key] = {**recipe[key], **value}
@@ -108,6 +108,25 @@ def parents(tmp_path_factory):
     (d / "sft.stderr").write_text(sft.stderr)  # what a log (piped output) got: test_ecosystem reads it
     run_cli("rm", "--recipe", str(recipe), "--set", "rm.max_steps=30", "--set", "rm.stats_samples=200")
     return recipe, d / "runs" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tool_policy(tmp_path_factory):
+    """A policy that calls the calculator: the tiny base fully fine-tuned for 60 steps on the demonstrations of
+    data/tiny/sft_tools.jsonl that call it. At temperature 1 about a third of its episodes call ``add`` (well formed
+    or not), so PPO with ``tiny:calculator`` plays multi-turn episodes. Returns the agent recipe (PPO settings for
+    short multi-turn steps) and the SFT run."""
+    d = tmp_path_factory.mktemp("tool_policy")
+    calls = d / "calls.jsonl"
+    with open(ROOT / "data" / "tiny" / "sft_tools.jsonl") as f:
+        calls.write_text("".join(line for line in f if '"tool_calls"' in line))
+    recipe = write_recipe(d / "agent.yaml", template=ROOT / "recipes" / "tiny-agent.yaml", run_dir=str(d / "runs"),
+                          data={"sft": str(calls)},
+                          sft={"max_steps": 60, "batch_size": 16, "lr": 1e-3, "max_length": 200, "eval_fraction": 0},
+                          ppo={"max_new_tokens": 80, "max_turns": 2, "max_episode_tokens": 200, "eval_every": 0,
+                               "mixed_precision": "no"})
+    run_cli("sft", "--recipe", str(recipe), "--set", "adapter.method=full", "--out", str(d / "sft"))
+    return recipe, d / "sft"
 
 
 @pytest.fixture(scope="session")

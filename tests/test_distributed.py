@@ -271,20 +271,26 @@ PPO = ("--set", "ppo.max_steps=3", "--set", "ppo.max_new_tokens=16", "--set", "p
        "--set", "ppo.mixed_precision=no")  # fp32: bf16 rounding depends on the batch shapes
 
 
-@pytest.mark.parametrize("estimator", ["gae", "gae-shared", "reinforce_pp"])
-def test_ppo_on_two_processes_matches_one(parents, tmp_path, estimator):
+@pytest.mark.parametrize("estimator", ["gae", "gae-shared", "reinforce_pp", "gae-agent"])
+def test_ppo_on_two_processes_matches_one(request, tmp_path, estimator):
     """Each process samples its half of the same global batch (per-episode sampling keys), whitens advantages
     with statistics of both halves, normalises losses by the tokens of both, and sums gradients: the result is
     the single-process run's, to rounding. reinforce_pp (critic-free) with 2 responses per prompt: each process
     holds whole groups (the group-mean baseline is local) and normalises returns over both halves; its losses
     are aggregated per response (seq_mean_token_sum), each micro-batch weighed by its share of the responses, and
-    its flat groups are refilled (DAPO's dynamic sampling) slot by slot, as one process refills them."""
-    recipe, runs = parents
+    its flat groups are refilled (DAPO's dynamic sampling) slot by slot, as one process refills them. gae-agent:
+    multi-turn episodes with the calculator (the tool_policy fixture), each played from its own key wherever it
+    runs, the environment's tokens masked out on both processes."""
+    agent = estimator == "gae-agent"
+    recipe, policy = request.getfixturevalue("tool_policy") if agent else (request.getfixturevalue("parents")[0],
+                                                                            None)
     one, two = tmp_path / "one" / "ppo", tmp_path / "two" / "ppo"
     (tmp_path / "flat.py").write_text(FLAT_WHEN_EVEN)
     gae = estimator.startswith("gae")
     extra = ("--set", f"ppo.advantage={estimator.split('-')[0]}", "--set", f"ppo.samples_per_prompt={1 + (not gae)}",
              "--set", f"ppo.critic={'shared' if estimator == 'gae-shared' else 'adapter'}")
+    if agent:
+        extra += ("--policy", str(policy), "--set", "ppo.max_new_tokens=80")
     if not gae:
         extra += tuple(x for kv in ("ppo.loss_aggregation=seq_mean_token_sum", "ppo.drop_flat_groups=true",
                                     f"ppo.reward={{{tmp_path / 'flat.py'}:flat_when_even: 1.0}}",
@@ -300,18 +306,23 @@ def test_ppo_on_two_processes_matches_one(parents, tmp_path, estimator):
     assert b["metrics"]["episodes"] == a["metrics"]["episodes"] == 24
     _only_run(two.parent, "ppo")
     critic = {"gae": ("value/adapter_model.safetensors", "value/value_head.safetensors"),
-              "gae-shared": ("value/value_head.safetensors",)}.get(estimator, ())
+              "gae-shared": ("value/value_head.safetensors",),
+              "gae-agent": ("value/model.safetensors",)}.get(estimator, ())  # agent: the fully tuned parent's copies
+    weights = "model.safetensors" if agent else "adapter_model.safetensors"
     assert (two / "value").exists() == (one / "value").exists() == bool(critic)
-    for name in ("adapter_model.safetensors", *critic, "checkpoints/step_000002/adapter_model.safetensors"):
+    for name in (weights, *critic, f"checkpoints/step_000002/{weights}"):
         assert _max_diff(two / name, one / name) < ATOL, name
     rows = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (one, two)]
     assert len(rows[0]) == len(rows[1]) == 3
     for x, y in zip(*rows):  # the same episodes, so the same statistics of the whole batch
         for key in ("objective/score_total", "objective/kl", "response/length", "ppo/kl_coef", "policy/loss",
-                    *(("objective/resampled", "objective/flat_groups") if not gae else ())):
+                    *(("objective/resampled", "objective/flat_groups") if not gae else ()),
+                    *(("agent/turns", "agent/calls", "agent/ended_answered") if agent else ())):
             assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-5), key
     if not gae:
         assert sum(r["objective/resampled"] for r in rows[0]) > 0, "no group was refilled: nothing compared"
+    if agent:
+        assert max(r["agent/turns"] for r in rows[0]) > 1, "no episode called a tool: nothing multi-turn compared"
 
 
 def _two_nodes(tmp_path: Path, cli_args: list[str]) -> list[str]:

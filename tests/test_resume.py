@@ -5,6 +5,7 @@ must end with the same weights, bit for bit, as an uninterrupted run."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -39,15 +40,20 @@ ARGS = {
     "ppo-shared": ["ppo.max_steps=6", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
                    "ppo.max_new_tokens=12", "ppo.save_every=2", "ppo.eval_every=0", "ppo.critic=shared",
                    "ppo.mixed_precision=bf16"],
+    # multi-turn episodes with the calculator (the tool_policy fixture's recipe: its policy calls add), in fp32
+    "ppo-agent": ["ppo.max_steps=4", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
+                  "ppo.save_every=1"],
 }
 FILES = {"sft": ["adapter_model.safetensors"], "rm": ["adapter_model.safetensors"],
          "ppo": ["adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors"],
          "ppo-grpo": ["adapter_model.safetensors"],
-         "ppo-shared": ["adapter_model.safetensors", "value/value_head.safetensors"], "dpo": ["adapter_model.safetensors"]}
+         "ppo-shared": ["adapter_model.safetensors", "value/value_head.safetensors"],
+         "dpo": ["adapter_model.safetensors"],
+         "ppo-agent": ["model.safetensors", "value/model.safetensors"]}  # the fully tuned parent's copies
 
 
-def _argv(stage, recipe, out, extra=()):
-    sets = [x for kv in ARGS[stage] for x in ("--set", kv)]
+def _argv(stage, recipe, out, extra=(), policy=None):
+    sets = [x for kv in ARGS[stage] for x in ("--set", kv)] + (["--policy", str(policy)] if policy else [])
     if stage == "ppo-grpo":  # the scorer that makes groups flat, written next to the recipe
         (Path(recipe).parent / "flat.py").write_text(FLAT_WHEN_EVEN)
         sets += ["--set", f"ppo.reward={{{Path(recipe).parent / 'flat.py'}:flat_when_even: 1.0}}"]
@@ -107,26 +113,28 @@ def _preempt(argv, staging: Path, work: Path, rng: random.Random, sig: int, log:
     return True
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "ppo-grpo", "ppo-shared", "dpo"])
-def test_stopped_run_resumes_bit_identically(stage, parents, tmp_path):
-    recipe, _ = parents
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "ppo-grpo", "ppo-shared", "ppo-agent", "dpo"])
+def test_stopped_run_resumes_bit_identically(stage, request, tmp_path):
+    recipe, policy = request.getfixturevalue("tool_policy") if stage == "ppo-agent" else (
+        request.getfixturevalue("parents")[0], None)
     rng = random.Random(f"{stage}-kill")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    ran(*_argv(stage, recipe, straight)[3:])  # the uninterrupted run in this process: the same weights either way
+    argv = functools.partial(_argv, stage, recipe, policy=policy)
+    ran(*argv(straight)[3:])  # the uninterrupted run in this process: the same weights either way
     if stage.startswith("ppo") and not json.loads((straight / "manifest.json").read_text())["repeatable"]:
         pytest.skip(f"{stage}: its passes do not give the same bits twice on this CPU in the precision it pins "
                     "(manifest 'repeatable' false; mixed_precision auto runs fp32 there): nothing to resume exactly")
 
     work = tmp_path / ".resumed.work"
     sig = signal.SIGINT if stage in ("rm", "ppo-grpo") else signal.SIGTERM
-    assert _preempt(_argv(stage, recipe, resumed), tmp_path / ".resumed.partial", work, rng, sig, tmp_path / "log"), \
+    assert _preempt(argv(resumed), tmp_path / ".resumed.partial", work, rng, sig, tmp_path / "log"), \
         "the run finished before the signal"
     # resumed, then killed after a newer checkpoint when there is one to come (the signal may have come late)
-    _kill_after_a_checkpoint(_argv(stage, recipe, resumed, ("--resume",)), work, rng, _checkpoints(work))
+    _kill_after_a_checkpoint(argv(resumed, ("--resume",)), work, rng, _checkpoints(work))
     if resumed.exists():  # the kill came after the run had published its output, or none came: complete
         assert json.loads((resumed / "manifest.json").read_text())["status"] == "complete"
     else:
-        run_cli(*_argv(stage, recipe, resumed, ("--resume",))[3:])
+        run_cli(*argv(resumed, ("--resume",))[3:])
 
     for name in FILES[stage]:
         a, b = load_file(straight / name), load_file(resumed / name)
@@ -138,6 +146,9 @@ def test_stopped_run_resumes_bit_identically(stage, parents, tmp_path):
     assert steps == straight_steps, "metrics.jsonl holds each step once, as an uninterrupted run's does"
     assert json.loads((resumed / "manifest.json").read_text())["resumed"] is True
     assert not work.exists() and not (tmp_path / ".resumed.partial").exists()
+    if stage == "ppo-agent":  # multi-turn episodes were played (and resumed)
+        rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+        assert max(r["agent/turns"] for r in rows) > 1 and rows[0]["agent/calls"] > 0
     if stage == "ppo-grpo":
         assert not (resumed / "value").exists()
         assert sum(json.loads(x)["objective/resampled"] for x in (straight / "metrics.jsonl").read_text()

@@ -439,6 +439,10 @@ class PPOConfig:
     """seconds a tool call may take; past it the model reads that it timed out (counted as agent/tool_timeout)"""
     max_tool_output: int = 1000
     """characters of a tool's result the model reads; the rest is cut and said to be cut"""
+    turn_gamma: float = 1.0
+    """the discount from one turn of an episode to the next: each turn's advantage reads the rewards of the turns
+    after it discounted by this per turn. With an environment that rewards turns (get_turn_reward), or below 1, the
+    critic-free estimators work per turn with a baseline at each turn index (docs/agents.md)"""
 
     # -- schedule, optimisation, precision and checkpoints
     lr: float = 1e-5
@@ -585,6 +589,8 @@ class PPOConfig:
                 fail(key, f"must be at least 1, got {getattr(self, key)}")
         if not 0 < self.tool_timeout < math.inf:
             fail("tool_timeout", f"must be a positive number of seconds, got {self.tool_timeout}")
+        if not 0 < self.turn_gamma <= 1:
+            fail("turn_gamma", f"must be in (0, 1], got {self.turn_gamma}")
         if self.batch_size % self.mini_batch_size:
             fail("mini_batch_size", f"({self.mini_batch_size}) must divide ppo.batch_size ({self.batch_size})")
         if self.mini_batch_size % self.micro_batch_size:

@@ -785,7 +785,8 @@ def sections(s: Setup, state: State, within_budget: bool | None) -> dict:
         **({"environment": {"spec": s.env.spec, "tools": list(s.env.tool_names), "owns_reward": s.env.owns_reward,
                             "max_turns": p.max_turns, "max_episode_tokens": p.max_episode_tokens,
                             "max_new_tokens_per_turn": p.max_new_tokens, "tool_timeout": p.tool_timeout,
-                            "max_tool_output": p.max_tool_output}} if s.env is not None else {}),
+                            "max_tool_output": p.max_tool_output, "turn_rewards": s.env.rewards_turns,
+                            "turn_gamma": p.turn_gamma}} if s.env is not None else {}),
     }
 
 

@@ -48,7 +48,8 @@ def test_an_environment_written_for_trl_runs_through_ppo(parents, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["environment"] == {"spec": f"{tmp_path / 'add_env.py'}:AddEnv", "tools": ["add"], "owns_reward": True,
                                 "max_turns": 2, "max_episode_tokens": 48, "max_new_tokens_per_turn": 16,
-                                "tool_timeout": 5.0, "max_tool_output": 1000}
+                                "tool_timeout": 5.0, "max_tool_output": 1000, "turn_rewards": False,
+                                "turn_gamma": 1.0}
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         assert r["objective/scorer/AddEnv"] == 1.0  # get_reward, after reset(**row) saw the prompt

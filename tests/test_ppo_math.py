@@ -451,3 +451,89 @@ def test_tokens_an_environment_wrote_are_no_step_of_gae_or_the_returns():
     squeezed, _ = pm.gae(T([[0.0, 0.0, 1.0]]), T([[0.5, 0.6, 0.8]]), T([[1, 1, 1]]), gamma=0.9, lam=0.5)
     torch.testing.assert_close(advantages[mask.bool()], squeezed[0])
     torch.testing.assert_close(pm.returns_to_go(rewards, mask, gamma=0.5), T([[0.25, 0.0, 0.0, 0.5, 1.0, 0.0]]))
+
+
+# -- per-turn rewards of multi-turn episodes
+
+BIG = 1 << 30  # a turn the episode did not play ends past every offset
+
+
+def test_turn_layout_by_hand():
+    """Episode 0 samples turns at offsets 0-2 and 5 (the environment wrote 3-4); episode 1 plays one turn."""
+    ends, turns = T([[2, 5], [3, BIG]]), T([2, 1])
+    mask = T([[1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 0, 0]])
+    assert pm.turn_index(ends, 6).tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1]]
+    # the discount from the last token of a turn to the first of the next is gamma * turn_gamma
+    assert pm.turn_discounts(ends, turns, mask, 1.0, 0.5).tolist() == [[1, 1, 0.5, 1, 1, 1], [1] * 6]
+    # G_0 = 1 + 0.5 * 2, G_1 = 2; the second episode's second turn is padding: 0, whatever its reward says
+    torch.testing.assert_close(pm.turn_returns(T([[1.0, 2.0], [3.0, 9.0]]), turns, 0.5), T([[2.0, 2.0], [3.0, 0.0]]))
+    # RLOO at each turn index, the stopped episode's 0 included: [2 - 3, 3 - 2] and [2 - 0, 0 - 2]
+    got = pm.turn_group_advantages(T([[2.0, 2.0], [3.0, 0.0]]), 2, pm.rloo_advantages)
+    torch.testing.assert_close(got, T([[-1.0, 2.0], [1.0, -2.0]]))
+    index = pm.turn_index(ends, 6)
+    assert pm.per_token(got, mask, index).tolist() == [[-1, -1, -1, 0, 0, 2], [1, 1, 1, 1, 0, 0]]
+    assert pm.turn_sums(T([[1.0, 2.0, 3.0, 9.0, 9.0, 4.0], [1.0] * 6]), index, mask, 2).tolist() == [[6, 4], [4, 0]]
+
+
+def test_the_per_turn_baseline_is_unbiased_when_the_policy_chooses_to_stop():
+    """A two-turn bandit (verl RFC #7244's setting): turn 1 earns 1, then the policy continues with probability
+    p = sigmoid(theta) to a turn 2 that earns c. J = 1 + p * gamma * c, so dJ/dtheta = p (1 - p) gamma c. Taking
+    the exact expectation over every group of K = 2 episodes, RLOO on the padded per-turn returns gives exactly that
+    gradient. The construction the RFC warns of (each turn index centred over the episodes that reached it, summed
+    over the episode's own turns) gives 0 here: its baseline depends on when the episode stopped."""
+    import itertools
+
+    p, c, gamma = 0.3, 2.0, 0.9
+    truth = p * (1 - p) * gamma * c
+    expected_ours = expected_naive = 0.0
+    for going in itertools.product([0, 1], repeat=2):  # each episode: 0 stops after turn 1, 1 plays turn 2
+        prob = math.prod(p if g else 1 - p for g in going)
+        score = [(1 - p) if g else -p for g in going]  # d log pi(decision) / d theta; the decision is in turn 1
+        turns = T([1 + g for g in going])
+        rewards = T([[1.0, c * g] for g in going])
+        ours = pm.turn_group_advantages(pm.turn_returns(rewards, turns, gamma), 2, pm.rloo_advantages)[:, 0]
+        expected_ours += prob * sum(a * s for a, s in zip(ours.tolist(), score)) / 2
+        reached = [[i for i in range(2) if turns[i] > k] for k in range(2)]
+        naive = [sum(rewards[i, k].item() - sum(rewards[j, k].item() for j in reached[k]) / len(reached[k])
+                     for k in range(int(turns[i]))) for i in range(2)]
+        expected_naive += prob * sum(a * s for a, s in zip(naive, score)) / 2
+    assert expected_ours == pytest.approx(truth, abs=1e-6)
+    assert abs(expected_naive - truth) > 0.1
+
+
+def _turn_batch():
+    """Two episodes of one prompt (K = 2) as ``turn_advantages`` reads them: the first samples offsets 0-2 and 5
+    around two tokens of the environment's, with turn rewards 0.5 and 1 and score 1; the second answers at once
+    (offsets 0-3), turn reward 0.25, score 0; no KL."""
+    from rlhf.engine.episodes import Episodes, Scored, Turns
+
+    sampled = T([[1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 0, 0]])
+    zeros = torch.zeros(2, 6)
+    turns = Turns(answers=["", ""], instances=[None, None], turns=T([2, 1]), calls=T([1, 0]), failures={},
+                  ended=["answered"] * 2, ends=[[2, 5], [3]], rewards=[[0.5, 1.0], [0.25]])
+    episodes = Episodes(ids=torch.zeros(2, 8, dtype=torch.long), mask=torch.ones(2, 8), response=torch.zeros(2, 6),
+                        response_mask=T([[1] * 6, [1, 1, 1, 1, 0, 0]]), sampled=sampled, stopped=T([True, True]),
+                        logp=zeros, entropy=zeros, sampling_values=None, turns=turns)
+    shaped = T([1.0, 0.0])
+    rewards, _ = pm.kl_penalized_rewards(shaped, zeros, zeros, sampled, 0.0)
+    return Scored(episodes=episodes, scores=None, terms={}, overlong=None, total=shaped, shaped=shaped), rewards
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "gae"])
+def test_turn_advantages_by_hand(estimator):
+    """Token rewards 0.5 at offset 2 and 1 + 1 at offset 5 (episode 0), 0.25 at offset 3 (episode 1); turn_gamma
+    0.5. rloo: turn returns [0.5 + 0.5 * 2, 2] and [0.25, 0] (padded), compared at each turn index. gae with V = 0
+    and lambda = 1: the discounted returns, 0.5 at a turn's end."""
+    from rlhf.config import PPOConfig
+    from rlhf.ppo import ppo_update
+
+    scored, rewards = _turn_batch()
+    p = PPOConfig(advantage=estimator, samples_per_prompt=2, turn_gamma=0.5, whiten_advantages=False, lam=1.0)
+    advantage, returns = ppo_update.advantages(p, scored, torch.zeros(2, 6), torch.zeros(2, 6), rewards, 0.0)
+    if estimator == "rloo":
+        want = [[1.25, 1.25, 1.25, 0, 0, 2.0], [-1.25] * 4 + [0, 0]]
+        assert returns is None
+    else:
+        want = [[1.5, 1.5, 1.5, 0, 0, 2.0], [0.25] * 4 + [0, 0]]
+        torch.testing.assert_close(returns, T(want))
+    torch.testing.assert_close(advantage, T(want))

@@ -48,6 +48,10 @@ class Episode:
     """failed tool calls by kind (``environments.FAILURES``)"""
     messages: list[dict] = field(default_factory=list)
     """the episode as chat messages after the prompt (the assistant's text, tool results), for reading"""
+    ends: list[int] = field(default_factory=list)
+    """each turn's last sampled token, as an offset in ``response``"""
+    turn_rewards: list[float] = field(default_factory=list)
+    """each turn's reward (``get_turn_reward``; empty when the environment gives none)"""
     ended: str | None = None
     """why it ended: ``answered``, ``max_turns``, ``max_tokens`` or ``cut`` (a turn stopped by the token limit)"""
 
@@ -112,7 +116,10 @@ def roll_out(sample: Sampler, tokenizer, prompts: list[list[dict]], env: Environ
             ep = episodes[i]
             room = limits.max_tokens - len(ep.response)
             ids, logp, entropy = ids[:room], logp[:room], entropy[:room]
-            if act(ep, ids, logp, entropy, tokenizer, parse, schemas, limits):
+            going_on = act(ep, ids, logp, entropy, tokenizer, parse, schemas, limits)
+            if env.rewards_turns:
+                ep.turn_rewards.append(environments.turn_reward(env, ep.instance))
+            if going_on:
                 still.append(i)
         going = still
     return episodes
@@ -172,7 +179,8 @@ def to_episodes(episodes: list[Episode], pad_id: int, device) -> Episodes:
     turns = Turns(answers=[ep.answer for ep in episodes], instances=[ep.instance for ep in episodes],
                   turns=torch.tensor([ep.turns for ep in episodes]), calls=torch.tensor([ep.calls for ep in episodes]),
                   failures={k: torch.tensor([ep.failures[k] for ep in episodes]) for k in environments.FAILURES},
-                  ended=[ep.ended for ep in episodes])
+                  ended=[ep.ended for ep in episodes], ends=[ep.ends for ep in episodes],
+                  rewards=[ep.turn_rewards for ep in episodes] if any(ep.turn_rewards for ep in episodes) else None)
     return Episodes(ids=torch.cat([query.to(device), response], 1),
                     mask=torch.cat([query_mask.to(device), response_mask], 1), response=response,
                     response_mask=response_mask, sampled=right([ep.sampled for ep in episodes], 0, torch.long),
@@ -226,6 +234,7 @@ def act(ep: Episode, ids: list[int], logp: list[float], entropy: list[float], to
     ep.logp += logp
     ep.entropy += entropy
     ep.turns += 1
+    ep.ends.append(len(ep.response) - 1)
     ended_with_eos = bool(ids) and ids[-1] == eos
     text = tokenizer.decode(ids[:-1] if ended_with_eos else ids, skip_special_tokens=False)
     parsed = parse(text)
@@ -261,10 +270,12 @@ def act(ep: Episode, ids: list[int], logp: list[float], entropy: list[float], to
 
 
 def metrics(turns: Turns, prefix: str = "agent") -> dict:
-    """Means over a batch's multi-turn episodes: turns, tool calls, each kind of failed call, and how they
-    ended."""
+    """Means over a batch's multi-turn episodes: turns, tool calls, each kind of failed call, how they ended, and
+    the per-turn rewards where the environment gives them."""
     row = {f"{prefix}/turns": turns.turns.float().mean().item(), f"{prefix}/calls": turns.calls.float().mean().item()}
     row.update({f"{prefix}/tool_{kind}": n.float().mean().item() for kind, n in turns.failures.items()})
     row.update({f"{prefix}/ended_{why}": sum(e == why for e in turns.ended) / len(turns.ended)
                 for why in ENDINGS})
+    if turns.rewards is not None:  # the environment's per-turn rewards, summed over each episode's turns
+        row[f"{prefix}/turn_rewards"] = sum(sum(r) for r in turns.rewards) / len(turns.rewards)
     return row

@@ -9,6 +9,9 @@ a class written for TRL works here unchanged.
   ``tools=``. A method that has none is refused when the environment loads, in one line naming it.
 - ``get_reward()``, when defined, scores the episode from the environment's state after it ends (TRL adds it as a
   reward of weight 1 named after the class); reward functions can read the instances too.
+- ``get_turn_reward()``, this project's addition (TRL has no per-turn reward), when defined, is called after each
+  assistant turn, its calls answered, and gives that turn's reward: per-turn rewards, discounted between turns by
+  ``ppo.turn_gamma`` (``ppo_math.turn_returns``).
 
 An environment is named the way scorers are: ``FILE.py:NAME``, ``package.module:NAME``, or a built-in
 (``tiny:calculator``).
@@ -39,7 +42,7 @@ from rlhf.errors import UserError
 BUILTIN = {"tiny:calculator": ("rlhf.tiny.environments", "Calculator")}
 """built-in environments: spec -> (module, class)"""
 
-NOT_TOOLS = ("reset", "get_reward")
+NOT_TOOLS = ("reset", "get_reward", "get_turn_reward")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class Environment:
     """whether the class defines ``get_reward`` (a reward term of its own)"""
     takes: frozenset[str] | None
     """the row fields ``reset`` takes, or None when it takes ``**kwargs`` (every field)"""
+    rewards_turns: bool = False
+    """whether the class defines ``get_turn_reward`` (a reward after each turn)"""
 
     @property
     def tool_names(self) -> tuple[str, ...]:
@@ -134,11 +139,26 @@ def load(spec: str, where: str = "environment") -> Environment:
                             f"({str(e).splitlines()[0]}); a tool needs type hints and a Google-style docstring "
                             "with an Args section") from None
     if not schemas:
-        raise UserError(f"{where}: environment {spec!r} has no tools (public methods other than reset and "
-                        "get_reward)")
+        raise UserError(f"{where}: environment {spec!r} has no tools (public methods other than reset, "
+                        "get_reward and get_turn_reward)")
     parameters = inspect.signature(cls.reset).parameters
     takes = None if any(p.kind is p.VAR_KEYWORD for p in parameters.values()) else frozenset(parameters) - {"self"}
-    return Environment(spec, cls, tuple(schemas), callable(getattr(cls, "get_reward", None)), takes)
+    return Environment(spec, cls, tuple(schemas), callable(getattr(cls, "get_reward", None)), takes,
+                       callable(getattr(cls, "get_turn_reward", None)))
+
+
+def turn_reward(env: Environment, instance) -> float:
+    """The reward of the turn just played (``get_turn_reward``), checked: a finite number, or one line naming the
+    environment."""
+    import math
+
+    try:
+        value = float(instance.get_turn_reward())
+    except Exception as e:  # noqa: BLE001 - the user's method; its error in one line
+        raise UserError(f"{env.spec}: get_turn_reward() raised {type(e).__name__}: {str(e)[:200]}") from None
+    if not math.isfinite(value):
+        raise UserError(f"{env.spec}: get_turn_reward() returned {value}, not a finite number")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------

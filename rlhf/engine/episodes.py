@@ -74,15 +74,34 @@ class Turns:
     """``[B]`` failed calls of each kind (``environments.FAILURES``)"""
     ended: list[str]
     """why each episode ended (``agent.Episode.ended``)"""
+    ends: list[list[int]]
+    """each episode's turn ends: the offset of each turn's last sampled token in the response"""
+    rewards: list[list[float]] | None = None
+    """each episode's per-turn rewards (``get_turn_reward``), or None when the environment gives none"""
+
+    def turn_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, M] turn ends, [B, M] turn rewards)``, M the most turns of any episode: ends past every offset and
+        rewards 0 for the turns an episode did not play (``ppo_math.turn_index``, ``turn_returns``)."""
+        width = max(1, max(len(e) for e in self.ends))
+        ends = torch.full((len(self.ends), width), 1 << 30, dtype=torch.long)
+        rewards = torch.zeros(len(self.ends), width)
+        for i, row in enumerate(self.ends):
+            ends[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            if self.rewards is not None and self.rewards[i]:
+                rewards[i, :len(self.rewards[i])] = torch.tensor(self.rewards[i])
+        return ends.to(device), rewards.to(device)
 
     def replaced(self, rows: list[int], new: "Turns") -> "Turns":
         """These episodes with ``rows`` replaced by ``new``'s, in order."""
-        lists = {k: list(getattr(self, k)) for k in ("answers", "instances", "ended")}
+        lists = {k: list(getattr(self, k)) for k in ("answers", "instances", "ended", "ends")}
+        if self.rewards is not None or new.rewards is not None:
+            lists["rewards"] = list(self.rewards or [[] for _ in self.ends])
+            new_rewards = new.rewards or [[] for _ in new.ends]
         tensors = {"turns": self.turns.clone(), "calls": self.calls.clone()}
         failures = {k: v.clone() for k, v in self.failures.items()}
         for j, row in enumerate(rows):
             for k in lists:
-                lists[k][row] = getattr(new, k)[j]
+                lists[k][row] = new_rewards[j] if k == "rewards" else getattr(new, k)[j]
             for k in tensors:
                 tensors[k][row] = getattr(new, k)[j]
             for k in failures:

@@ -10,6 +10,8 @@ objectives after GRPO: Yu et al. 2025 (DAPO: clip-higher, token-level loss, over
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -181,7 +183,7 @@ def kl_penalized_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: tor
 # Advantages
 # ---------------------------------------------------------------------------------------------------------------
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float | torch.Tensor = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16), right to left over the masked-in tokens:
 
@@ -191,8 +193,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
     where "next" is the next masked-in token: tokens masked out between two of them (what an environment wrote
     between two turns of an episode) are no action and no step, part of the transition from one sampled token's
-    state to the next. With the mask a run of ones then padding, next is t + 1. Returns ``(advantages,
-    returns)``, zero where masked out.
+    state to the next. With the mask a run of ones then padding, next is t + 1. ``gamma`` may be ``[B, T]``: the
+    discount from each token to the next (``turn_discounts``: a turn's discount at the end of a turn). Returns
+    ``(advantages, returns)``, zero where masked out.
     """
     values = masked(values, mask)
     rewards = masked(rewards, mask)
@@ -202,8 +205,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     last = torch.zeros_like(rewards[:, 0])
     next_value = torch.zeros_like(last)
     for t in reversed(range(T)):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = torch.where(on[:, t], delta + gamma * lam * last, last)
+        g = gamma[:, t] if isinstance(gamma, torch.Tensor) else gamma
+        delta = rewards[:, t] + g * next_value - values[:, t]
+        last = torch.where(on[:, t], delta + g * lam * last, last)
         next_value = torch.where(on[:, t], values[:, t], next_value)
         advantages[:, t] = torch.where(on[:, t], last, 0.0)
     return advantages, masked(advantages + values, mask)
@@ -271,25 +275,92 @@ def dr_grpo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return group_baseline(scores, group_size)
 
 
-def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Discounted returns of per-token rewards, right to left over the masked-in tokens (REINFORCE; Hu 2025
     "REINFORCE++", eq. 5 with the per-token KL in r_t):
 
         G_t = r_t + gamma * G_next                      (G after the last real token is 0)
 
-    "next" as in ``gae``: tokens masked out between two masked-in ones are skipped, not discounted. ``[B, T]``,
-    zero where masked out."""
+    "next" as in ``gae``: tokens masked out between two masked-in ones are skipped, not discounted; ``gamma`` may
+    be ``[B, T]`` as there. ``[B, T]``, zero where masked out."""
     rewards, on = masked(rewards, mask), mask.bool()
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = torch.where(on[:, t], rewards[:, t] + gamma * running, running)
+        g = gamma[:, t] if isinstance(gamma, torch.Tensor) else gamma
+        running = torch.where(on[:, t], rewards[:, t] + g * running, running)
         out[:, t] = torch.where(on[:, t], running, 0.0)
     return out
 
 
-def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A sequence-level advantage ``[B]`` on every real token of its response ``[B, T]`` (0 on padding)."""
+# ---------------------------------------------------------------------------------------------------------------
+# Per-turn rewards of multi-turn episodes
+# ---------------------------------------------------------------------------------------------------------------
+
+def turn_index(ends: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, M]`` each turn's last sampled token (an offset in the response; turns an episode did not play are past
+    every offset) -> ``[B, length]``: the turn each response token belongs to (the number of turns ended before
+    it). The environment's tokens after a turn count with the next one; they are masked out of everything."""
+    t = torch.arange(length, device=ends.device)
+    return (ends[:, None, :] < t[None, :, None]).sum(-1)
+
+
+def turn_discounts(ends: torch.Tensor, turns: torch.Tensor, mask: torch.Tensor, gamma: float, turn_gamma: float
+                   ) -> torch.Tensor:
+    """``[B, T]`` the discount from each sampled token to the next for ``gae`` and ``returns_to_go``: ``gamma``
+    within a turn, ``gamma * turn_gamma`` from the last token of a turn to the first of the next (``turns[b]``
+    turns played; the last turn's end is the episode's, with nothing after it)."""
+    out = torch.full(mask.shape, float(gamma), device=mask.device)
+    played = torch.arange(ends.shape[1], device=ends.device)[None, :] < (turns[:, None] - 1)
+    rows, cols = played.nonzero(as_tuple=True)
+    out[rows, ends[rows, cols]] = gamma * turn_gamma
+    return out
+
+
+def turn_returns(turn_rewards: torch.Tensor, turns: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Each turn's discounted return-to-go over the episode's turns (``[B, M]`` rewards, ``turns[b]`` played):
+
+        G_k = sum_{j = k .. T - 1} gamma^(j - k) r_j
+
+    and 0 for every turn index past the episode's T. The zeros are what keep a per-turn baseline unbiased: with
+    them every turn index holds a value for every episode of the group, so the baseline of turn k has the same
+    terms whatever turn an episode stopped at (``turn_group_advantages``)."""
+    played = torch.arange(turn_rewards.shape[1], device=turns.device)[None, :] < turns[:, None]
+    rewards = turn_rewards.float().masked_fill(~played, 0.0)
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for k in reversed(range(rewards.shape[1])):
+        running = rewards[:, k] + gamma * running
+        out[:, k] = running
+    return out.masked_fill(~played, 0.0)
+
+
+def turn_group_advantages(returns: torch.Tensor, group_size: int, estimator: Callable) -> torch.Tensor:
+    """A group estimator (``grpo_advantages``, ``rloo_advantages``, ``dr_grpo_advantages``) applied at each turn
+    index: turn k of response i gets ``estimator`` of the K responses' returns-to-go at turn k, zeros included
+    for those that had stopped (``turn_returns``).
+
+    Why the zeros (verl RFC #7244): centring each turn index over only the episodes that reached it, then summing
+    an episode's turn advantages from k to its own last turn, subtracts a baseline whose number of terms is the
+    episode's own stopping turn. The policy chooses when to stop, so that baseline depends on the action and biases
+    the gradient (the RFC works the bias out: a hidden push on every "take another turn"). Here the
+    baseline of turn k reads every episode's return from k, and RLOO's leaves the episode itself out, so it does
+    not depend on what the episode did (unbiased; GRPO's and Dr. GRPO's include it, as they do for one turn).
+    ``[B, M]`` in and out."""
+    return torch.stack([estimator(returns[:, k], group_size) for k in range(returns.shape[1])], 1)
+
+
+def turn_sums(rewards: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, turns: int) -> torch.Tensor:
+    """``[B, T]`` per-token rewards -> ``[B, turns]``: each turn's sum over its sampled tokens."""
+    out = torch.zeros(rewards.shape[0], turns, dtype=torch.float32, device=rewards.device)
+    return out.scatter_add_(1, index.clamp(max=turns - 1), masked(rewards.float(), mask))
+
+
+def per_token(advantages: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """A sequence-level advantage ``[B]`` on every real token of its response ``[B, T]`` (0 on padding); or with
+    ``index`` (``turn_index``) a per-turn one ``[B, M]`` on the tokens of each turn."""
+    if index is not None:
+        return masked(advantages.float().gather(1, index.clamp(max=advantages.shape[1] - 1)), mask)
     return masked(advantages[:, None].to(torch.float32).expand(mask.shape), mask)
 
 

@@ -52,6 +52,8 @@ def advantages(p: PPOConfig, scored: Scored, values: torch.Tensor | None, ref_lo
     the whole batch are over every process's tokens, as one process holding the whole batch would compute them."""
     episodes = scored.episodes
     mask, K = episodes.sampled, p.samples_per_prompt
+    if episodes.turns is not None and (episodes.turns.rewards is not None or p.turn_gamma != 1.0):
+        return turn_advantages(p, scored, values, ref_logp, rewards, reward_kl_coef)
     whiten, returns = p.whiten_advantages, None
     if p.advantage == "gae":
         advantage, returns = ppo_math.gae(rewards, values, mask, p.gamma, p.lam)
@@ -68,6 +70,45 @@ def advantages(p: PPOConfig, scored: Scored, values: torch.Tensor | None, ref_lo
     else:  # rloo
         advantage = ppo_math.per_token(ppo_math.rloo_advantages(ppo_math.sequence_sum(rewards, mask), K), mask)
     if whiten:
+        advantage = ppo_math.masked_whiten(advantage, mask, total=distributed.all_sum)
+    return advantage, returns
+
+
+def turn_advantages(p: PPOConfig, scored: Scored, values: torch.Tensor | None, ref_logp: torch.Tensor,
+                    rewards: torch.Tensor, reward_kl_coef: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``advantages`` of multi-turn episodes whose turns are rewarded (the environment's ``get_turn_reward``) or
+    discounted (ppo.turn_gamma below 1). Each turn's reward joins the token rewards at the turn's last sampled
+    token, and from one turn to the next the discount is ppo.turn_gamma (times ppo.gamma).
+
+    - gae: over the sampled tokens with that discount;
+    - reinforce_pp: the tokens' discounted returns (with K > 1 the outcome centred in its group, as for one turn),
+      whitened over the batch;
+    - grpo, dr_grpo, rloo: each turn's return-to-go (its tokens' rewards and every later turn's, discounted),
+      compared at each turn index within the group, zeros standing for the episodes that had stopped
+      (``ppo_math.turn_group_advantages``: a baseline whose terms do not depend on when the episode stopped)."""
+    episodes, K = scored.episodes, p.samples_per_prompt
+    mask = episodes.sampled
+    ends, turn_rewards = episodes.turns.turn_tensors(mask.device)
+    played = episodes.turns.turns.to(mask.device)
+    if p.advantage == "reinforce_pp" and K > 1:  # the group's mean score as a baseline (REINFORCE++-baseline)
+        rewards, _ = ppo_math.kl_penalized_rewards(ppo_math.group_baseline(scored.shaped, K), episodes.logp,
+                                                   ref_logp, mask, reward_kl_coef, p.kl_kind)
+    rewards = rewards + torch.zeros_like(rewards).scatter_add_(1, ends.clamp(max=mask.shape[1] - 1),
+                                                               turn_rewards.to(rewards.dtype))
+    discount = ppo_math.turn_discounts(ends, played, mask, p.gamma, p.turn_gamma)
+    if p.advantage == "gae":
+        advantage, returns = ppo_math.gae(rewards, values, mask, discount, p.lam)
+    elif p.advantage == "reinforce_pp":
+        advantage, returns = ppo_math.returns_to_go(rewards, mask, discount), None
+    else:
+        index = ppo_math.turn_index(ends, mask.shape[1])
+        estimator = {"grpo": ppo_math.grpo_advantages, "dr_grpo": ppo_math.dr_grpo_advantages,
+                     "rloo": ppo_math.rloo_advantages}[p.advantage]
+        turn_return = ppo_math.turn_returns(ppo_math.turn_sums(rewards, index, mask, ends.shape[1]), played,
+                                            p.turn_gamma)
+        advantage = ppo_math.per_token(ppo_math.turn_group_advantages(turn_return, K, estimator), mask, index)
+        returns = None
+    if p.advantage in ("gae", "rloo") and p.whiten_advantages or p.advantage == "reinforce_pp":
         advantage = ppo_math.masked_whiten(advantage, mask, total=distributed.all_sum)
     return advantage, returns
 

@@ -37,10 +37,9 @@ def play(run: str, mode: str, prompts: list[list[dict]], batch: int, max_new_tok
             return rollout.decode(model, query, mask, temperature=0.0, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id, vocab=len(tok), **kwargs)
 
-        if mode == "tools":
-            episodes = agent.roll_out(sample, tok, chunk, env, [{"prompt": m} for m in chunk],
-                                      torch.zeros(len(chunk), dtype=torch.long),
-                                      environments.Limits(max_turns=3, max_tokens=220), max_new_tokens)
+        if mode == "tools":  # greedy: the keys play no part
+            episodes = agent.generate(model, tok, chunk, env, environments.Limits(max_turns=3, max_tokens=220),
+                                      max_new_tokens, batch_size=len(chunk))
             rows = [{"answer": e.answer, "turns": e.turns, "calls": e.calls, "failures": sum(e.failures.values())}
                     for e in episodes]
         else:
